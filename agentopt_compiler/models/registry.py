@@ -1,0 +1,116 @@
+"""Model registry: built-in models by name, and Hugging Face folders by path, resolved to one ``LoadedModel``.
+
+Built-in models have seeded random weights: they prove parity and measure speed, not usefulness.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ModelNotFoundError
+from .config import ModelConfig
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    config: ModelConfig
+    description: str
+    seed: int = 0
+
+
+# Special-token ids of the built-in byte tokenizer (see builtin_tokenizer.py): 256 <|endoftext|> ... 258 <|im_end|>.
+_BYTE_TOKENIZER_EOS = (256, 258)
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "tiny-random": BuiltinModel(
+        ModelConfig(family="llama", vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=2,
+                    num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=256,
+                    eos_token_ids=_BYTE_TOKENIZER_EOS),
+        "2 layers, hidden 64, 4 heads / 2 KV heads of dim 32, vocab 320: for fast tests",
+    ),
+    "ref-60m": BuiltinModel(
+        ModelConfig(family="llama", vocab_size=32000, hidden_size=512, intermediate_size=1536, num_layers=8,
+                    num_heads=8, num_kv_heads=2, max_position_embeddings=4096, eos_token_ids=_BYTE_TOKENIZER_EOS),
+        "8 layers, hidden 512, 8 heads / 2 KV heads, vocab 32000 (57M parameters): for benchmarks",
+    ),
+}
+
+
+@dataclass
+class LoadedModel:
+    """An eager reference model, ready to capture, and the files its engine needs at run time."""
+
+    name: str
+    model: object  # LlamaDecoder (typed loosely so this module imports without torch)
+    config: ModelConfig
+    tokenizer_dir: Path | None  # folder holding tokenizer.json etc., or None when the checkpoint has none
+    source: str  # "builtin" or the checkpoint folder
+    _tmp: object = field(default=None, repr=False)  # keeps a temporary tokenizer folder alive
+
+
+def init_random_weights(model, seed: int) -> None:
+    """Seeded weights with unit-scale activations: N(0, 1/fan_in) linears, N(0, 1) embeddings, unit norms.
+
+    Logits then spread over a few units, so greedy argmax is far from ties and parity tests are meaningful.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.02, generator=gen)
+            elif "embed_tokens" in name:
+                p.normal_(0.0, 1.0, generator=gen)
+            else:
+                p.normal_(0.0, p.shape[1] ** -0.5, generator=gen)
+
+
+def build_model(config: ModelConfig, seed: int = 0):
+    from .llama import LlamaDecoder
+
+    model = LlamaDecoder(config)
+    init_random_weights(model, seed)
+    return model.eval()
+
+
+def load_model(spec: str | Path) -> LoadedModel:
+    """Resolve a built-in name or a local Hugging Face folder to an eager model in fp32."""
+    from .builtin_tokenizer import write_builtin_tokenizer
+
+    name = str(spec)
+    if name in BUILTIN_MODELS:
+        entry = BUILTIN_MODELS[name]
+        tmp = tempfile.TemporaryDirectory(prefix="agentopt-tok-")
+        write_builtin_tokenizer(Path(tmp.name))
+        return LoadedModel(name, build_model(entry.config, entry.seed), entry.config, Path(tmp.name), "builtin", tmp)
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"unknown model '{name}': not a built-in ({', '.join(BUILTIN_MODELS)}) and no such folder"
+        )
+    return _load_hf_folder(path)
+
+
+def _load_hf_folder(folder: Path) -> LoadedModel:
+    from .hf_loader import load_hf_state_dict, read_hf_config
+    from .llama import LlamaDecoder
+
+    config = read_hf_config(folder)
+    state = load_hf_state_dict(folder)
+    model = LlamaDecoder(config)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ModelNotFoundError(
+            f"weights in '{folder}' do not fit its config.json: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
+    model.load_state_dict(state, strict=False)
+    has_tokenizer = (folder / "tokenizer.json").is_file()
+    return LoadedModel(folder.name, model.eval(), config, folder if has_tokenizer else None, str(folder.resolve()))
