@@ -1,0 +1,42 @@
+"""Backends by name. Each entry names the module that lowers (needs torch) and the one that runs (deploy side);
+both are imported only when used, so ``agentopt --help`` or a torch-free deployment never imports a backend it
+does not run."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from ..errors import AgentOptError
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    name: str
+    devices: tuple[str, ...]
+    lowering: str  # "module:function" — lower(program, folder, options) -> engine section of the manifest
+    session: str  # "module:class"   — Session(folder, engine_section, device, threads)
+
+    def load(self, which: str):
+        module_name, attr = getattr(self, which).split(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+
+BACKENDS: dict[str, BackendEntry] = {
+    "onnxruntime": BackendEntry(
+        name="onnxruntime",
+        devices=("cpu", "cuda"),
+        lowering="agentopt_compiler.backends.onnxruntime.lower:lower_to_onnx",
+        session="agentopt_compiler.backends.onnxruntime.session:OrtSession",
+    ),
+}
+
+
+def get_backend(name: str, device: str | None = None) -> BackendEntry:
+    if name not in BACKENDS:
+        raise AgentOptError(f"backend '{name}' is not available; available: {', '.join(BACKENDS)}")
+    entry = BACKENDS[name]
+    if device is not None and device not in entry.devices:
+        raise AgentOptError(f"backend '{name}' does not run on device '{device}'; it runs on: "
+                            f"{', '.join(entry.devices)}")
+    return entry

@@ -1,0 +1,130 @@
+"""Lower a captured program to an ONNX model for ONNX Runtime.
+
+    ExportedProgram --torch.onnx (dynamo, opset 23)--> ONNX IR --lift_cache_mutations--> optimize --> model.onnx
+
+torch.onnx keeps only user outputs: the in-place cache writes (BUFFER_MUTATION outputs of the functionalized graph)
+are silently dropped and the caches frozen into constant initializers, so decode would read an all-zero past.
+``lift_cache_mutations`` turns each mutated buffer into a graph input ``past.<layer>.<key|value>`` and its new value
+into a graph output ``present.<layer>.<key|value>``, and fails loudly if any mutation is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import torch
+
+from ...errors import AgentOptError, UnsupportedOpError
+
+OPSET = 23
+GRAPH_FILE = "model.onnx"
+EXTERNAL_DATA_THRESHOLD = 100 * 1024 * 1024  # bytes of weights above which they go to model.onnx.data
+_MUTATION_KIND = "pkg.torch.export.graph_signature.OutputSpec.kind"
+_CACHE_BUFFER = re.compile(r"layers\.(\d+)\..*kv_cache\.(key|value)$")
+
+
+def cache_io_names(buffer: str) -> tuple[str, str]:
+    """'layers.3.self_attn.kv_cache.key' -> ('past.3.key', 'present.3.key')."""
+    match = _CACHE_BUFFER.search(buffer)
+    suffix = f"{match.group(1)}.{match.group(2)}" if match else buffer
+    return f"past.{suffix}", f"present.{suffix}"
+
+
+def export_onnx(program, custom_translation_table=None):
+    """torch.onnx export of ``program.exported``; unsupported ops become an UnsupportedOpError naming op and layer."""
+    captured_output = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured_output):  # torch.onnx prints progress lines of its own
+            return torch.onnx.export(program.exported, dynamo=True, optimize=False, opset_version=OPSET,
+                                     verbose=False, custom_translation_table=custom_translation_table)
+    except Exception as exc:
+        raise _explain_export_failure(exc, program.exported) from exc
+
+
+def _explain_export_failure(exc: Exception, exported) -> AgentOptError:
+    text = "\n".join(str(e) for e in _exception_chain(exc))
+    op = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='([^']+)'\)>", text)
+    node_name = re.search(r"Error when translating node %(\w+)", text)
+    if op or node_name:
+        op_name = f"{op.group(1)}.{op.group(2)}" if op else "an op"
+        layer = _layer_of(exported, node_name.group(1)) if node_name else "unknown"
+        return UnsupportedOpError(
+            f"op {op_name} (in layer '{layer}') has no ONNX lowering; replace it in the model with supported ops "
+            f"or add a translation to the backend's custom_translation_table"
+        )
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return AgentOptError(f"ONNX export failed: {first}")
+
+
+def _exception_chain(exc: BaseException):
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _layer_of(exported, node_name: str) -> str:
+    for node in exported.graph.nodes:
+        if node.name == node_name:
+            stack = node.meta.get("nn_module_stack") or {}
+            paths = [path for path, _ in stack.values() if path]
+            return paths[-1] if paths else "the model's top level"
+    return "unknown"
+
+
+def lift_cache_mutations(onnx_program) -> list[dict]:
+    """Make every mutated buffer a past input / present output pair. Returns the cache specs for the manifest."""
+    graph = onnx_program.model.graph
+    mutations = onnx_program.exported_program.graph_signature.buffers_to_mutate  # output value name -> buffer
+    tagged = {}
+    for node in graph:
+        for value in node.outputs:
+            if value.metadata_props.get(_MUTATION_KIND) == "BUFFER_MUTATION":
+                tagged[value.name] = value
+    caches = []
+    for value_name, buffer in mutations.items():
+        if value_name not in tagged or buffer not in graph.initializers:
+            raise AgentOptError(f"internal: cache mutation of '{buffer}' was not found in the ONNX graph; "
+                                "the engine would silently drop its KV cache")
+        past_name, present_name = cache_io_names(buffer)
+        past = graph.initializers.pop(buffer)
+        shape = [int(d) for d in past.shape]
+        past.const_value = None
+        past.name = past_name
+        graph.inputs.append(past)
+        present = tagged.pop(value_name)
+        present.name = present_name
+        graph.outputs.append(present)
+        caches.append({"input": past_name, "output": present_name, "buffer": buffer, "shape": shape})
+    if tagged:
+        raise AgentOptError(f"internal: mutations {sorted(tagged)} have no buffer in the graph signature")
+    return sorted(caches, key=lambda c: _cache_sort_key(c["input"]))
+
+
+def _cache_sort_key(name: str):
+    parts = name.split(".")
+    return (int(parts[1]), parts[2]) if len(parts) == 3 and parts[1].isdigit() else (1 << 30, name)
+
+
+def lower_to_onnx(program, folder: Path, custom_translation_table=None) -> dict:
+    """Write ``folder/model.onnx`` (+ external data when large); return the IO description for the manifest."""
+    onnx_program = export_onnx(program, custom_translation_table)
+    caches = lift_cache_mutations(onnx_program)
+    graph = onnx_program.model.graph
+    user_outputs = [v for v in graph.outputs if not v.name.startswith("present.")]
+    if len(user_outputs) != 1:
+        raise AgentOptError(f"internal: expected one logits output, found {[v.name for v in user_outputs]}")
+    user_outputs[0].name = "logits"
+    onnx_program.optimize()
+    weight_bytes = sum(p.numel() * p.element_size() for p in program.exported.state_dict.values())
+    onnx_program.save(str(folder / GRAPH_FILE), external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD)
+    return {
+        "graph": GRAPH_FILE,
+        "opset": OPSET,
+        "inputs": [v.name for v in graph.inputs],
+        "outputs": [v.name for v in graph.outputs],
+        "logits": "logits",
+        "caches": caches,
+    }

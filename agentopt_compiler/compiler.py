@@ -1,0 +1,200 @@
+"""``compile()``: model -> captured program -> passes -> backend lowering -> engine folder -> loaded Engine.
+
+    load model (built-in name or HF folder)
+      -> capture (torch.export, dynamic token count, fixed-capacity caches)
+      -> pass pipeline (passes/pipeline.py)
+      -> backend lowering into a temporary folder next to ``out``
+      -> tokenizer files + manifest.json (versions, config, passes, sha256 of every file)
+      -> atomic rename to ``out``: an interrupted compile never leaves a half-written engine
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .errors import AgentOptError, OutputPathError
+from .runtime.manifest import MANIFEST
+
+
+@dataclass
+class CompileReport:
+    model: str
+    backend: str
+    device: str
+    out: Path
+    passes: list = field(default_factory=list)  # PassRecord
+    files: dict = field(default_factory=dict)  # name -> bytes
+    stage_seconds: dict = field(default_factory=dict)
+    total_seconds: float = 0.0
+
+    def lines(self) -> list[str]:
+        out = [f"compiled {self.model} for {self.backend}/{self.device} in {self.total_seconds:.1f}s -> {self.out}"]
+        out.append("passes:")
+        for record in self.passes:
+            if record.skipped:
+                out.append(f"  {record.name:24s} skipped")
+                continue
+            stats = ", ".join(f"{k}={v}" for k, v in record.stats.items()) or "no change"
+            out.append(f"  {record.name:24s} {stats}  ({record.ops_before} -> {record.ops_after} ops)")
+        out.append("files:")
+        for name, size in self.files.items():
+            out.append(f"  {name:24s} {_human_bytes(size)}")
+        out.append("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items()))
+        return out
+
+
+def _human_bytes(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size} B"
+
+
+def check_output_folder(out: Path, overwrite: bool) -> None:
+    """Fail before any expensive work if ``out`` cannot become an engine folder."""
+    if out.exists():
+        if not out.is_dir():
+            raise OutputPathError(f"output '{out}' exists and is a file; choose another --out")
+        if any(out.iterdir()):
+            if not (out / MANIFEST).is_file():
+                raise OutputPathError(f"output '{out}' is a non-empty folder that is not an engine; choose an empty "
+                                      "or new folder")
+            if not overwrite:
+                raise OutputPathError(f"output '{out}' already holds an engine; pass --overwrite to replace it")
+    parent = out.parent if out.parent != Path("") else Path(".")
+    existing = next((p for p in [parent, *parent.parents] if p.exists()), None)
+    if existing is None or not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot write the engine to '{out}': '{existing}' is not writable")
+
+
+def dependency_versions() -> dict[str, str]:
+    versions = {}
+    for name in ("agentopt-compiler", "torch", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "numpy", "tokenizers"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def compile(model: str | Path = "tiny-random", out: str | Path = "engine", backend: str = "onnxruntime",
+            device: str = "cpu", context_length: int | None = None, skip_passes: Iterable[str] = (),
+            debug_dump: str | Path | None = None, overwrite: bool = False,
+            progress: Callable[[str], None] | None = None):
+    """Compile ``model`` into an engine folder at ``out`` and return the loaded ``Engine``.
+
+    ``model`` is a built-in name (``tiny-random``, ``ref-60m``) or a local Hugging Face folder. ``context_length``
+    (default: the model's max positions, at most 4096) is the KV-cache capacity, prompt plus generated tokens.
+    """
+    from . import backends
+    from .capture.export import capture
+    from .models.hf_loader import TOKENIZER_FILES
+    from .models.registry import load_model
+    from .passes.pipeline import default_pipeline
+    from .passes.region_graph import build_region_graph, summarize
+    from .runtime.engine import load_engine
+    from .runtime.manifest import write_manifest
+
+    log = progress or (lambda _msg: None)
+    out = Path(out)
+    entry = backends.get_backend(backend, device)
+    check_output_folder(out, overwrite)
+    pipeline = default_pipeline()
+    unknown = set(skip_passes) - set(pipeline.names)
+    if unknown:
+        raise AgentOptError(f"unknown pass to skip: {', '.join(sorted(unknown))}; passes are: "
+                            f"{', '.join(pipeline.names)}")
+    started = time.perf_counter()
+    report = CompileReport(str(model), backend, device, out)
+
+    def stage(name: str):
+        return _Stage(name, report, log)
+
+    with stage("load"):
+        loaded = load_model(model)
+    config = loaded.config
+    context = context_length or min(config.max_position_embeddings, 4096)
+    if context < 2:
+        raise AgentOptError(f"--context-length must be at least 2, got {context}")
+    log(f"model {loaded.name}: {config.family}, {config.num_layers} layers, {config.num_params / 1e6:.1f}M "
+        f"parameters, context {context}")
+    with stage("capture"):
+        program = capture(loaded.model, context)
+    with stage("passes"):
+        program, records = pipeline.run(program, skip=set(skip_passes),
+                                        debug_dump=Path(debug_dump) if debug_dump else None, log=log)
+    report.passes = records
+    regions = summarize(build_region_graph(program.module))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        with stage("lower"):
+            engine_section = entry.load("lowering")(program, staging)
+        tokenizer_files = []
+        if loaded.tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (loaded.tokenizer_dir / name).is_file():
+                    shutil.copy2(loaded.tokenizer_dir / name, staging / name)
+                    tokenizer_files.append(name)
+        with stage("manifest"):
+            manifest = write_manifest(staging, {
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "toolkit": {"name": "agentopt-compiler", "python": sys.version.split()[0]},
+                "dependencies": dependency_versions(),
+                "model": {"name": loaded.name, "source": loaded.source, "config": config.to_dict()},
+                "engine": {"backend": backend, "device": device, "context_length": context,
+                           "batch_size": program.batch_size, "dtype": "float32", **engine_section},
+                "passes": [r.to_dict() for r in records],
+                "regions": regions,
+                "tokenizer": {"files": tokenizer_files},
+            })
+        _replace_folder(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    report.files = {name: info["bytes"] for name, info in manifest["files"].items()}
+    report.files[MANIFEST] = (out / MANIFEST).stat().st_size
+    report.total_seconds = time.perf_counter() - started
+    engine = load_engine(out, device=device)
+    engine.compile_report = report
+    return engine
+
+
+def _replace_folder(staging: Path, out: Path) -> None:
+    """Move the finished engine into place; an existing engine is swapped out only after the new one is complete."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out)
+
+
+class _Stage:
+    """Times a compile stage, logs its start and end (stages can take tens of seconds on big models)."""
+
+    def __init__(self, name: str, report: CompileReport, log):
+        self.name, self.report, self.log = name, report, log
+
+    def __enter__(self):
+        self.log(f"{self.name}...")
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        seconds = time.perf_counter() - self.start
+        self.report.stage_seconds[self.name] = seconds
+        if exc[0] is None:
+            self.log(f"{self.name} done ({seconds:.1f}s)")
+        return False

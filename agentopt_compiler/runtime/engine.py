@@ -1,0 +1,207 @@
+"""A loaded engine folder and text generation over it (deploy side: no torch).
+
+    load_engine(folder) -> Engine
+    engine.generate("Hello", max_new_tokens=32)            -> str
+    engine.stream("Hello")                                 -> iterator of text pieces
+    engine.generate_ids([1, 2, 3], max_new_tokens=32)      -> list[int]
+    engine.complete(...)                                   -> Completion (text, ids, finish reason, timings)
+
+Generation = one prefill call over the prompt, then one decode call per new token; the session holds the KV cache.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..backends import get_backend
+from ..errors import AgentOptError, ContextOverflowError, EngineError
+from .manifest import read_manifest
+from .sampling import sample
+from .tokenizer import IncrementalDecoder, Tokenizer
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] | None = None  # None: the model's end-of-sequence tokens
+    stop_strings: tuple[str, ...] = ()
+    ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks, parity tests)
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise AgentOptError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise AgentOptError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (eos / stop string), "length" (max_new_tokens) or "context" (engine full)
+    time_to_first_token_s: float
+    decode_tokens_per_s: float
+
+
+class Engine:
+    def __init__(self, folder: Path, manifest: dict, session, tokenizer: Tokenizer | None):
+        self.folder, self.manifest, self.session, self.tokenizer = folder, manifest, session, tokenizer
+        self.compile_report = None  # set by compile()
+
+    @property
+    def context_length(self) -> int:
+        return self.session.capacity
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        ids = list(self.manifest["model"]["config"].get("eos_token_ids") or [])
+        if self.tokenizer is not None:
+            ids += [i for i in self.tokenizer.eos_token_ids if i not in ids]
+        return tuple(ids)
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise EngineError(f"engine '{self.folder}' has no tokenizer (its checkpoint had no tokenizer.json); "
+                                  "pass token ids instead of text")
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    # -- generation -------------------------------------------------------------------------------------------
+    def stream_ids(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Iterator[int]:
+        """Yield new token ids one at a time; the generator's return value is the finish reason."""
+        ids = list(prompt_ids)
+        capacity = self.context_length
+        if not ids:
+            raise AgentOptError("the prompt is empty; give at least one token")
+        if len(ids) >= capacity:
+            raise ContextOverflowError(f"the prompt has {len(ids)} tokens but the engine's context holds "
+                                       f"{capacity} (prompt plus at least one new token); shorten the prompt or "
+                                       f"recompile with a larger --context-length")
+        stops = set() if config.ignore_eos else set(
+            config.stop_token_ids if config.stop_token_ids is not None else self.eos_token_ids)
+        rng = np.random.default_rng(config.seed)
+        self.session.reset()
+        batch = self.session.batch_size
+        logits = self.session.run(np.array([ids] * batch, dtype=np.int64), np.arange(len(ids), dtype=np.int64))
+        length = len(ids)
+        for step in range(config.max_new_tokens):
+            token = sample(logits[0, -1], rng, config.temperature, config.top_k, config.top_p)
+            if token in stops:
+                return "stop"
+            yield token
+            if step + 1 == config.max_new_tokens:
+                return "length"
+            if length >= capacity:
+                return "context"
+            logits = self.session.run(np.full((batch, 1), token, dtype=np.int64),
+                                      np.array([length], dtype=np.int64))
+            length += 1
+        return "length"
+
+    def stream_events(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Iterator[tuple[int, str]]:
+        """Yield (token id, text delta) pairs, cutting the text at the first stop string; returns the finish reason."""
+        decoder = IncrementalDecoder(self.tokenizer) if self.tokenizer is not None else None
+        emitted = 0
+        tokens = self.stream_ids(prompt_ids, config)
+        while True:
+            try:
+                token = next(tokens)
+            except StopIteration as stop:
+                return stop.value
+            if decoder is None:
+                yield token, ""
+                continue
+            decoder.push(token)
+            hit = _first_stop_string(decoder.text, config.stop_strings)
+            end = len(decoder.text) if hit is None else hit
+            yield token, decoder.text[emitted:end] if end > emitted else ""
+            emitted = max(emitted, end)
+            if hit is not None:
+                tokens.close()
+                return "stop"
+
+    def complete(self, prompt: str | Sequence[int], config: GenerationConfig | None = None,
+                 on_text=None, **overrides) -> Completion:
+        """Generate and return everything about it. ``on_text(delta)`` receives text as it is produced."""
+        config = _merge(config, overrides)
+        prompt_ids = self.encode(prompt)
+        new_ids, pieces = [], []
+        start = time.perf_counter()
+        first_token_at = None
+        events = self.stream_events(prompt_ids, config)
+        while True:
+            try:
+                token, delta = next(events)
+            except StopIteration as stop:
+                reason = stop.value or "length"
+                break
+            first_token_at = first_token_at or time.perf_counter()
+            new_ids.append(token)
+            if delta:
+                pieces.append(delta)
+                if on_text:
+                    on_text(delta)
+        end = time.perf_counter()
+        decode_s = end - (first_token_at or end)
+        return Completion("".join(pieces), new_ids, len(prompt_ids), reason, (first_token_at or end) - start,
+                          (len(new_ids) - 1) / decode_s if len(new_ids) > 1 and decode_s > 0 else 0.0)
+
+    def generate(self, prompt: str | Sequence[int], config: GenerationConfig | None = None, **overrides) -> str:
+        return self.complete(prompt, config, **overrides).text
+
+    def generate_ids(self, prompt: str | Sequence[int], config: GenerationConfig | None = None,
+                     **overrides) -> list[int]:
+        return self.complete(prompt, config, **overrides).token_ids
+
+    def stream(self, prompt: str | Sequence[int], config: GenerationConfig | None = None,
+               **overrides) -> Iterator[str]:
+        """Yield text pieces as tokens are generated."""
+        if self.tokenizer is None:
+            raise EngineError(f"engine '{self.folder}' has no tokenizer; use stream_ids with token ids")
+        for _token, delta in self.stream_events(self.encode(prompt), _merge(config, overrides)):
+            if delta:
+                yield delta
+
+
+def _merge(config: GenerationConfig | None, overrides: dict) -> GenerationConfig:
+    config = config or GenerationConfig()
+    if not overrides:
+        return config
+    fields = set(GenerationConfig.__dataclass_fields__)
+    unknown = set(overrides) - fields
+    if unknown:
+        raise AgentOptError(f"unknown generation option(s): {', '.join(sorted(unknown))}; "
+                            f"options: {', '.join(sorted(fields))}")
+    values = {**config.__dict__, **overrides}
+    for key in ("stop_token_ids", "stop_strings"):
+        if values[key] is not None:
+            values[key] = tuple(values[key])
+    return GenerationConfig(**values)
+
+
+def _first_stop_string(text: str, stops: Sequence[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def load_engine(folder: str | Path, device: str | None = None, threads: int | None = None,
+                verify_hashes: bool = True) -> Engine:
+    """Open an engine folder written by ``compile``. ``device`` overrides the one it was compiled for."""
+    folder = Path(folder)
+    manifest = read_manifest(folder, verify_hashes=verify_hashes)
+    engine_section = manifest["engine"]
+    backend = get_backend(engine_section.get("backend", "?"), device or engine_section.get("device", "cpu"))
+    session = backend.load("session")(folder, engine_section, device or engine_section.get("device", "cpu"), threads)
+    tokenizer = Tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
+    return Engine(folder, manifest, session, tokenizer)

@@ -1,0 +1,57 @@
+"""The engine's tokenizer: a Hugging Face ``tokenizer.json`` read with the ``tokenizers`` library (no torch)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import EngineError
+
+
+class Tokenizer:
+    def __init__(self, folder: Path):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = folder / "tokenizer.json"
+        try:
+            self._tok = HFTokenizer.from_file(str(path))
+        except Exception as exc:
+            raise EngineError(f"cannot read {path}: {exc}") from None
+        config_path = folder / "tokenizer_config.json"
+        self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        template_path = folder / "chat_template.jinja"
+        self.chat_template = (template_path.read_text() if template_path.is_file()
+                              else self.config.get("chat_template"))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """The tokenizer config's eos token, when it names one that exists."""
+        eos = self.config.get("eos_token")
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        token = self.token_id(eos) if isinstance(eos, str) else None
+        return [] if token is None else [token]
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text deltas, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return ""
+        delta, self.text = text[len(self.text):], text
+        return delta
