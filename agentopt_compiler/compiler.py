@@ -71,10 +71,14 @@ def check_output_folder(out: Path, overwrite: bool) -> None:
                                       "or new folder")
             if not overwrite:
                 raise OutputPathError(f"output '{out}' already holds an engine; pass --overwrite to replace it")
-    parent = out.parent if out.parent != Path("") else Path(".")
-    existing = next((p for p in [parent, *parent.parents] if p.exists()), None)
-    if existing is None or not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputPathError(f"cannot write the engine to '{out}': '{existing}' is not writable")
+    existing = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise OutputPathError(f"cannot write the engine to '{out}': '{existing}' is a file, not a folder")
+    try:  # a real probe: permission bits alone say nothing for root, read-only mounts or full disks
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(prefix=f".{out.name}.probe-", dir=out.parent).cleanup()
+    except OSError as exc:
+        raise OutputPathError(f"cannot write the engine to '{out}': {exc.strerror or exc}") from None
 
 
 def dependency_versions() -> dict[str, str]:
@@ -136,8 +140,8 @@ def compile(model: str | Path = "tiny-random", out: str | Path = "engine", backe
     report.passes = records
     regions = summarize(build_region_graph(program.module))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; an engine folder is as readable as any other
     try:
         with stage("lower"):
             engine_section = entry.load("lowering")(program, staging)
@@ -169,6 +173,12 @@ def compile(model: str | Path = "tiny-random", out: str | Path = "engine", backe
     engine = load_engine(out, device=device)
     engine.compile_report = report
     return engine
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _replace_folder(staging: Path, out: Path) -> None:

@@ -43,7 +43,8 @@ class RemoveNoopOps(GraphPass):
         if node.target in _ASSERT_OPS:
             return None
         if node.args and isinstance(node.args[0], torch.fx.Node) and (
-                any(_is_inplace(user) for user in node.args[0].users) or any(_is_inplace(u) for u in node.users)):
+                any(_mutates(user, node.args[0]) for user in node.args[0].users)
+                or any(_mutates(user, node) for user in node.users)):
             return "its input or result is mutated in place; the copy is needed"
         source, out = _meta(node.args[0]) if node.args else None, _meta(node)
         if node.target in _CAST_OPS:
@@ -81,6 +82,14 @@ class RemoveNoopOps(GraphPass):
         return PassResult(bool(removed), dict(removed), tuple(kept))
 
 
-def _is_inplace(node: torch.fx.Node) -> bool:
-    schema = getattr(node.target, "_schema", None)
-    return bool(schema and schema.is_mutable)
+def _mutates(user: torch.fx.Node, value: torch.fx.Node) -> bool:
+    """Does ``user`` write into ``value`` (an argument its schema marks as written, e.g. self of add_)?"""
+    schema = getattr(user.target, "_schema", None)
+    if schema is None or not schema.is_mutable:
+        return False
+    for index, argument in enumerate(schema.arguments):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            passed = user.args[index] if index < len(user.args) else user.kwargs.get(argument.name)
+            if passed is value:
+                return True
+    return False

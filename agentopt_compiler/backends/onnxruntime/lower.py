@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,13 +37,25 @@ def cache_io_names(buffer: str) -> tuple[str, str]:
 
 def export_onnx(program, custom_translation_table=None):
     """torch.onnx export of ``program.exported``; unsupported ops become an UnsupportedOpError naming op and layer."""
-    captured_output = io.StringIO()
     try:
-        with contextlib.redirect_stdout(captured_output):  # torch.onnx prints progress lines of its own
+        # torch.onnx prints progress lines and logs warnings about unrelated optional packages (torchvision)
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), _quiet("torch.onnx"):
+            warnings.simplefilter("ignore")
             return torch.onnx.export(program.exported, dynamo=True, optimize=False, opset_version=OPSET,
                                      verbose=False, custom_translation_table=custom_translation_table)
     except Exception as exc:
         raise _explain_export_failure(exc, program.exported) from exc
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _explain_export_failure(exc: Exception, exported) -> AgentOptError:

@@ -1,0 +1,39 @@
+"""agentopt compile: model (built-in name or HF folder) -> engine folder."""
+
+from __future__ import annotations
+
+from .progress import ProgressLog
+
+DEFAULT_MODEL = "tiny-random"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("compile", help="compile a model into an engine folder",
+                       description="Capture a model with torch.export, run the pass pipeline, lower it to a backend "
+                                   "and write a self-describing engine folder.")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"built-in model name (tiny-random, ref-60m) or a local Hugging Face folder "
+                        f"(default: {DEFAULT_MODEL})")
+    p.add_argument("--out", required=True, help="engine folder to write (must be new, empty, or an engine with "
+                                                "--overwrite)")
+    p.add_argument("--backend", default="onnxruntime", help="backend (default: onnxruntime)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device the engine runs on")
+    p.add_argument("--context-length", type=int, default=None,
+                   help="KV-cache capacity in tokens, prompt plus generation (default: the model's max positions, "
+                        "at most 4096)")
+    p.add_argument("--skip-pass", action="append", default=[], metavar="NAME",
+                   help="skip a pass of the pipeline (repeatable)")
+    p.add_argument("--debug-dump", metavar="DIR", help="write the graph after each pass into DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing engine at --out")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from ..compiler import compile
+
+    engine = compile(model=args.model, out=args.out, backend=args.backend, device=args.device,
+                     context_length=args.context_length, skip_passes=args.skip_pass, debug_dump=args.debug_dump,
+                     overwrite=args.overwrite, progress=ProgressLog(args.quiet))
+    print("\n".join(engine.compile_report.lines()))
+    return 0

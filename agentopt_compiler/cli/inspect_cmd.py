@@ -1,0 +1,60 @@
+"""agentopt inspect: what an engine folder holds (manifest, passes, op histogram, sizes)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("inspect", help="describe an engine folder",
+                       description="Print an engine's model, backend, passes, op histogram and files.")
+    p.add_argument("engine", help="engine folder")
+    p.add_argument("--json", action="store_true", help="print the manifest and op histogram as JSON")
+    p.set_defaults(handler=run)
+
+
+def op_histogram(graph_path: Path) -> Counter | None:
+    """Node counts by (domain::)op type, or None where the onnx package is not installed (deploy-only installs)."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    model = onnx.load(str(graph_path), load_external_data=False)
+    return Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in model.graph.node)
+
+
+def run(args) -> int:
+    from ..runtime.manifest import read_manifest
+
+    folder = Path(args.engine)
+    manifest = read_manifest(folder)
+    engine = manifest["engine"]
+    histogram = op_histogram(folder / engine["graph"])
+    if args.json:
+        print(json.dumps({"manifest": manifest, "op_histogram": dict(histogram or {})}, indent=2))
+        return 0
+    model, config = manifest["model"], manifest["model"]["config"]
+    print(f"engine   {folder}  (format {manifest['format_version']}, created {manifest.get('created', '?')})")
+    print(f"model    {model['name']}  [{config['family']}, {config['num_layers']} layers, hidden "
+          f"{config['hidden_size']}, {config['num_heads']}/{config['num_kv_heads']} heads, vocab "
+          f"{config['vocab_size']}]  from {model['source']}")
+    print(f"backend  {engine['backend']} on {engine['device']}, {engine['dtype']}, context {engine['context_length']}"
+          f" tokens, batch {engine['batch_size']}, opset {engine.get('opset', '?')}")
+    print(f"inputs   {', '.join(engine['inputs'][:4])}{' ...' if len(engine['inputs']) > 4 else ''}"
+          f"  ({len(engine['caches'])} cache tensors)")
+    print("passes")
+    for record in manifest.get("passes", []):
+        stats = "skipped" if record["skipped"] else (
+            ", ".join(f"{k}={v}" for k, v in record["stats"].items()) or "no change")
+        print(f"  {record['name']:24s} {stats}")
+    print("ops" if histogram is not None else "ops      (install onnx to see the op histogram)")
+    for op, count in sorted((histogram or {}).items(), key=lambda kv: (-kv[1], kv[0])):
+        print(f"  {count:6d}  {op}")
+    print("files")
+    for name, info in manifest["files"].items():
+        print(f"  {name:28s} {info['bytes'] / 1024:10.1f} KiB  sha256 {info['sha256'][:12]}")
+    versions = ", ".join(f"{k} {v}" for k, v in manifest.get("dependencies", {}).items())
+    print(f"built with {versions}")
+    return 0

@@ -1,0 +1,80 @@
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from agentopt_compiler.backends.onnxruntime.lower import lower_to_onnx
+from agentopt_compiler.backends.onnxruntime.session import OrtSession, create_inference_session
+from agentopt_compiler.capture.export import capture
+from agentopt_compiler.errors import ProviderUnavailableError, UnsupportedOpError
+
+
+@pytest.fixture(scope="module")
+def lowered(tmp_path_factory):
+    from agentopt_compiler.models.registry import load_model
+
+    folder = tmp_path_factory.mktemp("lowered")
+    model = load_model("tiny-random").model
+    section = lower_to_onnx(capture(model, context_length=32), folder)
+    return folder, section
+
+
+def test_caches_become_past_inputs_and_present_outputs(lowered):
+    folder, section = lowered
+    model = onnx.load(str(folder / section["graph"]))
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    assert inputs == ["input_ids", "positions", "past.0.key", "past.0.value", "past.1.key", "past.1.value"]
+    assert outputs[0] == "logits" and sorted(outputs[1:]) == sorted(n.replace("past", "present") for n in inputs[2:])
+    assert not [i.name for i in model.graph.initializer if "kv_cache" in i.name]  # no cache frozen as a constant
+    assert [c["shape"] for c in section["caches"]] == [[1, 2, 32, 32]] * 4
+
+
+def test_decode_reads_the_cache_written_by_prefill(lowered, tiny_model):
+    """Fails if a cache mutation is dropped: decode would then attend to zeros instead of the prompt."""
+    folder, section = lowered
+    session = OrtSession(folder, {**section, "context_length": 32, "batch_size": 1})
+    tiny_model.setup_cache(1, 32)
+    tiny_model.last_logits_only = True
+    ids = np.random.default_rng(0).integers(0, 300, size=(1, 10))
+    worst = 0.0
+    with torch.no_grad():
+        for a, b in [(0, 4), (4, 5), (5, 8), (8, 9), (9, 10)]:  # chunked prefill and single decode steps
+            positions = np.arange(a, b)
+            expected = tiny_model(torch.from_numpy(ids[:, a:b]), torch.from_numpy(positions)).numpy()
+            worst = max(worst, float(np.abs(session.run(ids[:, a:b], positions) - expected).max()))
+    assert worst <= 1e-4
+    # and the same decode step without the prompt in the cache gives different logits
+    session.reset()
+    fresh = session.run(ids[:, 9:10], np.array([9]))
+    assert np.abs(fresh - expected).max() > 1e-2
+
+
+class WeirdActivation(torch.nn.Module):
+    def forward(self, x):
+        return torch.ops.agentopt_test.weird(x)
+
+
+@torch.library.custom_op("agentopt_test::weird", mutates_args=())
+def weird(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@weird.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_unsupported_op_is_named_with_its_layer(tiny_model, tmp_path):
+    mlp = tiny_model.layers[1].mlp
+    mlp.forward = lambda x: mlp.down_proj(WeirdActivation()(mlp.gate_proj(x)) * mlp.up_proj(x))
+    with pytest.raises(UnsupportedOpError, match=r"op agentopt_test.weird.default \(in layer 'layers.1.mlp'\)"):
+        lower_to_onnx(capture(tiny_model, context_length=16), tmp_path)
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA is available here")
+def test_cuda_request_without_cuda_fails_instead_of_running_on_cpu(lowered):
+    folder, section = lowered
+    with pytest.raises(ProviderUnavailableError, match="CUDAExecutionProvider.*agentopt-compiler\\[gpu\\]"):
+        create_inference_session(folder / section["graph"], "cuda")

@@ -1,0 +1,116 @@
+"""The CLI is a thin shell: these run ``main(argv)`` in-process (and the real console script once), and check that
+every kind of bad input ends in exactly one ``error:`` line and exit status 2."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from agentopt_compiler.cli.main import main
+
+
+def _error_line(capsys, argv):
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    errors = [line for line in err if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in "\n".join(err), err
+    return errors[0]
+
+
+def test_compile_run_inspect(tmp_path, capsys):
+    out = tmp_path / "eng"
+    assert main(["compile", "--model", "tiny-random", "--out", str(out), "--context-length", "64"]) == 0
+    captured = capsys.readouterr()
+    assert "compiled tiny-random for onnxruntime/cpu" in captured.out and "remove_noop_ops" in captured.out
+    assert "capture done" in captured.err  # progress lines
+    assert main(["run", str(out), "--prompt", "Hello", "--max-new-tokens", "8", "--ignore-eos"]) == 0
+    assert "5 prompt tokens, 8 generated" in capsys.readouterr().err
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "tiny-random" in text and "Attention" in text and "remove_noop_ops" in text and "sha256" in text
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["op_histogram"]["MatMul"] > 0
+
+
+def test_console_script_help_does_not_import_torch():
+    script = shutil.which("agentopt") or pytest.skip("console script not installed")
+    code = ("import sys, runpy; sys.argv = ['agentopt', '--help']\n"
+            "try:\n    runpy.run_path(%r, run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)" % script)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "compile" in result.stdout and result.stdout.strip().endswith("False")
+
+
+def test_unknown_model(tmp_path, capsys):
+    line = _error_line(capsys, ["compile", "--model", "gpt-5", "--out", str(tmp_path / "e")])
+    assert "unknown model 'gpt-5'" in line and "tiny-random" in line
+
+
+def test_folder_without_config(tmp_path, capsys):
+    assert "no config.json" in _error_line(capsys, ["compile", "--model", str(tmp_path), "--out", str(tmp_path / "e")])
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["FalconForCausalLM"]}))
+    line = _error_line(capsys, ["compile", "--model", str(tmp_path), "--out", str(tmp_path / "e")])
+    assert "FalconForCausalLM" in line and "LlamaForCausalLM" in line
+
+
+@torch.library.custom_op("agentopt_cli_test::sparkle", mutates_args=())
+def sparkle(x: torch.Tensor) -> torch.Tensor:
+    return x + 1
+
+
+@sparkle.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_op_the_exporter_cannot_handle(tmp_path, capsys, monkeypatch):
+    from agentopt_compiler.models import registry
+
+    real_load = registry.load_model
+
+    def load_with_odd_op(spec):
+        loaded = real_load(spec)
+        mlp = loaded.model.layers[0].mlp
+        mlp.forward = lambda x: mlp.down_proj(torch.ops.agentopt_cli_test.sparkle(mlp.gate_proj(x)))
+        return loaded
+
+    monkeypatch.setattr(registry, "load_model", load_with_odd_op)
+    line = _error_line(capsys, ["compile", "--out", str(tmp_path / "e"), "--context-length", "16"])
+    assert "agentopt_cli_test.sparkle" in line and "layers.0.mlp" in line
+    assert not (tmp_path / "e").exists()
+
+
+def test_prompt_longer_than_the_context(tmp_path, capsys):
+    main(["compile", "--out", str(tmp_path / "e"), "--context-length", "16", "--quiet"])
+    capsys.readouterr()
+    line = _error_line(capsys, ["run", str(tmp_path / "e"), "--prompt", "x" * 40])
+    assert "40 tokens" in line and "holds 16" in line
+
+
+def test_corrupt_engine(tiny_engine_dir, tmp_path, capsys):
+    engine = shutil.copytree(tiny_engine_dir, tmp_path / "e")
+    with open(engine / "model.onnx", "r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\x00\x01\x02")
+    assert "corrupt" in _error_line(capsys, ["run", str(engine), "--prompt", "hi"])
+    assert "not an engine folder" in _error_line(capsys, ["inspect", str(tmp_path)])
+
+
+def test_unwritable_output(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert "cannot write the engine" in _error_line(capsys, ["compile", "--out", str(tmp_path / "file" / "e")])
+
+
+def test_missing_cuda(tiny_engine_dir, capsys):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("CUDA is available here")
+    line = _error_line(capsys, ["run", str(tiny_engine_dir), "--prompt", "hi", "--device", "cuda"])
+    assert "CUDAExecutionProvider" in line and "--device cpu" in line

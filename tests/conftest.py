@@ -1,0 +1,46 @@
+"""Shared fixtures: a tiny engine compiled once per session, and an eager greedy reference."""
+
+from __future__ import annotations
+
+import pytest
+
+TINY_CONTEXT = 96
+
+
+def eager_greedy(model, prompt_ids: list[int], steps: int, capacity: int) -> list[int]:
+    """Greedy tokens from the eager reference model with a fresh cache: prefill, then one token per step."""
+    import torch
+
+    model.setup_cache(1, capacity)
+    model.last_logits_only = True
+    tokens, length = [], len(prompt_ids)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids]), torch.arange(length))
+        for _ in range(steps):
+            tokens.append(int(logits[0, -1].argmax()))
+            logits = model(torch.tensor([[tokens[-1]]]), torch.tensor([length]))
+            length += 1
+    return tokens
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_dir(tmp_path_factory):
+    import agentopt_compiler as ao
+
+    out = tmp_path_factory.mktemp("engines") / "tiny"
+    ao.compile("tiny-random", out=out, context_length=TINY_CONTEXT)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_engine_dir):
+    import agentopt_compiler as ao
+
+    return ao.load_engine(tiny_engine_dir)
+
+
+@pytest.fixture()
+def tiny_model():
+    from agentopt_compiler.models.registry import load_model
+
+    return load_model("tiny-random").model

@@ -1,0 +1,110 @@
+"""The loader against the real thing: random-init transformers models saved with save_pretrained must give the same
+logits as our decoder (fp32, max abs diff <= 1e-4) over a prompt and several cached decode steps."""
+
+import json
+
+import pytest
+import torch
+
+from agentopt_compiler.errors import ModelNotFoundError, UnsupportedModelError
+from agentopt_compiler.models.hf_loader import save_as_hf_folder
+from agentopt_compiler.models.registry import load_model
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=128)
+
+CASES = {
+    # Llama-3 RoPE scaling, head_dim != hidden/heads, GQA, untied
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=24, rope_theta=500000.0, tie_word_embeddings=False,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 32})),
+    # linear RoPE scaling, attention_bias on q/k/v/o, MHA
+    "llama-linear-bias": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
+        num_attention_heads=4, num_key_value_heads=4, attention_bias=True,
+        rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    # q/k/v bias, MQA, tied embeddings
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(
+        num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True)),
+    # sliding window shorter than the test sequence
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=6)),
+}
+
+
+def _hf_model(config_cls, model_cls, extra, seed=0):
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**SMALL, **extra)).eval()
+    with torch.no_grad():  # larger than HF's default init so that differences show
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_loader_matches_transformers_over_prefill_and_decode(case, tmp_path):
+    hf = _hf_model(*CASES[case])
+    hf.save_pretrained(tmp_path)
+    ours = load_model(tmp_path).model
+    ids = torch.randint(0, SMALL["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = hf(ids).logits  # (1, 12, V)
+        ours.setup_cache(1, 32)
+        pieces = [ours(ids[:, :7], torch.arange(7))]  # prompt
+        pieces += [ours(ids[:, i:i + 1], torch.tensor([i])) for i in range(7, 12)]  # 5 decode steps
+    assert (torch.cat(pieces, dim=1) - reference).abs().max().item() <= 1e-4
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    hf = _hf_model(*CASES["llama"])
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    ours = load_model(tmp_path).model
+    ids = torch.arange(10)[None]
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_our_model_saved_as_hf_folder_loads_in_transformers(tmp_path):
+    loaded = load_model("tiny-random")
+    save_as_hf_folder(loaded.model, tmp_path, loaded.tokenizer_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.arange(20)[None]
+    with torch.no_grad():
+        assert (hf(ids).logits - loaded.model(ids)).abs().max().item() <= 1e-4
+    assert (tmp_path / "tokenizer.json").is_file()
+
+
+def test_folder_without_config_json(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        load_model(tmp_path)
+
+
+def test_unknown_name_lists_the_builtins():
+    with pytest.raises(ModelNotFoundError, match="tiny-random, ref-60m"):
+        load_model("no-such-model")
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel.*LlamaForCausalLM, Qwen2ForCausalLM"):
+        load_model(tmp_path)
+
+
+def test_pytorch_bin_weights_get_a_conversion_hint(tmp_path):
+    hf = _hf_model(*CASES["qwen2"])
+    hf.config.save_pretrained(tmp_path)
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ModelNotFoundError, match="safe_serialization"):
+        load_model(tmp_path)
+
+
+def test_weights_that_do_not_fit_the_config(tmp_path):
+    hf = _hf_model(*CASES["qwen2"])
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["num_hidden_layers"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelNotFoundError, match="missing.*layers.2"):
+        load_model(tmp_path)

@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+
+import agentopt_compiler as ao
+from agentopt_compiler.errors import AgentOptError, ContextOverflowError
+from tests.conftest import TINY_CONTEXT, eager_greedy
+
+PROMPT = [72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]
+
+
+def test_greedy_tokens_equal_eager_for_40_steps(tiny_engine, tiny_model):
+    ours = tiny_engine.generate_ids(PROMPT, max_new_tokens=40, ignore_eos=True)
+    assert ours == eager_greedy(tiny_model, PROMPT, 40, TINY_CONTEXT)
+
+
+@pytest.mark.slow
+def test_ref_60m_greedy_tokens_equal_eager_for_32_steps(tmp_path):
+    from agentopt_compiler.models.registry import load_model
+
+    engine = ao.compile("ref-60m", out=tmp_path / "ref", context_length=128)
+    prompt = list(np.random.default_rng(0).integers(0, 32000, size=20))
+    ours = engine.generate_ids(prompt, max_new_tokens=32, ignore_eos=True)
+    assert ours == eager_greedy(load_model("ref-60m").model, [int(t) for t in prompt], 32, 128)
+
+
+def test_each_generation_starts_from_a_clean_cache(tiny_engine):
+    first = tiny_engine.generate_ids(PROMPT, max_new_tokens=8, ignore_eos=True)
+    tiny_engine.generate_ids([5, 6, 7], max_new_tokens=8, ignore_eos=True)
+    assert tiny_engine.generate_ids(PROMPT, max_new_tokens=8, ignore_eos=True) == first
+
+
+def test_seeded_sampling_is_reproducible_and_differs_from_greedy(tiny_engine):
+    options = dict(max_new_tokens=20, temperature=1.0, top_k=50, top_p=0.95, ignore_eos=True)
+    a = tiny_engine.generate_ids(PROMPT, seed=1, **options)
+    assert a == tiny_engine.generate_ids(PROMPT, seed=1, **options)
+    assert a != tiny_engine.generate_ids(PROMPT, seed=2, **options)
+    assert a != tiny_engine.generate_ids(PROMPT, max_new_tokens=20, ignore_eos=True)
+
+
+def test_stop_tokens_end_generation_before_the_stop_token(tiny_engine):
+    greedy = tiny_engine.generate_ids(PROMPT, max_new_tokens=20, ignore_eos=True)
+    stop = greedy[5]
+    cut = greedy.index(stop)
+    completion = tiny_engine.complete(PROMPT, max_new_tokens=20, stop_token_ids=[stop])
+    assert completion.token_ids == greedy[:cut] and completion.finish_reason == "stop"
+    assert tiny_engine.complete(PROMPT, max_new_tokens=7, ignore_eos=True).finish_reason == "length"
+
+
+def test_stop_strings_cut_the_text_and_streaming_matches(tiny_engine):
+    full = tiny_engine.generate("Hi", max_new_tokens=30, ignore_eos=True)
+    visible = [c for c in full if c.isprintable() and c not in "\ufffd"]
+    assert visible, "expected some printable output from the random model"
+    stop = visible[len(visible) // 2]
+    completion = tiny_engine.complete("Hi", max_new_tokens=30, ignore_eos=True, stop_strings=[stop])
+    assert completion.text == full[:full.index(stop)] and completion.finish_reason == "stop"
+    assert "".join(tiny_engine.stream("Hi", max_new_tokens=30, ignore_eos=True, stop_strings=[stop])) == \
+        completion.text
+    assert "".join(tiny_engine.stream("Hi", max_new_tokens=30, ignore_eos=True)) == full
+
+
+def test_generation_stops_when_the_context_is_full(tiny_engine):
+    prompt = list(range(1, TINY_CONTEXT - 3))
+    completion = tiny_engine.complete(prompt, max_new_tokens=50, ignore_eos=True)
+    assert completion.finish_reason == "context"
+    assert len(prompt) + len(completion.token_ids) == TINY_CONTEXT + 1  # the last token needs no cache slot
+
+
+def test_prompt_longer_than_the_context_is_refused(tiny_engine):
+    with pytest.raises(ContextOverflowError, match=f"holds {TINY_CONTEXT}.*--context-length"):
+        tiny_engine.generate(list(range(TINY_CONTEXT)), max_new_tokens=1)
+
+
+def test_bad_generation_options_are_named(tiny_engine):
+    with pytest.raises(AgentOptError, match="unknown generation option.*max_tokens"):
+        tiny_engine.generate("x", max_tokens=3)
+    with pytest.raises(AgentOptError, match="top_p"):
+        tiny_engine.generate("x", top_p=0.0)

@@ -1,0 +1,59 @@
+import json
+import shutil
+
+import pytest
+
+import agentopt_compiler as ao
+from agentopt_compiler.errors import EngineError
+
+
+@pytest.fixture()
+def engine_copy(tiny_engine_dir, tmp_path):
+    return shutil.copytree(tiny_engine_dir, tmp_path / "engine")
+
+
+def test_manifest_describes_the_engine(tiny_engine_dir):
+    manifest = json.loads((tiny_engine_dir / "manifest.json").read_text())
+    assert manifest["format"] == "agentopt-engine" and manifest["format_version"] == 1
+    assert manifest["engine"]["backend"] == "onnxruntime" and manifest["engine"]["context_length"] == 96
+    assert {"torch", "onnx", "onnxruntime", "agentopt-compiler"} <= set(manifest["dependencies"])
+    assert manifest["model"]["config"]["num_layers"] == 2
+    assert [p["name"] for p in manifest["passes"]] == ["remove_noop_ops"]
+    assert set(manifest["files"]) == {p.name for p in tiny_engine_dir.iterdir()} - {"manifest.json"}
+    assert all(len(info["sha256"]) == 64 for info in manifest["files"].values())
+
+
+def test_a_flipped_byte_is_caught(engine_copy):
+    graph = engine_copy / "model.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    with pytest.raises(EngineError, match="corrupt: model.onnx does not match its sha256"):
+        ao.load_engine(engine_copy)
+
+
+def test_a_missing_file_is_caught(engine_copy):
+    (engine_copy / "tokenizer.json").unlink()
+    with pytest.raises(EngineError, match="incomplete: tokenizer.json is missing"):
+        ao.load_engine(engine_copy)
+
+
+def test_folders_that_are_not_engines(tmp_path, engine_copy):
+    with pytest.raises(EngineError, match="does not exist"):
+        ao.load_engine(tmp_path / "nothing")
+    with pytest.raises(EngineError, match="not an engine folder"):
+        ao.load_engine(tmp_path)
+    (engine_copy / "manifest.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(EngineError, match="not an agentopt engine"):
+        ao.load_engine(engine_copy)
+    (engine_copy / "manifest.json").write_text("{ truncated")
+    with pytest.raises(EngineError, match="corrupt"):
+        ao.load_engine(engine_copy)
+
+
+def test_a_newer_format_asks_for_an_upgrade(engine_copy):
+    manifest = json.loads((engine_copy / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (engine_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineError, match="format 99.*upgrade"):
+        ao.load_engine(engine_copy)

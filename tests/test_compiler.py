@@ -1,0 +1,86 @@
+import json
+import os
+
+import pytest
+
+import agentopt_compiler as ao
+from agentopt_compiler.errors import AgentOptError, OutputPathError
+
+
+def test_compile_report_and_files(tmp_path):
+    logged = []
+    engine = ao.compile("tiny-random", out=tmp_path / "eng", context_length=32, progress=logged.append)
+    report = engine.compile_report
+    assert [r.name for r in report.passes] == ["remove_noop_ops"] and report.passes[0].stats["to"] == 10
+    assert {"model.onnx", "tokenizer.json", "manifest.json"} <= set(report.files)
+    assert any(line.startswith("lower done") for line in logged)
+    assert "remove_noop_ops" in "\n".join(report.lines())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging leftovers
+    assert (tmp_path / "eng").stat().st_mode & 0o777 == 0o777 & ~_umask()
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_skip_pass_is_recorded_and_output_is_unchanged(tmp_path):
+    skipped = ao.compile("tiny-random", out=tmp_path / "a", context_length=32, skip_passes=["remove_noop_ops"])
+    assert skipped.manifest["passes"][0]["skipped"] is True
+    default = ao.load_engine(tmp_path / "a")
+    assert default.generate_ids([1, 2, 3], max_new_tokens=5, ignore_eos=True) == \
+        ao.compile("tiny-random", out=tmp_path / "b", context_length=32).generate_ids([1, 2, 3], max_new_tokens=5,
+                                                                                      ignore_eos=True)
+    with pytest.raises(AgentOptError, match="unknown pass to skip: fuse_everything"):
+        ao.compile("tiny-random", out=tmp_path / "c", skip_passes=["fuse_everything"])
+
+
+def test_debug_dump_writes_one_file_per_pass(tmp_path):
+    ao.compile("tiny-random", out=tmp_path / "eng", context_length=16, debug_dump=tmp_path / "dump")
+    assert sorted(p.name for p in (tmp_path / "dump").iterdir()) == ["00-captured.txt", "01-remove_noop_ops.txt"]
+
+
+def test_interrupted_compile_leaves_nothing_behind(tmp_path, monkeypatch):
+    from agentopt_compiler.backends.onnxruntime import lower
+
+    def half_written(program, folder, *args):
+        (folder / "model.onnx").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lower, "lower_to_onnx", half_written)
+    with pytest.raises(KeyboardInterrupt):
+        ao.compile("tiny-random", out=tmp_path / "eng", context_length=16)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_outputs(tmp_path):
+    ao.compile("tiny-random", out=tmp_path / "eng", context_length=16)
+    with pytest.raises(OutputPathError, match="already holds an engine; pass --overwrite"):
+        ao.compile("tiny-random", out=tmp_path / "eng", context_length=16)
+    engine = ao.compile("tiny-random", out=tmp_path / "eng", context_length=24, overwrite=True)
+    assert json.loads((tmp_path / "eng" / "manifest.json").read_text())["engine"]["context_length"] == 24
+    assert engine.context_length == 24
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputPathError, match="non-empty folder that is not an engine"):
+        ao.compile("tiny-random", out=tmp_path / "other", overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputPathError, match="is a file"):
+        ao.compile("tiny-random", out=tmp_path / "file" / "eng")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere; the read-only mount case below covers it")
+def test_unwritable_parent_folder(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(OutputPathError, match="cannot write the engine"):
+        ao.compile("tiny-random", out=locked / "eng")
+
+
+def test_read_only_location_is_refused_before_any_work():
+    read_only = next((p for p in ("/proc", "/sys") if os.path.isdir(p)), None)
+    if read_only is None:
+        pytest.skip("no read-only mount on this machine")
+    with pytest.raises(OutputPathError, match="cannot write the engine"):
+        ao.compile("tiny-random", out=f"{read_only}/agentopt-eng")
