@@ -93,12 +93,14 @@ def dependency_versions() -> dict[str, str]:
 
 def compile(model: str | Path = "tiny-random", out: str | Path = "engine", backend: str = "onnxruntime",
             device: str = "cpu", context_length: int | None = None, skip_passes: Iterable[str] = (),
-            debug_dump: str | Path | None = None, overwrite: bool = False,
+            debug_dump: str | Path | None = None, overwrite: bool = False, attention_impl: str = "gqa",
             progress: Callable[[str], None] | None = None):
     """Compile ``model`` into an engine folder at ``out`` and return the loaded ``Engine``.
 
     ``model`` is a built-in name (``tiny-random``, ``ref-60m``) or a local Hugging Face folder. ``context_length``
     (default: the model's max positions, at most 4096) is the KV-cache capacity, prompt plus generated tokens.
+    ``attention_impl`` picks how fused attention is lowered: ``gqa`` (ORT's GroupQueryAttention, in-place caches)
+    or ``standard`` (standard ONNX ops only, for execution providers without Microsoft contrib ops).
     """
     from . import backends
     from .capture.export import capture
@@ -112,6 +114,7 @@ def compile(model: str | Path = "tiny-random", out: str | Path = "engine", backe
     log = progress or (lambda _msg: None)
     out = Path(out)
     entry = backends.get_backend(backend, device)
+    backends.check_attention_impl(entry, attention_impl)
     check_output_folder(out, overwrite)
     pipeline = default_pipeline()
     unknown = set(skip_passes) - set(pipeline.names)
@@ -144,7 +147,7 @@ def compile(model: str | Path = "tiny-random", out: str | Path = "engine", backe
     staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; an engine folder is as readable as any other
     try:
         with stage("lower"):
-            engine_section = entry.load("lowering")(program, staging)
+            engine_section = entry.load("lowering")(program, staging, attention_impl=attention_impl)
         tokenizer_files = []
         if loaded.tokenizer_dir is not None:
             for name in TOKENIZER_FILES:

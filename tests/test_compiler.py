@@ -11,7 +11,8 @@ def test_compile_report_and_files(tmp_path):
     logged = []
     engine = ao.compile("tiny-random", out=tmp_path / "eng", context_length=32, progress=logged.append)
     report = engine.compile_report
-    assert [r.name for r in report.passes] == ["remove_noop_ops"] and report.passes[0].stats["to"] == 10
+    assert [r.name for r in report.passes] == ["remove_noop_ops", "fuse_kv_cache"]
+    assert report.passes[0].stats["to"] == 10 and report.passes[1].stats == {"fused_attention": 2, "with_rope": 2}
     assert {"model.onnx", "tokenizer.json", "manifest.json"} <= set(report.files)
     assert any(line.startswith("lower done") for line in logged)
     assert "remove_noop_ops" in "\n".join(report.lines())
@@ -28,6 +29,7 @@ def _umask():
 def test_skip_pass_is_recorded_and_output_is_unchanged(tmp_path):
     skipped = ao.compile("tiny-random", out=tmp_path / "a", context_length=32, skip_passes=["remove_noop_ops"])
     assert skipped.manifest["passes"][0]["skipped"] is True
+    assert skipped.manifest["passes"][1]["stats"]["fused_attention"] == 2  # fuses the raw graph just as well
     default = ao.load_engine(tmp_path / "a")
     assert default.generate_ids([1, 2, 3], max_new_tokens=5, ignore_eos=True) == \
         ao.compile("tiny-random", out=tmp_path / "b", context_length=32).generate_ids([1, 2, 3], max_new_tokens=5,
@@ -38,13 +40,14 @@ def test_skip_pass_is_recorded_and_output_is_unchanged(tmp_path):
 
 def test_debug_dump_writes_one_file_per_pass(tmp_path):
     ao.compile("tiny-random", out=tmp_path / "eng", context_length=16, debug_dump=tmp_path / "dump")
-    assert sorted(p.name for p in (tmp_path / "dump").iterdir()) == ["00-captured.txt", "01-remove_noop_ops.txt"]
+    assert sorted(p.name for p in (tmp_path / "dump").iterdir()) == [
+        "00-captured.txt", "01-remove_noop_ops.txt", "02-fuse_kv_cache.txt"]
 
 
 def test_interrupted_compile_leaves_nothing_behind(tmp_path, monkeypatch):
     from agentopt_compiler.backends.onnxruntime import lower
 
-    def half_written(program, folder, *args):
+    def half_written(program, folder, **options):
         (folder / "model.onnx").write_bytes(b"partial")
         raise KeyboardInterrupt
 

@@ -14,8 +14,9 @@ from ..errors import AgentOptError
 class BackendEntry:
     name: str
     devices: tuple[str, ...]
-    lowering: str  # "module:function" — lower(program, folder, options) -> engine section of the manifest
+    lowering: str  # "module:function" — lower(program, folder, **options) -> engine section of the manifest
     session: str  # "module:class"   — Session(folder, engine_section, device, threads)
+    attention_impls: tuple[str, ...]  # lowerings of fused attention it offers; the first is the default
 
     def load(self, which: str):
         module_name, attr = getattr(self, which).split(":")
@@ -28,6 +29,7 @@ BACKENDS: dict[str, BackendEntry] = {
         devices=("cpu", "cuda"),
         lowering="agentopt_compiler.backends.onnxruntime.lower:lower_to_onnx",
         session="agentopt_compiler.backends.onnxruntime.session:OrtSession",
+        attention_impls=("gqa", "standard"),
     ),
 }
 
@@ -40,3 +42,9 @@ def get_backend(name: str, device: str | None = None) -> BackendEntry:
         raise AgentOptError(f"backend '{name}' does not run on device '{device}'; it runs on: "
                             f"{', '.join(entry.devices)}")
     return entry
+
+
+def check_attention_impl(entry: BackendEntry, attention_impl: str) -> None:
+    if attention_impl not in entry.attention_impls:
+        raise AgentOptError(f"attention implementation '{attention_impl}' is not available for backend "
+                            f"'{entry.name}'; choose one of: {', '.join(entry.attention_impls)}")

@@ -21,6 +21,9 @@ def add_parser(sub) -> None:
     p.add_argument("--context-length", type=int, default=None,
                    help="KV-cache capacity in tokens, prompt plus generation (default: the model's max positions, "
                         "at most 4096)")
+    p.add_argument("--attention-impl", default="gqa", choices=["gqa", "standard"],
+                   help="lowering of fused attention: gqa = ORT GroupQueryAttention with in-place caches (default); "
+                        "standard = standard ONNX ops only (execution providers without Microsoft contrib ops)")
     p.add_argument("--skip-pass", action="append", default=[], metavar="NAME",
                    help="skip a pass of the pipeline (repeatable)")
     p.add_argument("--debug-dump", metavar="DIR", help="write the graph after each pass into DIR")
@@ -34,6 +37,7 @@ def run(args) -> int:
 
     engine = compile(model=args.model, out=args.out, backend=args.backend, device=args.device,
                      context_length=args.context_length, skip_passes=args.skip_pass, debug_dump=args.debug_dump,
-                     overwrite=args.overwrite, progress=ProgressLog(args.quiet))
+                     overwrite=args.overwrite, attention_impl=args.attention_impl,
+                     progress=ProgressLog(args.quiet))
     print("\n".join(engine.compile_report.lines()))
     return 0

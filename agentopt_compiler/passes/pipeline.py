@@ -2,11 +2,14 @@
 
 Phase 1, canonicalize: make the captured graph regular, so each later fusion needs one pattern.
     remove_noop_ops      identity casts, clones, metadata asserts, eval-mode dropout
-Later phases (see the open issues): fuse KV-cache ops, insert sparse attention, apply a precision plan.
+Phase 2, fuse: replace op patterns with one op of ours that backends lower to their fastest kernel.
+    fuse_kv_cache        RoPE + cache write + head expansion + SDPA -> agentopt::cached_attention
+Later phases (see the open issues): insert sparse attention, apply a precision plan.
 """
 
 from __future__ import annotations
 
+from .fuse_kv_cache import FuseKVCache
 from .infra import PassPipeline
 from .remove_noop_ops import RemoveNoopOps
 
@@ -15,4 +18,6 @@ def default_pipeline() -> PassPipeline:
     return PassPipeline([
         # phase 1: canonicalize
         RemoveNoopOps(),
+        # phase 2: fuse
+        FuseKVCache(),
     ])

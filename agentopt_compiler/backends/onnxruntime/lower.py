@@ -59,18 +59,20 @@ def _quiet(logger_name: str):
 
 
 def _explain_export_failure(exc: Exception, exported) -> AgentOptError:
-    text = "\n".join(str(e) for e in _exception_chain(exc))
+    chain = list(_exception_chain(exc))
+    text = "\n".join(str(e) for e in chain)
     op = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='([^']+)'\)>", text)
     node_name = re.search(r"Error when translating node %(\w+)", text)
-    if op or node_name:
-        op_name = f"{op.group(1)}.{op.group(2)}" if op else "an op"
-        layer = _layer_of(exported, node_name.group(1)) if node_name else "unknown"
+    layer = _layer_of(exported, node_name.group(1)) if node_name else "unknown"
+    if op:
         return UnsupportedOpError(
-            f"op {op_name} (in layer '{layer}') has no ONNX lowering; replace it in the model with supported ops "
-            f"or add a translation to the backend's custom_translation_table"
+            f"op {op.group(1)}.{op.group(2)} (in layer '{layer}') has no ONNX lowering; replace it in the model "
+            f"with supported ops or add a translation to the backend's custom_translation_table"
         )
-    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return AgentOptError(f"ONNX export failed: {first}")
+    root = str(chain[-1]).strip().splitlines()
+    reason = f"{type(chain[-1]).__name__}: {root[0] if root else ''}"
+    where = f" of node {node_name.group(1)} in layer '{layer}'" if node_name else ""
+    return AgentOptError(f"ONNX export{where} failed ({reason})")
 
 
 def _exception_chain(exc: BaseException):
@@ -117,20 +119,49 @@ def lift_cache_mutations(onnx_program) -> list[dict]:
     return sorted(caches, key=lambda c: _cache_sort_key(c["input"]))
 
 
+def trim_unused_trailing_outputs(graph, op_types=("GroupQueryAttention", "Attention")) -> int:
+    """Drop unused optional outputs at the end of these nodes: ORT rejects a GroupQueryAttention whose output_qk
+    is present without qk_output configured, and Attention's optional outputs are never read."""
+    trimmed = 0
+    for node in graph:
+        if node.op_type not in op_types:
+            continue
+        keep = len(node.outputs)
+        while keep > 1 and not node.outputs[keep - 1].uses() and not node.outputs[keep - 1].is_graph_output():
+            keep -= 1
+        if keep < len(node.outputs):
+            node.resize_outputs(keep)
+            trimmed += 1
+    return trimmed
+
+
 def _cache_sort_key(name: str):
     parts = name.split(".")
     return (int(parts[1]), parts[2]) if len(parts) == 3 and parts[1].isdigit() else (1 << 30, name)
 
 
-def lower_to_onnx(program, folder: Path, custom_translation_table=None) -> dict:
-    """Write ``folder/model.onnx`` (+ external data when large); return the IO description for the manifest."""
-    onnx_program = export_onnx(program, custom_translation_table)
+ATTENTION_IMPLS = ("gqa", "standard")
+
+
+def lower_to_onnx(program, folder: Path, attention_impl: str = "gqa") -> dict:
+    """Write ``folder/model.onnx`` (+ external data when large); return the IO description for the manifest.
+
+    ``attention_impl`` picks the lowering of fused attention (see attention.py); graphs without it are unaffected.
+    """
+    from .attention import translation_table
+
+    if attention_impl not in ATTENTION_IMPLS:
+        raise AgentOptError(f"attention implementation '{attention_impl}' is not available for onnxruntime; "
+                            f"choose one of: {', '.join(ATTENTION_IMPLS)}")
+    fused = sum(1 for n in program.exported.graph.nodes if str(n.target) == "agentopt.cached_attention.default")
+    onnx_program = export_onnx(program, translation_table(attention_impl))
     caches = lift_cache_mutations(onnx_program)
     graph = onnx_program.model.graph
     user_outputs = [v for v in graph.outputs if not v.name.startswith("present.")]
     if len(user_outputs) != 1:
         raise AgentOptError(f"internal: expected one logits output, found {[v.name for v in user_outputs]}")
     user_outputs[0].name = "logits"
+    trim_unused_trailing_outputs(graph)
     onnx_program.optimize()
     weight_bytes = sum(p.numel() * p.element_size() for p in program.exported.state_dict.values())
     onnx_program.save(str(folder / GRAPH_FILE), external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD)
@@ -141,4 +172,7 @@ def lower_to_onnx(program, folder: Path, custom_translation_table=None) -> dict:
         "outputs": [v.name for v in graph.outputs],
         "logits": "logits",
         "caches": caches,
+        "attention": {"fused_layers": fused, "impl": attention_impl if fused else "unfused"},
+        # fused lowerings write new rows into the cache tensor they read, so past and present can share one buffer
+        "cache_update": "in_place" if fused else "copy",
     }

@@ -16,7 +16,7 @@ from ...errors import EngineError, ProviderUnavailableError
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
-def create_inference_session(model_path: Path, device: str, threads: int | None = None):
+def create_inference_session(model_path: Path, device: str, threads: int | None = None, optimize: bool = True):
     """An InferenceSession that really runs on ``device``, or a ProviderUnavailableError (ORT itself only warns
     and falls back to CPU)."""
     import onnxruntime as ort
@@ -35,6 +35,8 @@ def create_inference_session(model_path: Path, device: str, threads: int | None 
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not optimize:  # tests check our own rewrites with ORT's fusions off, so ORT cannot hide a missed fusion
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3  # errors only: ORT's per-node placement warnings are noise for users
     providers = [provider] if device == "cpu" else [provider, "CPUExecutionProvider"]
     try:
@@ -51,24 +53,63 @@ def create_inference_session(model_path: Path, device: str, threads: int | None 
 
 
 class OrtSession:
-    def __init__(self, folder: Path, engine: dict, device: str = "cpu", threads: int | None = None):
-        self.session = create_inference_session(folder / engine["graph"], device, threads)
+    """Session protocol over an ORT InferenceSession.
+
+    ``cache_update == "in_place"`` (fused attention): zero-copy decode. Each layer cache is one buffer bound as both
+    ``past.*`` input and ``present.*`` output through IO binding, so the kernel writes new rows into the memory it
+    reads; logits go into a preallocated buffer; per call only ``input_ids`` and ``positions`` are bound.
+    ``"copy"`` (unfused graphs): caches are fed as numpy arrays and replaced by the returned presents.
+    """
+
+    def __init__(self, folder: Path, engine: dict, device: str = "cpu", threads: int | None = None,
+                 optimize: bool = True):
+        import onnxruntime as ort
+
+        self.session = create_inference_session(folder / engine["graph"], device, threads, optimize)
         self.device = device
         self.caches_spec = engine["caches"]
         self.capacity = int(engine["context_length"])
         self.batch_size = int(engine["batch_size"])
+        self.in_place = engine.get("cache_update") == "in_place"
         self._output_names = [o.name for o in self.session.get_outputs()]
-        self._caches = {c["input"]: np.zeros(c["shape"], dtype=np.float32) for c in self.caches_spec}
         self._present_to_past = {c["output"]: c["input"] for c in self.caches_spec}
+        self._caches = {c["input"]: np.zeros(c["shape"], dtype=np.float32) for c in self.caches_spec}
+        if self.in_place:
+            if device != "cpu":
+                raise ProviderUnavailableError(f"in-place caches on device '{device}' are not implemented yet; "
+                                               "use --device cpu")
+            vocab = next(o.shape[-1] for o in self.session.get_outputs() if o.name == engine["logits"])
+            self._logits = np.zeros((self.batch_size, 1, vocab), dtype=np.float32)
+            self._binding = self.session.io_binding()
+            # OrtValues that wrap the numpy buffers (no copy): the kernels read and write this memory directly
+            self._cache_values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in self._caches.items()}
+            for spec in self.caches_spec:
+                value = self._cache_values[spec["input"]]
+                self._binding.bind_ortvalue_input(spec["input"], value)
+                self._binding.bind_ortvalue_output(spec["output"], value)
+            self._logits_value = ort.OrtValue.ortvalue_from_numpy(self._logits)
+            self._binding.bind_ortvalue_output(engine["logits"], self._logits_value)
 
     def reset(self) -> None:
+        """Forget the cached tokens. (Stale rows are never attended to, since positions mask them, but a clean
+        cache keeps runs reproducible bit for bit.)"""
         for cache in self._caches.values():
             cache.fill(0.0)
 
+    def cache_addresses(self) -> dict[str, int]:
+        """Memory address of each cache buffer (tests check they stay put and that presents alias them)."""
+        return {name: array.ctypes.data for name, array in self._caches.items()}
+
     def run(self, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Feed new tokens at ``positions``; the caches advance; returns last-token logits (B, 1, V)."""
-        feeds = {"input_ids": input_ids.astype(np.int64, copy=False),
-                 "positions": positions.astype(np.int64, copy=False), **self._caches}
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        positions = np.ascontiguousarray(positions, dtype=np.int64)
+        if self.in_place:
+            self._binding.bind_cpu_input("input_ids", input_ids)
+            self._binding.bind_cpu_input("positions", positions)
+            self.session.run_with_iobinding(self._binding)
+            return self._logits.copy()  # the buffer is overwritten by the next call
+        feeds = {"input_ids": input_ids, "positions": positions, **self._caches}
         outputs = self.session.run(self._output_names, feeds)
         logits = None
         for name, value in zip(self._output_names, outputs):

@@ -1,0 +1,102 @@
+"""Lowerings of ``agentopt::cached_attention`` to ONNX, selected by ``attention_impl``.
+
+``gqa`` (default): ORT's ``com.microsoft.GroupQueryAttention``
+    GroupQueryAttention(q, k, v, past_key, past_value, seqlens_k, total_len, cos[:, :D/2], sin[:, :D/2])
+        -> out, present_key, present_value
+    The caches keep their capacity T (present has past's shape), the new rows are written at
+    [pos0, pos0 + S), RoPE is applied inside (``do_rotary``), and a sliding window is ``local_window_size=W``
+    (W keys including the query: the same convention as our op). Bound to one buffer as past and present, the
+    cache is updated in place; attention work grows with the tokens cached, not with T.
+
+``standard``: standard ONNX only (opset 23), for execution providers without Microsoft contrib ops and for TensorRT
+    q4 = Transpose(Reshape(q)) ; RoPE with Gather(cos, pos) + Split/Neg/Concat
+    new_cache = ScatterND(cache, indices[b, h, s] = (b, h, pos[s]), k4)    # no full-cache transposes
+    out = Attention(q4, new_k, new_v, mask[s, t] = t <= pos[s] (& t > pos[s] - W))
+    It is exact but attends over all T slots each step (masked), so it is O(T) per step on ORT CPU.
+"""
+
+from __future__ import annotations
+
+import onnxscript
+from onnxscript import opset23 as op
+
+from .contrib_schemas import register_ort_contrib_schema
+
+INT32 = 6  # onnx.TensorProto.INT32
+_INT64_MAX = 2**63 - 1
+msft = onnxscript.values.Opset("com.microsoft", 1)
+
+
+def _static_dim(value, axis: int) -> int:
+    dim = value.shape[axis]
+    if not isinstance(dim, int):
+        raise ValueError(f"dimension {axis} of {value.name} must be static, got {dim}")
+    return dim
+
+
+def cached_attention_to_gqa(q, k, v, k_cache, v_cache, positions, cos=None, sin=None, num_heads=1, kv_num_heads=1,
+                            window=-1, scale=0.0, rotary=False):
+    head_dim = _static_dim(k_cache, 3)
+    last = op.Slice(positions, [-1], [_INT64_MAX])  # (1,) position of the last new token
+    batch = op.Shape(q, start=0, end=1)  # (1,)
+    seqlens_k = op.Cast(op.Expand(last, batch), to=INT32)  # (B,) int32: tokens in the cache after this call, minus 1
+    total = op.Cast(op.Squeeze(op.Add(last, [1])), to=INT32)  # () int32
+    cos_half = op.Slice(cos, [0], [head_dim // 2], [1]) if rotary else None  # (L, D/2): GQA's half layout
+    sin_half = op.Slice(sin, [0], [head_dim // 2], [1]) if rotary else None
+    attributes = {"num_heads": num_heads, "kv_num_heads": kv_num_heads, "local_window_size": window if window > 0
+                  else -1, "do_rotary": int(rotary), "rotary_interleaved": 0}
+    if scale:
+        attributes["scale"] = scale
+    # the tracer materializes all four schema outputs; the unused output_qk is trimmed after export
+    outputs = msft.GroupQueryAttention(q, k, v, k_cache, v_cache, seqlens_k, total, cos_half, sin_half,
+                                       **attributes)
+    return outputs[0], outputs[1], outputs[2]
+
+
+def _rotate(x4, cos_rows, sin_rows):
+    # x * cos + cat(-x2, x1) * sin, x4 (B, H, S, D), rows (S, D)
+    x1, x2 = op.Split(x4, axis=-1, num_outputs=2)
+    return op.Add(op.Mul(x4, cos_rows), op.Mul(op.Concat(op.Neg(x2), x1, axis=-1), sin_rows))
+
+
+def _scatter_indices(cache, new4, positions):
+    """(B, H, S, 3) int64 indices (b, h, pos[s]) for ScatterND into a (B, H, T, D) cache."""
+    shape = op.Shape(new4, start=0, end=3)  # (B, H, S)
+    b = op.Expand(op.Unsqueeze(op.Range(0, op.Squeeze(op.Shape(new4, start=0, end=1)), 1), [1, 2]), shape)
+    h = op.Expand(op.Unsqueeze(op.Range(0, op.Squeeze(op.Shape(new4, start=1, end=2)), 1), [0, 2]), shape)
+    p = op.Expand(op.Unsqueeze(positions, [0, 1]), shape)
+    return op.Concat(op.Unsqueeze(b, [3]), op.Unsqueeze(h, [3]), op.Unsqueeze(p, [3]), axis=3)
+
+
+def cached_attention_to_standard(q, k, v, k_cache, v_cache, positions, cos=None, sin=None, num_heads=1,
+                                 kv_num_heads=1, window=-1, scale=0.0, rotary=False):
+    head_dim, capacity = _static_dim(k_cache, 3), _static_dim(k_cache, 2)
+    q4 = op.Transpose(op.Reshape(q, [0, 0, num_heads, head_dim]), perm=[0, 2, 1, 3])  # (B, Hq, S, D)
+    k4 = op.Transpose(op.Reshape(k, [0, 0, kv_num_heads, head_dim]), perm=[0, 2, 1, 3])  # (B, Hkv, S, D)
+    v4 = op.Transpose(op.Reshape(v, [0, 0, kv_num_heads, head_dim]), perm=[0, 2, 1, 3])
+    if rotary:
+        cos_rows, sin_rows = op.Gather(cos, positions, axis=0), op.Gather(sin, positions, axis=0)  # (S, D)
+        q4, k4 = _rotate(q4, cos_rows, sin_rows), _rotate(k4, cos_rows, sin_rows)
+    indices = _scatter_indices(k_cache, k4, positions)
+    new_k = op.ScatterND(k_cache, indices, k4)
+    new_v = op.ScatterND(v_cache, indices, v4)
+    keys = op.Unsqueeze(op.Range(0, capacity, 1), [0])  # (1, T)
+    queries = op.Unsqueeze(positions, [1])  # (S, 1)
+    mask = op.LessOrEqual(keys, queries)  # (S, T)
+    if window > 0:
+        mask = op.And(mask, op.Greater(keys, op.Sub(queries, window)))
+    attributes = {"scale": scale} if scale else {}
+    out4 = op.Attention(q4, new_k, new_v, mask, **attributes)[0]  # (B, Hq, S, D); GQA from the head counts
+    out = op.Reshape(op.Transpose(out4, perm=[0, 2, 1, 3]), [0, 0, num_heads * head_dim])
+    return out, new_k, new_v
+
+
+def translation_table(attention_impl: str) -> dict:
+    import torch
+
+    from ...capture import custom_ops  # noqa: F401  (registers the op)
+
+    if attention_impl == "gqa":
+        register_ort_contrib_schema("GroupQueryAttention")
+        return {torch.ops.agentopt.cached_attention.default: cached_attention_to_gqa}
+    return {torch.ops.agentopt.cached_attention.default: cached_attention_to_standard}

@@ -1,0 +1,91 @@
+"""Both lowerings of the fused attention op, run by ORT with its own graph optimizations off (so ORT cannot hide a
+missed fusion), against the eager reference: prefill in chunks, then 32 decode steps; and the zero-copy decode."""
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from agentopt_compiler.backends.onnxruntime.lower import lower_to_onnx
+from agentopt_compiler.backends.onnxruntime.session import OrtSession
+from agentopt_compiler.capture.export import capture
+from agentopt_compiler.models.config import ModelConfig
+from agentopt_compiler.models.registry import build_model, load_model
+from agentopt_compiler.passes.pipeline import default_pipeline
+
+CONTEXT = 64
+MISTRAL = ModelConfig(family="mistral", vocab_size=200, hidden_size=64, intermediate_size=96, num_layers=2,
+                      num_heads=4, num_kv_heads=2, max_position_embeddings=128, sliding_window=8)
+
+
+def _model(name):
+    return build_model(MISTRAL, seed=5) if name == "window-8" else load_model("tiny-random").model
+
+
+def _lower(model, folder, impl):
+    program, _ = default_pipeline().run(capture(model, CONTEXT))
+    section = lower_to_onnx(program, folder, attention_impl=impl)
+    session = OrtSession(folder, {**section, "context_length": CONTEXT, "batch_size": 1}, optimize=False)
+    graph = onnx.load(str(folder / section["graph"])).graph
+    return section, session, graph
+
+
+@pytest.mark.parametrize("impl", ["gqa", "standard"])
+@pytest.mark.parametrize("model_name", ["tiny-random", "window-8"])
+def test_lowering_matches_eager_over_chunked_prefill_and_32_decode_steps(impl, model_name, tmp_path):
+    section, session, graph = _lower(_model(model_name), tmp_path, impl)
+    ops = Counter(n.op_type for n in graph.node)
+    if impl == "gqa":
+        assert ops["GroupQueryAttention"] == 2 and ops["ScatterND"] == 0 and ops["Transpose"] == 0
+    else:
+        assert ops["Attention"] == 2 and ops["ScatterND"] == 4
+        assert not [n for n in graph.node if n.domain == "com.microsoft"]
+        cache_inputs = {c["input"] for c in section["caches"]}
+        assert not [n for n in graph.node if n.op_type == "Transpose" and set(n.input) & cache_inputs]
+    reference = _model(model_name)
+    reference.setup_cache(1, CONTEXT)
+    reference.last_logits_only = True
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(0, 200, size=(1, 14))
+    worst, position = 0.0, 0
+    with torch.no_grad():
+        for chunk in (prompt[:, :5], prompt[:, 5:6], prompt[:, 6:14]):  # the prompt fed in pieces
+            positions = np.arange(position, position + chunk.shape[1])
+            expected = reference(torch.from_numpy(chunk), torch.from_numpy(positions)).numpy()
+            logits = session.run(chunk, positions)
+            worst = max(worst, float(np.abs(logits - expected).max()))
+            position += chunk.shape[1]
+        for _ in range(32):
+            token = np.array([[int(expected[0, -1].argmax())]])
+            expected = reference(torch.from_numpy(token), torch.tensor([position])).numpy()
+            logits = session.run(token, np.array([position]))
+            worst = max(worst, float(np.abs(logits - expected).max()))
+            position += 1
+    assert worst <= 1e-4
+
+
+def test_window_survives_lowering(tmp_path):
+    section, _, graph = _lower(_model("window-8"), tmp_path, "gqa")
+    windows = [a.i for n in graph.node if n.op_type == "GroupQueryAttention" for a in n.attribute
+               if a.name == "local_window_size"]
+    assert windows == [8, 8]
+
+
+def test_decode_is_zero_copy_and_greedy_tokens_equal_eager(tmp_path, tiny_engine_dir):
+    from agentopt_compiler.runtime.engine import load_engine
+    from tests.conftest import TINY_CONTEXT, eager_greedy
+
+    engine = load_engine(tiny_engine_dir)
+    session = engine.session
+    assert session.in_place
+    before = session.cache_addresses()
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    tokens = engine.generate_ids(prompt, max_new_tokens=33, ignore_eos=True)
+    assert session.cache_addresses() == before  # the same buffers throughout
+    # the presents were written into the past buffers: rows 0..len-1 are filled, the rest untouched
+    key = session._caches["past.0.key"]
+    filled = np.abs(key[0, 0]).sum(axis=-1) > 0
+    assert filled[: len(prompt) + 32].all() and not filled[len(prompt) + 32:].any()
+    assert tokens == eager_greedy(load_model("tiny-random").model, prompt, 33, TINY_CONTEXT)
