@@ -12,13 +12,38 @@ from pathlib import Path
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>")
 EOS_TOKEN = "<|im_end|>"
 
-# ChatML with Hermes-style tool calls, rendered by jinja2 in the runtime.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+# ChatML with Hermes/Qwen-style tools: schemas in the system turn, calls as <tool_call>{json}</tool_call>, results as
+# "tool" turns. Rendered by jinja2 in the runtime (runtime/chat.py); tool-call arguments arrive as JSON objects.
+CHAT_TEMPLATE = """\
+{%- if tools or messages[0].role == 'system' -%}
+<|im_start|>system
+{% if messages[0].role == 'system' %}{{ messages[0].content }}{% endif %}
+{%- if tools %}{% if messages[0].role == 'system' %}
+
+{% endif %}# Tools
+Call a tool by answering with <tool_call>{"name": <tool name>, "arguments": <JSON object>}</tool_call>.
+<tools>
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}</tools>
+{%- endif %}<|im_end|>
+{% endif -%}
+{%- for message in messages -%}
+{%- if message.role == 'system' -%}
+{%- if not loop.first %}{{ raise_exception('a system message must come first') }}{% endif -%}
+{%- elif message.role == 'assistant' -%}
+<|im_start|>assistant
+{{ message.content or '' }}
+{%- for call in message.tool_calls or [] -%}
+<tool_call>{"name": {{ call.function.name | tojson }}, "arguments": {{ call.function.arguments | tojson }}}</tool_call>
+{%- endfor %}<|im_end|>
+{% else -%}
+<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif -%}
+"""
 
 
 def byte_level_vocab() -> dict[str, int]:

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
 
 from ..backends import get_backend
-from ..errors import AgentOptError, ContextOverflowError, EngineError
+from ..errors import AgentOptError, EngineError
+from .conversation import Conversation
 from .manifest import read_manifest
-from .sampling import sample
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 
@@ -57,6 +56,7 @@ class Engine:
     def __init__(self, folder: Path, manifest: dict, session, tokenizer: Tokenizer | None):
         self.folder, self.manifest, self.session, self.tokenizer = folder, manifest, session, tokenizer
         self.compile_report = None  # set by compile()
+        self._kv_owner = None  # the Conversation whose tokens are in the session's cache
 
     @property
     def context_length(self) -> int:
@@ -78,36 +78,17 @@ class Engine:
         return [int(t) for t in prompt]
 
     # -- generation -------------------------------------------------------------------------------------------
+    def conversation(self, prefix_cache=None) -> Conversation:
+        """A conversation that keeps its KV cache between turns (see conversation.py)."""
+        return Conversation(self, prefix_cache)
+
     def stream_ids(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Iterator[int]:
-        """Yield new token ids one at a time; the generator's return value is the finish reason."""
-        ids = list(prompt_ids)
-        capacity = self.context_length
-        if not ids:
-            raise AgentOptError("the prompt is empty; give at least one token")
-        if len(ids) >= capacity:
-            raise ContextOverflowError(f"the prompt has {len(ids)} tokens but the engine's context holds "
-                                       f"{capacity} (prompt plus at least one new token); shorten the prompt or "
-                                       f"recompile with a larger --context-length")
-        stops = set() if config.ignore_eos else set(
-            config.stop_token_ids if config.stop_token_ids is not None else self.eos_token_ids)
-        rng = np.random.default_rng(config.seed)
+        """One-shot generation from a clean cache: yield new token ids; the return value is the finish reason."""
+        conversation = Conversation(self)
+        conversation._activate()  # saves the cache of any conversation that owned it
         self.session.reset()
-        batch = self.session.batch_size
-        logits = self.session.run(np.array([ids] * batch, dtype=np.int64), np.arange(len(ids), dtype=np.int64))
-        length = len(ids)
-        for step in range(config.max_new_tokens):
-            token = sample(logits[0, -1], rng, config.temperature, config.top_k, config.top_p)
-            if token in stops:
-                return "stop"
-            yield token
-            if step + 1 == config.max_new_tokens:
-                return "length"
-            if length >= capacity:
-                return "context"
-            logits = self.session.run(np.full((batch, 1), token, dtype=np.int64),
-                                      np.array([length], dtype=np.int64))
-            length += 1
-        return "length"
+        logits = conversation.prefill_to(list(prompt_ids))
+        return (yield from conversation.generate(logits, config))
 
     def stream_events(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Iterator[tuple[int, str]]:
         """Yield (token id, text delta) pairs, cutting the text at the first stop string; returns the finish reason."""

@@ -96,6 +96,15 @@ class OrtSession:
         for cache in self._caches.values():
             cache.fill(0.0)
 
+    def read_cache(self, length: int) -> dict[str, np.ndarray]:
+        """Copies of rows [0, length) of every cache: (B, Hkv, length, D) each."""
+        return {name: array[:, :, :length].copy() for name, array in self._caches.items()}
+
+    def write_cache(self, rows: dict[str, np.ndarray]) -> None:
+        """Put rows saved by ``read_cache`` back at [0, length)."""
+        for name, value in rows.items():
+            self._caches[name][:, :, :value.shape[2]] = value
+
     def cache_addresses(self) -> dict[str, int]:
         """Memory address of each cache buffer (tests check they stay put and that presents alias them)."""
         return {name: array.ctypes.data for name, array in self._caches.items()}

@@ -1,0 +1,209 @@
+"""Tools for agents: JSON schemas from plain Python functions, tool-call parsing, and running calls safely.
+
+    def get_weather(city: str, unit: str = "C") -> str:
+        '''Current weather in a city.
+
+        Args:
+            city: the city name
+            unit: C or F
+        '''
+    tool = Tool.from_function(get_weather)     # name, description, JSON schema (required: city)
+    calls = parse_tool_calls('<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>')
+    result = run_tool_call(calls[0], {"get_weather": tool}, timeout_s=10)   # never raises
+
+Malformed calls, unknown tools, bad arguments, exceptions and timeouts all become ``ToolResult(error=...)`` whose
+text is fed back to the model as the observation, so an agent loop never crashes on them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import inspect
+import json
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+_JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", dict: "object", list: "array"}
+
+
+def _json_type(annotation) -> dict[str, Any]:
+    origin = typing.get_origin(annotation)
+    if annotation in _JSON_TYPES:
+        return {"type": _JSON_TYPES[annotation]}
+    if origin in (list, tuple):
+        args = typing.get_args(annotation)
+        return {"type": "array", **({"items": _json_type(args[0])} if args else {})}
+    if origin is dict:
+        return {"type": "object"}
+    if origin is typing.Literal:
+        return {"enum": list(typing.get_args(annotation))}
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", ())):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _json_type(options[0]) if len(options) == 1 else {"anyOf": [_json_type(a) for a in options]}
+    return {}
+
+
+def _docstring_parts(doc: str) -> tuple[str, dict[str, str]]:
+    """Summary and per-argument descriptions from a Google-style ``Args:`` section."""
+    lines = inspect.cleandoc(doc or "").splitlines()
+    summary, params, in_args = [], {}, False
+    for line in lines:
+        stripped = line.strip()
+        if stripped.lower() in ("args:", "arguments:", "parameters:"):
+            in_args = True
+            continue
+        if in_args:
+            match = re.match(r"(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)", stripped)
+            if match:
+                params[match.group(1)] = match.group(2)
+            elif stripped.endswith(":"):
+                in_args = False
+        elif stripped and not params:
+            summary.append(stripped)
+    return " ".join(summary), params
+
+
+@dataclass
+class Tool:
+    name: str
+    description: str
+    parameters: dict[str, Any]  # JSON schema of the arguments object
+    function: Callable[..., Any]
+
+    @classmethod
+    def from_function(cls, function: Callable[..., Any], name: str | None = None) -> "Tool":
+        signature = inspect.signature(function)
+        hints = typing.get_type_hints(function)
+        summary, described = _docstring_parts(function.__doc__ or "")
+        properties, required = {}, []
+        for pname, param in signature.parameters.items():
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            schema = _json_type(hints.get(pname, str))
+            if pname in described:
+                schema["description"] = described[pname]
+            if param.default is inspect.Parameter.empty:
+                required.append(pname)
+            else:
+                schema["default"] = param.default
+            properties[pname] = schema
+        parameters = {"type": "object", "properties": properties, "required": required}
+        return cls(name or function.__name__, summary or function.__name__, parameters, function)
+
+    def schema(self) -> dict[str, Any]:
+        """OpenAI-style tool entry: {"type": "function", "function": {name, description, parameters}}."""
+        return {"type": "function", "function": {"name": self.name, "description": self.description,
+                                                 "parameters": self.parameters}}
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: dict[str, Any]
+    id: str = ""
+
+
+@dataclass
+class ParsedOutput:
+    content: str  # text outside the tool calls
+    calls: list[ToolCall] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # malformed calls, described for the model
+
+
+_TAGGED = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
+
+
+def parse_tool_calls(text: str) -> ParsedOutput:
+    """Find tool calls in model output: Hermes/Qwen ``<tool_call>{json}</tool_call>`` blocks, or a bare JSON object
+    (or list of them) of the form {"name": ..., "arguments": {...}} / {"function": {"name", "arguments"}}."""
+    calls, errors = [], []
+    if "<tool_call>" in text:
+        for block in _TAGGED.findall(text):
+            _parse_call_json(block.strip(), calls, errors)
+        content = _TAGGED.sub("", text).strip()
+        return ParsedOutput(content, calls, errors)
+    stripped = text.strip()
+    if stripped.startswith(("{", "[")):
+        try:
+            data = json.loads(stripped)
+        except json.JSONDecodeError:
+            return ParsedOutput(text)
+        items = data if isinstance(data, list) else [data]
+        if items and all(isinstance(i, dict) and ("name" in i or "function" in i) for i in items):
+            for item in items:
+                _parse_call_json(json.dumps(item), calls, errors)
+            return ParsedOutput("", calls, errors)
+    return ParsedOutput(text)
+
+
+def _parse_call_json(raw: str, calls: list[ToolCall], errors: list[str]) -> None:
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        errors.append(f"malformed tool call (invalid JSON: {exc.msg} at position {exc.pos}): {raw[:200]}")
+        return
+    if isinstance(data, dict) and isinstance(data.get("function"), dict):
+        data = {**data["function"], "id": data.get("id", "")}
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        errors.append(f"malformed tool call (expected {{\"name\": ..., \"arguments\": {{...}}}}): {raw[:200]}")
+        return
+    arguments = data.get("arguments", data.get("parameters", {}))
+    if isinstance(arguments, str):  # OpenAI sends arguments as a JSON string
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError:
+            errors.append(f"malformed tool call: arguments of {data['name']} are not valid JSON")
+            return
+    if not isinstance(arguments, dict):
+        errors.append(f"malformed tool call: arguments of {data['name']} must be an object")
+        return
+    calls.append(ToolCall(data["name"], arguments, str(data.get("id", ""))))
+
+
+@dataclass
+class ToolResult:
+    call: ToolCall | None
+    output: str = ""
+    error: str | None = None
+
+    @property
+    def text(self) -> str:
+        """What the model sees as the observation."""
+        return f"error: {self.error}" if self.error else self.output
+
+
+def _check_arguments(tool: Tool, arguments: dict[str, Any]) -> str | None:
+    schema = tool.parameters
+    missing = [r for r in schema.get("required", []) if r not in arguments]
+    if missing:
+        return f"{tool.name} is missing required argument(s): {', '.join(missing)}"
+    unknown = [a for a in arguments if a not in schema.get("properties", {})]
+    if unknown:
+        return (f"{tool.name} got unknown argument(s): {', '.join(unknown)}; it takes: "
+                f"{', '.join(schema.get('properties', {})) or 'none'}")
+    return None
+
+
+_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="agentopt-tool")
+
+
+def run_tool_call(call: ToolCall, tools: dict[str, Tool], timeout_s: float = 30.0) -> ToolResult:
+    """Run one call; every failure becomes an error result the model can react to."""
+    tool = tools.get(call.name)
+    if tool is None:
+        return ToolResult(call, error=f"unknown tool '{call.name}'; available tools: {', '.join(tools) or 'none'}")
+    problem = _check_arguments(tool, call.arguments)
+    if problem:
+        return ToolResult(call, error=problem)
+    future = _POOL.submit(tool.function, **call.arguments)
+    try:
+        value = future.result(timeout=timeout_s)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        return ToolResult(call, error=f"{call.name} timed out after {timeout_s:g}s")
+    except Exception as exc:  # the tool's own failure is an observation, not a crash
+        return ToolResult(call, error=f"{call.name} raised {type(exc).__name__}: {exc}")
+    output = value if isinstance(value, str) else json.dumps(value, default=str)
+    return ToolResult(call, output=output)
