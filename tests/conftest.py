@@ -44,3 +44,12 @@ def tiny_model():
     from agentopt_compiler.models.registry import load_model
 
     return load_model("tiny-random").model
+
+
+@pytest.fixture(scope="session")
+def chat_engine(tmp_path_factory):
+    """tiny-random with room for chat prompts: its byte-level tokenizer makes a system turn with tool schemas
+    several hundred tokens long."""
+    import agentopt_compiler as ao
+
+    return ao.compile("tiny-random", out=tmp_path_factory.mktemp("engines") / "chat", context_length=2048)

@@ -1,0 +1,152 @@
+"""The agent loop on a compiled engine: render the conversation with the engine's chat template, generate, parse
+tool calls, run the tools, feed the observations back, until a final answer or the step limit.
+
+    agent = Agent(engine, tools=[calculator, convert_units], system="You are a careful assistant.")
+    result = agent.run("What is 17 * 23 in miles if it were km?", on_event=print)
+    result.answer, result.steps, result.usage
+
+Each turn reuses the conversation's KV cache: only tokens not already cached are prefilled (the observation and the
+template's turn markers). With a shared ``PrefixCache``, a new agent over the same system prompt and tools starts
+from the cached KV of that prefix. Tool failures of any kind (malformed call, unknown tool, bad arguments, exception,
+timeout) become observations the model sees; the loop itself does not raise on them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .chat import render_chat
+from .engine import GenerationConfig, _merge
+from .tokenizer import IncrementalDecoder
+from .tools import Tool, ToolCall, parse_tool_calls, run_tool_call
+
+TOOL_CALL_END = "</tool_call>"
+
+
+@dataclass
+class AgentStep:
+    text: str  # the model's raw output for this step
+    calls: list[ToolCall]
+    observations: list[str]
+
+
+@dataclass
+class AgentResult:
+    answer: str | None  # the final answer, or None if the step limit was reached
+    finish_reason: str  # "answer", "step_limit" or "context"
+    steps: list[AgentStep] = field(default_factory=list)
+    usage: dict[str, int] = field(default_factory=dict)
+
+
+class Agent:
+    def __init__(self, engine, tools: list[Callable[..., Any] | Tool] = (), system: str | None = None,
+                 max_steps: int = 6, tool_timeout_s: float = 30.0, generation: GenerationConfig | None = None,
+                 prefix_cache=None):
+        self.engine = engine
+        self.tools = {t.name: t for t in (t if isinstance(t, Tool) else Tool.from_function(t) for t in tools)}
+        self.max_steps, self.tool_timeout_s = max_steps, tool_timeout_s
+        self.generation = generation or GenerationConfig(max_new_tokens=256)
+        self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+        self.conversation = engine.conversation(prefix_cache)
+        self._prefix_remembered = False
+
+    def _prompt_ids(self) -> list[int]:
+        text = render_chat(self.engine.tokenizer, self.messages, [t.schema() for t in self.tools.values()],
+                           add_generation_prompt=True)
+        return self.engine.tokenizer.encode(text, add_special_tokens=False)
+
+    def _remember_system_prefix(self) -> None:
+        """Share the KV of the system prompt + tool schemas with later agents (once per agent)."""
+        if self._prefix_remembered or self.conversation.prefix_cache is None:
+            return
+        self._prefix_remembered = True
+        head_messages = [m for m in self.messages[:1] if m["role"] == "system"]
+        if not head_messages and not self.tools:
+            return
+        head = render_chat(self.engine.tokenizer, head_messages or [{"role": "system", "content": ""}],
+                           [t.schema() for t in self.tools.values()], add_generation_prompt=False)
+        head_ids = self.engine.tokenizer.encode(head, add_special_tokens=False)
+        if self.conversation.tokens[:len(head_ids)] == head_ids:  # the template renders the head as a prefix
+            self.conversation.remember_prefix(len(head_ids))
+
+    def run(self, task: str, on_event: Callable[[dict], None] | None = None, **generation) -> AgentResult:
+        emit = on_event or (lambda _event: None)
+        config = _merge(self.generation, generation)
+        stops = tuple(config.stop_strings) + (TOOL_CALL_END,)
+        config = _merge(config, {"stop_strings": stops})
+        self.messages.append({"role": "user", "content": task})
+        result = AgentResult(None, "step_limit")
+        start_prefilled, start_reused = self.conversation.prefilled_tokens, self.conversation.reused_tokens
+        generated = 0
+        for _ in range(self.max_steps):
+            logits = self.conversation.prefill_to(self._prompt_ids())
+            self._remember_system_prefix()
+            text, reason, count = self._generate(logits, config, emit)
+            generated += count
+            if reason == "stop_string":
+                text += TOOL_CALL_END  # the stop string is the end of a call: keep it for parsing
+            parsed = parse_tool_calls(text)
+            if not parsed.calls and not parsed.errors:
+                self.messages.append({"role": "assistant", "content": text})
+                result.answer, result.finish_reason = text.strip(), "answer" if reason != "context" else "context"
+                result.steps.append(AgentStep(text, [], []))
+                emit({"type": "final", "text": text.strip()})
+                break
+            self.messages.append({"role": "assistant", "content": parsed.content, "tool_calls": [
+                {"id": f"call_{len(self.messages)}_{i}", "type": "function",
+                 "function": {"name": c.name, "arguments": c.arguments}} for i, c in enumerate(parsed.calls)]})
+            observations = []
+            for error in parsed.errors:
+                emit({"type": "tool_error", "error": error})
+                observations.append(f"error: {error}")
+            for call in parsed.calls:
+                emit({"type": "tool_call", "name": call.name, "arguments": call.arguments})
+                outcome = run_tool_call(call, self.tools, self.tool_timeout_s)
+                emit({"type": "tool_result", "name": call.name, "output": outcome.output, "error": outcome.error})
+                observations.append(outcome.text)
+            for observation in observations:
+                self.messages.append({"role": "tool", "content": observation})
+            result.steps.append(AgentStep(text, parsed.calls, observations))
+            if reason == "context":
+                result.finish_reason = "context"
+                break
+        result.usage = {"prefilled_tokens": self.conversation.prefilled_tokens - start_prefilled,
+                        "reused_tokens": self.conversation.reused_tokens - start_reused,
+                        "generated_tokens": generated}
+        return result
+
+    def _generate(self, logits, config: GenerationConfig, emit) -> tuple[str, str, int]:
+        """Generate one assistant message; returns (text, reason, tokens) with reason in stop / stop_string /
+        length / context."""
+        decoder = IncrementalDecoder(self.engine.tokenizer)
+        tokens = self.conversation.generate(logits, config)
+        count, emitted = 0, 0
+        while True:
+            try:
+                token = next(tokens)
+            except StopIteration as stop:
+                return decoder.text, stop.value or "length", count
+            count += 1
+            decoder.push(token)
+            hit = min((decoder.text.find(s) for s in config.stop_strings if s in decoder.text), default=-1)
+            end = hit if hit >= 0 else len(decoder.text)
+            if end > emitted:
+                emit({"type": "token", "text": decoder.text[emitted:end]})
+                emitted = end
+            if hit >= 0:
+                tokens.close()
+                return decoder.text[:hit], "stop_string", count
+
+
+def describe_event(event: dict) -> str:
+    """A one-line, human-readable form of an agent event (for the CLI)."""
+    kind = event["type"]
+    if kind == "tool_call":
+        return f"\n→ {event['name']}({json.dumps(event['arguments'], ensure_ascii=False)})"
+    if kind == "tool_result":
+        return f"← {'error: ' + event['error'] if event['error'] else event['output']}"
+    if kind == "tool_error":
+        return f"← error: {event['error']}"
+    return event.get("text", "")

@@ -1,0 +1,89 @@
+"""The agent loop over a real engine (prefill, KV reuse, template, tools), with the *model's text* scripted: a model
+with random weights never writes a tool call, so these tests script what the model says and check what the loop does
+with it. End-to-end behaviour with a trained model is measured by ``agentopt eval``."""
+
+import pytest
+
+from agentopt_compiler.runtime.agent import Agent
+from agentopt_compiler.runtime.prefix_cache import PrefixCache
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: first
+        b: second
+    """
+    return a + b
+
+
+def explode() -> str:
+    """Fails."""
+    raise RuntimeError("kaboom")
+
+
+@pytest.fixture()
+def scripted(monkeypatch):
+    def script(agent, outputs):
+        replies = iter(outputs)
+        seen_prompts = []
+
+        def fake_generate(logits, config, emit):
+            seen_prompts.append(list(agent.conversation.tokens))
+            # one real decode step, so the cache bookkeeping is exercised; then the scripted text
+            Agent._generate(agent, logits, config.__class__(**{**config.__dict__, "max_new_tokens": 1}), emit)
+            text = next(replies)
+            return text, "stop_string" if text.endswith("}") else "stop", 1
+
+        monkeypatch.setattr(agent, "_generate", fake_generate)
+        return seen_prompts
+    return script
+
+
+def test_tool_call_observation_answer(chat_engine, scripted):
+    agent = Agent(chat_engine, tools=[add, explode], system="You add numbers.")
+    prompts = scripted(agent, ['<tool_call>{"name": "add", "arguments": {"a": 2, "b": 40}}', "The sum is 42."])
+    events = []
+    result = agent.run("What is 2 + 40?", on_event=events.append)
+    assert result.answer == "The sum is 42." and result.finish_reason == "answer"
+    assert [e["type"] for e in events if e["type"] != "token"] == ["tool_call", "tool_result", "final"]
+    assert result.steps[0].observations == ["42"]
+    assert agent.messages[-2] == {"role": "tool", "content": "42"}
+    # the second step prefilled only the new tokens: the call's end, the observation and turn markers
+    assert result.usage["reused_tokens"] >= len(prompts[0]) - 1
+    assert result.usage["prefilled_tokens"] < len(prompts[0]) + len(prompts[1]) // 2
+
+
+def test_errors_become_observations_and_the_loop_goes_on(chat_engine, scripted):
+    agent = Agent(chat_engine, tools=[add, explode], max_steps=5)
+    scripted(agent, ['<tool_call>{"name": "add", "arguments": {"a": 2,}',
+                     '<tool_call>{"name": "subtract", "arguments": {}}',
+                     '<tool_call>{"name": "explode", "arguments": {}}',
+                     '<tool_call>{"name": "add", "arguments": {"a": 1}}',
+                     "I could not do it."])
+    result = agent.run("Try things")
+    observations = [o for step in result.steps for o in step.observations]
+    assert "invalid JSON" in observations[0]
+    assert "unknown tool 'subtract'" in observations[1]
+    assert "raised RuntimeError: kaboom" in observations[2]
+    assert "missing required argument(s): b" in observations[3]
+    assert result.answer == "I could not do it."
+
+
+def test_step_limit(chat_engine, scripted):
+    agent = Agent(chat_engine, tools=[add], max_steps=2)
+    scripted(agent, ['<tool_call>{"name": "add", "arguments": {"a": 1, "b": 1}}'] * 2)
+    result = agent.run("loop forever")
+    assert result.answer is None and result.finish_reason == "step_limit" and len(result.steps) == 2
+
+
+def test_second_agent_starts_from_the_shared_system_prefix(chat_engine, scripted):
+    cache = PrefixCache()
+    first = Agent(chat_engine, tools=[add], system="You add numbers.", prefix_cache=cache)
+    scripted(first, ["42."])
+    first.run("What is 40 + 2?")
+    second = Agent(chat_engine, tools=[add], system="You add numbers.", prefix_cache=cache)
+    scripted(second, ["7."])
+    result = second.run("And 3 + 4?")
+    assert cache.hits == 1 and result.usage["reused_tokens"] > 100  # the system turn with the tool schema

@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+
+from agentopt_compiler.errors import AgentOptError
+from agentopt_compiler.runtime.engine import GenerationConfig
+from agentopt_compiler.runtime.prefix_cache import PrefixCache
+
+GREEDY = GenerationConfig(max_new_tokens=6, ignore_eos=True)
+
+
+def _turn(conversation, prompt):
+    logits = conversation.prefill_to(prompt)
+    return list(conversation.generate(logits, GREEDY))
+
+
+def test_multi_turn_reuse_prefills_only_new_tokens_and_equals_full_recompute(tiny_engine):
+    conversation = tiny_engine.conversation()
+    history = [10, 20, 30, 40, 50, 60]
+    for turn in range(3):
+        before = conversation.prefilled_tokens
+        reply = _turn(conversation, history)
+        assert reply == tiny_engine.generate_ids(history, GREEDY)  # what a stateless full recompute gives
+        if turn:  # the last reply token (its KV is computed when fed) plus the 3-token observation
+            assert conversation.prefilled_tokens - before == 1 + 3
+        history = history + reply + [70 + turn, 80 + turn, 90 + turn]  # reply and observation fed back
+    assert conversation.prefilled_tokens == 6 + 2 * (1 + 3)
+
+
+def test_a_rerendered_history_rewinds_to_the_common_prefix(tiny_engine):
+    conversation = tiny_engine.conversation()
+    reply = _turn(conversation, [1, 2, 3, 4, 5, 6, 7, 8])
+    edited = [1, 2, 3, 4, 99, 100]  # differs from token 4 on: only that part is recomputed
+    before = conversation.prefilled_tokens
+    assert _turn(conversation, edited) == tiny_engine.generate_ids(edited, GREEDY)
+    assert conversation.prefilled_tokens - before == 2
+    assert reply  # the first turn produced something
+
+
+def test_rewind_and_conversations_taking_turns(tiny_engine):
+    a, b = tiny_engine.conversation(), tiny_engine.conversation()
+    first = _turn(a, [5, 6, 7, 8, 9])
+    _turn(b, [40, 41, 42])  # b takes the cache; a's rows are saved
+    a.rewind(5)
+    assert _turn(a, [5, 6, 7, 8, 9]) == first  # a's restored rows still give the same continuation
+    assert a.prefilled_tokens == 5 + 1  # only the last prompt token was fed again
+    with pytest.raises(AgentOptError):
+        a.rewind(-1)
+
+
+def test_save_and_load(tiny_engine, tmp_path):
+    conversation = tiny_engine.conversation()
+    _turn(conversation, [3, 4, 5, 6])
+    path = tmp_path / "conv.npz"
+    conversation.save(path)
+    tiny_engine.generate_ids([9, 9, 9], GREEDY)  # clobbers the cache
+    loaded = type(conversation).load(tiny_engine, path)
+    history = conversation.tokens + [11, 12]
+    assert _turn(loaded, history) == tiny_engine.generate_ids(history, GREEDY)
+    assert loaded.reused_tokens == conversation.cached
+
+
+def test_prefix_cache_shares_a_common_prefix_across_conversations(tiny_engine):
+    cache = PrefixCache()
+    system = list(range(100, 140))
+    first = tiny_engine.conversation(cache)
+    first.prefill_to(system + [1])
+    first.remember_prefix(len(system))
+    second = tiny_engine.conversation(cache)
+    reply = _turn(second, system + [2, 3])
+    assert second.reused_tokens == len(system) and second.prefilled_tokens == 2
+    assert reply == tiny_engine.generate_ids(system + [2, 3], GREEDY)
+    assert cache.hits == 1
+
+
+def test_prefix_cache_evicts_lru_but_keeps_pinned():
+    rows = lambda n: {"past.0.key": np.zeros((1, 1, n, 256), np.float32)}  # 1 KiB per token
+    cache = PrefixCache(max_bytes=10 * 1024)
+    cache.insert([1, 2, 3, 4], rows(4), pin=True)
+    cache.insert([5, 6, 7, 8], rows(4))
+    cache.lookup([5, 6, 7, 8, 9])
+    cache.insert([9, 9, 9, 9], rows(4))  # 12 KiB > 10 KiB: the least recently used unpinned entry goes
+    assert cache.lookup([5, 6, 7, 8])[0] == 0
+    assert cache.lookup([1, 2, 3, 4, 0])[0] == 4  # pinned, and older than [5..8], but kept
+    assert cache.lookup([9, 9, 9, 9])[0] == 4
+    assert cache.bytes_used <= 10 * 1024

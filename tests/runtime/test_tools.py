@@ -1,0 +1,67 @@
+import time
+from typing import Literal
+
+from agentopt_compiler.runtime.tools import Tool, ToolCall, parse_tool_calls, run_tool_call
+
+
+def convert(value: float, unit: Literal["km", "mi"], digits: int = 2) -> str:
+    """Convert a distance.
+
+    Args:
+        value: the distance
+        unit: the unit of value
+        digits: rounding
+    """
+    return str(round(value * (0.621371 if unit == "km" else 1.609344), digits))
+
+
+def slow() -> str:
+    """Takes too long."""
+    time.sleep(5)
+    return "late"
+
+
+def broken(x: int) -> int:
+    """Always fails."""
+    raise ValueError("no luck")
+
+
+TOOLS = {t.name: t for t in map(Tool.from_function, (convert, slow, broken))}
+
+
+def test_schema_from_signature_hints_and_docstring():
+    schema = TOOLS["convert"].schema()["function"]
+    assert schema["name"] == "convert" and schema["description"] == "Convert a distance."
+    params = schema["parameters"]
+    assert params["required"] == ["value", "unit"]
+    assert params["properties"]["value"] == {"type": "number", "description": "the distance"}
+    assert params["properties"]["unit"]["enum"] == ["km", "mi"]
+    assert params["properties"]["digits"]["default"] == 2
+
+
+def test_parses_hermes_tags_and_json_objects():
+    text = 'Sure.<tool_call>{"name": "convert", "arguments": {"value": 5, "unit": "km"}}</tool_call>'
+    parsed = parse_tool_calls(text)
+    assert parsed.content == "Sure." and parsed.calls[0].arguments == {"value": 5, "unit": "km"}
+    openai_style = parse_tool_calls('{"function": {"name": "convert", "arguments": "{\\"value\\": 1, \\"unit\\": '
+                                    '\\"mi\\"}"}}')
+    assert openai_style.calls[0].name == "convert" and openai_style.calls[0].arguments["unit"] == "mi"
+    assert parse_tool_calls("just an answer").calls == []
+    assert parse_tool_calls('{"not": "a call"}').calls == []
+
+
+def test_malformed_calls_become_errors_not_exceptions():
+    parsed = parse_tool_calls('<tool_call>{"name": "convert", "arguments": {"value": 5,</tool_call>')
+    assert parsed.calls == [] and "invalid JSON" in parsed.errors[0]
+    assert "expected" in parse_tool_calls("<tool_call>[1, 2]</tool_call>").errors[0]
+
+
+def test_tool_failures_become_observations():
+    assert run_tool_call(ToolCall("convert", {"value": 10, "unit": "km"}), TOOLS).output == "6.21"
+    assert "unknown tool 'nope'" in run_tool_call(ToolCall("nope", {}), TOOLS).text
+    assert "missing required argument(s): unit" in run_tool_call(ToolCall("convert", {"value": 1}), TOOLS).text
+    assert "unknown argument(s): colour" in run_tool_call(ToolCall("broken", {"x": 1, "colour": 2}), TOOLS).text
+    assert "raised ValueError: no luck" in run_tool_call(ToolCall("broken", {"x": 1}), TOOLS).text
+    started = time.perf_counter()
+    assert "timed out after 0.2s" in run_tool_call(ToolCall("slow", {}), TOOLS, timeout_s=0.2).text
+    assert time.perf_counter() - started < 2
