@@ -114,3 +114,22 @@ def test_missing_cuda(tiny_engine_dir, capsys):
         pytest.skip("CUDA is available here")
     line = _error_line(capsys, ["run", str(tiny_engine_dir), "--prompt", "hi", "--device", "cuda"])
     assert "CUDAExecutionProvider" in line and "--device cpu" in line
+
+
+def test_run_task_with_tools_and_interactive_mode(chat_engine, capsys, monkeypatch, tmp_path):
+    (tmp_path / "mytools.py").write_text("def shout(text: str) -> str:\n    '''Upper-case text.'''\n"
+                                         "    return text.upper()\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(chat_engine.folder), "--task", "Shout hello", "--tools", "mytools:shout",
+                 "--max-new-tokens", "8", "--max-steps", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "step(s)" in err and "tokens prefilled" in err
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("first task\nsecond task\n"))
+    assert main(["run", str(chat_engine.folder), "--max-new-tokens", "4"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("step(s)") == 2 and "reused from cache" in err
+
+
+def test_bad_tool_spec(chat_engine, capsys):
+    line = _error_line(capsys, ["run", str(chat_engine.folder), "--task", "x", "--tools", "no_such_module:f"])
+    assert "cannot load tool 'no_such_module:f'" in line
