@@ -94,13 +94,15 @@ def dependency_versions() -> dict[str, str]:
 def compile(model: str | Path = "tiny-random", out: str | Path = "engine", backend: str = "onnxruntime",
             device: str = "cpu", context_length: int | None = None, skip_passes: Iterable[str] = (),
             debug_dump: str | Path | None = None, overwrite: bool = False, attention_impl: str = "gqa",
-            progress: Callable[[str], None] | None = None):
+            batch_size: int = 1, progress: Callable[[str], None] | None = None):
     """Compile ``model`` into an engine folder at ``out`` and return the loaded ``Engine``.
 
     ``model`` is a built-in name (``tiny-random``, ``ref-60m``) or a local Hugging Face folder. ``context_length``
     (default: the model's max positions, at most 4096) is the KV-cache capacity, prompt plus generated tokens.
     ``attention_impl`` picks how fused attention is lowered: ``gqa`` (ORT's GroupQueryAttention, in-place caches)
     or ``standard`` (standard ONNX ops only, for execution providers without Microsoft contrib ops).
+    ``batch_size`` is the number of rows the engine runs together (``Engine.generate_batch``); rows have their own
+    lengths and positions.
     """
     from . import backends
     from .capture.export import capture
@@ -133,10 +135,12 @@ def compile(model: str | Path = "tiny-random", out: str | Path = "engine", backe
     context = context_length or min(config.max_position_embeddings, 4096)
     if context < 2:
         raise AgentOptError(f"--context-length must be at least 2, got {context}")
+    if batch_size < 1:
+        raise AgentOptError(f"--batch-size must be at least 1, got {batch_size}")
     log(f"model {loaded.name}: {config.family}, {config.num_layers} layers, {config.num_params / 1e6:.1f}M "
         f"parameters, context {context}")
     with stage("capture"):
-        program = capture(loaded.model, context)
+        program = capture(loaded.model, context, batch_size)
     with stage("passes"):
         program, records = pipeline.run(program, skip=set(skip_passes),
                                         debug_dump=Path(debug_dump) if debug_dump else None, log=log)

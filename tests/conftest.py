@@ -12,10 +12,9 @@ def eager_greedy(model, prompt_ids: list[int], steps: int, capacity: int) -> lis
     import torch
 
     model.setup_cache(1, capacity)
-    model.last_logits_only = True
     tokens, length = [], len(prompt_ids)
     with torch.no_grad():
-        logits = model(torch.tensor([prompt_ids]), torch.arange(length))
+        logits = model(torch.tensor([prompt_ids]), torch.arange(length), torch.tensor([length - 1]))
         for _ in range(steps):
             tokens.append(int(logits[0, -1].argmax()))
             logits = model(torch.tensor([[tokens[-1]]]), torch.tensor([length]))

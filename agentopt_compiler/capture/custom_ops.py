@@ -7,7 +7,8 @@ reference semantics every lowering is checked against.
 
     q (B, S, Hq*D), k/v (B, S, Hkv*D)        new tokens, heads packed (the layout of the q/k/v projections)
     k_cache/v_cache (B, Hkv, T, D)           fixed-capacity caches; row p holds the token at position p
-    positions (S,)                           positions of the new tokens (contiguous, after the cached ones)
+    positions (B, S) or (S,)                 each row's positions of its new tokens (contiguous, after its cached
+                                             ones); (S,) means the same positions for every row
     cos/sin (L, D) or None                   RoPE tables in half-rotation layout, applied to q and k when rotary
     window                                   > 0: a query at p sees keys p-window < j <= p (itself included)
     scale                                    softmax scale; 0 means 1/sqrt(D)
@@ -34,17 +35,19 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
                      scale: float = 0.0, rotary: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, s, _ = q.shape
     d, capacity = k_cache.shape[-1], k_cache.shape[2]
+    positions = positions.expand(b, s)  # (B, S)
     q = q.view(b, s, num_heads, d).transpose(1, 2)  # (B, Hq, S, D)
     k = k.view(b, s, kv_num_heads, d).transpose(1, 2)  # (B, Hkv, S, D)
     v = v.view(b, s, kv_num_heads, d).transpose(1, 2)
     if rotary:
-        c, sn = cos[positions], sin[positions]  # (S, D)
+        c, sn = cos[positions][:, None], sin[positions][:, None]  # (B, 1, S, D)
         q, k = q * c + _rotate_half(q) * sn, k * c + _rotate_half(k) * sn
-    k_cache = k_cache.index_copy(2, positions, k)  # (B, Hkv, T, D)
-    v_cache = v_cache.index_copy(2, positions, v)
-    key_pos = torch.arange(capacity, device=q.device)[None, :]  # (1, T)
-    query_pos = positions[:, None]  # (S, 1)
-    mask = key_pos <= query_pos
+    index = positions[:, None, :, None].expand(b, kv_num_heads, s, d)  # (B, Hkv, S, D)
+    k_cache = k_cache.scatter(2, index, k)  # (B, Hkv, T, D)
+    v_cache = v_cache.scatter(2, index, v)
+    key_pos = torch.arange(capacity, device=q.device)  # (T,)
+    query_pos = positions[:, None, :, None]  # (B, 1, S, 1)
+    mask = key_pos <= query_pos  # (B, 1, S, T)
     if window > 0:
         mask = mask & (key_pos > query_pos - window)
     repeats = num_heads // kv_num_heads

@@ -21,6 +21,8 @@ def add_parser(sub) -> None:
     p.add_argument("--context-length", type=int, default=None,
                    help="KV-cache capacity in tokens, prompt plus generation (default: the model's max positions, "
                         "at most 4096)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="rows the engine runs together (several agents or best-of-n); each row has its own length")
     p.add_argument("--attention-impl", default="gqa", choices=["gqa", "standard"],
                    help="lowering of fused attention: gqa = ORT GroupQueryAttention with in-place caches (default); "
                         "standard = standard ONNX ops only (execution providers without Microsoft contrib ops)")
@@ -37,7 +39,7 @@ def run(args) -> int:
 
     engine = compile(model=args.model, out=args.out, backend=args.backend, device=args.device,
                      context_length=args.context_length, skip_passes=args.skip_pass, debug_dump=args.debug_dump,
-                     overwrite=args.overwrite, attention_impl=args.attention_impl,
+                     overwrite=args.overwrite, attention_impl=args.attention_impl, batch_size=args.batch_size,
                      progress=ProgressLog(args.quiet))
     print("\n".join(engine.compile_report.lines()))
     return 0

@@ -3,8 +3,8 @@
 This is the eager reference every compiled engine is checked against, and the module that `capture/` exports.
 Parameter names match Hugging Face's (minus the leading ``model.``) so checkpoints load by name.
 
-The KV cache is fixed-capacity and written in place (``index_copy_`` at the token positions), and attention is plain
-SDPA over the whole cache with a position mask. That is the *unfused* form: the ``fuse_kv_cache`` pass later finds this
+The KV cache is fixed-capacity and written in place (``scatter_`` at each row's token positions), and attention is
+plain SDPA over the whole cache with a position mask. That is the *unfused* form: the ``fuse_kv_cache`` pass later finds this
 pattern in the captured graph and swaps it for one fused op.
 
 Shapes: B batch, S new tokens, T cache capacity, Hq query heads, Hkv key/value heads, D head dim, E hidden size.
@@ -68,7 +68,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x (B, H, S, D); cos/sin (S, D) broadcast over batch and heads
+    # x (B, H, S, D); cos/sin (B, 1, S, D) broadcast over heads
     return x * cos + rotate_half(x) * sin
 
 
@@ -82,9 +82,10 @@ class KVCache(nn.Module):
         self.register_buffer("value", torch.zeros(shape, dtype=dtype), persistent=False)
 
     def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # k, v (B, Hkv, S, D) land in rows `positions` (S,) of the cache
-        self.key.index_copy_(2, positions, k)
-        self.value.index_copy_(2, positions, v)
+        # k, v (B, Hkv, S, D) land in rows positions[b] (B, S) of each row's cache
+        index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, Hkv, S, D)
+        self.key.scatter_(2, index, k)
+        self.value.scatter_(2, index, v)
         return self.key, self.value
 
 
@@ -110,7 +111,7 @@ class Attention(nn.Module):
         repeats = self.num_heads // self.num_kv_heads
         k = k.repeat_interleave(repeats, dim=1)  # (B, Hq, T, D)
         v = v.repeat_interleave(repeats, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, Hq, S, D); mask (S, T) bool
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, Hq, S, D); mask (B, 1, S, T) bool
         return self.o_proj(o.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
 
 
@@ -140,11 +141,13 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaDecoder(nn.Module):
-    """Token ids (B, S) and their positions (S,) -> logits (B, S, V), or (B, 1, V) with ``last_logits_only``.
+    """Token ids (B, S) at ``positions`` (B, S) -> logits (B, S, V), or (B, 1, V) at ``logits_index`` (B,).
 
     Without a cache (``setup_cache`` not called) attention is causal over the given tokens, for training and scoring.
-    With a cache, the new tokens' K/V are written at ``positions`` and attention reads the whole cache, masked to the
-    keys at or before each query's position (and within ``sliding_window`` when the config sets one).
+    With a cache, each row's new K/V are written at its positions and attention reads the whole cache, masked to the
+    keys at or before each query's position (and within ``sliding_window`` when the config sets one). Rows may be at
+    different lengths: row b's positions are its own (right-padded prompts simply write padding past their end,
+    which nothing reads before it is overwritten).
     """
 
     def __init__(self, config: ModelConfig):
@@ -156,7 +159,6 @@ class LlamaDecoder(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.last_logits_only = False
         self._set_rope_tables(config.max_position_embeddings)
 
     def _set_rope_tables(self, length: int) -> None:
@@ -178,22 +180,26 @@ class LlamaDecoder(nn.Module):
         if capacity > self.rope_cos.shape[0]:
             self._set_rope_tables(capacity)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        s = input_ids.shape[1]
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        b, s = input_ids.shape
         if positions is None:
             positions = torch.arange(s, device=input_ids.device)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (S, D)
-        query_pos = positions[:, None]  # (S, 1)
+        if positions.dim() == 1:  # the same positions for every row
+            positions = positions.expand(b, s)
+        cos = self.rope_cos[positions][:, None]  # (B, 1, S, D)
+        sin = self.rope_sin[positions][:, None]
+        query_pos = positions[:, None, :, None]  # (B, 1, S, 1)
         if self.cache_capacity:
-            key_pos = torch.arange(self.cache_capacity, device=input_ids.device)[None, :]  # (1, T)
+            key_pos = torch.arange(self.cache_capacity, device=input_ids.device)[None, None, None, :]  # (1, 1, 1, T)
         else:
-            key_pos = positions[None, :]  # (1, S): attend among the given tokens only
-        mask = key_pos <= query_pos  # (S, T) causal
+            key_pos = positions[:, None, None, :]  # (B, 1, 1, S): attend among the given tokens only
+        mask = key_pos <= query_pos  # (B, 1, S, T) causal
         if self.config.sliding_window:
             mask = mask & (key_pos > query_pos - self.config.sliding_window)
         x = self.embed_tokens(input_ids)  # (B, S, E)
         for layer in self.layers:
             x = layer(x, positions, cos, sin, mask)
-        if self.last_logits_only:
-            x = x[:, -1:, :]
+        if logits_index is not None:  # only the tokens whose next-token logits are wanted (one per row)
+            x = x.gather(1, logits_index[:, None, None].expand(b, 1, x.shape[-1]))  # (B, 1, E)
         return self.lm_head(self.norm(x))  # (B, S or 1, V)

@@ -17,9 +17,10 @@ GroupQueryAttention (RoPE inside, cache written in place, work proportional to t
 standard-ONNX form; either way the backend sees one op per layer instead of ~30.
 
 Matches both our reference decoder and plain-SDPA models with an index-copy cache: with or without RoPE, cache
-writes by ``index_copy_`` or ``index_put_`` (``cache[:, :, pos] = k``), heads expanded by ``repeat_interleave`` or
-Hugging Face's ``expand`` + ``reshape`` (or not at all for MHA), a mask ``arange(T) <= pos[:, None]``, optionally
-``& arange(T) > pos[:, None] - W`` (sliding window). It does not fire — and says why in the pass notes — when the
+writes by ``scatter_`` at per-row positions (B, S), or ``index_copy_`` / ``index_put_`` (``cache[:, :, pos] = k``)
+at shared positions (S,), heads expanded by ``repeat_interleave`` or Hugging Face's ``expand`` + ``reshape`` (or
+not at all for MHA), a mask ``arange(T) <= pos`` (broadcast as key index against query position), optionally
+``& arange(T) > pos - W`` (sliding window). It does not fire — and says why in the pass notes — when the
 attention is not causal over positions (another mask, ``is_causal``, dropout), or a cache is read anywhere else.
 """
 
@@ -89,6 +90,7 @@ def _rope(node: Node, chain: list[Node]) -> tuple[Node, Node, Node, Node] | None
             continue
         for x, cos_rows in (plain.args, plain.args[::-1]):
             for half, sin_rows in (rotated.args, rotated.args[::-1]):
+                cos_rows, sin_rows = _through_reshapes(cos_rows, chain), _through_reshapes(sin_rows, chain)
                 if not (_is(half, aten.cat.default) and _is(cos_rows, aten.index.Tensor)
                         and _is(sin_rows, aten.index.Tensor)):
                     continue
@@ -108,9 +110,28 @@ def _rope(node: Node, chain: list[Node]) -> tuple[Node, Node, Node, Node] | None
     return None
 
 
+_RESHAPES = (aten.unsqueeze.default, aten.view.default, aten.reshape.default, aten.expand.default)
+
+
+def _through_reshapes(node, chain: list[Node] | None = None):
+    """Follow unsqueeze/view/reshape/expand back to the tensor they reshape."""
+    while _is(node, *_RESHAPES):
+        if chain is not None:
+            chain.append(node)
+        node = node.args[0]
+    return node
+
+
 def _cache_write(node: Node, chain: list[Node]) -> tuple[Node, Node, Node]:
-    """cache.index_copy_(2, pos, new) or cache.index_put_([None, None, pos], new) -> (cache, pos, new)."""
-    if _is(node, aten.index_copy_.default) and node.args[1] == 2:
+    """cache.scatter_(2, pos[:, None, :, None].expand(...), new), cache.index_copy_(2, pos, new) or
+    cache.index_put_([None, None, pos], new) -> (cache, pos, new)."""
+    if _is(node, aten.scatter_.src) and node.args[1] == 2:
+        cache, positions, new = node.args[0], _through_reshapes(node.args[2], chain), node.args[3]
+        index, source = node.args[2].meta.get("val"), positions.meta.get("val")
+        _require(index is not None and source is not None and source.dim() in (1, 2) and index.dim() == 4
+                 and index.shape[1] == cache.meta["val"].shape[1] if "val" in cache.meta else True,
+                 f"{node.name} scatters at indices that are not positions[:, None, :, None] broadcast over heads")
+    elif _is(node, aten.index_copy_.default) and node.args[1] == 2:
         cache, positions, new = node.args[0], node.args[2], node.args[3]
     elif _is(node, aten.index_put_.default) and len(node.args[1]) == 3 and node.args[1][:2] == [None, None]:
         cache, positions, new = node.args[0], node.args[1][2], node.args[2]
@@ -169,12 +190,16 @@ def _position_mask(mask: Node, positions: Node, capacity: int) -> int:
 
 
 def _is_key_positions(node: Node, capacity: int) -> bool:
-    return (_is(node, aten.unsqueeze.default) and node.args[1] == 0 and _is(node.args[0], aten.arange.default)
-            and node.args[0].args == (capacity,))
+    """arange(T) shaped to broadcast along the last (key) axis only."""
+    source, val = _through_reshapes(node), node.meta.get("val")
+    shape_ok = val is None or (val.shape[-1] == capacity and all(d == 1 for d in val.shape[:-1]))
+    return _is(source, aten.arange.default) and source.args == (capacity,) and shape_ok
 
 
 def _is_query_positions(node: Node, positions: Node) -> bool:
-    return _is(node, aten.unsqueeze.default) and node.args[1] == 1 and node.args[0] is positions
+    """The token positions shaped to broadcast along the query axis (last axis of size 1)."""
+    val = node.meta.get("val")
+    return _through_reshapes(node) is positions and (val is None or val.shape[-1] == 1)
 
 
 class FuseKVCache(GraphPass):

@@ -18,9 +18,12 @@ from typing import Iterator, Sequence
 
 
 from ..backends import get_backend
-from ..errors import AgentOptError, EngineError
+import numpy as np
+
+from ..errors import AgentOptError, ContextOverflowError, EngineError
 from .conversation import Conversation
 from .manifest import read_manifest
+from .sampling import sample
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 
@@ -138,6 +141,12 @@ class Engine:
         return Completion("".join(pieces), new_ids, len(prompt_ids), reason, (first_token_at or end) - start,
                           (len(new_ids) - 1) / decode_s if len(new_ids) > 1 and decode_s > 0 else 0.0)
 
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], config: GenerationConfig | None = None,
+                       **overrides) -> list[Completion]:
+        """Generate for up to ``batch_size`` prompts at once (engines compiled with ``batch_size`` > 1); rows have
+        their own lengths and sampling streams (seed + row index). Stop strings cut each row's text afterwards."""
+        return generate_batch(self, prompts, _merge(config, overrides))
+
     def generate(self, prompt: str | Sequence[int], config: GenerationConfig | None = None, **overrides) -> str:
         return self.complete(prompt, config, **overrides).text
 
@@ -153,6 +162,69 @@ class Engine:
         for _token, delta in self.stream_events(self.encode(prompt), _merge(config, overrides)):
             if delta:
                 yield delta
+
+
+def generate_batch(engine: "Engine", prompts: Sequence[str | Sequence[int]], config: GenerationConfig) -> list:
+    """Rows of one batch, each with its own prompt length, position and sampling stream (seed + row)."""
+    session = engine.session
+    rows = [engine.encode(p) for p in prompts]
+    batch, capacity = session.batch_size, engine.context_length
+    if not rows or len(rows) > batch:
+        raise AgentOptError(f"{len(rows)} prompts for an engine compiled for batch {batch}; give 1 to {batch} "
+                            f"prompts or recompile with --batch-size {len(rows)}")
+    for row in rows:
+        if not row or len(row) >= capacity:
+            raise ContextOverflowError(f"a prompt has {len(row)} tokens; each must have 1 to {capacity - 1} "
+                                       f"(the engine's context is {capacity})")
+    Conversation(engine)._activate()  # saves the cache of any conversation that owned it
+    engine._kv_owner = None
+    session.reset()
+    lengths = [len(r) for r in rows] + [1] * (batch - len(rows))  # unused rows run a 1-token dummy prompt
+    width = max(lengths)
+    ids = np.zeros((batch, width), dtype=np.int64)  # right padding: pads land past each row's end, never read
+    for b, row in enumerate(rows):
+        ids[b, :len(row)] = row
+    start = time.perf_counter()
+    logits = session.run(ids, np.broadcast_to(np.arange(width), (batch, width)), np.array(lengths) - 1)
+    stops = set() if config.ignore_eos else set(
+        config.stop_token_ids if config.stop_token_ids is not None else engine.eos_token_ids)
+    rngs = [np.random.default_rng(None if config.seed is None else config.seed + b) for b in range(len(rows))]
+    outputs: list[list[int]] = [[] for _ in rows]
+    reasons: list[str | None] = [None] * len(rows)
+    first_token_at = None
+    for _ in range(config.max_new_tokens):
+        tokens = np.zeros((batch, 1), dtype=np.int64)
+        for b in range(len(rows)):
+            if reasons[b] is not None:
+                continue
+            token = sample(logits[b, -1], rngs[b], config.temperature, config.top_k, config.top_p)
+            if token in stops:
+                reasons[b] = "stop"
+                continue
+            outputs[b].append(token)
+            tokens[b, 0] = token
+            if len(outputs[b]) == config.max_new_tokens:
+                reasons[b] = "length"
+            elif lengths[b] >= capacity:
+                reasons[b] = "context"
+        first_token_at = first_token_at or time.perf_counter()
+        if all(r is not None for r in reasons):
+            break
+        # active rows write their token at their own next position; finished rows rewrite their last slot
+        positions = np.array([[min(n, capacity - 1)] for n in lengths], dtype=np.int64)
+        logits = session.run(tokens, positions, np.zeros(batch, dtype=np.int64))
+        lengths = [n + 1 if b < len(rows) and reasons[b] is None else n for b, n in enumerate(lengths)]
+    end = time.perf_counter()
+    decoded = sum(len(o) for o in outputs)
+    rate = (decoded - len(rows)) / (end - first_token_at) if first_token_at and end > first_token_at else 0.0
+    texts = [engine.tokenizer.decode(o) if engine.tokenizer is not None else "" for o in outputs]
+    return [Completion(_cut_at_stop(t, config.stop_strings), o, len(r), reasons[b] or "length",
+                       (first_token_at or end) - start, rate) for b, (t, o, r) in enumerate(zip(texts, outputs, rows))]
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    hit = _first_stop_string(text, stops)
+    return text if hit is None else text[:hit]
 
 
 def _merge(config: GenerationConfig | None, overrides: dict) -> GenerationConfig:

@@ -75,3 +75,24 @@ def test_bad_generation_options_are_named(tiny_engine):
         tiny_engine.generate("x", max_tokens=3)
     with pytest.raises(AgentOptError, match="top_p"):
         tiny_engine.generate("x", top_p=0.0)
+
+
+@pytest.mark.parametrize("impl", ["gqa", "standard"])
+def test_batch_rows_of_different_lengths_equal_single_row_eager(impl, tmp_path):
+    from agentopt_compiler.models.registry import load_model
+
+    engine = ao.compile("tiny-random", out=tmp_path / "batch", context_length=TINY_CONTEXT, batch_size=3,
+                        attention_impl=impl)
+    prompts = [PROMPT, [7, 8], list(range(40, 61))]  # 12, 2 and 21 tokens
+    completions = engine.generate_batch(prompts, max_new_tokens=24, ignore_eos=True)
+    model = load_model("tiny-random").model
+    for prompt, completion in zip(prompts, completions):
+        assert completion.token_ids == eager_greedy(model, prompt, 24, TINY_CONTEXT)
+    # fewer prompts than rows, sampling with a stream per row, and stop tokens per row
+    sampled = engine.generate_batch([PROMPT, PROMPT], max_new_tokens=10, temperature=1.0, seed=3, ignore_eos=True)
+    assert sampled[0].token_ids != sampled[1].token_ids
+    stop = completions[0].token_ids[4]
+    stopped = engine.generate_batch(prompts, max_new_tokens=24, stop_token_ids=[stop])
+    assert stopped[0].finish_reason == "stop" and stopped[0].token_ids == completions[0].token_ids[:4]
+    with pytest.raises(AgentOptError, match="compiled for batch 3"):
+        engine.generate_batch([PROMPT] * 4)

@@ -10,7 +10,7 @@
 
 ``standard``: standard ONNX only (opset 23), for execution providers without Microsoft contrib ops and for TensorRT
     q4 = Transpose(Reshape(q)) ; RoPE with Gather(cos, pos) + Split/Neg/Concat
-    new_cache = ScatterND(cache, indices[b, h, s] = (b, h, pos[s]), k4)    # no full-cache transposes
+    new_cache = ScatterND(cache, indices[b, h, s] = (b, h, pos[b, s]), k4)    # no full-cache transposes
     out = Attention(q4, new_k, new_v, mask[s, t] = t <= pos[s] (& t > pos[s] - W))
     It is exact but attends over all T slots each step (masked), so it is O(T) per step on ORT CPU.
 """
@@ -37,10 +37,12 @@ def _static_dim(value, axis: int) -> int:
 def cached_attention_to_gqa(q, k, v, k_cache, v_cache, positions, cos=None, sin=None, num_heads=1, kv_num_heads=1,
                             window=-1, scale=0.0, rotary=False):
     head_dim = _static_dim(k_cache, 3)
-    last = op.Slice(positions, [-1], [_INT64_MAX])  # (1,) position of the last new token
-    batch = op.Shape(q, start=0, end=1)  # (1,)
-    seqlens_k = op.Cast(op.Expand(last, batch), to=INT32)  # (B,) int32: tokens in the cache after this call, minus 1
-    total = op.Cast(op.Squeeze(op.Add(last, [1])), to=INT32)  # () int32
+    if len(positions.shape) == 2:  # (B, S): each row's own positions
+        last = op.Squeeze(op.Slice(positions, [-1], [_INT64_MAX], [1]), [1])  # (B,) last new position per row
+    else:  # (S,): shared by all rows
+        last = op.Expand(op.Slice(positions, [-1], [_INT64_MAX]), op.Shape(q, start=0, end=1))  # (B,)
+    seqlens_k = op.Cast(last, to=INT32)  # (B,) int32: tokens in the row's cache after this call, minus 1
+    total = op.Cast(op.Add(op.ReduceMax(last, keepdims=0), 1), to=INT32)  # () int32: the longest row
     cos_half = op.Slice(cos, [0], [head_dim // 2], [1]) if rotary else None  # (L, D/2): GQA's half layout
     sin_half = op.Slice(sin, [0], [head_dim // 2], [1]) if rotary else None
     attributes = {"num_heads": num_heads, "kv_num_heads": kv_num_heads, "local_window_size": window if window > 0
@@ -59,12 +61,17 @@ def _rotate(x4, cos_rows, sin_rows):
     return op.Add(op.Mul(x4, cos_rows), op.Mul(op.Concat(op.Neg(x2), x1, axis=-1), sin_rows))
 
 
+def _rows_positions(positions):
+    """(B, S) positions as (B, 1, S) or (S,) shared positions as (1, 1, S), ready to broadcast over heads."""
+    return op.Unsqueeze(positions, [1]) if len(positions.shape) == 2 else op.Unsqueeze(positions, [0, 1])
+
+
 def _scatter_indices(cache, new4, positions):
-    """(B, H, S, 3) int64 indices (b, h, pos[s]) for ScatterND into a (B, H, T, D) cache."""
+    """(B, H, S, 3) int64 indices (b, h, pos[b, s]) for ScatterND into a (B, H, T, D) cache."""
     shape = op.Shape(new4, start=0, end=3)  # (B, H, S)
     b = op.Expand(op.Unsqueeze(op.Range(0, op.Squeeze(op.Shape(new4, start=0, end=1)), 1), [1, 2]), shape)
     h = op.Expand(op.Unsqueeze(op.Range(0, op.Squeeze(op.Shape(new4, start=1, end=2)), 1), [0, 2]), shape)
-    p = op.Expand(op.Unsqueeze(positions, [0, 1]), shape)
+    p = op.Expand(_rows_positions(positions), shape)
     return op.Concat(op.Unsqueeze(b, [3]), op.Unsqueeze(h, [3]), op.Unsqueeze(p, [3]), axis=3)
 
 
@@ -74,15 +81,16 @@ def cached_attention_to_standard(q, k, v, k_cache, v_cache, positions, cos=None,
     q4 = op.Transpose(op.Reshape(q, [0, 0, num_heads, head_dim]), perm=[0, 2, 1, 3])  # (B, Hq, S, D)
     k4 = op.Transpose(op.Reshape(k, [0, 0, kv_num_heads, head_dim]), perm=[0, 2, 1, 3])  # (B, Hkv, S, D)
     v4 = op.Transpose(op.Reshape(v, [0, 0, kv_num_heads, head_dim]), perm=[0, 2, 1, 3])
-    if rotary:
-        cos_rows, sin_rows = op.Gather(cos, positions, axis=0), op.Gather(sin, positions, axis=0)  # (S, D)
+    if rotary:  # rows (B, 1, S, D) or (1, 1, S, D)
+        cos_rows = op.Gather(cos, _rows_positions(positions), axis=0)
+        sin_rows = op.Gather(sin, _rows_positions(positions), axis=0)
         q4, k4 = _rotate(q4, cos_rows, sin_rows), _rotate(k4, cos_rows, sin_rows)
     indices = _scatter_indices(k_cache, k4, positions)
     new_k = op.ScatterND(k_cache, indices, k4)
     new_v = op.ScatterND(v_cache, indices, v4)
-    keys = op.Unsqueeze(op.Range(0, capacity, 1), [0])  # (1, T)
-    queries = op.Unsqueeze(positions, [1])  # (S, 1)
-    mask = op.LessOrEqual(keys, queries)  # (S, T)
+    keys = op.Range(0, capacity, 1)  # (T,)
+    queries = op.Unsqueeze(_rows_positions(positions), [3])  # (B or 1, 1, S, 1)
+    mask = op.LessOrEqual(keys, queries)  # (B or 1, 1, S, T)
     if window > 0:
         mask = op.And(mask, op.Greater(keys, op.Sub(queries, window)))
     attributes = {"scale": scale} if scale else {}

@@ -1,7 +1,8 @@
 """ONNX Runtime session for an engine folder (deploy side: onnxruntime + numpy, no torch).
 
-Implements the runtime's session protocol: ``run(input_ids (B, S), positions (S,)) -> logits (B, 1, V)`` with the
-KV caches held between calls, ``reset()`` and ``capacity``. The caches are numpy arrays fed as ``past.*`` and replaced
+Implements the runtime's session protocol: ``run(input_ids (B, S), positions (B, S) or (S,), logits_index (B,))
+-> logits (B, 1, V)`` with the KV caches held between calls, ``reset()``, ``read_cache``/``write_cache`` and
+``capacity``. The caches are numpy arrays fed as ``past.*`` and replaced
 by the ``present.*`` outputs after each call.
 """
 
@@ -57,7 +58,8 @@ class OrtSession:
 
     ``cache_update == "in_place"`` (fused attention): zero-copy decode. Each layer cache is one buffer bound as both
     ``past.*`` input and ``present.*`` output through IO binding, so the kernel writes new rows into the memory it
-    reads; logits go into a preallocated buffer; per call only ``input_ids`` and ``positions`` are bound.
+    reads; logits go into a preallocated buffer; per call only ``input_ids``, ``positions`` and ``logits_index`` are
+    bound.
     ``"copy"`` (unfused graphs): caches are fed as numpy arrays and replaced by the returned presents.
     """
 
@@ -109,16 +111,22 @@ class OrtSession:
         """Memory address of each cache buffer (tests check they stay put and that presents alias them)."""
         return {name: array.ctypes.data for name, array in self._caches.items()}
 
-    def run(self, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Feed new tokens at ``positions``; the caches advance; returns last-token logits (B, 1, V)."""
+    def run(self, input_ids: np.ndarray, positions: np.ndarray, logits_index: np.ndarray | None = None) -> np.ndarray:
+        """Feed new tokens (B, S) at each row's ``positions`` ((B, S), or (S,) for all rows); the caches advance.
+        Returns the logits (B, 1, V) of token ``logits_index[b]`` of each row (default: the last one)."""
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        positions = np.ascontiguousarray(positions, dtype=np.int64)
+        batch, length = input_ids.shape
+        positions = np.ascontiguousarray(np.broadcast_to(positions, (batch, length)), dtype=np.int64)
+        if logits_index is None:
+            logits_index = np.full(batch, length - 1, dtype=np.int64)
+        logits_index = np.ascontiguousarray(logits_index, dtype=np.int64)
         if self.in_place:
             self._binding.bind_cpu_input("input_ids", input_ids)
             self._binding.bind_cpu_input("positions", positions)
+            self._binding.bind_cpu_input("logits_index", logits_index)
             self.session.run_with_iobinding(self._binding)
             return self._logits.copy()  # the buffer is overwritten by the next call
-        feeds = {"input_ids": input_ids, "positions": positions, **self._caches}
+        feeds = {"input_ids": input_ids, "positions": positions, "logits_index": logits_index, **self._caches}
         outputs = self.session.run(self._output_names, feeds)
         logits = None
         for name, value in zip(self._output_names, outputs):
