@@ -33,6 +33,7 @@ class CompileReport:
     out: Path
     passes: list = field(default_factory=list)  # PassRecord
     files: dict = field(default_factory=dict)  # name -> bytes
+    lowering_rules: dict = field(default_factory=dict)  # backend rewrite rule -> times it fired
     stage_seconds: dict = field(default_factory=dict)
     total_seconds: float = 0.0
 
@@ -45,6 +46,8 @@ class CompileReport:
                 continue
             stats = ", ".join(f"{k}={v}" for k, v in record.stats.items()) or "no change"
             out.append(f"  {record.name:24s} {stats}  ({record.ops_before} -> {record.ops_after} ops)")
+        if self.lowering_rules:
+            out.append("lowering: " + ", ".join(f"{k}={v}" for k, v in self.lowering_rules.items()))
         out.append("files:")
         for name, size in self.files.items():
             out.append(f"  {name:24s} {_human_bytes(size)}")
@@ -175,6 +178,7 @@ def compile(model: str | Path = "tiny-random", out: str | Path = "engine", backe
         shutil.rmtree(staging, ignore_errors=True)
         raise
     report.files = {name: info["bytes"] for name, info in manifest["files"].items()}
+    report.lowering_rules = dict(engine_section.get("lowering_rules", {}))
     report.files[MANIFEST] = (out / MANIFEST).stat().st_size
     report.total_seconds = time.perf_counter() - started
     engine = load_engine(out, device=device)

@@ -4,6 +4,7 @@ Phase 1, canonicalize: make the captured graph regular, so each later fusion nee
     remove_noop_ops      identity casts, clones, metadata asserts, eval-mode dropout
 Phase 2, fuse: replace op patterns with one op of ours that backends lower to their fastest kernel.
     fuse_kv_cache        RoPE + cache write + head expansion + SDPA -> agentopt::cached_attention
+    pack_qkv_projections the three projections feeding a fused attention -> one matmul + split
 Later phases (see the open issues): insert sparse attention, apply a precision plan.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from .fuse_kv_cache import FuseKVCache
 from .infra import PassPipeline
+from .pack_qkv_projections import PackQKVProjections
 from .remove_noop_ops import RemoveNoopOps
 
 
@@ -20,4 +22,5 @@ def default_pipeline() -> PassPipeline:
         RemoveNoopOps(),
         # phase 2: fuse
         FuseKVCache(),
+        PackQKVProjections(),
     ])

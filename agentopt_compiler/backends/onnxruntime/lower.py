@@ -1,6 +1,7 @@
 """Lower a captured program to an ONNX model for ONNX Runtime.
 
-    ExportedProgram --torch.onnx (dynamo, opset 23)--> ONNX IR --lift_cache_mutations--> optimize --> model.onnx
+    ExportedProgram --torch.onnx (dynamo, opset 23)--> ONNX IR --lift_cache_mutations--> optimize
+        --> ORT lowering rules (skip_rms_norm.py; contrib ops, so not with attention_impl="standard") --> model.onnx
 
 torch.onnx keeps only user outputs: the in-place cache writes (BUFFER_MUTATION outputs of the functionalized graph)
 are silently dropped and the caches frozen into constant initializers, so decode would read an all-zero past.
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ...errors import AgentOptError, UnsupportedOpError
+from .skip_rms_norm import fuse_skip_rms_norm
 
 OPSET = 23
 GRAPH_FILE = "model.onnx"
@@ -163,6 +165,10 @@ def lower_to_onnx(program, folder: Path, attention_impl: str = "gqa") -> dict:
     user_outputs[0].name = "logits"
     trim_unused_trailing_outputs(graph)
     onnx_program.optimize()
+    # ORT contrib-op rules, unless the engine must stay standard ONNX (what --attention-impl standard is for)
+    lowering_rules = {}
+    if attention_impl == "gqa":
+        lowering_rules["skip_rms_norm"] = fuse_skip_rms_norm(onnx_program.model)
     weight_bytes = sum(p.numel() * p.element_size() for p in program.exported.state_dict.values())
     onnx_program.save(str(folder / GRAPH_FILE), external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD)
     return {
@@ -173,6 +179,7 @@ def lower_to_onnx(program, folder: Path, attention_impl: str = "gqa") -> dict:
         "logits": "logits",
         "caches": caches,
         "attention": {"fused_layers": fused, "impl": attention_impl if fused else "unfused"},
+        "lowering_rules": lowering_rules,
         # fused lowerings write new rows into the cache tensor they read, so past and present can share one buffer
         "cache_update": "in_place" if fused else "copy",
     }

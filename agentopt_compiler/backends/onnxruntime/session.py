@@ -74,6 +74,7 @@ class OrtSession:
         self.batch_size = int(engine["batch_size"])
         self.in_place = engine.get("cache_update") == "in_place"
         self._output_names = [o.name for o in self.session.get_outputs()]
+        self._input_names = {i.name for i in self.session.get_inputs()}
         self._present_to_past = {c["output"]: c["input"] for c in self.caches_spec}
         self._caches = {c["input"]: np.zeros(c["shape"], dtype=np.float32) for c in self.caches_spec}
         if self.in_place:
@@ -123,10 +124,12 @@ class OrtSession:
         if self.in_place:
             self._binding.bind_cpu_input("input_ids", input_ids)
             self._binding.bind_cpu_input("positions", positions)
-            self._binding.bind_cpu_input("logits_index", logits_index)
+            if "logits_index" in self._input_names:
+                self._binding.bind_cpu_input("logits_index", logits_index)
             self.session.run_with_iobinding(self._binding)
             return self._logits.copy()  # the buffer is overwritten by the next call
         feeds = {"input_ids": input_ids, "positions": positions, "logits_index": logits_index, **self._caches}
+        feeds = {name: value for name, value in feeds.items() if name in self._input_names}
         outputs = self.session.run(self._output_names, feeds)
         logits = None
         for name, value in zip(self._output_names, outputs):

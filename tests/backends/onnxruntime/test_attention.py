@@ -39,8 +39,9 @@ def test_lowering_matches_eager_over_chunked_prefill_and_32_decode_steps(impl, m
     ops = Counter(n.op_type for n in graph.node)
     if impl == "gqa":
         assert ops["GroupQueryAttention"] == 2 and ops["ScatterND"] == 0 and ops["Transpose"] == 0
+        assert ops["SkipSimplifiedLayerNormalization"] == 3 and ops["MatMul"] == 2 * 5 + 1  # packed q/k/v
     else:
-        assert ops["Attention"] == 2 and ops["ScatterND"] == 4
+        assert ops["Attention"] == 2 and ops["ScatterND"] == 4 and ops["RMSNormalization"] == 5
         assert not [n for n in graph.node if n.domain == "com.microsoft"]
         cache_inputs = {c["input"] for c in section["caches"]}
         assert not [n for n in graph.node if n.op_type == "Transpose" and set(n.input) & cache_inputs]
@@ -88,3 +89,20 @@ def test_decode_is_zero_copy_and_greedy_tokens_equal_eager(tmp_path, tiny_engine
     filled = np.abs(key[0, 0]).sum(axis=-1) > 0
     assert filled[: len(prompt) + 32].all() and not filled[len(prompt) + 32:].any()
     assert tokens == eager_greedy(load_model("tiny-random").model, prompt, 33, TINY_CONTEXT)
+
+
+def test_skip_rms_norm_rule_does_not_fire_on_a_broadcasting_add():
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from agentopt_compiler.backends.onnxruntime.skip_rms_norm import fuse_skip_rms_norm
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "bias"], ["h"]),
+         helper.make_node("RMSNormalization", ["h", "w"], ["y"], epsilon=1e-6)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8]),
+              helper.make_tensor_value_info("bias", TensorProto.FLOAT, [8]),
+              helper.make_tensor_value_info("w", TensorProto.FLOAT, [8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8])])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]))
+    assert fuse_skip_rms_norm(model) == 0  # x + bias broadcasts: the contrib op needs equal shapes

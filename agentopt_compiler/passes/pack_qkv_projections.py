@@ -1,0 +1,92 @@
+"""Pass ``pack_qkv_projections``: the q, k and v projections of a fused attention op become one matmul.
+
+Before:                                          After:
+    q = linear(x, Wq, bq)                            qkv = linear(x, cat(Wq, Wk, Wv), cat(bq, bk, bv))
+    k = linear(x, Wk, bk)                            q, k, v = split(qkv, [Hq*D, Hkv*D, Hkv*D], -1)
+    v = linear(x, Wv, bv)                            agentopt.cached_attention(q, k, v, ...)
+    agentopt.cached_attention(q, k, v, ...)
+
+Why: at decode time a projection is a (B, 1, E) x (E, N) matrix-vector product, so its cost is dominated by the fixed
+per-kernel overhead and by streaming the weights; one wider matmul streams the same weights with one kernel launch
+instead of three. Each output column is the same dot product as before, so the result is unchanged.
+
+Runs after ``fuse_kv_cache`` (it packs only projections that feed one fused attention op, where the split sizes are
+known) and fires only when all three projections read the same input, are used nowhere else, and agree on bias.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from ..capture import custom_ops  # noqa: F401  (registers torch.ops.agentopt.*)
+from .infra import GraphPass, PassResult
+
+aten = torch.ops.aten
+
+
+def _attr(gm: torch.nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class PackQKVProjections(GraphPass):
+    name = "pack_qkv_projections"
+
+    def check(self, attention: torch.fx.Node) -> str | None:
+        """None if the q/k/v projections of this fused attention node can be packed, else why not."""
+        projections = attention.args[:3]
+        if not all(isinstance(p, torch.fx.Node) and p.target == aten.linear.default for p in projections):
+            return "q, k and v are not all linear projections"
+        if len({p.args[0] for p in projections}) != 1:
+            return "q, k and v project different inputs"
+        if any(len(p.users) != 1 for p in projections):
+            return "a projection is used outside the attention op"
+        biases = [p.args[2] if len(p.args) > 2 else None for p in projections]
+        if len({b is None for b in biases}) != 1:
+            return "some projections have a bias and some do not"
+        if any(w.op != "get_attr" for w in [p.args[1] for p in projections]):
+            return "a projection weight is not a parameter"
+        return None
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        packed, notes = 0, []
+        graph = gm.graph
+        for attention in [n for n in graph.nodes if n.target == torch.ops.agentopt.cached_attention.default]:
+            reason = self.check(attention)
+            if reason:
+                notes.append(f"{attention.name}: {reason}")
+                continue
+            q, k, v = attention.args[:3]
+            weights = [_attr(gm, p.args[1].target) for p in (q, k, v)]
+            has_bias = len(q.args) > 2 and q.args[2] is not None
+            prefix = q.args[1].target.rsplit(".", 2)[0].replace(".", "_")  # e.g. layers_0_self_attn
+            weight_name = f"{prefix}_qkv_weight"
+            gm.register_parameter(weight_name, torch.nn.Parameter(torch.cat(weights, 0).detach(), False))
+            if has_bias:
+                bias_name = f"{prefix}_qkv_bias"
+                biases = [_attr(gm, p.args[2].target) for p in (q, k, v)]
+                gm.register_parameter(bias_name, torch.nn.Parameter(torch.cat(biases, 0).detach(), False))
+            sizes = [w.shape[0] for w in weights]
+            with graph.inserting_before(q):
+                weight = graph.get_attr(weight_name)
+                args = [q.args[0], weight] + ([graph.get_attr(bias_name)] if has_bias else [])
+                qkv = graph.call_function(aten.linear.default, tuple(args))
+                qkv.meta["nn_module_stack"] = q.meta.get("nn_module_stack", {})
+                split = graph.call_function(aten.split_with_sizes.default, (qkv, sizes, -1))
+                parts = [graph.call_function(operator.getitem, (split, i)) for i in range(3)]
+            old_params = [p.args[1] for p in (q, k, v)] + ([p.args[2] for p in (q, k, v)] if has_bias else [])
+            for old, new in zip((q, k, v), parts):
+                old.replace_all_uses_with(new)
+                graph.erase_node(old)
+            for param in old_params:  # drop the separate weights so they are not exported twice
+                if not param.users:
+                    target = param.target
+                    graph.erase_node(param)
+                    owner, _, leaf = target.rpartition(".")
+                    delattr(_attr(gm, owner) if owner else gm, leaf)
+            packed += 1
+        return PassResult(bool(packed), {"packed_projections": packed} if packed else {}, tuple(notes))
