@@ -97,7 +97,7 @@ def dependency_versions() -> dict[str, str]:
 def compile(model: str | Path = "tiny-random", out: str | Path = "engine", backend: str = "onnxruntime",
             device: str = "cpu", context_length: int | None = None, skip_passes: Iterable[str] = (),
             debug_dump: str | Path | None = None, overwrite: bool = False, attention_impl: str = "gqa",
-            batch_size: int = 1, progress: Callable[[str], None] | None = None):
+            batch_size: int = 1, sparse_attention=None, progress: Callable[[str], None] | None = None):
     """Compile ``model`` into an engine folder at ``out`` and return the loaded ``Engine``.
 
     ``model`` is a built-in name (``tiny-random``, ``ref-60m``) or a local Hugging Face folder. ``context_length``
@@ -105,12 +105,14 @@ def compile(model: str | Path = "tiny-random", out: str | Path = "engine", backe
     ``attention_impl`` picks how fused attention is lowered: ``gqa`` (ORT's GroupQueryAttention, in-place caches)
     or ``standard`` (standard ONNX ops only, for execution providers without Microsoft contrib ops).
     ``batch_size`` is the number of rows the engine runs together (``Engine.generate_batch``); rows have their own
-    lengths and positions.
+    lengths and positions. ``sparse_attention`` is a ``SparseAttentionPlan``, a spec such as
+    ``"window=1024,sinks=4,layers=2-7"`` or a JSON plan file; layers it does not name stay dense.
     """
     from . import backends
     from .capture.export import capture
     from .models.hf_loader import TOKENIZER_FILES
     from .models.registry import load_model
+    from .passes.insert_sparse_attention import SparseAttentionPlan
     from .passes.pipeline import default_pipeline
     from .passes.region_graph import build_region_graph, summarize
     from .runtime.engine import load_engine
@@ -121,7 +123,8 @@ def compile(model: str | Path = "tiny-random", out: str | Path = "engine", backe
     entry = backends.get_backend(backend, device)
     backends.check_attention_impl(entry, attention_impl)
     check_output_folder(out, overwrite)
-    pipeline = default_pipeline()
+    sparse_plan = SparseAttentionPlan.load(sparse_attention)
+    pipeline = default_pipeline(sparse_plan)
     unknown = set(skip_passes) - set(pipeline.names)
     if unknown:
         raise AgentOptError(f"unknown pass to skip: {', '.join(sorted(unknown))}; passes are: "
@@ -170,6 +173,7 @@ def compile(model: str | Path = "tiny-random", out: str | Path = "engine", backe
                 "engine": {"backend": backend, "device": device, "context_length": context,
                            "batch_size": program.batch_size, "dtype": "float32", **engine_section},
                 "passes": [r.to_dict() for r in records],
+                "sparse_attention": sparse_plan.to_dict() if sparse_plan else None,
                 "regions": regions,
                 "tokenizer": {"files": tokenizer_files},
             })

@@ -11,6 +11,9 @@ reference semantics every lowering is checked against.
                                              ones); (S,) means the same positions for every row
     cos/sin (L, D) or None                   RoPE tables in half-rotation layout, applied to q and k when rotary
     window                                   > 0: a query at p sees keys p-window < j <= p (itself included)
+    sinks                                    > 0 (with a window): keys j < sinks stay visible too (StreamingLLM)
+    stride                                   > 0 (with a window): keys with (p - j) % stride == 0 stay visible too
+                                             (Sparse-Transformer strided pattern)
     scale                                    softmax scale; 0 means 1/sqrt(D)
     -> out (B, S, Hq*D), new k_cache, new v_cache
 """
@@ -32,7 +35,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, positions: torch.Tensor, cos: Optional[torch.Tensor],
                      sin: Optional[torch.Tensor], num_heads: int, kv_num_heads: int, window: int = -1,
-                     scale: float = 0.0, rotary: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     scale: float = 0.0, rotary: bool = False, sinks: int = 0,
+                     stride: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, s, _ = q.shape
     d, capacity = k_cache.shape[-1], k_cache.shape[2]
     positions = positions.expand(b, s)  # (B, S)
@@ -49,7 +53,12 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     query_pos = positions[:, None, :, None]  # (B, 1, S, 1)
     mask = key_pos <= query_pos  # (B, 1, S, T)
     if window > 0:
-        mask = mask & (key_pos > query_pos - window)
+        visible = key_pos > query_pos - window
+        if sinks > 0:
+            visible = visible | (key_pos < sinks)
+        if stride > 0:
+            visible = visible | ((query_pos - key_pos) % stride == 0)
+        mask = mask & visible
     repeats = num_heads // kv_num_heads
     out = F.scaled_dot_product_attention(q, k_cache.repeat_interleave(repeats, 1),
                                          v_cache.repeat_interleave(repeats, 1), attn_mask=mask,
@@ -59,5 +68,5 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
 
 @cached_attention.register_fake
 def _(q, k, v, k_cache, v_cache, positions, cos, sin, num_heads, kv_num_heads, window=-1, scale=0.0,
-      rotary=False):
+      rotary=False, sinks=0, stride=0):
     return torch.empty_like(q), torch.empty_like(k_cache), torch.empty_like(v_cache)

@@ -26,6 +26,9 @@ def add_parser(sub) -> None:
     p.add_argument("--attention-impl", default="gqa", choices=["gqa", "standard"],
                    help="lowering of fused attention: gqa = ORT GroupQueryAttention with in-place caches (default); "
                         "standard = standard ONNX ops only (execution providers without Microsoft contrib ops)")
+    p.add_argument("--sparse-attention", metavar="SPEC|PLAN.json", default=None,
+                   help="per-layer sparse attention, e.g. window=1024,sinks=4,layers=2-7 (groups separated by ';'; "
+                        "sinks and stride optional; no layers = all), or a JSON plan file; other layers stay dense")
     p.add_argument("--skip-pass", action="append", default=[], metavar="NAME",
                    help="skip a pass of the pipeline (repeatable)")
     p.add_argument("--debug-dump", metavar="DIR", help="write the graph after each pass into DIR")
@@ -40,6 +43,7 @@ def run(args) -> int:
     engine = compile(model=args.model, out=args.out, backend=args.backend, device=args.device,
                      context_length=args.context_length, skip_passes=args.skip_pass, debug_dump=args.debug_dump,
                      overwrite=args.overwrite, attention_impl=args.attention_impl, batch_size=args.batch_size,
+                     sparse_attention=args.sparse_attention,
                      progress=ProgressLog(args.quiet))
     print("\n".join(engine.compile_report.lines()))
     return 0

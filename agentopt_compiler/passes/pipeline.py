@@ -5,22 +5,27 @@ Phase 1, canonicalize: make the captured graph regular, so each later fusion nee
 Phase 2, fuse: replace op patterns with one op of ours that backends lower to their fastest kernel.
     fuse_kv_cache        RoPE + cache write + head expansion + SDPA -> agentopt::cached_attention
     pack_qkv_projections the three projections feeding a fused attention -> one matmul + split
-Later phases (see the open issues): insert sparse attention, apply a precision plan.
+Phase 3, change the math where the user asked for it (each pass does nothing without its plan):
+    insert_sparse_attention  per-layer window / sinks / strided patterns on the fused attention
+Later phases (see the open issues): apply a precision plan.
 """
 
 from __future__ import annotations
 
 from .fuse_kv_cache import FuseKVCache
 from .infra import PassPipeline
+from .insert_sparse_attention import InsertSparseAttention, SparseAttentionPlan
 from .pack_qkv_projections import PackQKVProjections
 from .remove_noop_ops import RemoveNoopOps
 
 
-def default_pipeline() -> PassPipeline:
+def default_pipeline(sparse_attention: SparseAttentionPlan | None = None) -> PassPipeline:
     return PassPipeline([
         # phase 1: canonicalize
         RemoveNoopOps(),
         # phase 2: fuse
         FuseKVCache(),
         PackQKVProjections(),
+        # phase 3: user-requested changes to the math
+        InsertSparseAttention(sparse_attention),
     ])

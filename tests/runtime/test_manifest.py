@@ -18,8 +18,10 @@ def test_manifest_describes_the_engine(tiny_engine_dir):
     assert manifest["engine"]["backend"] == "onnxruntime" and manifest["engine"]["context_length"] == 96
     assert {"torch", "onnx", "onnxruntime", "agentopt-compiler"} <= set(manifest["dependencies"])
     assert manifest["model"]["config"]["num_layers"] == 2
-    assert [p["name"] for p in manifest["passes"]] == ["remove_noop_ops", "fuse_kv_cache", "pack_qkv_projections"]
-    assert manifest["engine"]["attention"] == {"fused_layers": 2, "impl": "gqa"}
+    assert [p["name"] for p in manifest["passes"]] == ["remove_noop_ops", "fuse_kv_cache", "pack_qkv_projections",
+                                                     "insert_sparse_attention"]
+    assert manifest["engine"]["attention"]["fused_layers"] == 2 and manifest["engine"]["attention"]["impl"] == "gqa"
+    assert manifest["sparse_attention"] is None
     assert manifest["engine"]["cache_update"] == "in_place"
     assert manifest["engine"]["lowering_rules"] == {"skip_rms_norm": 3}  # 2 layers x 2 norms, less the first
     assert set(manifest["files"]) == {p.name for p in tiny_engine_dir.iterdir()} - {"manifest.json"}

@@ -5,13 +5,17 @@
         -> out, present_key, present_value
     The caches keep their capacity T (present has past's shape), the new rows are written at
     [pos0, pos0 + S), RoPE is applied inside (``do_rotary``), and a sliding window is ``local_window_size=W``
-    (W keys including the query: the same convention as our op). Bound to one buffer as past and present, the
-    cache is updated in place; attention work grows with the tokens cached, not with T.
+    (W keys including the query: the same convention as our op). Layers with attention sinks or a strided
+    pattern, which GQA cannot express, take the standard lowering below instead (recorded in the manifest).
+    Bound to one buffer as past and present, the cache is updated in place; attention work grows with the
+    tokens cached, not with T.
 
 ``standard``: standard ONNX only (opset 23), for execution providers without Microsoft contrib ops and for TensorRT
     q4 = Transpose(Reshape(q)) ; RoPE with Gather(cos, pos) + Split/Neg/Concat
     new_cache = ScatterND(cache, indices[b, h, s] = (b, h, pos[b, s]), k4)    # no full-cache transposes
-    out = Attention(q4, new_k, new_v, mask[s, t] = t <= pos[s] (& t > pos[s] - W))
+    out = Attention(q4, new_k, new_v, mask[b, s, t] = t <= pos[b, s]
+                                                  & (no window | t > pos[b, s] - W | t < sinks
+                                                     | (pos[b, s] - t) % stride == 0))
     It is exact but attends over all T slots each step (masked), so it is O(T) per step on ORT CPU.
 """
 
@@ -35,7 +39,10 @@ def _static_dim(value, axis: int) -> int:
 
 
 def cached_attention_to_gqa(q, k, v, k_cache, v_cache, positions, cos=None, sin=None, num_heads=1, kv_num_heads=1,
-                            window=-1, scale=0.0, rotary=False):
+                            window=-1, scale=0.0, rotary=False, sinks=0, stride=0):
+    if sinks > 0 or stride > 0:  # GQA has no sink or strided pattern: this layer takes the standard-op lowering
+        return cached_attention_to_standard(q, k, v, k_cache, v_cache, positions, cos, sin, num_heads, kv_num_heads,
+                                            window, scale, rotary, sinks, stride)
     head_dim = _static_dim(k_cache, 3)
     if len(positions.shape) == 2:  # (B, S): each row's own positions
         last = op.Squeeze(op.Slice(positions, [-1], [_INT64_MAX], [1]), [1])  # (B,) last new position per row
@@ -76,7 +83,7 @@ def _scatter_indices(cache, new4, positions):
 
 
 def cached_attention_to_standard(q, k, v, k_cache, v_cache, positions, cos=None, sin=None, num_heads=1,
-                                 kv_num_heads=1, window=-1, scale=0.0, rotary=False):
+                                 kv_num_heads=1, window=-1, scale=0.0, rotary=False, sinks=0, stride=0):
     head_dim, capacity = _static_dim(k_cache, 3), _static_dim(k_cache, 2)
     q4 = op.Transpose(op.Reshape(q, [0, 0, num_heads, head_dim]), perm=[0, 2, 1, 3])  # (B, Hq, S, D)
     k4 = op.Transpose(op.Reshape(k, [0, 0, kv_num_heads, head_dim]), perm=[0, 2, 1, 3])  # (B, Hkv, S, D)
@@ -92,7 +99,12 @@ def cached_attention_to_standard(q, k, v, k_cache, v_cache, positions, cos=None,
     queries = op.Unsqueeze(_rows_positions(positions), [3])  # (B or 1, 1, S, 1)
     mask = op.LessOrEqual(keys, queries)  # (B or 1, 1, S, T)
     if window > 0:
-        mask = op.And(mask, op.Greater(keys, op.Sub(queries, window)))
+        visible = op.Greater(keys, op.Sub(queries, window))
+        if sinks > 0:
+            visible = op.Or(visible, op.Less(keys, sinks))
+        if stride > 0:
+            visible = op.Or(visible, op.Equal(op.Mod(op.Sub(queries, keys), stride), 0))
+        mask = op.And(mask, visible)
     attributes = {"scale": scale} if scale else {}
     out4 = op.Attention(q4, new_k, new_v, mask, **attributes)[0]  # (B, Hq, S, D); GQA from the head counts
     out = op.Reshape(op.Transpose(out4, perm=[0, 2, 1, 3]), [0, 0, num_heads * head_dim])

@@ -137,6 +137,40 @@ def trim_unused_trailing_outputs(graph, op_types=("GroupQueryAttention", "Attent
     return trimmed
 
 
+def _pattern_of(node) -> dict:
+    args = list(node.args) + [None] * 15
+    window = args[10] if isinstance(args[10], int) and args[10] > 0 else 0
+    return {"window": window, "sinks": args[13] or 0, "stride": args[14] or 0}
+
+
+def check_attention_patterns(graph, fused_nodes) -> list[dict]:
+    """Prove each fused attention's sparsity pattern survived lowering, layer by layer, or fail the compile.
+
+    GroupQueryAttention must carry ``local_window_size`` = the window; an ``Attention`` lowering must mask with
+    more than causality (an ``And`` of the causal mask and the window terms) exactly when a window was asked for.
+    Export paths in the field drop windows silently; this check makes that a compile error.
+    """
+    if not fused_nodes:  # unfused graphs: torch.onnx lowers the model's own mask; nothing of ours to check
+        return []
+    lowered = [n for n in graph if n.op_type in ("GroupQueryAttention", "Attention")]
+    if len(lowered) != len(fused_nodes):
+        raise AgentOptError(f"internal: {len(fused_nodes)} fused attention ops became {len(lowered)} attention nodes")
+    layers = []
+    for index, (node, fused) in enumerate(zip(lowered, fused_nodes)):
+        pattern = _pattern_of(fused)
+        if node.op_type == "GroupQueryAttention":
+            attribute = node.attributes.get("local_window_size")
+            kept = (attribute.value if attribute is not None else -1) == (pattern["window"] or -1)
+        else:
+            mask = node.inputs[3].producer() if len(node.inputs) > 3 and node.inputs[3] is not None else None
+            kept = (mask is not None and mask.op_type == "And") == bool(pattern["window"])
+        if not kept:
+            raise AgentOptError(f"attention layer {index}: the pattern {pattern} was lost in lowering to "
+                                f"{node.op_type}; refusing to write an engine that silently attends densely")
+        layers.append({"op": node.op_type, **pattern})
+    return layers
+
+
 def _cache_sort_key(name: str):
     parts = name.split(".")
     return (int(parts[1]), parts[2]) if len(parts) == 3 and parts[1].isdigit() else (1 << 30, name)
@@ -155,7 +189,8 @@ def lower_to_onnx(program, folder: Path, attention_impl: str = "gqa") -> dict:
     if attention_impl not in ATTENTION_IMPLS:
         raise AgentOptError(f"attention implementation '{attention_impl}' is not available for onnxruntime; "
                             f"choose one of: {', '.join(ATTENTION_IMPLS)}")
-    fused = sum(1 for n in program.exported.graph.nodes if str(n.target) == "agentopt.cached_attention.default")
+    fused_nodes = [n for n in program.exported.graph.nodes if str(n.target) == "agentopt.cached_attention.default"]
+    fused = len(fused_nodes)
     onnx_program = export_onnx(program, translation_table(attention_impl))
     caches = lift_cache_mutations(onnx_program)
     graph = onnx_program.model.graph
@@ -165,6 +200,7 @@ def lower_to_onnx(program, folder: Path, attention_impl: str = "gqa") -> dict:
     user_outputs[0].name = "logits"
     trim_unused_trailing_outputs(graph)
     onnx_program.optimize()
+    layer_impls = check_attention_patterns(onnx_program.model.graph, fused_nodes)
     # ORT contrib-op rules, unless the engine must stay standard ONNX (what --attention-impl standard is for)
     lowering_rules = {}
     if attention_impl == "gqa":
@@ -178,7 +214,7 @@ def lower_to_onnx(program, folder: Path, attention_impl: str = "gqa") -> dict:
         "outputs": [v.name for v in graph.outputs],
         "logits": "logits",
         "caches": caches,
-        "attention": {"fused_layers": fused, "impl": attention_impl if fused else "unfused"},
+        "attention": {"fused_layers": fused, "impl": attention_impl if fused else "unfused", "layers": layer_impls},
         "lowering_rules": lowering_rules,
         # fused lowerings write new rows into the cache tensor they read, so past and present can share one buffer
         "cache_update": "in_place" if fused else "copy",

@@ -1,0 +1,161 @@
+"""Pass ``insert_sparse_attention``: give chosen layers a sparse attention pattern, explicitly and per layer.
+
+Before:                                              After (layers the plan names):
+    agentopt.cached_attention(..., window=-1)            agentopt.cached_attention(..., window=W, sinks=S,
+                                                                                   stride=K)
+Patterns (a query at position p sees key j <= p when):
+    window W            p - W < j                          sliding window (W keys, itself included)
+    sinks S + window W  p - W < j  or  j < S               StreamingLLM: the first S tokens stay visible
+    stride K + window W p - W < j  or  (p - j) % K == 0    Sparse-Transformer strided (local + every K-th)
+Layers the plan does not name stay dense, so local/global interleaving (Gemma/Mistral-style hybrids) is a list of
+windowed layers. The plan is data: ``SparseAttentionPlan.parse("window=1024,sinks=4,layers=2-7")`` on the CLI, or
+a JSON plan file; the pass records per layer what it set, and the manifest keeps the plan.
+
+Why: long agent sessions make dense attention's work and (next increment) KV memory grow without bound; a window
+bounds both. Export pipelines in the field silently drop such patterns; here the pattern is an argument of the
+fused op, so every lowering must carry it (GQA ``local_window_size``, or an explicit mask), and tests compare the
+engine with the eager reference under the same mask.
+
+Requires ``fuse_kv_cache`` (the pattern rides on the fused op); it refuses a plan that names layers the model
+does not have.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..capture import custom_ops  # noqa: F401  (registers torch.ops.agentopt.*)
+from ..errors import AgentOptError
+from .infra import GraphPass, PassResult
+from .region_graph import region_of
+
+WINDOW, SCALE, ROTARY, SINKS, STRIDE = 10, 11, 12, 13, 14  # argument positions in agentopt.cached_attention
+
+
+@dataclass(frozen=True)
+class SparsePattern:
+    window: int
+    sinks: int = 0
+    stride: int = 0
+
+    def __post_init__(self):
+        if self.window < 1:
+            raise AgentOptError(f"sparse attention window must be >= 1, got {self.window}")
+        if self.sinks < 0 or self.stride < 0:
+            raise AgentOptError("sparse attention sinks and stride must be >= 0")
+
+    def describe(self) -> str:
+        extra = (f"+sinks{self.sinks}" if self.sinks else "") + (f"+stride{self.stride}" if self.stride else "")
+        return f"window{self.window}{extra}"
+
+
+@dataclass(frozen=True)
+class SparseAttentionPlan:
+    layers: dict[int, SparsePattern] = field(default_factory=dict)  # layer index -> pattern; others dense
+
+    @classmethod
+    def parse(cls, spec: str) -> "SparseAttentionPlan":
+        """``window=1024,sinks=4,layers=2-7`` (several groups separated by ``;``); no ``layers`` means all."""
+        layers: dict[int | str, SparsePattern] = {}
+        for group in filter(None, (g.strip() for g in spec.split(";"))):
+            fields, key = {}, None
+            for item in group.split(","):
+                if "=" not in item and key == "layers":  # layers=0,2,4: the list goes on
+                    fields[key] += "," + item.strip()
+                    continue
+                key, _, value = item.partition("=")
+                key = key.strip()
+                fields[key] = value.strip()
+            unknown = set(fields) - {"window", "sinks", "stride", "layers"}
+            if unknown or "window" not in fields:
+                raise AgentOptError(f"cannot read sparse attention '{group}': expected window=W[,sinks=S]"
+                                    f"[,stride=K][,layers=A-B|A,B,...]")
+            try:
+                pattern = SparsePattern(int(fields["window"]), int(fields.get("sinks", 0)),
+                                        int(fields.get("stride", 0)))
+                for layer in _layer_list(fields.get("layers", "all")):
+                    layers[layer] = pattern
+            except ValueError:
+                raise AgentOptError(f"cannot read sparse attention '{group}': numbers expected") from None
+        return cls(layers)  # "all" stays a key until resolved against the model
+
+    @classmethod
+    def load(cls, source: "str | Path | dict | SparseAttentionPlan | None") -> "SparseAttentionPlan | None":
+        """A plan from a spec string, a JSON plan file, a dict, or a plan."""
+        if source is None or isinstance(source, SparseAttentionPlan):
+            return source
+        if isinstance(source, dict):
+            return cls({_layer_key(k): SparsePattern(**v) for k, v in source.get("layers", {}).items()})
+        if Path(str(source)).suffix == ".json":
+            path = Path(str(source))
+            if not path.is_file():
+                raise AgentOptError(f"sparse attention plan '{path}' does not exist")
+            return cls.load(json.loads(path.read_text()))
+        return cls.parse(str(source))
+
+    def resolve(self, num_layers: int) -> dict[int, SparsePattern]:
+        resolved = {i: self.layers["all"] for i in range(num_layers)} if "all" in self.layers else {}
+        resolved.update({k: v for k, v in self.layers.items() if k != "all"})
+        missing = sorted(k for k in resolved if not 0 <= k < num_layers)
+        if missing:
+            raise AgentOptError(f"sparse attention plan names layer(s) {missing}, but the model has layers "
+                                f"0-{num_layers - 1}")
+        return resolved
+
+    def to_dict(self) -> dict:
+        return {"layers": {str(k): asdict(v) for k, v in sorted(self.layers.items(), key=lambda kv: str(kv[0]))}}
+
+
+def _layer_key(key: str) -> int | str:
+    return key if key == "all" else int(key)
+
+
+def _layer_list(text: str) -> list[int | str]:
+    if text == "all":
+        return ["all"]
+    layers: list[int | str] = []
+    for part in re.split(r"[,+]", text.replace(" ", "")):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not match:
+            raise ValueError(part)
+        start, end = int(match.group(1)), int(match.group(2) or match.group(1))
+        layers.extend(range(start, end + 1))
+    return layers
+
+
+def _layer_index(node: torch.fx.Node) -> int | None:
+    match = re.match(r"layers\.(\d+)\.", region_of(node) + ".")
+    return int(match.group(1)) if match else None
+
+
+class InsertSparseAttention(GraphPass):
+    name = "insert_sparse_attention"
+
+    def __init__(self, plan: SparseAttentionPlan | None = None):
+        self.plan = plan
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        if not self.plan or not self.plan.layers:
+            return PassResult(False, {}, ("no sparse attention plan given",))
+        attention = {_layer_index(n): n for n in gm.graph.nodes
+                     if n.target == torch.ops.agentopt.cached_attention.default}
+        wanted = self.plan.resolve(len([k for k in attention if k is not None]))
+        missing = sorted(set(wanted) - set(attention))
+        if missing or not attention:
+            raise AgentOptError(f"sparse attention plan names layer(s) {missing} that have no fused attention; "
+                                "fuse_kv_cache must run first (do not skip it with a sparse plan)")
+        stats: dict[str, int] = {}
+        for layer, pattern in sorted(wanted.items()):
+            node = attention[layer]
+            args = list(node.args) + [None] * (STRIDE + 1 - len(node.args))
+            defaults = {WINDOW: -1, SCALE: 0.0, ROTARY: False, SINKS: 0, STRIDE: 0}
+            args = [defaults[i] if a is None and i in defaults else a for i, a in enumerate(args)]
+            args[WINDOW], args[SINKS], args[STRIDE] = pattern.window, pattern.sinks, pattern.stride
+            node.args = tuple(args)
+            stats[pattern.describe()] = stats.get(pattern.describe(), 0) + 1
+        return PassResult(True, stats, tuple(f"layer {k}: {v.describe()}" for k, v in sorted(wanted.items())))

@@ -1,0 +1,67 @@
+"""Sparse attention through lowering: on inputs longer than the window the engine differs from dense and equals the
+eager reference under the same mask; a pattern lost in lowering fails the compile."""
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+
+import agentopt_compiler as ao
+from agentopt_compiler.backends.onnxruntime.lower import check_attention_patterns
+from agentopt_compiler.capture.export import capture
+from agentopt_compiler.errors import AgentOptError
+from agentopt_compiler.models.config import ModelConfig
+from agentopt_compiler.models.registry import BUILTIN_MODELS, build_model, load_model
+from agentopt_compiler.passes.insert_sparse_attention import SparseAttentionPlan
+from agentopt_compiler.passes.pipeline import default_pipeline
+from tests.conftest import eager_greedy
+
+CONTEXT = 64
+PROMPT = list(range(60, 90))  # 30 tokens: far longer than the windows below
+
+
+@pytest.mark.parametrize("impl", ["gqa", "standard"])
+def test_window_engine_equals_a_windowed_eager_model_and_differs_from_dense(impl, tmp_path):
+    engine = ao.compile("tiny-random", out=tmp_path / "w", context_length=CONTEXT, attention_impl=impl,
+                        sparse_attention="window=6")
+    windowed = build_model(ModelConfig(**{**BUILTIN_MODELS["tiny-random"].config.to_dict(), "eos_token_ids": (),
+                                          "sliding_window": 6}), seed=0)  # the model's own mask: independent
+    ours = engine.generate_ids(PROMPT, max_new_tokens=24, ignore_eos=True)
+    assert ours == eager_greedy(windowed, PROMPT, 24, CONTEXT)
+    assert ours != eager_greedy(load_model("tiny-random").model, PROMPT, 24, CONTEXT)  # dense differs
+
+
+@pytest.mark.parametrize("spec", ["window=5,sinks=3", "window=4,stride=3,layers=0"])
+def test_sinks_and_strided_patterns_equal_the_fused_ops_reference(spec, tmp_path):
+    engine = ao.compile("tiny-random", out=tmp_path / "s", context_length=CONTEXT, sparse_attention=spec)
+    assert {layer["op"] for layer in engine.manifest["engine"]["attention"]["layers"] if layer["sinks"] or
+            layer["stride"]} == {"Attention"}  # GQA cannot express these: standard-op lowering for those layers
+    program, _ = default_pipeline(SparseAttentionPlan.parse(spec)).run(capture(load_model("tiny-random").model,
+                                                                               CONTEXT))
+    reference = program.module  # eager run of agentopt.cached_attention with the same pattern
+    session = engine.session
+    session.reset()
+    worst, position = 0.0, 0
+    with torch.no_grad():
+        for size in (30, 1, 1, 5, 1):
+            ids = np.array([PROMPT[:size]]) if size > 1 else np.array([[7]])
+            positions = np.arange(position, position + size)[None]
+            expected = reference(torch.from_numpy(ids), torch.from_numpy(positions), torch.tensor([size - 1]))
+            worst = max(worst, float(np.abs(session.run(ids, positions) - expected.numpy()).max()))
+            position += size
+    assert worst <= 1e-4
+
+
+def test_a_pattern_lost_in_lowering_fails_the_compile(tmp_path):
+    engine = ao.compile("tiny-random", out=tmp_path / "w", context_length=CONTEXT, sparse_attention="window=6")
+    model = ir.load(str(tmp_path / "w" / "model.onnx"))
+    program, _ = default_pipeline(SparseAttentionPlan.parse("window=6")).run(
+        capture(load_model("tiny-random").model, CONTEXT))
+    fused = [n for n in program.exported.graph.nodes if "cached_attention" in str(n.target)]
+    assert len(check_attention_patterns(model.graph, fused)) == 2
+    for node in model.graph:
+        if node.op_type == "GroupQueryAttention":
+            node.attributes.pop("local_window_size")  # what a lossy exporter would do
+    with pytest.raises(AgentOptError, match="lost in lowering"):
+        check_attention_patterns(model.graph, fused)
+    assert engine.manifest["sparse_attention"] == {"layers": {"all": {"window": 6, "sinks": 0, "stride": 0}}}

@@ -1,0 +1,64 @@
+import json
+
+import pytest
+import torch
+
+from agentopt_compiler.capture.export import capture
+from agentopt_compiler.errors import AgentOptError
+from agentopt_compiler.passes.fuse_kv_cache import FuseKVCache
+from agentopt_compiler.passes.infra import op_histogram
+from agentopt_compiler.passes.insert_sparse_attention import (InsertSparseAttention, SparseAttentionPlan,
+                                                              SparsePattern)
+from agentopt_compiler.passes.remove_noop_ops import RemoveNoopOps
+
+
+def test_plan_specs():
+    plan = SparseAttentionPlan.parse("window=1024,sinks=4,layers=2-4; window=64,stride=8,layers=0,7")
+    assert plan.resolve(8) == {2: SparsePattern(1024, 4), 3: SparsePattern(1024, 4), 4: SparsePattern(1024, 4),
+                               0: SparsePattern(64, 0, 8), 7: SparsePattern(64, 0, 8)}
+    assert SparseAttentionPlan.parse("window=16").resolve(3) == {i: SparsePattern(16) for i in range(3)}
+    with pytest.raises(AgentOptError, match="layer\\(s\\) \\[9\\].*layers 0-7"):
+        SparseAttentionPlan.parse("window=8,layers=9").resolve(8)
+    with pytest.raises(AgentOptError, match="expected window=W"):
+        SparseAttentionPlan.parse("sinks=4")
+    with pytest.raises(AgentOptError, match="window must be >= 1"):
+        SparseAttentionPlan.parse("window=0")
+
+
+def test_plan_file_round_trip(tmp_path):
+    plan = SparseAttentionPlan.parse("window=32,sinks=2,layers=1")
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan.to_dict()))
+    assert SparseAttentionPlan.load(path) == plan
+    with pytest.raises(AgentOptError, match="does not exist"):
+        SparseAttentionPlan.load(tmp_path / "missing.json")
+
+
+def _fused(model):
+    program = capture(model, 32)
+    gm = program.module
+    RemoveNoopOps()(gm)
+    FuseKVCache()(gm)
+    return gm
+
+
+def test_sets_the_pattern_on_the_named_layers_only(tiny_model):
+    gm = _fused(tiny_model)
+    before = op_histogram(gm)
+    result = InsertSparseAttention(SparseAttentionPlan.parse("window=4,sinks=2,layers=1"))(gm)
+    assert result.stats == {"window4+sinks2": 1} and op_histogram(gm) == before
+    ops = [n for n in gm.graph.nodes if "cached_attention" in str(n.target)]
+    assert ops[0].args[10] == -1 and (ops[1].args[10], ops[1].args[13]) == (4, 2)
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    dense = _fused(tiny_model)
+    with torch.no_grad():
+        args = (ids, torch.arange(12)[None], torch.tensor([11]))
+        assert not torch.allclose(gm(*args), dense(*args), atol=1e-4)  # 12 tokens > window 4: the mask matters
+
+
+def test_no_plan_changes_nothing_and_a_plan_needs_fused_attention(tiny_model):
+    gm = _fused(tiny_model)
+    assert not InsertSparseAttention(None)(gm).modified
+    unfused = capture(tiny_model, 32).module
+    with pytest.raises(AgentOptError, match="fuse_kv_cache must run first"):
+        InsertSparseAttention(SparseAttentionPlan.parse("window=4"))(unfused)
