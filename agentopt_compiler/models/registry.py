@@ -15,9 +15,13 @@ from .config import ModelConfig
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    config: ModelConfig
+    config: ModelConfig | None  # None: read from the shipped folder's config.json
     description: str
     seed: int = 0
+    shipped: str | None = None  # folder inside the package with trained weights and tokenizer
+
+
+SHIPPED_MODELS = Path(__file__).parent
 
 
 # Special-token ids of the built-in byte tokenizer (see builtin_tokenizer.py): 256 <|endoftext|> ... 258 <|im_end|>.
@@ -29,6 +33,10 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
                     num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=256,
                     eos_token_ids=_BYTE_TOKENIZER_EOS),
         "2 layers, hidden 64, 4 heads / 2 KV heads of dim 32, vocab 320: for fast tests",
+    ),
+    "agent-tiny": BuiltinModel(
+        None, "a ~4.6M-parameter agent model trained here on generated tool-use episodes (see its MODEL_CARD.md)",
+        shipped="agent_tiny",
     ),
     "ref-60m": BuiltinModel(
         ModelConfig(family="llama", vocab_size=32000, hidden_size=512, intermediate_size=1536, num_layers=8,
@@ -83,6 +91,8 @@ def load_model(spec: str | Path) -> LoadedModel:
     from .builtin_tokenizer import write_builtin_tokenizer
 
     name = str(spec)
+    if name in BUILTIN_MODELS and BUILTIN_MODELS[name].shipped:
+        return _load_shipped(name, SHIPPED_MODELS / BUILTIN_MODELS[name].shipped)
     if name in BUILTIN_MODELS:
         entry = BUILTIN_MODELS[name]
         tmp = tempfile.TemporaryDirectory(prefix="agentopt-tok-")
@@ -94,6 +104,23 @@ def load_model(spec: str | Path) -> LoadedModel:
             f"unknown model '{name}': not a built-in ({', '.join(BUILTIN_MODELS)}) and no such folder"
         )
     return _load_hf_folder(path)
+
+
+def _load_shipped(name: str, folder: Path) -> LoadedModel:
+    """A trained built-in model shipped in the package: config.json, model.safetensors and its tokenizer."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from .llama import LlamaDecoder
+
+    if not (folder / "model.safetensors").is_file():
+        raise ModelNotFoundError(f"built-in model '{name}' has no weights at {folder}; reinstall agentopt-compiler "
+                                 "or train it with python -m agentopt_compiler.models.train_agent_model")
+    config = ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    model = LlamaDecoder(config)
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return LoadedModel(name, model.eval(), config, folder, "builtin")
 
 
 def _load_hf_folder(folder: Path) -> LoadedModel:
