@@ -97,7 +97,8 @@ def dependency_versions() -> dict[str, str]:
 def compile(model: str | Path = "tiny-random", out: str | Path = "engine", backend: str = "onnxruntime",
             device: str = "cpu", context_length: int | None = None, skip_passes: Iterable[str] = (),
             debug_dump: str | Path | None = None, overwrite: bool = False, attention_impl: str = "gqa",
-            batch_size: int = 1, sparse_attention=None, progress: Callable[[str], None] | None = None):
+            batch_size: int = 1, sparse_attention=None, precision_plan=None,
+            progress: Callable[[str], None] | None = None):
     """Compile ``model`` into an engine folder at ``out`` and return the loaded ``Engine``.
 
     ``model`` is a built-in name (``tiny-random``, ``ref-60m``) or a local Hugging Face folder. ``context_length``
@@ -107,6 +108,7 @@ def compile(model: str | Path = "tiny-random", out: str | Path = "engine", backe
     ``batch_size`` is the number of rows the engine runs together (``Engine.generate_batch``); rows have their own
     lengths and positions. ``sparse_attention`` is a ``SparseAttentionPlan``, a spec such as
     ``"window=1024,sinks=4,layers=2-7"`` or a JSON plan file; layers it does not name stay dense.
+    ``precision_plan`` is a ``PrecisionPlan`` or its JSON file (``agentopt plan precision`` makes one).
     """
     from . import backends
     from .capture.export import capture
@@ -114,6 +116,7 @@ def compile(model: str | Path = "tiny-random", out: str | Path = "engine", backe
     from .models.registry import load_model
     from .passes.insert_sparse_attention import SparseAttentionPlan
     from .passes.pipeline import default_pipeline
+    from .passes.precision_plan import PrecisionPlan
     from .passes.region_graph import build_region_graph, summarize
     from .runtime.engine import load_engine
     from .runtime.manifest import write_manifest
@@ -124,7 +127,8 @@ def compile(model: str | Path = "tiny-random", out: str | Path = "engine", backe
     backends.check_attention_impl(entry, attention_impl)
     check_output_folder(out, overwrite)
     sparse_plan = SparseAttentionPlan.load(sparse_attention)
-    pipeline = default_pipeline(sparse_plan)
+    precision = PrecisionPlan.load(precision_plan)
+    pipeline = default_pipeline(sparse_plan, precision)
     unknown = set(skip_passes) - set(pipeline.names)
     if unknown:
         raise AgentOptError(f"unknown pass to skip: {', '.join(sorted(unknown))}; passes are: "
@@ -174,6 +178,7 @@ def compile(model: str | Path = "tiny-random", out: str | Path = "engine", backe
                            "batch_size": program.batch_size, "dtype": "float32", **engine_section},
                 "passes": [r.to_dict() for r in records],
                 "sparse_attention": sparse_plan.to_dict() if sparse_plan else None,
+                "precision_plan": precision.to_dict() if precision else None,
                 "regions": regions,
                 "tokenizer": {"files": tokenizer_files},
             })

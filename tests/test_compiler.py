@@ -12,7 +12,7 @@ def test_compile_report_and_files(tmp_path):
     engine = ao.compile("tiny-random", out=tmp_path / "eng", context_length=32, progress=logged.append)
     report = engine.compile_report
     assert [r.name for r in report.passes] == ["remove_noop_ops", "fuse_kv_cache", "pack_qkv_projections",
-                                               "insert_sparse_attention"]
+                                               "insert_sparse_attention", "assign_layer_precision"]
     assert report.passes[0].stats["to"] == 10 and report.passes[1].stats == {"fused_attention": 2, "with_rope": 2}
     assert {"model.onnx", "tokenizer.json", "manifest.json"} <= set(report.files)
     assert any(line.startswith("lower done") for line in logged)
@@ -43,7 +43,7 @@ def test_debug_dump_writes_one_file_per_pass(tmp_path):
     ao.compile("tiny-random", out=tmp_path / "eng", context_length=16, debug_dump=tmp_path / "dump")
     assert sorted(p.name for p in (tmp_path / "dump").iterdir()) == [
         "00-captured.txt", "01-remove_noop_ops.txt", "02-fuse_kv_cache.txt", "03-pack_qkv_projections.txt",
-        "04-insert_sparse_attention.txt"]
+        "04-insert_sparse_attention.txt", "05-assign_layer_precision.txt"]
 
 
 def test_interrupted_compile_leaves_nothing_behind(tmp_path, monkeypatch):

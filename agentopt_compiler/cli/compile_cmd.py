@@ -29,6 +29,9 @@ def add_parser(sub) -> None:
     p.add_argument("--sparse-attention", metavar="SPEC|PLAN.json", default=None,
                    help="per-layer sparse attention, e.g. window=1024,sinks=4,layers=2-7 (groups separated by ';'; "
                         "sinks and stride optional; no layers = all), or a JSON plan file; other layers stay dense")
+    p.add_argument("--precision-plan", metavar="PLAN.json", default=None,
+                   help="per-layer precision plan (int8/int4 weight-only units), made by agentopt plan precision "
+                        "or by hand")
     p.add_argument("--skip-pass", action="append", default=[], metavar="NAME",
                    help="skip a pass of the pipeline (repeatable)")
     p.add_argument("--debug-dump", metavar="DIR", help="write the graph after each pass into DIR")
@@ -43,7 +46,7 @@ def run(args) -> int:
     engine = compile(model=args.model, out=args.out, backend=args.backend, device=args.device,
                      context_length=args.context_length, skip_passes=args.skip_pass, debug_dump=args.debug_dump,
                      overwrite=args.overwrite, attention_impl=args.attention_impl, batch_size=args.batch_size,
-                     sparse_attention=args.sparse_attention,
+                     sparse_attention=args.sparse_attention, precision_plan=args.precision_plan,
                      progress=ProgressLog(args.quiet))
     print("\n".join(engine.compile_report.lines()))
     return 0

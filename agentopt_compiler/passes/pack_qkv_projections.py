@@ -63,13 +63,15 @@ class PackQKVProjections(GraphPass):
             q, k, v = attention.args[:3]
             weights = [_attr(gm, p.args[1].target) for p in (q, k, v)]
             has_bias = len(q.args) > 2 and q.args[2] is not None
-            prefix = q.args[1].target.rsplit(".", 2)[0].replace(".", "_")  # e.g. layers_0_self_attn
-            weight_name = f"{prefix}_qkv_weight"
-            gm.register_parameter(weight_name, torch.nn.Parameter(torch.cat(weights, 0).detach(), False))
+            # the packed projection lives next to the originals: layers.3.self_attn.qkv_proj.{weight,bias}
+            parent_path = q.args[1].target.rsplit(".", 2)[0]  # e.g. layers.3.self_attn
+            packed_module = torch.nn.Module()
+            packed_module.register_parameter("weight", torch.nn.Parameter(torch.cat(weights, 0).detach(), False))
             if has_bias:
-                bias_name = f"{prefix}_qkv_bias"
                 biases = [_attr(gm, p.args[2].target) for p in (q, k, v)]
-                gm.register_parameter(bias_name, torch.nn.Parameter(torch.cat(biases, 0).detach(), False))
+                packed_module.register_parameter("bias", torch.nn.Parameter(torch.cat(biases, 0).detach(), False))
+            (_attr(gm, parent_path) if parent_path else gm).add_module("qkv_proj", packed_module)
+            weight_name, bias_name = f"{parent_path}.qkv_proj.weight", f"{parent_path}.qkv_proj.bias"
             sizes = [w.shape[0] for w in weights]
             with graph.inserting_before(q):
                 weight = graph.get_attr(weight_name)

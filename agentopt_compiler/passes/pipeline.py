@@ -7,19 +7,22 @@ Phase 2, fuse: replace op patterns with one op of ours that backends lower to th
     pack_qkv_projections the three projections feeding a fused attention -> one matmul + split
 Phase 3, change the math where the user asked for it (each pass does nothing without its plan):
     insert_sparse_attention  per-layer window / sinks / strided patterns on the fused attention
-Later phases (see the open issues): apply a precision plan.
+    assign_layer_precision   int8 / int4 weight-only linears where a precision plan says so
 """
 
 from __future__ import annotations
 
 from .fuse_kv_cache import FuseKVCache
 from .infra import PassPipeline
+from .assign_layer_precision import AssignLayerPrecision
 from .insert_sparse_attention import InsertSparseAttention, SparseAttentionPlan
 from .pack_qkv_projections import PackQKVProjections
+from .precision_plan import PrecisionPlan
 from .remove_noop_ops import RemoveNoopOps
 
 
-def default_pipeline(sparse_attention: SparseAttentionPlan | None = None) -> PassPipeline:
+def default_pipeline(sparse_attention: SparseAttentionPlan | None = None,
+                     precision: PrecisionPlan | None = None) -> PassPipeline:
     return PassPipeline([
         # phase 1: canonicalize
         RemoveNoopOps(),
@@ -28,4 +31,5 @@ def default_pipeline(sparse_attention: SparseAttentionPlan | None = None) -> Pas
         PackQKVProjections(),
         # phase 3: user-requested changes to the math
         InsertSparseAttention(sparse_attention),
+        AssignLayerPrecision(precision),
     ])

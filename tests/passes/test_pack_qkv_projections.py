@@ -45,7 +45,7 @@ def test_packs_biases_too():
                          num_heads=4, num_kv_heads=1, max_position_embeddings=64, qkv_bias=True)
     gm, reference = _fused(build_model(config, seed=4))
     assert PackQKVProjections()(gm).stats == {"packed_projections": 1}
-    assert any("qkv_bias" in name for name, _ in gm.named_parameters())
+    assert "layers.0.self_attn.qkv_proj.bias" in dict(gm.named_parameters())
     _same_outputs(gm, reference, 90)
 
 

@@ -19,7 +19,7 @@ def test_manifest_describes_the_engine(tiny_engine_dir):
     assert {"torch", "onnx", "onnxruntime", "agentopt-compiler"} <= set(manifest["dependencies"])
     assert manifest["model"]["config"]["num_layers"] == 2
     assert [p["name"] for p in manifest["passes"]] == ["remove_noop_ops", "fuse_kv_cache", "pack_qkv_projections",
-                                                     "insert_sparse_attention"]
+                                                     "insert_sparse_attention", "assign_layer_precision"]
     assert manifest["engine"]["attention"]["fused_layers"] == 2 and manifest["engine"]["attention"]["impl"] == "gqa"
     assert manifest["sparse_attention"] is None
     assert manifest["engine"]["cache_update"] == "in_place"

@@ -184,14 +184,15 @@ def lower_to_onnx(program, folder: Path, attention_impl: str = "gqa") -> dict:
 
     ``attention_impl`` picks the lowering of fused attention (see attention.py); graphs without it are unaffected.
     """
-    from .attention import translation_table
+    from . import attention, quantized
 
     if attention_impl not in ATTENTION_IMPLS:
         raise AgentOptError(f"attention implementation '{attention_impl}' is not available for onnxruntime; "
                             f"choose one of: {', '.join(ATTENTION_IMPLS)}")
     fused_nodes = [n for n in program.exported.graph.nodes if str(n.target) == "agentopt.cached_attention.default"]
     fused = len(fused_nodes)
-    onnx_program = export_onnx(program, translation_table(attention_impl))
+    table = {**attention.translation_table(attention_impl), **quantized.translation_table(attention_impl)}
+    onnx_program = export_onnx(program, table)
     caches = lift_cache_mutations(onnx_program)
     graph = onnx_program.model.graph
     user_outputs = [v for v in graph.outputs if not v.name.startswith("present.")]

@@ -1,0 +1,102 @@
+"""A per-layer precision plan: pure data, JSON-serializable and editable by hand.
+
+Units are groups of linear layers that are quantized together:
+    layers.{i}.attn_qkv     q, k and v projections (one packed matmul after pack_qkv_projections)
+    layers.{i}.attn_o       attention output projection
+    layers.{i}.mlp_gate_up  gate and up projections
+    layers.{i}.mlp_down     down projection
+    lm_head                 output projection
+Precisions: ``fp32``, ``fp16``, ``bf16``, ``int8``, ``int4`` (int8/int4: weight-only, block-wise, see
+capture/quantized_linear.py). Units a plan does not name stay fp32.
+
+    {"format": "agentopt-precision-plan", "version": 1, "block_size": 32,
+     "units": {"layers.0.mlp_down": "int4", "lm_head": "int8"},
+     "budget": {"max_kl": 0.02}, "predicted": {"kl": 0.015, "top1": 0.97}}
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import AgentOptError
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
+BITS = {"int8": 8, "int4": 4}
+FORMAT = "agentopt-precision-plan"
+
+_UNIT_OF_MODULE = (
+    (re.compile(r"^(layers\.\d+)\.self_attn\.(?:q|k|v|qkv)_proj$"), r"\1.attn_qkv"),
+    (re.compile(r"^(layers\.\d+)\.self_attn\.o_proj$"), r"\1.attn_o"),
+    (re.compile(r"^(layers\.\d+)\.mlp\.(?:gate|up)_proj$"), r"\1.mlp_gate_up"),
+    (re.compile(r"^(layers\.\d+)\.mlp\.down_proj$"), r"\1.mlp_down"),
+    (re.compile(r"^lm_head$"), "lm_head"),
+)
+
+
+def unit_of(module_path: str) -> str | None:
+    """'layers.3.mlp.up_proj' -> 'layers.3.mlp_gate_up'; None for modules that are not planned units."""
+    path = module_path.removeprefix("model.")
+    for pattern, unit in _UNIT_OF_MODULE:
+        if pattern.match(path):
+            return pattern.sub(unit, path)
+    return None
+
+
+def units_of_model(num_layers: int) -> list[str]:
+    per_layer = ("attn_qkv", "attn_o", "mlp_gate_up", "mlp_down")
+    return [f"layers.{i}.{u}" for i in range(num_layers) for u in per_layer] + ["lm_head"]
+
+
+@dataclass
+class PrecisionPlan:
+    units: dict[str, str] = field(default_factory=dict)  # unit -> precision
+    block_size: int = 32
+    budget: dict = field(default_factory=dict)  # what the plan was chosen to meet, e.g. {"max_kl": 0.02}
+    predicted: dict = field(default_factory=dict)  # what the analysis predicts for the whole plan
+
+    def __post_init__(self):
+        bad = {u: p for u, p in self.units.items() if p not in PRECISIONS}
+        if bad:
+            raise AgentOptError(f"precision plan has unknown precisions {bad}; use one of {', '.join(PRECISIONS)}")
+        if self.block_size not in (16, 32, 64, 128, 256):
+            raise AgentOptError(f"block_size must be 16, 32, 64, 128 or 256, got {self.block_size}")
+
+    @classmethod
+    def uniform(cls, precision: str, num_layers: int, block_size: int = 32, lm_head: str | None = None):
+        units = {u: precision for u in units_of_model(num_layers)}
+        if lm_head:
+            units["lm_head"] = lm_head
+        return cls(units, block_size)
+
+    def precision_of(self, unit: str | None) -> str:
+        return self.units.get(unit, "fp32") if unit else "fp32"
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": 1, "block_size": self.block_size, "units": dict(self.units),
+                "budget": self.budget, "predicted": self.predicted}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, source: "str | Path | dict | PrecisionPlan | None") -> "PrecisionPlan | None":
+        if source is None or isinstance(source, PrecisionPlan):
+            return source
+        if isinstance(source, (str, Path)) and str(source) in PRECISIONS:
+            raise AgentOptError(f"'{source}' is a precision, not a plan: use PrecisionPlan.uniform or "
+                                "agentopt plan precision to make one")
+        if not isinstance(source, dict):
+            path = Path(source)
+            if not path.is_file():
+                raise AgentOptError(f"precision plan '{path}' does not exist; make one with agentopt plan precision")
+            try:
+                source = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise AgentOptError(f"precision plan '{path}' is not valid JSON ({exc})") from None
+        if source.get("format") != FORMAT:
+            raise AgentOptError(f"not a precision plan (format should be '{FORMAT}')")
+        return cls(dict(source.get("units", {})), int(source.get("block_size", 32)), dict(source.get("budget", {})),
+                   dict(source.get("predicted", {})))

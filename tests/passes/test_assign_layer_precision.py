@@ -1,0 +1,92 @@
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import agentopt_compiler as ao
+from agentopt_compiler.capture.export import capture
+from agentopt_compiler.capture.quantized_linear import dequantize_blockwise, quantize_blockwise
+from agentopt_compiler.errors import AgentOptError
+from agentopt_compiler.passes.assign_layer_precision import AssignLayerPrecision
+from agentopt_compiler.passes.infra import op_histogram
+from agentopt_compiler.passes.precision_plan import PrecisionPlan, unit_of
+from agentopt_compiler.passes.pipeline import default_pipeline
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_blockwise_quantization_round_trip(bits):
+    weight = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
+    qweight, scales, zeros = quantize_blockwise(weight, bits, 32)
+    assert qweight.shape == (6, 2, 32 * bits // 8) and scales.shape == (6, 2)
+    restored = dequantize_blockwise(qweight, scales, zeros, bits, 32, 64)
+    assert (restored - weight).abs().max() <= scales.max() / 2 + 1e-6  # at most half a step per value
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_our_layout_is_what_ort_matmul_nbits_reads(bits):
+    """One MatMulNBits node fed our packed weights equals x @ dequantized(W)^T."""
+    from agentopt_compiler.backends.onnxruntime.contrib_schemas import register_ort_contrib_schema
+
+    register_ort_contrib_schema("MatMulNBits")
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    qweight, scales, zeros = quantize_blockwise(weight, bits, 32)
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    node = helper.make_node("MatMulNBits", ["x", "q", "s", "z"], ["y"], domain="com.microsoft", K=64, N=16,
+                            bits=bits, block_size=32, accuracy_level=0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 16])],
+                              [numpy_helper.from_array(qweight.numpy(), "q"), numpy_helper.from_array(
+                                  scales.numpy(), "s"), numpy_helper.from_array(zeros.numpy(), "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(
+        "com.microsoft", 1)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = x @ dequantize_blockwise(qweight, scales, zeros, bits, 32, 64).numpy().T
+    assert np.abs(session.run(None, {"x": x})[0] - expected).max() <= 1e-4
+
+
+def test_units():
+    assert unit_of("layers.3.self_attn.qkv_proj") == "layers.3.attn_qkv"
+    assert unit_of("layers.3.mlp.up_proj") == "layers.3.mlp_gate_up" and unit_of("lm_head") == "lm_head"
+    assert unit_of("embed_tokens") is None
+    with pytest.raises(AgentOptError, match="unknown precisions"):
+        PrecisionPlan({"lm_head": "int3"})
+
+
+def test_applies_the_plan_unit_by_unit(tiny_model):
+    program, _ = default_pipeline().run(capture(tiny_model, 32))
+    gm = program.module
+    plan = PrecisionPlan({"layers.0.mlp_down": "int4", "layers.1.attn_qkv": "int8", "lm_head": "fp16"})
+    before = op_histogram(gm)
+    result = AssignLayerPrecision(plan)(gm)
+    after = op_histogram(gm)
+    assert result.stats == {"int4_linears": 1, "int8_linears": 1}
+    assert before["aten.linear.default"] - after["aten.linear.default"] == 2
+    assert after["agentopt.weight_only_linear.default"] == 2
+    assert any("fp16 gives no speed" in note for note in result.notes)
+    assert not AssignLayerPrecision(None)(program.module).modified
+
+
+def test_engine_with_a_plan_tracks_its_quantized_eager_reference(tmp_path):
+    plan = PrecisionPlan.uniform("int4", 2, lm_head="int8")
+    engine = ao.compile("tiny-random", out=tmp_path / "q", context_length=32, precision_plan=plan)
+    ops = {layer["op"] for layer in engine.manifest["engine"]["attention"]["layers"]}
+    assert ops == {"GroupQueryAttention"} and engine.manifest["precision_plan"]["units"]["lm_head"] == "int8"
+    from agentopt_compiler.models.registry import load_model
+
+    program, _ = default_pipeline(precision=plan).run(capture(load_model("tiny-random").model, 32))
+    reference = program.module  # eager weight_only_linear: the same dequantized weights in fp32
+    ids = np.random.default_rng(0).integers(0, 300, size=(1, 10))
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(ids), torch.arange(10)[None], torch.tensor([9])).numpy()
+    logits = engine.session.run(ids, np.arange(10))
+    # MatMulNBits at accuracy level 4 quantizes activations to int8 per block: close, not bit-equal
+    assert np.abs(logits - expected).max() <= 0.05 * np.abs(expected).max()
+    assert logits.argmax() == expected.argmax()
+
+
+def test_standard_impl_refuses_quantized_units(tmp_path):
+    with pytest.raises(AgentOptError, match="MatMulNBits.*--attention-impl gqa"):
+        ao.compile("tiny-random", out=tmp_path / "q", context_length=32, attention_impl="standard",
+                   precision_plan=PrecisionPlan.uniform("int8", 2))
+    assert not (tmp_path / "q").exists()
