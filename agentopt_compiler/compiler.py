@@ -34,6 +34,7 @@ class CompileReport:
     passes: list = field(default_factory=list)  # PassRecord
     files: dict = field(default_factory=dict)  # name -> bytes
     lowering_rules: dict = field(default_factory=dict)  # backend rewrite rule -> times it fired
+    fidelity: dict = field(default_factory=dict)  # measured against fp32 when a precision plan has a budget
     stage_seconds: dict = field(default_factory=dict)
     total_seconds: float = 0.0
 
@@ -48,6 +49,9 @@ class CompileReport:
             out.append(f"  {record.name:24s} {stats}  ({record.ops_before} -> {record.ops_after} ops)")
         if self.lowering_rules:
             out.append("lowering: " + ", ".join(f"{k}={v}" for k, v in self.lowering_rules.items()))
+        if self.fidelity:
+            out.append(f"precision fidelity: KL {self.fidelity['kl']:.2e}, top-1 {self.fidelity['top1']:.3f} on "
+                       f"{self.fidelity['tokens']} held-out tokens")
         out.append("files:")
         for name, size in self.files.items():
             out.append(f"  {name:24s} {_human_bytes(size)}")
@@ -192,7 +196,26 @@ def compile(model: str | Path = "tiny-random", out: str | Path = "engine", backe
     report.total_seconds = time.perf_counter() - started
     engine = load_engine(out, device=device)
     engine.compile_report = report
+    if precision and precision.budget:
+        report.fidelity = _check_precision_fidelity(engine, loaded, precision, log)
     return engine
+
+
+def _check_precision_fidelity(engine, loaded, plan, log) -> dict:
+    """Measure the compiled engine against fp32 on held-out tokens and put it next to the plan's prediction."""
+    from .analysis.calibration import calibration_batches
+    from .analysis.precision import measure_fidelity
+
+    for layer in loaded.model.layers:
+        layer.self_attn.kv_cache = None
+    held_out = calibration_batches(loaded, None, sequences=2, length=min(64, engine.context_length - 1), seed=1234)
+    measured = measure_fidelity(engine, loaded.model, held_out)
+    log(f"precision fidelity on held-out tokens: KL {measured['kl']:.2e} (plan predicted "
+        f"{plan.predicted.get('kl', 'n/a')}), top-1 {measured['top1']:.3f}")
+    if "max_kl" in plan.budget and measured["kl"] > plan.budget["max_kl"]:
+        log(f"WARNING: the engine's measured KL {measured['kl']:.3g} exceeds the plan's budget "
+            f"{plan.budget['max_kl']}; choose a tighter plan")
+    return measured
 
 
 def _umask() -> int:

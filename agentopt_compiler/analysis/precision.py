@@ -1,0 +1,276 @@
+"""Choosing a per-layer precision plan from measured sensitivity (``agentopt plan precision``).
+
+1. Measure: for each unit (see passes/precision_plan.py) and each candidate precision, quantize that unit alone
+   (the same block-wise quantization the engine uses) and measure on calibration tokens what it costs against fp32:
+   mean KL(fp32 || quantized) of the next-token distributions, and top-1 agreement.
+2. Cost: bytes of each unit's weights at each precision, times a per-precision time per weight element measured on
+   the backend (ORT CPU: fp32 MatMul vs MatMulNBits at accuracy level 4) — the decode-time model is itself measured.
+3. Choose: minimize total cost subject to the budget (sum of per-unit KL <= max_kl; or average bits <= target_bits,
+   minimizing KL; or sum of top-1 losses <= 1 - min_top1). Errors of different units are treated as additive; the
+   fidelity check on the compiled engine (``measure_fidelity``) reports how well that held. The choice is a
+   multiple-choice knapsack solved exactly by dynamic programming over a discretized budget (``choose``), which
+   beats the greedy upgrade heuristic (``choose_greedily``) when cheap early upgrades block better combinations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from ..errors import AgentOptError
+from ..passes.precision_plan import BITS, PrecisionPlan, unit_of, units_of_model
+from ..capture.quantized_linear import dequantize_blockwise, quantize_blockwise
+
+CPU_CANDIDATES = ("fp32", "int8", "int4")
+
+
+@dataclass
+class Option:
+    unit: str
+    precision: str
+    kl: float
+    top1: float
+    bytes: int
+    cost: float  # estimated seconds per decode step spent in this unit's matmuls
+
+
+def unit_linears(model) -> dict[str, list[torch.nn.Linear]]:
+    units: dict[str, list[torch.nn.Linear]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and unit_of(name):
+            units.setdefault(unit_of(name), []).append(module)
+    return units
+
+
+@contextlib.contextmanager
+def quantized_unit(linears: list[torch.nn.Linear], precision: str, block: int):
+    """Temporarily replace the unit's weights by their quantize-dequantize round trip."""
+    saved = [layer.weight.data for layer in linears]
+    try:
+        if precision in BITS:
+            for layer in linears:
+                w = layer.weight.data
+                if w.shape[1] % block == 0:
+                    q, s, z = quantize_blockwise(w, BITS[precision], block)
+                    layer.weight.data = dequantize_blockwise(q, s, z, BITS[precision], block, w.shape[1])
+        yield
+    finally:
+        for layer, weight in zip(linears, saved):
+            layer.weight.data = weight
+
+
+def _log_probs(model, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [torch.log_softmax(model(batch).float(), -1) for batch in batches]
+
+
+def _compare(reference: list[torch.Tensor], other: list[torch.Tensor]) -> tuple[float, float]:
+    """Mean KL(reference || other) per token and top-1 agreement."""
+    kl, agree, count = 0.0, 0.0, 0
+    for ref, oth in zip(reference, other):
+        kl += float((ref.exp() * (ref - oth)).sum(-1).sum())
+        agree += float((ref.argmax(-1) == oth.argmax(-1)).sum())
+        count += ref.shape[0] * ref.shape[1]
+    return kl / count, agree / count
+
+
+def measure_backend_costs(shape: tuple[int, int] = (1024, 1024), repeats: int = 30) -> dict[str, float]:
+    """Seconds per weight element of a (1, K) x (K, N) product on ORT CPU, per precision (one thread)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ..backends.onnxruntime.contrib_schemas import register_ort_contrib_schema
+
+    register_ort_contrib_schema("MatMulNBits")
+    k, n = shape
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(0))
+    x = np.random.default_rng(0).standard_normal((1, k)).astype(np.float32)
+    costs = {}
+    for precision in CPU_CANDIDATES:
+        if precision == "fp32":
+            node = helper.make_node("MatMul", ["x", "w"], ["y"])
+            inits = [numpy_helper.from_array(weight.t().contiguous().numpy(), "w")]
+        else:
+            q, s, z = quantize_blockwise(weight, BITS[precision], 32)
+            node = helper.make_node("MatMulNBits", ["x", "q", "s", "z"], ["y"], domain="com.microsoft", K=k, N=n,
+                                    bits=BITS[precision], block_size=32, accuracy_level=4)
+            inits = [numpy_helper.from_array(a.numpy(), name) for a, name in ((q, "q"), (s, "s"), (z, "z"))]
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                        helper.make_opsetid("com.microsoft", 1)])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session.run(None, {"x": x})
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            session.run(None, {"x": x})
+            times.append(time.perf_counter() - start)
+        costs[precision] = float(np.median(times)) / (k * n)
+    return costs
+
+
+def _unit_bytes(linears: list[torch.nn.Linear], precision: str, block: int) -> int:
+    elements = sum(layer.weight.numel() for layer in linears)
+    if precision in BITS:
+        return elements * BITS[precision] // 8 + elements // block * 5  # + fp32 scale and a zero point per block
+    return elements * (2 if precision in ("fp16", "bf16") else 4)
+
+
+def measure_sensitivity(model, batches: list[torch.Tensor], candidates: Iterable[str] = CPU_CANDIDATES,
+                        block: int = 32, costs: dict[str, float] | None = None,
+                        progress: Callable[[int, int, str], None] | None = None) -> list[Option]:
+    """One Option per (unit, precision): the error that unit alone at that precision causes, and its cost."""
+    units = unit_linears(model)
+    missing = set(units_of_model(model.config.num_layers)) - set(units)
+    if missing:
+        raise AgentOptError(f"model has no linear layers for units {sorted(missing)[:3]}")
+    costs = costs or measure_backend_costs()
+    reference = _log_probs(model, batches)
+    candidates = list(candidates)
+    total, done, options = len(units) * len(candidates), 0, []
+    for unit, linears in units.items():
+        elements = sum(layer.weight.numel() for layer in linears)
+        for precision in candidates:
+            if precision == "fp32":
+                kl, top1 = 0.0, 1.0
+            else:
+                with quantized_unit(linears, precision, block):
+                    kl, top1 = _compare(reference, _log_probs(model, batches))
+            cost = elements * costs.get(precision, costs["fp32"])
+            options.append(Option(unit, precision, max(kl, 0.0), top1, _unit_bytes(linears, precision, block),
+                                   cost))
+            done += 1
+            if progress:
+                progress(done, total, f"{unit} {precision}")
+    return options
+
+
+def _by_unit(options: list[Option]) -> dict[str, list[Option]]:
+    grouped: dict[str, list[Option]] = {}
+    for option in options:
+        grouped.setdefault(option.unit, []).append(option)
+    return grouped
+
+
+def choose(options: list[Option], budget: float, spend: Callable[[Option], float],
+           objective: Callable[[Option], float], steps: int = 4000) -> dict[str, Option]:
+    """Exact multiple-choice knapsack by DP: one option per unit, sum(spend) <= budget, minimal sum(objective).
+    ``spend`` is discretized into ``steps`` buckets of the budget (rounded up, so the budget is never exceeded)."""
+    grouped = _by_unit(options)
+    if budget <= 0:
+        cheapest = {u: min(opts, key=spend) for u, opts in grouped.items()}
+        if sum(spend(o) for o in cheapest.values()) > 0:
+            raise AgentOptError("no plan meets a zero budget: even the most accurate choice costs some error")
+        return {u: min(opts, key=objective) for u, opts in grouped.items() if spend(min(opts, key=spend)) == 0}
+    unit_size = budget / steps
+    inf = float("inf")
+    best = np.full(steps + 1, inf)
+    best[0] = 0.0
+    picks: list[dict[int, tuple[int, Option]]] = []
+    for unit, opts in grouped.items():
+        new = np.full(steps + 1, inf)
+        choice: dict[int, tuple[int, Option]] = {}
+        for option in opts:
+            width = int(np.ceil(spend(option) / unit_size - 1e-9))
+            if width > steps:
+                continue
+            shifted = best[: steps + 1 - width] + objective(option)
+            target = new[width:]
+            better = shifted < target
+            target[better] = shifted[better]
+            for index in np.nonzero(better)[0]:
+                choice[int(index) + width] = (int(index), option)
+        best = new
+        picks.append(choice)
+    end = int(np.argmin(best))
+    if not np.isfinite(best[end]):
+        raise AgentOptError("no plan meets the budget, even with every unit at its most accurate precision")
+    chosen: dict[str, Option] = {}
+    for choice in reversed(picks):
+        end, option = choice[end]
+        chosen[option.unit] = option
+    return chosen
+
+
+def choose_greedily(options: list[Option], budget: float, spend: Callable[[Option], float],
+                    objective: Callable[[Option], float]) -> dict[str, Option]:
+    """The usual heuristic, kept for comparison: start everything at its cheapest, then repeatedly make the upgrade
+    with the best spend saved per objective added until the budget is met."""
+    grouped = _by_unit(options)
+    chosen = {u: min(opts, key=objective) for u, opts in grouped.items()}
+    while sum(spend(o) for o in chosen.values()) > budget:
+        moves = [((spend(chosen[u]) - spend(o)) / max(objective(o) - objective(chosen[u]), 1e-12), u, o)
+                 for u, opts in grouped.items() for o in opts if spend(o) < spend(chosen[u])]
+        if not moves:
+            raise AgentOptError("greedy found no plan within the budget")
+        _, unit, option = max(moves, key=lambda m: m[0])
+        chosen[unit] = option
+    return chosen
+
+
+def plan_from_choice(chosen: dict[str, Option], block: int, budget: dict) -> PrecisionPlan:
+    predicted = {"kl": round(sum(o.kl for o in chosen.values()), 6),
+                 "top1_loss": round(sum(1 - o.top1 for o in chosen.values()), 6),
+                 "bytes": sum(o.bytes for o in chosen.values()),
+                 "decode_matmul_seconds": sum(o.cost for o in chosen.values())}
+    return PrecisionPlan({u: o.precision for u, o in sorted(chosen.items())}, block, budget, predicted)
+
+
+def plan_precision(model, batches: list[torch.Tensor], max_kl: float | None = None, target_bits: float | None = None,
+                   min_top1: float | None = None, candidates: Iterable[str] = CPU_CANDIDATES, block: int = 32,
+                   costs: dict[str, float] | None = None, progress=None) -> tuple[PrecisionPlan, list[Option]]:
+    """Measure and choose. Exactly one budget: ``max_kl``, ``target_bits`` or ``min_top1``."""
+    if sum(b is not None for b in (max_kl, target_bits, min_top1)) != 1:
+        raise AgentOptError("give exactly one budget: --max-kl, --target-bits or --min-top1")
+    options = measure_sensitivity(model, batches, candidates, block, costs, progress)
+    if max_kl is not None:
+        chosen = choose(options, max_kl, lambda o: o.kl, lambda o: o.cost)
+        budget = {"max_kl": max_kl}
+    elif min_top1 is not None:
+        chosen = choose(options, 1 - min_top1, lambda o: 1 - o.top1, lambda o: o.cost)
+        budget = {"min_top1": min_top1}
+    else:
+        weights = sum(o.bytes for o in options if o.precision == "fp32") / 4
+        chosen = choose(options, target_bits * weights / 8, lambda o: o.bytes, lambda o: o.kl)
+        budget = {"target_bits": target_bits}
+    return plan_from_choice(chosen, block, budget), options
+
+
+def report_rows(options: list[Option], plan: PrecisionPlan) -> list[dict]:
+    rows = []
+    for unit, opts in _by_unit(options).items():
+        row = {"unit": unit, "chosen": plan.precision_of(unit)}
+        for o in opts:
+            row[f"kl_{o.precision}"] = o.kl
+            row[f"top1_{o.precision}"] = o.top1
+        rows.append(row)
+    return rows
+
+
+def options_to_json(options: list[Option]) -> list[dict]:
+    return [asdict(o) for o in options]
+
+
+def measure_fidelity(engine, model, batches: list[torch.Tensor]) -> dict:
+    """The compiled engine against the fp32 eager model on held-out tokens, teacher-forced one token per call:
+    mean KL(fp32 || engine) per token and top-1 agreement (what the plan's prediction is checked against)."""
+    reference = _log_probs(model, batches)
+    ours = []
+    session = engine.session
+    for batch in batches:
+        session.reset()
+        rows = []
+        for position, token in enumerate(batch[0].tolist()):
+            logits = session.run(np.array([[token]]), np.array([position]))
+            rows.append(torch.log_softmax(torch.from_numpy(logits[0, -1]).float(), -1))
+        ours.append(torch.stack(rows)[None])
+    kl, top1 = _compare(reference, ours)
+    return {"kl": round(kl, 6), "top1": round(top1, 4), "tokens": sum(b.shape[1] for b in batches)}

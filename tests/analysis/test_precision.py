@@ -1,0 +1,82 @@
+import json
+
+import pytest
+
+import agentopt_compiler as ao
+from agentopt_compiler.analysis.calibration import calibration_batches
+from agentopt_compiler.analysis.precision import (Option, choose, choose_greedily, measure_fidelity, plan_precision)
+from agentopt_compiler.cli.main import main
+from agentopt_compiler.errors import AgentOptError
+from agentopt_compiler.models.registry import load_model
+
+FLAT_COSTS = {"fp32": 4.0, "int8": 1.0, "int4": 0.5}  # fixed, so the tests do not depend on a timing
+
+
+def test_dynamic_programming_beats_greedy_where_greedy_is_wrong():
+    # error budget 1.0. Greedy starts from the cheapest plan (A int4 + B int4: error 1.5) and takes the upgrade with
+    # the best error saved per cost added: B -> int8 (0.1 for 0.2), then A -> fp32 (1.0 for 2.5): cost 4.7.
+    # The optimum keeps A at int4 and puts B in fp32: error exactly 1.0, cost 4.0.
+    options = [
+        Option("A", "int4", 1.0, 1, 0, 1.0), Option("A", "fp32", 0.0, 1, 0, 3.5),
+        Option("B", "int4", 0.5, 1, 0, 1.0), Option("B", "int8", 0.4, 1, 0, 1.2), Option("B", "fp32", 0.0, 1, 0, 3.0),
+    ]
+    spend, objective = (lambda o: o.kl), (lambda o: o.cost)
+    greedy = choose_greedily(options, 1.0, spend, objective)
+    exact = choose(options, 1.0, spend, objective)
+    assert {u: o.precision for u, o in greedy.items()} == {"A": "fp32", "B": "int8"}
+    assert {u: o.precision for u, o in exact.items()} == {"A": "int4", "B": "fp32"}
+    assert sum(o.kl for o in exact.values()) <= 1.0
+    assert sum(o.cost for o in exact.values()) == 4.0 < sum(o.cost for o in greedy.values())
+
+
+def test_no_plan_within_an_impossible_budget():
+    with pytest.raises(AgentOptError, match="no plan meets"):
+        choose([Option("A", "int4", 0.5, 1, 0, 1.0)], 0.1, lambda o: o.kl, lambda o: o.cost)
+
+
+@pytest.fixture(scope="module")
+def tiny_plan():
+    loaded = load_model("tiny-random")
+    batches = calibration_batches(loaded, None, sequences=2, length=48)
+    return plan_precision(loaded.model, batches, max_kl=0.002, costs=FLAT_COSTS)
+
+
+def test_plan_meets_its_budget_and_uses_cheaper_precisions(tiny_plan):
+    plan, options = tiny_plan
+    assert plan.predicted["kl"] <= 0.002
+    assert set(plan.units.values()) & {"int8", "int4"}
+    assert len({o.unit for o in options}) == 9  # 4 units x 2 layers + lm_head
+
+
+def test_other_budgets():
+    loaded = load_model("tiny-random")
+    batches = calibration_batches(loaded, None, sequences=1, length=32)
+    plan, options = plan_precision(loaded.model, batches, target_bits=6.0, costs=FLAT_COSTS)
+    weights = sum(o.bytes for o in options if o.precision == "fp32") / 4
+    assert plan.predicted["bytes"] * 8 <= 6.0 * weights
+    plan, _ = plan_precision(loaded.model, batches, min_top1=0.95, costs=FLAT_COSTS)
+    assert plan.predicted["top1_loss"] <= 0.05
+    with pytest.raises(AgentOptError, match="exactly one budget"):
+        plan_precision(loaded.model, batches, max_kl=0.1, min_top1=0.9, costs=FLAT_COSTS)
+
+
+def test_compiled_engine_keeps_the_budget_its_plan_claims(tiny_plan, tmp_path):
+    plan, _ = tiny_plan
+    engine = ao.compile("tiny-random", out=tmp_path / "q", context_length=96, precision_plan=plan)
+    measured = engine.compile_report.fidelity
+    assert measured["kl"] <= plan.budget["max_kl"], (measured, plan.predicted)
+    full = ao.compile("tiny-random", out=tmp_path / "fp32", context_length=96)
+    loaded = load_model("tiny-random")
+    assert measure_fidelity(full, loaded.model, calibration_batches(loaded, None, 1, 32, seed=5))["kl"] < 1e-9
+
+
+def test_cli_writes_plan_report_and_plot(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "precision", "--model", "tiny-random", "--max-kl", "0.01", "--sequences", "1",
+                 "--length", "32", "--out", str(out), "--report", str(tmp_path / "report")]) == 0
+    plan = json.loads(out.read_text())
+    assert plan["format"] == "agentopt-precision-plan" and plan["budget"] == {"max_kl": 0.01}
+    assert "| unit | chosen |" in capsys.readouterr().out
+    assert (tmp_path / "report" / "sensitivity.png").stat().st_size > 1000
+    assert main(["compile", "--out", str(tmp_path / "eng"), "--context-length", "64", "--precision-plan",
+                 str(out), "--quiet"]) == 0
