@@ -1,0 +1,389 @@
+"""Train a tiny tool-using Llama-family model on procedural agent episodes (agent_tasks.py), on CPU, to a time budget.
+
+    python -m agentopt_compiler.models.train_agent_model --out DIR --minutes 75 --threads 1 --seed 0
+
+Steps: train a 512-token byte-level BPE on generated episodes; build the model with ``build_model`` (then re-initialise
+it for training: N(0, 0.02), residual projections scaled down); train with loss on assistant tokens only (AdamW, warmup
++ cosine over the wall-clock budget, bf16 autocast) through a curriculum (single tool, then chains and error recovery,
+then long contexts); log every ~30 s; checkpoint every 10 minutes and at the end; then run the agent-loop evaluation
+(agent_eval.py) on held-out tasks and print it.
+
+DIR receives ``model.safetensors`` (fp32, names exactly as ``LlamaDecoder.state_dict()``, the tied ``lm_head.weight``
+stored as its own copy), ``config.json`` (``ModelConfig.to_dict()`` plus ``"format": "agentopt-builtin"``),
+``tokenizer.json``, ``tokenizer_config.json`` (with the chat template), ``train_log.jsonl`` and ``eval.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+from .agent_tasks import (SPECIAL_TOKENS, episode_text, generate_tasks, render_chat, render_with_loss_spans,
+                          save_tokenizer, tokenize_episode, train_tokenizer)
+from .config import ModelConfig
+
+FORMAT = "agentopt-builtin"
+
+# curriculum: (fraction of the budget where the phase starts, kind -> weight)
+CURRICULUM = [
+    (0.0, {"calc": 1.0, "convert": 1.0, "lookup": 1.0, "retry": 0.1}),
+    (0.12, {"calc": 0.8, "convert": 0.8, "lookup": 0.8, "calc>convert": 0.6, "lookup>calc": 0.6,
+            "lookup>convert": 0.6, "lookup>calc>convert": 0.5, "retry": 0.15, "bad_key": 0.15, "bad_unit": 0.1,
+            "bad_expr": 0.1}),
+    (0.35, {"calc": 0.6, "convert": 0.6, "lookup": 0.6, "calc>convert": 0.6, "lookup>calc": 0.6,
+            "lookup>convert": 0.6, "lookup>calc>convert": 0.6, "long_lookup": 0.3, "long_lookup>calc": 0.25,
+            "retry": 0.15, "bad_key": 0.15, "bad_unit": 0.1, "bad_expr": 0.1}),
+]
+
+
+def agent_model_config(vocab_size: int, tiny: bool = False, eos_token_ids: tuple[int, ...] = ()) -> ModelConfig:
+    if tiny:  # for smoke tests
+        return ModelConfig(family="llama", vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
+                           num_heads=4, num_kv_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+                           eos_token_ids=eos_token_ids)
+    return ModelConfig(family="llama", vocab_size=vocab_size, hidden_size=256, intermediate_size=704, num_layers=6,
+                       num_heads=8, num_kv_heads=4, max_position_embeddings=1024, rope_theta=10000.0,
+                       tie_word_embeddings=True, eos_token_ids=eos_token_ids)
+
+
+def init_for_training(model, seed: int) -> None:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    n_layers = model.config.num_layers
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.normal_(0.0, 0.02 / math.sqrt(2 * n_layers), generator=gen)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+
+
+def hidden_states(model, ids, attn: str = "sdpa"):
+    """Final-norm hidden states (B, S, E) of the causal no-cache forward, equal to ``model(ids)`` before ``lm_head``.
+
+    Written out here (same parameters, same math) so training can use causal SDPA (``is_causal``) or plain
+    matmul+softmax attention, which are faster on CPU than the reference's boolean-mask SDPA."""
+    import torch
+    import torch.nn.functional as F
+
+    from .llama import apply_rope
+
+    b, s = ids.shape
+    cos, sin = model.rope_cos[:s], model.rope_sin[:s]
+    x = model.embed_tokens(ids)
+    causal = None
+    for layer in model.layers:
+        a = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = a.q_proj(h).view(b, s, a.num_heads, a.head_dim).transpose(1, 2)
+        k = a.k_proj(h).view(b, s, a.num_kv_heads, a.head_dim).transpose(1, 2)
+        v = a.v_proj(h).view(b, s, a.num_kv_heads, a.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rep = a.num_heads // a.num_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if attn == "sdpa":
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            if causal is None:
+                causal = torch.full((s, s), float("-inf")).triu(1)
+            scores = (q @ k.transpose(-1, -2)) * (a.head_dim ** -0.5) + causal
+            o = scores.softmax(-1).to(v.dtype) @ v
+        x = x + a.o_proj(o.transpose(1, 2).reshape(b, s, a.num_heads * a.head_dim))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.norm(x)
+
+
+def batch_loss(model, ids, targets, mask, attn: str = "sdpa"):
+    """Mean cross-entropy over the masked (assistant) target positions."""
+    import torch.nn.functional as F
+
+    h = hidden_states(model, ids, attn)
+    sel = h[mask]  # (N, E): only positions that predict an assistant token
+    logits = model.lm_head(sel).float()
+    return F.cross_entropy(logits, targets[mask])
+
+
+class EpisodeStream:
+    """Generates, tokenizes and batches training episodes chunk by chunk, following the curriculum."""
+
+    def __init__(self, tok, seed: int, max_len: int, batch_tokens: int, chunk: int = 384, pack_len: int = 640):
+        self.tok, self.seed, self.max_len, self.batch_tokens, self.chunk = tok, seed, max_len, batch_tokens, chunk
+        self.pack_len = pack_len
+        self.next_index = 0
+        self.pad = tok.token_to_id("<|endoftext|>")
+        self.batches: list = []
+        self.rng = random.Random(seed)
+
+    def _refill(self, mix: dict[str, float]) -> None:
+        tasks = generate_tasks(self.chunk, "train", self.seed, mix=mix, start=self.next_index)
+        self.next_index += self.chunk
+        rows = []
+        for group in self._pack(tasks):
+            messages, no_loss = list(group[0].episode), set(group[0].no_loss)
+            for t in group[1:]:  # later tasks continue the same conversation (one system prompt)
+                no_loss |= {i - 1 + len(messages) for i in t.no_loss}
+                messages += t.episode[1:]
+            text, spans = render_with_loss_spans(messages, no_loss)
+            ids, flags = tokenize_episode(self.tok, text, spans)
+            if len(ids) <= self.max_len:
+                rows.append((ids, flags))
+        rows.sort(key=lambda r: len(r[0]))
+        batches, cur = [], []
+        for r in rows:
+            if cur and (len(cur) + 1) * len(r[0]) > self.batch_tokens:
+                batches.append(cur)
+                cur = []
+            cur.append(r)
+        if cur:
+            batches.append(cur)
+        self.rng.shuffle(batches)
+        self.batches = batches
+
+    def _pack(self, tasks):
+        """Group consecutive tasks into one multi-turn conversation of at most ~``pack_len`` tokens: the system prompt
+        is paid once per row instead of once per task (it is a third of a short episode)."""
+        sys_len = len(self.tok.encode(render_chat(tasks[0].episode[:1])).ids)
+        groups, cur, cur_len = [], [], 0
+        for t in tasks:
+            n = len(self.tok.encode(episode_text(t)[0]).ids)
+            extra = n if not cur else n - sys_len
+            if cur and cur_len + extra > self.pack_len:
+                groups.append(cur)
+                cur, cur_len, extra = [], 0, n
+            cur.append(t)
+            cur_len += extra
+        if cur:
+            groups.append(cur)
+        return groups
+
+    def next_batch(self, mix: dict[str, float]):
+        import torch
+
+        if not self.batches:
+            self._refill(mix)
+        rows = self.batches.pop()
+        length = max(len(r[0]) for r in rows)
+        ids = torch.full((len(rows), length), self.pad, dtype=torch.long)
+        loss_mask = torch.zeros((len(rows), length), dtype=torch.bool)
+        for i, (r_ids, flags) in enumerate(rows):
+            ids[i, :len(r_ids)] = torch.tensor(r_ids)
+            loss_mask[i, :len(flags)] = torch.tensor(flags)
+        # position t predicts token t+1: inputs ids[:, :-1], targets ids[:, 1:], loss where the target is assistant
+        return ids[:, :-1], ids[:, 1:], loss_mask[:, 1:], int(loss_mask.sum()), sum(len(r[0]) for r in rows)
+
+
+def mix_at(frac: float) -> dict[str, float]:
+    mix = CURRICULUM[0][1]
+    for start, m in CURRICULUM:
+        if frac >= start:
+            mix = m
+    return mix
+
+
+def save_checkpoint(model, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu").float().contiguous().clone() for k, v in model.state_dict().items()}
+    tmp = out / "model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt", "dtype": "float32"})
+    os.replace(tmp, out / "model.safetensors")
+    cfg = model.config.to_dict()
+    cfg["format"] = FORMAT
+    cfg["torch_dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def load_trained(folder: str | Path):
+    """(LlamaDecoder in eval mode, tokenizers.Tokenizer) from a folder this script wrote."""
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+
+    from .llama import LlamaDecoder
+
+    folder = Path(folder)
+    config = ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    model = LlamaDecoder(config)
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return model.eval(), Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+
+def val_loss(model, tok, seed: int, attn: str, n: int = 48) -> float:
+    import torch
+
+    tasks = generate_tasks(n, "heldout", seed, start=10 ** 7)
+    total, count = 0.0, 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for t in tasks:
+            text, spans = episode_text(t)
+            ids, flags = tokenize_episode(tok, text, spans)
+            x = torch.tensor([ids])
+            m = torch.tensor([flags])[:, 1:]
+            loss = batch_loss(model, x[:, :-1], x[:, 1:], m, attn)
+            total += float(loss) * int(m.sum())
+            count += int(m.sum())
+    return total / max(count, 1)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--minutes", type=float, default=75.0, help="wall-clock budget for tokenizer + training")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--warmup-steps", type=int, default=60)
+    p.add_argument("--batch-tokens", type=int, default=6144)
+    p.add_argument("--pack-len", type=int, default=640, help="pack tasks into conversations of ~this many tokens")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--tokenizer-episodes", type=int, default=4000)
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: budget only)")
+    p.add_argument("--tiny", action="store_true", help="tiny model for smoke tests")
+    p.add_argument("--attn", choices=["sdpa", "matmul"], default="sdpa")
+    p.add_argument("--no-bf16", action="store_true")
+    p.add_argument("--log-seconds", type=float, default=30.0)
+    p.add_argument("--checkpoint-minutes", type=float, default=10.0)
+    p.add_argument("--eval-tasks", type=int, default=100)
+    p.add_argument("--eval-minutes", type=float, default=8.0)
+    args = p.parse_args(argv)
+
+    if args.threads == 1:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        os.environ.setdefault("RAYON_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t_start = time.time()
+    budget = args.minutes * 60.0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = (out / "train_log.jsonl").open("a")
+
+    def log(msg: str, **rec) -> None:
+        print(msg, flush=True)
+        if rec:
+            log_file.write(json.dumps(rec) + "\n")
+            log_file.flush()
+
+    # 1. tokenizer, trained on the full mix of episode kinds (train split only)
+    tok_tasks = generate_tasks(args.tokenizer_episodes, "train", args.seed + 10_000)
+    tok = train_tokenizer([episode_text(t)[0] for t in tok_tasks], args.vocab_size)
+    save_tokenizer(tok, out)
+    eos = tuple(tok.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>"))
+    vocab = tok.get_vocab_size()
+    assert all(tok.token_to_id(t) is not None for t in SPECIAL_TOKENS)
+
+    # 2. model
+    from .registry import build_model
+
+    config = agent_model_config(vocab, args.tiny, eos)
+    model = build_model(config, args.seed)
+    init_for_training(model, args.seed)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {n_params / 1e6:.2f}M params, vocab {vocab}, config {json.dumps(config.to_dict())}",
+        event="model", params=n_params)
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    stream = EpisodeStream(tok, args.seed, config.max_position_embeddings, args.batch_tokens,
+                           pack_len=args.pack_len)
+    t_train = time.time()
+    train_budget = max(budget - (t_train - t_start), 1.0)
+
+    def lr_at(step: int, frac: float) -> float:
+        warm = min(1.0, (step + 1) / args.warmup_steps)
+        cos = args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+        return args.lr * warm * cos
+
+    step, seen_tokens, seen_loss_tokens = 0, 0, 0
+    window_loss, window_n, window_tokens, t_window = 0.0, 0, 0, time.time()
+    losses = []
+    last_ckpt = time.time()
+    use_bf16 = not args.no_bf16
+    while True:
+        frac = (time.time() - t_train) / train_budget
+        if frac >= 1.0 or (args.max_steps and step >= args.max_steps):
+            break
+        mix = mix_at(frac)
+        x, y, m, n_loss, n_tok = stream.next_batch(mix)
+        lr = lr_at(step, frac)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            loss = batch_loss(model, x, y, m, args.attn)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        opt.step()
+        step += 1
+        lv = loss.item()
+        losses.append(lv)
+        seen_tokens += n_tok
+        seen_loss_tokens += n_loss
+        window_loss += lv
+        window_n += 1
+        window_tokens += n_tok
+        now = time.time()
+        if now - t_window >= args.log_seconds or step == 1:
+            phase = sum(1 for s, _ in CURRICULUM if frac >= s)
+            tps = window_tokens / max(now - t_window, 1e-6)
+            log(f"step {step} | elapsed {now - t_start:.0f}s | phase {phase} | loss {window_loss / window_n:.4f} | "
+                f"lr {lr:.2e} | gnorm {gnorm:.2f} | {tps:.0f} tok/s | tokens {seen_tokens / 1e6:.2f}M "
+                f"(assistant {seen_loss_tokens / 1e6:.2f}M)",
+                event="log", step=step, elapsed=round(now - t_start, 1), phase=phase,
+                loss=window_loss / window_n, lr=lr, tok_per_s=tps, tokens=seen_tokens)
+            window_loss, window_n, window_tokens, t_window = 0.0, 0, 0, now
+        if now - last_ckpt >= args.checkpoint_minutes * 60:
+            model.eval()
+            vl = val_loss(model, tok, args.seed, args.attn)
+            model.train()
+            save_checkpoint(model, out)
+            log(f"checkpoint at step {step} ({now - t_start:.0f}s): held-out val loss {vl:.4f}",
+                event="checkpoint", step=step, val_loss=vl)
+            last_ckpt = time.time()
+
+    model.eval()
+    save_checkpoint(model, out)
+    train_seconds = time.time() - t_train
+    vl = val_loss(model, tok, args.seed, args.attn, n=16 if args.tiny else 48)
+    size_mb = (out / "model.safetensors").stat().st_size / 1e6
+    summary = {"steps": step, "train_seconds": round(train_seconds, 1), "tokens": seen_tokens,
+               "tokens_per_s": round(seen_tokens / max(train_seconds, 1e-6), 1), "val_loss": vl,
+               "first_loss": losses[0] if losses else None,
+               "last_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+               "params": n_params, "safetensors_mb": round(size_mb, 2)}
+    log(f"done: {json.dumps(summary)}", event="done", **summary)
+
+    # 3. agent-loop evaluation on held-out tasks
+    if args.eval_tasks:
+        from .agent_eval import eager_generator, evaluate, format_report
+
+        gen = eager_generator(model, tok)
+        report = evaluate(gen, n=args.eval_tasks, seed=args.seed, time_budget_s=args.eval_minutes * 60)
+        (out / "eval.json").write_text(json.dumps(report, indent=2))
+        log(format_report(report), event="eval", **{k: v for k, v in report.items() if k != "examples"})
+        summary["eval"] = {k: v for k, v in report.items() if k != "examples"}
+    log_file.close()
+    summary["losses"] = losses
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+    sys.exit(0)

@@ -1,0 +1,300 @@
+import json
+import re
+
+import pytest
+
+from agentopt_compiler.models import agent_tasks as at
+from agentopt_compiler.models import agent_tools
+from agentopt_compiler.models.agent_tasks import (ALL_KINDS, CHAT_TEMPLATE, TEMPLATES, episode_text, generate_tasks,
+                                                  make_task, render_chat, tokenize_episode, train_tokenizer)
+from agentopt_compiler.models.agent_tools import (TOOLS, ToolError, calculator, convert_units, parse_tool_call,
+                                                  run_tool)
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    out = generate_tasks(150, "train", seed=0)
+    kinds = {t.kind for t in out}
+    import random
+
+    for i, kind in enumerate(ALL_KINDS):  # make sure every kind is present
+        if kind not in kinds:
+            out.append(make_task(kind, random.Random(i), "train"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tasks):
+    return train_tokenizer([episode_text(t)[0] for t in tasks], vocab_size=512)
+
+
+# --- tools ------------------------------------------------------------------------------------------------------------
+
+def test_calculator_is_exact_integer_arithmetic():
+    assert calculator("12 * (3 + 4)") == 84
+    assert calculator("-5 + 2 * 3") == 1
+    assert calculator("123456789 * 987654321") == 123456789 * 987654321
+    assert calculator("(769 + 76) * 27") == 22815
+
+
+@pytest.mark.parametrize("expr", ["__import__('os').system('ls')", "2 ** 10", "7 / 2", "a + 1", "open('x')",
+                                  "1; 2", "(1).__class__", "3.5 + 1", "", "9" * 201])
+def test_calculator_rejects_anything_else(expr):
+    with pytest.raises(ToolError):
+        calculator(expr)
+    assert "error" in json.loads(run_tool("calculator", {"expression": expr}))
+
+
+def test_convert_units():
+    assert convert_units(10, "km", "miles") == 6.21
+    assert convert_units(6.21, "miles", "km") == 9.99
+    assert convert_units(100, "C", "F") == 212
+    assert convert_units(0, "F", "C") == -17.78
+    assert convert_units(1, "gal", "l") == 3.79
+    assert convert_units(2.5, "kg", "lb") == 5.51
+    assert convert_units(10, "ft", "m") == 3.05
+    assert convert_units(12, "kilometers", "mi") == 7.46
+    for bad in [("km", "kg"), ("parsec", "km")]:
+        with pytest.raises(ToolError):
+            convert_units(1, *bad)
+    assert json.loads(run_tool("convert_units", {"value": 5, "from_unit": "km", "to_unit": "miles"})) == {
+        "result": 3.11, "unit": "miles"}
+    assert "error" in json.loads(run_tool("convert_units", {"value": "5", "from_unit": "km", "to_unit": "miles"}))
+
+
+def test_memory_lookup_reads_the_episode_memory():
+    memory = {"Maria's locker code": "4821", "Omar's home city": "Oslo"}
+    assert json.loads(run_tool("memory_lookup", {"key": "maria's Locker code?"}, memory))["value"] == "4821"
+    err = json.loads(run_tool("memory_lookup", {"key": "locker code of Maria"}, memory))["error"]
+    assert "Maria's locker code" in err  # the error lists the known keys, so the model can retry
+    assert "error" in json.loads(run_tool("nope", {}, memory))
+    assert "error" in json.loads(run_tool("memory_lookup", {"key": "x", "extra": 1}, memory))
+
+
+# --- episodes ---------------------------------------------------------------------------------------------------------
+
+def _check_schema(name, args):
+    schema = next(t for t in TOOLS if t["name"] == name)["parameters"]
+    assert set(schema["required"]) <= set(args) <= set(schema["properties"])
+    for k, v in args.items():
+        want = schema["properties"][k]["type"]
+        assert isinstance(v, str) if want == "string" else isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def test_episodes_have_valid_tool_calls_real_results_and_checked_answers(tasks):
+    for t in tasks:
+        ep = t.episode
+        assert ep[0]["role"] == "system" and json.dumps(TOOLS[0]["name"]) in ep[0]["content"]
+        assert ep[:len(t.messages)] == t.messages and t.messages[-1]["role"] == "user"
+        gold_calls = []
+        for i, m in enumerate(ep[len(t.messages):-1], start=len(t.messages)):
+            if m["role"] == "assistant":
+                parsed = parse_tool_call(m["content"])
+                assert parsed is not None and m["content"].startswith("<tool_call>"), m
+                assert m["content"].endswith("</tool_call>")
+                name, args = parsed
+                if i not in t.no_loss:
+                    _check_schema(name, args)
+                    gold_calls.append((name, args))
+                    result = ep[i + 1]["content"]
+                    if result != at.TRANSIENT_ERROR:
+                        assert result == run_tool(name, args, t.memory)
+        assert [c for j, c in enumerate(gold_calls) if j == 0 or c != gold_calls[j - 1]] == t.calls
+        assert ep[-1]["role"] == "assistant" and "<tool_call>" not in ep[-1]["content"]
+        assert t.check(ep[-1]["content"]), (t.kind, t.answer, ep[-1]["content"])
+        assert not t.check("I do not know.")
+
+
+def test_arguments_are_copyable_from_the_request_or_a_tool_result(tasks):
+    for t in tasks:
+        if t.kind in ("bad_expr",):
+            continue
+        seen = "\n".join(m["content"] for m in t.episode if m["role"] in ("user", "tool"))
+        for name, args in t.calls:
+            if name == "calculator":
+                for num in re.findall(r"\d+", args["expression"]):
+                    assert num in seen
+                if t.kind in ("calc", "retry"):
+                    assert args["expression"] in seen
+            elif name == "memory_lookup" and "'s " not in t.messages[-1]["content"].split(args["key"])[0][-3:]:
+                assert args["key"] in "\n".join(m["content"] for m in t.messages)
+            elif name == "convert_units":
+                assert agent_tools.fmt_num(args["value"]) in seen
+
+
+def test_long_context_puts_the_fact_far_back(tasks, tokenizer):
+    longs = [t for t in tasks if t.kind.startswith("long_")]
+    assert longs
+    for t in longs:
+        ids = tokenizer.encode(render_chat(t.messages, add_generation_prompt=True)).ids
+        assert 300 < len(ids) < 1024 - 100
+
+
+def test_generator_is_seeded_and_splits_differ():
+    a = [t.episode for t in generate_tasks(20, "train", seed=3)]
+    assert a == [t.episode for t in generate_tasks(20, "train", seed=3)]
+    assert a != [t.episode for t in generate_tasks(20, "train", seed=4)]
+    assert a != [t.episode for t in generate_tasks(20, "heldout", seed=3)]
+
+
+def test_heldout_templates_are_unseen_in_training():
+    for group, splits in TEMPLATES.items():
+        assert splits["train"] and splits["heldout"]
+        assert not set(splits["train"]) & set(splits["heldout"]), group
+    train_requests = {t.messages[-1]["content"] for t in generate_tasks(300, "train", seed=0)}
+    for t in generate_tasks(60, "heldout", seed=0):
+        assert t.split == "heldout" and t.messages[-1]["content"] not in train_requests
+
+
+# --- chat template and tokenizer --------------------------------------------------------------------------------------
+
+def test_render_matches_the_jinja_chat_template(tasks):
+    import jinja2
+
+    envs = [jinja2.Environment(), jinja2.Environment(trim_blocks=True, lstrip_blocks=True)]
+    for env in envs:
+        template = env.from_string(CHAT_TEMPLATE)
+        for t in tasks[:20]:
+            assert template.render(messages=t.episode, add_generation_prompt=False) == render_chat(t.episode)
+            assert template.render(messages=t.messages, add_generation_prompt=True) == render_chat(t.messages, True)
+            assert episode_text(t)[0] == render_chat(t.episode)
+
+
+def _runtime_form(task):
+    """The episode as the runtime Agent holds it: no system message (tools passed separately), calls as tool_calls."""
+    out = []
+    for m in task.episode[1:]:
+        parsed = parse_tool_call(m["content"]) if m["role"] == "assistant" else None
+        if parsed:
+            out.append({"role": "assistant", "content": "", "tool_calls": [
+                {"id": "call_0", "type": "function", "function": {"name": parsed[0], "arguments": parsed[1]}}]})
+        else:
+            out.append(dict(m))
+    return out
+
+
+def test_runtime_agent_form_renders_the_training_text(tasks, tokenizer, tmp_path):
+    """Through runtime/chat.py with tools given as OpenAI schemas of ``runtime_tools`` and calls as ``tool_calls``,
+    the template reproduces the training text token for token; the runtime tools return the training observations."""
+    from agentopt_compiler.runtime.chat import render_chat as runtime_render
+    from agentopt_compiler.runtime.tokenizer import Tokenizer
+    from agentopt_compiler.runtime.tools import Tool, parse_tool_calls, run_tool_call
+
+    at.save_tokenizer(tokenizer, tmp_path)
+    rt = Tokenizer(tmp_path)
+    for t in [t for t in tasks if not t.no_loss][:40]:
+        tools = [Tool.from_function(f) for f in agent_tools.runtime_tools(t.memory)]
+        schemas = [tool.schema() for tool in tools]
+        assert runtime_render(rt, _runtime_form(t), schemas, add_generation_prompt=False) == render_chat(t.episode)
+        prompt = runtime_render(rt, _runtime_form(t)[:len(t.messages) - 1], schemas, add_generation_prompt=True)
+        assert prompt == render_chat(t.messages, add_generation_prompt=True)
+        by_name = {tool.name: tool for tool in tools}
+        for i, m in enumerate(t.episode):
+            if m["role"] == "assistant" and "<tool_call>" in m["content"] and t.episode[i + 1]["content"] != (
+                    at.TRANSIENT_ERROR):
+                call = parse_tool_calls(m["content"]).calls[0]
+                assert run_tool_call(call, by_name).text == t.episode[i + 1]["content"]
+    # a system message given with tools goes first in the same system turn
+    text = runtime_render(rt, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+                          [Tool.from_function(f).schema() for f in agent_tools.runtime_tools()])
+    assert text.startswith("<|im_start|>system\nBe brief.\n\nYou are a helpful assistant with tools.")
+
+
+def test_tokenizer_round_trips_and_keeps_digits_single(tasks, tokenizer, tmp_path):
+    assert tokenizer.get_vocab_size() <= 512
+    for special in at.SPECIAL_TOKENS:
+        assert len(tokenizer.encode(special).ids) == 1
+    for tok in tokenizer.get_vocab():
+        assert not re.search(r"\d", tok) or re.fullmatch(r"\d", tok), tok
+    assert [t for t in tokenizer.get_vocab() if "\u0120" in t] == ["\u0120"]  # spaces are their own token (Ġ)
+    for t in tasks[:40]:
+        text, spans = episode_text(t)
+        ids, flags = tokenize_episode(tokenizer, text, spans)
+        assert tokenizer.decode(ids, skip_special_tokens=False) == text
+        trained = "".join(tokenizer.decode([i], skip_special_tokens=False) for i, f in zip(ids, flags) if f)
+        want = "".join(m["content"] + "<|im_end|>" for i, m in enumerate(t.episode)
+                       if m["role"] == "assistant" and i not in t.no_loss)
+        assert trained == want
+    # the files the runtime reads: chat template and eos in tokenizer_config.json, tool tags survive decoding
+    at.save_tokenizer(tokenizer, tmp_path)
+    from agentopt_compiler.runtime.tokenizer import Tokenizer
+
+    rt = Tokenizer(tmp_path)
+    assert rt.chat_template == CHAT_TEMPLATE and rt.eos_token_ids == [tokenizer.token_to_id("<|im_end|>")]
+    call = agent_tools.format_tool_call("calculator", {"expression": "12 * 7"})
+    assert rt.decode(rt.encode(call)) == call
+
+
+# --- eval loop and training -------------------------------------------------------------------------------------------
+
+def _oracle(task):
+    answers = [m["content"] for i, m in enumerate(task.episode)
+               if i >= len(task.messages) and m["role"] == "assistant" and i not in task.no_loss]
+
+    def generate(prompt, stops):
+        assert prompt.endswith("<|im_start|>assistant\n")
+        return answers.pop(0)
+    return generate
+
+
+def test_agent_loop_with_an_oracle_model_succeeds():
+    from agentopt_compiler.models.agent_eval import eval_tasks, format_report, run_agent
+
+    tasks = eval_tasks(40, seed=1)
+    assert {t.split for t in tasks} == {"heldout"}
+    for t in tasks:
+        r = run_agent(t, _oracle(t))
+        assert r["success"] and r["failure"] is None, (t.kind, r)
+        assert all(ok for _, ok in r["arg_checks"])
+    # a model that never calls tools
+    r = run_agent(tasks[0], lambda p, s: "The answer is 3.<|im_end|>")
+    assert not r["success"] and r["failure"] in ("no_tool_call", "wrong_final_answer")
+    r = run_agent(tasks[0], lambda p, s: '<tool_call>{"name": "calculator", "argu</tool_call>')
+    assert not r["success"] and r["failure"] == "invalid_json"
+    from agentopt_compiler.models.agent_eval import evaluate
+
+    report = evaluate(lambda p, s: "<tool_call>{}</tool_call>", tasks=tasks[:5])
+    assert report["tool_call_json_valid"] == 0.0 and report["success"] == 0.0
+    assert "success overall" in format_report(report)
+
+
+def test_training_smoke_run_lowers_the_loss(tmp_path):
+    torch = pytest.importorskip("torch")
+    from agentopt_compiler.models.llama import LlamaDecoder
+    from agentopt_compiler.models.train_agent_model import hidden_states, load_trained, main
+
+    threads = torch.get_num_threads()
+    try:
+        summary = main(["--out", str(tmp_path), "--tiny", "--max-steps", "20", "--threads", "1", "--lr", "3e-3",
+                        "--warmup-steps", "2", "--tokenizer-episodes", "200", "--batch-tokens", "2048",
+                        "--eval-tasks", "1", "--log-seconds", "60", "--minutes", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    first, last = summary["losses"][0], sum(summary["losses"][-5:]) / 5
+    assert summary["steps"] == 20 and last < first - 0.3, (first, last)
+    for f in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "eval.json"):
+        assert (tmp_path / f).is_file()
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["format"] == "agentopt-builtin" and cfg["vocab_size"] <= 512
+    model, tok = load_trained(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(LlamaDecoder(model.config).state_dict())
+    ids = torch.tensor([tok.encode(render_chat(generate_tasks(1, "heldout")[0].messages, True)).ids])
+    with torch.no_grad():
+        assert torch.allclose(model.lm_head(hidden_states(model, ids)), model(ids), atol=1e-5)
+        assert torch.allclose(model.lm_head(hidden_states(model, ids, "matmul")), model(ids), atol=1e-4)
+    from agentopt_compiler.models.agent_eval import eager_generator
+
+    # eager greedy decoding with the KV cache agrees with greedy full forwards
+    prompt = render_chat(generate_tasks(1, "heldout")[0].messages, True)
+    out = eager_generator(model, tok, max_new_tokens=6)(prompt, ())
+    seq = tok.encode(prompt).ids
+    n = len(seq)
+    with torch.no_grad():
+        for _ in range(6):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+            if seq[-1] in (tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")):
+                break
+    assert out == tok.decode(seq[n:], skip_special_tokens=False)
