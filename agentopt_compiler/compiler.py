@@ -100,15 +100,16 @@ def dependency_versions() -> dict[str, str]:
 
 def compile(model: str | Path = "tiny-random", out: str | Path = "engine", backend: str = "onnxruntime",
             device: str = "cpu", context_length: int | None = None, skip_passes: Iterable[str] = (),
-            debug_dump: str | Path | None = None, overwrite: bool = False, attention_impl: str = "gqa",
+            debug_dump: str | Path | None = None, overwrite: bool = False, attention_impl: str | None = None,
             batch_size: int = 1, sparse_attention=None, precision_plan=None,
             progress: Callable[[str], None] | None = None):
     """Compile ``model`` into an engine folder at ``out`` and return the loaded ``Engine``.
 
     ``model`` is a built-in name (``tiny-random``, ``ref-60m``) or a local Hugging Face folder. ``context_length``
     (default: the model's max positions, at most 4096) is the KV-cache capacity, prompt plus generated tokens.
-    ``attention_impl`` picks how fused attention is lowered: ``gqa`` (ORT's GroupQueryAttention, in-place caches)
-    or ``standard`` (standard ONNX ops only, for execution providers without Microsoft contrib ops).
+    ``attention_impl`` picks how fused attention is lowered (default: the backend's first choice): ``gqa`` (ORT's
+    GroupQueryAttention, in-place caches) or ``standard`` (standard ONNX ops only, for execution providers without
+    Microsoft contrib ops, and what TensorRT consumes).
     ``batch_size`` is the number of rows the engine runs together (``Engine.generate_batch``); rows have their own
     lengths and positions. ``sparse_attention`` is a ``SparseAttentionPlan``, a spec such as
     ``"window=1024,sinks=4,layers=2-7"`` or a JSON plan file; layers it does not name stay dense.
@@ -128,6 +129,7 @@ def compile(model: str | Path = "tiny-random", out: str | Path = "engine", backe
     log = progress or (lambda _msg: None)
     out = Path(out)
     entry = backends.get_backend(backend, device)
+    attention_impl = attention_impl or entry.attention_impls[0]
     backends.check_attention_impl(entry, attention_impl)
     check_output_folder(out, overwrite)
     sparse_plan = SparseAttentionPlan.load(sparse_attention)

@@ -31,6 +31,13 @@ BACKENDS: dict[str, BackendEntry] = {
         session="agentopt_compiler.backends.onnxruntime.session:OrtSession",
         attention_impls=("gqa", "standard"),
     ),
+    "tensorrt": BackendEntry(  # standard ONNX -> TensorRT plan; needs TensorRT + an NVIDIA GPU (docs/tensorrt.md)
+        name="tensorrt",
+        devices=("cuda",),
+        lowering="agentopt_compiler.backends.tensorrt.lower:lower_to_tensorrt",
+        session="agentopt_compiler.backends.tensorrt.session:TensorRTSession",
+        attention_impls=("standard",),
+    ),
 }
 
 

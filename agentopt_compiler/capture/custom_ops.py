@@ -14,6 +14,8 @@ reference semantics every lowering is checked against.
     sinks                                    > 0 (with a window): keys j < sinks stay visible too (StreamingLLM)
     stride                                   > 0 (with a window): keys with (p - j) % stride == 0 stay visible too
                                              (Sparse-Transformer strided pattern)
+    ring                                     the caches are rings of sinks + window slots, not full-length: memory
+                                             and work per step stay bounded however long the session runs
     scale                                    softmax scale; 0 means 1/sqrt(D)
     -> out (B, S, Hq*D), new k_cache, new v_cache
 """
@@ -31,12 +33,46 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
+def ring_slot_positions(length: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
+    """Position held by each of the sinks + window ring slots after ``length`` (B,) tokens; -1 where empty.
+
+    Position p lives in slot p if p < sinks, else in slot sinks + (p - sinks) % window; a slot holds the latest
+    position that maps to it: for ring slot r that is sinks + r + window * floor((length - 1 - sinks - r) / window).
+    """
+    slots = torch.arange(sinks + window, device=length.device)  # (C,)
+    last = length[:, None] - 1  # (B, 1) position of the newest token
+    ring = slots - sinks  # (C,) ring index (negative for sink slots)
+    newest = sinks + ring + window * torch.div(last - sinks - ring, window, rounding_mode="floor")  # (B, C)
+    position = torch.where(slots < sinks, slots.expand_as(newest), newest)
+    filled = (position <= last) & ((slots < sinks) | (position >= sinks))  # a ring slot never holds a sink
+    return torch.where(filled, position, torch.full_like(position, -1))
+
+
+def _ring_attention(q, k, v, k_cache, v_cache, positions, window, sinks, scale, repeats):
+    """Attend over (ring slots as they were) + (the new tokens), then store the new tokens into the ring."""
+    b, hkv, s, d = k.shape
+    length = positions[:, 0]  # (B,) tokens cached before this call (rows are contiguous)
+    key_pos = torch.cat([ring_slot_positions(length, sinks, window), positions], 1)[:, None, None, :]  # (B,1,1,C+S)
+    query_pos = positions[:, None, :, None]  # (B, 1, S, 1)
+    mask = (key_pos >= 0) & (key_pos <= query_pos) & ((key_pos > query_pos - window) | (key_pos < sinks))
+    keys, values = torch.cat([k_cache, k], 2), torch.cat([v_cache, v], 2)  # (B, Hkv, C+S, D)
+    out = F.scaled_dot_product_attention(q, keys.repeat_interleave(repeats, 1), values.repeat_interleave(repeats, 1),
+                                         attn_mask=mask, scale=scale or None)
+    # each slot takes the newest new token that maps to it (duplicates within a long chunk resolve to the newest)
+    held = ring_slot_positions(length + s, sinks, window)  # (B, C)
+    from_chunk = (held >= length[:, None])[:, None, :, None]  # (B, 1, C, 1)
+    index = (held - length[:, None]).clamp(0, s - 1)[:, None, :, None].expand(b, hkv, -1, d)  # (B, Hkv, C, D)
+    k_cache = torch.where(from_chunk, k.gather(2, index), k_cache)
+    v_cache = torch.where(from_chunk, v.gather(2, index), v_cache)
+    return out, k_cache, v_cache
+
+
 @torch.library.custom_op("agentopt::cached_attention", mutates_args=())
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, positions: torch.Tensor, cos: Optional[torch.Tensor],
                      sin: Optional[torch.Tensor], num_heads: int, kv_num_heads: int, window: int = -1,
-                     scale: float = 0.0, rotary: bool = False, sinks: int = 0,
-                     stride: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     scale: float = 0.0, rotary: bool = False, sinks: int = 0, stride: int = 0,
+                     ring: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, s, _ = q.shape
     d, capacity = k_cache.shape[-1], k_cache.shape[2]
     positions = positions.expand(b, s)  # (B, S)
@@ -46,6 +82,10 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     if rotary:
         c, sn = cos[positions][:, None], sin[positions][:, None]  # (B, 1, S, D)
         q, k = q * c + _rotate_half(q) * sn, k * c + _rotate_half(k) * sn
+    repeats = num_heads // kv_num_heads
+    if ring:
+        out, k_cache, v_cache = _ring_attention(q, k, v, k_cache, v_cache, positions, window, sinks, scale, repeats)
+        return out.transpose(1, 2).reshape(b, s, num_heads * d), k_cache, v_cache
     index = positions[:, None, :, None].expand(b, kv_num_heads, s, d)  # (B, Hkv, S, D)
     k_cache = k_cache.scatter(2, index, k)  # (B, Hkv, T, D)
     v_cache = v_cache.scatter(2, index, v)
@@ -59,7 +99,6 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         if stride > 0:
             visible = visible | ((query_pos - key_pos) % stride == 0)
         mask = mask & visible
-    repeats = num_heads // kv_num_heads
     out = F.scaled_dot_product_attention(q, k_cache.repeat_interleave(repeats, 1),
                                          v_cache.repeat_interleave(repeats, 1), attn_mask=mask,
                                          scale=scale or None)  # (B, Hq, S, D)
@@ -68,5 +107,5 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
 
 @cached_attention.register_fake
 def _(q, k, v, k_cache, v_cache, positions, cos, sin, num_heads, kv_num_heads, window=-1, scale=0.0,
-      rotary=False, sinks=0, stride=0):
+      rotary=False, sinks=0, stride=0, ring=False):
     return torch.empty_like(q), torch.empty_like(k_cache), torch.empty_like(v_cache)

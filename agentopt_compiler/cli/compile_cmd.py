@@ -23,9 +23,9 @@ def add_parser(sub) -> None:
                         "at most 4096)")
     p.add_argument("--batch-size", type=int, default=1,
                    help="rows the engine runs together (several agents or best-of-n); each row has its own length")
-    p.add_argument("--attention-impl", default="gqa", choices=["gqa", "standard"],
-                   help="lowering of fused attention: gqa = ORT GroupQueryAttention with in-place caches (default); "
-                        "standard = standard ONNX ops only (execution providers without Microsoft contrib ops)")
+    p.add_argument("--attention-impl", default=None, choices=["gqa", "standard"],
+                   help="lowering of fused attention: gqa = ORT GroupQueryAttention with in-place caches (default for "
+                        "onnxruntime); standard = standard ONNX ops only (other execution providers; TensorRT)")
     p.add_argument("--sparse-attention", metavar="SPEC|PLAN.json", default=None,
                    help="per-layer sparse attention, e.g. window=1024,sinks=4,layers=2-7 (groups separated by ';'; "
                         "sinks and stride optional; no layers = all), or a JSON plan file; other layers stay dense")

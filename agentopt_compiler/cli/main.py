@@ -9,9 +9,9 @@ import argparse
 import sys
 
 from ..errors import AgentOptError
-from . import compile_cmd, eval_cmd, inspect_cmd, run_cmd, serve_cmd
+from . import compile_cmd, eval_cmd, inspect_cmd, plan_cmd, rebuild_cmd, run_cmd, serve_cmd
 
-SUBCOMMANDS = (compile_cmd, run_cmd, serve_cmd, eval_cmd, inspect_cmd)
+SUBCOMMANDS = (compile_cmd, plan_cmd, run_cmd, serve_cmd, eval_cmd, inspect_cmd, rebuild_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

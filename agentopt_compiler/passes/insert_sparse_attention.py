@@ -11,8 +11,11 @@ Layers the plan does not name stay dense, so local/global interleaving (Gemma/Mi
 windowed layers. The plan is data: ``SparseAttentionPlan.parse("window=1024,sinks=4,layers=2-7")`` on the CLI, or
 a JSON plan file; the pass records per layer what it set, and the manifest keeps the plan.
 
-Why: long agent sessions make dense attention's work and (next increment) KV memory grow without bound; a window
-bounds both. Export pipelines in the field silently drop such patterns; here the pattern is an argument of the
+Window and sinks+window layers also get *bounded memory*: their caches shrink to a ring of sinks + window slots
+(position p lives in slot p if p < sinks, else sinks + (p - sinks) % window), so a session can run to the engine's
+context length (its RoPE table) with per-layer memory and work that do not grow (``bounded=0`` keeps full caches).
+
+Why: long agent sessions make dense attention's work and KV memory grow without bound; a window bounds both. Export pipelines in the field silently drop such patterns; here the pattern is an argument of the
 fused op, so every lowering must carry it (GQA ``local_window_size``, or an explicit mask), and tests compare the
 engine with the eager reference under the same mask.
 
@@ -34,7 +37,8 @@ from ..errors import AgentOptError
 from .infra import GraphPass, PassResult
 from .region_graph import region_of
 
-WINDOW, SCALE, ROTARY, SINKS, STRIDE = 10, 11, 12, 13, 14  # argument positions in agentopt.cached_attention
+K_CACHE, V_CACHE = 3, 4  # argument positions in agentopt.cached_attention
+WINDOW, SCALE, ROTARY, SINKS, STRIDE, RING = 10, 11, 12, 13, 14, 15
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class SparsePattern:
     window: int
     sinks: int = 0
     stride: int = 0
+    bounded: bool = True  # window/sinks layers get a ring cache of sinks + window slots (not with a stride)
 
     def __post_init__(self):
         if self.window < 1:
@@ -52,6 +57,11 @@ class SparsePattern:
     def describe(self) -> str:
         extra = (f"+sinks{self.sinks}" if self.sinks else "") + (f"+stride{self.stride}" if self.stride else "")
         return f"window{self.window}{extra}"
+
+    def ring_slots(self, capacity: int) -> int:
+        """Cache slots this pattern needs, or 0 when it keeps the full-length cache."""
+        slots = self.sinks + self.window
+        return slots if self.bounded and not self.stride and slots < capacity else 0
 
 
 @dataclass(frozen=True)
@@ -71,13 +81,13 @@ class SparseAttentionPlan:
                 key, _, value = item.partition("=")
                 key = key.strip()
                 fields[key] = value.strip()
-            unknown = set(fields) - {"window", "sinks", "stride", "layers"}
+            unknown = set(fields) - {"window", "sinks", "stride", "bounded", "layers"}
             if unknown or "window" not in fields:
                 raise AgentOptError(f"cannot read sparse attention '{group}': expected window=W[,sinks=S]"
-                                    f"[,stride=K][,layers=A-B|A,B,...]")
+                                    f"[,stride=K][,bounded=0|1][,layers=A-B|A,B,...]")
             try:
                 pattern = SparsePattern(int(fields["window"]), int(fields.get("sinks", 0)),
-                                        int(fields.get("stride", 0)))
+                                        int(fields.get("stride", 0)), bool(int(fields.get("bounded", 1))))
                 for layer in _layer_list(fields.get("layers", "all")):
                     layers[layer] = pattern
             except ValueError:
@@ -155,7 +165,29 @@ class InsertSparseAttention(GraphPass):
             args = list(node.args) + [None] * (STRIDE + 1 - len(node.args))
             defaults = {WINDOW: -1, SCALE: 0.0, ROTARY: False, SINKS: 0, STRIDE: 0}
             args = [defaults[i] if a is None and i in defaults else a for i, a in enumerate(args)]
+            args = args + [False] * (RING + 1 - len(args))
             args[WINDOW], args[SINKS], args[STRIDE] = pattern.window, pattern.sinks, pattern.stride
+            slots = pattern.ring_slots(_buffer(gm, args[K_CACHE]).shape[2])
+            if slots:  # bounded memory: shrink both caches to a ring of sinks + window slots
+                for cache in (args[K_CACHE], args[V_CACHE]):
+                    owner, leaf = _owner(gm, cache.target)
+                    full = getattr(owner, leaf)
+                    setattr(owner, leaf, full.new_zeros(full.shape[0], full.shape[1], slots, full.shape[3]))
+                stats["ring_caches"] = stats.get("ring_caches", 0) + 1
+            args[RING] = bool(slots)
             node.args = tuple(args)
             stats[pattern.describe()] = stats.get(pattern.describe(), 0) + 1
         return PassResult(True, stats, tuple(f"layer {k}: {v.describe()}" for k, v in sorted(wanted.items())))
+
+
+def _owner(gm: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str]:
+    owner = gm
+    *path, leaf = target.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    return owner, leaf
+
+
+def _buffer(gm: torch.nn.Module, node: torch.fx.Node) -> torch.Tensor:
+    owner, leaf = _owner(gm, node.target)
+    return getattr(owner, leaf)

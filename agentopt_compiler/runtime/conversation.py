@@ -10,6 +10,10 @@
 to that point and prefills only the rest. A generated token's KV is computed when the next call feeds it, so tokens
 appended right after generation see exactly the cache a full recompute would build.
 
+Engines with ring caches (bounded sparse-attention layers) keep only the last window of tokens, so going back
+(a shorter common prefix than what is cached) recomputes the conversation from its start, and only the whole
+cached state can be shared as a prefix.
+
 The engine has one cache buffer (per batch row); conversations take turns owning it. Switching owners saves the
 outgoing conversation's rows and restores the incoming one's (a copy of the used rows only).
 """
@@ -80,6 +84,8 @@ class Conversation:
         self._activate()
         keep = _common_prefix(self.tokens[:self.cached], prompt_ids)
         keep = min(keep, len(prompt_ids) - 1)  # the last prompt token is always fed: we need its logits
+        if keep < self.cached and not getattr(self.engine.session, "rewindable", True):
+            keep = 0  # a ring cache has overwritten what rewinding needs: recompute (correct, not cheap)
         if self.prefix_cache is not None:
             length, rows = self.prefix_cache.lookup(prompt_ids, max_length=len(prompt_ids) - 1)
             if length > keep:
@@ -95,6 +101,8 @@ class Conversation:
         """Store the KV of the first ``length`` cached tokens in the shared prefix cache."""
         if self.prefix_cache is None or length <= 0 or length > self.cached:
             return
+        if length != self.cached and not getattr(self.engine.session, "rewindable", True):
+            return  # ring caches hold the state after all cached tokens, not after the first ``length``
         self._activate()
         self.prefix_cache.insert(self.tokens[:length], self.engine.session.read_cache(length), pin=pin)
 

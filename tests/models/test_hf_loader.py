@@ -82,7 +82,7 @@ def test_folder_without_config_json(tmp_path):
 
 
 def test_unknown_name_lists_the_builtins():
-    with pytest.raises(ModelNotFoundError, match="tiny-random, ref-60m"):
+    with pytest.raises(ModelNotFoundError, match="tiny-random, agent-tiny, ref-60m"):
         load_model("no-such-model")
 
 

@@ -17,6 +17,7 @@ def test_plan_specs():
     assert plan.resolve(8) == {2: SparsePattern(1024, 4), 3: SparsePattern(1024, 4), 4: SparsePattern(1024, 4),
                                0: SparsePattern(64, 0, 8), 7: SparsePattern(64, 0, 8)}
     assert SparseAttentionPlan.parse("window=16").resolve(3) == {i: SparsePattern(16) for i in range(3)}
+    assert SparseAttentionPlan.parse("window=16,bounded=0").resolve(1) == {0: SparsePattern(16, bounded=False)}
     with pytest.raises(AgentOptError, match="layer\\(s\\) \\[9\\].*layers 0-7"):
         SparseAttentionPlan.parse("window=8,layers=9").resolve(8)
     with pytest.raises(AgentOptError, match="expected window=W"):
@@ -46,9 +47,12 @@ def test_sets_the_pattern_on_the_named_layers_only(tiny_model):
     gm = _fused(tiny_model)
     before = op_histogram(gm)
     result = InsertSparseAttention(SparseAttentionPlan.parse("window=4,sinks=2,layers=1"))(gm)
-    assert result.stats == {"window4+sinks2": 1} and op_histogram(gm) == before
+    assert result.stats == {"window4+sinks2": 1, "ring_caches": 1} and op_histogram(gm) == before
     ops = [n for n in gm.graph.nodes if "cached_attention" in str(n.target)]
-    assert ops[0].args[10] == -1 and (ops[1].args[10], ops[1].args[13]) == (4, 2)
+    assert ops[0].args[10] == -1 and (ops[1].args[10], ops[1].args[13], ops[1].args[15]) == (4, 2, True)
+    buffers = dict(gm.named_buffers())
+    assert buffers["layers.1.self_attn.kv_cache.key"].shape[2] == 6  # a ring of sinks + window slots
+    assert buffers["layers.0.self_attn.kv_cache.key"].shape[2] == 32
     ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
     dense = _fused(tiny_model)
     with torch.no_grad():

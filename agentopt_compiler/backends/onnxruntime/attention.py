@@ -17,6 +17,9 @@
                                                   & (no window | t > pos[b, s] - W | t < sinks
                                                      | (pos[b, s] - t) % stride == 0))
     It is exact but attends over all T slots each step (masked), so it is O(T) per step on ORT CPU.
+    Ring caches (bounded sparse layers): Attention over the C = sinks + window slots, whose positions are computed
+    from the row's length, plus the new tokens; then each slot takes the newest new token mapping to it (Where +
+    GatherElements): O(C + S) per call, whatever the context.
 """
 
 from __future__ import annotations
@@ -39,10 +42,10 @@ def _static_dim(value, axis: int) -> int:
 
 
 def cached_attention_to_gqa(q, k, v, k_cache, v_cache, positions, cos=None, sin=None, num_heads=1, kv_num_heads=1,
-                            window=-1, scale=0.0, rotary=False, sinks=0, stride=0):
-    if sinks > 0 or stride > 0:  # GQA has no sink or strided pattern: this layer takes the standard-op lowering
+                            window=-1, scale=0.0, rotary=False, sinks=0, stride=0, ring=False):
+    if sinks > 0 or stride > 0 or ring:  # not expressible with GQA: this layer takes the standard-op lowering
         return cached_attention_to_standard(q, k, v, k_cache, v_cache, positions, cos, sin, num_heads, kv_num_heads,
-                                            window, scale, rotary, sinks, stride)
+                                            window, scale, rotary, sinks, stride, ring)
     head_dim = _static_dim(k_cache, 3)
     if len(positions.shape) == 2:  # (B, S): each row's own positions
         last = op.Squeeze(op.Slice(positions, [-1], [_INT64_MAX], [1]), [1])  # (B,) last new position per row
@@ -82,8 +85,44 @@ def _scatter_indices(cache, new4, positions):
     return op.Concat(op.Unsqueeze(b, [3]), op.Unsqueeze(h, [3]), op.Unsqueeze(p, [3]), axis=3)
 
 
+def _ring_slot_positions(length, capacity: int, sinks: int, window: int):
+    """(B, C) position held by each ring slot after ``length`` (B, 1) tokens, -1 where empty (see custom_ops.py)."""
+    slots = op.Range(0, capacity, 1)  # (C,)
+    last = op.Sub(length, 1)  # (B, 1)
+    ring = op.Sub(slots, sinks)  # (C,)
+    behind = op.Sub(op.Sub(last, sinks), ring)  # (B, C)
+    floor_div = op.Div(op.Sub(behind, op.Mod(behind, window)), window)  # exact floor division (Mod has the
+    newest = op.Add(op.Add(ring, sinks), op.Mul(floor_div, window))  # divisor's sign, so behind - mod is a multiple)
+    is_sink = op.Less(slots, sinks)
+    position = op.Where(is_sink, op.Expand(slots, op.Shape(newest)), newest)
+    filled = op.And(op.LessOrEqual(position, last), op.Or(is_sink, op.GreaterOrEqual(position, sinks)))
+    return op.Where(filled, position, -1)
+
+
+def _ring_attention(q4, k4, v4, k_cache, v_cache, positions, window, sinks, scale):
+    capacity = _static_dim(k_cache, 2)
+    length = op.Slice(positions, [0], [1], [1])  # (B, 1) tokens cached before this call
+    key_pos = op.Concat(_ring_slot_positions(length, capacity, sinks, window), positions, axis=1)  # (B, C+S)
+    keys_at = op.Unsqueeze(key_pos, [1, 2])  # (B, 1, 1, C+S)
+    queries_at = op.Unsqueeze(positions, [1, 3])  # (B, 1, S, 1)
+    visible = op.Or(op.Greater(keys_at, op.Sub(queries_at, window)), op.Less(keys_at, sinks))
+    mask = op.And(op.And(op.GreaterOrEqual(keys_at, 0), op.LessOrEqual(keys_at, queries_at)), visible)
+    keys, values = op.Concat(k_cache, k4, axis=2), op.Concat(v_cache, v4, axis=2)  # (B, Hkv, C+S, D)
+    attributes = {"scale": scale} if scale else {}
+    out4 = op.Attention(q4, keys, values, mask, **attributes)[0]
+    # each slot takes the newest new token that maps to it, else keeps what it held
+    new_tokens = op.Shape(k4, start=2, end=3)  # (1,) S
+    held = _ring_slot_positions(op.Add(length, new_tokens), capacity, sinks, window)  # (B, C)
+    from_chunk = op.Unsqueeze(op.GreaterOrEqual(held, length), [1, 3])  # (B, 1, C, 1)
+    offset = op.Min(op.Max(op.Sub(held, length), 0), op.Sub(new_tokens, 1))  # (B, C) index into the new tokens
+    index = op.Expand(op.Unsqueeze(offset, [1, 3]), op.Shape(k_cache))  # (B, Hkv, C, D)
+    new_k = op.Where(from_chunk, op.GatherElements(k4, index, axis=2), k_cache)
+    new_v = op.Where(from_chunk, op.GatherElements(v4, index, axis=2), v_cache)
+    return out4, new_k, new_v
+
+
 def cached_attention_to_standard(q, k, v, k_cache, v_cache, positions, cos=None, sin=None, num_heads=1,
-                                 kv_num_heads=1, window=-1, scale=0.0, rotary=False, sinks=0, stride=0):
+                                 kv_num_heads=1, window=-1, scale=0.0, rotary=False, sinks=0, stride=0, ring=False):
     head_dim, capacity = _static_dim(k_cache, 3), _static_dim(k_cache, 2)
     q4 = op.Transpose(op.Reshape(q, [0, 0, num_heads, head_dim]), perm=[0, 2, 1, 3])  # (B, Hq, S, D)
     k4 = op.Transpose(op.Reshape(k, [0, 0, kv_num_heads, head_dim]), perm=[0, 2, 1, 3])  # (B, Hkv, S, D)
@@ -92,6 +131,11 @@ def cached_attention_to_standard(q, k, v, k_cache, v_cache, positions, cos=None,
         cos_rows = op.Gather(cos, _rows_positions(positions), axis=0)
         sin_rows = op.Gather(sin, _rows_positions(positions), axis=0)
         q4, k4 = _rotate(q4, cos_rows, sin_rows), _rotate(k4, cos_rows, sin_rows)
+    if ring:
+        if len(positions.shape) != 2:
+            raise ValueError("ring caches need per-row positions (B, S)")
+        out4, new_k, new_v = _ring_attention(q4, k4, v4, k_cache, v_cache, positions, window, sinks, scale)
+        return op.Reshape(op.Transpose(out4, perm=[0, 2, 1, 3]), [0, 0, num_heads * head_dim]), new_k, new_v
     indices = _scatter_indices(k_cache, k4, positions)
     new_k = op.ScatterND(k_cache, indices, k4)
     new_v = op.ScatterND(v_cache, indices, v4)

@@ -43,8 +43,9 @@ def export_onnx(program, custom_translation_table=None):
         # torch.onnx prints progress lines and logs warnings about unrelated optional packages (torchvision)
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), _quiet("torch.onnx"):
             warnings.simplefilter("ignore")
-            return torch.onnx.export(program.exported, dynamo=True, optimize=False, opset_version=OPSET,
-                                     verbose=False, custom_translation_table=custom_translation_table)
+            with _keep_unread_values():
+                return torch.onnx.export(program.exported, dynamo=True, optimize=False, opset_version=OPSET,
+                                         verbose=False, custom_translation_table=custom_translation_table)
     except Exception as exc:
         raise _explain_export_failure(exc, program.exported) from exc
 
@@ -58,6 +59,31 @@ def _quiet(logger_name: str):
         yield
     finally:
         logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _keep_unread_values():
+    """Inside torch.onnx.export, the opset conversion ends with a remove-unused-nodes pass. A cache update that no
+    other node reads (a ring cache's new contents are computed only to be stored) is then deleted before we can lift
+    it to a ``present.*`` output, and the engine would silently stop updating that cache. For the duration of the
+    export, the conversion keeps its other clean-ups but not that one; ``optimize()`` removes truly dead nodes after
+    the caches are outputs. (Checked by the ring-cache lowering tests: they fail if a cache update is lost.)"""
+    import onnx_ir
+    from onnx_ir.passes import common
+    from onnxscript import version_converter
+
+    original = version_converter.ConvertVersionPass.__init__
+
+    def without_node_removal(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self._cleanup_passes = onnx_ir.passes.Sequential(common.RemoveUnusedFunctionsPass(),
+                                                         common.RemoveUnusedOpsetsPass())
+
+    version_converter.ConvertVersionPass.__init__ = without_node_removal
+    try:
+        yield
+    finally:
+        version_converter.ConvertVersionPass.__init__ = original
 
 
 def _explain_export_failure(exc: Exception, exported) -> AgentOptError:
@@ -138,9 +164,9 @@ def trim_unused_trailing_outputs(graph, op_types=("GroupQueryAttention", "Attent
 
 
 def _pattern_of(node) -> dict:
-    args = list(node.args) + [None] * 15
+    args = list(node.args) + [None] * 16
     window = args[10] if isinstance(args[10], int) and args[10] > 0 else 0
-    return {"window": window, "sinks": args[13] or 0, "stride": args[14] or 0}
+    return {"window": window, "sinks": args[13] or 0, "stride": args[14] or 0, "ring": bool(args[15])}
 
 
 def check_attention_patterns(graph, fused_nodes) -> list[dict]:

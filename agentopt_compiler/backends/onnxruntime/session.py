@@ -3,7 +3,8 @@
 Implements the runtime's session protocol: ``run(input_ids (B, S), positions (B, S) or (S,), logits_index (B,))
 -> logits (B, 1, V)`` with the KV caches held between calls, ``reset()``, ``read_cache``/``write_cache`` and
 ``capacity``. The caches are numpy arrays fed as ``past.*`` and replaced
-by the ``present.*`` outputs after each call.
+by the ``present.*`` outputs after each call, or, for in-place engines, buffers bound as both past and present: host
+numpy buffers on CPU, device-resident ``OrtValue``s on CUDA (``DeviceCaches``).
 """
 
 from __future__ import annotations
@@ -73,43 +74,63 @@ class OrtSession:
         self.capacity = int(engine["context_length"])
         self.batch_size = int(engine["batch_size"])
         self.in_place = engine.get("cache_update") == "in_place"
+        # ring caches (bounded sparse layers) forget old slots: a conversation cannot rewind into them cheaply
+        self.rewindable = not any(layer.get("ring") for layer in engine.get("attention", {}).get("layers", []))
         self._output_names = [o.name for o in self.session.get_outputs()]
         self._input_names = {i.name for i in self.session.get_inputs()}
         self._present_to_past = {c["output"]: c["input"] for c in self.caches_spec}
         self._caches = {c["input"]: np.zeros(c["shape"], dtype=np.float32) for c in self.caches_spec}
+        self._device_caches = None  # DeviceCaches when the in-place caches live on the device (not CPU)
         if self.in_place:
-            if device != "cpu":
-                raise ProviderUnavailableError(f"in-place caches on device '{device}' are not implemented yet; "
-                                               "use --device cpu")
             vocab = next(o.shape[-1] for o in self.session.get_outputs() if o.name == engine["logits"])
             self._logits = np.zeros((self.batch_size, 1, vocab), dtype=np.float32)
             self._binding = self.session.io_binding()
-            # OrtValues that wrap the numpy buffers (no copy): the kernels read and write this memory directly
-            self._cache_values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in self._caches.items()}
+            if device == "cpu":
+                # OrtValues that wrap the numpy buffers (no copy): the kernels read and write this memory directly
+                self._cache_values = {name: ort.OrtValue.ortvalue_from_numpy(array)
+                                      for name, array in self._caches.items()}
+            else:  # device-resident caches: host reads/writes of rows go through OrtValue copies
+                self._device_caches = self._make_device_caches(device)
+                self._cache_values = self._device_caches.values
+                self._caches = {}
             for spec in self.caches_spec:
                 value = self._cache_values[spec["input"]]
                 self._binding.bind_ortvalue_input(spec["input"], value)
                 self._binding.bind_ortvalue_output(spec["output"], value)
+            # logits stay a host buffer: ORT copies the (B, 1, V) row from the device into it
             self._logits_value = ort.OrtValue.ortvalue_from_numpy(self._logits)
             self._binding.bind_ortvalue_output(engine["logits"], self._logits_value)
+
+    def _make_device_caches(self, device: str) -> "DeviceCaches":
+        """Separate so tests can exercise the device-cache code path with device 'cpu' OrtValues."""
+        return DeviceCaches(self.caches_spec, device)
 
     def reset(self) -> None:
         """Forget the cached tokens. (Stale rows are never attended to, since positions mask them, but a clean
         cache keeps runs reproducible bit for bit.)"""
+        if self._device_caches is not None:
+            self._device_caches.reset()
         for cache in self._caches.values():
             cache.fill(0.0)
 
     def read_cache(self, length: int) -> dict[str, np.ndarray]:
         """Copies of rows [0, length) of every cache: (B, Hkv, length, D) each."""
+        if self._device_caches is not None:
+            return self._device_caches.read(length)
         return {name: array[:, :, :length].copy() for name, array in self._caches.items()}
 
     def write_cache(self, rows: dict[str, np.ndarray]) -> None:
         """Put rows saved by ``read_cache`` back at [0, length)."""
+        if self._device_caches is not None:
+            self._device_caches.write(rows)
+            return
         for name, value in rows.items():
             self._caches[name][:, :, :value.shape[2]] = value
 
     def cache_addresses(self) -> dict[str, int]:
         """Memory address of each cache buffer (tests check they stay put and that presents alias them)."""
+        if self._device_caches is not None:
+            return {name: value.data_ptr() for name, value in self._cache_values.items()}
         return {name: array.ctypes.data for name, array in self._caches.items()}
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray, logits_index: np.ndarray | None = None) -> np.ndarray:
@@ -138,3 +159,34 @@ class OrtSession:
             else:
                 logits = value
         return logits
+
+
+class DeviceCaches:
+    """In-place KV caches resident on an ORT device (``cuda``): one ``OrtValue`` per layer cache, allocated with
+    ``ortvalue_from_shape_and_type`` and bound as both past and present, so decode never moves a cache across PCIe.
+
+    Host access (conversation save/restore, prefix cache) copies through the OrtValue: ``numpy()`` copies the cache
+    to the host, ``update_inplace`` copies a host array back. Row writes therefore read-modify-write the whole cache;
+    they happen once per conversation switch, not per token.
+    """
+
+    def __init__(self, specs: list[dict], device: str, device_id: int = 0):
+        import onnxruntime as ort
+
+        self.shapes = {spec["input"]: tuple(spec["shape"]) for spec in specs}
+        self.values = {name: ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.float32, device, device_id)
+                       for name, shape in self.shapes.items()}
+        self.reset()  # device allocations are uninitialized
+
+    def reset(self) -> None:
+        for name, value in self.values.items():
+            value.update_inplace(np.zeros(self.shapes[name], dtype=np.float32))
+
+    def read(self, length: int) -> dict[str, np.ndarray]:
+        return {name: np.array(value.numpy()[:, :, :length]) for name, value in self.values.items()}
+
+    def write(self, rows: dict[str, np.ndarray]) -> None:
+        for name, value in rows.items():
+            full = np.array(self.values[name].numpy())  # host copy of the whole cache
+            full[:, :, :value.shape[2]] = value
+            self.values[name].update_inplace(np.ascontiguousarray(full, dtype=np.float32))

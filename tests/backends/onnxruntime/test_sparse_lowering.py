@@ -53,9 +53,10 @@ def test_sinks_and_strided_patterns_equal_the_fused_ops_reference(spec, tmp_path
 
 
 def test_a_pattern_lost_in_lowering_fails_the_compile(tmp_path):
-    engine = ao.compile("tiny-random", out=tmp_path / "w", context_length=CONTEXT, sparse_attention="window=6")
+    spec = "window=6,bounded=0"  # full caches: the window goes to GroupQueryAttention's local_window_size
+    engine = ao.compile("tiny-random", out=tmp_path / "w", context_length=CONTEXT, sparse_attention=spec)
     model = ir.load(str(tmp_path / "w" / "model.onnx"))
-    program, _ = default_pipeline(SparseAttentionPlan.parse("window=6")).run(
+    program, _ = default_pipeline(SparseAttentionPlan.parse(spec)).run(
         capture(load_model("tiny-random").model, CONTEXT))
     fused = [n for n in program.exported.graph.nodes if "cached_attention" in str(n.target)]
     assert len(check_attention_patterns(model.graph, fused)) == 2
@@ -64,4 +65,45 @@ def test_a_pattern_lost_in_lowering_fails_the_compile(tmp_path):
             node.attributes.pop("local_window_size")  # what a lossy exporter would do
     with pytest.raises(AgentOptError, match="lost in lowering"):
         check_attention_patterns(model.graph, fused)
-    assert engine.manifest["sparse_attention"] == {"layers": {"all": {"window": 6, "sinks": 0, "stride": 0}}}
+    assert engine.manifest["sparse_attention"] == {
+        "layers": {"all": {"window": 6, "sinks": 0, "stride": 0, "bounded": False}}}
+
+
+@pytest.mark.parametrize("impl", ["gqa", "standard"])
+def test_ring_caches_bound_memory_and_equal_full_caches(impl, tmp_path):
+    spec = "window=6,sinks=2"
+    ring = ao.compile("tiny-random", out=tmp_path / "ring", context_length=128, attention_impl=impl,
+                      sparse_attention=spec)
+    full = ao.compile("tiny-random", out=tmp_path / "full", context_length=128, attention_impl=impl,
+                      sparse_attention=spec + ",bounded=0")
+    assert [c["shape"][2] for c in ring.manifest["engine"]["caches"]] == [8] * 4  # sinks + window slots
+    assert [c["shape"][2] for c in full.manifest["engine"]["caches"]] == [128] * 4
+    longer = ao.compile("tiny-random", out=tmp_path / "ring512", context_length=512, attention_impl=impl,
+                        sparse_attention=spec)
+    assert longer.manifest["engine"]["caches"] == ring.manifest["engine"]["caches"]  # memory does not grow
+    prompt = list(range(60, 100))
+    tokens = ring.generate_ids(prompt, max_new_tokens=70, ignore_eos=True)  # 110 positions through 8 slots
+    assert tokens == full.generate_ids(prompt, max_new_tokens=70, ignore_eos=True)
+    windowed = build_model(ModelConfig(**{**BUILTIN_MODELS["tiny-random"].config.to_dict(), "eos_token_ids": (),
+                                          "sliding_window": 6}), seed=0)
+    assert tokens[:10] != eager_greedy(windowed, prompt, 10, 128)  # sinks matter: not a plain window
+
+
+def test_conversations_on_ring_caches(tmp_path):
+    from agentopt_compiler.runtime.engine import GenerationConfig
+
+    engine = ao.compile("tiny-random", out=tmp_path / "ring", context_length=256, sparse_attention="window=6,sinks=2")
+    greedy = GenerationConfig(max_new_tokens=5, ignore_eos=True)
+    conversation = engine.conversation()
+    history = list(range(30, 60))
+    for turn in range(3):
+        before = conversation.prefilled_tokens
+        reply = list(conversation.generate(conversation.prefill_to(history), greedy))
+        assert reply == engine.generate_ids(history, greedy)
+        if turn:
+            assert conversation.prefilled_tokens - before == 1 + 4  # appending stays cheap
+        history = history + reply + [70 + turn, 71, 72, 73]
+    before = conversation.prefilled_tokens
+    edited = history[:20] + [5, 6]  # going back into the ring: recomputed from the start, still correct
+    assert list(conversation.generate(conversation.prefill_to(edited), greedy)) == engine.generate_ids(edited, greedy)
+    assert conversation.prefilled_tokens - before == len(edited)
