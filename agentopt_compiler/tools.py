@@ -1,0 +1,13 @@
+"""Ready-made tools for ``agentopt run --tools`` and the Agent API: the ones the built-in ``agent-tiny`` was trained
+with, returning the exact observation text it saw in training.
+
+    agentopt run ENGINE --task "What is 12 * 34?" --tools agentopt_compiler.tools:calculator
+
+``memory_lookup`` here reads an empty memory (its facts come from the conversation in the evaluation tasks).
+"""
+
+from .models.agent_tools import runtime_tools
+
+calculator, convert_units, memory_lookup = runtime_tools({})
+
+__all__ = ["calculator", "convert_units", "memory_lookup"]
