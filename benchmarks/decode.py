@@ -257,7 +257,11 @@ def build_ort_genai(hf_dir: Path, out: Path, cache: Path) -> dict:
 def ort_genai_system(model_dir: Path, threads: int, context: int, stop_sentinel: int):
     """onnxruntime-genai has no 'never stop' switch: an empty eos_token_id list falls back to pad_token_id. So both
     are set to ``stop_sentinel``, an id the eager reference never emits in this run, and the loop also checks
-    is_done() so that an early stop shows up as fewer tokens (and a token mismatch) rather than silently."""
+    is_done() so that an early stop shows up as fewer tokens (and a token mismatch) rather than silently.
+
+    is_done() is checked *after* reading the token just chosen: it turns true as soon as the sequence reaches
+    max_length (or the chosen token is the stop id), and that token is still a real new token. (Checking it first
+    dropped the last token whenever prompt + new tokens == max_length.)"""
     import numpy as np
     import onnxruntime_genai as og
 
@@ -276,11 +280,11 @@ def ort_genai_system(model_dir: Path, threads: int, context: int, stop_sentinel:
         params.set_search_options(max_length=context, do_sample=False)
         generator = og.Generator(model, params)
         generator.append_tokens(np.array(prompt, dtype=np.int32))  # prefill
-        for _ in range(n):
+        for step in range(n):
             generator.generate_next_token()  # runs the previous token (if any), then picks the next one greedily
-            if generator.is_done():
-                return
             yield int(generator.get_next_tokens()[0])
+            if step + 1 < n and generator.is_done():
+                return  # stopped early (the sentinel, or max_length): fewer tokens than asked for
 
     return lambda prompt, n: timestamps_of(tokens(prompt, n))
 

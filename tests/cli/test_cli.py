@@ -10,14 +10,7 @@ import pytest
 import torch
 
 from agentopt_compiler.cli.main import main
-
-
-def _error_line(capsys, argv):
-    assert main(argv) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    errors = [line for line in err if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in "\n".join(err), err
-    return errors[0]
+from tests.conftest import cli_error_line
 
 
 def test_compile_run_inspect(tmp_path, capsys):
@@ -45,17 +38,17 @@ def test_console_script_help_does_not_import_torch():
 
 
 def test_unknown_model(tmp_path, capsys):
-    line = _error_line(capsys, ["compile", "--model", "gpt-5", "--out", str(tmp_path / "e")])
+    line = cli_error_line(capsys, ["compile", "--model", "gpt-5", "--out", str(tmp_path / "e")])
     assert "unknown model 'gpt-5'" in line and "tiny-random" in line
 
 
 def test_folder_without_config(tmp_path, capsys):
-    assert "no config.json" in _error_line(capsys, ["compile", "--model", str(tmp_path), "--out", str(tmp_path / "e")])
+    assert "no config.json" in cli_error_line(capsys, ["compile", "--model", str(tmp_path), "--out", str(tmp_path / "e")])
 
 
 def test_unsupported_architecture(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["FalconForCausalLM"]}))
-    line = _error_line(capsys, ["compile", "--model", str(tmp_path), "--out", str(tmp_path / "e")])
+    line = cli_error_line(capsys, ["compile", "--model", str(tmp_path), "--out", str(tmp_path / "e")])
     assert "FalconForCausalLM" in line and "LlamaForCausalLM" in line
 
 
@@ -81,7 +74,7 @@ def test_op_the_exporter_cannot_handle(tmp_path, capsys, monkeypatch):
         return loaded
 
     monkeypatch.setattr(registry, "load_model", load_with_odd_op)
-    line = _error_line(capsys, ["compile", "--out", str(tmp_path / "e"), "--context-length", "16"])
+    line = cli_error_line(capsys, ["compile", "--out", str(tmp_path / "e"), "--context-length", "16"])
     assert "agentopt_cli_test.sparkle" in line and "layers.0.mlp" in line
     assert not (tmp_path / "e").exists()
 
@@ -89,7 +82,7 @@ def test_op_the_exporter_cannot_handle(tmp_path, capsys, monkeypatch):
 def test_prompt_longer_than_the_context(tmp_path, capsys):
     main(["compile", "--out", str(tmp_path / "e"), "--context-length", "16", "--quiet"])
     capsys.readouterr()
-    line = _error_line(capsys, ["run", str(tmp_path / "e"), "--prompt", "x" * 40])
+    line = cli_error_line(capsys, ["run", str(tmp_path / "e"), "--prompt", "x" * 40])
     assert "40 tokens" in line and "holds 16" in line
 
 
@@ -98,13 +91,13 @@ def test_corrupt_engine(tiny_engine_dir, tmp_path, capsys):
     with open(engine / "model.onnx", "r+b") as handle:
         handle.seek(100)
         handle.write(b"\x00\x01\x02")
-    assert "corrupt" in _error_line(capsys, ["run", str(engine), "--prompt", "hi"])
-    assert "not an engine folder" in _error_line(capsys, ["inspect", str(tmp_path)])
+    assert "corrupt" in cli_error_line(capsys, ["run", str(engine), "--prompt", "hi"])
+    assert "not an engine folder" in cli_error_line(capsys, ["inspect", str(tmp_path)])
 
 
 def test_unwritable_output(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
-    assert "cannot write the engine" in _error_line(capsys, ["compile", "--out", str(tmp_path / "file" / "e")])
+    assert "cannot write the engine" in cli_error_line(capsys, ["compile", "--out", str(tmp_path / "file" / "e")])
 
 
 def test_missing_cuda(tiny_engine_dir, capsys):
@@ -112,7 +105,7 @@ def test_missing_cuda(tiny_engine_dir, capsys):
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("CUDA is available here")
-    line = _error_line(capsys, ["run", str(tiny_engine_dir), "--prompt", "hi", "--device", "cuda"])
+    line = cli_error_line(capsys, ["run", str(tiny_engine_dir), "--prompt", "hi", "--device", "cuda"])
     assert "CUDAExecutionProvider" in line and "--device cpu" in line
 
 
@@ -131,5 +124,5 @@ def test_run_task_with_tools_and_interactive_mode(chat_engine, capsys, monkeypat
 
 
 def test_bad_tool_spec(chat_engine, capsys):
-    line = _error_line(capsys, ["run", str(chat_engine.folder), "--task", "x", "--tools", "no_such_module:f"])
+    line = cli_error_line(capsys, ["run", str(chat_engine.folder), "--task", "x", "--tools", "no_such_module:f"])
     assert "cannot load tool 'no_such_module:f'" in line

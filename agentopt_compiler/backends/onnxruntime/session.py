@@ -93,10 +93,7 @@ class OrtSession:
                 self._device_caches = self._make_device_caches(device)
                 self._cache_values = self._device_caches.values
                 self._caches = {}
-            for spec in self.caches_spec:
-                value = self._cache_values[spec["input"]]
-                self._binding.bind_ortvalue_input(spec["input"], value)
-                self._binding.bind_ortvalue_output(spec["output"], value)
+            self._bind_caches()
             # logits stay a host buffer: ORT copies the (B, 1, V) row from the device into it
             self._logits_value = ort.OrtValue.ortvalue_from_numpy(self._logits)
             self._binding.bind_ortvalue_output(engine["logits"], self._logits_value)
@@ -104,6 +101,13 @@ class OrtSession:
     def _make_device_caches(self, device: str) -> "DeviceCaches":
         """Separate so tests can exercise the device-cache code path with device 'cpu' OrtValues."""
         return DeviceCaches(self.caches_spec, device)
+
+    def _bind_caches(self) -> None:
+        """Bind each cache buffer as both its past input and its present output (the kernel updates it in place)."""
+        for spec in self.caches_spec:
+            value = self._cache_values[spec["input"]]
+            self._binding.bind_ortvalue_input(spec["input"], value)
+            self._binding.bind_ortvalue_output(spec["output"], value)
 
     def reset(self) -> None:
         """Forget the cached tokens. (Stale rows are never attended to, since positions mask them, but a clean

@@ -19,10 +19,7 @@ class OrtValueCacheSession(OrtSession):
         self._device_caches = DeviceCaches(self.caches_spec, "cpu")
         self._cache_values = self._device_caches.values
         self._caches = {}
-        for spec in self.caches_spec:
-            value = self._cache_values[spec["input"]]
-            self._binding.bind_ortvalue_input(spec["input"], value)
-            self._binding.bind_ortvalue_output(spec["output"], value)
+        self._bind_caches()
 
 
 def test_device_cache_path_matches_host_caches(tiny_engine):

@@ -11,6 +11,7 @@ from agentopt_compiler.cli.main import main
 from agentopt_compiler.errors import AgentOptError
 from agentopt_compiler.runtime.manifest import read_manifest
 from tests.backends.tensorrt.trt_fakes import FAKE_TARGET, fake_build
+from tests.conftest import cli_error_line
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -19,27 +20,19 @@ def _snapshot(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def _error_line(capsys, argv):
-    assert main(argv) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    errors = [line for line in err if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in "\n".join(err), err
-    return errors[0]
-
-
 @pytest.mark.skipif(HAS_TENSORRT, reason="tensorrt is installed here")
 def test_rebuild_without_tensorrt_refuses_and_changes_nothing(trt_engine_dir, tmp_path, capsys):
     folder = tmp_path / "eng"
     shutil.copytree(trt_engine_dir, folder)
     before = _snapshot(folder)
-    line = _error_line(capsys, ["rebuild", str(folder)])
+    line = cli_error_line(capsys, ["rebuild", str(folder)])
     assert "TensorRT is not installed" in line and "pip install 'agentopt-compiler[tensorrt]'" in line
     assert _snapshot(folder) == before
     assert [p.name for p in tmp_path.iterdir()] == ["eng"]  # no temporary folder left
 
 
 def test_rebuild_refuses_an_engine_with_contrib_ops(tiny_engine_dir, capsys):
-    line = _error_line(capsys, ["rebuild", str(tiny_engine_dir)])
+    line = cli_error_line(capsys, ["rebuild", str(tiny_engine_dir)])
     assert "contrib ops TensorRT cannot run" in line and "--attention-impl standard" in line
 
 
