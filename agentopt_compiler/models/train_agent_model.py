@@ -257,6 +257,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--checkpoint-minutes", type=float, default=10.0)
     p.add_argument("--eval-tasks", type=int, default=100)
     p.add_argument("--eval-minutes", type=float, default=8.0)
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="continue from a folder this script wrote (its tokenizer and weights) instead of starting over")
+    p.add_argument("--curriculum-from", type=float, default=0.0,
+                   help="start the curriculum this far in (0-1), e.g. when continuing a run")
     args = p.parse_args(argv)
 
     if args.threads == 1:
@@ -278,9 +282,13 @@ def main(argv: list[str] | None = None) -> dict:
             log_file.write(json.dumps(rec) + "\n")
             log_file.flush()
 
-    # 1. tokenizer, trained on the full mix of episode kinds (train split only)
-    tok_tasks = generate_tasks(args.tokenizer_episodes, "train", args.seed + 10_000)
-    tok = train_tokenizer([episode_text(t)[0] for t in tok_tasks], args.vocab_size)
+    # 1. tokenizer, trained on the full mix of episode kinds (train split only), or the one of the run we continue
+    continued = None
+    if args.init_from:
+        continued, tok = load_trained(args.init_from)
+    else:
+        tok_tasks = generate_tasks(args.tokenizer_episodes, "train", args.seed + 10_000)
+        tok = train_tokenizer([episode_text(t)[0] for t in tok_tasks], args.vocab_size)
     save_tokenizer(tok, out)
     eos = tuple(tok.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>"))
     vocab = tok.get_vocab_size()
@@ -289,9 +297,12 @@ def main(argv: list[str] | None = None) -> dict:
     # 2. model
     from .registry import build_model
 
-    config = agent_model_config(vocab, args.tiny, eos)
-    model = build_model(config, args.seed)
-    init_for_training(model, args.seed)
+    if continued is not None:
+        model, config = continued, continued.config
+    else:
+        config = agent_model_config(vocab, args.tiny, eos)
+        model = build_model(config, args.seed)
+        init_for_training(model, args.seed)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M params, vocab {vocab}, config {json.dumps(config.to_dict())}",
@@ -320,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
         frac = (time.time() - t_train) / train_budget
         if frac >= 1.0 or (args.max_steps and step >= args.max_steps):
             break
-        mix = mix_at(frac)
+        mix = mix_at(args.curriculum_from + (1 - args.curriculum_from) * frac)
         x, y, m, n_loss, n_tok = stream.next_batch(mix)
         lr = lr_at(step, frac)
         for g in opt.param_groups:
