@@ -165,11 +165,11 @@ def choose(options: list[Option], budget: float, spend: Callable[[Option], float
     """Exact multiple-choice knapsack by DP: one option per unit, sum(spend) <= budget, minimal sum(objective).
     ``spend`` is discretized into ``steps`` buckets of the budget (rounded up, so the budget is never exceeded)."""
     grouped = _by_unit(options)
-    if budget <= 0:
-        cheapest = {u: min(opts, key=spend) for u, opts in grouped.items()}
-        if sum(spend(o) for o in cheapest.values()) > 0:
+    if budget <= 0:  # only options that spend nothing qualify; among those, the best objective
+        free = {u: [o for o in opts if spend(o) <= 0] for u, opts in grouped.items()}
+        if not all(free.values()):
             raise AgentOptError("no plan meets a zero budget: even the most accurate choice costs some error")
-        return {u: min(opts, key=objective) for u, opts in grouped.items() if spend(min(opts, key=spend)) == 0}
+        return {u: min(opts, key=objective) for u, opts in free.items()}
     unit_size = budget / steps
     inf = float("inf")
     best = np.full(steps + 1, inf)

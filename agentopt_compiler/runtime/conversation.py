@@ -64,6 +64,8 @@ class Conversation:
         if length < 0:
             raise AgentOptError(f"cannot rewind to {length} tokens")
         self.tokens = self.tokens[:length]
+        if length < self.cached and not getattr(self.engine.session, "rewindable", True):
+            self.cached = 0  # a ring cache no longer holds the state at ``length``: the next prefill starts over
         self.cached = min(self.cached, length)
 
     def _feed(self, ids: list[int], start: int) -> np.ndarray:

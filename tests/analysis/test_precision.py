@@ -80,3 +80,9 @@ def test_cli_writes_plan_report_and_plot(tmp_path, capsys):
     assert (tmp_path / "report" / "sensitivity.png").stat().st_size > 1000
     assert main(["compile", "--out", str(tmp_path / "eng"), "--context-length", "64", "--precision-plan",
                  str(out), "--quiet"]) == 0
+
+
+def test_a_zero_budget_keeps_only_free_options():
+    options = [Option("A", "fp32", 0.0, 1, 0, 4.0), Option("A", "int4", 0.3, 1, 0, 1.0)]
+    chosen = choose(options, 0.0, lambda o: o.kl, lambda o: o.cost)
+    assert chosen["A"].precision == "fp32"

@@ -107,3 +107,6 @@ def test_conversations_on_ring_caches(tmp_path):
     edited = history[:20] + [5, 6]  # going back into the ring: recomputed from the start, still correct
     assert list(conversation.generate(conversation.prefill_to(edited), greedy)) == engine.generate_ids(edited, greedy)
     assert conversation.prefilled_tokens - before == len(edited)
+    conversation.rewind(10)  # an explicit rewind into the ring also recomputes
+    again = history[:10] + [9, 9]
+    assert list(conversation.generate(conversation.prefill_to(again), greedy)) == engine.generate_ids(again, greedy)

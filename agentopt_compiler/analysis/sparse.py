@@ -1,0 +1,287 @@
+"""Choosing which layers get a sparse attention pattern from measured cost (``agentopt plan sparse``).
+
+Same shape as the precision planner (analysis/precision.py):
+
+1. Measure, on calibration tokens, in the eager model (no KV cache: plain causal attention over each sequence):
+   - per layer: that layer alone gets the pattern (its attention mask is ANDed with the pattern's visibility, every
+     other layer keeps the model's own mask), and we compare next-token distributions with the dense model: mean
+     KL(dense || sparse) per token over all positions of the sequence, and top-1 agreement;
+   - per (layer, query head), from the dense model: the attention mass outside the pattern, i.e. the fraction of
+     softmax probability that the head puts on keys the pattern would hide, averaged over the queries beyond the
+     window (position p >= W, the ones for which the pattern can hide anything). Heads with high mass are
+     "retrieval" heads that look far back; heads with ~0 are "streaming" heads a window serves well.
+2. Cost: KV-cache bytes per layer at the engine's context length: the full cache when dense, a ring of
+   sinks + window slots when sparse (bounded window/sinks patterns; a strided pattern keeps the full cache).
+3. Choose: one option per layer, "dense" (KL 0, full KV bytes) or "sparse" (measured KL, ring bytes); minimize KV
+   bytes (ties: prefer sparse) subject to sum of per-layer KL <= max_kl, by ``precision.choose`` (exact DP).
+   Errors of different layers are treated as additive; ``measure_fidelity`` measures the eager model with *all*
+   chosen layers sparse on held-out tokens to check how well that held.
+
+The plan is per layer although the measurement is also per head: the fused attention op applies one pattern to all
+heads of a layer, so a layer with one retrieval head among streaming heads must stay dense as a whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import AgentOptError
+from ..passes.insert_sparse_attention import SparseAttentionPlan, SparsePattern
+from .precision import _compare, _log_probs, choose
+
+PLAN_FORMAT = "agentopt-sparse-attention-plan"
+
+
+@dataclass
+class LayerOption:
+    """One choice for one layer, in the shape ``precision.choose`` expects (grouped by ``unit``)."""
+
+    unit: str  # "layers.3"
+    layer: int
+    choice: str  # "dense" or "sparse"
+    kl: float
+    top1: float
+    kv_bytes: int
+
+
+@dataclass
+class SparseMeasurement:
+    pattern: SparsePattern
+    options: list[LayerOption]
+    head_mass_outside: list[list[float]]  # [layer][query head], in [0, 1]
+    context_length: int
+    tokens: int  # calibration tokens measured
+    queries_beyond_window: int  # queries (per head) the mass averages are taken over
+
+    def sparse_option(self, layer: int) -> LayerOption:
+        return next(o for o in self.options if o.layer == layer and o.choice == "sparse")
+
+    def to_dict(self) -> dict:
+        return {"pattern": asdict(self.pattern), "context_length": self.context_length, "tokens": self.tokens,
+                "queries_beyond_window": self.queries_beyond_window,
+                "layers": [{"layer": o.layer, "kl": o.kl, "top1": o.top1,
+                            "kv_bytes_dense": self._dense(o.layer).kv_bytes, "kv_bytes_sparse": o.kv_bytes,
+                            "head_mass_outside": self.head_mass_outside[o.layer]}
+                           for o in self.options if o.choice == "sparse"]}
+
+    def _dense(self, layer: int) -> LayerOption:
+        return next(o for o in self.options if o.layer == layer and o.choice == "dense")
+
+
+@dataclass
+class SparsePlanResult:
+    plan: SparseAttentionPlan  # sparse layers only; the others stay dense
+    budget: dict
+    predicted: dict
+    measurement: SparseMeasurement
+    fidelity: dict | None = field(default=None)
+
+    @property
+    def sparse_layers(self) -> list[int]:
+        return sorted(self.plan.layers)
+
+    def document(self) -> dict:
+        """The plan file: the plan's own ``layers`` (what ``SparseAttentionPlan.load`` reads; edit freely) plus
+        what it was chosen for and predicted to cost, and (when measured) its held-out fidelity."""
+        doc = {"format": PLAN_FORMAT, **self.plan.to_dict(), "pattern": asdict(self.measurement.pattern),
+               "budget": self.budget, "predicted": self.predicted}
+        if self.fidelity is not None:
+            doc["fidelity"] = self.fidelity
+        return doc
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.document(), indent=2) + "\n")
+
+
+def visible(pattern: SparsePattern, query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
+    """Keys the pattern lets a query see (before causality), as in ``agentopt::cached_attention``:
+    p - W < j, or j < sinks, or (p - j) % stride == 0."""
+    keep = key_pos > query_pos - pattern.window
+    if pattern.sinks > 0:
+        keep = keep | (key_pos < pattern.sinks)
+    if pattern.stride > 0:
+        keep = keep | ((query_pos - key_pos) % pattern.stride == 0)
+    return keep
+
+
+@contextlib.contextmanager
+def _without_caches(model):
+    """Measure without KV caches (causal attention over the given tokens); put them back afterwards."""
+    saved = [layer.self_attn.kv_cache for layer in model.layers]
+    try:
+        for layer in model.layers:
+            layer.self_attn.kv_cache = None
+        yield
+    finally:
+        for layer, cache in zip(model.layers, saved):
+            layer.self_attn.kv_cache = cache
+
+
+def _attention_inputs(args: tuple) -> tuple:
+    if len(args) != 5:
+        raise AgentOptError("sparse planning expects Attention.forward(x, positions, cos, sin, mask)")
+    return args
+
+
+@contextlib.contextmanager
+def sparse_layers(model, layers: dict[int, SparsePattern]):
+    """Eager model with ``layers`` (index -> pattern) sparse: each named layer's attention mask is ANDed with its
+    pattern (a forward pre-hook on that layer's ``self_attn``); other layers keep the model's own mask. Meant for
+    the cache-free forward (key positions = query positions = the given tokens')."""
+    handles = []
+
+    def hook_for(pattern: SparsePattern):
+        def hook(module, args):
+            x, positions, cos, sin, mask = _attention_inputs(args)
+            if module.kv_cache is not None:
+                raise AgentOptError("sparse planning measures the cache-free forward; remove the KV caches")
+            keep = visible(pattern, positions[:, None, :, None], positions[:, None, None, :])  # (B, 1, S, S)
+            return x, positions, cos, sin, mask & keep
+        return hook
+
+    try:
+        for index, pattern in layers.items():
+            if not 0 <= index < len(model.layers):
+                raise AgentOptError(f"sparse plan names layer {index}, but the model has layers "
+                                    f"0-{len(model.layers) - 1}")
+            handles.append(model.layers[index].self_attn.register_forward_pre_hook(hook_for(pattern)))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _mass_outside(attention, args, pattern: SparsePattern) -> tuple[torch.Tensor, int]:
+    """Per query head: summed attention probability on keys the pattern hides, over queries at p >= window;
+    and the number of such queries. Recomputes the dense layer's softmax (SDPA does not return it)."""
+    from ..models.llama import apply_rope
+
+    x, positions, cos, sin, mask = _attention_inputs(args)
+    b, s, _ = x.shape
+    h, hkv, d = attention.num_heads, attention.num_kv_heads, attention.head_dim
+    q = apply_rope(attention.q_proj(x).view(b, s, h, d).transpose(1, 2), cos, sin)  # (B, Hq, S, D)
+    k = apply_rope(attention.k_proj(x).view(b, s, hkv, d).transpose(1, 2), cos, sin)  # (B, Hkv, S, D)
+    k = k.repeat_interleave(h // hkv, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * d ** -0.5  # (B, Hq, S, S), SDPA's default scale
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)
+    query_pos, key_pos = positions[:, None, :, None], positions[:, None, None, :]
+    hidden = mask & ~visible(pattern, query_pos, key_pos)  # (B, 1, S, S)
+    outside = (probs * hidden).sum(-1)  # (B, Hq, S)
+    beyond = (positions >= pattern.window)[:, None, :]  # (B, 1, S)
+    return (outside * beyond).sum((0, 2)), int(beyond.sum())
+
+
+def kv_bytes(config, context_length: int, pattern: SparsePattern | None, dtype_bytes: int = 4) -> int:
+    """Bytes of one layer's K and V caches at ``context_length`` (fp32 engines): the full cache when dense, the ring
+    of sinks + window slots when the pattern is bounded."""
+    slots = pattern.ring_slots(context_length) if pattern is not None else 0
+    return 2 * config.num_kv_heads * config.dim_per_head * (slots or context_length) * dtype_bytes
+
+
+def measure_sparse_costs(model, batches: list[torch.Tensor], pattern: SparsePattern,
+                         context_length: int | None = None,
+                         progress: Callable[[int, int, str], None] | None = None) -> SparseMeasurement:
+    """Per layer: KL and top-1 of that layer alone sparse; per (layer, head): attention mass outside the pattern."""
+    config = model.config
+    context = context_length or min(config.max_position_embeddings, 4096)
+    layers = len(model.layers)
+    total, done = layers + 1, 0
+    with _without_caches(model), torch.no_grad():
+        sums = torch.zeros(layers, config.num_heads, dtype=torch.float64)
+        counts = [0] * layers
+        handles = []
+
+        def mass_hook(index):
+            def hook(module, args):
+                mass, count = _mass_outside(module, args, pattern)
+                sums[index] += mass.double()
+                counts[index] += count
+            return hook
+
+        try:
+            for index, layer in enumerate(model.layers):
+                handles.append(layer.self_attn.register_forward_pre_hook(mass_hook(index)))
+            reference = _log_probs(model, batches)
+        finally:
+            for handle in handles:
+                handle.remove()
+        mass = [[float(v) / max(counts[i], 1) for v in sums[i]] for i in range(layers)]
+        done += 1
+        if progress:
+            progress(done, total, "dense reference")
+        options = []
+        for index in range(layers):
+            with sparse_layers(model, {index: pattern}):
+                kl, top1 = _compare(reference, _log_probs(model, batches))
+            unit = f"layers.{index}"
+            options.append(LayerOption(unit, index, "dense", 0.0, 1.0, kv_bytes(config, context, None)))
+            options.append(LayerOption(unit, index, "sparse", max(kl, 0.0), top1, kv_bytes(config, context, pattern)))
+            done += 1
+            if progress:
+                progress(done, total, f"layers.{index} {pattern.describe()}")
+    return SparseMeasurement(pattern, options, mass, context, sum(b.shape[1] for b in batches), counts[0])
+
+
+def check_length(length: int, pattern: SparsePattern) -> None:
+    """Sequences no longer than the window measure nothing (the pattern hides no key): refuse them."""
+    if length <= pattern.window:
+        raise AgentOptError(f"calibration sequences of {length} tokens fit inside the window of {pattern.window}, "
+                            f"so the pattern hides nothing there and the measurement means nothing; use --length "
+                            f"> {pattern.window} (several times the window is better)")
+
+
+def choose_sparse_layers(measurement: SparseMeasurement, max_kl: float) -> SparsePlanResult:
+    """Make as many layers sparse as the KL budget allows (fewest KV bytes; ties go to sparse)."""
+    if max_kl < 0:
+        raise AgentOptError(f"--max-kl must be >= 0, got {max_kl}")
+    if max_kl == 0:  # only layers the pattern does not change at all (choose() needs a positive budget)
+        free = {o.layer for o in measurement.options if o.choice == "sparse" and o.kl <= 0}
+        chosen = {o.unit: o for o in measurement.options if o.choice == ("sparse" if o.layer in free else "dense")}
+    else:
+        chosen = choose(measurement.options, max_kl, lambda o: o.kl,
+                        lambda o: o.kv_bytes + (1 if o.choice == "dense" else 0))
+    sparse = sorted(o.layer for o in chosen.values() if o.choice == "sparse")
+    plan = SparseAttentionPlan({layer: measurement.pattern for layer in sparse})
+    predicted = {"kl": round(sum(o.kl for o in chosen.values()), 8),
+                 "top1_loss": round(sum(1 - o.top1 for o in chosen.values()), 6),
+                 "sparse_layers": sparse,
+                 "dense_layers": sorted(o.layer for o in chosen.values() if o.choice == "dense"),
+                 "kv_bytes": sum(o.kv_bytes for o in chosen.values()),
+                 "kv_bytes_all_dense": sum(o.kv_bytes for o in measurement.options if o.choice == "dense"),
+                 "context_length": measurement.context_length}
+    return SparsePlanResult(plan, {"max_kl": max_kl}, predicted, measurement)
+
+
+def plan_sparse(model, batches: list[torch.Tensor], pattern: SparsePattern, max_kl: float,
+                context_length: int | None = None, progress=None) -> SparsePlanResult:
+    """Measure and choose (refuses calibration sequences that fit inside the window)."""
+    check_length(min(b.shape[1] for b in batches), pattern)
+    return choose_sparse_layers(measure_sparse_costs(model, batches, pattern, context_length, progress), max_kl)
+
+
+def measure_fidelity(model, plan: SparseAttentionPlan, batches: list[torch.Tensor]) -> dict:
+    """The eager model with *all* of the plan's layers sparse against the dense model on (held-out) tokens: mean
+    KL(dense || sparse) per token and top-1 agreement, to set beside the plan's additive prediction."""
+    with _without_caches(model), torch.no_grad():
+        reference = _log_probs(model, batches)
+        with sparse_layers(model, plan.resolve(len(model.layers))):
+            kl, top1 = _compare(reference, _log_probs(model, batches))
+    return {"kl": round(max(kl, 0.0), 8), "top1": round(top1, 4), "tokens": sum(b.shape[1] for b in batches),
+            "sequences": len(batches), "length": min(b.shape[1] for b in batches)}
+
+
+def report_rows(result: SparsePlanResult) -> list[dict]:
+    m = result.measurement
+    rows = []
+    for layer, heads in enumerate(m.head_mass_outside):
+        option = m.sparse_option(layer)
+        rows.append({"layer": layer, "chosen": "sparse" if layer in result.plan.layers else "dense",
+                     "kl": option.kl, "top1": option.top1, "mass_mean": sum(heads) / len(heads),
+                     "mass_max": max(heads), "heads": heads})
+    return rows

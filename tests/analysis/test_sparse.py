@@ -1,0 +1,151 @@
+import json
+
+import pytest
+import torch
+
+import agentopt_compiler as ao
+from agentopt_compiler.analysis import precision
+from agentopt_compiler.analysis.calibration import calibration_batches
+from agentopt_compiler.analysis.sparse import (choose_sparse_layers, measure_fidelity, measure_sparse_costs,
+                                               plan_sparse, sparse_layers)
+from agentopt_compiler.cli.main import main
+from agentopt_compiler.errors import AgentOptError
+from agentopt_compiler.models.registry import load_model
+from agentopt_compiler.passes.insert_sparse_attention import SparseAttentionPlan, SparsePattern
+
+PATTERN = SparsePattern(8, 2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    loaded = load_model("tiny-random")
+    return loaded, calibration_batches(loaded, None, sequences=2, length=40)
+
+
+@pytest.fixture(scope="module")
+def measured(tiny):
+    loaded, batches = tiny
+    return measure_sparse_costs(loaded.model, batches, PATTERN, context_length=64)
+
+
+def test_a_covering_window_costs_nothing(tiny):
+    loaded, batches = tiny
+    m = measure_sparse_costs(loaded.model, batches, SparsePattern(40), context_length=64)
+    assert [m.sparse_option(i).kl for i in range(2)] == [0.0, 0.0]
+    assert [m.sparse_option(i).top1 for i in range(2)] == [1.0, 1.0]
+    assert m.head_mass_outside == [[0.0] * 4, [0.0] * 4] and m.queries_beyond_window == 0
+    # a window of 40 keys hides nothing from 40 tokens, so the plan refuses to call that a measurement
+    with pytest.raises(AgentOptError, match="fit inside the window"):
+        plan_sparse(loaded.model, batches, SparsePattern(40), max_kl=0.1)
+    assert choose_sparse_layers(m, 0.0).sparse_layers == [0, 1]  # free layers go sparse even at a zero budget
+
+
+def test_a_short_window_costs_something(measured):
+    for layer in range(2):
+        option = measured.sparse_option(layer)
+        assert option.kl > 1e-4 and option.top1 < 1.0
+        assert option.kv_bytes < measured._dense(layer).kv_bytes  # a ring of 10 slots instead of 64
+    masses = [v for heads in measured.head_mass_outside for v in heads]
+    assert len(masses) == 8 and all(0.0 < v <= 1.0 for v in masses)
+    assert measured.queries_beyond_window == 2 * (40 - 8)
+
+
+def test_mass_outside_matches_a_direct_computation(tiny):
+    # layer 0's input is the embedding, so its dense attention probabilities can be recomputed by hand
+    loaded, batches = tiny
+    model, ids = loaded.model, batches[0]
+    m = measure_sparse_costs(model, [ids], PATTERN, context_length=64)
+    attention, s = model.layers[0].self_attn, ids.shape[1]
+    with torch.no_grad():
+        x = model.layers[0].input_layernorm(model.embed_tokens(ids))
+        cos, sin = model.rope_cos[:s][None, None], model.rope_sin[:s][None, None]
+        from agentopt_compiler.models.llama import apply_rope
+
+        q = apply_rope(attention.q_proj(x).view(1, s, 4, 32).transpose(1, 2), cos, sin)
+        k = apply_rope(attention.k_proj(x).view(1, s, 2, 32).transpose(1, 2), cos, sin).repeat_interleave(2, 1)
+        p = torch.arange(s)
+        causal = p[None, :] <= p[:, None]
+        probs = torch.softmax((q @ k.transpose(-1, -2) / 32 ** 0.5).masked_fill(~causal, float("-inf")), -1)
+        hidden = causal & (p[None, :] <= p[:, None] - 8) & (p[None, :] >= 2)
+        expected = (probs * hidden).sum(-1)[0, :, 8:].mean(-1)
+    assert m.head_mass_outside[0] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_plan_meets_its_budget_and_a_tighter_budget_keeps_more_layers_dense(measured):
+    kls = sorted(measured.sparse_option(i).kl for i in range(2))
+    dense_counts = []
+    for budget in (sum(kls) * 1.01, kls[0] * 1.01, kls[0] * 0.5, 0.0):
+        result = choose_sparse_layers(measured, budget)
+        assert result.predicted["kl"] <= budget
+        assert result.budget == {"max_kl": budget}
+        dense_counts.append(len(result.predicted["dense_layers"]))
+    assert dense_counts == [0, 1, 2, 2]
+    one = choose_sparse_layers(measured, kls[0] * 1.01)
+    assert one.sparse_layers == [min(range(2), key=lambda i: measured.sparse_option(i).kl)]
+    assert one.plan.layers == {one.sparse_layers[0]: PATTERN}
+    assert one.predicted["kv_bytes"] < one.predicted["kv_bytes_all_dense"]
+    with pytest.raises(AgentOptError, match="max-kl"):
+        choose_sparse_layers(measured, -1.0)
+
+
+def test_held_out_fidelity(tiny, measured):
+    loaded, _ = tiny
+    held_out = calibration_batches(loaded, None, sequences=2, length=40, seed=1234)
+    result = choose_sparse_layers(measured, 10.0)  # both layers sparse
+    fidelity = measure_fidelity(loaded.model, result.plan, held_out)
+    assert fidelity["kl"] > 0 and fidelity["tokens"] == 80 and 0 <= fidelity["top1"] <= 1
+    assert measure_fidelity(loaded.model, SparseAttentionPlan({}), held_out)["kl"] == 0.0
+
+
+def test_the_hooks_match_the_model_and_leave_no_trace(tiny):
+    loaded, batches = tiny
+    model, ids = loaded.model, batches[0]
+    with torch.no_grad():
+        dense = model(ids)
+        with sparse_layers(model, {0: SparsePattern(40)}):  # covering: same mask, same result
+            assert torch.equal(model(ids), dense)
+        with sparse_layers(model, {1: PATTERN}):
+            assert not torch.allclose(model(ids), dense, atol=1e-4)
+        assert torch.equal(model(ids), dense)  # hooks removed
+    with pytest.raises(AgentOptError, match="layers 0-1"):
+        with sparse_layers(model, {5: PATTERN}):
+            pass
+
+
+def test_cli_plan_compiles_and_the_engine_matches_the_eager_sparse_model(tmp_path, capsys):
+    out, report = tmp_path / "plan.json", tmp_path / "report"
+    # budget between the two layers' KL on these tokens (0.033 and 0.053), so one layer stays dense
+    assert main(["plan", "sparse", "--model", "tiny-random", "--window", "8", "--sinks", "2", "--max-kl", "0.04",
+                 "--sequences", "2", "--length", "48", "--context-length", "64", "--out", str(out),
+                 "--report", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "| layer | chosen |" in printed and "held-out" in printed
+    doc = json.loads(out.read_text())
+    assert doc["format"] == "agentopt-sparse-attention-plan" and doc["budget"] == {"max_kl": 0.04}
+    assert doc["predicted"]["kl"] <= 0.04 and doc["fidelity"]["tokens"] == 96
+    assert doc["fidelity"]["kl"] <= 0.04  # seeded: the plan also holds on held-out (other random) tokens
+    chosen = doc["predicted"]["sparse_layers"]
+    assert chosen == [1] and doc["predicted"]["dense_layers"] == [0]
+    plan = SparseAttentionPlan.load(out)
+    assert plan == SparseAttentionPlan({1: PATTERN})
+    assert (report / "heatmap.png").stat().st_size > 1000
+    assert "per layer, not per head" in (report / "report.md").read_text()
+    assert len(json.loads((report / "sensitivity.json").read_text())["layers"]) == 2
+
+    engine = ao.compile("tiny-random", out=tmp_path / "eng", context_length=64, sparse_attention=str(out))
+    assert engine.manifest["sparse_attention"]["layers"] == {"1": doc["layers"]["1"]}
+    layers = engine.manifest["engine"]["attention"]["layers"]
+    assert [(a["window"], a["sinks"], a["ring"]) for a in layers] == [(0, 0, False), (8, 2, True)]
+    record = next(r for r in engine.manifest["passes"] if r["name"] == "insert_sparse_attention")
+    assert record["stats"] == {"window8+sinks2": 1, "ring_caches": 1}
+    loaded = load_model("tiny-random")
+    held_out = calibration_batches(loaded, None, sequences=1, length=40, seed=7)
+    with sparse_layers(loaded.model, plan.resolve(2)):  # the planner's eager mask is the engine's pattern
+        assert precision.measure_fidelity(engine, loaded.model, held_out)["kl"] < 1e-6
+
+
+def test_cli_refuses_sequences_inside_the_window(tmp_path, capsys):
+    assert main(["plan", "sparse", "--window", "64", "--max-kl", "0.1", "--length", "64",
+                 "--out", str(tmp_path / "p.json")]) != 0
+    assert "fit inside the window" in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()
