@@ -200,7 +200,18 @@ def compile(model: str | Path = "tiny-random", out: str | Path = "engine", backe
     engine.compile_report = report
     if precision and precision.budget:
         report.fidelity = _check_precision_fidelity(engine, loaded, precision, log)
+        engine.manifest["precision_plan"]["measured"] = report.fidelity
+        _rewrite_manifest(out, engine.manifest)
     return engine
+
+
+def _rewrite_manifest(folder: Path, manifest: dict) -> None:
+    """Replace manifest.json atomically (it is not among the hashed files, so the hashes stay valid)."""
+    import json
+
+    temporary = folder / f".{MANIFEST}.tmp"
+    temporary.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(temporary, folder / MANIFEST)
 
 
 def _check_precision_fidelity(engine, loaded, plan, log) -> dict:

@@ -65,6 +65,7 @@ def test_compiled_engine_keeps_the_budget_its_plan_claims(tiny_plan, tmp_path):
     engine = ao.compile("tiny-random", out=tmp_path / "q", context_length=96, precision_plan=plan)
     measured = engine.compile_report.fidelity
     assert measured["kl"] <= plan.budget["max_kl"], (measured, plan.predicted)
+    assert ao.load_engine(tmp_path / "q").manifest["precision_plan"]["measured"] == measured  # recorded
     full = ao.compile("tiny-random", out=tmp_path / "fp32", context_length=96)
     loaded = load_model("tiny-random")
     assert measure_fidelity(full, loaded.model, calibration_batches(loaded, None, 1, 32, seed=5))["kl"] < 1e-9
