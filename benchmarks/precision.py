@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Precision benchmark: fp32, uniform int4 (ours), onnxruntime-genai int4, and our planned mixed precision, one run.
+
+    python benchmarks/precision.py                     # ref-60m, 128-token prompt, 64 new tokens
+    python benchmarks/precision.py --model tiny-random --new-tokens 8 --repeats 1     # smoke run
+
+Per system: engine size, decode tokens/s (median of --repeats, interleaved, same threads), and quality against fp32:
+mean KL(fp32 || system) per token and top-1 agreement, teacher-forced on held-out random tokens for our engines
+(``measure_fidelity``), and greedy-token agreement with fp32 over the generated tokens for every system (the only
+quality number taken for onnxruntime-genai). ref-60m has random weights, so KL here measures numerical damage, not
+task quality (benchmarks/agent_quality.py measures that on agent-tiny).
+Not a test: run it by hand. Markdown to stdout, ``--json`` for the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from decode import (build_ort_genai, compile_ours, environment, log, make_prompt, measure,  # noqa: E402
+                    ort_genai_system, ours_system)
+
+
+def plan_for(model: str, max_kl: float, work: Path):
+    from agentopt_compiler.analysis.calibration import calibration_batches
+    from agentopt_compiler.analysis.precision import plan_precision
+    from agentopt_compiler.models.registry import load_model
+
+    loaded = load_model(model)
+    plan, _ = plan_precision(loaded.model, calibration_batches(loaded, None, sequences=2, length=128), max_kl=max_kl)
+    plan.save(work / f"plan-kl{max_kl}.json")
+    return plan
+
+
+def compile_with_plan(model: str, out: Path, context: int, plan) -> dict:
+    import agentopt_compiler as ao
+
+    engine = ao.compile(model, out=out, context_length=context, precision_plan=plan, overwrite=True)
+    return {"engine_bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()), "folder": str(out)}
+
+
+def fidelity(folder: Path, model: str, context: int) -> dict:
+    import agentopt_compiler as ao
+    from agentopt_compiler.analysis.calibration import calibration_batches
+    from agentopt_compiler.analysis.precision import measure_fidelity
+    from agentopt_compiler.models.registry import load_model
+
+    loaded = load_model(model)
+    batches = calibration_batches(loaded, None, sequences=2, length=min(96, context - 1), seed=4321)
+    return measure_fidelity(ao.load_engine(folder, threads=2), loaded.model, batches)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ref-60m")
+    parser.add_argument("--prompt-length", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budgets", default="0.01,0.1", help="max-kl budgets of our planned variants")
+    parser.add_argument("--work-dir", default="bench_out/precision")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    from agentopt_compiler.models.hf_loader import save_as_hf_folder
+    from agentopt_compiler.models.registry import load_model
+    from agentopt_compiler.passes.precision_plan import PrecisionPlan
+
+    work = Path(args.work_dir) / args.model
+    work.mkdir(parents=True, exist_ok=True)
+    context = 256 * ((args.prompt_length + args.new_tokens) // 256 + 1)
+    loaded = load_model(args.model)
+    layers = loaded.config.num_layers
+    builds = {"fp32 (ours)": compile_ours(args.model, work / "fp32", context, [])}
+    variants = {"int4 uniform (ours)": PrecisionPlan.uniform("int4", layers)}
+    for budget in map(float, args.budgets.split(",")):
+        log(f"planning with --max-kl {budget}...")
+        variants[f"planned max-kl {budget} (ours)"] = plan_for(args.model, budget, work)
+    for name, plan in variants.items():
+        log(f"compiling {name}...")
+        builds[name] = compile_with_plan(args.model, work / name.split(" (")[0].replace(" ", "-"), context, plan)
+    systems = {name: ours_system(Path(info["folder"]), args.threads) for name, info in builds.items()}
+    hf = save_as_hf_folder(loaded.model, work / "hf", loaded.tokenizer_dir)
+    try:
+        builds["onnxruntime-genai int4"] = build_ort_genai(hf, work / "ort-genai-int4", work / "cache",
+                                                           precision="int4")
+        systems["onnxruntime-genai int4"] = ort_genai_system(Path(builds["onnxruntime-genai int4"]["folder"]),
+                                                             args.threads, context, loaded.config.vocab_size - 1)
+    except Exception as exc:  # a missing peer is reported, not fatal
+        log(f"onnxruntime-genai int4 unavailable: {exc}")
+    prompt = make_prompt(args.prompt_length, loaded.config.vocab_size, {loaded.config.vocab_size - 1}, seed=0)
+    results = measure(systems, prompt, args.new_tokens, args.repeats, lambda n, e: log(f"{n} failed: {e}"))
+    reference = next(r for r in results if r.system == "fp32 (ours)")
+    rows = []
+    for result in results:
+        agree = sum(a == b for a, b in zip(result.tokens, reference.tokens)) / len(reference.tokens)
+        quality = fidelity(Path(builds[result.system]["folder"]), args.model, context) \
+            if "(ours)" in result.system else {}
+        rows.append({"system": result.system, "bytes": builds[result.system]["engine_bytes"],
+                     "decode_tok_s": result.decode_tokens_per_s, "rates": result.runs_decode_tokens_per_s,
+                     "kl": quality.get("kl"), "top1": quality.get("top1"), "greedy_agreement": agree})
+    fp32_rate = reference.decode_tokens_per_s
+    print(f"precision benchmark, {args.model}, prompt {args.prompt_length}, {args.new_tokens} new tokens, "
+          f"{args.threads} threads, median of {args.repeats}; {json.dumps(environment(args.threads)['versions'])}\n")
+    print("| system | size (MiB) | decode tok/s | vs fp32 | KL vs fp32 | top-1 vs fp32 | greedy tokens = fp32 |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        kl = "n/a" if row["kl"] is None else f"{row['kl']:.2e}"
+        top1 = "n/a" if row["top1"] is None else f"{row['top1']:.3f}"
+        print(f"| {row['system']} | {row['bytes'] / 2**20:.1f} | {row['decode_tok_s']:.1f} "
+              f"({min(row['rates']):.0f}-{max(row['rates']):.0f}) | {row['decode_tok_s'] / fp32_rate:.2f}x | {kl} | "
+              f"{top1} | {100 * row['greedy_agreement']:.0f}% |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2, default=statistics.mean))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
