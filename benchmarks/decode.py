@@ -234,13 +234,14 @@ def transformers_system(hf_dir: Path, threads: int):
     return run_once
 
 
-def build_ort_genai(hf_dir: Path, out: Path, cache: Path) -> dict:
-    """Run onnxruntime-genai's model builder (fp32, cpu) in a subprocess; its log goes next to the model."""
+def build_ort_genai(hf_dir: Path, out: Path, cache: Path, precision: str = "fp32") -> dict:
+    """Run onnxruntime-genai's model builder (cpu; fp32, or int4 for the precision benchmark) in a subprocess; its
+    log goes next to the model."""
     import onnxruntime_genai  # noqa: F401  (fail here, with ImportError, when the package is missing)
 
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
-           "-p", "fp32", "-e", "cpu", "-c", str(cache)]
+           "-p", precision, "-e", "cpu", "-c", str(cache)]
     log_path = out.parent / f"{out.name}.build.log"
     started = time.perf_counter()
     with open(log_path, "w") as f:
