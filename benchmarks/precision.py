@@ -39,7 +39,7 @@ def plan_for(model: str, max_kl: float, work: Path):
 def compile_with_plan(model: str, out: Path, context: int, plan) -> dict:
     import agentopt_compiler as ao
 
-    engine = ao.compile(model, out=out, context_length=context, precision_plan=plan, overwrite=True)
+    ao.compile(model, out=out, context_length=context, precision_plan=plan, overwrite=True)
     return {"engine_bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()), "folder": str(out)}
 
 

@@ -79,7 +79,8 @@ def test_cli_writes_plan_report_and_plot(tmp_path, capsys):
     assert plan["format"] == "agentopt-precision-plan" and plan["budget"] == {"max_kl": 0.01}
     assert "| unit | chosen |" in capsys.readouterr().out
     assert (tmp_path / "report" / "sensitivity.png").stat().st_size > 1000
-    assert main(["compile", "--out", str(tmp_path / "eng"), "--context-length", "64", "--precision-plan",
+    assert main(["compile", "--model", "tiny-random", "--out", str(tmp_path / "eng"), "--context-length", "64",
+                 "--precision-plan",
                  str(out), "--quiet"]) == 0
 
 

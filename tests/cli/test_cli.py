@@ -74,13 +74,14 @@ def test_op_the_exporter_cannot_handle(tmp_path, capsys, monkeypatch):
         return loaded
 
     monkeypatch.setattr(registry, "load_model", load_with_odd_op)
-    line = cli_error_line(capsys, ["compile", "--out", str(tmp_path / "e"), "--context-length", "16"])
+    line = cli_error_line(capsys, ["compile", "--model", "tiny-random", "--out", str(tmp_path / "e"),
+                                   "--context-length", "16"])
     assert "agentopt_cli_test.sparkle" in line and "layers.0.mlp" in line
     assert not (tmp_path / "e").exists()
 
 
 def test_prompt_longer_than_the_context(tmp_path, capsys):
-    main(["compile", "--out", str(tmp_path / "e"), "--context-length", "16", "--quiet"])
+    main(["compile", "--model", "tiny-random", "--out", str(tmp_path / "e"), "--context-length", "16", "--quiet"])
     capsys.readouterr()
     line = cli_error_line(capsys, ["run", str(tmp_path / "e"), "--prompt", "x" * 40])
     assert "40 tokens" in line and "holds 16" in line

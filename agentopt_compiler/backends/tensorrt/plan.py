@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ...errors import AgentOptError
-from .target import check_compatible, describe_target  # noqa: F401  (part of this module's API)
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 TYPINGS = ("strong", "constraints")
