@@ -98,14 +98,14 @@ def dependency_versions() -> dict[str, str]:
     return versions
 
 
-def compile(model: str | Path = "tiny-random", out: str | Path = "engine", backend: str = "onnxruntime",
+def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backend: str = "onnxruntime",
             device: str = "cpu", context_length: int | None = None, skip_passes: Iterable[str] = (),
             debug_dump: str | Path | None = None, overwrite: bool = False, attention_impl: str | None = None,
             batch_size: int = 1, sparse_attention=None, precision_plan=None,
             progress: Callable[[str], None] | None = None):
     """Compile ``model`` into an engine folder at ``out`` and return the loaded ``Engine``.
 
-    ``model`` is a built-in name (``tiny-random``, ``ref-60m``) or a local Hugging Face folder. ``context_length``
+    ``model`` is a built-in name (``agent-tiny``, ``tiny-random``, ``ref-60m``) or a local Hugging Face folder. ``context_length``
     (default: the model's max positions, at most 4096) is the KV-cache capacity, prompt plus generated tokens.
     ``attention_impl`` picks how fused attention is lowered (default: the backend's first choice): ``gqa`` (ORT's
     GroupQueryAttention, in-place caches) or ``standard`` (standard ONNX ops only, for execution providers without

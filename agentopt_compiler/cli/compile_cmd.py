@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .progress import ProgressLog
 
-DEFAULT_MODEL = "tiny-random"
+DEFAULT_MODEL = "agent-tiny"
 
 
 def add_parser(sub) -> None:
@@ -12,7 +12,7 @@ def add_parser(sub) -> None:
                        description="Capture a model with torch.export, run the pass pipeline, lower it to a backend "
                                    "and write a self-describing engine folder.")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"built-in model name (tiny-random, ref-60m) or a local Hugging Face folder "
+                   help=f"built-in model name (agent-tiny, tiny-random, ref-60m) or a local Hugging Face folder "
                         f"(default: {DEFAULT_MODEL})")
     p.add_argument("--out", required=True, help="engine folder to write (must be new, empty, or an engine with "
                                                 "--overwrite)")
