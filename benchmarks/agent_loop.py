@@ -40,12 +40,13 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import build_ort_genai, compile_ours, environment, log, make_prompt  # noqa: E402  (shared helpers)
+from decode import (build_ort_genai, compile_ours, environment, footer, log, make_prompt,  # noqa: E402
+                    publish)
 
 OURS_REUSE = "ours, KV reuse"
 OURS_STATELESS = "ours, stateless (re-prefill each turn)"
@@ -599,9 +600,7 @@ def write_report(bench: Bench) -> str:
     if b:
         lines.append(f"Our engine: compiled in {b['compile_seconds']:.1f} s, context {b['context_length']}, passes "
                      f"run: {', '.join(b.get('passes') or []) or 'none'}.")
-    for name, reason in bench.unavailable.items():
-        lines.append(f"Unavailable: {name}: {reason}")
-    lines += bench.notes
+    lines += footer(bench)
     return "\n".join(lines) + "\n"
 
 
@@ -632,12 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     bench = run(args)
-    report = write_report(bench)
-    sys.stdout.write(report)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({**asdict(bench), "report_markdown": report}, indent=2))
-        log(f"wrote {args.json}")
+    publish(bench, write_report(bench), args.json)
     return 0
 
 

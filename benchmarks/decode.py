@@ -504,10 +504,22 @@ def write_report(bench: Bench) -> str:
     for m in differing:
         lines.append(f"Greedy tokens: {m.system} at prompt {m.prompt_tokens} differs from the eager reference from "
                      f"new token {m.first_difference} on.")
-    for name, reason in bench.unavailable.items():
-        lines.append(f"Unavailable: {name}: {reason}")
-    lines += bench.notes
+    lines += footer(bench)
     return "\n".join(lines) + "\n"
+
+
+def footer(bench) -> list[str]:
+    """The report's closing lines, common to the benchmarks: peers that could not run, and notes."""
+    return [f"Unavailable: {name}: {reason}" for name, reason in bench.unavailable.items()] + list(bench.notes)
+
+
+def publish(bench, report: str, json_path: Path | None) -> None:
+    """Markdown to stdout; with ``--json``, the results and the markdown to a file."""
+    sys.stdout.write(report)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({**asdict(bench), "report_markdown": report}, indent=2))
+        log(f"wrote {json_path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -533,12 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     bench = run(args)
-    report = write_report(bench)
-    sys.stdout.write(report)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({**asdict(bench), "report_markdown": report}, indent=2))
-        log(f"wrote {args.json}")
+    publish(bench, write_report(bench), args.json)
     return 0
 
 

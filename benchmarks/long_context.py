@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import re
@@ -45,12 +44,12 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import environment, log  # noqa: E402  (shared helpers)
+from decode import environment, footer, log, publish  # noqa: E402  (shared helpers)
 
 DENSE, WINDOW, SINKS_WINDOW = "dense", "window", "sinks-window"
 SYSTEMS = (DENSE, WINDOW, SINKS_WINDOW)
@@ -446,9 +445,7 @@ def write_report(bench: Bench) -> str:
     for t in bench.targets:
         lines.append(f"| {t['target']} | {'PASS' if t['met'] else 'FAIL'} | {t['measured']} |")
     lines.append("")
-    for name, reason in bench.unavailable.items():
-        lines.append(f"Unavailable: {name}: {reason}")
-    lines += bench.notes
+    lines += footer(bench)
     return "\n".join(lines) + "\n"
 
 
@@ -487,14 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     bench = run(args)
-    report = write_report(bench)
-    sys.stdout.write(report)
+    publish(bench, write_report(bench), args.json)
     for t in bench.targets:
         log(f"{'PASS' if t['met'] else 'FAIL'}: {t['target']}: {t['measured']}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({**asdict(bench), "report_markdown": report}, indent=2))
-        log(f"wrote {args.json}")
     return 0
 
 
