@@ -31,7 +31,6 @@ Not a test: run it by hand. Progress goes to stderr, the markdown report to stdo
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -45,8 +44,8 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import (build_ort_genai, compile_ours, environment, footer, log, make_prompt,  # noqa: E402
-                    publish)
+from decode import (benchmark_parser, build_ort_genai, compile_ours, environment, footer, log,  # noqa: E402
+                    make_prompt, publish)
 
 OURS_REUSE = "ours, KV reuse"
 OURS_STATELESS = "ours, stateless (re-prefill each turn)"
@@ -605,24 +604,17 @@ def write_report(bench: Bench) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="ref-60m", help="built-in model name or Hugging Face folder (ref-60m)")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--system-tokens", type=int, default=1000, help="system prompt + tool schemas (1000)")
     parser.add_argument("--observation-tokens", type=int, default=64, help="appended each turn (64)")
     parser.add_argument("--new-tokens", type=int, default=32, help="generated each turn (32)")
     parser.add_argument("--turns", type=int, default=8)
     parser.add_argument("--agents", type=int, default=4,
                         help="concurrent agents sharing the system prompt, prefix cache on/off (0: skip)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up; the median counts")
-    parser.add_argument("--threads", type=int, default=2, help="intra-op threads, the same for every system")
     parser.add_argument("--context-length", type=int, default=None,
                         help="engine KV capacity (default: the smallest power of two above the whole conversation)")
     parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS),
                         help="single-agent systems to run (default: all)")
-    parser.add_argument("--work-dir", default="bench_out", help="model folders and engines go here")
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--verbose", action="store_true", help="print tracebacks of failing systems")
     args = parser.parse_args(argv)
     if (args.new_tokens < 1 or args.repeats < 1 or args.threads < 1 or args.turns < 1 or args.system_tokens < 1
             or args.observation_tokens < 1 or args.agents < 0):

@@ -522,21 +522,28 @@ def publish(bench, report: str, json_path: Path | None) -> None:
         log(f"wrote {json_path}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def benchmark_parser(doc: str, repeats: int = 3, repeats_help: str = "timed runs after one warm-up; the median "
+                     "counts") -> argparse.ArgumentParser:
+    """The options every benchmark shares: --model, --repeats, --threads, --work-dir, --json, --verbose."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ref-60m", help="built-in model name or Hugging Face folder (ref-60m)")
+    parser.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads, the same for every system")
+    parser.add_argument("--work-dir", default="bench_out", help="model folders and engines go here")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--verbose", action="store_true", help="print tracebacks of failing systems")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--prompt-lengths", type=int, nargs="+", default=[128, 2048], metavar="N")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up; the median counts")
-    parser.add_argument("--threads", type=int, default=2, help="intra-op threads, the same for every system")
     parser.add_argument("--context-length", type=int, default=None,
                         help="engine KV capacity (default: longest prompt + new tokens, rounded up to 256)")
     parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS),
                         help="which systems to run (default: all)")
-    parser.add_argument("--work-dir", default="bench_out", help="model folders and engines go here")
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--verbose", action="store_true", help="print tracebacks of failing systems")
     args = parser.parse_args(argv)
     if args.new_tokens < 2 or args.repeats < 1 or args.threads < 1 or min(args.prompt_lengths) < 1:
         parser.error("need --new-tokens >= 2, --repeats >= 1, --threads >= 1 and prompt lengths >= 1")

@@ -34,7 +34,6 @@ Not a test: run it by hand. Progress goes to stderr, the markdown report to stdo
 
 from __future__ import annotations
 
-import argparse
 import gc
 import math
 import os
@@ -49,7 +48,7 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import environment, footer, log, publish  # noqa: E402  (shared helpers)
+from decode import benchmark_parser, environment, footer, log, publish  # noqa: E402  (shared helpers)
 
 DENSE, WINDOW, SINKS_WINDOW = "dense", "window", "sinks-window"
 SYSTEMS = (DENSE, WINDOW, SINKS_WINDOW)
@@ -450,9 +449,7 @@ def write_report(bench: Bench) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="ref-60m", help="built-in model name or Hugging Face folder (ref-60m)")
+    parser = benchmark_parser(__doc__, repeats=6, repeats_help="interleaved rounds (6)")
     parser.add_argument("--context-length", type=int, default=32768,
                         help="context every timed engine is compiled for (its RoPE table and dense KV capacity)")
     parser.add_argument("--small-context", type=int, default=4096,
@@ -464,13 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sinks", type=int, default=4)
     parser.add_argument("--steps", type=int, default=32, help="timed decode steps per context and round (32)")
     parser.add_argument("--warmup", type=int, default=4, help="untimed decode steps before them (4)")
-    parser.add_argument("--repeats", type=int, default=6, help="interleaved rounds (6)")
-    parser.add_argument("--threads", type=int, default=2, help="intra-op threads, the same for every system")
     parser.add_argument("--seed", type=int, default=0, help="cache contents and token ids (0)")
     parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
-    parser.add_argument("--work-dir", default="bench_out", help="engines go under WORK_DIR/long-context/<model>/")
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--verbose", action="store_true", help="print tracebacks of failing systems")
     args = parser.parse_args(argv)
     if args.positions is None:
         args.positions = [1024, 4096, 16384, args.context_length - 64]
