@@ -45,7 +45,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import (benchmark_parser, build_ort_genai, compile_ours, environment, footer, log,  # noqa: E402
-                    make_prompt, publish)
+                    make_prompt, publish, run_facts)
 
 OURS_REUSE = "ours, KV reuse"
 OURS_STATELESS = "ours, stateless (re-prefill each turn)"
@@ -536,11 +536,7 @@ def write_report(bench: Bench) -> str:
     s, env = bench.settings, bench.environment
     lines = [f"## Agent loop benchmark: {s['model']}", ""]
     lines += [f"- date: {env['date']}",
-              f"- machine: {env['nproc']} CPUs usable (`nproc`), {env['cpu']}; {env['platform']}",
-              "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
-              f"- code: commit {env['git'].get('commit', '?')}, with "
-              f"{env['git'].get('uncommitted_package_files', '?')} uncommitted file(s) under agentopt_compiler/",
-              f"- command: `python {s['command']}`",
+              *run_facts(env, s["command"]),
               f"- workload: a {s['system_tokens']}-token system prompt, then {s['turns']} turns, each appending a "
               f"{s['observation_tokens']}-token observation and generating {s['new_tokens']} tokens (random token "
               f"ids, greedy, end-of-sequence ignored; {s['conversation_tokens']} tokens in all)",

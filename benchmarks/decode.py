@@ -444,15 +444,20 @@ def _mib(size: int) -> str:
     return f"{size / 2**20:.1f} MiB"
 
 
+def run_facts(env: dict, command: str) -> list[str]:
+    """Report lines saying where and with what a run was made: machine, versions, code, command."""
+    return [f"- machine: {env['nproc']} CPUs usable (`nproc`), {env['cpu']}; {env['platform']}",
+            "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
+            f"- code: commit {env['git'].get('commit', '?')}, with "
+            f"{env['git'].get('uncommitted_package_files', '?')} uncommitted file(s) under agentopt_compiler/",
+            f"- command: `python {command}`"]
+
+
 def write_report(bench: Bench) -> str:
     s, env = bench.settings, bench.environment
     lines = [f"## Decode benchmark: {s['model']}", ""]
     lines += [f"- date: {env['date']}",
-              f"- machine: {env['nproc']} CPUs usable (`nproc`), {env['cpu']}; {env['platform']}",
-              "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
-              f"- code: commit {env['git'].get('commit', '?')}, with "
-              f"{env['git'].get('uncommitted_package_files', '?')} uncommitted file(s) under agentopt_compiler/",
-              f"- command: `python {s['command']}`",
+              *run_facts(env, s["command"]),
               f"- settings: {s['threads']} threads for every system, prompts of {s['prompt_lengths']} random token "
               f"ids, {s['new_tokens']} greedy new tokens (end-of-sequence ignored), median of {s['repeats']} "
               f"interleaved rounds after one warm-up each, engine context {s['context_length']}, fp32 everywhere", ""]
