@@ -131,7 +131,9 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
         "train": ["What is {expr}?", "Compute {expr}.", "Please calculate {expr}.", "Can you work out {expr}?",
                   "Calculate {expr} for me.", "How much is {expr}?", "I need the value of {expr}.",
                   "Evaluate {expr}, please.", "Quick math: {expr}", "What do you get for {expr}?",
-                  "Use the calculator on {expr}.", "Find {expr}."],
+                  "Use the calculator on {expr}.", "Find {expr}.",
+                  "{expr} = ?", "Work out {expr} and tell me.", "The value of {expr}, please.",
+                  "Run {expr} through the calculator.", "Give me the result of {expr}.", "Do the sum {expr}."],
         "heldout": ["Could you figure out {expr}?", "What's the result of {expr}?", "Solve {expr}.",
                     "Tell me what {expr} comes to.", "Help me with {expr}, thanks."],
     },
@@ -139,14 +141,19 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
         "train": ["Convert {v} {fu} to {tu}.", "How many {tu} is {v} {fu}?", "What is {v} {fu} in {tu}?",
                   "Please express {v} {fu} in {tu}.", "I have {v} {fu}. How much is that in {tu}?",
                   "Turn {v} {fu} into {tu}.", "{v} {fu} equals how many {tu}?", "Change {v} {fu} to {tu}, please.",
-                  "Give me {v} {fu} in {tu}."],
+                  "Give me {v} {fu} in {tu}.",
+                  "Express {v} {fu} as {tu}.", "{v} {fu} in {tu}, please.",
+                  "How much is {v} {fu} when measured in {tu}?", "Convert {v} {fu} over to {tu}.",
+                  "What would {v} {fu} be in {tu}?"],
         "heldout": ["What does {v} {fu} come to in {tu}?", "Could you convert {v} {fu} into {tu}?",
                     "I'd like {v} {fu} expressed as {tu}.", "Roughly how many {tu} are {v} {fu}?"],
     },
     "lookup": {
         "train": ["What is {key}?", "Look up {key}.", "Can you check {key} for me?", "Please find {key}.",
                   "Remind me of {key}.", "I forgot {key}. What is it?", "Check memory for {key}.",
-                  "What did I say {key} was?"],
+                  "What did I say {key} was?",
+                  "What was {key} again?", "{key}: what was it?", "Look in memory for {key}.",
+                  "I'd like to know {key}.", "Can you recall {key}?", "Get {key} for me."],
         "heldout": ["Do you remember {key}?", "Tell me {key}, please.", "I need {key} again.",
                     "Fetch {key} from memory."],
     },
@@ -156,46 +163,61 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
                   "One crate is {a} {fu}. How many {tu} are {b} crates?",
                   "What is {a} {fu} times {b}, in {tu}?",
                   "Take {a} {fu} plus {b} {fu} and convert the sum to {tu}.",
-                  "A lap is {a} {fu}. Express {b} laps in {tu}."],
+                  "A lap is {a} {fu}. Express {b} laps in {tu}.",
+                  "A step is {a} {fu}. What do {b} steps come to in {tu}?",
+                  "Sum {a} {fu} and {b} {fu}, then give it in {tu}."],
         "heldout": ["Combine {a} {fu} with {b} {fu}; what is that in {tu}?",
                     "Each box is {a} {fu}. How many {tu} do {b} boxes make?"],
     },
     "lookup>calc": {
         "train": ["What is {key} plus {n}?", "Add {n} to {key}.", "What is {key} times {n}?",
-                  "Multiply {key} by {n}.", "What is {key} minus {n}?", "Subtract {n} from {key}."],
+                  "Multiply {key} by {n}.", "What is {key} minus {n}?", "Subtract {n} from {key}.",
+                  "Increase {key} by {n}.", "What is {key} multiplied by {n}?", "Decrease {key} by {n}.",
+                  "What is {n} more than {key}?", "Compute {key} times {n}.", "What is {n} less than {key}?"],
         "heldout": ["If you add {n} to {key}, what do you get?", "What do you get when {key} is multiplied by {n}?",
                     "Take away {n} from {key}. What remains?"],
     },
     "lookup>convert": {
         "train": ["What is {key} in {tu}?", "Convert {key} to {tu}.", "How many {tu} is {key}?",
-                  "Express {key} in {tu}, please."],
+                  "Express {key} in {tu}, please.",
+                  "What would {key} be in {tu}?", "Give me {key} expressed in {tu}."],
         "heldout": ["Could you give me {key} in {tu}?", "I want {key} converted into {tu}."],
     },
     "lookup>calc>convert": {
         "train": ["What is {key} times {n}, in {tu}?", "Multiply {key} by {n} and convert it to {tu}.",
-                  "What is {key} plus {n}, expressed in {tu}?", "Add {n} to {key} and give the result in {tu}."],
+                  "What is {key} plus {n}, expressed in {tu}?", "Add {n} to {key} and give the result in {tu}.",
+                  "Increase {key} by {n} and express that in {tu}.", "Compute {key} times {n}, then give it in {tu}."],
         "heldout": ["Take {key}, multiply it by {n}, and tell me that in {tu}.",
                     "If {key} grew by {n}, how much would that be in {tu}?"],
     },
     "fact": {
         "train": ["{key} is {value}.", "Note that {key} is {value}.", "For the record, {key} is {value}.",
-                  "Remember: {key} is {value}."],
+                  "Remember: {key} is {value}.", "Just so you know, {key} is {value}.",
+                  "Write down that {key} is {value}.", "Noting that {key} is {value}."],
         "heldout": ["Please keep in mind that {key} is {value}.", "FYI, {key} is {value}."],
     },
     "notes_intro": {
         "train": ["Here are some notes.", "Please remember the following.", "Some facts for you.",
-                  "Keep these in mind."],
+                  "Keep these in mind.", "Some things to remember.", "Here is some background.",
+                  "Take note of these.", "Facts first."],
         "heldout": ["A few things to store.", "Background information follows."],
     },
     "alias": {
-        "train": ["The {role} is {name}.", "Our {role} is {name}."],
+        "train": ["The {role} is {name}.", "Our {role} is {name}.", "{name} serves as our {role}.",
+                  "The {role}? That is {name}."],
         "heldout": ["{name} works as the {role}.", "{name} is the {role}."],
     },
 }
+REQUEST_GROUPS = frozenset({"calc", "convert", "lookup", "calc>convert", "lookup>calc", "lookup>convert",
+                            "lookup>calc>convert"})
+TRAIN_OPENERS = ("Okay. ", "Hi! ", "Next question: ", "One more thing. ", "Hello again. ", "Quick one: ",
+                 "Another task. ", "Thanks for that. ", "New request: ", "Alright. ", "Hey. ", "Please help. ")
+TRAIN_CLOSERS = (" Thanks.", " Thank you!", " Use a tool.", " Be exact.", " I need it soon.", " Cheers.",
+                 " That is all.")
 # lookup>calc ops by template: the phrase decides the operator (train and heldout templates are in the same order).
-_LOOKUP_CALC_OPS = {"train": ["+", "+", "*", "*", "-", "-"], "heldout": ["+", "*", "-"]}
-_LCC_OPS = {"train": ["*", "*", "+", "+"], "heldout": ["*", "+"]}
-_CALC_CONVERT_OPS = {"train": ["+", "+", "*", "*", "+", "*"], "heldout": ["+", "*"]}
+_LOOKUP_CALC_OPS = {"train": ["+", "+", "*", "*", "-", "-", "+", "*", "-", "+", "*", "-"], "heldout": ["+", "*", "-"]}
+_LCC_OPS = {"train": ["*", "*", "+", "+", "+", "*"], "heldout": ["*", "+"]}
+_CALC_CONVERT_OPS = {"train": ["+", "+", "*", "*", "+", "*", "*", "+"], "heldout": ["+", "*"]}
 
 FILLER = (
     "{name} went to {city} last {day}.", "The {color} bike was left near the {place}.",
@@ -287,7 +309,19 @@ class _Gen:
     def tpl(self, group: str) -> tuple[int, str]:
         options = TEMPLATES[group][self.split]
         i = self.r.randrange(len(options))
-        return i, options[i]
+        if self.split != "train" or group not in REQUEST_GROUPS:
+            return i, options[i]
+        # Training requests also get an opener, a closer or an unrelated sentence around the phrasing, so the model
+        # learns to find the arguments by their content, not by their offset in a few fixed phrasings (the shipped
+        # model copied the wrong name on phrasings it had not seen). The held-out split is never wrapped.
+        r, t = self.r, options[i]
+        if r.random() < 0.35:
+            t = r.choice(TRAIN_OPENERS) + t
+        if r.random() < 0.25:
+            t += r.choice(TRAIN_CLOSERS)
+        if r.random() < 0.15:
+            t = self.filler(1)[0] + " " + t
+        return i, t
 
     # --- values -------------------------------------------------------------------------------------------------
     def expr(self) -> str:
@@ -449,9 +483,17 @@ def make_task(kind: str, rng: random.Random, split: str = "train") -> Task:
         final = ANSWERS["lookup"].format(key_cap=_cap(key), result=value)
         if kind == "bad_key":
             name, attr = key.split("'s ", 1)
-            bad = r.choice([f"{name} {attr}", f"{attr} of {name}", f"{name}'s {attr.split(' ')[-1]}",
-                            f"{name.lower()}s {attr}"])
-            if normalize_key(bad) == normalize_key(key):
+            # malformed keys, and well-formed keys of someone or something not in memory (the error lists the
+            # known keys; the fix is read from that list)
+            options = [f"{name} {attr}", f"{attr} of {name}", f"{name}'s {attr.split(' ')[-1]}",
+                       f"{name.lower()}s {attr}"]
+            if split == "train":  # (the held-out split stays as it was first generated)
+                other_name = r.choice([n for n in NAMES if n != name])
+                other_attr = r.choice([a for a in [*NUM_ATTRS, *UNIT_ATTRS, *WORD_ATTRS] if a != attr])
+                options += [f"{other_name}'s {attr}", f"{other_name}'s {attr}", f"{name}'s {other_attr}"]
+            bad = r.choice(options)
+            if normalize_key(bad) == normalize_key(key) or any(normalize_key(bad) == normalize_key(k)
+                                                               for k in memory):
                 bad = f"{attr} of {name}"
             wrong.append((0, ("memory_lookup", {"key": bad})))
     elif kind == "calc>convert":

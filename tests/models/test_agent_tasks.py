@@ -28,6 +28,10 @@ def tokenizer(tasks):
     return train_tokenizer([episode_text(t)[0] for t in tasks], vocab_size=512)
 
 
+# sha256 of the first 200 held-out episodes (seed 0), so a change to the training data cannot move the held-out set
+HELDOUT_200_SHA256 = "d8ca2768d78ce1993774ec86b48d398155ab33fa168be7666b218a9e112273e2"
+
+
 # --- tools ------------------------------------------------------------------------------------------------------------
 
 def test_calculator_is_exact_integer_arithmetic():
@@ -144,6 +148,22 @@ def test_heldout_templates_are_unseen_in_training():
     train_requests = {t.messages[-1]["content"] for t in generate_tasks(300, "train", seed=0)}
     for t in generate_tasks(60, "heldout", seed=0):
         assert t.split == "heldout" and t.messages[-1]["content"] not in train_requests
+    # the openers/closers/filler that wrap training requests never rebuild a held-out phrasing either
+    heldout_patterns = [re.compile(re.sub(r"\\\{[a-z_]+\\\}", ".+", re.escape(tpl)))
+                        for group in at.REQUEST_GROUPS for tpl in TEMPLATES[group]["heldout"]]
+    wrapped = 0
+    for request in train_requests:
+        assert not any(p.search(request) for p in heldout_patterns), request
+        wrapped += any(request.startswith(o) for o in at.TRAIN_OPENERS)
+    assert wrapped > 0  # the wrapping is actually exercised
+
+
+def test_heldout_tasks_do_not_change_with_training_data_changes():
+    # held-out numbers in docs compare models across training runs: the held-out stream must stay fixed
+    import hashlib
+
+    digest = hashlib.sha256("".join(episode_text(t)[0] for t in generate_tasks(200, "heldout", seed=0)).encode())
+    assert digest.hexdigest() == HELDOUT_200_SHA256
 
 
 # --- chat template and tokenizer --------------------------------------------------------------------------------------
