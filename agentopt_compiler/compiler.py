@@ -129,12 +129,12 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
     log = progress or (lambda _msg: None)
     out = Path(out)
     entry = backends.get_backend(backend, device)
-    attention_impl = attention_impl or entry.attention_impls[0]
+    attention_impl = attention_impl or entry.default_attention_impl(device)
     backends.check_attention_impl(entry, attention_impl)
     check_output_folder(out, overwrite)
     sparse_plan = SparseAttentionPlan.load(sparse_attention)
     precision = PrecisionPlan.load(precision_plan)
-    pipeline = default_pipeline(sparse_plan, precision)
+    pipeline = default_pipeline(sparse_plan, precision, half_precision=device in entry.half_precision_devices)
     unknown = set(skip_passes) - set(pipeline.names)
     if unknown:
         raise AgentOptError(f"unknown pass to skip: {', '.join(sorted(unknown))}; passes are: "
@@ -167,7 +167,8 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
     staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; an engine folder is as readable as any other
     try:
         with stage("lower"):
-            engine_section = entry.load("lowering")(program, staging, attention_impl=attention_impl)
+            engine_section = entry.load("lowering")(program, staging, attention_impl=attention_impl,
+                                                            device=device)
         tokenizer_files = []
         if loaded.tokenizer_dir is not None:
             for name in TOKENIZER_FILES:

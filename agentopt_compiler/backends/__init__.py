@@ -17,6 +17,11 @@ class BackendEntry:
     lowering: str  # "module:function" — lower(program, folder, **options) -> engine section of the manifest
     session: str  # "module:class"   — Session(folder, engine_section, device, threads)
     attention_impls: tuple[str, ...]  # lowerings of fused attention it offers; the first is the default
+    half_precision_devices: tuple[str, ...] = ()  # devices with native fp16/bf16 kernels: planned half regions pay
+    default_impl_by_device: tuple[tuple[str, str], ...] = ()  # (device, attention impl) where the default differs
+
+    def default_attention_impl(self, device: str) -> str:
+        return dict(self.default_impl_by_device).get(device, self.attention_impls[0])
 
     def load(self, which: str):
         module_name, attr = getattr(self, which).split(":")
@@ -30,6 +35,9 @@ BACKENDS: dict[str, BackendEntry] = {
         lowering="agentopt_compiler.backends.onnxruntime.lower:lower_to_onnx",
         session="agentopt_compiler.backends.onnxruntime.session:OrtSession",
         attention_impls=("gqa", "standard"),
+        half_precision_devices=("cuda",),
+        # ORT's CUDA GroupQueryAttention kernel is fp16/bf16 only and our caches are fp32 (lower.check_cuda_kernels)
+        default_impl_by_device=(("cuda", "standard"),),
     ),
     "tensorrt": BackendEntry(  # standard ONNX -> TensorRT plan; needs TensorRT + an NVIDIA GPU (docs/tensorrt.md)
         name="tensorrt",
@@ -37,6 +45,7 @@ BACKENDS: dict[str, BackendEntry] = {
         lowering="agentopt_compiler.backends.tensorrt.lower:lower_to_tensorrt",
         session="agentopt_compiler.backends.tensorrt.session:TensorRTSession",
         attention_impls=("standard",),
+        half_precision_devices=("cuda",),
     ),
 }
 

@@ -10,8 +10,18 @@ Why: decode is bound by streaming weights; 4-bit weights are 1/8 of the fp32 byt
 layout MatMulNBits reads, so the lowering only renames the op and the eager graph computes the same dequantized
 weights (the reference for fidelity checks).
 
-fp16/bf16 units are kept fp32 on the CPU backend (ONNX Runtime CPU has no faster kernels for them) and the pass
-says so in its notes. Units whose in-features are not a multiple of the block size are kept fp32, with a note.
+fp16/bf16 units become half-precision regions where the target runs them on native kernels (``half_precision``:
+ONNX Runtime CUDA, TensorRT; ``BackendEntry.half_precision_devices``):
+
+Before:                                   After (a unit planned fp16):
+    y = aten.linear(x, W, b)                  x16 = aten._to_copy(x, dtype=float16)          -> ONNX Cast
+                                              y16 = aten.linear(x16, W16, b16)               -> MatMul (fp16 weights)
+                                              y   = aten._to_copy(y16, dtype=float32)        -> ONNX Cast
+
+Only the planned linears change: norms, softmax/attention, residual adds and every unit the plan leaves fp32 stay
+fp32 islands, and the explicit casts make the ONNX strongly typed, so TensorRT's strong typing and ORT CUDA run
+exactly the planned precision. On ONNX Runtime CPU (no faster fp16/bf16 kernels) such units are kept fp32 and the
+pass says so in its notes. Units whose in-features are not a multiple of the block size are kept fp32, with a note.
 """
 
 from __future__ import annotations
@@ -35,11 +45,44 @@ def _owner(gm: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str]:
     return owner, leaf
 
 
+HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _make_half_region(gm: torch.fx.GraphModule, node: torch.fx.Node, weight_node: torch.fx.Node,
+                      dtype: torch.dtype) -> None:
+    """Rewrite ``linear(x, W, b)`` as ``to_fp32(linear(to_half(x), W_half, b_half))`` with the weights stored in
+    half precision (the fp32 copies are dropped when nothing else reads them)."""
+    graph = gm.graph
+    args = list(node.args)
+    originals = [args[i] for i in (1, 2) if i < len(args) and args[i] is not None]
+    for i in (1, 2):
+        if i >= len(args) or args[i] is None:
+            continue
+        owner, leaf = _owner(gm, args[i].target)
+        half_name = f"{leaf}_{str(dtype).removeprefix('torch.')}"
+        owner.register_buffer(half_name, getattr(owner, leaf).detach().to(dtype))
+        prefix = args[i].target.rsplit(".", 1)[0] + "." if "." in args[i].target else ""
+        with graph.inserting_before(node):
+            args[i] = graph.get_attr(prefix + half_name)
+    with graph.inserting_before(node):
+        args[0] = graph.call_function(aten._to_copy.default, (args[0],), {"dtype": dtype})
+    node.args = tuple(args)
+    with graph.inserting_after(node):
+        back = graph.call_function(aten._to_copy.default, (node,), {"dtype": torch.float32})
+    node.replace_all_uses_with(back, delete_user_cb=lambda user: user is not back)
+    for original in originals:
+        if not original.users:  # the fp32 copy is no longer exported
+            owner, leaf = _owner(gm, original.target)
+            graph.erase_node(original)
+            delattr(owner, leaf)
+
+
 class AssignLayerPrecision(GraphPass):
     name = "assign_layer_precision"
 
-    def __init__(self, plan: PrecisionPlan | None = None):
+    def __init__(self, plan: PrecisionPlan | None = None, half_precision: bool = False):
         self.plan = plan
+        self.half_precision = half_precision  # whether the target runs fp16/bf16 regions natively
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         if self.plan is None or not self.plan.units:
@@ -56,8 +99,12 @@ class AssignLayerPrecision(GraphPass):
             module_path = weight_node.target.rsplit(".", 1)[0]
             unit = unit_of(module_path)
             precision = self.plan.precision_of(unit)
-            if precision in ("fp16", "bf16"):
-                notes.append(f"{unit}: {precision} gives no speed on ONNX Runtime CPU; kept fp32")
+            if precision in HALF_DTYPES:
+                if not self.half_precision:
+                    notes.append(f"{unit}: {precision} gives no speed on ONNX Runtime CPU; kept fp32")
+                    continue
+                _make_half_region(gm, node, weight_node, HALF_DTYPES[precision])
+                changed[precision] += 1
                 continue
             if precision not in BITS:
                 continue

@@ -7,7 +7,8 @@ Phase 2, fuse: replace op patterns with one op of ours that backends lower to th
     pack_qkv_projections the three projections feeding a fused attention -> one matmul + split
 Phase 3, change the math where the user asked for it (each pass does nothing without its plan):
     insert_sparse_attention  per-layer window / sinks / strided patterns on the fused attention
-    assign_layer_precision   int8 / int4 weight-only linears where a precision plan says so
+    assign_layer_precision   int8 / int4 weight-only linears where a precision plan says so; fp16 / bf16
+                             regions (explicit casts) where the target has native half kernels
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .remove_noop_ops import RemoveNoopOps
 
 
 def default_pipeline(sparse_attention: SparseAttentionPlan | None = None,
-                     precision: PrecisionPlan | None = None) -> PassPipeline:
+                     precision: PrecisionPlan | None = None, half_precision: bool = False) -> PassPipeline:
     return PassPipeline([
         # phase 1: canonicalize
         RemoveNoopOps(),
@@ -31,5 +32,5 @@ def default_pipeline(sparse_attention: SparseAttentionPlan | None = None,
         PackQKVProjections(),
         # phase 3: user-requested changes to the math
         InsertSparseAttention(sparse_attention),
-        AssignLayerPrecision(precision),
+        AssignLayerPrecision(precision, half_precision),
     ])

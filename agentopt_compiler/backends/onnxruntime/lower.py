@@ -197,6 +197,29 @@ def check_attention_patterns(graph, fused_nodes) -> list[dict]:
     return layers
 
 
+# ONNX Runtime CUDA kernels that exist only for some element types. A node with no CUDA kernel for its types is
+# placed on the CPU by ORT with a log line (and host copies every step): the silent fallback we refuse to ship.
+_CUDA_KERNEL_TYPES = {
+    # contrib_ops/cuda/bert/group_query_attention.cc registers T = MLFloat16 and BFloat16 only
+    ("com.microsoft", "GroupQueryAttention"): ("FLOAT16", "BFLOAT16"),
+}
+
+
+def check_cuda_kernels(graph) -> None:
+    """Fail the compile when a node of the graph has no ONNX Runtime CUDA kernel for its element type."""
+    for node in graph:
+        allowed = _CUDA_KERNEL_TYPES.get((node.domain, node.op_type))
+        if allowed is None or node.inputs[0] is None or node.inputs[0].dtype is None:
+            continue
+        dtype = node.inputs[0].dtype.name
+        if dtype not in allowed:
+            raise AgentOptError(
+                f"{node.op_type} ({node.name}) runs on ONNX Runtime CUDA only for {' / '.join(allowed)}, and this "
+                f"engine's attention is {dtype}; ORT would move it to the CPU and copy the caches every step. "
+                "Half-precision KV caches are not built yet: use --attention-impl standard (the default for "
+                "--device cuda) or --device cpu")
+
+
 def _cache_sort_key(name: str):
     parts = name.split(".")
     return (int(parts[1]), parts[2]) if len(parts) == 3 and parts[1].isdigit() else (1 << 30, name)
@@ -205,10 +228,11 @@ def _cache_sort_key(name: str):
 ATTENTION_IMPLS = ("gqa", "standard")
 
 
-def lower_to_onnx(program, folder: Path, attention_impl: str = "gqa") -> dict:
+def lower_to_onnx(program, folder: Path, attention_impl: str = "gqa", device: str = "cpu") -> dict:
     """Write ``folder/model.onnx`` (+ external data when large); return the IO description for the manifest.
 
     ``attention_impl`` picks the lowering of fused attention (see attention.py); graphs without it are unaffected.
+    ``device`` is where the engine will run: the graph is checked against that execution provider's kernels.
     """
     from . import attention, quantized
 
@@ -228,6 +252,8 @@ def lower_to_onnx(program, folder: Path, attention_impl: str = "gqa") -> dict:
     trim_unused_trailing_outputs(graph)
     onnx_program.optimize()
     layer_impls = check_attention_patterns(onnx_program.model.graph, fused_nodes)
+    if device == "cuda":
+        check_cuda_kernels(onnx_program.model.graph)
     # ORT contrib-op rules, unless the engine must stay standard ONNX (what --attention-impl standard is for)
     lowering_rules = {}
     if attention_impl == "gqa":

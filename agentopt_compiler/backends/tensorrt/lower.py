@@ -67,7 +67,8 @@ def tensorrt_section(onnx_section: dict, plan: TensorRTBuildPlan, build: dict) -
     return section
 
 
-def lower_to_tensorrt(program, folder: Path, attention_impl: str = "standard", **options) -> dict:
+def lower_to_tensorrt(program, folder: Path, attention_impl: str = "standard", device: str = "cuda",
+                      **options) -> dict:
     """Write ``folder/model.onnx`` (standard ONNX) and ``folder/model.plan``; return the manifest's engine section.
 
     ``options``: precision (fp32|fp16|bf16), typing (strong|constraints), workspace_bytes, timing_cache (path or
@@ -78,7 +79,7 @@ def lower_to_tensorrt(program, folder: Path, attention_impl: str = "standard", *
         raise AgentOptError(f"attention implementation '{attention_impl}' is not available for tensorrt (it cannot "
                             "run ONNX Runtime contrib ops); use --attention-impl standard")
     folder = Path(folder)
-    onnx_section = lower_to_onnx(program, folder, attention_impl="standard")
+    onnx_section = lower_to_onnx(program, folder, attention_impl="standard", device=device)
     check_onnx_for_tensorrt(folder / onnx_section["graph"])
     plan = TensorRTBuildPlan.from_manifest(
         {**onnx_section, "context_length": program.context_length, "batch_size": program.batch_size}, options)

@@ -78,3 +78,20 @@ def test_cuda_request_without_cuda_fails_instead_of_running_on_cpu(lowered):
     folder, section = lowered
     with pytest.raises(ProviderUnavailableError, match="CUDAExecutionProvider.*agentopt-compiler\\[gpu\\]"):
         create_inference_session(folder / section["graph"], "cuda")
+
+
+def test_cuda_lowering_refuses_attention_ort_cuda_cannot_run(tmp_path, tiny_model):
+    """ORT's CUDA GroupQueryAttention is fp16/bf16 only: an fp32 one would be placed on the CPU, silently."""
+    from agentopt_compiler import backends
+    from agentopt_compiler.errors import AgentOptError
+    from agentopt_compiler.passes.pipeline import default_pipeline
+
+    program, _ = default_pipeline().run(capture(tiny_model, context_length=16))
+    with pytest.raises(AgentOptError, match=r"GroupQueryAttention .*FLOAT16 / BFLOAT16.* is FLOAT;.*standard"):
+        lower_to_onnx(program, tmp_path / "gqa", attention_impl="gqa", device="cuda")
+    (tmp_path / "standard").mkdir()
+    section = lower_to_onnx(program, tmp_path / "standard", attention_impl="standard", device="cuda")
+    assert {layer["op"] for layer in section["attention"]["layers"]} == {"Attention"}
+    assert lower_to_onnx(program, tmp_path, attention_impl="gqa", device="cpu")["attention"]["impl"] == "gqa"
+    entry = backends.get_backend("onnxruntime")
+    assert entry.default_attention_impl("cuda") == "standard" and entry.default_attention_impl("cpu") == "gqa"
