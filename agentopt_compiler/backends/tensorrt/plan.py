@@ -11,9 +11,10 @@ Precision:
     ``fp16`` / ``bf16`` with ``typing="constraints"`` (TensorRT 10.x only; the weak-typing flags were deprecated in
               10.12 and removed in 11): builder flag FP16/BF16 + OBEY_PRECISION_CONSTRAINTS, and every layer of an
               fp32 island pinned to fp32.
-    ``typing="strong"`` (default; the only mode in TensorRT 11): tensor types come from the ONNX. Our ONNX is fp32,
-              so strong typing with fp16/bf16 needs a reduced-precision ONNX from the lowering (not built yet), and
-              is refused here rather than silently building fp32.
+    ``typing="strong"`` (default; the only mode in TensorRT 11): tensor types come from the ONNX. Per-layer
+              fp16/bf16 comes from a precision plan, whose units the lowering emits as typed Cast/MatMul regions
+              (passes/assign_layer_precision.py), so ``precision`` stays fp32 here and the ONNX carries the plan. A
+              global fp16/bf16 with strong typing on an fp32 ONNX is refused rather than silently building fp32.
 
 Profiles (batch is static in the captured graph; only the token count S varies):
     0 ``prefill``: input_ids/positions (B, 1) .. (B, opt) .. (B, context)   — TensorRT picks kernels for ``opt``
@@ -72,7 +73,8 @@ class TensorRTBuildPlan:
         if self.typing == "strong" and self.precision != "fp32" and self.onnx_dtype == "float32":
             raise AgentOptError(
                 f"precision {self.precision} with strongly typed TensorRT needs a {self.precision} ONNX, but this "
-                f"engine's ONNX is float32; use typing 'constraints' (TensorRT 10.x) or precision fp32")
+                f"engine's ONNX is float32; compile with a precision plan whose units are {self.precision} (the "
+                f"ONNX then carries the types), or use typing 'constraints' (TensorRT 10.x)")
         if self.workspace_bytes <= 0:
             raise AgentOptError(f"TensorRT workspace must be positive, got {self.workspace_bytes} bytes")
         if self.batch_size < 1 or self.context_length < 2:
