@@ -16,6 +16,8 @@ reference semantics every lowering is checked against.
                                              (Sparse-Transformer strided pattern)
     ring                                     the caches are rings of sinks + window slots, not full-length: memory
                                              and work per step stay bounded however long the session runs
+    dense_kv_heads                           KV heads (and the query heads sharing them) that ignore the pattern
+                                             and attend densely: per-head patterns (retrieval vs streaming heads)
     scale                                    softmax scale; 0 means 1/sqrt(D)
     -> out (B, S, Hq*D), new k_cache, new v_cache
 """
@@ -72,7 +74,8 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
                      v_cache: torch.Tensor, positions: torch.Tensor, cos: Optional[torch.Tensor],
                      sin: Optional[torch.Tensor], num_heads: int, kv_num_heads: int, window: int = -1,
                      scale: float = 0.0, rotary: bool = False, sinks: int = 0, stride: int = 0,
-                     ring: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     ring: bool = False, dense_kv_heads: Optional[list[int]] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, s, _ = q.shape
     d, capacity = k_cache.shape[-1], k_cache.shape[2]
     positions = positions.expand(b, s)  # (B, S)
@@ -98,7 +101,11 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
             visible = visible | (key_pos < sinks)
         if stride > 0:
             visible = visible | ((query_pos - key_pos) % stride == 0)
-        mask = mask & visible
+        if dense_kv_heads:  # (1, Hq, 1, 1): query head i reads KV head i // repeats
+            kv_head = torch.arange(num_heads, device=q.device) // repeats
+            dense = torch.isin(kv_head, torch.tensor(dense_kv_heads, device=q.device))
+            visible = visible | dense[None, :, None, None]
+        mask = mask & visible  # (B, 1 or Hq, S, T)
     out = F.scaled_dot_product_attention(q, k_cache.repeat_interleave(repeats, 1),
                                          v_cache.repeat_interleave(repeats, 1), attn_mask=mask,
                                          scale=scale or None)  # (B, Hq, S, D)
@@ -107,5 +114,5 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
 
 @cached_attention.register_fake
 def _(q, k, v, k_cache, v_cache, positions, cos, sin, num_heads, kv_num_heads, window=-1, scale=0.0,
-      rotary=False, sinks=0, stride=0, ring=False):
+      rotary=False, sinks=0, stride=0, ring=False, dense_kv_heads=None):
     return torch.empty_like(q), torch.empty_like(k_cache), torch.empty_like(v_cache)

@@ -28,7 +28,8 @@ def add_parser(sub) -> None:
                         "onnxruntime); standard = standard ONNX ops only (other execution providers; TensorRT)")
     p.add_argument("--sparse-attention", metavar="SPEC|PLAN.json", default=None,
                    help="per-layer sparse attention, e.g. window=1024,sinks=4,layers=2-7 (groups separated by ';'; "
-                        "sinks and stride optional; no layers = all), or a JSON plan file; other layers stay dense")
+                        "sinks, stride and kv_heads optional; no layers = all), or a JSON plan file; other layers "
+                        "stay dense")
     p.add_argument("--precision-plan", metavar="PLAN.json", default=None,
                    help="per-layer precision plan (int8/int4 weight-only units), made by agentopt plan precision "
                         "or by hand")

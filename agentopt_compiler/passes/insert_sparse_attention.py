@@ -8,7 +8,9 @@ Patterns (a query at position p sees key j <= p when):
     sinks S + window W  p - W < j  or  j < S               StreamingLLM: the first S tokens stay visible
     stride K + window W p - W < j  or  (p - j) % K == 0    Sparse-Transformer strided (local + every K-th)
 Layers the plan does not name stay dense, so local/global interleaving (Gemma/Mistral-style hybrids) is a list of
-windowed layers. The plan is data: ``SparseAttentionPlan.parse("window=1024,sinks=4,layers=2-7")`` on the CLI, or
+windowed layers. Per KV head: ``kv_heads=0-1`` gives the pattern to those KV heads (and the query heads that share
+them) while the layer's other heads stay dense, the retrieval-vs-streaming-heads split (DuoAttention); such layers
+keep full caches (their dense heads need every position) and lower to an explicit per-head mask. The plan is data: ``SparseAttentionPlan.parse("window=1024,sinks=4,layers=2-7")`` on the CLI, or
 a JSON plan file; the pass records per layer what it set, and the manifest keeps the plan.
 
 Window and sinks+window layers also get *bounded memory*: their caches shrink to a ring of sinks + window slots
@@ -38,7 +40,8 @@ from .infra import GraphPass, PassResult
 from .region_graph import region_of
 
 K_CACHE, V_CACHE = 3, 4  # argument positions in agentopt.cached_attention
-WINDOW, SCALE, ROTARY, SINKS, STRIDE, RING = 10, 11, 12, 13, 14, 15
+KV_NUM_HEADS = 9  # argument positions in agentopt.cached_attention (continued)
+WINDOW, SCALE, ROTARY, SINKS, STRIDE, RING, DENSE_KV_HEADS = 10, 11, 12, 13, 14, 15, 16
 
 
 @dataclass(frozen=True)
@@ -47,21 +50,26 @@ class SparsePattern:
     sinks: int = 0
     stride: int = 0
     bounded: bool = True  # window/sinks layers get a ring cache of sinks + window slots (not with a stride)
+    kv_heads: tuple[int, ...] = ()  # KV heads the pattern applies to; the layer's others stay dense. () = all
 
     def __post_init__(self):
         if self.window < 1:
             raise AgentOptError(f"sparse attention window must be >= 1, got {self.window}")
         if self.sinks < 0 or self.stride < 0:
             raise AgentOptError("sparse attention sinks and stride must be >= 0")
+        if any(h < 0 for h in self.kv_heads):
+            raise AgentOptError(f"sparse attention kv_heads must be >= 0, got {list(self.kv_heads)}")
+        object.__setattr__(self, "kv_heads", tuple(sorted(set(self.kv_heads))))  # (JSON gives lists)
 
     def describe(self) -> str:
         extra = (f"+sinks{self.sinks}" if self.sinks else "") + (f"+stride{self.stride}" if self.stride else "")
-        return f"window{self.window}{extra}"
+        heads = f"@kv{'+'.join(map(str, self.kv_heads))}" if self.kv_heads else ""
+        return f"window{self.window}{extra}{heads}"
 
     def ring_slots(self, capacity: int) -> int:
-        """Cache slots this pattern needs, or 0 when it keeps the full-length cache."""
+        """Cache slots this pattern needs, or 0 when it keeps the full-length cache (dense heads need it)."""
         slots = self.sinks + self.window
-        return slots if self.bounded and not self.stride and slots < capacity else 0
+        return slots if self.bounded and not self.stride and not self.kv_heads and slots < capacity else 0
 
 
 @dataclass(frozen=True)
@@ -70,24 +78,27 @@ class SparseAttentionPlan:
 
     @classmethod
     def parse(cls, spec: str) -> "SparseAttentionPlan":
-        """``window=1024,sinks=4,layers=2-7`` (several groups separated by ``;``); no ``layers`` means all."""
+        """``window=1024,sinks=4,layers=2-7`` (several groups separated by ``;``); no ``layers`` means all;
+        ``kv_heads=0-1`` limits the pattern to those KV heads."""
         layers: dict[int | str, SparsePattern] = {}
         for group in filter(None, (g.strip() for g in spec.split(";"))):
             fields, key = {}, None
             for item in group.split(","):
-                if "=" not in item and key == "layers":  # layers=0,2,4: the list goes on
+                if "=" not in item and key in ("layers", "kv_heads"):  # layers=0,2,4: the list goes on
                     fields[key] += "," + item.strip()
                     continue
                 key, _, value = item.partition("=")
                 key = key.strip()
                 fields[key] = value.strip()
-            unknown = set(fields) - {"window", "sinks", "stride", "bounded", "layers"}
+            unknown = set(fields) - {"window", "sinks", "stride", "bounded", "layers", "kv_heads"}
             if unknown or "window" not in fields:
                 raise AgentOptError(f"cannot read sparse attention '{group}': expected window=W[,sinks=S]"
-                                    f"[,stride=K][,bounded=0|1][,layers=A-B|A,B,...]")
+                                    f"[,stride=K][,bounded=0|1][,kv_heads=A-B|A,B,...][,layers=A-B|A,B,...]")
             try:
+                kv_heads = tuple(_layer_list(fields["kv_heads"])) if "kv_heads" in fields else ()
                 pattern = SparsePattern(int(fields["window"]), int(fields.get("sinks", 0)),
-                                        int(fields.get("stride", 0)), bool(int(fields.get("bounded", 1))))
+                                        int(fields.get("stride", 0)), bool(int(fields.get("bounded", 1))),
+                                        kv_heads)
                 for layer in _layer_list(fields.get("layers", "all")):
                     layers[layer] = pattern
             except ValueError:
@@ -100,7 +111,8 @@ class SparseAttentionPlan:
         if source is None or isinstance(source, SparseAttentionPlan):
             return source
         if isinstance(source, dict):
-            return cls({_layer_key(k): SparsePattern(**v) for k, v in source.get("layers", {}).items()})
+            return cls({_layer_key(k): SparsePattern(**{**v, "kv_heads": tuple(v.get("kv_heads", ()))})
+                        for k, v in source.get("layers", {}).items()})
         if Path(str(source)).suffix == ".json":
             path = Path(str(source))
             if not path.is_file():
@@ -118,7 +130,8 @@ class SparseAttentionPlan:
         return resolved
 
     def to_dict(self) -> dict:
-        return {"layers": {str(k): asdict(v) for k, v in sorted(self.layers.items(), key=lambda kv: str(kv[0]))}}
+        return {"layers": {str(k): {**asdict(v), "kv_heads": list(v.kv_heads)}
+                           for k, v in sorted(self.layers.items(), key=lambda kv: str(kv[0]))}}
 
 
 def _layer_key(key: str) -> int | str:
@@ -162,11 +175,16 @@ class InsertSparseAttention(GraphPass):
         stats: dict[str, int] = {}
         for layer, pattern in sorted(wanted.items()):
             node = attention[layer]
-            args = list(node.args) + [None] * (STRIDE + 1 - len(node.args))
-            defaults = {WINDOW: -1, SCALE: 0.0, ROTARY: False, SINKS: 0, STRIDE: 0}
+            args = list(node.args) + [None] * (DENSE_KV_HEADS + 1 - len(node.args))
+            defaults = {WINDOW: -1, SCALE: 0.0, ROTARY: False, SINKS: 0, STRIDE: 0, RING: False}
             args = [defaults[i] if a is None and i in defaults else a for i, a in enumerate(args)]
-            args = args + [False] * (RING + 1 - len(args))
             args[WINDOW], args[SINKS], args[STRIDE] = pattern.window, pattern.sinks, pattern.stride
+            kv_num_heads = args[KV_NUM_HEADS]
+            if any(h >= kv_num_heads for h in pattern.kv_heads):
+                raise AgentOptError(f"sparse attention plan gives layer {layer} kv_heads {list(pattern.kv_heads)}, "
+                                    f"but it has KV heads 0-{kv_num_heads - 1}")
+            dense = [h for h in range(kv_num_heads) if h not in pattern.kv_heads] if pattern.kv_heads else []
+            args[DENSE_KV_HEADS] = dense or None
             slots = pattern.ring_slots(_buffer(gm, args[K_CACHE]).shape[2])
             if slots:  # bounded memory: shrink both caches to a ring of sinks + window slots
                 for cache in (args[K_CACHE], args[V_CACHE]):

@@ -31,3 +31,19 @@ def test_ring_cache_equals_a_full_cache(window, sinks, chunks):
         return torch.cat(outputs, 1)
 
     assert (run(True) - run(False)).abs().max().item() <= 1e-5
+
+
+def test_dense_kv_heads_attend_densely_and_the_others_keep_the_pattern():
+    # per query head the output is either the dense or the windowed result: heads 0-1 read KV head 0, 2-3 KV head 1
+    generator = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(B, 20, h * D, generator=generator) for h in (HQ, HKV, HKV))
+    cache, positions = torch.zeros(B, HKV, T, D), torch.arange(20).expand(B, 20)
+
+    def run(window, dense_kv_heads=None):
+        out = cached_attention(q, k, v, cache, cache.clone(), positions, None, None, HQ, HKV, window, 0.0, False,
+                               0, 0, False, dense_kv_heads)[0]
+        return out.view(B, 20, HQ, D)
+
+    mixed, dense, windowed = run(4, [0]), run(-1), run(4)
+    assert torch.equal(mixed[:, :, :2], dense[:, :, :2]) and torch.equal(mixed[:, :, 2:], windowed[:, :, 2:])
+    assert not torch.allclose(dense[:, :, 2:], windowed[:, :, 2:])  # 20 tokens > window 4: the split matters

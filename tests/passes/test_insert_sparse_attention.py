@@ -24,10 +24,13 @@ def test_plan_specs():
         SparseAttentionPlan.parse("sinks=4")
     with pytest.raises(AgentOptError, match="window must be >= 1"):
         SparseAttentionPlan.parse("window=0")
+    per_head = SparseAttentionPlan.parse("window=64,kv_heads=0,2,layers=1-2").resolve(4)
+    assert per_head == {1: SparsePattern(64, kv_heads=(0, 2)), 2: SparsePattern(64, kv_heads=(0, 2))}
+    assert per_head[1].ring_slots(1024) == 0  # the layer's dense heads need every position
 
 
 def test_plan_file_round_trip(tmp_path):
-    plan = SparseAttentionPlan.parse("window=32,sinks=2,layers=1")
+    plan = SparseAttentionPlan.parse("window=32,sinks=2,layers=1; window=8,kv_heads=1,layers=0")
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plan.to_dict()))
     assert SparseAttentionPlan.load(path) == plan
@@ -66,3 +69,21 @@ def test_no_plan_changes_nothing_and_a_plan_needs_fused_attention(tiny_model):
     unfused = capture(tiny_model, 32).module
     with pytest.raises(AgentOptError, match="fuse_kv_cache must run first"):
         InsertSparseAttention(SparseAttentionPlan.parse("window=4"))(unfused)
+
+
+def test_per_kv_head_pattern_leaves_the_other_heads_dense(tiny_model):
+    gm = _fused(tiny_model)
+    result = InsertSparseAttention(SparseAttentionPlan.parse("window=4,kv_heads=1,layers=1"))(gm)
+    assert result.stats == {"window4@kv1": 1}  # no ring cache: head 0 still reads every position
+    ops = [n for n in gm.graph.nodes if "cached_attention" in str(n.target)]
+    assert (ops[1].args[10], ops[1].args[16]) == (4, [0]) and (len(ops[0].args) <= 16 or ops[0].args[16] is None)
+    assert dict(gm.named_buffers())["layers.1.self_attn.kv_cache.key"].shape[2] == 32
+    all_heads = _fused(tiny_model)
+    InsertSparseAttention(SparseAttentionPlan.parse("window=4,layers=1"))(all_heads)
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    args = (ids, torch.arange(12)[None], torch.tensor([11]))
+    with torch.no_grad():
+        per_head, windowed, dense = gm(*args), all_heads(*args), _fused(tiny_model)(*args)
+    assert not torch.allclose(per_head, windowed, atol=1e-4) and not torch.allclose(per_head, dense, atol=1e-4)
+    with pytest.raises(AgentOptError, match="kv_heads \\[5\\].*KV heads 0-1"):
+        InsertSparseAttention(SparseAttentionPlan.parse("window=4,kv_heads=5"))(_fused(tiny_model))

@@ -5,8 +5,9 @@
         -> out, present_key, present_value
     The caches keep their capacity T (present has past's shape), the new rows are written at
     [pos0, pos0 + S), RoPE is applied inside (``do_rotary``), and a sliding window is ``local_window_size=W``
-    (W keys including the query: the same convention as our op). Layers with attention sinks or a strided
-    pattern, which GQA cannot express, take the standard lowering below instead (recorded in the manifest).
+    (W keys including the query: the same convention as our op). Layers with attention sinks, a strided
+    pattern or per-head patterns (some KV heads dense), which GQA cannot express, take the standard lowering below
+    instead (recorded in the manifest).
     Bound to one buffer as past and present, the cache is updated in place; attention work grows with the
     tokens cached, not with T.
 
@@ -15,7 +16,7 @@
     new_cache = ScatterND(cache, indices[b, h, s] = (b, h, pos[b, s]), k4)    # no full-cache transposes
     out = Attention(q4, new_k, new_v, mask[b, s, t] = t <= pos[b, s]
                                                   & (no window | t > pos[b, s] - W | t < sinks
-                                                     | (pos[b, s] - t) % stride == 0))
+                                                     | (pos[b, s] - t) % stride == 0 | head h is dense))
     It is exact but attends over all T slots each step (masked), so it is O(T) per step on ORT CPU.
     Ring caches (bounded sparse layers): Attention over the C = sinks + window slots, whose positions are computed
     from the row's length, plus the new tokens; then each slot takes the newest new token mapping to it (Where +
@@ -42,10 +43,10 @@ def _static_dim(value, axis: int) -> int:
 
 
 def cached_attention_to_gqa(q, k, v, k_cache, v_cache, positions, cos=None, sin=None, num_heads=1, kv_num_heads=1,
-                            window=-1, scale=0.0, rotary=False, sinks=0, stride=0, ring=False):
-    if sinks > 0 or stride > 0 or ring:  # not expressible with GQA: this layer takes the standard-op lowering
+                            window=-1, scale=0.0, rotary=False, sinks=0, stride=0, ring=False, dense_kv_heads=None):
+    if sinks > 0 or stride > 0 or ring or dense_kv_heads:  # not expressible with GQA: standard-op lowering
         return cached_attention_to_standard(q, k, v, k_cache, v_cache, positions, cos, sin, num_heads, kv_num_heads,
-                                            window, scale, rotary, sinks, stride, ring)
+                                            window, scale, rotary, sinks, stride, ring, dense_kv_heads)
     head_dim = _static_dim(k_cache, 3)
     if len(positions.shape) == 2:  # (B, S): each row's own positions
         last = op.Squeeze(op.Slice(positions, [-1], [_INT64_MAX], [1]), [1])  # (B,) last new position per row
@@ -121,8 +122,19 @@ def _ring_attention(q4, k4, v4, k_cache, v_cache, positions, window, sinks, scal
     return out4, new_k, new_v
 
 
+def _dense_heads(num_heads: int, kv_num_heads: int, dense_kv_heads):
+    """(1, Hq, 1, 1) bool: True for the query heads whose KV head attends densely (query head i reads KV head
+    i // (Hq / Hkv))."""
+    kv_head = op.Div(op.Range(0, num_heads, 1), num_heads // kv_num_heads)  # (Hq,) integer division
+    dense = op.Equal(kv_head, dense_kv_heads[0])
+    for head in dense_kv_heads[1:]:
+        dense = op.Or(dense, op.Equal(kv_head, head))
+    return op.Reshape(dense, [1, num_heads, 1, 1])
+
+
 def cached_attention_to_standard(q, k, v, k_cache, v_cache, positions, cos=None, sin=None, num_heads=1,
-                                 kv_num_heads=1, window=-1, scale=0.0, rotary=False, sinks=0, stride=0, ring=False):
+                                 kv_num_heads=1, window=-1, scale=0.0, rotary=False, sinks=0, stride=0, ring=False,
+                                 dense_kv_heads=None):
     head_dim, capacity = _static_dim(k_cache, 3), _static_dim(k_cache, 2)
     q4 = op.Transpose(op.Reshape(q, [0, 0, num_heads, head_dim]), perm=[0, 2, 1, 3])  # (B, Hq, S, D)
     k4 = op.Transpose(op.Reshape(k, [0, 0, kv_num_heads, head_dim]), perm=[0, 2, 1, 3])  # (B, Hkv, S, D)
@@ -132,6 +144,8 @@ def cached_attention_to_standard(q, k, v, k_cache, v_cache, positions, cos=None,
         sin_rows = op.Gather(sin, _rows_positions(positions), axis=0)
         q4, k4 = _rotate(q4, cos_rows, sin_rows), _rotate(k4, cos_rows, sin_rows)
     if ring:
+        if dense_kv_heads:
+            raise ValueError("ring caches cannot hold dense heads (they need every position)")
         if len(positions.shape) != 2:
             raise ValueError("ring caches need per-row positions (B, S)")
         out4, new_k, new_v = _ring_attention(q4, k4, v4, k_cache, v_cache, positions, window, sinks, scale)
@@ -148,6 +162,8 @@ def cached_attention_to_standard(q, k, v, k_cache, v_cache, positions, cos=None,
             visible = op.Or(visible, op.Less(keys, sinks))
         if stride > 0:
             visible = op.Or(visible, op.Equal(op.Mod(op.Sub(queries, keys), stride), 0))
+        if dense_kv_heads:
+            visible = op.Or(visible, _dense_heads(num_heads, kv_num_heads, dense_kv_heads))  # (B, Hq, S, T)
         mask = op.And(mask, visible)
     attributes = {"scale": scale} if scale else {}
     out4 = op.Attention(q4, new_k, new_v, mask, **attributes)[0]  # (B, Hq, S, D); GQA from the head counts

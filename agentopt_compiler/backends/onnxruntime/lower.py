@@ -164,9 +164,12 @@ def trim_unused_trailing_outputs(graph, op_types=("GroupQueryAttention", "Attent
 
 
 def _pattern_of(node) -> dict:
-    args = list(node.args) + [None] * 16
+    args = list(node.args) + [None] * 17
     window = args[10] if isinstance(args[10], int) and args[10] > 0 else 0
-    return {"window": window, "sinks": args[13] or 0, "stride": args[14] or 0, "ring": bool(args[15])}
+    pattern = {"window": window, "sinks": args[13] or 0, "stride": args[14] or 0, "ring": bool(args[15])}
+    if args[16]:
+        pattern["dense_kv_heads"] = list(args[16])
+    return pattern
 
 
 def check_attention_patterns(graph, fused_nodes) -> list[dict]:

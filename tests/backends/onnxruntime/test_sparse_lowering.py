@@ -31,11 +31,12 @@ def test_window_engine_equals_a_windowed_eager_model_and_differs_from_dense(impl
     assert ours != eager_greedy(load_model("tiny-random").model, PROMPT, 24, CONTEXT)  # dense differs
 
 
-@pytest.mark.parametrize("spec", ["window=5,sinks=3", "window=4,stride=3,layers=0"])
-def test_sinks_and_strided_patterns_equal_the_fused_ops_reference(spec, tmp_path):
+@pytest.mark.parametrize("spec", ["window=5,sinks=3", "window=4,stride=3,layers=0", "window=4,kv_heads=1,layers=1"])
+def test_sinks_strided_and_per_head_patterns_equal_the_fused_ops_reference(spec, tmp_path):
     engine = ao.compile("tiny-random", out=tmp_path / "s", context_length=CONTEXT, sparse_attention=spec)
+    # GQA cannot express these: standard-op lowering for those layers
     assert {layer["op"] for layer in engine.manifest["engine"]["attention"]["layers"] if layer["sinks"] or
-            layer["stride"]} == {"Attention"}  # GQA cannot express these: standard-op lowering for those layers
+            layer["stride"] or layer.get("dense_kv_heads")} == {"Attention"}
     program, _ = default_pipeline(SparseAttentionPlan.parse(spec)).run(capture(load_model("tiny-random").model,
                                                                                CONTEXT))
     reference = program.module  # eager run of agentopt.cached_attention with the same pattern
@@ -66,7 +67,7 @@ def test_a_pattern_lost_in_lowering_fails_the_compile(tmp_path):
     with pytest.raises(AgentOptError, match="lost in lowering"):
         check_attention_patterns(model.graph, fused)
     assert engine.manifest["sparse_attention"] == {
-        "layers": {"all": {"window": 6, "sinks": 0, "stride": 0, "bounded": False}}}
+        "layers": {"all": {"window": 6, "sinks": 0, "stride": 0, "bounded": False, "kv_heads": []}}}
 
 
 @pytest.mark.parametrize("impl", ["gqa", "standard"])
