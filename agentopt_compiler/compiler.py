@@ -101,7 +101,7 @@ def dependency_versions() -> dict[str, str]:
 def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backend: str = "onnxruntime",
             device: str = "cpu", context_length: int | None = None, skip_passes: Iterable[str] = (),
             debug_dump: str | Path | None = None, overwrite: bool = False, attention_impl: str | None = None,
-            batch_size: int = 1, sparse_attention=None, precision_plan=None,
+            batch_size: int = 1, sparse_attention=None, precision_plan=None, kv_cache_dtype: str | None = None,
             progress: Callable[[str], None] | None = None):
     """Compile ``model`` into an engine folder at ``out`` and return the loaded ``Engine``.
 
@@ -114,6 +114,8 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
     lengths and positions. ``sparse_attention`` is a ``SparseAttentionPlan``, a spec such as
     ``"window=1024,sinks=4,layers=2-7"`` or a JSON plan file; layers it does not name stay dense.
     ``precision_plan`` is a ``PrecisionPlan`` or its JSON file (``agentopt plan precision`` makes one).
+    ``kv_cache_dtype`` ``fp16`` stores the KV caches in half precision and runs attention in it (half the cache
+    memory; what ONNX Runtime's CUDA GroupQueryAttention needs); default fp32.
     """
     from . import backends
     from .capture.export import capture
@@ -134,7 +136,8 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
     check_output_folder(out, overwrite)
     sparse_plan = SparseAttentionPlan.load(sparse_attention)
     precision = PrecisionPlan.load(precision_plan)
-    pipeline = default_pipeline(sparse_plan, precision, half_precision=device in entry.half_precision_devices)
+    pipeline = default_pipeline(sparse_plan, precision, half_precision=device in entry.half_precision_devices,
+                                kv_cache_dtype=kv_cache_dtype)
     unknown = set(skip_passes) - set(pipeline.names)
     if unknown:
         raise AgentOptError(f"unknown pass to skip: {', '.join(sorted(unknown))}; passes are: "

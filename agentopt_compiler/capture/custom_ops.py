@@ -20,6 +20,8 @@ reference semantics every lowering is checked against.
                                              and attend densely: per-head patterns (retrieval vs streaming heads)
     scale                                    softmax scale; 0 means 1/sqrt(D)
     -> out (B, S, Hq*D), new k_cache, new v_cache
+The caches' dtype is the attention's: with fp16 caches (``set_kv_cache_dtype``), q/k/v and the RoPE tables are cast
+to fp16, RoPE, the cache write and attention run in fp16, and the output is cast back to q's dtype.
 """
 
 from __future__ import annotations
@@ -78,6 +80,10 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, s, _ = q.shape
     d, capacity = k_cache.shape[-1], k_cache.shape[2]
+    out_dtype = q.dtype
+    if k_cache.dtype != q.dtype:  # half-precision caches: attention runs in the cache dtype
+        q, k, v = q.to(k_cache.dtype), k.to(k_cache.dtype), v.to(k_cache.dtype)
+        cos, sin = (None if t is None else t.to(k_cache.dtype) for t in (cos, sin))
     positions = positions.expand(b, s)  # (B, S)
     q = q.view(b, s, num_heads, d).transpose(1, 2)  # (B, Hq, S, D)
     k = k.view(b, s, kv_num_heads, d).transpose(1, 2)  # (B, Hkv, S, D)
@@ -88,7 +94,7 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     repeats = num_heads // kv_num_heads
     if ring:
         out, k_cache, v_cache = _ring_attention(q, k, v, k_cache, v_cache, positions, window, sinks, scale, repeats)
-        return out.transpose(1, 2).reshape(b, s, num_heads * d), k_cache, v_cache
+        return out.transpose(1, 2).reshape(b, s, num_heads * d).to(out_dtype), k_cache, v_cache
     index = positions[:, None, :, None].expand(b, kv_num_heads, s, d)  # (B, Hkv, S, D)
     k_cache = k_cache.scatter(2, index, k)  # (B, Hkv, T, D)
     v_cache = v_cache.scatter(2, index, v)
@@ -109,7 +115,7 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     out = F.scaled_dot_product_attention(q, k_cache.repeat_interleave(repeats, 1),
                                          v_cache.repeat_interleave(repeats, 1), attn_mask=mask,
                                          scale=scale or None)  # (B, Hq, S, D)
-    return out.transpose(1, 2).reshape(b, s, num_heads * d), k_cache, v_cache
+    return out.transpose(1, 2).reshape(b, s, num_heads * d).to(out_dtype), k_cache, v_cache
 
 
 @cached_attention.register_fake

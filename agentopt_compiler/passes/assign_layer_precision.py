@@ -31,18 +31,11 @@ from collections import Counter
 import torch
 
 from ..capture.quantized_linear import quantize_blockwise
-from .infra import GraphPass, PassResult
+from .infra import GraphPass, PassResult, owner_of
 from .precision_plan import BITS, PrecisionPlan, unit_of
 
 aten = torch.ops.aten
 
-
-def _owner(gm: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str]:
-    owner = gm
-    *path, leaf = target.split(".")
-    for part in path:
-        owner = getattr(owner, part)
-    return owner, leaf
 
 
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -58,7 +51,7 @@ def _make_half_region(gm: torch.fx.GraphModule, node: torch.fx.Node, weight_node
     for i in (1, 2):
         if i >= len(args) or args[i] is None:
             continue
-        owner, leaf = _owner(gm, args[i].target)
+        owner, leaf = owner_of(gm, args[i].target)
         half_name = f"{leaf}_{str(dtype).removeprefix('torch.')}"
         owner.register_buffer(half_name, getattr(owner, leaf).detach().to(dtype))
         prefix = args[i].target.rsplit(".", 1)[0] + "." if "." in args[i].target else ""
@@ -72,7 +65,7 @@ def _make_half_region(gm: torch.fx.GraphModule, node: torch.fx.Node, weight_node
     node.replace_all_uses_with(back, delete_user_cb=lambda user: user is not back)
     for original in originals:
         if not original.users:  # the fp32 copy is no longer exported
-            owner, leaf = _owner(gm, original.target)
+            owner, leaf = owner_of(gm, original.target)
             graph.erase_node(original)
             delattr(owner, leaf)
 
@@ -108,7 +101,7 @@ class AssignLayerPrecision(GraphPass):
                 continue
             if precision not in BITS:
                 continue
-            owner, leaf = _owner(gm, weight_node.target)
+            owner, leaf = owner_of(gm, weight_node.target)
             weight = getattr(owner, leaf).detach()
             n_out, k_in = weight.shape
             if k_in % self.plan.block_size:

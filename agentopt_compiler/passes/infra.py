@@ -61,6 +61,15 @@ class GraphPass:
         return result
 
 
+def owner_of(gm: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str]:
+    """The submodule that holds attribute ``target`` ("layers.0.self_attn.kv_cache.key") and the attribute name."""
+    owner = gm
+    *path, leaf = target.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    return owner, leaf
+
+
 def op_histogram(gm: torch.fx.GraphModule) -> Counter:
     """Count call_function nodes by target, e.g. {'aten.linear.default': 15, ...}."""
     return Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")

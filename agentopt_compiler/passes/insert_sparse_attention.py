@@ -36,7 +36,7 @@ import torch
 
 from ..capture import custom_ops  # noqa: F401  (registers torch.ops.agentopt.*)
 from ..errors import AgentOptError
-from .infra import GraphPass, PassResult
+from .infra import GraphPass, PassResult, owner_of
 from .region_graph import region_of
 
 K_CACHE, V_CACHE = 3, 4  # argument positions in agentopt.cached_attention
@@ -188,7 +188,7 @@ class InsertSparseAttention(GraphPass):
             slots = pattern.ring_slots(_buffer(gm, args[K_CACHE]).shape[2])
             if slots:  # bounded memory: shrink both caches to a ring of sinks + window slots
                 for cache in (args[K_CACHE], args[V_CACHE]):
-                    owner, leaf = _owner(gm, cache.target)
+                    owner, leaf = owner_of(gm, cache.target)
                     full = getattr(owner, leaf)
                     setattr(owner, leaf, full.new_zeros(full.shape[0], full.shape[1], slots, full.shape[3]))
                 stats["ring_caches"] = stats.get("ring_caches", 0) + 1
@@ -198,14 +198,7 @@ class InsertSparseAttention(GraphPass):
         return PassResult(True, stats, tuple(f"layer {k}: {v.describe()}" for k, v in sorted(wanted.items())))
 
 
-def _owner(gm: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str]:
-    owner = gm
-    *path, leaf = target.split(".")
-    for part in path:
-        owner = getattr(owner, part)
-    return owner, leaf
-
 
 def _buffer(gm: torch.nn.Module, node: torch.fx.Node) -> torch.Tensor:
-    owner, leaf = _owner(gm, node.target)
+    owner, leaf = owner_of(gm, node.target)
     return getattr(owner, leaf)

@@ -7,6 +7,7 @@ Phase 2, fuse: replace op patterns with one op of ours that backends lower to th
     pack_qkv_projections the three projections feeding a fused attention -> one matmul + split
 Phase 3, change the math where the user asked for it (each pass does nothing without its plan):
     insert_sparse_attention  per-layer window / sinks / strided patterns on the fused attention
+    set_kv_cache_dtype       fp16 KV caches (attention in fp16) where --kv-cache-dtype asks for it
     assign_layer_precision   int8 / int4 weight-only linears where a precision plan says so; fp16 / bf16
                              regions (explicit casts) where the target has native half kernels
 """
@@ -20,10 +21,12 @@ from .insert_sparse_attention import InsertSparseAttention, SparseAttentionPlan
 from .pack_qkv_projections import PackQKVProjections
 from .precision_plan import PrecisionPlan
 from .remove_noop_ops import RemoveNoopOps
+from .set_kv_cache_dtype import SetKVCacheDtype
 
 
 def default_pipeline(sparse_attention: SparseAttentionPlan | None = None,
-                     precision: PrecisionPlan | None = None, half_precision: bool = False) -> PassPipeline:
+                     precision: PrecisionPlan | None = None, half_precision: bool = False,
+                     kv_cache_dtype: str | None = None) -> PassPipeline:
     return PassPipeline([
         # phase 1: canonicalize
         RemoveNoopOps(),
@@ -32,5 +35,6 @@ def default_pipeline(sparse_attention: SparseAttentionPlan | None = None,
         PackQKVProjections(),
         # phase 3: user-requested changes to the math
         InsertSparseAttention(sparse_attention),
+        SetKVCacheDtype(kv_cache_dtype),
         AssignLayerPrecision(precision, half_precision),
     ])

@@ -30,9 +30,18 @@ from onnxscript import opset23 as op
 
 from .contrib_schemas import register_ort_contrib_schema
 
-INT32 = 6  # onnx.TensorProto.INT32
+INT32, FLOAT = 6, 1  # onnx.TensorProto.INT32, FLOAT
 _INT64_MAX = 2**63 - 1
 msft = onnxscript.values.Opset("com.microsoft", 1)
+
+
+def _in_cache_dtype(k_cache, *values):
+    """Half-precision caches (set_kv_cache_dtype): attention runs in the caches' dtype, so cast its fp32 inputs.
+    Returns (cast values..., whether the output must be cast back to fp32)."""
+    dtype = k_cache.dtype
+    if dtype is None or dtype.name == "FLOAT":
+        return (*values, False)
+    return (*(None if v is None else op.Cast(v, to=dtype.value) for v in values), True)
 
 
 def _static_dim(value, axis: int) -> int:
@@ -48,6 +57,7 @@ def cached_attention_to_gqa(q, k, v, k_cache, v_cache, positions, cos=None, sin=
         return cached_attention_to_standard(q, k, v, k_cache, v_cache, positions, cos, sin, num_heads, kv_num_heads,
                                             window, scale, rotary, sinks, stride, ring, dense_kv_heads)
     head_dim = _static_dim(k_cache, 3)
+    q, k, v, cos, sin, cast_back = _in_cache_dtype(k_cache, q, k, v, cos, sin)
     if len(positions.shape) == 2:  # (B, S): each row's own positions
         last = op.Squeeze(op.Slice(positions, [-1], [_INT64_MAX], [1]), [1])  # (B,) last new position per row
     else:  # (S,): shared by all rows
@@ -63,7 +73,8 @@ def cached_attention_to_gqa(q, k, v, k_cache, v_cache, positions, cos=None, sin=
     # the tracer materializes all four schema outputs; the unused output_qk is trimmed after export
     outputs = msft.GroupQueryAttention(q, k, v, k_cache, v_cache, seqlens_k, total, cos_half, sin_half,
                                        **attributes)
-    return outputs[0], outputs[1], outputs[2]
+    out = op.Cast(outputs[0], to=FLOAT) if cast_back else outputs[0]
+    return out, outputs[1], outputs[2]
 
 
 def _rotate(x4, cos_rows, sin_rows):
@@ -117,8 +128,13 @@ def _ring_attention(q4, k4, v4, k_cache, v_cache, positions, window, sinks, scal
     from_chunk = op.Unsqueeze(op.GreaterOrEqual(held, length), [1, 3])  # (B, 1, C, 1)
     offset = op.Min(op.Max(op.Sub(held, length), 0), op.Sub(new_tokens, 1))  # (B, C) index into the new tokens
     index = op.Expand(op.Unsqueeze(offset, [1, 3]), op.Shape(k_cache))  # (B, Hkv, C, D)
-    new_k = op.Where(from_chunk, op.GatherElements(k4, index, axis=2), k_cache)
-    new_v = op.Where(from_chunk, op.GatherElements(v4, index, axis=2), v_cache)
+    # The ring as it was is read back from the concatenated copy, not from k_cache: engines bind past and present
+    # to one buffer, so the Where below writes into k_cache, and it must not run before Concat has read it (ORT
+    # would otherwise be free to schedule it first, and the attention would see the overwritten slots).
+    old_k = op.Slice(keys, [0], [capacity], [2])
+    old_v = op.Slice(values, [0], [capacity], [2])
+    new_k = op.Where(from_chunk, op.GatherElements(k4, index, axis=2), old_k)
+    new_v = op.Where(from_chunk, op.GatherElements(v4, index, axis=2), old_v)
     return out4, new_k, new_v
 
 
@@ -136,6 +152,7 @@ def cached_attention_to_standard(q, k, v, k_cache, v_cache, positions, cos=None,
                                  kv_num_heads=1, window=-1, scale=0.0, rotary=False, sinks=0, stride=0, ring=False,
                                  dense_kv_heads=None):
     head_dim, capacity = _static_dim(k_cache, 3), _static_dim(k_cache, 2)
+    q, k, v, cos, sin, cast_back = _in_cache_dtype(k_cache, q, k, v, cos, sin)
     q4 = op.Transpose(op.Reshape(q, [0, 0, num_heads, head_dim]), perm=[0, 2, 1, 3])  # (B, Hq, S, D)
     k4 = op.Transpose(op.Reshape(k, [0, 0, kv_num_heads, head_dim]), perm=[0, 2, 1, 3])  # (B, Hkv, S, D)
     v4 = op.Transpose(op.Reshape(v, [0, 0, kv_num_heads, head_dim]), perm=[0, 2, 1, 3])
@@ -149,7 +166,8 @@ def cached_attention_to_standard(q, k, v, k_cache, v_cache, positions, cos=None,
         if len(positions.shape) != 2:
             raise ValueError("ring caches need per-row positions (B, S)")
         out4, new_k, new_v = _ring_attention(q4, k4, v4, k_cache, v_cache, positions, window, sinks, scale)
-        return op.Reshape(op.Transpose(out4, perm=[0, 2, 1, 3]), [0, 0, num_heads * head_dim]), new_k, new_v
+        out = op.Reshape(op.Transpose(out4, perm=[0, 2, 1, 3]), [0, 0, num_heads * head_dim])
+        return (op.Cast(out, to=FLOAT) if cast_back else out), new_k, new_v
     indices = _scatter_indices(k_cache, k4, positions)
     new_k = op.ScatterND(k_cache, indices, k4)
     new_v = op.ScatterND(v_cache, indices, v4)
@@ -168,7 +186,7 @@ def cached_attention_to_standard(q, k, v, k_cache, v_cache, positions, cos=None,
     attributes = {"scale": scale} if scale else {}
     out4 = op.Attention(q4, new_k, new_v, mask, **attributes)[0]  # (B, Hq, S, D); GQA from the head counts
     out = op.Reshape(op.Transpose(out4, perm=[0, 2, 1, 3]), [0, 0, num_heads * head_dim])
-    return out, new_k, new_v
+    return (op.Cast(out, to=FLOAT) if cast_back else out), new_k, new_v
 
 
 def translation_table(attention_impl: str) -> dict:

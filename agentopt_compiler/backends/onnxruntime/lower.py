@@ -141,7 +141,8 @@ def lift_cache_mutations(onnx_program) -> list[dict]:
         present = tagged.pop(value_name)
         present.name = present_name
         graph.outputs.append(present)
-        caches.append({"input": past_name, "output": present_name, "buffer": buffer, "shape": shape})
+        caches.append({"input": past_name, "output": present_name, "buffer": buffer, "shape": shape,
+                       "dtype": _NUMPY_DTYPES[past.dtype.name]})
     if tagged:
         raise AgentOptError(f"internal: mutations {sorted(tagged)} have no buffer in the graph signature")
     return sorted(caches, key=lambda c: _cache_sort_key(c["input"]))
@@ -219,8 +220,11 @@ def check_cuda_kernels(graph) -> None:
             raise AgentOptError(
                 f"{node.op_type} ({node.name}) runs on ONNX Runtime CUDA only for {' / '.join(allowed)}, and this "
                 f"engine's attention is {dtype}; ORT would move it to the CPU and copy the caches every step. "
-                "Half-precision KV caches are not built yet: use --attention-impl standard (the default for "
-                "--device cuda) or --device cpu")
+                "Compile with --kv-cache-dtype fp16 (attention then runs in fp16), or use --attention-impl standard "
+                "(the default for --device cuda)")
+
+
+_NUMPY_DTYPES = {"FLOAT": "float32", "FLOAT16": "float16", "BFLOAT16": "bfloat16"}
 
 
 def _cache_sort_key(name: str):

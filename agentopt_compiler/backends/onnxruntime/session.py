@@ -79,7 +79,7 @@ class OrtSession:
         self._output_names = [o.name for o in self.session.get_outputs()]
         self._input_names = {i.name for i in self.session.get_inputs()}
         self._present_to_past = {c["output"]: c["input"] for c in self.caches_spec}
-        self._caches = {c["input"]: np.zeros(c["shape"], dtype=np.float32) for c in self.caches_spec}
+        self._caches = {c["input"]: np.zeros(c["shape"], dtype=c.get("dtype", "float32")) for c in self.caches_spec}
         self._device_caches = None  # DeviceCaches when the in-place caches live on the device (not CPU)
         if self.in_place:
             vocab = next(o.shape[-1] for o in self.session.get_outputs() if o.name == engine["logits"])
@@ -178,13 +178,15 @@ class DeviceCaches:
         import onnxruntime as ort
 
         self.shapes = {spec["input"]: tuple(spec["shape"]) for spec in specs}
-        self.values = {name: ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.float32, device, device_id)
+        self.dtypes = {spec["input"]: np.dtype(spec.get("dtype", "float32")) for spec in specs}
+        self.values = {name: ort.OrtValue.ortvalue_from_shape_and_type(list(shape), self.dtypes[name], device,
+                                                                       device_id)
                        for name, shape in self.shapes.items()}
         self.reset()  # device allocations are uninitialized
 
     def reset(self) -> None:
         for name, value in self.values.items():
-            value.update_inplace(np.zeros(self.shapes[name], dtype=np.float32))
+            value.update_inplace(np.zeros(self.shapes[name], dtype=self.dtypes[name]))
 
     def read(self, length: int) -> dict[str, np.ndarray]:
         return {name: np.array(value.numpy()[:, :, :length]) for name, value in self.values.items()}
@@ -193,4 +195,4 @@ class DeviceCaches:
         for name, value in rows.items():
             full = np.array(self.values[name].numpy())  # host copy of the whole cache
             full[:, :, :value.shape[2]] = value
-            self.values[name].update_inplace(np.ascontiguousarray(full, dtype=np.float32))
+            self.values[name].update_inplace(np.ascontiguousarray(full, dtype=self.dtypes[name]))
