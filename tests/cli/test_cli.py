@@ -130,3 +130,14 @@ def test_run_task_with_tools_and_interactive_mode(chat_engine, capsys, monkeypat
 def test_bad_tool_spec(chat_engine, capsys):
     line = cli_error_line(capsys, ["run", str(chat_engine.folder), "--task", "x", "--tools", "no_such_module:f"])
     assert "cannot load tool 'no_such_module:f'" in line
+
+
+def test_kv_cache_dtype_and_per_head_sparse_flags_reach_the_engine(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "e"
+    assert main(["compile", "--model", "tiny-random", "--out", str(out), "--context-length", "16", "--quiet",
+                 "--kv-cache-dtype", "fp16", "--sparse-attention", "window=4,kv_heads=1,layers=1"]) == 0
+    engine = json.loads((out / "manifest.json").read_text())["engine"]
+    assert {cache["dtype"] for cache in engine["caches"]} == {"float16"}
+    assert [layer.get("dense_kv_heads") for layer in engine["attention"]["layers"]] == [None, [0]]
