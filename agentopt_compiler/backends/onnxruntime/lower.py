@@ -1,7 +1,8 @@
 """Lower a captured program to an ONNX model for ONNX Runtime.
 
     ExportedProgram --torch.onnx (dynamo, opset 23)--> ONNX IR --lift_cache_mutations--> optimize
-        --> ORT lowering rules (skip_rms_norm.py; contrib ops, so not with attention_impl="standard") --> model.onnx
+        --> ORT lowering rules (skip_rms_norm.py, packed_qkv.py; contrib ops, so not with attention_impl="standard")
+        --> model.onnx
 
 torch.onnx keeps only user outputs: the in-place cache writes (BUFFER_MUTATION outputs of the functionalized graph)
 are silently dropped and the caches frozen into constant initializers, so decode would read an all-zero past.
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ...errors import AgentOptError, UnsupportedOpError
+from .packed_qkv import feed_packed_qkv
 from .skip_rms_norm import fuse_skip_rms_norm
 
 OPSET = 23
@@ -265,6 +267,7 @@ def lower_to_onnx(program, folder: Path, attention_impl: str = "gqa", device: st
     lowering_rules = {}
     if attention_impl == "gqa":
         lowering_rules["skip_rms_norm"] = fuse_skip_rms_norm(onnx_program.model)
+        lowering_rules["packed_qkv"] = feed_packed_qkv(onnx_program.model)
     weight_bytes = sum(p.numel() * p.element_size() for p in program.exported.state_dict.values())
     onnx_program.save(str(folder / GRAPH_FILE), external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD)
     return {

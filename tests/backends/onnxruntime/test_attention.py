@@ -40,6 +40,9 @@ def test_lowering_matches_eager_over_chunked_prefill_and_32_decode_steps(impl, m
     if impl == "gqa":
         assert ops["GroupQueryAttention"] == 2 and ops["ScatterND"] == 0 and ops["Transpose"] == 0
         assert ops["SkipSimplifiedLayerNormalization"] == 3 and ops["MatMul"] == 2 * 5 + 1  # packed q/k/v
+        # ... fed to GQA whole: no Split, key and value inputs empty
+        assert ops["Split"] == 0 and section["lowering_rules"]["packed_qkv"] == 2
+        assert all(list(n.input[1:3]) == ["", ""] for n in graph.node if n.op_type == "GroupQueryAttention")
     else:
         assert ops["Attention"] == 2 and ops["ScatterND"] == 4 and ops["RMSNormalization"] == 5
         assert not [n for n in graph.node if n.domain == "com.microsoft"]
@@ -89,6 +92,17 @@ def test_decode_is_zero_copy_and_greedy_tokens_equal_eager(tmp_path, tiny_engine
     filled = np.abs(key[0, 0]).sum(axis=-1) > 0
     assert filled[: len(prompt) + 32].all() and not filled[len(prompt) + 32:].any()
     assert tokens == eager_greedy(load_model("tiny-random").model, prompt, 33, TINY_CONTEXT)
+
+
+def test_packed_qkv_rule_needs_a_packed_split_feeding_gqa_directly(tmp_path, tiny_model):
+    from agentopt_compiler.passes.pipeline import default_pipeline as pipeline
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    unpacked, _ = pipeline().run(capture(tiny_model, CONTEXT), skip={"pack_qkv_projections"})
+    assert lower_to_onnx(unpacked, tmp_path / "a", attention_impl="gqa")["lowering_rules"]["packed_qkv"] == 0
+    half, _ = pipeline(kv_cache_dtype="fp16").run(capture(tiny_model, CONTEXT))  # casts between Split and GQA
+    assert lower_to_onnx(half, tmp_path / "b", attention_impl="gqa")["lowering_rules"]["packed_qkv"] == 0
 
 
 def test_skip_rms_norm_rule_does_not_fire_on_a_broadcasting_add():
