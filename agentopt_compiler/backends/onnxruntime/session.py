@@ -81,6 +81,7 @@ class OrtSession:
         self._present_to_past = {c["output"]: c["input"] for c in self.caches_spec}
         self._caches = {c["input"]: np.zeros(c["shape"], dtype=c.get("dtype", "float32")) for c in self.caches_spec}
         self._device_caches = None  # DeviceCaches when the in-place caches live on the device (not CPU)
+        self._bound_step = None  # True while the decode step buffers are the bound inputs
         if self.in_place:
             vocab = next(o.shape[-1] for o in self.session.get_outputs() if o.name == engine["logits"])
             self._logits = np.zeros((self.batch_size, 1, vocab), dtype=np.float32)
@@ -97,6 +98,21 @@ class OrtSession:
             # logits stay a host buffer: ORT copies the (B, 1, V) row from the device into it
             self._logits_value = ort.OrtValue.ortvalue_from_numpy(self._logits)
             self._binding.bind_ortvalue_output(engine["logits"], self._logits_value)
+
+    def _bind_inputs(self, arrays: dict[str, np.ndarray]) -> None:
+        for name, array in arrays.items():
+            if name in self._input_names:
+                self._binding.bind_cpu_input(name, array)
+
+    def _step_buffers(self, batch: int) -> dict[str, np.ndarray]:
+        """(B, 1) int64 buffers for one-token calls, bound once and then only written: a decode step rebinds
+        nothing. A prefill call binds its own arrays, so the buffers are bound again on the next decode step."""
+        if self._bound_step is None:
+            self._step = {"input_ids": np.zeros((batch, 1), np.int64), "positions": np.zeros((batch, 1), np.int64),
+                          "logits_index": np.zeros(batch, np.int64)}
+            self._bind_inputs(self._step)
+            self._bound_step = True
+        return self._step
 
     def _make_device_caches(self, device: str) -> "DeviceCaches":
         """Separate so tests can exercise the device-cache code path with device 'cpu' OrtValues."""
@@ -147,10 +163,13 @@ class OrtSession:
             logits_index = np.full(batch, length - 1, dtype=np.int64)
         logits_index = np.ascontiguousarray(logits_index, dtype=np.int64)
         if self.in_place:
-            self._binding.bind_cpu_input("input_ids", input_ids)
-            self._binding.bind_cpu_input("positions", positions)
-            if "logits_index" in self._input_names:
-                self._binding.bind_cpu_input("logits_index", logits_index)
+            if length == 1:  # decode: write into the bound step buffers (ORT reads the numpy memory directly)
+                step = self._step_buffers(batch)
+                step["input_ids"][...], step["positions"][...] = input_ids, positions
+                step["logits_index"][...] = logits_index
+            else:
+                self._bound_step = None
+                self._bind_inputs({"input_ids": input_ids, "positions": positions, "logits_index": logits_index})
             self.session.run_with_iobinding(self._binding)
             return self._logits.copy()  # the buffer is overwritten by the next call
         feeds = {"input_ids": input_ids, "positions": positions, "logits_index": logits_index, **self._caches}
