@@ -6,8 +6,8 @@
 
 Per system: engine size, decode tokens/s (median of --repeats, interleaved, same threads), and quality against fp32:
 mean KL(fp32 || system) per token and top-1 agreement, teacher-forced on held-out random tokens for our engines
-(``measure_fidelity``), and greedy-token agreement with fp32 over the generated tokens for every system (the only
-quality number taken for onnxruntime-genai). ref-60m has random weights, so KL here measures numerical damage, not
+(``measure_fidelity``) and for onnxruntime-genai (the same held-out tokens appended one at a time, its logits read
+after each), and greedy-token agreement with fp32 over the generated tokens for every system. ref-60m has random weights, so KL here measures numerical damage, not
 task quality (benchmarks/agent_quality.py measures that on agent-tiny).
 Not a test: run it by hand. Markdown to stdout, ``--json`` for the numbers.
 """
@@ -54,6 +54,36 @@ def fidelity(folder: Path, model: str, context: int) -> dict:
     return measure_fidelity(ao.load_engine(folder, threads=2), loaded.model, batches)
 
 
+def ort_genai_fidelity(model_dir: Path, model: str, context: int, threads: int) -> dict:
+    """onnxruntime-genai against the fp32 eager model on the held-out tokens ``fidelity`` uses, teacher-forced:
+    each token is appended and the logits it produces are read (``Generator.get_logits``)."""
+    import numpy as np
+    import onnxruntime_genai as og
+    import torch
+
+    from agentopt_compiler.analysis.calibration import calibration_batches
+    from agentopt_compiler.analysis.precision import _compare, _log_probs
+    from agentopt_compiler.models.registry import load_model
+
+    loaded = load_model(model)
+    batches = calibration_batches(loaded, None, sequences=2, length=min(96, context - 1), seed=4321)
+    config = og.Config(str(model_dir))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    genai = og.Model(config)
+    theirs = []
+    for batch in batches:
+        params = og.GeneratorParams(genai)
+        params.set_search_options(max_length=context, do_sample=False)
+        generator = og.Generator(genai, params)
+        rows = []
+        for token in batch[0].tolist():
+            generator.append_tokens(np.array([token], dtype=np.int32))
+            rows.append(torch.log_softmax(torch.from_numpy(np.array(generator.get_logits())).reshape(-1).float(), -1))
+        theirs.append(torch.stack(rows)[None])
+    kl, top1 = _compare(_log_probs(loaded.model, batches), theirs)
+    return {"kl": round(kl, 6), "top1": round(top1, 4), "tokens": sum(b.shape[1] for b in batches)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ref-60m")
@@ -97,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for result in results:
         agree = sum(a == b for a, b in zip(result.tokens, reference.tokens)) / len(reference.tokens)
-        quality = fidelity(Path(builds[result.system]["folder"]), args.model, context) \
-            if "(ours)" in result.system else {}
+        folder = Path(builds[result.system]["folder"])
+        quality = fidelity(folder, args.model, context) if "(ours)" in result.system else \
+            ort_genai_fidelity(folder, args.model, context, args.threads)
         rows.append({"system": result.system, "bytes": builds[result.system]["engine_bytes"],
                      "decode_tok_s": result.decode_tokens_per_s, "rates": result.runs_decode_tokens_per_s,
                      "kl": quality.get("kl"), "top1": quality.get("top1"), "greedy_agreement": agree})
