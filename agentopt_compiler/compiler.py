@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .errors import AgentOptError, OutputPathError
+from .errors import AgentOptError, OutputPathError, ProviderUnavailableError
 from .runtime.manifest import MANIFEST
 
 
@@ -37,6 +37,7 @@ class CompileReport:
     fidelity: dict = field(default_factory=dict)  # measured against fp32 when a precision plan has a budget
     stage_seconds: dict = field(default_factory=dict)
     total_seconds: float = 0.0
+    not_loaded: str = ""  # why the engine could not be opened on this machine (a device it lacks), if so
 
     def lines(self) -> list[str]:
         out = [f"compiled {self.model} for {self.backend}/{self.device} in {self.total_seconds:.1f}s -> {self.out}"]
@@ -56,6 +57,8 @@ class CompileReport:
         for name, size in self.files.items():
             out.append(f"  {name:24s} {_human_bytes(size)}")
         out.append("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items()))
+        if self.not_loaded:
+            out.append(f"not loaded here: {self.not_loaded}")
         return out
 
 
@@ -125,7 +128,7 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
     from .passes.pipeline import default_pipeline
     from .passes.precision_plan import PrecisionPlan
     from .passes.region_graph import build_region_graph, summarize
-    from .runtime.engine import load_engine
+    from .runtime.engine import load_engine, unloaded_engine
     from .runtime.manifest import write_manifest
 
     log = progress or (lambda _msg: None)
@@ -200,7 +203,17 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
     report.lowering_rules = dict(engine_section.get("lowering_rules", {}))
     report.files[MANIFEST] = (out / MANIFEST).stat().st_size
     report.total_seconds = time.perf_counter() - started
-    engine = load_engine(out, device=device)
+    try:
+        engine = load_engine(out, device=device)
+    except ProviderUnavailableError as exc:  # compiled for a device this machine lacks (e.g. CUDA on a CPU box)
+        report.not_loaded = (f"{exc} The engine folder is complete: run it on a machine with that device, or here "
+                             f"with load_engine(folder, device='cpu') / --device cpu.")
+        log(f"engine written; not loaded here: {exc}")
+        if precision and precision.budget:
+            log("the precision plan's fidelity was not measured: that needs the engine running")
+        engine = unloaded_engine(out, ProviderUnavailableError(report.not_loaded))
+        engine.compile_report = report
+        return engine
     engine.compile_report = report
     if precision and precision.budget:
         report.fidelity = _check_precision_fidelity(engine, loaded, precision, log)

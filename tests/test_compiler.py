@@ -12,7 +12,8 @@ def test_compile_report_and_files(tmp_path):
     engine = ao.compile("tiny-random", out=tmp_path / "eng", context_length=32, progress=logged.append)
     report = engine.compile_report
     assert [r.name for r in report.passes] == ["remove_noop_ops", "fuse_kv_cache", "pack_qkv_projections",
-                                               "insert_sparse_attention", "assign_layer_precision"]
+                                               "insert_sparse_attention", "set_kv_cache_dtype",
+                                               "assign_layer_precision"]
     assert report.passes[0].stats["to"] == 10 and report.passes[1].stats == {"fused_attention": 2, "with_rope": 2}
     assert {"model.onnx", "tokenizer.json", "manifest.json"} <= set(report.files)
     assert any(line.startswith("lower done") for line in logged)
@@ -43,7 +44,7 @@ def test_debug_dump_writes_one_file_per_pass(tmp_path):
     ao.compile("tiny-random", out=tmp_path / "eng", context_length=16, debug_dump=tmp_path / "dump")
     assert sorted(p.name for p in (tmp_path / "dump").iterdir()) == [
         "00-captured.txt", "01-remove_noop_ops.txt", "02-fuse_kv_cache.txt", "03-pack_qkv_projections.txt",
-        "04-insert_sparse_attention.txt", "05-assign_layer_precision.txt"]
+        "04-insert_sparse_attention.txt", "05-set_kv_cache_dtype.txt", "06-assign_layer_precision.txt"]
 
 
 def test_interrupted_compile_leaves_nothing_behind(tmp_path, monkeypatch):
@@ -89,3 +90,37 @@ def test_read_only_location_is_refused_before_any_work():
         pytest.skip("no read-only mount on this machine")
     with pytest.raises(OutputPathError, match="cannot write the engine"):
         ao.compile("tiny-random", out=f"{read_only}/agentopt-eng")
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers(),
+                    reason="this machine has CUDA")
+def test_compile_for_a_device_this_machine_lacks_writes_a_complete_engine(tmp_path):
+    """Compile for CUDA on a CPU machine: the folder is complete (with the GPU lowering: fp16 regions, standard
+    attention), using it here fails loudly, and it still runs on the CPU when asked to."""
+    import numpy as np
+    import torch
+
+    from agentopt_compiler.capture.export import capture
+    from agentopt_compiler.errors import ProviderUnavailableError
+    from agentopt_compiler.models.registry import load_model
+    from agentopt_compiler.passes.pipeline import default_pipeline
+    from agentopt_compiler.passes.precision_plan import PrecisionPlan
+
+    plan = PrecisionPlan({"layers.0.mlp_down": "fp16", "lm_head": "fp16"})
+    engine = ao.compile("tiny-random", out=tmp_path / "gpu", device="cuda", context_length=32, precision_plan=plan)
+    assert "CUDAExecutionProvider" in engine.compile_report.not_loaded
+    assert "not loaded here" in "\n".join(engine.compile_report.lines())
+    with pytest.raises(ProviderUnavailableError, match="CUDAExecutionProvider"):
+        engine.generate_ids([1, 2, 3], max_new_tokens=2)
+    manifest = json.loads((tmp_path / "gpu" / "manifest.json").read_text())
+    assert manifest["engine"]["device"] == "cuda" and manifest["engine"]["attention"]["impl"] == "standard"
+    assert next(p for p in manifest["passes"] if p["name"] == "assign_layer_precision")["stats"] == {
+        "fp16_linears": 2}
+
+    here = ao.load_engine(tmp_path / "gpu", device="cpu")
+    reference, _ = default_pipeline(precision=plan, half_precision=True).run(
+        capture(load_model("tiny-random").model, 32))
+    ids = np.random.default_rng(3).integers(0, 300, size=(1, 9))
+    with torch.no_grad():
+        expected = reference.module(torch.from_numpy(ids), torch.arange(9)[None], torch.tensor([8])).numpy()
+    assert np.abs(here.session.run(ids, np.arange(9)) - expected).max() <= 1e-2 * np.abs(expected).max()

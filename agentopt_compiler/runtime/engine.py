@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-
-from ..backends import get_backend
 import numpy as np
 
+from ..backends import get_backend
 from ..errors import AgentOptError, ContextOverflowError, EngineError
 from .conversation import Conversation
 from .manifest import read_manifest
@@ -246,6 +245,24 @@ def _merge(config: GenerationConfig | None, overrides: dict) -> GenerationConfig
 def _first_stop_string(text: str, stops: Sequence[str]) -> int | None:
     hits = [text.find(s) for s in stops if s and s in text]
     return min(hits) if hits else None
+
+
+class _UnavailableSession:
+    """Stands in for the session of an engine compiled for a device this machine lacks: any use raises why."""
+
+    def __init__(self, error: Exception):
+        self._error = error
+
+    def __getattr__(self, name):
+        raise self._error
+
+
+def unloaded_engine(folder: str | Path, error: Exception) -> Engine:
+    """The engine at ``folder`` (manifest and tokenizer read) without a session: generating with it raises
+    ``error``. What ``compile`` returns for an engine built for a device this machine does not have."""
+    folder = Path(folder)
+    tokenizer = Tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
+    return Engine(folder, read_manifest(folder), _UnavailableSession(error), tokenizer)
 
 
 def load_engine(folder: str | Path, device: str | None = None, threads: int | None = None,

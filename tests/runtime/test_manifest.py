@@ -19,11 +19,13 @@ def test_manifest_describes_the_engine(tiny_engine_dir):
     assert {"torch", "onnx", "onnxruntime", "agentopt-compiler"} <= set(manifest["dependencies"])
     assert manifest["model"]["config"]["num_layers"] == 2
     assert [p["name"] for p in manifest["passes"]] == ["remove_noop_ops", "fuse_kv_cache", "pack_qkv_projections",
-                                                     "insert_sparse_attention", "assign_layer_precision"]
+                                                     "insert_sparse_attention", "set_kv_cache_dtype",
+                                                     "assign_layer_precision"]
     assert manifest["engine"]["attention"]["fused_layers"] == 2 and manifest["engine"]["attention"]["impl"] == "gqa"
     assert manifest["sparse_attention"] is None
     assert manifest["engine"]["cache_update"] == "in_place"
-    assert manifest["engine"]["lowering_rules"] == {"skip_rms_norm": 3}  # 2 layers x 2 norms, less the first
+    # 2 layers x 2 norms, less the first; one packed q/k/v per layer
+    assert manifest["engine"]["lowering_rules"] == {"skip_rms_norm": 3, "packed_qkv": 2}
     assert set(manifest["files"]) == {p.name for p in tiny_engine_dir.iterdir()} - {"manifest.json"}
     assert all(len(info["sha256"]) == 64 for info in manifest["files"].values())
 
