@@ -116,6 +116,10 @@ def test_compile_for_a_device_this_machine_lacks_writes_a_complete_engine(tmp_pa
     assert manifest["engine"]["device"] == "cuda" and manifest["engine"]["attention"]["impl"] == "standard"
     assert next(p for p in manifest["passes"] if p["name"] == "assign_layer_precision")["stats"] == {
         "fp16_linears": 2}
+    from agentopt_compiler.backends.tensorrt.lower import check_onnx_for_tensorrt, check_standard_engine
+
+    check_standard_engine(manifest["engine"])  # what `agentopt rebuild` takes to TensorRT on the GPU machine
+    check_onnx_for_tensorrt(tmp_path / "gpu" / "model.onnx")
 
     here = ao.load_engine(tmp_path / "gpu", device="cpu")
     reference, _ = default_pipeline(precision=plan, half_precision=True).run(
