@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Precision benchmark: fp32, uniform int4 (ours), onnxruntime-genai int4, and our planned mixed precision, one run.
+"""Precision benchmark: fp32, uniform int4 (ours, asymmetric and symmetric), onnxruntime-genai int4, and our planned
+mixed precision, one run.
 
     python benchmarks/precision.py                     # ref-60m, 128-token prompt, 64 new tokens
     python benchmarks/precision.py --model tiny-random --new-tokens 8 --repeats 1     # smoke run
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model(args.model)
     layers = loaded.config.num_layers
     builds = {"fp32 (ours)": compile_ours(args.model, work / "fp32", context, [])}
-    variants = {"int4 uniform (ours)": PrecisionPlan.uniform("int4", layers)}
+    variants = {"int4 uniform (ours)": PrecisionPlan.uniform("int4", layers),
+                "int4 uniform symmetric (ours)": PrecisionPlan.uniform("int4", layers, symmetric=True)}
     for budget in map(float, args.budgets.split(",")):
         log(f"planning with --max-kl {budget}...")
         variants[f"planned max-kl {budget} (ours)"] = plan_for(args.model, budget, work)

@@ -17,13 +17,23 @@ from __future__ import annotations
 import torch
 
 
-def quantize_blockwise(weight: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(N, K) fp32 -> (qweight, scales, zero_points) in MatMulNBits' layout. K must be a multiple of ``block``."""
+def quantize_blockwise(weight: torch.Tensor, bits: int, block: int, symmetric: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) fp32 -> (qweight, scales, zero_points) in MatMulNBits' layout. K must be a multiple of ``block``.
+
+    Asymmetric (default): each block maps [min, max] (0 included) onto all 2^bits levels, with a zero point.
+    Symmetric: each block maps [-absmax, absmax] around the fixed zero point 2^(bits-1) (MatMulNBits' default when
+    the zero-point input is absent); ``zero_points`` is then empty, and the engine stores none."""
     n, k = weight.shape
     if k % block:
         raise ValueError(f"in_features {k} is not a multiple of the block size {block}")
     levels = (1 << bits) - 1
     blocks = weight.float().reshape(n, k // block, block)
+    if symmetric:
+        middle = 1 << (bits - 1)
+        scales = (blocks.abs().amax(-1) / (middle - 1)).clamp(min=1e-12)
+        q = torch.clamp(torch.round(blocks / scales[..., None]) + middle, 0, levels).to(torch.uint8)
+        return _pack(q, bits), scales.contiguous(), torch.empty(0, dtype=torch.uint8)
     low = blocks.amin(-1).clamp(max=0.0)  # include 0 so that zero stays exact
     high = blocks.amax(-1).clamp(min=0.0)
     scales = ((high - low) / levels).clamp(min=1e-12)
@@ -52,7 +62,10 @@ def dequantize_blockwise(qweight: torch.Tensor, scales: torch.Tensor, zero_point
                          block: int, k: int) -> torch.Tensor:
     n, num_blocks = scales.shape
     q = _unpack(qweight, bits, block).float()  # (N, K/block, block)
-    zero = _unpack(zero_points, bits, num_blocks).float()  # (N, K/block)
+    if zero_points.numel() == 0:  # symmetric: MatMulNBits' default zero point
+        zero = torch.full((n, num_blocks), float(1 << (bits - 1)))
+    else:
+        zero = _unpack(zero_points, bits, num_blocks).float()  # (N, K/block)
     return ((q - zero[..., None]) * scales[..., None]).reshape(n, num_blocks * block)[:, :k]
 
 

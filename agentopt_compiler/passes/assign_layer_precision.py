@@ -108,7 +108,8 @@ class AssignLayerPrecision(GraphPass):
                 notes.append(f"{unit}: in_features {k_in} is not a multiple of block {self.plan.block_size}; fp32")
                 continue
             bits = BITS[precision]
-            qweight, scales, zero_points = quantize_blockwise(weight, bits, self.plan.block_size)
+            qweight, scales, zero_points = quantize_blockwise(weight, bits, self.plan.block_size,
+                                                              self.plan.symmetric)
             owner.register_buffer(f"{leaf}_q{bits}", qweight)
             owner.register_buffer(f"{leaf}_scales", scales)
             owner.register_buffer(f"{leaf}_zero_points", zero_points)

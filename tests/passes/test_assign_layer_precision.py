@@ -14,30 +14,36 @@ from agentopt_compiler.passes.precision_plan import PrecisionPlan, unit_of
 from agentopt_compiler.passes.pipeline import default_pipeline
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_blockwise_quantization_round_trip(bits):
+def test_blockwise_quantization_round_trip(bits, symmetric):
     weight = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
-    qweight, scales, zeros = quantize_blockwise(weight, bits, 32)
+    qweight, scales, zeros = quantize_blockwise(weight, bits, 32, symmetric)
     assert qweight.shape == (6, 2, 32 * bits // 8) and scales.shape == (6, 2)
+    assert (zeros.numel() == 0) == symmetric  # symmetric blocks store no zero points
     restored = dequantize_blockwise(qweight, scales, zeros, bits, 32, 64)
     assert (restored - weight).abs().max() <= scales.max() / 2 + 1e-6  # at most half a step per value
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_our_layout_is_what_ort_matmul_nbits_reads(bits):
-    """One MatMulNBits node fed our packed weights equals x @ dequantized(W)^T."""
+def test_our_layout_is_what_ort_matmul_nbits_reads(bits, symmetric):
+    """One MatMulNBits node fed our packed weights equals x @ dequantized(W)^T (symmetric: no zero-point input,
+    ORT's default zero point)."""
     from agentopt_compiler.backends.onnxruntime.contrib_schemas import register_ort_contrib_schema
 
     register_ort_contrib_schema("MatMulNBits")
     weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
-    qweight, scales, zeros = quantize_blockwise(weight, bits, 32)
+    qweight, scales, zeros = quantize_blockwise(weight, bits, 32, symmetric)
     x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
-    node = helper.make_node("MatMulNBits", ["x", "q", "s", "z"], ["y"], domain="com.microsoft", K=64, N=16,
+    inputs = ["x", "q", "s"] if symmetric else ["x", "q", "s", "z"]
+    node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft", K=64, N=16,
                             bits=bits, block_size=32, accuracy_level=0)
+    initializers = [numpy_helper.from_array(qweight.numpy(), "q"), numpy_helper.from_array(scales.numpy(), "s")]
+    if not symmetric:
+        initializers.append(numpy_helper.from_array(zeros.numpy(), "z"))
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 16])],
-                              [numpy_helper.from_array(qweight.numpy(), "q"), numpy_helper.from_array(
-                                  scales.numpy(), "s"), numpy_helper.from_array(zeros.numpy(), "z")])
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 16])], initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(
         "com.microsoft", 1)])
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -83,6 +89,25 @@ def test_engine_with_a_plan_tracks_its_quantized_eager_reference(tmp_path):
     # MatMulNBits at accuracy level 4 quantizes activations to int8 per block: close, not bit-equal
     assert np.abs(logits - expected).max() <= 0.05 * np.abs(expected).max()
     assert logits.argmax() == expected.argmax()
+
+
+def test_symmetric_plan_engine_has_no_zero_points_and_tracks_its_reference(tmp_path):
+    import onnx
+
+    plan = PrecisionPlan.uniform("int4", 2, symmetric=True)
+    assert PrecisionPlan.load(plan.to_dict()).symmetric
+    engine = ao.compile("tiny-random", out=tmp_path / "s", context_length=32, precision_plan=plan)
+    graph = onnx.load(str(tmp_path / "s" / "model.onnx")).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 2 * 5 + 1 and all(len(n.input) == 3 for n in nbits)  # (gate and up: two matmuls)
+    from agentopt_compiler.models.registry import load_model
+
+    program, _ = default_pipeline(precision=plan).run(capture(load_model("tiny-random").model, 32))
+    ids = np.random.default_rng(2).integers(0, 300, size=(1, 10))
+    with torch.no_grad():
+        expected = program.module(torch.from_numpy(ids), torch.arange(10)[None], torch.tensor([9])).numpy()
+    logits = engine.session.run(ids, np.arange(10))
+    assert np.abs(logits - expected).max() <= 0.05 * np.abs(expected).max()
 
 
 def test_standard_impl_refuses_quantized_units(tmp_path):

@@ -22,6 +22,9 @@ ACCURACY_LEVEL = 4
 
 def weight_only_linear_to_matmul_nbits(x, qweight, scales, zero_points, bits=4, block=32, in_features=0):
     out_features = scales.shape[0]
+    if zero_points.shape[0] == 0:  # symmetric quantization: MatMulNBits' default zero point, no input
+        return msft.MatMulNBits(x, qweight, scales, K=in_features, N=out_features, bits=bits, block_size=block,
+                                accuracy_level=ACCURACY_LEVEL)
     return msft.MatMulNBits(x, qweight, scales, zero_points, K=in_features, N=out_features, bits=bits,
                             block_size=block, accuracy_level=ACCURACY_LEVEL)
 
