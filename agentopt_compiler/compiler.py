@@ -173,8 +173,8 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
     staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; an engine folder is as readable as any other
     try:
         with stage("lower"):
-            engine_section = entry.load("lowering")(program, staging, attention_impl=attention_impl,
-                                                            device=device)
+            lower = entry.load("lowering")
+            engine_section = lower(program, staging, attention_impl=attention_impl, device=device)
         tokenizer_files = []
         if loaded.tokenizer_dir is not None:
             for name in TOKENIZER_FILES:

@@ -35,21 +35,21 @@ from .infra import GraphPass, PassResult, owner_of
 from .precision_plan import BITS, PrecisionPlan, unit_of
 
 aten = torch.ops.aten
-
-
-
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _make_half_region(gm: torch.fx.GraphModule, node: torch.fx.Node, weight_node: torch.fx.Node,
-                      dtype: torch.dtype) -> None:
+def _make_half_region(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: torch.dtype) -> None:
     """Rewrite ``linear(x, W, b)`` as ``to_fp32(linear(to_half(x), W_half, b_half))`` with the weights stored in
     half precision (the fp32 copies are dropped when nothing else reads them)."""
     graph = gm.graph
     args = list(node.args)
-    originals = [args[i] for i in (1, 2) if i < len(args) and args[i] is not None]
+    originals = [args[i] for i in (1, 2) if i < len(args) and args[i] is not None and args[i].op == "get_attr"]
     for i in (1, 2):
         if i >= len(args) or args[i] is None:
+            continue
+        if args[i].op != "get_attr":  # a computed bias: cast it in the graph
+            with graph.inserting_before(node):
+                args[i] = graph.call_function(aten._to_copy.default, (args[i],), {"dtype": dtype})
             continue
         owner, leaf = owner_of(gm, args[i].target)
         half_name = f"{leaf}_{str(dtype).removeprefix('torch.')}"
@@ -96,7 +96,7 @@ class AssignLayerPrecision(GraphPass):
                 if not self.half_precision:
                     notes.append(f"{unit}: {precision} gives no speed on ONNX Runtime CPU; kept fp32")
                     continue
-                _make_half_region(gm, node, weight_node, HALF_DTYPES[precision])
+                _make_half_region(gm, node, HALF_DTYPES[precision])
                 changed[precision] += 1
                 continue
             if precision not in BITS:

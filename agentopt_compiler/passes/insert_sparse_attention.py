@@ -198,7 +198,6 @@ class InsertSparseAttention(GraphPass):
         return PassResult(True, stats, tuple(f"layer {k}: {v.describe()}" for k, v in sorted(wanted.items())))
 
 
-
 def _buffer(gm: torch.nn.Module, node: torch.fx.Node) -> torch.Tensor:
     owner, leaf = owner_of(gm, node.target)
     return getattr(owner, leaf)

@@ -81,7 +81,8 @@ class OrtSession:
         self._present_to_past = {c["output"]: c["input"] for c in self.caches_spec}
         self._caches = {c["input"]: np.zeros(c["shape"], dtype=c.get("dtype", "float32")) for c in self.caches_spec}
         self._device_caches = None  # DeviceCaches when the in-place caches live on the device (not CPU)
-        self._bound_step = None  # True while the decode step buffers are the bound inputs
+        self._step = None  # (B, 1) int64 inputs of one-token calls, bound once (see _step_buffers)
+        self._step_bound = False  # whether they are the bound inputs now (a prefill binds its own)
         if self.in_place:
             vocab = next(o.shape[-1] for o in self.session.get_outputs() if o.name == engine["logits"])
             self._logits = np.zeros((self.batch_size, 1, vocab), dtype=np.float32)
@@ -107,11 +108,12 @@ class OrtSession:
     def _step_buffers(self, batch: int) -> dict[str, np.ndarray]:
         """(B, 1) int64 buffers for one-token calls, bound once and then only written: a decode step rebinds
         nothing. A prefill call binds its own arrays, so the buffers are bound again on the next decode step."""
-        if self._bound_step is None:
+        if self._step is None:
             self._step = {"input_ids": np.zeros((batch, 1), np.int64), "positions": np.zeros((batch, 1), np.int64),
                           "logits_index": np.zeros(batch, np.int64)}
+        if not self._step_bound:
             self._bind_inputs(self._step)
-            self._bound_step = True
+            self._step_bound = True
         return self._step
 
     def _make_device_caches(self, device: str) -> "DeviceCaches":
@@ -168,7 +170,7 @@ class OrtSession:
                 step["input_ids"][...], step["positions"][...] = input_ids, positions
                 step["logits_index"][...] = logits_index
             else:
-                self._bound_step = None
+                self._step_bound = False
                 self._bind_inputs({"input_ids": input_ids, "positions": positions, "logits_index": logits_index})
             self.session.run_with_iobinding(self._binding)
             return self._logits.copy()  # the buffer is overwritten by the next call
