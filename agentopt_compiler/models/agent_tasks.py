@@ -396,6 +396,9 @@ class _Gen:
         return out
 
 
+_OTHER_UNIT = dict(UNIT_PAIRS + tuple((b, a) for a, b in UNIT_PAIRS))  # unit -> the one it converts to
+
+
 def _cap(s: str) -> str:
     return s[0].upper() + s[1:]
 
@@ -444,6 +447,14 @@ def make_task(kind: str, rng: random.Random, split: str = "train") -> Task:
         _, intro = g.tpl("notes_intro")
         pre.append({"role": "user", "content": f"{intro} {text}"})
         pre.append({"role": "assistant", "content": "Noted."})
+
+    def remembered_quantity():
+        """A fact with a unit ("Ana's commute distance" = "12 km") put in memory; (key, number, unit, the unit to
+        convert it to)."""
+        key, value, _ = g.random_fact("unit")
+        memory_prefix([(key, value, "")], r.randint(1, 4), long=False)
+        num, fu = value.split(" ")
+        return key, num, fu, _OTHER_UNIT[fu]
 
     if base == "calc":
         expr = g.expr()
@@ -526,10 +537,7 @@ def make_task(kind: str, rng: random.Random, split: str = "train") -> Task:
         answer = str(calculator(expr))
         final = _chain_answer(answer, None)
     elif kind == "lookup>convert":
-        key, value, _ = g.random_fact("unit")
-        memory_prefix([(key, value, "")], r.randint(1, 4), long=False)
-        num, fu = value.split(" ")
-        tu = dict(UNIT_PAIRS + tuple((b, a) for a, b in UNIT_PAIRS))[fu]
+        key, num, fu, tu = remembered_quantity()
         _, t = g.tpl("lookup>convert")
         request = t.format(key=key, tu=g.unit_text(tu))
         calls = [("memory_lookup", {"key": key}), ("convert_units", {"value": int(num), "from_unit": fu,
@@ -537,10 +545,7 @@ def make_task(kind: str, rng: random.Random, split: str = "train") -> Task:
         answer = fmt_num(convert_units(int(num), fu, tu))
         final = _chain_answer(answer, tu)
     elif kind == "lookup>calc>convert":
-        key, value, _ = g.random_fact("unit")
-        memory_prefix([(key, value, "")], r.randint(1, 4), long=False)
-        num, fu = value.split(" ")
-        tu = dict(UNIT_PAIRS + tuple((b, a) for a, b in UNIT_PAIRS))[fu]
+        key, num, fu, tu = remembered_quantity()
         i, t = g.tpl("lookup>calc>convert")
         op = _LCC_OPS[split][i]
         n = r.randint(2, 20) if op == "*" else r.randint(2, 99)
