@@ -165,7 +165,21 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
                   "Take {a} {fu} plus {b} {fu} and convert the sum to {tu}.",
                   "A lap is {a} {fu}. Express {b} laps in {tu}.",
                   "A step is {a} {fu}. What do {b} steps come to in {tu}?",
-                  "Sum {a} {fu} and {b} {fu}, then give it in {tu}."],
+                  "Sum {a} {fu} and {b} {fu}, then give it in {tu}.",
+                  # requests that open with a quantity or name two quantities before the target unit: the shipped
+                  # model converted the first quantity straight away on such phrasings (held-out calc>convert: 0%)
+                  "{a} {fu} plus {b} {fu} is how many {tu}?",
+                  "Put {a} {fu} together with {b} {fu}. How much is it in {tu}?",
+                  "If I have {a} {fu} and add {b} {fu}, how many {tu} do I have?",
+                  "Every bag holds {a} {fu}. How much do {b} bags hold in {tu}?",
+                  "{b} pieces of {a} {fu} each: how many {tu} is that?",
+                  "The total of {a} {fu} and {b} {fu} in {tu}, please.",
+                  "{a} {fu} and another {b} {fu}: how many {tu} altogether?",
+                  "How many {tu} are {b} times {a} {fu}?",
+                  "A trip is {a} {fu}. How many {tu} do {b} trips cover?",
+                  "First add {a} {fu} and {b} {fu}, then convert to {tu}.",
+                  "I need {a} {fu} times {b} in {tu}.",
+                  "Join {a} {fu} and {b} {fu}. What is the sum in {tu}?"],
         "heldout": ["Combine {a} {fu} with {b} {fu}; what is that in {tu}?",
                     "Each box is {a} {fu}. How many {tu} do {b} boxes make?"],
     },
@@ -173,20 +187,30 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
         "train": ["What is {key} plus {n}?", "Add {n} to {key}.", "What is {key} times {n}?",
                   "Multiply {key} by {n}.", "What is {key} minus {n}?", "Subtract {n} from {key}.",
                   "Increase {key} by {n}.", "What is {key} multiplied by {n}?", "Decrease {key} by {n}.",
-                  "What is {n} more than {key}?", "Compute {key} times {n}.", "What is {n} less than {key}?"],
+                  "What is {n} more than {key}?", "Compute {key} times {n}.", "What is {n} less than {key}?",
+                  "Suppose {key} went up by {n}. What is it now?", "{key} times {n} is what?",
+                  "Take {key} and subtract {n}."],
         "heldout": ["If you add {n} to {key}, what do you get?", "What do you get when {key} is multiplied by {n}?",
                     "Take away {n} from {key}. What remains?"],
     },
     "lookup>convert": {
         "train": ["What is {key} in {tu}?", "Convert {key} to {tu}.", "How many {tu} is {key}?",
                   "Express {key} in {tu}, please.",
-                  "What would {key} be in {tu}?", "Give me {key} expressed in {tu}."],
+                  "What would {key} be in {tu}?", "Give me {key} expressed in {tu}.",
+                  # the shipped model answered with the looked-up value and skipped the conversion (missing_call)
+                  "Tell me {key} in {tu}.", "{key} in {tu}, please.", "Look up {key} and convert it to {tu}.",
+                  "I need {key} as {tu}.", "How much is {key} in {tu}?", "Please change {key} into {tu}.",
+                  "Can you show {key} in {tu}?", "Find {key}, then express it in {tu}."],
         "heldout": ["Could you give me {key} in {tu}?", "I want {key} converted into {tu}."],
     },
     "lookup>calc>convert": {
         "train": ["What is {key} times {n}, in {tu}?", "Multiply {key} by {n} and convert it to {tu}.",
                   "What is {key} plus {n}, expressed in {tu}?", "Add {n} to {key} and give the result in {tu}.",
-                  "Increase {key} by {n} and express that in {tu}.", "Compute {key} times {n}, then give it in {tu}."],
+                  "Increase {key} by {n} and express that in {tu}.", "Compute {key} times {n}, then give it in {tu}.",
+                  "Look up {key}, multiply it by {n}, then convert to {tu}.", "{key} plus {n}, in {tu}, please.",
+                  "What would {key} times {n} be in {tu}?", "Find {key}, add {n}, and express the sum in {tu}.",
+                  "Suppose {key} went up by {n}. How much is that in {tu}?",
+                  "I need {key} times {n} converted to {tu}."],
         "heldout": ["Take {key}, multiply it by {n}, and tell me that in {tu}.",
                     "If {key} grew by {n}, how much would that be in {tu}?"],
     },
@@ -215,9 +239,11 @@ TRAIN_OPENERS = ("Okay. ", "Hi! ", "Next question: ", "One more thing. ", "Hello
 TRAIN_CLOSERS = (" Thanks.", " Thank you!", " Use a tool.", " Be exact.", " I need it soon.", " Cheers.",
                  " That is all.")
 # lookup>calc ops by template: the phrase decides the operator (train and heldout templates are in the same order).
-_LOOKUP_CALC_OPS = {"train": ["+", "+", "*", "*", "-", "-", "+", "*", "-", "+", "*", "-"], "heldout": ["+", "*", "-"]}
-_LCC_OPS = {"train": ["*", "*", "+", "+", "+", "*"], "heldout": ["*", "+"]}
-_CALC_CONVERT_OPS = {"train": ["+", "+", "*", "*", "+", "*", "*", "+"], "heldout": ["+", "*"]}
+_LOOKUP_CALC_OPS = {"train": ["+", "+", "*", "*", "-", "-", "+", "*", "-", "+", "*", "-", "+", "*", "-"],
+                    "heldout": ["+", "*", "-"]}
+_LCC_OPS = {"train": ["*", "*", "+", "+", "+", "*", "*", "+", "*", "+", "+", "*"], "heldout": ["*", "+"]}
+_CALC_CONVERT_OPS = {"train": ["+", "+", "*", "*", "+", "*", "*", "+", "+", "+", "+", "*", "*", "+", "+", "*", "*",
+                               "+", "*", "+"], "heldout": ["+", "*"]}
 
 FILLER = (
     "{name} went to {city} last {day}.", "The {color} bike was left near the {place}.",

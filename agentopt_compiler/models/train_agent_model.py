@@ -36,8 +36,8 @@ CURRICULUM = [
     (0.12, {"calc": 0.8, "convert": 0.8, "lookup": 0.8, "calc>convert": 0.6, "lookup>calc": 0.6,
             "lookup>convert": 0.6, "lookup>calc>convert": 0.5, "retry": 0.15, "bad_key": 0.15, "bad_unit": 0.1,
             "bad_expr": 0.1}),
-    (0.35, {"calc": 0.6, "convert": 0.6, "lookup": 0.6, "calc>convert": 0.6, "lookup>calc": 0.6,
-            "lookup>convert": 0.6, "lookup>calc>convert": 0.6, "long_lookup": 0.3, "long_lookup>calc": 0.25,
+    (0.35, {"calc": 0.6, "convert": 0.6, "lookup": 0.6, "calc>convert": 0.9, "lookup>calc": 0.7,
+            "lookup>convert": 0.8, "lookup>calc>convert": 0.8, "long_lookup": 0.3, "long_lookup>calc": 0.3,
             "retry": 0.15, "bad_key": 0.15, "bad_unit": 0.1, "bad_expr": 0.1}),
 ]
 
@@ -331,7 +331,8 @@ def main(argv: list[str] | None = None) -> dict:
         frac = (time.time() - t_train) / train_budget
         if frac >= 1.0 or (args.max_steps and step >= args.max_steps):
             break
-        mix = mix_at(args.curriculum_from + (1 - args.curriculum_from) * frac)
+        curriculum_frac = args.curriculum_from + (1 - args.curriculum_from) * frac
+        mix = mix_at(curriculum_frac)
         x, y, m, n_loss, n_tok = stream.next_batch(mix)
         lr = lr_at(step, frac)
         for g in opt.param_groups:
@@ -352,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
         window_tokens += n_tok
         now = time.time()
         if now - t_window >= args.log_seconds or step == 1:
-            phase = sum(1 for s, _ in CURRICULUM if frac >= s)
+            phase = sum(1 for s, _ in CURRICULUM if curriculum_frac >= s)
             tps = window_tokens / max(now - t_window, 1e-6)
             log(f"step {step} | elapsed {now - t_start:.0f}s | phase {phase} | loss {window_loss / window_n:.4f} | "
                 f"lr {lr:.2e} | gnorm {gnorm:.2f} | {tps:.0f} tok/s | tokens {seen_tokens / 1e6:.2f}M "

@@ -158,6 +158,22 @@ def test_heldout_templates_are_unseen_in_training():
     assert wrapped > 0  # the wrapping is actually exercised
 
 
+@pytest.mark.parametrize("group, ops", [("calc>convert", at._CALC_CONVERT_OPS), ("lookup>calc", at._LOOKUP_CALC_OPS),
+                                        ("lookup>calc>convert", at._LCC_OPS)])
+def test_chain_templates_and_their_operators_line_up(group, ops):
+    # each chain template's phrase decides the calculator operator by position: a list out of step would train
+    # (and score) the wrong expression
+    words = {"+": ("plus", "add", "sum", "total", "more", "increase", "grew", "went up", "another", "join",
+                   "together", "combine"),
+             "*": ("times", "multipl", "each", "every", "crate", "lap", "step", "trip", "pieces"),
+             "-": ("minus", "subtract", "less", "decrease", "take away")}
+    for split in ("train", "heldout"):
+        assert len(TEMPLATES[group][split]) == len(ops[split]), split
+        for template, op in zip(TEMPLATES[group][split], ops[split]):
+            said = {o for o, ws in words.items() if any(w in template.lower() for w in ws)}
+            assert op in said, (template, op, said)
+
+
 def test_heldout_tasks_do_not_change_with_training_data_changes():
     # held-out numbers in docs compare models across training runs: the held-out stream must stay fixed
     import hashlib
