@@ -48,7 +48,7 @@ def unit_linears(model) -> dict[str, list[torch.nn.Linear]]:
 
 
 @contextlib.contextmanager
-def quantized_unit(linears: list[torch.nn.Linear], precision: str, block: int):
+def quantized_unit(linears: list[torch.nn.Linear], precision: str, block: int, symmetric: bool = True):
     """Temporarily replace the unit's weights by their quantize-dequantize round trip."""
     saved = [layer.weight.data for layer in linears]
     try:
@@ -56,7 +56,7 @@ def quantized_unit(linears: list[torch.nn.Linear], precision: str, block: int):
             for layer in linears:
                 w = layer.weight.data
                 if w.shape[1] % block == 0:
-                    q, s, z = quantize_blockwise(w, BITS[precision], block)
+                    q, s, z = quantize_blockwise(w, BITS[precision], block, symmetric)
                     layer.weight.data = dequantize_blockwise(q, s, z, BITS[precision], block, w.shape[1])
         yield
     finally:
@@ -79,7 +79,8 @@ def _compare(reference: list[torch.Tensor], other: list[torch.Tensor]) -> tuple[
     return kl / count, agree / count
 
 
-def measure_backend_costs(shape: tuple[int, int] = (1024, 1024), repeats: int = 30) -> dict[str, float]:
+def measure_backend_costs(shape: tuple[int, int] = (1024, 1024), repeats: int = 30, symmetric: bool = True
+                          ) -> dict[str, float]:
     """Seconds per weight element of a (1, K) x (K, N) product on ORT CPU, per precision (one thread)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -96,10 +97,11 @@ def measure_backend_costs(shape: tuple[int, int] = (1024, 1024), repeats: int = 
             node = helper.make_node("MatMul", ["x", "w"], ["y"])
             inits = [numpy_helper.from_array(weight.t().contiguous().numpy(), "w")]
         else:
-            q, s, z = quantize_blockwise(weight, BITS[precision], 32)
-            node = helper.make_node("MatMulNBits", ["x", "q", "s", "z"], ["y"], domain="com.microsoft", K=k, N=n,
+            q, s, z = quantize_blockwise(weight, BITS[precision], 32, symmetric)
+            arrays = {"q": q, "s": s, **({} if symmetric else {"z": z})}  # symmetric: no zero-point input
+            node = helper.make_node("MatMulNBits", ["x", *arrays], ["y"], domain="com.microsoft", K=k, N=n,
                                     bits=BITS[precision], block_size=32, accuracy_level=4)
-            inits = [numpy_helper.from_array(a.numpy(), name) for a, name in ((q, "q"), (s, "s"), (z, "z"))]
+            inits = [numpy_helper.from_array(a.numpy(), name) for name, a in arrays.items()]
         graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
@@ -117,22 +119,24 @@ def measure_backend_costs(shape: tuple[int, int] = (1024, 1024), repeats: int = 
     return costs
 
 
-def _unit_bytes(linears: list[torch.nn.Linear], precision: str, block: int) -> int:
+def _unit_bytes(linears: list[torch.nn.Linear], precision: str, block: int, symmetric: bool = True) -> int:
     elements = sum(layer.weight.numel() for layer in linears)
-    if precision in BITS:
-        return elements * BITS[precision] // 8 + elements // block * 5  # + fp32 scale and a zero point per block
+    if precision in BITS:  # + an fp32 scale per block, and (asymmetric) a zero point
+        return elements * BITS[precision] // 8 + elements // block * (4 if symmetric else 5)
     return elements * (2 if precision in ("fp16", "bf16") else 4)
 
 
 def measure_sensitivity(model, batches: list[torch.Tensor], candidates: Iterable[str] = CPU_CANDIDATES,
                         block: int = 32, costs: dict[str, float] | None = None,
-                        progress: Callable[[int, int, str], None] | None = None) -> list[Option]:
-    """One Option per (unit, precision): the error that unit alone at that precision causes, and its cost."""
+                        progress: Callable[[int, int, str], None] | None = None, symmetric: bool = True
+                        ) -> list[Option]:
+    """One Option per (unit, precision): the error that unit alone at that precision causes, and its cost
+    (``symmetric``: the block quantization the plan will use, see quantize_blockwise)."""
     units = unit_linears(model)
     missing = set(units_of_model(model.config.num_layers)) - set(units)
     if missing:
         raise AgentOptError(f"model has no linear layers for units {sorted(missing)[:3]}")
-    costs = costs or measure_backend_costs()
+    costs = costs or measure_backend_costs(symmetric=symmetric)
     reference = _log_probs(model, batches)
     candidates = list(candidates)
     total, done, options = len(units) * len(candidates), 0, []
@@ -142,11 +146,11 @@ def measure_sensitivity(model, batches: list[torch.Tensor], candidates: Iterable
             if precision == "fp32":
                 kl, top1 = 0.0, 1.0
             else:
-                with quantized_unit(linears, precision, block):
+                with quantized_unit(linears, precision, block, symmetric):
                     kl, top1 = _compare(reference, _log_probs(model, batches))
             cost = elements * costs.get(precision, costs["fp32"])
-            options.append(Option(unit, precision, max(kl, 0.0), top1, _unit_bytes(linears, precision, block),
-                                   cost))
+            options.append(Option(unit, precision, max(kl, 0.0), top1,
+                                  _unit_bytes(linears, precision, block, symmetric), cost))
             done += 1
             if progress:
                 progress(done, total, f"{unit} {precision}")
@@ -216,21 +220,23 @@ def choose_greedily(options: list[Option], budget: float, spend: Callable[[Optio
     return chosen
 
 
-def plan_from_choice(chosen: dict[str, Option], block: int, budget: dict) -> PrecisionPlan:
+def plan_from_choice(chosen: dict[str, Option], block: int, budget: dict, symmetric: bool = True) -> PrecisionPlan:
     predicted = {"kl": round(sum(o.kl for o in chosen.values()), 6),
                  "top1_loss": round(sum(1 - o.top1 for o in chosen.values()), 6),
                  "bytes": sum(o.bytes for o in chosen.values()),
                  "decode_matmul_seconds": sum(o.cost for o in chosen.values())}
-    return PrecisionPlan({u: o.precision for u, o in sorted(chosen.items())}, block, budget, predicted)
+    return PrecisionPlan({u: o.precision for u, o in sorted(chosen.items())}, block, budget, predicted, symmetric)
 
 
 def plan_precision(model, batches: list[torch.Tensor], max_kl: float | None = None, target_bits: float | None = None,
                    min_top1: float | None = None, candidates: Iterable[str] = CPU_CANDIDATES, block: int = 32,
-                   costs: dict[str, float] | None = None, progress=None) -> tuple[PrecisionPlan, list[Option]]:
-    """Measure and choose. Exactly one budget: ``max_kl``, ``target_bits`` or ``min_top1``."""
+                   costs: dict[str, float] | None = None, progress=None, symmetric: bool = True
+                   ) -> tuple[PrecisionPlan, list[Option]]:
+    """Measure and choose. Exactly one budget: ``max_kl``, ``target_bits`` or ``min_top1``. ``symmetric=False``
+    plans (and measures) blocks with zero points."""
     if sum(b is not None for b in (max_kl, target_bits, min_top1)) != 1:
         raise AgentOptError("give exactly one budget: --max-kl, --target-bits or --min-top1")
-    options = measure_sensitivity(model, batches, candidates, block, costs, progress)
+    options = measure_sensitivity(model, batches, candidates, block, costs, progress, symmetric)
     if max_kl is not None:
         chosen = choose(options, max_kl, lambda o: o.kl, lambda o: o.cost)
         budget = {"max_kl": max_kl}
@@ -241,7 +247,7 @@ def plan_precision(model, batches: list[torch.Tensor], max_kl: float | None = No
         weights = sum(o.bytes for o in options if o.precision == "fp32") / 4
         chosen = choose(options, target_bits * weights / 8, lambda o: o.bytes, lambda o: o.kl)
         budget = {"target_bits": target_bits}
-    return plan_from_choice(chosen, block, budget), options
+    return plan_from_choice(chosen, block, budget, symmetric), options
 
 
 def report_rows(options: list[Option], plan: PrecisionPlan) -> list[dict]:

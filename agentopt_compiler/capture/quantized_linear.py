@@ -21,9 +21,9 @@ def quantize_blockwise(weight: torch.Tensor, bits: int, block: int, symmetric: b
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, K) fp32 -> (qweight, scales, zero_points) in MatMulNBits' layout. K must be a multiple of ``block``.
 
-    Asymmetric (default): each block maps [min, max] (0 included) onto all 2^bits levels, with a zero point.
-    Symmetric: each block maps [-absmax, absmax] around the fixed zero point 2^(bits-1) (MatMulNBits' default when
-    the zero-point input is absent); ``zero_points`` is then empty, and the engine stores none."""
+    Asymmetric: each block maps [min, max] (0 included) onto all 2^bits levels, with a zero point.
+    Symmetric: levels q - 2^(bits-1) around the fixed zero point 2^(bits-1) (MatMulNBits' default when the
+    zero-point input is absent); ``zero_points`` is then empty, and the engine stores none. See _symmetric_scales."""
     n, k = weight.shape
     if k % block:
         raise ValueError(f"in_features {k} is not a multiple of the block size {block}")
@@ -31,7 +31,7 @@ def quantize_blockwise(weight: torch.Tensor, bits: int, block: int, symmetric: b
     blocks = weight.float().reshape(n, k // block, block)
     if symmetric:
         middle = 1 << (bits - 1)
-        scales = (blocks.abs().amax(-1) / (middle - 1)).clamp(min=1e-12)
+        scales = _symmetric_scales(blocks, bits)
         q = torch.clamp(torch.round(blocks / scales[..., None]) + middle, 0, levels).to(torch.uint8)
         return _pack(q, bits), scales.contiguous(), torch.empty(0, dtype=torch.uint8)
     low = blocks.amin(-1).clamp(max=0.0)  # include 0 so that zero stays exact
@@ -40,6 +40,34 @@ def quantize_blockwise(weight: torch.Tensor, bits: int, block: int, symmetric: b
     zero = torch.round(-low / scales).clamp(0, levels)
     q = torch.clamp(torch.round(blocks / scales[..., None]) + zero[..., None], 0, levels).to(torch.uint8)
     return _pack(q, bits), scales.contiguous(), _pack(zero.to(torch.uint8), bits)
+
+
+# clip ratios tried per block: a slightly smaller step that clips a few outliers often lowers the block's error
+CLIP_RATIOS = tuple(0.7 + 0.025 * i for i in range(17))  # 0.70 ... 1.10
+
+
+def _symmetric_scales(blocks: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-block scale (N, K/block) of symmetric quantization, the one of least squared error among CLIP_RATIOS.
+
+    The levels are -2^(bits-1) ... 2^(bits-1) - 1: one more below zero than above. The block's largest-magnitude
+    value, with its sign, is mapped onto -2^(bits-1) (the scale is negative when that value is positive), so the
+    longer side of the range always meets the block's extreme value: 16 usable levels for int4 instead of the 15 of
+    absmax / 7 (ORT's quantizer does the same). Each ratio shrinks or widens that step; a block keeps the best."""
+    middle, levels = 1 << (bits - 1), (1 << bits) - 1
+    extreme = torch.gather(blocks, -1, blocks.abs().argmax(-1, keepdim=True)).squeeze(-1)  # (N, K/block), signed
+    base = extreme / -middle
+    base = torch.where(base.abs() < 1e-12, torch.full_like(base, 1e-12), base)  # all-zero blocks
+    best, best_error = base, None
+    for ratio in CLIP_RATIOS:
+        scale = base * ratio
+        q = torch.clamp(torch.round(blocks / scale[..., None]) + middle, 0, levels)
+        error = ((q - middle) * scale[..., None] - blocks).square().sum(-1)
+        if best_error is None:
+            best, best_error = scale, error
+        else:
+            better = error < best_error
+            best, best_error = torch.where(better, scale, best), torch.where(better, error, best_error)
+    return best
 
 
 def _pack(values: torch.Tensor, bits: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ Units are groups of linear layers that are quantized together:
 Precisions: ``fp32``, ``fp16``, ``bf16``, ``int8``, ``int4`` (int8/int4: weight-only, block-wise, see
 capture/quantized_linear.py). Units a plan does not name stay fp32.
 
-    {"format": "agentopt-precision-plan", "version": 1, "block_size": 32, "symmetric": false,
+    {"format": "agentopt-precision-plan", "version": 1, "block_size": 32, "symmetric": true,
      "units": {"layers.0.mlp_down": "int4", "lm_head": "int8"},
      "budget": {"max_kl": 0.02}, "predicted": {"kl": 0.015, "top1": 0.97}}
 """
@@ -56,7 +56,8 @@ class PrecisionPlan:
     block_size: int = 32
     budget: dict = field(default_factory=dict)  # what the plan was chosen to meet, e.g. {"max_kl": 0.02}
     predicted: dict = field(default_factory=dict)  # what the analysis predicts for the whole plan
-    symmetric: bool = False  # int8/int4 blocks around a fixed zero point (no zero points stored; see quantized_linear)
+    # int8/int4 blocks around a fixed zero point, no zero points stored (see quantized_linear); False: zero points
+    symmetric: bool = True
 
     def __post_init__(self):
         bad = {u: p for u, p in self.units.items() if p not in PRECISIONS}
@@ -67,7 +68,7 @@ class PrecisionPlan:
 
     @classmethod
     def uniform(cls, precision: str, num_layers: int, block_size: int = 32, lm_head: str | None = None,
-                symmetric: bool = False):
+                symmetric: bool = True):
         units = {u: precision for u in units_of_model(num_layers)}
         if lm_head:
             units["lm_head"] = lm_head
@@ -101,4 +102,4 @@ class PrecisionPlan:
         if source.get("format") != FORMAT:
             raise AgentOptError(f"not a precision plan (format should be '{FORMAT}')")
         return cls(dict(source.get("units", {})), int(source.get("block_size", 32)), dict(source.get("budget", {})),
-                   dict(source.get("predicted", {})), bool(source.get("symmetric", False)))
+                   dict(source.get("predicted", {})), bool(source.get("symmetric", True)))

@@ -1,7 +1,7 @@
 """Lowerings of ``agentopt::cached_attention`` to ONNX, selected by ``attention_impl``.
 
 ``gqa`` (default): ORT's ``com.microsoft.GroupQueryAttention``
-    GroupQueryAttention(q, k, v, past_key, past_value, seqlens_k, total_len, cos[:, :D/2], sin[:, :D/2])
+    GroupQueryAttention(q, k, v, past_key, past_value, seqlens_k, total_len, cos[:T, :D/2], sin[:T, :D/2])
         -> out, present_key, present_value
     The caches keep their capacity T (present has past's shape), the new rows are written at
     [pos0, pos0 + S), RoPE is applied inside (``do_rotary``), and a sliding window is ``local_window_size=W``
@@ -56,7 +56,10 @@ def cached_attention_to_gqa(q, k, v, k_cache, v_cache, positions, cos=None, sin=
     if sinks > 0 or stride > 0 or ring or dense_kv_heads:  # not expressible with GQA: standard-op lowering
         return cached_attention_to_standard(q, k, v, k_cache, v_cache, positions, cos, sin, num_heads, kv_num_heads,
                                             window, scale, rotary, sinks, stride, ring, dense_kv_heads)
-    head_dim = _static_dim(k_cache, 3)
+    head_dim, capacity = _static_dim(k_cache, 3), _static_dim(k_cache, 2)
+    if rotary:  # GQA reads (positions, D/2) tables and no position reaches the capacity: the rest is folded away
+        cos = op.Slice(cos, [0, 0], [capacity, head_dim // 2], [0, 1])  # (C, D/2)
+        sin = op.Slice(sin, [0, 0], [capacity, head_dim // 2], [0, 1])
     q, k, v, cos, sin, cast_back = _in_cache_dtype(k_cache, q, k, v, cos, sin)
     if len(positions.shape) == 2:  # (B, S): each row's own positions
         last = op.Squeeze(op.Slice(positions, [-1], [_INT64_MAX], [1]), [1])  # (B,) last new position per row
@@ -64,15 +67,13 @@ def cached_attention_to_gqa(q, k, v, k_cache, v_cache, positions, cos=None, sin=
         last = op.Expand(op.Slice(positions, [-1], [_INT64_MAX]), op.Shape(q, start=0, end=1))  # (B,)
     seqlens_k = op.Cast(last, to=INT32)  # (B,) int32: tokens in the row's cache after this call, minus 1
     total = op.Cast(op.Add(op.ReduceMax(last, keepdims=0), 1), to=INT32)  # () int32: the longest row
-    cos_half = op.Slice(cos, [0], [head_dim // 2], [1]) if rotary else None  # (L, D/2): GQA's half layout
-    sin_half = op.Slice(sin, [0], [head_dim // 2], [1]) if rotary else None
     attributes = {"num_heads": num_heads, "kv_num_heads": kv_num_heads, "local_window_size": window if window > 0
                   else -1, "do_rotary": int(rotary), "rotary_interleaved": 0}
     if scale:
         attributes["scale"] = scale
     # the tracer materializes all four schema outputs; the unused output_qk is trimmed after export
-    outputs = msft.GroupQueryAttention(q, k, v, k_cache, v_cache, seqlens_k, total, cos_half, sin_half,
-                                       **attributes)
+    outputs = msft.GroupQueryAttention(q, k, v, k_cache, v_cache, seqlens_k, total, cos if rotary else None,
+                                       sin if rotary else None, **attributes)
     out = op.Cast(outputs[0], to=FLOAT) if cast_back else outputs[0]
     return out, outputs[1], outputs[2]
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ...errors import AgentOptError, UnsupportedOpError
+from .constant_slices import fold_constant_slices
 from .packed_qkv import feed_packed_qkv
 from .skip_rms_norm import fuse_skip_rms_norm
 
@@ -268,6 +269,8 @@ def lower_to_onnx(program, folder: Path, attention_impl: str = "gqa", device: st
     if attention_impl == "gqa":
         lowering_rules["skip_rms_norm"] = fuse_skip_rms_norm(onnx_program.model)
         lowering_rules["packed_qkv"] = feed_packed_qkv(onnx_program.model)
+    # tables the lowering slices or casts (RoPE for GroupQueryAttention) are stored already sliced
+    lowering_rules["constant_slices"] = fold_constant_slices(onnx_program.model)
     weight_bytes = sum(p.numel() * p.element_size() for p in program.exported.state_dict.values())
     onnx_program.save(str(folder / GRAPH_FILE), external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD)
     return {

@@ -95,3 +95,64 @@ def test_cuda_lowering_refuses_attention_ort_cuda_cannot_run(tmp_path, tiny_mode
     assert lower_to_onnx(program, tmp_path, attention_impl="gqa", device="cpu")["attention"]["impl"] == "gqa"
     entry = backends.get_backend("onnxruntime")
     assert entry.default_attention_impl("cuda") == "standard" and entry.default_attention_impl("cpu") == "gqa"
+
+
+def test_constant_slices_are_folded_and_runtime_slices_kept():
+    import onnx_ir as ir
+
+    from agentopt_compiler.backends.onnxruntime.constant_slices import fold_constant_slices
+
+    table = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Slice", ["table", "s0", "e0", "a0"], ["half"]),  # constant: folded
+         onnx.helper.make_node("Cast", ["half"], ["half16"], to=onnx.TensorProto.FLOAT16),  # constant after the fold
+         onnx.helper.make_node("Slice", ["x", "s1", "e1"], ["x_rows"]),  # a runtime value: kept
+         onnx.helper.make_node("Gather", ["half16", "positions"], ["rows"]),
+         onnx.helper.make_node("Cast", ["x_rows"], ["x16"], to=onnx.TensorProto.FLOAT16),
+         onnx.helper.make_node("Add", ["rows", "x16"], ["y"])],
+        "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [5, 4]),
+              onnx.helper.make_tensor_value_info("positions", onnx.TensorProto.INT64, [3])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT16, [3, 4])],
+        [onnx.numpy_helper.from_array(table, "table"),
+         *(onnx.numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+           [("s0", [0, 0]), ("e0", [16, 4]), ("a0", [0, 1]), ("s1", [2]), ("e1", [5])])])
+    before = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 23)])
+    model = ir.serde.deserialize_model(before)
+    assert fold_constant_slices(model) == 2
+    after = ir.serde.serialize_model(model)
+    assert [n.op_type for n in after.graph.node] == ["Slice", "Gather", "Cast", "Add"]
+    assert {i.name: list(i.dims) for i in after.graph.initializer if i.name.startswith("table")} == {
+        "table_16x4_float16": [16, 4]}  # the (64, 8) table is gone
+    feeds = {"x": np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32),
+             "positions": np.array([0, 7, 15])}
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_array_equal(run(after), run(before))
+
+
+def test_gqa_engine_stores_rope_tables_for_its_capacity_only(tmp_path):
+    """A 4096-position, 64-wide RoPE table (too big for the exporter's own folding) is stored as (capacity, 32), and
+    the engine still equals eager up to the last slot of its cache."""
+    from agentopt_compiler.models.config import ModelConfig
+    from agentopt_compiler.models.llama import LlamaDecoder
+    from agentopt_compiler.passes.pipeline import default_pipeline
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_layers=1, num_heads=2,
+                         num_kv_heads=1, max_position_embeddings=4096)
+    model = LlamaDecoder(config).eval()
+    capacity = 24
+    program, _ = default_pipeline().run(capture(model, context_length=capacity))
+    section = lower_to_onnx(program, tmp_path)
+    assert section["lowering_rules"]["constant_slices"] == 2
+    graph = onnx.load(str(tmp_path / section["graph"])).graph
+    assert sorted(list(i.dims) for i in graph.initializer if i.name.startswith("rope_")) == [[capacity, 32]] * 2
+    session = OrtSession(tmp_path, {**section, "context_length": capacity, "batch_size": 1})
+    model.setup_cache(1, capacity)
+    ids = np.random.default_rng(0).integers(0, 300, size=(1, capacity))
+    worst = 0.0
+    with torch.no_grad():
+        for a, b in [(0, 16)] + [(i, i + 1) for i in range(16, capacity)]:  # decode into the last slot
+            positions = np.arange(a, b)
+            expected = model(torch.from_numpy(ids[:, a:b]), torch.from_numpy(positions)).numpy()[:, -1:]
+            worst = max(worst, float(np.abs(session.run(ids[:, a:b], positions) - expected).max()))
+    assert worst <= 1e-4

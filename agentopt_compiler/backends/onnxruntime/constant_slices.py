@@ -1,0 +1,90 @@
+"""Lowering rule: compute Slice and Cast of constant tables once, at compile time.
+
+Before:                                              After:
+    rope_cos (4096, 64) initializer                      rope_cos_folded (C, 32) initializer
+    cos_half = Slice(rope_cos, [0, 0], [C, 32])          GroupQueryAttention(..., rope_cos_folded, ...)
+    GroupQueryAttention(..., cos_half, ...)
+
+Why: the RoPE tables come out of capture at the model's ``max_position_embeddings`` rows and full head width, but
+GroupQueryAttention reads half the width and only the rows of positions the cache can hold (C, its capacity). Left
+in the graph, the engine file stores the full tables (2 MiB for a 4096-position, 64-wide head: more than the int4
+savings of a layer) and every call slices them again. Folded, the engine stores (C, D/2) tables: no larger than
+what onnxruntime-genai's builder writes for the same model, and usually much smaller.
+
+Fires on Slice (constant data, starts, ends, axes and steps) and on Cast of a constant; the table it replaces is
+removed once nothing else reads it. Never touches a Slice of a runtime value (positions, activations).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx_ir as ir
+
+_FOLDED_SUFFIX = r"_\d+(x\d+)*_[a-z]+\d*$"  # the shape/dtype suffix a previous fold gave the table
+
+
+def _constant(value: ir.Value | None) -> np.ndarray | None:
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
+        return producer.attributes["value"].value.numpy()
+    return None
+
+
+def _sliced(node: ir.Node) -> np.ndarray | None:
+    data, starts, ends = (_constant(v) for v in node.inputs[:3])
+    if data is None or starts is None or ends is None:
+        return None
+    axes = _constant(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else np.arange(len(starts))
+    steps = _constant(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else np.ones(len(starts))
+    if axes is None or steps is None:
+        return None
+    index = [slice(None)] * data.ndim
+    for start, end, axis, step in zip(starts.tolist(), ends.tolist(), axes.tolist(), steps.tolist()):
+        index[int(axis)] = slice(int(start), int(end), int(step))
+    return np.ascontiguousarray(data[tuple(index)])
+
+
+def _cast(node: ir.Node) -> np.ndarray | None:
+    data = _constant(node.inputs[0])
+    if data is None:
+        return None
+    return data.astype(ir.DataType(node.attributes["to"].value).numpy())
+
+
+_FOLDERS = {"Slice": _sliced, "Cast": _cast}
+
+
+def fold_constant_slices(model: ir.Model) -> int:
+    """Replace Slice/Cast nodes of constants by initializers; return how many were folded."""
+    graph = model.graph
+    folded = 0
+    for node in list(graph):  # topological order: a Cast of a folded Slice is folded in the same pass
+        fold = _FOLDERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        result = fold(node) if fold is not None else None
+        if result is None:
+            continue
+        output, source_name = node.outputs[0], re.sub(_FOLDED_SUFFIX, "", node.inputs[0].name)
+        name = f"{source_name}_{'x'.join(map(str, result.shape))}_{result.dtype}"  # e.g. rope_cos_256x32_float32
+        while name in graph.initializers:
+            name += "_"
+        table = ir.Value(name=name, shape=ir.Shape(result.shape), type=ir.TensorType(
+            ir.DataType.from_numpy(result.dtype)), const_value=ir.tensor(result))
+        graph.register_initializer(table)
+        output.replace_all_uses_with(table)
+        sources = [v for v in node.inputs if v is not None]
+        graph.remove(node, safe=True)
+        for source in sources:  # drop the tables (and constant arguments) nothing reads any more
+            if source.uses() or source.is_graph_output():
+                continue
+            if source.is_initializer():
+                graph.initializers.pop(source.name)
+            elif source.producer() is not None and source.producer().op_type == "Constant":
+                graph.remove(source.producer(), safe=True)
+        folded += 1
+    return folded
