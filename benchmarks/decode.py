@@ -433,6 +433,14 @@ def _ratio(value: float, base: float | None, higher_is_better: bool) -> str:
     return f"{(value / base if higher_is_better else base / value):.2f}×"
 
 
+def paired_ratio(runs: list[float], peer_runs: list[float] | None) -> str:
+    """Median over rounds of (system tok/s / peer tok/s) within the same round: rounds interleave the systems, so
+    each pair ran seconds apart under the same machine load, which varies more between rounds than within one."""
+    if not peer_runs or len(runs) != len(peer_runs) or not all(peer_runs):
+        return "–"
+    return f"{statistics.median(r / p for r, p in zip(runs, peer_runs)):.2f}×"
+
+
 def _spread(median: float, runs: list[float]) -> str:
     """The median, and the range of the runs when there are several: '41.0 (39.8–47.2)'."""
     if len(runs) < 2:
@@ -464,9 +472,10 @@ def write_report(bench: Bench) -> str:
 
     lines += ["TTFT and decode: median over the runs, (lowest–highest run) in brackets. Speed relative to a peer, "
               "from the medians: above 1.00× is faster than that peer, below is slower (TTFT: peer time / system "
-              "time; decode: system tok/s / peer tok/s).", ""]
+              "time; decode: system tok/s / peer tok/s). \"paired\": the median over rounds of the ratio within "
+              "each round.", ""]
     header = ["system", "prompt", "TTFT (ms)", "decode tok/s", "TTFT vs ORT-genai", "decode vs ORT-genai",
-              "TTFT vs transformers", "decode vs transformers", "same tokens as eager"]
+              "decode vs ORT-genai, paired", "TTFT vs transformers", "decode vs transformers", "same tokens as eager"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     by_key = {(m.system, m.prompt_tokens): m for m in bench.measurements}
     order = [OURS_DEFAULT, OURS_NO_PASSES, EAGER, TRANSFORMERS, ORT_GENAI]
@@ -486,6 +495,7 @@ def write_report(bench: Bench) -> str:
                 f"{_spread(m.decode_tokens_per_s, m.runs_decode_tokens_per_s)} | "
                 f"{_ratio(m.ttft_ms, genai.ttft_ms if genai else None, False)} | "
                 f"{_ratio(m.decode_tokens_per_s, genai.decode_tokens_per_s if genai else None, True)} | "
+                f"{paired_ratio(m.runs_decode_tokens_per_s, genai.runs_decode_tokens_per_s if genai else None)} | "
                 f"{_ratio(m.ttft_ms, hf.ttft_ms if hf else None, False)} | "
                 f"{_ratio(m.decode_tokens_per_s, hf.decode_tokens_per_s if hf else None, True)} | {same} |")
     lines.append("")

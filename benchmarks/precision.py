@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Precision benchmark: fp32, uniform int4 (ours, asymmetric and symmetric), onnxruntime-genai int4, and our planned
+"""Precision benchmark: fp32, uniform int4 (ours, symmetric and asymmetric), onnxruntime-genai int4, and our planned
 mixed precision, one run.
 
     python benchmarks/precision.py                     # ref-60m, 128-token prompt, 64 new tokens
     python benchmarks/precision.py --model tiny-random --new-tokens 8 --repeats 1     # smoke run
 
-Per system: engine size, decode tokens/s (median of --repeats, interleaved, same threads), and quality against fp32:
+Per system: engine size, decode tokens/s (median of --repeats, interleaved, same threads; against onnxruntime-genai
+also the median of the per-round ratios), and quality against fp32:
 mean KL(fp32 || system) per token and top-1 agreement, teacher-forced on held-out random tokens for our engines
 (``measure_fidelity``) and for onnxruntime-genai (the same held-out tokens appended one at a time, its logits read
 after each), and greedy-token agreement with fp32 over the generated tokens for every system. ref-60m has random weights, so KL here measures numerical damage, not
@@ -23,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from decode import (build_ort_genai, compile_ours, environment, log, make_prompt, measure,  # noqa: E402
-                    ort_genai_system, ours_system)
+                    ort_genai_system, ours_system, paired_ratio)
 
 
 def plan_for(model: str, max_kl: float, work: Path):
@@ -106,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model(args.model)
     layers = loaded.config.num_layers
     builds = {"fp32 (ours)": compile_ours(args.model, work / "fp32", context, [])}
-    variants = {"int4 uniform (ours)": PrecisionPlan.uniform("int4", layers),
-                "int4 uniform symmetric (ours)": PrecisionPlan.uniform("int4", layers, symmetric=True)}
+    variants = {"int4 uniform (ours)": PrecisionPlan.uniform("int4", layers),  # symmetric blocks, the default
+                "int4 uniform asymmetric (ours)": PrecisionPlan.uniform("int4", layers, symmetric=False)}
     for budget in map(float, args.budgets.split(",")):
         log(f"planning with --max-kl {budget}...")
         variants[f"planned max-kl {budget} (ours)"] = plan_for(args.model, budget, work)
@@ -136,15 +137,18 @@ def main(argv: list[str] | None = None) -> int:
                      "decode_tok_s": result.decode_tokens_per_s, "rates": result.runs_decode_tokens_per_s,
                      "kl": quality.get("kl"), "top1": quality.get("top1"), "greedy_agreement": agree})
     fp32_rate = reference.decode_tokens_per_s
+    genai_runs = next((r["rates"] for r in rows if r["system"] == "onnxruntime-genai int4"), None)
     print(f"precision benchmark, {args.model}, prompt {args.prompt_length}, {args.new_tokens} new tokens, "
           f"{args.threads} threads, median of {args.repeats}; {json.dumps(environment(args.threads)['versions'])}\n")
-    print("| system | size (MiB) | decode tok/s | vs fp32 | KL vs fp32 | top-1 vs fp32 | greedy tokens = fp32 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| system | size (MiB) | decode tok/s | vs fp32 | vs onnxruntime-genai int4, paired | KL vs fp32 | "
+          "top-1 vs fp32 | greedy tokens = fp32 |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         kl = "n/a" if row["kl"] is None else f"{row['kl']:.2e}"
         top1 = "n/a" if row["top1"] is None else f"{row['top1']:.3f}"
         print(f"| {row['system']} | {row['bytes'] / 2**20:.1f} | {row['decode_tok_s']:.1f} "
-              f"({min(row['rates']):.0f}-{max(row['rates']):.0f}) | {row['decode_tok_s'] / fp32_rate:.2f}x | {kl} | "
+              f"({min(row['rates']):.0f}-{max(row['rates']):.0f}) | {row['decode_tok_s'] / fp32_rate:.2f}x | "
+              f"{paired_ratio(row['rates'], genai_runs)} | {kl} | "
               f"{top1} | {100 * row['greedy_agreement']:.0f}% |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2, default=statistics.mean))
