@@ -156,3 +156,23 @@ def test_gqa_engine_stores_rope_tables_for_its_capacity_only(tmp_path):
             expected = model(torch.from_numpy(ids[:, a:b]), torch.from_numpy(positions)).numpy()[:, -1:]
             worst = max(worst, float(np.abs(session.run(ids[:, a:b], positions) - expected).max()))
     assert worst <= 1e-4
+
+
+def test_reset_clears_every_row_written_and_the_next_run_repeats_the_first(tiny_engine):
+    session = tiny_engine.session
+    ids = np.random.default_rng(3).integers(0, 300, size=(1, 12))
+
+    def run_all():
+        session.reset()
+        first = session.run(ids[:, :10], np.arange(10))
+        return first, [session.run(ids[:, i:i + 1], np.array([i])) for i in (10, 11)]
+
+    first, steps = run_all()
+    assert any(np.abs(c).max() > 0 for c in session.read_cache(12).values())
+    session.write_cache({name: np.ones_like(rows) for name, rows in session.read_cache(20).items()})  # rows 12-19 too
+    session.reset()
+    assert all(not np.abs(c).any() for c in session.read_cache(session.capacity).values())
+    again, again_steps = run_all()
+    np.testing.assert_array_equal(first, again)
+    for a, b in zip(steps, again_steps):
+        np.testing.assert_array_equal(a, b)
