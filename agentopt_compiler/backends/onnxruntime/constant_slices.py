@@ -12,7 +12,8 @@ savings of a layer) and every call slices them again. Folded, the engine stores 
 what onnxruntime-genai's builder writes for the same model, and usually much smaller.
 
 Fires on Slice (constant data, starts, ends, axes and steps) and on Cast of a constant; the table it replaces is
-removed once nothing else reads it. Never touches a Slice of a runtime value (positions, activations).
+removed once nothing else reads it, and identical slices (one per layer) share one table. Never touches a Slice of
+a runtime value (positions, activations), nor copies a big slice out of a table that other nodes still read.
 """
 
 from __future__ import annotations
@@ -58,24 +59,34 @@ def _cast(node: ir.Node) -> np.ndarray | None:
 
 
 _FOLDERS = {"Slice": _sliced, "Cast": _cast}
+SMALL_BYTES = 64 * 1024  # a table that stays read elsewhere is copied only when its slice is this small
 
 
 def fold_constant_slices(model: ir.Model) -> int:
     """Replace Slice/Cast nodes of constants by initializers; return how many were folded."""
     graph = model.graph
     folded = 0
+    tables: dict[tuple, ir.Value] = {}  # the same slice of the same table (one per layer) is stored once
     for node in list(graph):  # topological order: a Cast of a folded Slice is folded in the same pass
         fold = _FOLDERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         result = fold(node) if fold is not None else None
         if result is None:
             continue
-        output, source_name = node.outputs[0], re.sub(_FOLDED_SUFFIX, "", node.inputs[0].name)
-        name = f"{source_name}_{'x'.join(map(str, result.shape))}_{result.dtype}"  # e.g. rope_cos_256x32_float32
-        while name in graph.initializers:
-            name += "_"
-        table = ir.Value(name=name, shape=ir.Shape(result.shape), type=ir.TensorType(
-            ir.DataType.from_numpy(result.dtype)), const_value=ir.tensor(result))
-        graph.register_initializer(table)
+        source = node.inputs[0]
+        if len(source.uses()) > 1 and result.nbytes > SMALL_BYTES and not _all_same_fold(source):
+            continue  # the whole table stays for its other readers: a big slice would only add bytes
+        key = (source.name, node.op_type, tuple(v.name if v is not None else "" for v in node.inputs[1:]),
+               tuple(sorted((k, str(a.value)) for k, a in node.attributes.items())))
+        table = tables.get(key)
+        if table is None:
+            name = f"{re.sub(_FOLDED_SUFFIX, '', source.name)}_{'x'.join(map(str, result.shape))}_{result.dtype}"
+            while name in graph.initializers:  # e.g. rope_cos_256x32_float32
+                name += "_"
+            table = ir.Value(name=name, shape=ir.Shape(result.shape), type=ir.TensorType(
+                ir.DataType.from_numpy(result.dtype)), const_value=ir.tensor(result))
+            graph.register_initializer(table)
+            tables[key] = table
+        output = node.outputs[0]
         output.replace_all_uses_with(table)
         sources = [v for v in node.inputs if v is not None]
         graph.remove(node, safe=True)
@@ -88,3 +99,12 @@ def fold_constant_slices(model: ir.Model) -> int:
                 graph.remove(source.producer(), safe=True)
         folded += 1
     return folded
+
+
+def _all_same_fold(source: ir.Value) -> bool:
+    """Whether every reader of ``source`` is a node of one op type with the same other inputs and attributes (the
+    per-layer copies of one Slice): then the source goes away once they are folded."""
+    signatures = {(use.node.op_type, tuple(v.name if v is not None else "" for v in use.node.inputs[1:]),
+                   tuple(sorted((k, str(a.value)) for k, a in use.node.attributes.items())))
+                  for use in source.uses()}
+    return len(signatures) == 1 and all(use.idx == 0 for use in source.uses())

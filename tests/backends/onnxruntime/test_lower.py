@@ -102,31 +102,50 @@ def test_constant_slices_are_folded_and_runtime_slices_kept():
 
     from agentopt_compiler.backends.onnxruntime.constant_slices import fold_constant_slices
 
-    table = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    table, big = rng.standard_normal((64, 8)).astype(np.float32), rng.standard_normal((300, 4)).astype(np.float32)
     graph = onnx.helper.make_graph(
         [onnx.helper.make_node("Slice", ["table", "s0", "e0", "a0"], ["half"]),  # constant: folded
          onnx.helper.make_node("Cast", ["half"], ["half16"], to=onnx.TensorProto.FLOAT16),  # constant after the fold
+         onnx.helper.make_node("Slice", ["table", "s0", "e0", "a0"], ["half_again"]),  # the same slice: shared
+         onnx.helper.make_node("Cast", ["half_again"], ["half16_again"], to=onnx.TensorProto.FLOAT16),
          onnx.helper.make_node("Slice", ["x", "s1", "e1"], ["x_rows"]),  # a runtime value: kept
          onnx.helper.make_node("Gather", ["half16", "positions"], ["rows"]),
+         onnx.helper.make_node("Gather", ["half16_again", "positions"], ["rows_again"]),
          onnx.helper.make_node("Cast", ["x_rows"], ["x16"], to=onnx.TensorProto.FLOAT16),
-         onnx.helper.make_node("Add", ["rows", "x16"], ["y"])],
+         onnx.helper.make_node("Add", ["rows", "x16"], ["sum"]),
+         onnx.helper.make_node("Add", ["sum", "rows_again"], ["y"]),
+         # a big slice of a table another node still reads in full: folding would store both, so it is kept
+         onnx.helper.make_node("Slice", ["big", "s2", "e2"], ["big_rows"]),
+         onnx.helper.make_node("Gather", ["big", "positions"], ["big_gathered"]),
+         onnx.helper.make_node("Gather", ["big_rows", "positions"], ["big_sliced_gathered"]),
+         onnx.helper.make_node("Add", ["big_gathered", "big_sliced_gathered"], ["z"])],
         "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [5, 4]),
               onnx.helper.make_tensor_value_info("positions", onnx.TensorProto.INT64, [3])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT16, [3, 4])],
-        [onnx.numpy_helper.from_array(table, "table"),
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT16, [3, 4]),
+         onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [3, 4])],
+        [onnx.numpy_helper.from_array(table, "table"), onnx.numpy_helper.from_array(big, "big"),
          *(onnx.numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
-           [("s0", [0, 0]), ("e0", [16, 4]), ("a0", [0, 1]), ("s1", [2]), ("e1", [5])])])
+           [("s0", [0, 0]), ("e0", [16, 4]), ("a0", [0, 1]), ("s1", [2]), ("e1", [5]), ("s2", [0]), ("e2", [290])])])
     before = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 23)])
     model = ir.serde.deserialize_model(before)
-    assert fold_constant_slices(model) == 2
+    import agentopt_compiler.backends.onnxruntime.constant_slices as constant_slices
+
+    constant_slices.SMALL_BYTES = 1024  # (4.6 KB of "big" stands for a big table)
+    try:
+        assert fold_constant_slices(model) == 4
+    finally:
+        constant_slices.SMALL_BYTES = 64 * 1024
     after = ir.serde.serialize_model(model)
-    assert [n.op_type for n in after.graph.node] == ["Slice", "Gather", "Cast", "Add"]
+    assert [n.op_type for n in after.graph.node] == ["Slice", "Gather", "Gather", "Cast", "Add", "Add", "Slice",
+                                                     "Gather", "Gather", "Add"]
     assert {i.name: list(i.dims) for i in after.graph.initializer if i.name.startswith("table")} == {
-        "table_16x4_float16": [16, 4]}  # the (64, 8) table is gone
+        "table_16x4_float16": [16, 4]}  # the (64, 8) table is gone, its two slices share one table
     feeds = {"x": np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32),
              "positions": np.array([0, 7, 15])}
-    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-    np.testing.assert_array_equal(run(after), run(before))
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for got, want in zip(run(after), run(before)):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_gqa_engine_stores_rope_tables_for_its_capacity_only(tmp_path):
