@@ -4,7 +4,8 @@ import pytest
 
 import agentopt_compiler as ao
 from agentopt_compiler.analysis.calibration import calibration_batches
-from agentopt_compiler.analysis.precision import (Option, choose, choose_greedily, measure_fidelity, plan_precision)
+from agentopt_compiler.analysis.precision import (Option, choose, choose_greedily, measure_fidelity,
+                                                  measure_sensitivity, plan_precision, unit_linears)
 from agentopt_compiler.cli.main import main
 from agentopt_compiler.errors import AgentOptError
 from agentopt_compiler.models.registry import load_model
@@ -77,11 +78,30 @@ def test_cli_writes_plan_report_and_plot(tmp_path, capsys):
                  "--length", "32", "--out", str(out), "--report", str(tmp_path / "report")]) == 0
     plan = json.loads(out.read_text())
     assert plan["format"] == "agentopt-precision-plan" and plan["budget"] == {"max_kl": 0.01}
+    assert plan["symmetric"] is True  # the default; --asymmetric below
     assert "| unit | chosen |" in capsys.readouterr().out
     assert (tmp_path / "report" / "sensitivity.png").stat().st_size > 1000
     assert main(["compile", "--model", "tiny-random", "--out", str(tmp_path / "eng"), "--context-length", "64",
                  "--precision-plan",
                  str(out), "--quiet"]) == 0
+
+
+def test_asymmetric_plans_measure_what_they_will_run(tmp_path):
+    """--asymmetric: the plan says so, and sensitivity is measured with zero-point blocks (other errors, 1 more byte
+    per block) rather than with the symmetric ones the default plan gets."""
+    out = tmp_path / "plan.json"
+    assert main(["plan", "precision", "--model", "tiny-random", "--max-kl", "0.01", "--sequences", "1",
+                 "--length", "32", "--asymmetric", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["symmetric"] is False
+    loaded = load_model("tiny-random")
+    batches = calibration_batches(loaded, None, sequences=1, length=32)
+    by_mode = {mode: {(o.unit, o.precision): o for o in measure_sensitivity(loaded.model, batches, ["fp32", "int4"],
+                                                                            costs=FLAT_COSTS, symmetric=mode)}
+               for mode in (True, False)}
+    unit = ("layers.0.mlp_down", "int4")
+    assert by_mode[False][unit].kl != by_mode[True][unit].kl
+    elements = sum(layer.weight.numel() for layer in unit_linears(loaded.model)["layers.0.mlp_down"])
+    assert by_mode[False][unit].bytes - by_mode[True][unit].bytes == elements // 32
 
 
 def test_a_zero_budget_keeps_only_free_options():
