@@ -23,8 +23,8 @@ def add_parser(sub) -> None:
     q.add_argument("--candidates", default="fp32,int8,int4", help="precisions to consider")
     q.add_argument("--block-size", type=int, default=32)
     q.add_argument("--asymmetric", action="store_true",
-                   help="int8/int4 blocks with zero points (default: symmetric, no zero points: faster MatMulNBits "
-                        "kernels and a smaller engine at about the same error)")
+                   help="int8/int4 blocks with zero points (default: symmetric blocks, no zero points: a smaller "
+                        "engine at about the same error)")
     q.add_argument("--sequences", type=int, default=4, help="calibration sequences")
     q.add_argument("--length", type=int, default=128, help="tokens per calibration sequence")
     q.add_argument("--out", required=True, help="plan JSON to write")

@@ -166,8 +166,8 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
                   "A lap is {a} {fu}. Express {b} laps in {tu}.",
                   "A step is {a} {fu}. What do {b} steps come to in {tu}?",
                   "Sum {a} {fu} and {b} {fu}, then give it in {tu}.",
-                  # requests that open with a quantity or name two quantities before the target unit: the shipped
-                  # model converted the first quantity straight away on such phrasings (held-out calc>convert: 0%)
+                  # requests that open with a quantity or name two quantities before the target unit: run 3's
+                  # weights converted the first quantity straight away on such phrasings (held-out calc>convert: 0%)
                   "{a} {fu} plus {b} {fu} is how many {tu}?",
                   "Put {a} {fu} together with {b} {fu}. How much is it in {tu}?",
                   "If I have {a} {fu} and add {b} {fu}, how many {tu} do I have?",
@@ -197,7 +197,7 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
         "train": ["What is {key} in {tu}?", "Convert {key} to {tu}.", "How many {tu} is {key}?",
                   "Express {key} in {tu}, please.",
                   "What would {key} be in {tu}?", "Give me {key} expressed in {tu}.",
-                  # the shipped model answered with the looked-up value and skipped the conversion (missing_call)
+                  # run 3's weights answered with the looked-up value and skipped the conversion (missing_call)
                   "Tell me {key} in {tu}.", "{key} in {tu}, please.", "Look up {key} and convert it to {tu}.",
                   "I need {key} as {tu}.", "How much is {key} in {tu}?", "Please change {key} into {tu}.",
                   "Can you show {key} in {tu}?", "Find {key}, then express it in {tu}."],

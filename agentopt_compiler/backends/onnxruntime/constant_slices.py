@@ -1,8 +1,8 @@
 """Lowering rule: compute Slice and Cast of constant tables once, at compile time.
 
 Before:                                              After:
-    rope_cos (4096, 64) initializer                      rope_cos_folded (C, 32) initializer
-    cos_half = Slice(rope_cos, [0, 0], [C, 32])          GroupQueryAttention(..., rope_cos_folded, ...)
+    rope_cos (4096, 64) initializer                      rope_cos_256x32_float32 (C=256, 32) initializer
+    cos_half = Slice(rope_cos, [0, 0], [C, 32])          GroupQueryAttention(..., rope_cos_256x32_float32, ...)
     GroupQueryAttention(..., cos_half, ...)
 
 Why: the RoPE tables come out of capture at the model's ``max_position_embeddings`` rows and full head width, but
