@@ -153,7 +153,12 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
                   "Remind me of {key}.", "I forgot {key}. What is it?", "Check memory for {key}.",
                   "What did I say {key} was?",
                   "What was {key} again?", "{key}: what was it?", "Look in memory for {key}.",
-                  "I'd like to know {key}.", "Can you recall {key}?", "Get {key} for me."],
+                  "I'd like to know {key}.", "Can you recall {key}?", "Get {key} for me.",
+                  # twins of lookup>convert phrasings without a target unit: run 4's weights converted looked-up
+                  # quantities nobody asked to convert (5 of its 6 failed held-out lookups)
+                  "{key}, please.", "Give me {key}.", "Show me {key}.", "How much is {key}?",
+                  "What would {key} be?", "Look up {key} and tell me what it is.", "Find {key} and report it.",
+                  "Say what {key} is."],
         "heldout": ["Do you remember {key}?", "Tell me {key}, please.", "I need {key} again.",
                     "Fetch {key} from memory."],
     },
@@ -511,7 +516,10 @@ def make_task(kind: str, rng: random.Random, split: str = "train") -> Task:
                 bad = "unit_" + fu
             wrong.append((0, ("convert_units", {"value": _num_value(v), "from_unit": bad, "to_unit": tu})))
     elif base == "lookup":
-        key, value, _ = g.random_fact()
+        # training: half the looked-up facts are quantities (a third before), so "what is X?" after a quantity
+        # is answered as is as often as lookup>convert converts one (the held-out stream stays as it was)
+        quantity = split == "train" and kind == "lookup" and r.random() < 0.25
+        key, value, _ = g.random_fact("unit" if quantity else None)
         memory_prefix([(key, value, "")], r.randint(1, 4), long=False)
         _, t = g.tpl("lookup")
         request = t.format(key=key)
