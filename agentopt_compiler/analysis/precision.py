@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import AgentOptError
+from ..passes.assign_layer_precision import HALF_DTYPES
 from ..passes.precision_plan import BITS, PrecisionPlan, unit_of, units_of_model
 from ..capture.quantized_linear import dequantize_blockwise, quantize_blockwise
 
@@ -47,10 +48,17 @@ def unit_linears(model) -> dict[str, list[torch.nn.Linear]]:
     return units
 
 
+def _round_to(dtype: torch.dtype):
+    return lambda t: t.to(dtype).to(t.dtype)
+
+
 @contextlib.contextmanager
-def quantized_unit(linears: list[torch.nn.Linear], precision: str, block: int, symmetric: bool = True):
-    """Temporarily replace the unit's weights by their quantize-dequantize round trip."""
-    saved = [layer.weight.data for layer in linears]
+def unit_at_precision(linears: list[torch.nn.Linear], precision: str, block: int, symmetric: bool = True):
+    """Temporarily make the unit compute what the engine will: int8/int4 replace the weights by their
+    quantize-dequantize round trip; fp16/bf16 emulate the half region assign_layer_precision emits (cast x, half
+    weights and bias, fp32 accumulation as GPU GEMMs do, output rounded to half, cast back) on any device."""
+    saved = [(layer.weight.data, None if layer.bias is None else layer.bias.data) for layer in linears]
+    hooks = []
     try:
         if precision in BITS:
             for layer in linears:
@@ -58,15 +66,30 @@ def quantized_unit(linears: list[torch.nn.Linear], precision: str, block: int, s
                 if w.shape[1] % block == 0:
                     q, s, z = quantize_blockwise(w, BITS[precision], block, symmetric)
                     layer.weight.data = dequantize_blockwise(q, s, z, BITS[precision], block, w.shape[1])
+        elif precision in HALF_DTYPES:
+            rounded = _round_to(HALF_DTYPES[precision])
+            for layer in linears:
+                layer.weight.data = rounded(layer.weight.data)
+                if layer.bias is not None:
+                    layer.bias.data = rounded(layer.bias.data)
+                hooks.append(layer.register_forward_pre_hook(lambda module, args: (rounded(args[0]), *args[1:])))
+                hooks.append(layer.register_forward_hook(lambda module, args, output: rounded(output)))
+        elif precision != "fp32":
+            raise AgentOptError(f"unknown precision {precision!r}; candidates: fp32, fp16, bf16, int8, int4")
         yield
     finally:
-        for layer, weight in zip(linears, saved):
+        for hook in hooks:
+            hook.remove()
+        for layer, (weight, bias) in zip(linears, saved):
             layer.weight.data = weight
+            if bias is not None:
+                layer.bias.data = bias
 
 
 def _log_probs(model, batches: list[torch.Tensor]) -> list[torch.Tensor]:
     with torch.no_grad():
-        return [torch.log_softmax(model(batch).float(), -1) for batch in batches]
+        # float64: fp16 errors are KL ~1e-8, under float32's rounding of the sum (it read 0 or negative)
+        return [torch.log_softmax(model(batch).double(), -1) for batch in batches]
 
 
 def _compare(reference: list[torch.Tensor], other: list[torch.Tensor]) -> tuple[float, float]:
@@ -146,8 +169,9 @@ def measure_sensitivity(model, batches: list[torch.Tensor], candidates: Iterable
             if precision == "fp32":
                 kl, top1 = 0.0, 1.0
             else:
-                with quantized_unit(linears, precision, block, symmetric):
+                with unit_at_precision(linears, precision, block, symmetric):
                     kl, top1 = _compare(reference, _log_probs(model, batches))
+            # ORT CPU runs fp16/bf16 units in fp32 (assign_layer_precision keeps them fp32 there): fp32 cost
             cost = elements * costs.get(precision, costs["fp32"])
             options.append(Option(unit, precision, max(kl, 0.0), top1,
                                   _unit_bytes(linears, precision, block, symmetric), cost))
@@ -276,7 +300,7 @@ def measure_fidelity(engine, model, batches: list[torch.Tensor]) -> dict:
         rows = []
         for position, token in enumerate(batch[0].tolist()):
             logits = session.run(np.array([[token]]), np.array([position]))
-            rows.append(torch.log_softmax(torch.from_numpy(logits[0, -1]).float(), -1))
+            rows.append(torch.log_softmax(torch.from_numpy(logits[0, -1]).double(), -1))
         ours.append(torch.stack(rows)[None])
     kl, top1 = _compare(reference, ours)
     return {"kl": round(kl, 6), "top1": round(top1, 4), "tokens": sum(b.shape[1] for b in batches)}

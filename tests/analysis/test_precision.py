@@ -5,12 +5,13 @@ import pytest
 import agentopt_compiler as ao
 from agentopt_compiler.analysis.calibration import calibration_batches
 from agentopt_compiler.analysis.precision import (Option, choose, choose_greedily, measure_fidelity,
-                                                  measure_sensitivity, plan_precision, unit_linears)
+                                                  measure_sensitivity, plan_precision, unit_at_precision,
+                                                  unit_linears)
 from agentopt_compiler.cli.main import main
 from agentopt_compiler.errors import AgentOptError
 from agentopt_compiler.models.registry import load_model
 
-FLAT_COSTS = {"fp32": 4.0, "int8": 1.0, "int4": 0.5}  # fixed, so the tests do not depend on a timing
+FLAT_COSTS = {"fp32": 4.0, "int8": 1.0, "int4": 0.5}  # (fp16/bf16 fall back to fp32's, as on ORT CPU)  # fixed, so the tests do not depend on a timing
 
 
 def test_dynamic_programming_beats_greedy_where_greedy_is_wrong():
@@ -108,3 +109,35 @@ def test_a_zero_budget_keeps_only_free_options():
     options = [Option("A", "fp32", 0.0, 1, 0, 4.0), Option("A", "int4", 0.3, 1, 0, 1.0)]
     chosen = choose(options, 0.0, lambda o: o.kl, lambda o: o.cost)
     assert chosen["A"].precision == "fp32"
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp16", "float16"), ("bf16", "bfloat16")])
+def test_half_units_compute_what_a_half_region_computes(precision, dtype):
+    import torch
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(256, 64)
+    x = torch.randn(3, 256)
+    weight = layer.weight.data.clone()
+    half = getattr(torch, dtype)
+    native = torch.nn.functional.linear(x.to(half), layer.weight.to(half), layer.bias.to(half)).float()
+    with unit_at_precision([layer], precision, 32):
+        emulated = layer(x)
+    assert emulated.dtype == torch.float32
+    assert torch.allclose(emulated, native, rtol=2e-3, atol=1e-5)  # the region's math, on fp32 inputs
+    assert not torch.equal(emulated, layer(x))  # ... which is not fp32's
+    assert torch.equal(layer.weight.data, weight) and not layer._forward_hooks and not layer._forward_pre_hooks
+
+
+def test_half_candidates_are_measured_not_assumed_lossless():
+    # fp16/bf16 used to be scored as fp32 (KL 0): a plan could pick them for free
+    loaded = load_model("tiny-random")
+    batches = calibration_batches(loaded, None, sequences=1, length=32)
+    options = measure_sensitivity(loaded.model, batches, ("fp32", "fp16", "bf16", "int8"), costs=FLAT_COSTS)
+    kl = {(o.unit, o.precision): o.kl for o in options}
+    units = {o.unit for o in options}
+    assert all(kl[u, "fp16"] > 0 for u in units)
+    # bf16 keeps 8 mantissa bits to fp16's 11: its error is larger on every unit
+    assert all(kl[u, "bf16"] > kl[u, "fp16"] for u in units)
+    with pytest.raises(AgentOptError, match="unknown precision 'int2'"):
+        measure_sensitivity(loaded.model, batches, ("fp32", "int2"), costs=FLAT_COSTS)
