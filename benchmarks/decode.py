@@ -148,6 +148,75 @@ def measure(systems: dict[str, RunOnce], prompt: list[int], new_tokens: int, rep
     return out
 
 
+# -- one process per system -------------------------------------------------------------------------------------------
+def _serve(conn, factory: Callable[..., RunOnce], args: tuple) -> None:
+    """Worker process: build one system, then answer run_once requests until told to stop (None)."""
+    try:
+        run_once = factory(*args)
+    except Exception as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready", None))
+    while (request := conn.recv()) is not None:
+        try:
+            conn.send(("ok", run_once(*request)))
+        except Exception as exc:
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+class Isolated:
+    """A system run in its own process (``factory(*args)`` there), called like its run_once.
+
+    Why: in one process, every system's sessions, thread pools and allocators live side by side (ours are five
+    ORT sessions in the precision benchmark, next to torch and onnxruntime-genai), and the ratios measured that way
+    differed from those of each system alone. A worker waits on its pipe, using no CPU, while the others run; the
+    clock is read inside the worker, so the pipe's latency is not timed."""
+
+    def __init__(self, factory: Callable[..., RunOnce], *args):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing inherited from this one
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_serve, args=(child, factory, args), daemon=True)
+        self._process.start()
+        status, detail = self._receive()
+        if status != "ready":
+            self.close()
+            raise RuntimeError(detail)
+
+    def _receive(self):
+        try:
+            return self._conn.recv()
+        except EOFError:
+            return "error", f"the worker process died (exit code {self._process.exitcode})"
+
+    def __call__(self, prompt: list[int], n: int):
+        self._conn.send((prompt, n))
+        status, value = self._receive()
+        if status != "ok":
+            raise RuntimeError(value)
+        return value
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            self._conn.send(None)
+            self._process.join(timeout=30)
+        if self._process.is_alive():
+            self._process.kill()
+
+
+def system(isolate: bool, factory: Callable[..., RunOnce], *args) -> RunOnce:
+    """``factory(*args)`` here, or in its own process when ``isolate``."""
+    return Isolated(factory, *args) if isolate else factory(*args)
+
+
+def close_systems(systems: dict) -> None:
+    for run_once in systems.values():
+        if isinstance(run_once, Isolated):
+            run_once.close()
+    systems.clear()
+
+
 # -- systems ----------------------------------------------------------------------------------------------------------
 # Each system function loads its model and returns run_once(prompt, n) -> timestamps_of(...) of n new tokens.
 
@@ -345,6 +414,7 @@ def run(args) -> Bench:
     bench = Bench(settings={"model": str(args.model), "prompt_lengths": args.prompt_lengths,
                             "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": args.threads,
                             "context_length": context, "pipeline_passes": pass_names, "work_dir": str(work),
+                            "one_process_per_system": args.isolate,
                             "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(),
                                                                          *sys.argv[1:]])},
                   environment=environment(args.threads))
@@ -386,18 +456,18 @@ def run(args) -> Bench:
         def make(name=name, skip=skip, folder=folder):
             log(f"{name}: compiling {args.model} (context {context}, skipping {skip or 'no pass'}) -> {folder}")
             bench.builds[name] = compile_ours(str(args.model), folder, context, skip)
-            return ours_system(folder, args.threads)
+            return system(args.isolate, ours_system, folder, args.threads)
 
         add(name, make)
 
     # 3. peers
-    add(TRANSFORMERS, lambda: transformers_system(hf_dir, args.threads))
+    add(TRANSFORMERS, lambda: system(args.isolate, transformers_system, hf_dir, args.threads))
     sentinel = max(set(range(config.vocab_size)) - set().union(*reference.values()) - eos)
 
     def make_genai():
         log(f"{ORT_GENAI}: building the fp32 model with its model builder")
         bench.builds[ORT_GENAI] = build_ort_genai(hf_dir, work / "ort-genai-fp32", work / "ort-genai-cache")
-        return ort_genai_system(work / "ort-genai-fp32", args.threads, context, sentinel)
+        return system(args.isolate, ort_genai_system, work / "ort-genai-fp32", args.threads, context, sentinel)
 
     add(ORT_GENAI, make_genai)
     if ORT_GENAI in systems:
@@ -412,7 +482,7 @@ def run(args) -> Bench:
         log(f"prompt {n}: {args.new_tokens} new tokens, a warm-up each, then {args.repeats} interleaved rounds")
         live = {name: systems[name] for name in order if name not in bench.unavailable}
         bench.measurements += measure(live, prompt, args.new_tokens, args.repeats, unavailable)
-    systems.clear()
+    close_systems(systems)
     gc.collect()
 
     # 5. greedy-token check against the eager reference
@@ -468,7 +538,9 @@ def write_report(bench: Bench) -> str:
               *run_facts(env, s["command"]),
               f"- settings: {s['threads']} threads for every system, prompts of {s['prompt_lengths']} random token "
               f"ids, {s['new_tokens']} greedy new tokens (end-of-sequence ignored), median of {s['repeats']} "
-              f"interleaved rounds after one warm-up each, engine context {s['context_length']}, fp32 everywhere", ""]
+              f"interleaved rounds after one warm-up each, engine context {s['context_length']}, fp32 everywhere; "
+              + ("each engine and peer in its own worker process" if s.get("one_process_per_system", False)
+                 else "every system in one process"), ""]
 
     lines += ["TTFT and decode: median over the runs, (lowest–highest run) in brackets. Speed relative to a peer, "
               "from the medians: above 1.00× is faster than that peer, below is slower (TTFT: peer time / system "
@@ -559,6 +631,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="engine KV capacity (default: longest prompt + new tokens, rounded up to 256)")
     parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS),
                         help="which systems to run (default: all)")
+    parser.add_argument("--shared-process", dest="isolate", action="store_false",
+                        help="run every system in this one process (default: each engine and peer in its own "
+                             "worker process; the eager reference stays here)")
     args = parser.parse_args(argv)
     if args.new_tokens < 2 or args.repeats < 1 or args.threads < 1 or min(args.prompt_lengths) < 1:
         parser.error("need --new-tokens >= 2, --repeats >= 1, --threads >= 1 and prompt lengths >= 1")

@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode import (build_ort_genai, compile_ours, environment, log, make_prompt, measure,  # noqa: E402
-                    ort_genai_system, ours_system, paired_ratio)
+from decode import (build_ort_genai, close_systems, compile_ours, environment, log, make_prompt,  # noqa: E402
+                    measure, ort_genai_system, ours_system, paired_ratio, system)
 
 
 def plan_for(model: str, max_kl: float, work: Path):
@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default="0.01,0.1", help="max-kl budgets of our planned variants")
     parser.add_argument("--work-dir", default="bench_out/precision")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--shared-process", dest="isolate", action="store_false",
+                        help="run every system in this one process (default: each in its own worker process)")
     args = parser.parse_args(argv)
     from agentopt_compiler.models.hf_loader import save_as_hf_folder
     from agentopt_compiler.models.registry import load_model
@@ -115,17 +117,20 @@ def main(argv: list[str] | None = None) -> int:
     for name, plan in variants.items():
         log(f"compiling {name}...")
         builds[name] = compile_with_plan(args.model, work / name.split(" (")[0].replace(" ", "-"), context, plan)
-    systems = {name: ours_system(Path(info["folder"]), args.threads) for name, info in builds.items()}
+    systems = {name: system(args.isolate, ours_system, Path(info["folder"]), args.threads)
+               for name, info in builds.items()}
     hf = save_as_hf_folder(loaded.model, work / "hf", loaded.tokenizer_dir)
     try:
         builds["onnxruntime-genai int4"] = build_ort_genai(hf, work / "ort-genai-int4", work / "cache",
                                                            precision="int4")
-        systems["onnxruntime-genai int4"] = ort_genai_system(Path(builds["onnxruntime-genai int4"]["folder"]),
-                                                             args.threads, context, loaded.config.vocab_size - 1)
+        systems["onnxruntime-genai int4"] = system(args.isolate, ort_genai_system,
+                                                   Path(builds["onnxruntime-genai int4"]["folder"]), args.threads,
+                                                   context, loaded.config.vocab_size - 1)
     except Exception as exc:  # a missing peer is reported, not fatal
         log(f"onnxruntime-genai int4 unavailable: {exc}")
     prompt = make_prompt(args.prompt_length, loaded.config.vocab_size, {loaded.config.vocab_size - 1}, seed=0)
     results = measure(systems, prompt, args.new_tokens, args.repeats, lambda n, e: log(f"{n} failed: {e}"))
+    close_systems(systems)
     reference = next(r for r in results if r.system == "fp32 (ours)")
     rows = []
     for result in results:
@@ -139,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     fp32_rate = reference.decode_tokens_per_s
     genai_runs = next((r["rates"] for r in rows if r["system"] == "onnxruntime-genai int4"), None)
     print(f"precision benchmark, {args.model}, prompt {args.prompt_length}, {args.new_tokens} new tokens, "
-          f"{args.threads} threads, median of {args.repeats}; {json.dumps(environment(args.threads)['versions'])}\n")
+          f"{args.threads} threads, median of {args.repeats}, "
+          f"{'each system in its own worker process' if args.isolate else 'every system in one process'}; "
+          f"{json.dumps(environment(args.threads)['versions'])}\n")
     print("| system | size (MiB) | decode tok/s | vs fp32 | vs onnxruntime-genai int4, paired | KL vs fp32 | "
           "top-1 vs fp32 | greedy tokens = fp32 |")
     print("|---|---|---|---|---|---|---|---|")
