@@ -32,27 +32,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agentopt_compiler.analysis.calibration import calibration_batches  # noqa: E402
-from agentopt_compiler.analysis.precision import HALF_DTYPES, unit_at_precision, unit_linears  # noqa: E402
+from agentopt_compiler.analysis.precision import (HALF_DTYPES, restoring, unit_at_precision,  # noqa: E402
+                                                  unit_linears)
 from agentopt_compiler.models.registry import load_model  # noqa: E402
 
 
 @contextlib.contextmanager
 def native_half(linears: list[torch.nn.Linear], dtype: torch.dtype):
     """The region as the GPU runs it: x cast to half, a half GEMM with half weights, the output cast back."""
-    hooks, saved = [], [(layer.weight.data, None if layer.bias is None else layer.bias.data) for layer in linears]
-    try:
+    with restoring(linears) as hooks:
         for layer in linears:
             layer.to(dtype)
             hooks.append(layer.register_forward_pre_hook(lambda m, args: (args[0].to(dtype), *args[1:])))
             hooks.append(layer.register_forward_hook(lambda m, args, out: out.float()))
         yield
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for layer, (weight, bias) in zip(linears, saved):
-            layer.weight.data = weight
-            if bias is not None:
-                layer.bias.data = bias
 
 
 @contextlib.contextmanager

@@ -53,13 +53,28 @@ def _round_to(dtype: torch.dtype):
 
 
 @contextlib.contextmanager
+def restoring(linears: list[torch.nn.Linear]):
+    """Undo on exit what the body does to these linears: their weight and bias tensors, and the hooks it appends to
+    the yielded list."""
+    saved = [(layer.weight.data, None if layer.bias is None else layer.bias.data) for layer in linears]
+    hooks: list = []
+    try:
+        yield hooks
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for layer, (weight, bias) in zip(linears, saved):
+            layer.weight.data = weight
+            if bias is not None:
+                layer.bias.data = bias
+
+
+@contextlib.contextmanager
 def unit_at_precision(linears: list[torch.nn.Linear], precision: str, block: int, symmetric: bool = True):
     """Temporarily make the unit compute what the engine will: int8/int4 replace the weights by their
     quantize-dequantize round trip; fp16/bf16 emulate the half region assign_layer_precision emits (cast x, half
     weights and bias, fp32 accumulation as GPU GEMMs do, output rounded to half, cast back) on any device."""
-    saved = [(layer.weight.data, None if layer.bias is None else layer.bias.data) for layer in linears]
-    hooks = []
-    try:
+    with restoring(linears) as hooks:
         if precision in BITS:
             for layer in linears:
                 w = layer.weight.data
@@ -77,13 +92,6 @@ def unit_at_precision(linears: list[torch.nn.Linear], precision: str, block: int
         elif precision != "fp32":
             raise AgentOptError(f"unknown precision {precision!r}; candidates: fp32, fp16, bf16, int8, int4")
         yield
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for layer, (weight, bias) in zip(linears, saved):
-            layer.weight.data = weight
-            if bias is not None:
-                layer.bias.data = bias
 
 
 def _log_probs(model, batches: list[torch.Tensor]) -> list[torch.Tensor]:
