@@ -27,13 +27,14 @@ from decode import (build_ort_genai, close_systems, compile_ours, environment, l
                     measure, ort_genai_system, ours_system, paired_ratio, system)
 
 
-def plan_for(model: str, max_kl: float, work: Path):
+def plan_for(model: str, max_kl: float, work: Path, costs: dict[str, float]):
     from agentopt_compiler.analysis.calibration import calibration_batches
     from agentopt_compiler.analysis.precision import plan_precision
     from agentopt_compiler.models.registry import load_model
 
     loaded = load_model(model)
-    plan, _ = plan_precision(loaded.model, calibration_batches(loaded, None, sequences=2, length=128), max_kl=max_kl)
+    plan, _ = plan_precision(loaded.model, calibration_batches(loaded, None, sequences=2, length=128), max_kl=max_kl,
+                             costs=costs)
     plan.save(work / f"plan-kl{max_kl}.json")
     return plan
 
@@ -111,9 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     builds = {"fp32 (ours)": compile_ours(args.model, work / "fp32", context, [])}
     variants = {"int4 uniform (ours)": PrecisionPlan.uniform("int4", layers),  # symmetric blocks, the default
                 "int4 uniform asymmetric (ours)": PrecisionPlan.uniform("int4", layers, symmetric=False)}
+    from agentopt_compiler.analysis.precision import measure_backend_costs
+
+    costs = measure_backend_costs(threads=args.threads)  # once: every budget plans against the same cost model
+    log(f"cost model (ps per weight): {', '.join(f'{p} {c * 1e12:.0f}' for p, c in costs.items())}")
     for budget in map(float, args.budgets.split(",")):
         log(f"planning with --max-kl {budget}...")
-        variants[f"planned max-kl {budget} (ours)"] = plan_for(args.model, budget, work)
+        variants[f"planned max-kl {budget} (ours)"] = plan_for(args.model, budget, work, costs)
     for name, plan in variants.items():
         log(f"compiling {name}...")
         builds[name] = compile_with_plan(args.model, work / name.split(" (")[0].replace(" ", "-"), context, plan)
