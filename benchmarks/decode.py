@@ -167,10 +167,10 @@ def _serve(conn, factory: Callable[..., RunOnce], args: tuple) -> None:
 class Isolated:
     """A system run in its own process (``factory(*args)`` there), called like its run_once.
 
-    Why: in one process, every system's sessions, thread pools and allocators live side by side (ours are five
-    ORT sessions in the precision benchmark, next to torch and onnxruntime-genai), and the ratios measured that way
-    differed from those of each system alone. A worker waits on its pipe, using no CPU, while the others run; the
-    clock is read inside the worker, so the pipe's latency is not timed."""
+    Why: each system is timed as it is deployed, alone in its process, instead of beside the others' sessions,
+    thread pools and allocators (five ORT sessions of ours in the precision benchmark, next to torch and
+    onnxruntime-genai). A worker waits on its pipe, using no CPU, while the others run; the clock is read inside
+    the worker, so the pipe's latency is not timed."""
 
     def __init__(self, factory: Callable[..., RunOnce], *args):
         import multiprocessing

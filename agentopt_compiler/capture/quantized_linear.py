@@ -22,8 +22,9 @@ def quantize_blockwise(weight: torch.Tensor, bits: int, block: int, symmetric: b
     """(N, K) fp32 -> (qweight, scales, zero_points) in MatMulNBits' layout. K must be a multiple of ``block``.
 
     Asymmetric (``symmetric=False``): each block maps [min, max] (0 included) onto all 2^bits levels, with a zero
-    point. Symmetric (the default, as in plans): levels q - 2^(bits-1) around the fixed zero point 2^(bits-1) (MatMulNBits' default when the
-    zero-point input is absent); ``zero_points`` is then empty, and the engine stores none. See _symmetric_scales."""
+    point. Symmetric (the default, as in plans): levels q - 2^(bits-1) around the fixed zero point 2^(bits-1)
+    (MatMulNBits' default when the zero-point input is absent); ``zero_points`` is then empty, and the engine stores
+    none. See _symmetric_scales."""
     n, k = weight.shape
     if k % block:
         raise ValueError(f"in_features {k} is not a multiple of the block size {block}")
