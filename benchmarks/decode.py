@@ -28,6 +28,7 @@ import gc
 import json
 import os
 import platform
+import random
 import shlex
 import shutil
 import statistics
@@ -109,12 +110,23 @@ def ttft_and_rate(start: float, times: list[float]) -> tuple[float, float]:
 RunOnce = Callable[[list[int], int], tuple[float, list[int], list[float]]]
 
 
+SETTLE_S = 0.1  # pause before each timed run (see measure)
+
+
 def measure(systems: dict[str, RunOnce], prompt: list[int], new_tokens: int, repeats: int,
-            failed: Callable[[str, Exception], None]) -> list[Measurement]:
+            failed: Callable[[str, Exception], None], settle_s: float = SETTLE_S) -> list[Measurement]:
     """Time every system on one prompt: a warm-up each, then ``repeats`` rounds in which every system runs once.
 
-    Rounds interleave the systems (in a rotated order each round), so that load from other jobs on a shared machine,
-    which comes and goes, falls on all systems alike instead of on whichever one happened to run at the time.
+    Rounds interleave the systems, so that load from other jobs on a shared machine, which comes and goes, falls on
+    all systems alike instead of on whichever one happened to run at the time. Each round's order is a seeded
+    shuffle, not a rotation: a rotation keeps every system's predecessor the same in every round, and what runs just
+    before a system can change its speed (against onnxruntime-genai, ours measured ~10% lower when the two alternated
+    than when each ran back to back; cause not found), so a fixed predecessor could bias a comparison systematically.
+    Before each timed run the machine settles for ``settle_s``: a run that starts the moment its predecessor returned
+    is slowed by what that process leaves running (likely ORT's worker threads, which spin a while for more work;
+    not verified). Measured with our int4 engine and onnxruntime-genai's strictly alternating, 12 runs each: time to
+    first token 79 and 104 ms with no pause, 39-44 and 58-64 ms with 0.05-0.3 s (ours alone: 36-43 ms);
+    ours/theirs decode 0.80x with no pause, 0.90-0.92x with one.
     A system that raises is dropped (``failed`` is told) and the others go on.
     """
     live = dict(systems)
@@ -126,9 +138,9 @@ def measure(systems: dict[str, RunOnce], prompt: list[int], new_tokens: int, rep
             del live[name]
     runs: dict[str, list[tuple[float, float, list[int]]]] = {name: [] for name in live}
     for r in range(repeats):
-        names = list(live)
-        names = names[r % len(names):] + names[:r % len(names)] if names else names
+        names = random.Random(r).sample(list(live), len(live))
         for name in names:
+            time.sleep(settle_s)
             try:
                 start, ids, times = live[name](prompt, new_tokens)
             except Exception as exc:
@@ -303,14 +315,17 @@ def transformers_system(hf_dir: Path, threads: int):
     return run_once
 
 
-def build_ort_genai(hf_dir: Path, out: Path, cache: Path, precision: str = "fp32") -> dict:
-    """Run onnxruntime-genai's model builder (cpu; fp32, or int4 for the precision benchmark) in a subprocess; its
-    log goes next to the model."""
+def build_ort_genai(hf_dir: Path, out: Path, cache: Path, precision: str = "fp32",
+                    extra_options: dict | None = None) -> dict:
+    """Run onnxruntime-genai's model builder (cpu; fp32, or int4 for the precision benchmark, with its
+    ``--extra_options`` such as ``block_size``) in a subprocess; its log goes next to the model."""
     import onnxruntime_genai  # noqa: F401  (fail here, with ImportError, when the package is missing)
 
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
            "-p", precision, "-e", "cpu", "-c", str(cache)]
+    if extra_options:
+        cmd += ["--extra_options", *(f"{k}={v}" for k, v in extra_options.items())]
     log_path = out.parent / f"{out.name}.build.log"
     started = time.perf_counter()
     with open(log_path, "w") as f:

@@ -3,7 +3,11 @@
 mixed precision, one run.
 
     python benchmarks/precision.py                     # ref-60m, 128-token prompt, 64 new tokens
+    python benchmarks/precision.py --block-sizes 32,64,128    # also uniform int4 at larger blocks, ours and theirs
     python benchmarks/precision.py --model tiny-random --new-tokens 8 --repeats 1     # smoke run
+
+Larger blocks store fewer scales (int4 at block 32 reads 5 bits per weight, at 128 4.25) and so decode faster, at
+more error: they show what each quantizer gives at equal measured KL, not only at equal block size.
 
 Per system: engine size, decode tokens/s (median of --repeats, interleaved, same threads; against onnxruntime-genai
 also the median of the per-round ratios), and quality against fp32:
@@ -95,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budgets", default="0.01,0.1", help="max-kl budgets of our planned variants")
+    parser.add_argument("--block-sizes", default="32",
+                        help="block sizes of uniform int4, ours and onnxruntime-genai's (the first is the baseline)")
     parser.add_argument("--work-dir", default="bench_out/precision")
     parser.add_argument("--json", default=None)
     parser.add_argument("--shared-process", dest="isolate", action="store_false",
@@ -110,8 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model(args.model)
     layers = loaded.config.num_layers
     builds = {"fp32 (ours)": compile_ours(args.model, work / "fp32", context, [])}
-    variants = {"int4 uniform (ours)": PrecisionPlan.uniform("int4", layers),  # symmetric blocks, the default
-                "int4 uniform asymmetric (ours)": PrecisionPlan.uniform("int4", layers, symmetric=False)}
+    blocks = [int(b) for b in args.block_sizes.split(",")]
+    variants = {"int4 uniform (ours)": PrecisionPlan.uniform("int4", layers, blocks[0]),  # symmetric, the default
+                "int4 uniform asymmetric (ours)": PrecisionPlan.uniform("int4", layers, blocks[0], symmetric=False)}
+    for block in blocks[1:]:
+        variants[f"int4 uniform block {block} (ours)"] = PrecisionPlan.uniform("int4", layers, block)
     from agentopt_compiler.analysis.precision import measure_backend_costs
 
     costs = measure_backend_costs(threads=args.threads)  # once: every budget plans against the same cost model
@@ -125,14 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     systems = {name: system(args.isolate, ours_system, Path(info["folder"]), args.threads)
                for name, info in builds.items()}
     hf = save_as_hf_folder(loaded.model, work / "hf", loaded.tokenizer_dir)
-    try:
-        builds["onnxruntime-genai int4"] = build_ort_genai(hf, work / "ort-genai-int4", work / "cache",
-                                                           precision="int4")
-        systems["onnxruntime-genai int4"] = system(args.isolate, ort_genai_system,
-                                                   Path(builds["onnxruntime-genai int4"]["folder"]), args.threads,
-                                                   context, loaded.config.vocab_size - 1)
-    except Exception as exc:  # a missing peer is reported, not fatal
-        log(f"onnxruntime-genai int4 unavailable: {exc}")
+    for i, block in enumerate(blocks):
+        name = "onnxruntime-genai int4" + ("" if i == 0 else f" block {block}")
+        try:
+            builds[name] = build_ort_genai(hf, work / f"ort-genai-int4-b{block}", work / "cache", precision="int4",
+                                           extra_options={"block_size": block})
+            systems[name] = system(args.isolate, ort_genai_system, Path(builds[name]["folder"]), args.threads,
+                                   context, loaded.config.vocab_size - 1)
+        except Exception as exc:  # a missing peer is reported, not fatal
+            log(f"{name} unavailable: {exc}")
     prompt = make_prompt(args.prompt_length, loaded.config.vocab_size, {loaded.config.vocab_size - 1}, seed=0)
     results = measure(systems, prompt, args.new_tokens, args.repeats, lambda n, e: log(f"{n} failed: {e}"))
     close_systems(systems)
@@ -149,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     fp32_rate = reference.decode_tokens_per_s
     genai_runs = next((r["rates"] for r in rows if r["system"] == "onnxruntime-genai int4"), None)
     print(f"precision benchmark, {args.model}, prompt {args.prompt_length}, {args.new_tokens} new tokens, "
-          f"{args.threads} threads, median of {args.repeats}, "
+          f"{args.threads} threads, median of {args.repeats}, int4 block {blocks[0]} unless named, "
           f"{'each system in its own worker process' if args.isolate else 'every system in one process'}; "
           f"{json.dumps(environment(args.threads)['versions'])}\n")
     print("| system | size (MiB) | decode tok/s | vs fp32 | vs onnxruntime-genai int4, paired | KL vs fp32 | "
