@@ -114,7 +114,7 @@ SETTLE_S = 0.1  # pause before each timed run (see measure)
 
 
 def measure(systems: dict[str, RunOnce], prompt: list[int], new_tokens: int, repeats: int,
-            failed: Callable[[str, Exception], None], settle_s: float = SETTLE_S) -> list[Measurement]:
+            failed: Callable[[str, Exception], None]) -> list[Measurement]:
     """Time every system on one prompt: a warm-up each, then ``repeats`` rounds in which every system runs once.
 
     Rounds interleave the systems, so that load from other jobs on a shared machine, which comes and goes, falls on
@@ -122,7 +122,7 @@ def measure(systems: dict[str, RunOnce], prompt: list[int], new_tokens: int, rep
     shuffle, not a rotation: a rotation keeps every system's predecessor the same in every round, and what runs just
     before a system can change its speed (against onnxruntime-genai, ours measured ~10% lower when the two alternated
     than when each ran back to back; cause not found), so a fixed predecessor could bias a comparison systematically.
-    Before each timed run the machine settles for ``settle_s``: a run that starts the moment its predecessor returned
+    Before each timed run the machine settles for ``SETTLE_S``: a run that starts the moment its predecessor returned
     is slowed by what that process leaves running (likely ORT's worker threads, which spin a while for more work;
     not verified). Measured with our int4 engine and onnxruntime-genai's strictly alternating, 12 runs each: time to
     first token 79 and 104 ms with no pause, 39-44 and 58-64 ms with 0.05-0.3 s (ours alone: 36-43 ms);
@@ -140,7 +140,7 @@ def measure(systems: dict[str, RunOnce], prompt: list[int], new_tokens: int, rep
     for r in range(repeats):
         names = random.Random(r).sample(list(live), len(live))
         for name in names:
-            time.sleep(settle_s)
+            time.sleep(SETTLE_S)
             try:
                 start, ids, times = live[name](prompt, new_tokens)
             except Exception as exc:
