@@ -13,8 +13,9 @@ Per system: engine size, decode tokens/s (median of --repeats, interleaved, same
 also the median of the per-round ratios), and quality against fp32:
 mean KL(fp32 || system) per token and top-1 agreement, teacher-forced on held-out random tokens for our engines
 (``measure_fidelity``) and for onnxruntime-genai (the same held-out tokens appended one at a time, its logits read
-after each), and greedy-token agreement with fp32 over the generated tokens for every system. ref-60m has random weights, so KL here measures numerical damage, not
-task quality (benchmarks/agent_quality.py measures that on agent-tiny).
+after each), and greedy-token agreement with fp32 over the generated tokens for every system. ref-60m has random
+weights, so KL here measures numerical damage, not task quality (benchmarks/agent_quality.py measures that on
+agent-tiny).
 Not a test: run it by hand. Markdown to stdout, ``--json`` for the numbers.
 """
 

@@ -5,8 +5,8 @@ import pytest
 import agentopt_compiler as ao
 from agentopt_compiler.analysis.calibration import calibration_batches
 from agentopt_compiler.analysis.precision import (Option, choose, choose_greedily, measure_backend_costs,
-                                                  measure_fidelity, measure_sensitivity, plan_precision, unit_at_precision,
-                                                  unit_linears)
+                                                  measure_fidelity, measure_sensitivity, plan_precision,
+                                                  unit_at_precision, unit_linears)
 from agentopt_compiler.cli.main import main
 from agentopt_compiler.errors import AgentOptError
 from agentopt_compiler.models.registry import load_model
