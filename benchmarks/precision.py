@@ -4,6 +4,8 @@ mixed precision, one run.
 
     python benchmarks/precision.py                     # ref-60m, 128-token prompt, 64 new tokens
     python benchmarks/precision.py --block-sizes 32,64,128    # also uniform int4 at larger blocks, ours and theirs
+    python benchmarks/precision.py --candidates "fp32,int8,int4;fp32,int8,int4,int4@64,int4@128"   # + plans that
+                                                               # may give each unit its own block size
     python benchmarks/precision.py --model tiny-random --new-tokens 8 --repeats 1     # smoke run
 
 Larger blocks store fewer scales (int4 at block 32 reads 5 bits per weight, at 128 4.25) and so decode faster, at
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -32,15 +35,15 @@ from decode import (build_ort_genai, close_systems, compile_ours, environment, l
                     measure, ort_genai_system, ours_system, paired_ratio, system)
 
 
-def plan_for(model: str, max_kl: float, work: Path, costs: dict[str, float]):
+def plan_for(model: str, max_kl: float, work: Path, costs: dict[str, float], candidates: list[str]):
     from agentopt_compiler.analysis.calibration import calibration_batches
     from agentopt_compiler.analysis.precision import plan_precision
     from agentopt_compiler.models.registry import load_model
 
     loaded = load_model(model)
     plan, _ = plan_precision(loaded.model, calibration_batches(loaded, None, sequences=2, length=128), max_kl=max_kl,
-                             costs=costs)
-    plan.save(work / f"plan-kl{max_kl}.json")
+                             candidates=candidates, costs=costs)
+    plan.save(work / f"plan-kl{max_kl}-{'-'.join(candidates)}.json")
     return plan
 
 
@@ -100,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budgets", default="0.01,0.1", help="max-kl budgets of our planned variants")
+    parser.add_argument("--candidates", default="fp32,int8,int4",
+                        help="the plans' candidate precisions; ';' separates sets, each planned at every budget "
+                             "(e.g. 'fp32,int8,int4;fp32,int8,int4,int4@64,int4@128': per-unit block sizes)")
     parser.add_argument("--block-sizes", default="32",
                         help="block sizes of uniform int4, ours and onnxruntime-genai's (the first is the baseline)")
     parser.add_argument("--work-dir", default="bench_out/precision")
@@ -124,14 +130,19 @@ def main(argv: list[str] | None = None) -> int:
         variants[f"int4 uniform block {block} (ours)"] = PrecisionPlan.uniform("int4", layers, block)
     from agentopt_compiler.analysis.precision import measure_backend_costs
 
-    costs = measure_backend_costs(threads=args.threads)  # once: every budget plans against the same cost model
+    candidate_sets = [[c.strip() for c in group.split(",")] for group in args.candidates.split(";")]
+    every_candidate = list(dict.fromkeys(c for group in candidate_sets for c in group))
+    # once: every budget plans against the same cost model
+    costs = measure_backend_costs(threads=args.threads, candidates=every_candidate)
     log(f"cost model (ps per weight): {', '.join(f'{p} {c * 1e12:.0f}' for p, c in costs.items())}")
-    for budget in map(float, args.budgets.split(",")):
-        log(f"planning with --max-kl {budget}...")
-        variants[f"planned max-kl {budget} (ours)"] = plan_for(args.model, budget, work, costs)
+    for candidates in candidate_sets:
+        extra = "" if len(candidate_sets) == 1 else f", {'/'.join(candidates)}"
+        for budget in map(float, args.budgets.split(",")):
+            log(f"planning with --max-kl {budget}, candidates {','.join(candidates)}...")
+            variants[f"planned max-kl {budget}{extra} (ours)"] = plan_for(args.model, budget, work, costs, candidates)
     for name, plan in variants.items():
         log(f"compiling {name}...")
-        builds[name] = compile_with_plan(args.model, work / name.split(" (")[0].replace(" ", "-"), context, plan)
+        builds[name] = compile_with_plan(args.model, work / re.sub(r"[^\w.]+", "-", name.split(" (")[0]), context, plan)
     systems = {name: system(args.isolate, ours_system, Path(info["folder"]), args.threads)
                for name, info in builds.items()}
     hf = save_as_hf_folder(loaded.model, work / "hf", loaded.tokenizer_dir)

@@ -1,10 +1,12 @@
 """Choosing a per-layer precision plan from measured sensitivity (``agentopt plan precision``).
 
-1. Measure: for each unit (see passes/precision_plan.py) and each candidate precision, quantize that unit alone
-   (the same block-wise quantization the engine uses) and measure on calibration tokens what it costs against fp32:
-   mean KL(fp32 || quantized) of the next-token distributions, and top-1 agreement.
-2. Cost: bytes of each unit's weights at each precision, times a per-precision time per weight element measured on
-   the backend (ORT CPU: fp32 MatMul vs MatMulNBits at accuracy level 4) — the decode-time model is itself measured.
+1. Measure: for each unit (see passes/precision_plan.py) and each candidate precision (int8/int4 at the plan's block
+   size, or at their own: ``int4@128``), quantize that unit alone (the same block-wise quantization the engine uses)
+   and measure on calibration tokens what it costs against fp32: mean KL(fp32 || quantized) of the next-token
+   distributions, and top-1 agreement.
+2. Cost: bytes of each unit's weights at each precision, times a per-candidate time per weight element measured on
+   the backend (ORT CPU: fp32 MatMul vs MatMulNBits at accuracy level 4 and the candidate's block size) — the
+   decode-time model is itself measured.
 3. Choose: minimize total cost subject to the budget (sum of per-unit KL <= max_kl; or average bits <= target_bits,
    minimizing KL; or sum of top-1 losses <= 1 - min_top1). Errors of different units are treated as additive; the
    fidelity check on the compiled engine (``measure_fidelity``) reports how well that held. The choice is a
@@ -24,7 +26,7 @@ import torch
 
 from ..errors import AgentOptError
 from ..passes.assign_layer_precision import HALF_DTYPES
-from ..passes.precision_plan import BITS, PrecisionPlan, unit_of, units_of_model
+from ..passes.precision_plan import BITS, PrecisionPlan, parse_precision, unit_of, units_of_model
 from ..capture.quantized_linear import dequantize_blockwise, quantize_blockwise
 
 CPU_CANDIDATES = ("fp32", "int8", "int4")
@@ -33,7 +35,7 @@ CPU_CANDIDATES = ("fp32", "int8", "int4")
 @dataclass
 class Option:
     unit: str
-    precision: str
+    precision: str  # a plan value: "fp32", "int8", "int4@128", ...
     kl: float
     top1: float
     bytes: int
@@ -111,8 +113,10 @@ def _compare(reference: list[torch.Tensor], other: list[torch.Tensor]) -> tuple[
 
 
 def measure_backend_costs(weights_mib: int = 256, shape: tuple[int, int] = (1024, 1024), repeats: int = 9,
-                          threads: int | None = None, symmetric: bool = True) -> dict[str, float]:
-    """Seconds per weight element of decode-shaped products, (1, K) x (K, N), on ORT CPU, per precision.
+                          threads: int | None = None, symmetric: bool = True,
+                          candidates: Iterable[str] = CPU_CANDIDATES, block: int = 32) -> dict[str, float]:
+    """Seconds per weight element of decode-shaped products, (1, K) x (K, N), on ORT CPU, per candidate precision
+    (int8/int4 at ``block`` or at their own block size, ``int4@128``; fp16/bf16 run as fp32 there and are not timed).
 
     Decode streams every weight from memory once per token, so the products read ``weights_mib`` of fp32 weights
     (distinct matrices, more than a last-level cache holds; int8/int4 read their own bytes of the same count): one
@@ -130,7 +134,10 @@ def measure_backend_costs(weights_mib: int = 256, shape: tuple[int, int] = (1024
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, k)).astype(np.float32)
     sessions = {}
-    for precision in CPU_CANDIDATES:  # the values do not matter for the time: random weights and codes
+    timed = ["fp32"] + [c for c in dict.fromkeys(candidates) if parse_precision(c)[0] in BITS]
+    for candidate in timed:  # the values do not matter for the time: random weights and codes
+        precision, own_block = parse_precision(candidate)
+        blk = own_block or block
         nodes, inits = [], []
         for i in range(count):
             if precision == "fp32":
@@ -138,12 +145,12 @@ def measure_backend_costs(weights_mib: int = 256, shape: tuple[int, int] = (1024
                 inits.append(numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32), f"w{i}"))
                 continue
             bits = BITS[precision]
-            arrays = {f"q{i}": rng.integers(0, 256, (n, k // 32, 32 * bits // 8), dtype=np.uint8),
-                      f"s{i}": rng.uniform(0.01, 0.1, (n * k // 32,)).astype(np.float32)}
+            arrays = {f"q{i}": rng.integers(0, 256, (n, k // blk, blk * bits // 8), dtype=np.uint8),
+                      f"s{i}": rng.uniform(0.01, 0.1, (n * k // blk,)).astype(np.float32)}
             if not symmetric:
-                arrays[f"z{i}"] = np.full((n * ((k // 32 * bits + 7) // 8),), 0x88, dtype=np.uint8)
+                arrays[f"z{i}"] = np.full((n * ((k // blk * bits + 7) // 8),), 0x88, dtype=np.uint8)
             nodes.append(helper.make_node("MatMulNBits", ["x", *arrays], [f"y{i}"], domain="com.microsoft", K=k, N=n,
-                                          bits=bits, block_size=32, accuracy_level=4))
+                                          bits=bits, block_size=blk, accuracy_level=4))
             inits += [numpy_helper.from_array(a, name) for name, a in arrays.items()]
         graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
                                   [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, n])
@@ -153,9 +160,9 @@ def measure_backend_costs(weights_mib: int = 256, shape: tuple[int, int] = (1024
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        sessions[precision] = ort.InferenceSession(model.SerializeToString(), options,
+        sessions[candidate] = ort.InferenceSession(model.SerializeToString(), options,
                                                    providers=["CPUExecutionProvider"])
-        sessions[precision].run(None, {"x": x})
+        sessions[candidate].run(None, {"x": x})
     times: dict[str, list[float]] = {p: [] for p in sessions}
     for _ in range(repeats):
         for precision, session in sessions.items():
@@ -166,6 +173,8 @@ def measure_backend_costs(weights_mib: int = 256, shape: tuple[int, int] = (1024
 
 
 def _unit_bytes(linears: list[torch.nn.Linear], precision: str, block: int, symmetric: bool = True) -> int:
+    precision, own_block = parse_precision(precision)
+    block = own_block or block
     elements = sum(layer.weight.numel() for layer in linears)
     if precision in BITS:  # + an fp32 scale per block, and (asymmetric) a zero point
         return elements * BITS[precision] // 8 + elements // block * (4 if symmetric else 5)
@@ -182,23 +191,33 @@ def measure_sensitivity(model, batches: list[torch.Tensor], candidates: Iterable
     missing = set(units_of_model(model.config.num_layers)) - set(units)
     if missing:
         raise AgentOptError(f"model has no linear layers for units {sorted(missing)[:3]}")
-    costs = costs or measure_backend_costs(symmetric=symmetric)
-    reference = _log_probs(model, batches)
     candidates = list(candidates)
+    for candidate in candidates:
+        parse_precision(candidate)  # an unknown one fails here, before any measuring
+    costs = costs or measure_backend_costs(symmetric=symmetric, candidates=candidates, block=block)
+    missing_costs = [c for c in candidates if parse_precision(c)[0] in BITS and c not in costs]
+    if missing_costs:
+        raise AgentOptError(f"the cost model has no time for {missing_costs}; measure it with "
+                            "measure_backend_costs(candidates=...)")
+    reference = _log_probs(model, batches)
     total, done, options = len(units) * len(candidates), 0, []
     for unit, linears in units.items():
         elements = sum(layer.weight.numel() for layer in linears)
         for precision in candidates:
-            if precision == "fp32":
-                kl, top1 = 0.0, 1.0
-            else:
-                with unit_at_precision(linears, precision, block, symmetric):
-                    kl, top1 = _compare(reference, _log_probs(model, batches))
-            # ORT CPU runs fp16/bf16 units in fp32 (assign_layer_precision keeps them fp32 there): fp32 cost
-            cost = elements * costs.get(precision, costs["fp32"])
-            options.append(Option(unit, precision, max(kl, 0.0), top1,
-                                  _unit_bytes(linears, precision, block, symmetric), cost))
             done += 1
+            bare, own_block = parse_precision(precision)
+            blk = own_block or block
+            # blocks must tile the in-features, else the engine keeps the unit fp32: no such option
+            if bare not in BITS or not any(layer.weight.shape[1] % blk for layer in linears):
+                if bare == "fp32":
+                    kl, top1 = 0.0, 1.0
+                else:
+                    with unit_at_precision(linears, bare, blk, symmetric):
+                        kl, top1 = _compare(reference, _log_probs(model, batches))
+                # ORT CPU runs fp16/bf16 units in fp32 (assign_layer_precision keeps them fp32 there): fp32 cost
+                cost = elements * costs.get(precision, costs["fp32"])
+                options.append(Option(unit, precision, max(kl, 0.0), top1,
+                                      _unit_bytes(linears, precision, block, symmetric), cost))
             if progress:
                 progress(done, total, f"{unit} {precision}")
     return options

@@ -21,9 +21,11 @@ def add_parser(sub) -> None:
     budget.add_argument("--target-bits", type=float, help="average bits per weight allowed")
     budget.add_argument("--min-top1", type=float, help="top-1 agreement with fp32 required")
     q.add_argument("--candidates", default="fp32,int8,int4",
-                   help="precisions to consider, from fp32,fp16,bf16,int8,int4 (fp16/bf16: scored by emulating the "
-                        "GPU's half region; on ONNX Runtime CPU they run, and cost, as fp32)")
-    q.add_argument("--block-size", type=int, default=32)
+                   help="precisions to consider, from fp32,fp16,bf16,int8,int4; int8/int4 at a block size of their "
+                        "own as int4@128 (larger blocks: fewer scale bytes and faster decode, more error); "
+                        "fp16/bf16: scored by emulating the GPU's half region; on ONNX Runtime CPU they run, and "
+                        "cost, as fp32")
+    q.add_argument("--block-size", type=int, default=32, help="block size of int8/int4 candidates that name none")
     q.add_argument("--asymmetric", action="store_true",
                    help="int8/int4 blocks with zero points (default: symmetric blocks, no zero points: a smaller "
                         "engine at about the same error)")

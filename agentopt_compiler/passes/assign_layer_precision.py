@@ -21,7 +21,8 @@ Before:                                   After (a unit planned fp16):
 Only the planned linears change: norms, softmax/attention, residual adds and every unit the plan leaves fp32 stay
 fp32 islands, and the explicit casts make the ONNX strongly typed, so TensorRT's strong typing and ORT CUDA run
 exactly the planned precision. On ONNX Runtime CPU (no faster fp16/bf16 kernels) such units are kept fp32 and the
-pass says so in its notes. Units whose in-features are not a multiple of the block size are kept fp32, with a note.
+pass says so in its notes. A unit's block is its own when the plan names one (``int4@128``), else the plan's
+``block_size``; units whose in-features are not a multiple of it are kept fp32, with a note.
 """
 
 from __future__ import annotations
@@ -104,12 +105,12 @@ class AssignLayerPrecision(GraphPass):
             owner, leaf = owner_of(gm, weight_node.target)
             weight = getattr(owner, leaf).detach()
             n_out, k_in = weight.shape
-            if k_in % self.plan.block_size:
-                notes.append(f"{unit}: in_features {k_in} is not a multiple of block {self.plan.block_size}; fp32")
+            block = self.plan.block_of(unit)
+            if k_in % block:
+                notes.append(f"{unit}: in_features {k_in} is not a multiple of block {block}; fp32")
                 continue
             bits = BITS[precision]
-            qweight, scales, zero_points = quantize_blockwise(weight, bits, self.plan.block_size,
-                                                              self.plan.symmetric)
+            qweight, scales, zero_points = quantize_blockwise(weight, bits, block, self.plan.symmetric)
             owner.register_buffer(f"{leaf}_q{bits}", qweight)
             owner.register_buffer(f"{leaf}_scales", scales)
             owner.register_buffer(f"{leaf}_zero_points", zero_points)
@@ -117,7 +118,7 @@ class AssignLayerPrecision(GraphPass):
                 buffers = [graph.get_attr(f"{weight_node.target}_{suffix}")
                            for suffix in (f"q{bits}", "scales", "zero_points")]
                 quantized = graph.call_function(torch.ops.agentopt.weight_only_linear.default,
-                                                (node.args[0], *buffers, bits, self.plan.block_size, k_in))
+                                                (node.args[0], *buffers, bits, block, k_in))
                 quantized.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
                 result = quantized
                 if len(node.args) > 2 and node.args[2] is not None:

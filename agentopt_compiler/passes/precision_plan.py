@@ -7,10 +7,11 @@ Units are groups of linear layers that are quantized together:
     layers.{i}.mlp_down     down projection
     lm_head                 output projection
 Precisions: ``fp32``, ``fp16``, ``bf16``, ``int8``, ``int4`` (int8/int4: weight-only, block-wise, see
-capture/quantized_linear.py). Units a plan does not name stay fp32.
+capture/quantized_linear.py), at the plan's ``block_size`` or, written ``int4@128``, at a block size of the unit's own
+(larger blocks store fewer scales and decode faster, at more error). Units a plan does not name stay fp32.
 
     {"format": "agentopt-precision-plan", "version": 1, "block_size": 32, "symmetric": true,
-     "units": {"layers.0.mlp_down": "int4", "lm_head": "int8"},
+     "units": {"layers.0.mlp_down": "int4", "layers.0.mlp_gate_up": "int4@128", "lm_head": "int8"},
      "budget": {"max_kl": 0.02}, "predicted": {"kl": 0.015, "top1": 0.97}}
 """
 
@@ -25,6 +26,7 @@ from ..errors import AgentOptError
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 BITS = {"int8": 8, "int4": 4}
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # what MatMulNBits takes (a power of two, at least 16)
 FORMAT = "agentopt-precision-plan"
 
 _UNIT_OF_MODULE = (
@@ -45,6 +47,20 @@ def unit_of(module_path: str) -> str | None:
     return None
 
 
+def parse_precision(value: str) -> tuple[str, int | None]:
+    """'int4@128' -> ('int4', 128); 'int8' -> ('int8', None): the plan's block size. Raises on anything else."""
+    precision, at, block = value.partition("@")
+    if precision not in PRECISIONS:
+        raise AgentOptError(f"unknown precision {value!r}; use one of {', '.join(PRECISIONS)} (int8/int4 may name a "
+                            "block size, e.g. int4@128)")
+    if not at:
+        return precision, None
+    if precision not in BITS or not block.isdigit() or int(block) not in BLOCK_SIZES:
+        raise AgentOptError(f"bad precision {value!r}: only int8/int4 take a block size, one of "
+                            f"{', '.join(map(str, BLOCK_SIZES))} (e.g. int4@128)")
+    return precision, int(block)
+
+
 def units_of_model(num_layers: int) -> list[str]:
     per_layer = ("attn_qkv", "attn_o", "mlp_gate_up", "mlp_down")
     return [f"layers.{i}.{u}" for i in range(num_layers) for u in per_layer] + ["lm_head"]
@@ -52,7 +68,7 @@ def units_of_model(num_layers: int) -> list[str]:
 
 @dataclass
 class PrecisionPlan:
-    units: dict[str, str] = field(default_factory=dict)  # unit -> precision
+    units: dict[str, str] = field(default_factory=dict)  # unit -> precision, e.g. "int4" or "int4@128"
     block_size: int = 32
     budget: dict = field(default_factory=dict)  # what the plan was chosen to meet, e.g. {"max_kl": 0.02}
     predicted: dict = field(default_factory=dict)  # what the analysis predicts for the whole plan
@@ -60,11 +76,13 @@ class PrecisionPlan:
     symmetric: bool = True
 
     def __post_init__(self):
-        bad = {u: p for u, p in self.units.items() if p not in PRECISIONS}
-        if bad:
-            raise AgentOptError(f"precision plan has unknown precisions {bad}; use one of {', '.join(PRECISIONS)}")
-        if self.block_size not in (16, 32, 64, 128, 256):
-            raise AgentOptError(f"block_size must be 16, 32, 64, 128 or 256, got {self.block_size}")
+        for unit, value in self.units.items():
+            try:
+                parse_precision(value)
+            except AgentOptError as exc:
+                raise AgentOptError(f"precision plan, unit {unit}: {exc}") from None
+        if self.block_size not in BLOCK_SIZES:
+            raise AgentOptError(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
 
     @classmethod
     def uniform(cls, precision: str, num_layers: int, block_size: int = 32, lm_head: str | None = None,
@@ -75,7 +93,12 @@ class PrecisionPlan:
         return cls(units, block_size, symmetric=symmetric)
 
     def precision_of(self, unit: str | None) -> str:
-        return self.units.get(unit, "fp32") if unit else "fp32"
+        """The unit's precision without its block size ('int4@128' -> 'int4'); fp32 for units the plan omits."""
+        return parse_precision(self.units.get(unit, "fp32"))[0] if unit else "fp32"
+
+    def block_of(self, unit: str | None) -> int:
+        """The unit's int8/int4 block size: its own (int4@128) or the plan's."""
+        return (parse_precision(self.units.get(unit, "fp32"))[1] if unit else None) or self.block_size
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "version": 1, "block_size": self.block_size, "symmetric": self.symmetric,

@@ -12,7 +12,7 @@ from agentopt_compiler.errors import AgentOptError
 from agentopt_compiler.models.registry import load_model
 
 # fixed, so the tests do not depend on a timing (fp16/bf16 fall back to fp32's, as on ORT CPU)
-FLAT_COSTS = {"fp32": 4.0, "int8": 1.0, "int4": 0.5}
+FLAT_COSTS = {"fp32": 4.0, "int8": 1.0, "int4": 0.5, "int4@128": 0.4}
 
 
 def test_dynamic_programming_beats_greedy_where_greedy_is_wrong():
@@ -150,3 +150,27 @@ def test_cost_model_runs_every_candidate_in_ort(symmetric):
     # shape); what the times are is the benchmark's business, not a test's
     costs = measure_backend_costs(weights_mib=8, shape=(256, 512), repeats=1, threads=1, symmetric=symmetric)
     assert set(costs) == {"fp32", "int8", "int4"} and all(c > 0 for c in costs.values())
+
+
+def test_units_can_be_planned_at_their_own_block_size():
+    """int4@128 is measured with 128-blocks (more error than 32-blocks, fewer scale bytes), and a plan may pick it."""
+    loaded = load_model("tiny-random")
+    batches = calibration_batches(loaded, None, sequences=1, length=32)
+    options = measure_sensitivity(loaded.model, batches, ("fp32", "int4", "int4@128"), costs=FLAT_COSTS)
+    by = {(o.unit, o.precision): o for o in options}
+    down = ("layers.0.mlp_down", "int4"), ("layers.0.mlp_down", "int4@128")  # in-features 128
+    elements = sum(layer.weight.numel() for layer in unit_linears(loaded.model)["layers.0.mlp_down"])
+    assert by[down[0]].bytes - by[down[1]].bytes == elements // 32 * 4 - elements // 128 * 4
+    assert by[down[1]].kl > by[down[0]].kl
+    assert ("layers.0.attn_qkv", "int4@128") not in by  # in-features 64: 128-blocks do not tile it, no option
+    plan, _ = plan_precision(loaded.model, batches, max_kl=1.0, candidates=("fp32", "int4", "int4@128"),
+                             costs=FLAT_COSTS)
+    assert "int4@128" in plan.units.values()  # the cheapest, and the budget allows it where it applies
+    with pytest.raises(AgentOptError, match=r"no time for \['int4@64'\]"):
+        measure_sensitivity(loaded.model, batches, ("fp32", "int4@64"), costs=FLAT_COSTS)
+
+
+def test_cost_model_times_each_block_size():
+    costs = measure_backend_costs(weights_mib=8, shape=(256, 512), repeats=1, threads=1,
+                                  candidates=("fp32", "int4", "int4@128", "int8@64"))
+    assert set(costs) == {"fp32", "int4", "int4@128", "int8@64"} and all(c > 0 for c in costs.values())

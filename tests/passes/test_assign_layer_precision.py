@@ -82,8 +82,15 @@ def test_units():
     assert unit_of("layers.3.self_attn.qkv_proj") == "layers.3.attn_qkv"
     assert unit_of("layers.3.mlp.up_proj") == "layers.3.mlp_gate_up" and unit_of("lm_head") == "lm_head"
     assert unit_of("embed_tokens") is None
-    with pytest.raises(AgentOptError, match="unknown precisions"):
+    with pytest.raises(AgentOptError, match="unit lm_head: unknown precision 'int3'"):
         PrecisionPlan({"lm_head": "int3"})
+    for bad in ("int4@48", "fp16@64", "int4@"):
+        with pytest.raises(AgentOptError, match="int4@128"):  # the message shows the form that works
+            PrecisionPlan({"lm_head": bad})
+    plan = PrecisionPlan({"lm_head": "int4@128", "layers.0.mlp_down": "int8"}, block_size=64)
+    assert (plan.precision_of("lm_head"), plan.block_of("lm_head")) == ("int4", 128)
+    assert (plan.precision_of("layers.0.mlp_down"), plan.block_of("layers.0.mlp_down")) == ("int8", 64)
+    assert PrecisionPlan.load(plan.to_dict()) == plan
 
 
 def test_applies_the_plan_unit_by_unit(tiny_model):
@@ -133,6 +140,34 @@ def test_symmetric_plan_engine_has_no_zero_points_and_tracks_its_reference(tmp_p
     ids = np.random.default_rng(2).integers(0, 300, size=(1, 10))
     with torch.no_grad():
         expected = program.module(torch.from_numpy(ids), torch.arange(10)[None], torch.tensor([9])).numpy()
+    logits = engine.session.run(ids, np.arange(10))
+    assert np.abs(logits - expected).max() <= 0.05 * np.abs(expected).max()
+
+
+def test_a_unit_can_have_its_own_block_size(tmp_path):
+    """int4@128 on one unit, the plan's block 32 on another: each gets its own scales, MatMulNBits block_size and the
+    engine tracks the eager reference; a block that does not divide the in-features keeps that unit fp32."""
+    import onnx
+
+    plan = PrecisionPlan({"layers.0.mlp_down": "int4@128", "layers.1.mlp_down": "int4",
+                          "layers.0.attn_qkv": "int4@128"})  # qkv in-features 64: no 128-blocks
+    from agentopt_compiler.models.registry import load_model
+
+    program, _ = default_pipeline().run(capture(load_model("tiny-random").model, 32))
+    gm = program.module
+    result = AssignLayerPrecision(plan)(gm)
+    assert result.stats == {"int4_linears": 2}
+    assert any("layers.0.attn_qkv: in_features 64 is not a multiple of block 128" in n for n in result.notes)
+    blocks = sorted(n.args[5] for n in gm.graph.nodes if str(n.target) == "agentopt.weight_only_linear.default")
+    assert blocks == [32, 128]
+
+    engine = ao.compile("tiny-random", out=tmp_path / "b", context_length=32, precision_plan=plan)
+    nbits = [n for n in onnx.load(str(tmp_path / "b" / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert sorted(next(a.i for a in n.attribute if a.name == "block_size") for n in nbits) == [32, 128]
+    reference, _ = default_pipeline(precision=plan).run(capture(load_model("tiny-random").model, 32))
+    ids = np.random.default_rng(3).integers(0, 300, size=(1, 10))
+    with torch.no_grad():
+        expected = reference.module(torch.from_numpy(ids), torch.arange(10)[None], torch.tensor([9])).numpy()
     logits = engine.session.run(ids, np.arange(10))
     assert np.abs(logits - expected).max() <= 0.05 * np.abs(expected).max()
 
