@@ -107,21 +107,27 @@ def test_applies_the_plan_unit_by_unit(tiny_model):
     assert not AssignLayerPrecision(None)(program.module).modified
 
 
+def _engine_and_quantized_reference(engine, plan, seed: int):
+    """Logits of a tiny-random engine compiled with ``plan`` and of its eager reference (the pipeline's graph, whose
+    weight_only_linear computes with the same dequantized weights in fp32), on 10 random tokens; asserts they are
+    close (MatMulNBits at accuracy level 4 quantizes activations to int8 per block: close, not bit-equal)."""
+    from agentopt_compiler.models.registry import load_model
+
+    program, _ = default_pipeline(precision=plan).run(capture(load_model("tiny-random").model, 32))
+    ids = np.random.default_rng(seed).integers(0, 300, size=(1, 10))
+    with torch.no_grad():
+        expected = program.module(torch.from_numpy(ids), torch.arange(10)[None], torch.tensor([9])).numpy()
+    logits = engine.session.run(ids, np.arange(10))
+    assert np.abs(logits - expected).max() <= 0.05 * np.abs(expected).max()
+    return logits, expected
+
+
 def test_engine_with_a_plan_tracks_its_quantized_eager_reference(tmp_path):
     plan = PrecisionPlan.uniform("int4", 2, lm_head="int8")
     engine = ao.compile("tiny-random", out=tmp_path / "q", context_length=32, precision_plan=plan)
     ops = {layer["op"] for layer in engine.manifest["engine"]["attention"]["layers"]}
     assert ops == {"GroupQueryAttention"} and engine.manifest["precision_plan"]["units"]["lm_head"] == "int8"
-    from agentopt_compiler.models.registry import load_model
-
-    program, _ = default_pipeline(precision=plan).run(capture(load_model("tiny-random").model, 32))
-    reference = program.module  # eager weight_only_linear: the same dequantized weights in fp32
-    ids = np.random.default_rng(0).integers(0, 300, size=(1, 10))
-    with torch.no_grad():
-        expected = reference(torch.from_numpy(ids), torch.arange(10)[None], torch.tensor([9])).numpy()
-    logits = engine.session.run(ids, np.arange(10))
-    # MatMulNBits at accuracy level 4 quantizes activations to int8 per block: close, not bit-equal
-    assert np.abs(logits - expected).max() <= 0.05 * np.abs(expected).max()
+    logits, expected = _engine_and_quantized_reference(engine, plan, seed=0)
     assert logits.argmax() == expected.argmax()
 
 
@@ -134,14 +140,7 @@ def test_symmetric_plan_engine_has_no_zero_points_and_tracks_its_reference(tmp_p
     graph = onnx.load(str(tmp_path / "s" / "model.onnx")).graph
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 2 * 5 + 1 and all(len(n.input) == 3 for n in nbits)  # (gate and up: two matmuls)
-    from agentopt_compiler.models.registry import load_model
-
-    program, _ = default_pipeline(precision=plan).run(capture(load_model("tiny-random").model, 32))
-    ids = np.random.default_rng(2).integers(0, 300, size=(1, 10))
-    with torch.no_grad():
-        expected = program.module(torch.from_numpy(ids), torch.arange(10)[None], torch.tensor([9])).numpy()
-    logits = engine.session.run(ids, np.arange(10))
-    assert np.abs(logits - expected).max() <= 0.05 * np.abs(expected).max()
+    _engine_and_quantized_reference(engine, plan, seed=2)
 
 
 def test_a_unit_can_have_its_own_block_size(tmp_path):
@@ -164,12 +163,7 @@ def test_a_unit_can_have_its_own_block_size(tmp_path):
     engine = ao.compile("tiny-random", out=tmp_path / "b", context_length=32, precision_plan=plan)
     nbits = [n for n in onnx.load(str(tmp_path / "b" / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
     assert sorted(next(a.i for a in n.attribute if a.name == "block_size") for n in nbits) == [32, 128]
-    reference, _ = default_pipeline(precision=plan).run(capture(load_model("tiny-random").model, 32))
-    ids = np.random.default_rng(3).integers(0, 300, size=(1, 10))
-    with torch.no_grad():
-        expected = reference.module(torch.from_numpy(ids), torch.arange(10)[None], torch.tensor([9])).numpy()
-    logits = engine.session.run(ids, np.arange(10))
-    assert np.abs(logits - expected).max() <= 0.05 * np.abs(expected).max()
+    _engine_and_quantized_reference(engine, plan, seed=3)
 
 
 def test_standard_impl_refuses_quantized_units(tmp_path):
