@@ -30,7 +30,7 @@ from .config import ModelConfig
 
 FORMAT = "agentopt-builtin"
 
-# curriculum: (fraction of the budget where the phase starts, kind -> weight). lookup>calc weighs double what the
+# curriculum: (fraction of the budget where the phase starts, kind -> weight). lookup>calc weighs about double what the
 # other chains do: a 2-hour run at equal weights learned it to 6-17% (it copies the request's operand wrongly after the
 # lookup turn: "multiplied by 58" -> "3225 * 85"), the other chains to 61-100%; convert (58-79%) got 0.8 from 0.6.
 CURRICULUM = [
