@@ -71,8 +71,8 @@ def run_agent(task: Task, generate: Generate, max_calls: int = 4) -> dict:
             if len(calls) >= max_calls:
                 failure = "too_many_calls"
                 break
+            # the text before the call (a chain's plan) stays in the history, as the runtime Agent keeps it
             content = completion.split(TOOL_CALL_CLOSE)[0] + TOOL_CALL_CLOSE
-            content = content[content.index(TOOL_CALL_OPEN):] if not content.startswith(TOOL_CALL_OPEN) else content
             messages.append({"role": "assistant", "content": content})
             parsed = parse_tool_call(content)
             if parsed is None:

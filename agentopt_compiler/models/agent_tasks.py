@@ -14,7 +14,8 @@ Task kinds: single-tool (``calc``, ``convert``, ``lookup``), chains (``calc>conv
 ``lookup>convert``, ``lookup>calc>convert``), long-context retrieval (``long_lookup``, ``long_lookup>calc``: the fact,
 and sometimes the role -> name binding needed to form the key, sit far back among filler sentences), and error recovery
 (``retry``: the tool fails once and the call is repeated; ``bad_key``/``bad_unit``/``bad_expr``: a wrong call gets an
-error and is corrected; the wrong call carries no training loss).
+error and is corrected; the wrong call carries no training loss). A chain's first assistant turn states a short plan
+before its call (``chain_plan``), so that later calls copy their own operands from nearby.
 """
 
 from __future__ import annotations
@@ -604,6 +605,7 @@ def make_task(kind: str, rng: random.Random, split: str = "train") -> Task:
 
     messages = [system] + pre + [{"role": "user", "content": request}]
     task = Task(kind, split, messages, memory, calls, answer, fail_first=fail_first)
+    plan = chain_plan(calls) if kind in CHAIN_KINDS else ""
     episode = list(messages)
     no_loss: set[int] = set()
     wrong_at = dict(wrong)
@@ -614,7 +616,7 @@ def make_task(kind: str, rng: random.Random, split: str = "train") -> Task:
             no_loss.add(len(episode))
             episode.append({"role": "assistant", "content": format_tool_call(wname, wargs)})
             episode.append({"role": "tool", "content": run_tool(wname, wargs, memory)})
-        episode.append({"role": "assistant", "content": format_tool_call(name, args)})
+        episode.append({"role": "assistant", "content": (plan if ci == 0 else "") + format_tool_call(name, args)})
         if fails:
             fails -= 1
             episode.append({"role": "tool", "content": TRANSIENT_ERROR})
@@ -625,6 +627,30 @@ def make_task(kind: str, rng: random.Random, split: str = "train") -> Task:
     episode.append({"role": "assistant", "content": final})
     task.episode, task.no_loss = episode, no_loss
     return task
+
+
+CHAIN_KINDS = MULTI_KINDS + ("long_lookup>calc",)
+
+
+def chain_plan(calls: list[tuple[str, dict]]) -> str:
+    """The plan a chain's first assistant turn states before its first call, e.g.
+    ``Plan: memory_lookup, then calculator: value * 58.`` for "Ana's age multiplied by 58".
+
+    Why: a later call's own operands (the ``58``, the target unit) come from the request, which the observations of
+    the earlier calls push far back; a small model copied them wrongly there ("58" -> "85": lookup>calc solved 6-17%
+    after 2 hours of training, every other copy right). Written in the first turn, right after the request, the copy
+    is short; the later call then copies from the plan's own ``* 58`` / ``to km``, the same token pattern it writes.
+    The value a later call gets from an earlier call's result is ``value`` here."""
+    steps = []
+    for name, args in calls:
+        if name == "calculator" and steps:
+            op, n = args["expression"].split(" ")[1:]
+            steps.append(f"calculator: value {op} {n}")
+        elif name == "convert_units" and steps:
+            steps.append(f"convert_units to {args['to_unit']}")
+        else:
+            steps.append(name)
+    return "Plan: " + ", then ".join(steps) + "."
 
 
 def _aliases(g: _Gen, key: str) -> tuple[list[tuple[str, str]], str]:

@@ -1,12 +1,14 @@
 import json
+import random
 import re
 
 import pytest
 
 from agentopt_compiler.models import agent_tasks as at
 from agentopt_compiler.models import agent_tools
-from agentopt_compiler.models.agent_tasks import (ALL_KINDS, CHAT_TEMPLATE, TEMPLATES, episode_text, generate_tasks,
-                                                  make_task, render_chat, tokenize_episode, train_tokenizer)
+from agentopt_compiler.models.agent_tasks import (ALL_KINDS, CHAIN_KINDS, CHAT_TEMPLATE, RECOVERY_KINDS, SINGLE_KINDS,
+                                                  TEMPLATES, episode_text, generate_tasks, make_task, render_chat,
+                                                  tokenize_episode, train_tokenizer)
 from agentopt_compiler.models.agent_tools import (TOOLS, ToolError, calculator, convert_units, parse_tool_call,
                                                   run_tool)
 
@@ -15,8 +17,6 @@ from agentopt_compiler.models.agent_tools import (TOOLS, ToolError, calculator, 
 def tasks():
     out = generate_tasks(150, "train", seed=0)
     kinds = {t.kind for t in out}
-    import random
-
     for i, kind in enumerate(ALL_KINDS):  # make sure every kind is present
         if kind not in kinds:
             out.append(make_task(kind, random.Random(i), "train"))
@@ -28,8 +28,10 @@ def tokenizer(tasks):
     return train_tokenizer([episode_text(t)[0] for t in tasks], vocab_size=512)
 
 
-# sha256 of the first 200 held-out episodes (seed 0), so a change to the training data cannot move the held-out set
-HELDOUT_200_SHA256 = "d8ca2768d78ce1993774ec86b48d398155ab33fa168be7666b218a9e112273e2"
+# sha256 of the first 200 held-out tasks (seed 0: kind, prompt messages, memory, gold calls, answer), so a change to the
+# training data cannot move the held-out set. (It hashes the tasks, not the rendered gold episodes: those changed once,
+# on purpose, when chains' first turns gained a plan; the tasks did not.)
+HELDOUT_200_SHA256 = "ec42e410c07384039c8fc8de4d0eed24581e98ad26cece529be060789b97f591"
 
 
 # --- tools ------------------------------------------------------------------------------------------------------------
@@ -94,7 +96,7 @@ def test_episodes_have_valid_tool_calls_real_results_and_checked_answers(tasks):
         for i, m in enumerate(ep[len(t.messages):-1], start=len(t.messages)):
             if m["role"] == "assistant":
                 parsed = parse_tool_call(m["content"])
-                assert parsed is not None and m["content"].startswith("<tool_call>"), m
+                assert parsed is not None and m["content"].startswith(("<tool_call>", "Plan: ")), m
                 assert m["content"].endswith("</tool_call>")
                 name, args = parsed
                 if i not in t.no_loss:
@@ -178,8 +180,34 @@ def test_heldout_tasks_do_not_change_with_training_data_changes():
     # held-out numbers in docs compare models across training runs: the held-out stream must stay fixed
     import hashlib
 
-    digest = hashlib.sha256("".join(episode_text(t)[0] for t in generate_tasks(200, "heldout", seed=0)).encode())
-    assert digest.hexdigest() == HELDOUT_200_SHA256
+    tasks = generate_tasks(200, "heldout", seed=0)
+    fields = [[t.kind, t.messages, t.memory, t.calls, t.answer, t.fail_first] for t in tasks]
+    assert hashlib.sha256(json.dumps(fields).encode()).hexdigest() == HELDOUT_200_SHA256
+
+
+@pytest.mark.parametrize("kind", CHAIN_KINDS)
+def test_chain_episodes_state_the_later_calls_operands_in_a_plan_first(kind):
+    for i in range(20):
+        task = make_task(kind, random.Random(i))
+        first = next(m["content"] for m in task.episode[len(task.messages):] if m["role"] == "assistant")
+        plan, call = first.split("<tool_call>")
+        assert plan.startswith("Plan: ") and plan.endswith(".")
+        steps = plan[len("Plan: "):-1].split(", then ")
+        assert [s.split(":")[0].split(" ")[0] for s in steps] == [name for name, _ in task.calls]
+        for step, (name, args) in zip(steps[1:], task.calls[1:]):
+            if name == "calculator":  # the request's own operand, with the operator, as the later call writes it
+                assert step == "calculator: value " + args["expression"].split(" ", 1)[1]
+            else:
+                assert step == f"convert_units to {args['to_unit']}"
+        assert parse_tool_call(first) == task.calls[0]
+
+
+@pytest.mark.parametrize("kind", SINGLE_KINDS + ("long_lookup",) + RECOVERY_KINDS)
+def test_single_call_episodes_have_no_plan(kind):
+    for i in range(10):
+        task = make_task(kind, random.Random(i))
+        for m in task.episode[len(task.messages):-1]:
+            assert m["role"] == "tool" or m["content"].startswith("<tool_call>"), m
 
 
 # --- chat template and tokenizer --------------------------------------------------------------------------------------
@@ -197,13 +225,17 @@ def test_render_matches_the_jinja_chat_template(tasks):
 
 
 def _runtime_form(task):
-    """The episode as the runtime Agent holds it: no system message (tools passed separately), calls as tool_calls."""
+    """The episode as the runtime Agent holds it: no system message (tools passed separately), calls as tool_calls
+    parsed by the runtime, the text before them (a chain's plan) as content."""
+    from agentopt_compiler.runtime.tools import parse_tool_calls
+
     out = []
     for m in task.episode[1:]:
-        parsed = parse_tool_call(m["content"]) if m["role"] == "assistant" else None
-        if parsed:
-            out.append({"role": "assistant", "content": "", "tool_calls": [
-                {"id": "call_0", "type": "function", "function": {"name": parsed[0], "arguments": parsed[1]}}]})
+        parsed = parse_tool_calls(m["content"]) if m["role"] == "assistant" else None
+        if parsed and parsed.calls:
+            call = parsed.calls[0]
+            out.append({"role": "assistant", "content": parsed.content, "tool_calls": [
+                {"id": "call_0", "type": "function", "function": {"name": call.name, "arguments": call.arguments}}]})
         else:
             out.append(dict(m))
     return out
