@@ -118,11 +118,12 @@ def measure_backend_costs(weights_mib: int = 256, shape: tuple[int, int] = (1024
     """Seconds per weight element of decode-shaped products, (1, K) x (K, N), on ORT CPU, per candidate precision
     (int8/int4 at ``block`` or at their own block size, ``int4@128``; fp16/bf16 run as fp32 there and are not timed).
 
-    Decode streams every weight from memory once per token, so the products read ``weights_mib`` of fp32 weights
-    (distinct matrices, more than a last-level cache holds; int8/int4 read their own bytes of the same count): one
-    1024x1024 matrix timed over and over sat in cache and measured int8 as fast as int4, while the engines decode
-    1.5x faster in int4. Precisions are timed in turns, ``repeats`` rounds, median; ``threads``: the session's
-    intra-op threads (None: ORT's default, as engines load)."""
+    Decode streams every weight from memory once per token, so each precision's products read ``weights_mib`` of
+    its own bytes (distinct matrices, more than a last-level cache holds): one 1024x1024 matrix timed over and over
+    sat in cache and measured int8 as fast as int4, while the engines decode 1.5x faster in int4; and when every
+    precision had the matrix count of 256 MiB of fp32, int4 read ~34 MiB, about a last-level cache, and its time
+    swung 3x between runs (44 vs 146-152 ps per weight for int4@64). Precisions are timed in turns, ``repeats``
+    rounds, median; ``threads``: the session's intra-op threads (None: ORT's default, as engines load)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -130,14 +131,15 @@ def measure_backend_costs(weights_mib: int = 256, shape: tuple[int, int] = (1024
 
     register_ort_contrib_schema("MatMulNBits")
     k, n = shape
-    count = max(1, weights_mib * 2**20 // (4 * k * n))
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, k)).astype(np.float32)
-    sessions = {}
+    sessions, counts = {}, {}
     timed = ["fp32"] + [c for c in dict.fromkeys(candidates) if parse_precision(c)[0] in BITS]
     for candidate in timed:  # the values do not matter for the time: random weights and codes
         precision, own_block = parse_precision(candidate)
         blk = own_block or block
+        matrix_bytes = _unit_bytes_of(k * n, precision, blk, symmetric)
+        count = counts[candidate] = max(1, weights_mib * 2**20 // matrix_bytes)
         nodes, inits = [], []
         for i in range(count):
             if precision == "fp32":
@@ -169,13 +171,15 @@ def measure_backend_costs(weights_mib: int = 256, shape: tuple[int, int] = (1024
             start = time.perf_counter()
             session.run(None, {"x": x})
             times[precision].append(time.perf_counter() - start)
-    return {p: float(np.median(t)) / (count * k * n) for p, t in times.items()}
+    return {p: float(np.median(t)) / (counts[p] * k * n) for p, t in times.items()}
 
 
 def _unit_bytes(linears: list[torch.nn.Linear], precision: str, block: int, symmetric: bool = True) -> int:
     precision, own_block = parse_precision(precision)
-    block = own_block or block
-    elements = sum(layer.weight.numel() for layer in linears)
+    return _unit_bytes_of(sum(layer.weight.numel() for layer in linears), precision, own_block or block, symmetric)
+
+
+def _unit_bytes_of(elements: int, precision: str, block: int, symmetric: bool = True) -> int:
     if precision in BITS:  # + an fp32 scale per block, and (asymmetric) a zero point
         return elements * BITS[precision] // 8 + elements // block * (4 if symmetric else 5)
     return elements * (2 if precision in ("fp16", "bf16") else 4)
