@@ -121,8 +121,8 @@ def measure_backend_costs(weights_mib: int = 256, shape: tuple[int, int] = (1024
     Decode streams every weight from memory once per token, so each precision's products read ``weights_mib`` of
     its own bytes (distinct matrices, more than a last-level cache holds): one 1024x1024 matrix timed over and over
     sat in cache and measured int8 as fast as int4, while the engines decode 1.5x faster in int4; and when every
-    precision had the matrix count of 256 MiB of fp32, int4 read ~34 MiB, about a last-level cache, and its time
-    swung 3x between runs (44 vs 146-152 ps per weight for int4@64). Precisions are timed in turns, ``repeats``
+    precision had the matrix count of 256 MiB of fp32, int4 read ~34 MiB, about a last-level cache, and one run
+    timed int4@64 at 44 ps per weight against 146-152 for its neighbours. Precisions are timed in turns, ``repeats``
     rounds, median; ``threads``: the session's intra-op threads (None: ORT's default, as engines load)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
