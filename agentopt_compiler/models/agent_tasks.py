@@ -415,7 +415,18 @@ class _Gen:
         else:
             attr = r.choice(list(WORD_ATTRS))
             value = r.choice(WORD_ATTRS[attr])
+            # Training: half the word values are made up. With only 12-20 values per attribute the model learned a
+            # prior ("cat's name is Biscuit") instead of copying the observation's value ({"value": "Rex"} ->
+            # "Biscuit"); a value it cannot guess has to be copied, as digits are. (Held-out values stay real.)
+            if self.split == "train" and r.random() < 0.5:
+                value = self.made_up_word(capitalized=attr in ("cat's name", "home city"))
         return f"{name}'s {attr}", value, kind
+
+    def made_up_word(self, capitalized: bool) -> str:
+        """A pronounceable nonsense word of 2-3 syllables ("kavori", "Tesumo"), ~100k possibilities."""
+        r = self.r
+        word = "".join(r.choice(_ONSETS) + r.choice("aeiou") for _ in range(r.randint(2, 3))) + r.choice(_CODAS)
+        return word.capitalize() if capitalized else word
 
     def filler(self, n: int) -> list[str]:
         r = self.r
@@ -428,6 +439,8 @@ class _Gen:
         return out
 
 
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "tr", "sh", "ch")
+_CODAS = ("", "", "", "n", "r", "s", "l", "x")
 _OTHER_UNIT = dict(UNIT_PAIRS + tuple((b, a) for a, b in UNIT_PAIRS))  # unit -> the one it converts to
 
 

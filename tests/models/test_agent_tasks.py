@@ -185,6 +185,22 @@ def test_heldout_tasks_do_not_change_with_training_data_changes():
     assert hashlib.sha256(json.dumps(fields).encode()).hexdigest() == HELDOUT_200_SHA256
 
 
+def test_training_word_values_are_often_made_up_so_they_must_be_copied():
+    # a value the model cannot guess from the attribute forces it to copy the observation into the answer
+    real = {v for values in at.WORD_ATTRS.values() for v in values}
+
+    def word_answers(split, seed):
+        tasks = generate_tasks(400, split, seed=seed, mix={"lookup": 1.0})
+        return [t.answer for t in tasks if not re.match(r"-?\d", t.answer)]
+
+    train = word_answers("train", 0)
+    made_up = [v for v in train if v not in real]
+    assert 0.3 < len(made_up) / len(train) < 0.7
+    assert len(set(made_up)) > 0.9 * len(made_up)  # rarely the same word twice
+    assert all(re.fullmatch(r"[A-Za-z]+", v) for v in made_up)
+    assert set(word_answers("heldout", 1)) <= real
+
+
 @pytest.mark.parametrize("kind", CHAIN_KINDS)
 def test_chain_episodes_state_the_later_calls_operands_in_a_plan_first(kind):
     for i in range(20):
