@@ -423,7 +423,7 @@ class _Gen:
         return f"{name}'s {attr}", value, kind
 
     def made_up_word(self, capitalized: bool) -> str:
-        """A pronounceable nonsense word of 2-3 syllables ("kavori", "Tesumo"), ~100k possibilities."""
+        """A pronounceable nonsense word of 2-3 syllables ("kavori", "Tesumo"): about 4.4 million possible."""
         r = self.r
         word = "".join(r.choice(_ONSETS) + r.choice("aeiou") for _ in range(r.randint(2, 3))) + r.choice(_CODAS)
         return word.capitalize() if capitalized else word
