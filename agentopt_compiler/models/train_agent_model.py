@@ -185,6 +185,31 @@ class EpisodeStream:
         return ids[:, :-1], ids[:, 1:], loss_mask[:, 1:], int(loss_mask.sum()), sum(len(r[0]) for r in rows)
 
 
+class CpuSteal:
+    """Share of CPU time the hypervisor took from this VM since the last call (``steal`` in /proc/stat), or None
+    where that is not readable. A time-budgeted run on a throttled host sees fewer tokens: the log says so, since a
+    run's quality is judged against runs on other hosts."""
+
+    def __init__(self, path: str = "/proc/stat"):
+        self.path = path
+        self.last = self._read()
+
+    def _read(self) -> tuple[int, int] | None:
+        try:
+            with open(self.path) as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        return (fields[7], sum(fields[:8])) if len(fields) >= 8 else None  # (steal, user..steal)
+
+    def since_last(self) -> float | None:
+        now, before = self._read(), self.last
+        self.last = now
+        if now is None or before is None or now[1] <= before[1]:
+            return None
+        return (now[0] - before[0]) / (now[1] - before[1])
+
+
 def mix_at(frac: float) -> dict[str, float]:
     mix = CURRICULUM[0][1]
     for start, m in CURRICULUM:
@@ -333,6 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     step, seen_tokens, seen_loss_tokens = 0, 0, 0
     window_loss, window_n, window_tokens, t_window = 0.0, 0, 0, time.time()
+    steal = CpuSteal()
     losses = []
     last_ckpt = time.time()
     use_bf16 = not args.no_bf16
@@ -366,11 +392,12 @@ def main(argv: list[str] | None = None) -> dict:
         if now - t_window >= args.log_seconds or step == 1:
             phase = sum(1 for s, _ in CURRICULUM if curriculum_frac >= s)
             tps = window_tokens / max(now - t_window, 1e-6)
+            stolen = steal.since_last()
             log(f"step {step} | elapsed {now - t_start:.0f}s | phase {phase} | loss {window_loss / window_n:.4f} | "
                 f"lr {lr:.2e} | gnorm {gnorm:.2f} | {tps:.0f} tok/s | tokens {seen_tokens / 1e6:.2f}M "
-                f"(assistant {seen_loss_tokens / 1e6:.2f}M)",
+                f"(assistant {seen_loss_tokens / 1e6:.2f}M)" + ("" if stolen is None else f" | cpu steal {stolen:.0%}"),
                 event="log", step=step, elapsed=round(now - t_start, 1), phase=phase,
-                loss=window_loss / window_n, lr=lr, tok_per_s=tps, tokens=seen_tokens)
+                loss=window_loss / window_n, lr=lr, tok_per_s=tps, tokens=seen_tokens, cpu_steal=stolen)
             window_loss, window_n, window_tokens, t_window = 0.0, 0, 0, now
         if now - last_ckpt >= args.checkpoint_minutes * 60:
             model.eval()

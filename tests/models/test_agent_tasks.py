@@ -382,3 +382,16 @@ def test_training_smoke_run_lowers_the_loss(tmp_path):
             if seq[-1] in (tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")):
                 break
     assert out == tok.decode(seq[n:], skip_special_tokens=False)
+
+
+def test_cpu_steal_is_the_share_of_stolen_time_between_calls(tmp_path):
+    from agentopt_compiler.models.train_agent_model import CpuSteal
+
+    stat = tmp_path / "stat"
+    #                  user nice system idle iowait irq softirq steal guest guest_nice
+    stat.write_text("cpu  100 0 10 80 0 0 0 10 0 0\ncpu0 1 2 3\n")
+    steal = CpuSteal(str(stat))
+    stat.write_text("cpu  160 0 20 100 0 0 0 70 0 0\n")  # +150 ticks, 60 of them stolen
+    assert steal.since_last() == pytest.approx(0.4)
+    assert steal.since_last() is None  # no time passed
+    assert CpuSteal(str(tmp_path / "missing")).since_last() is None
