@@ -369,6 +369,13 @@ def test_training_smoke_run_lowers_the_loss(tmp_path):
     with torch.no_grad():
         assert torch.allclose(model.lm_head(hidden_states(model, ids)), model(ids), atol=1e-5)
         assert torch.allclose(model.lm_head(hidden_states(model, ids, "matmul")), model(ids), atol=1e-4)
+    # and the training forward has the reference's gradients
+    grads = []
+    for forward in (lambda: model.lm_head(hidden_states(model, ids)), lambda: model(ids)):
+        model.zero_grad()
+        forward().logsumexp(-1).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], atol=1e-4)
     from agentopt_compiler.models.agent_eval import eager_generator
 
     # eager greedy decoding with the KV cache agrees with greedy full forwards
