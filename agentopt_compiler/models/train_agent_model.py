@@ -74,8 +74,9 @@ def init_for_training(model, seed: int) -> None:
 def hidden_states(model, ids, attn: str = "sdpa"):
     """Final-norm hidden states (B, S, E) of the causal no-cache forward, equal to ``model(ids)`` before ``lm_head``.
 
-    Written out here (same parameters, same math) so training can use causal SDPA (``is_causal``) or plain
-    matmul+softmax attention, which are faster on CPU than the reference's boolean-mask SDPA."""
+    Written out here (same parameters, same math) so training can use causal SDPA (``is_causal``; ``sdpa_gqa``: with
+    SDPA's grouped-query attention instead of repeated K/V) or plain matmul+softmax attention, which are faster on CPU
+    than the reference's boolean-mask SDPA."""
     import torch
     import torch.nn.functional as F
 
@@ -92,15 +93,18 @@ def hidden_states(model, ids, attn: str = "sdpa"):
         k = a.k_proj(h).view(b, s, a.num_kv_heads, a.head_dim).transpose(1, 2)
         v = a.v_proj(h).view(b, s, a.num_kv_heads, a.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        rep = a.num_heads // a.num_kv_heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if attn == "sdpa":
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if attn == "sdpa_gqa":  # K/V heads shared inside SDPA, no repeated copies (benchmarks/train_step.py: no faster)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            if causal is None:
-                causal = torch.full((s, s), float("-inf")).triu(1)
-            scores = (q @ k.transpose(-1, -2)) * (a.head_dim ** -0.5) + causal
-            o = scores.softmax(-1).to(v.dtype) @ v
+            rep = a.num_heads // a.num_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            if attn == "sdpa":
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                if causal is None:
+                    causal = torch.full((s, s), float("-inf")).triu(1)
+                scores = (q @ k.transpose(-1, -2)) * (a.head_dim ** -0.5) + causal
+                o = scores.softmax(-1).to(v.dtype) @ v
         x = x + a.o_proj(o.transpose(1, 2).reshape(b, s, a.num_heads * a.head_dim))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return model.norm(x)
@@ -284,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cpu",
                    help="torch device to train on (cpu, cuda, ...); evaluation and checkpoints run on the CPU")
     p.add_argument("--tiny", action="store_true", help="tiny model for smoke tests")
-    p.add_argument("--attn", choices=["sdpa", "matmul"], default="sdpa")
+    p.add_argument("--attn", choices=["sdpa", "sdpa_gqa", "matmul"], default="sdpa")
     p.add_argument("--no-bf16", action="store_true")
     p.add_argument("--log-seconds", type=float, default=30.0)
     p.add_argument("--checkpoint-minutes", type=float, default=10.0)

@@ -369,6 +369,7 @@ def test_training_smoke_run_lowers_the_loss(tmp_path):
     with torch.no_grad():
         assert torch.allclose(model.lm_head(hidden_states(model, ids)), model(ids), atol=1e-5)
         assert torch.allclose(model.lm_head(hidden_states(model, ids, "matmul")), model(ids), atol=1e-4)
+        assert torch.allclose(model.lm_head(hidden_states(model, ids, "sdpa_gqa")), model(ids), atol=1e-5)
     # and the training forward has the reference's gradients
     grads = []
     for forward in (lambda: model.lm_head(hidden_states(model, ids)), lambda: model(ids)):
