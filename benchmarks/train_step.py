@@ -9,7 +9,7 @@ Variants (same model, same batches, bf16 autocast, AdamW step included, ``--thre
     gqa         ``batch_loss(..., attn="sdpa_gqa")``: SDPA's ``enable_gqa`` instead of the repeated K/V copies
     compiled    ``torch.compile(batch_loss, dynamic=True)``; its compile time is reported as warm-up, not counted
 Name a variant twice (first and last) to see how much the machine itself drifted during the run: separate processes
-on this 2-core VM measured current 2671 and gqa 3911 tokens/s, one process (gqa first) gqa 3694 and current 3872.
+on this 2-core VM measured current 2671 and gqa 3911 tokens/s, this script current 2835, gqa 2725, current 2626.
 
 Batches are phase-3 curriculum batches from ``EpisodeStream`` (the longest, the ones the last hour trains on). Each
 variant warms up on 8 batches, then runs ``--steps`` timed steps; tokens/s counts every token of the padded rows'
