@@ -6,7 +6,8 @@ Steps: train a 512-token byte-level BPE on generated episodes; build the model w
 it for training: N(0, 0.02), residual projections scaled down); train with loss on assistant tokens only (AdamW, warmup
 + cosine over the wall-clock budget, or over ``--max-steps`` steps when given; bf16 autocast) through a curriculum
 (single tool, then chains and error recovery, then long contexts); log every ~30 s; checkpoint every 10 minutes and
-at the end; then run the agent-loop evaluation (agent_eval.py) on held-out tasks and print it.
+at the end; then run the agent-loop evaluation (agent_eval.py) on held-out tasks and print it. ``--compile`` runs
+the training step through ``torch.compile`` (about 1.15x the tokens/s on 2 cores after ~3 minutes of compiling).
 
 DIR receives ``model.safetensors`` (fp32, names exactly as ``LlamaDecoder.state_dict()``, the tied ``lm_head.weight``
 stored as its own copy), ``config.json`` (``ModelConfig.to_dict()`` plus ``"format": "agentopt-builtin"``),

@@ -194,6 +194,9 @@ def test_training_word_values_are_often_made_up_so_they_must_be_copied():
         return [t.answer for t in tasks if not re.match(r"-?\d", t.answer)]
 
     train = word_answers("train", 0)
+    # words are copied only in lookups' answers, so about half the training lookups look up a word (a third held out)
+    assert 0.45 < len(train) / 400 < 0.65
+    assert 0.2 < len(word_answers("heldout", 1)) / 400 < 0.45
     made_up = [v for v in train if v not in real]
     assert 0.3 < len(made_up) / len(train) < 0.7
     assert len(set(made_up)) > 0.9 * len(made_up)  # rarely the same word twice
@@ -390,6 +393,30 @@ def test_training_smoke_run_lowers_the_loss(tmp_path):
             if seq[-1] in (tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")):
                 break
     assert out == tok.decode(seq[n:], skip_special_tokens=False)
+
+
+def test_compiled_training_step_has_the_eager_loss_and_gradients():
+    # --compile runs batch_loss through torch.compile(dynamic=True); batches of other shapes must reuse it correctly
+    torch = pytest.importorskip("torch")
+    from agentopt_compiler.models.registry import build_model
+    from agentopt_compiler.models.train_agent_model import agent_model_config, batch_loss
+
+    model = build_model(agent_model_config(512, tiny=True), seed=0).train()
+    compiled = torch.compile(batch_loss, dynamic=True)
+    gen = torch.Generator().manual_seed(0)
+    for rows, length in ((2, 48), (3, 80)):
+        ids = torch.randint(0, 512, (rows, length + 1), generator=gen)
+        mask = torch.rand(rows, length, generator=gen) < 0.5
+        results = []
+        for fn in (batch_loss, compiled):
+            model.zero_grad()
+            loss = fn(model, ids[:, :-1], ids[:, 1:], mask)
+            loss.backward()
+            results.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+        (eager_loss, eager_grad), (compiled_loss, compiled_grad) = results
+        assert eager_grad.abs().max() > 0
+        assert torch.allclose(eager_loss, compiled_loss, atol=1e-5)
+        assert torch.allclose(eager_grad, compiled_grad, atol=1e-5)
 
 
 def test_cpu_steal_is_the_share_of_stolen_time_between_calls(tmp_path):
