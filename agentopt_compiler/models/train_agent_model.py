@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-bf16", action="store_true")
     p.add_argument("--compile", action="store_true",
                    help="run the training step through torch.compile(dynamic=True): about 1.15x the tokens/s on 2 CPU "
-                        "cores (benchmarks/train_step.py) after a compile of about 2 minutes, counted in the budget")
+                        "cores (benchmarks/train_step.py) after about 3 minutes of compiling, counted in the budget")
     p.add_argument("--log-seconds", type=float, default=30.0)
     p.add_argument("--checkpoint-minutes", type=float, default=10.0)
     p.add_argument("--eval-tasks", type=int, default=100)
@@ -373,7 +373,8 @@ def main(argv: list[str] | None = None) -> dict:
     use_bf16 = not args.no_bf16
     step_loss = batch_loss
     if args.compile:
-        # dynamic=True: batches vary in rows and length, and one graph with symbolic shapes serves them all
+        # dynamic=True: batches vary in rows and length; symbolic shapes serve them all but one-row batches and
+        # batches over 4096 tokens, which compile once more each (TORCH_LOGS=recompiles shows it)
         step_loss = torch.compile(batch_loss, dynamic=True)
         log("compiling the training step with torch.compile (the first step takes a few minutes)")
     while True:
