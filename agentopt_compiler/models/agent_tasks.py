@@ -145,7 +145,11 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
                   "Give me {v} {fu} in {tu}.",
                   "Express {v} {fu} as {tu}.", "{v} {fu} in {tu}, please.",
                   "How much is {v} {fu} when measured in {tu}?", "Convert {v} {fu} over to {tu}.",
-                  "What would {v} {fu} be in {tu}?"],
+                  "What would {v} {fu} be in {tu}?",
+                  # one quantity and no operation, phrased like calc>convert's "how many {tu} are ..." and "come to":
+                  # run words2's weights sent such held-out conversions through the calculator first (7 of 48)
+                  "How many {tu} does {v} {fu} make?", "{v} {fu} comes to how many {tu}?", "In {tu}, what is {v} {fu}?",
+                  "How many {tu} fit in {v} {fu}?"],
         "heldout": ["What does {v} {fu} come to in {tu}?", "Could you convert {v} {fu} into {tu}?",
                     "I'd like {v} {fu} expressed as {tu}.", "Roughly how many {tu} are {v} {fu}?"],
     },
@@ -159,7 +163,11 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
                   # quantities nobody asked to convert (5 of its 6 failed held-out lookups)
                   "{key}, please.", "Give me {key}.", "Show me {key}.", "How much is {key}?",
                   "What would {key} be?", "Look up {key} and tell me what it is.", "Find {key} and report it.",
-                  "Say what {key} is."],
+                  "Say what {key} is.",
+                  # a lookup that names memory and nothing else: run words2's weights planned a second call on such a
+                  # held-out request
+                  "Retrieve {key} from your memory.", "Pull up {key}.", "Read back {key}.",
+                  "Bring up {key} from the notes."],
         "heldout": ["Do you remember {key}?", "Tell me {key}, please.", "I need {key} again.",
                     "Fetch {key} from memory."],
     },

@@ -40,7 +40,7 @@ CURRICULUM = [
     (0.12, {"calc": 0.8, "convert": 0.8, "lookup": 1.0, "calc>convert": 0.6, "lookup>calc": 1.2,
             "lookup>convert": 0.6, "lookup>calc>convert": 0.5, "retry": 0.15, "bad_key": 0.15, "bad_unit": 0.1,
             "bad_expr": 0.1}),
-    (0.35, {"calc": 0.6, "convert": 0.8, "lookup": 1.0, "calc>convert": 1.1, "lookup>calc": 1.4,
+    (0.35, {"calc": 0.6, "convert": 1.0, "lookup": 1.0, "calc>convert": 1.1, "lookup>calc": 1.4,
             "lookup>convert": 0.8, "lookup>calc>convert": 0.8, "long_lookup": 0.3, "long_lookup>calc": 0.6,
             "retry": 0.15, "bad_key": 0.15, "bad_unit": 0.1, "bad_expr": 0.1}),
 ]
