@@ -147,7 +147,7 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
                   "How much is {v} {fu} when measured in {tu}?", "Convert {v} {fu} over to {tu}.",
                   "What would {v} {fu} be in {tu}?",
                   # one quantity and no operation, phrased like calc>convert's "how many {tu} are ..." and "come to":
-                  # run words2's weights sent such held-out conversions through the calculator first (7 of 48)
+                  # run words2's weights sent such held-out conversions through the calculator first (x8 in 400 tasks)
                   "How many {tu} does {v} {fu} make?", "{v} {fu} comes to how many {tu}?", "In {tu}, what is {v} {fu}?",
                   "How many {tu} fit in {v} {fu}?"],
         "heldout": ["What does {v} {fu} come to in {tu}?", "Could you convert {v} {fu} into {tu}?",
