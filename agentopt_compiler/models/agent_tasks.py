@@ -135,8 +135,9 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
                   "Use the calculator on {expr}.", "Find {expr}.",
                   "{expr} = ?", "Work out {expr} and tell me.", "The value of {expr}, please.",
                   "Run {expr} through the calculator.", "Give me the result of {expr}.", "Do the sum {expr}.",
-                  # the expression inside a polite frame with a trailing clause: run shape3's weights miscopied the
-                  # second operand of such held-out requests (the frame's words differ from the held-out one's)
+                  # the expression inside a polite frame with a trailing clause: the 2-hour run of commit 2b9e08a
+                  # (model card) miscopied the second operand of such held-out requests (the frame's words differ
+                  # from the held-out one's)
                   "Work out {expr} for me, thank you.", "Can you do {expr} when you get a chance?",
                   "I'd appreciate the value of {expr}, cheers.", "Sort out {expr} for me if you would.",
                   "Assist me with {expr}, much appreciated."],
@@ -155,8 +156,8 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
                   # run words2's weights sent such held-out conversions through the calculator first (x8 in 400 tasks)
                   "How many {tu} does {v} {fu} make?", "{v} {fu} comes to how many {tu}?", "In {tu}, what is {v} {fu}?",
                   "How many {tu} fit in {v} {fu}?",
-                  # hedged conversions ("about", "approximately"): run shape3's weights sent a hedged held-out
-                  # conversion through the calculator first
+                  # hedged conversions ("about", "approximately"): the same run sent a hedged held-out conversion
+                  # through the calculator first
                   "Approximately what is {v} {fu} in {tu}?", "About how much is {v} {fu} in {tu}?",
                   "Give me {v} {fu} in {tu}, approximately.", "Estimate {v} {fu} in {tu}."],
         "heldout": ["What does {v} {fu} come to in {tu}?", "Could you convert {v} {fu} into {tu}?",
