@@ -34,15 +34,22 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def long_episodes(tokenizer, n: int, split: str, seed: int) -> list[dict]:
-    """Tokenized long-context episodes with their assistant-token flags and, for role requests, the needle."""
+def long_episodes(tokenizer, n: int, split: str, seed: int, max_tokens: int) -> tuple[list[dict], int]:
+    """The first n tokenized long-context episodes that fit in max_tokens (the model's positions), with their
+    assistant-token flags and, for role requests, the needle; and how many longer ones were passed over."""
     from agentopt_compiler.models.agent_tasks import (ROLES, episode_text, generate_tasks, tokenize_episode)
 
-    tasks = generate_tasks(n, split, seed=seed, mix={"long_lookup": 1.0, "long_lookup>calc": 1.0})
-    episodes = []
+    # a few percent of them run just past 1024 tokens; generate spares so n still fit
+    tasks = generate_tasks(n + n // 4 + 4, split, seed=seed, mix={"long_lookup": 1.0, "long_lookup>calc": 1.0})
+    episodes, too_long = [], 0
     for task in tasks:
+        if len(episodes) == n:
+            break
         text, spans = episode_text(task)
         ids, flags = tokenize_episode(tokenizer, text, spans)
+        if len(ids) > max_tokens:
+            too_long += 1
+            continue
         offsets = tokenizer.encode(text).offsets
         episode = {"ids": ids, "assistant": flags, "needle": None}
         request = task.messages[-1]["content"]
@@ -57,7 +64,10 @@ def long_episodes(tokenizer, n: int, split: str, seed: int) -> list[dict]:
             bound_token = next(i for i, (s, e) in enumerate(offsets) if e > bound_at)
             episode["needle"] = {"tokens": name_tokens, "distance": first - bound_token}
         episodes.append(episode)
-    return episodes
+    if len(episodes) < n:
+        raise SystemExit(f"only {len(episodes)} of the generated long-context episodes fit in {max_tokens} tokens; "
+                         f"ask for fewer with --episodes")
+    return episodes, too_long
 
 
 def score(model, episodes: list[dict], layers: dict, reference: list | None) -> dict:
@@ -104,7 +114,8 @@ def planned_layers(model, tokenizer, pattern, max_kl: float, calib_episodes: int
 
     from agentopt_compiler.analysis.sparse import plan_sparse
 
-    batches = [torch.tensor([e["ids"][:length]]) for e in long_episodes(tokenizer, calib_episodes, "train", 5)
+    calibration, _ = long_episodes(tokenizer, calib_episodes, "train", 5, model.config.max_position_embeddings)
+    batches = [torch.tensor([e["ids"][:length]]) for e in calibration
                if len(e["ids"]) >= length]
     if not batches:
         raise SystemExit(f"no calibration episode reaches {length} tokens; lower --calib-length")
@@ -137,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     folder = Path(args.model_dir) if args.model_dir else Path(ao.__file__).parent / "models" / "agent_tiny"
     model, tokenizer = load_trained(folder)
-    episodes = long_episodes(tokenizer, args.episodes, "heldout", args.seed)
+    episodes, too_long = long_episodes(tokenizer, args.episodes, "heldout", args.seed,
+                                       model.config.max_position_embeddings)
     n_layers = len(model.layers)
     window = SparsePattern(args.window, bounded=False)
     sinks = SparsePattern(args.window, args.sinks, bounded=False)
@@ -157,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"variant": name, "sparse_layers": sorted(layers), **metrics})
     lengths = [len(e["ids"]) for e in episodes]
     print(f"agent-tiny ({folder}), {len(episodes)} held-out long-context episodes (seed {args.seed}, "
-          f"{min(lengths)}-{max(lengths)} tokens), {time.strftime('%Y-%m-%d %H:%M UTC')}\n")
+          f"{min(lengths)}-{max(lengths)} tokens; {too_long} longer than the model's "
+          f"{model.config.max_position_embeddings} positions passed over), {time.strftime('%Y-%m-%d %H:%M UTC')}\n")
     buckets = list(rows[0]["needle"])
     print("| variant | sparse layers | KL vs dense | top-1 vs dense | ppl (assistant tokens) | "
           + " | ".join(f"needle {b}" for b in buckets) + " |")
