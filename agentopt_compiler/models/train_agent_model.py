@@ -1,7 +1,7 @@
 """Train a tiny tool-using Llama-family model on procedural agent episodes (agent_tasks.py), on CPU, to a time budget.
 
     python -m agentopt_compiler.models.train_agent_model --out DIR --minutes 120 --threads 2 --seed 0 \
-        --eval-tasks 0 --compile      # the recipe of the shipped agent-tiny (its MODEL_CARD.md)
+        --eval-tasks 0 --compile      # agent-tiny's recipe (its MODEL_CARD.md names the commit of each run)
 
 Steps: train a 512-token byte-level BPE on generated episodes; build the model with ``build_model`` (then re-initialise
 it for training: N(0, 0.02), residual projections scaled down); train with loss on assistant tokens only (AdamW, warmup
