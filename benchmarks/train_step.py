@@ -4,7 +4,8 @@
     python benchmarks/train_step.py                      # current, gqa, current again: 30 steps each
     python benchmarks/train_step.py --variants current,compiled,current --steps 30
 
-Variants (same model, same batches, bf16 autocast, AdamW step included, ``--threads`` intra-op threads):
+Variants (same model, same batches, AdamW step included, ``--threads`` intra-op threads; bf16 autocast where the
+trainer uses it, ``train_agent_model.bf16_is_fast``, fp32 otherwise):
     current     ``train_agent_model.batch_loss`` as the trainer runs it (K/V repeat_interleave'd, causal SDPA)
     gqa         ``batch_loss(..., attn="sdpa_gqa")``: SDPA's ``enable_gqa`` instead of the repeated K/V copies
     compiled    ``torch.compile(batch_loss, dynamic=True)``; its compile time is reported as warm-up, not counted
@@ -40,6 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     from agentopt_compiler.models.registry import build_model
 
     torch.set_num_threads(args.threads)
+    bf16 = T.bf16_is_fast(torch.device("cpu"))
+    print(f"training precision: {'bf16 autocast' if bf16 else 'fp32'} (CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()})", file=sys.stderr, flush=True)
     print("building tokenizer, model and batches ...", file=sys.stderr, flush=True)
     tok = train_tokenizer([episode_text(t)[0] for t in generate_tasks(1500, "train", 10_000)], 512)
     eos = tuple(tok.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>"))
@@ -63,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
 
         def step(batch):
             x, y, m, _, n_tok = batch
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = loss_fn(model, x, y, m)
             opt.zero_grad(set_to_none=True)
             loss.backward()
