@@ -12,8 +12,8 @@ real tools; the eager row runs the PyTorch reference through the same loop):
     sinks4-window-64   4 attention sinks + 64-key window on every layer (ring caches)
     local-global-64    64-key window on layers 0, 2, 4; layers 1, 3, 5 dense (ring caches on the windowed ones)
     sparse-planned     the plan agentopt plan sparse chose for agent-tiny at --max-kl 0.05 (sinks 4 + window 64 on
-                       layers 1, 3 and 4; benchmarks/sparse_quality.py chose it for the weights of commit 7c26ede's
-                       run, 2026-12-01): dense layers carry the far context
+                       layers 1, 3 and 4; benchmarks/sparse_quality.py chose it for the weights of commit
+                       dc65441's run, 2026-12-01): dense layers carry the far context
     int8               every linear int8 weight-only (MatMulNBits)
     int4               every linear int4 weight-only, block 32
     planned            agentopt plan precision with --max-kl (default 0.05) on held-out-free calibration episodes
