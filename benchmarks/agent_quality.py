@@ -14,6 +14,9 @@ real tools; the eager row runs the PyTorch reference through the same loop):
     sparse-planned     the plan agentopt plan sparse chose for agent-tiny at --max-kl 0.05 (sinks 4 + window 64 on
                        layers 1, 3 and 4; benchmarks/sparse_quality.py chose it for the weights of commit
                        dc65441's run, 2026-12-01): dense layers carry the far context
+    sparse-planned-assistant  the same planner with its KL over assistant-token positions only, at --max-kl 0.01
+                       (sinks 4 + window 64 on layers 0, 2, 3 and 4; benchmarks/sparse_quality.py --max-kl 0.01,
+                       the same weights)
     int8               every linear int8 weight-only (MatMulNBits)
     int4               every linear int4 weight-only, block 32
     planned            agentopt plan precision with --max-kl (default 0.05) on held-out-free calibration episodes
@@ -35,6 +38,7 @@ VARIANTS = {
     "sinks4-window-64": {"sparse_attention": "window=64,sinks=4"},
     "local-global-64": {"sparse_attention": "window=64,layers=0,2,4"},
     "sparse-planned": {"sparse_attention": "window=64,sinks=4,layers=1,3,4"},
+    "sparse-planned-assistant": {"sparse_attention": "window=64,sinks=4,layers=0,2,3,4"},
     "int8": {"precision": "int8"},
     "int4": {"precision": "int4"},
     "planned": {"planned": True},

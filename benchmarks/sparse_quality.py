@@ -15,7 +15,8 @@ filler sentences; other seeds and phrasings than training):
                   A window shorter than that distance cannot see the binding in the layers it covers.
 Variants: dense; window W on every layer; sinks S + window W on every layer; local/global (the window on even
 layers, odd layers dense); planned (``agentopt plan sparse`` with --max-kl on training-split calibration episodes:
-the fewest dense layers meeting the budget). Not a test: run it by hand; markdown to stdout, ``--json`` for numbers.
+the fewest dense layers meeting the budget), with the planner's KL over every calibration position, and again over
+the positions that predict assistant tokens only (``plan_sparse(positions=...)``). Not a test: run it by hand; markdown to stdout, ``--json`` for numbers.
 """
 
 from __future__ import annotations
@@ -108,19 +109,28 @@ def needle_table(needles: list[tuple[int, bool]]) -> dict:
     return table
 
 
-def planned_layers(model, tokenizer, pattern, max_kl: float, calib_episodes: int, length: int) -> dict:
-    """``agentopt plan sparse``'s choice on training-split long episodes (cut to ``length`` tokens)."""
+def planned_layers(model, tokenizer, pattern, max_kl: float, calib_episodes: int, length: int,
+                   assistant_only: bool = False) -> dict:
+    """``agentopt plan sparse``'s choice on training-split long episodes (cut to ``length`` tokens), its KL over
+    every position or (``assistant_only``) over those whose next token is an assistant token."""
     import torch
 
     from agentopt_compiler.analysis.sparse import plan_sparse
 
     calibration, _ = long_episodes(tokenizer, calib_episodes, "train", 5, model.config.max_position_embeddings)
-    batches = [torch.tensor([e["ids"][:length]]) for e in calibration
-               if len(e["ids"]) >= length]
-    if not batches:
+    calibration = [e for e in calibration if len(e["ids"]) >= length]
+    if not calibration:
         raise SystemExit(f"no calibration episode reaches {length} tokens; lower --calib-length")
-    result = plan_sparse(model, batches, pattern, max_kl, context_length=model.config.max_position_embeddings)
-    log(f"planned: sparse layers {result.sparse_layers}, predicted KL {result.predicted['kl']:.4f}")
+    batches = [torch.tensor([e["ids"][:length]]) for e in calibration]
+    # position t predicts token t + 1; an episode shorter than length + 1 has no token after its last position
+    positions = [torch.tensor([(e["assistant"][1:length + 1] + [False])[:length]]) for e in calibration]
+    result = plan_sparse(model, batches, pattern, max_kl, context_length=model.config.max_position_embeddings,
+                         positions=positions if assistant_only else None)
+    over = (f"{int(sum(m.sum() for m in positions))} assistant positions" if assistant_only
+            else f"all {sum(b.numel() for b in batches)} positions")
+    per_layer = ", ".join(f"{i}: {result.measurement.sparse_option(i).kl:.4f}" for i in range(len(model.layers)))
+    log(f"planned over {over} of {len(batches)} episodes: sparse layers {result.sparse_layers}, predicted KL "
+        f"{result.predicted['kl']:.4f}; per-layer KL {per_layer}")
     return result.plan.resolve(len(model.layers))
 
 
@@ -160,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         f"local/global (window-{args.window} on even layers)": {i: window for i in range(0, n_layers, 2)},
         f"planned (sinks{args.sinks}-window-{args.window}, max KL {args.max_kl})":
             planned_layers(model, tokenizer, sinks, args.max_kl, args.calib_episodes, args.calib_length),
+        f"planned on assistant tokens (sinks{args.sinks}-window-{args.window}, max KL {args.max_kl})":
+            planned_layers(model, tokenizer, sinks, args.max_kl, args.calib_episodes, args.calib_length,
+                           assistant_only=True),
     }
     rows, reference = [], None
     for name, layers in variants.items():

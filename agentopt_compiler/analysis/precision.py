@@ -102,13 +102,21 @@ def _log_probs(model, batches: list[torch.Tensor]) -> list[torch.Tensor]:
         return [torch.log_softmax(model(batch).double(), -1) for batch in batches]
 
 
-def _compare(reference: list[torch.Tensor], other: list[torch.Tensor]) -> tuple[float, float]:
-    """Mean KL(reference || other) per token and top-1 agreement."""
+def _compare(reference: list[torch.Tensor], other: list[torch.Tensor],
+             positions: list[torch.Tensor] | None = None) -> tuple[float, float]:
+    """Mean KL(reference || other) per token and top-1 agreement; with ``positions`` (one (B, S) bool mask per
+    batch), over the selected positions only."""
     kl, agree, count = 0.0, 0.0, 0
-    for ref, oth in zip(reference, other):
-        kl += float((ref.exp() * (ref - oth)).sum(-1).sum())
-        agree += float((ref.argmax(-1) == oth.argmax(-1)).sum())
-        count += ref.shape[0] * ref.shape[1]
+    for i, (ref, oth) in enumerate(zip(reference, other)):
+        token_kl = (ref.exp() * (ref - oth)).sum(-1)  # (B, S)
+        same = ref.argmax(-1) == oth.argmax(-1)
+        if positions is not None:
+            token_kl, same = token_kl[positions[i]], same[positions[i]]
+        kl += float(token_kl.sum())
+        agree += float(same.sum())
+        count += token_kl.numel()
+    if count == 0:
+        raise AgentOptError("no calibration position selected: the position masks are all false")
     return kl / count, agree / count
 
 

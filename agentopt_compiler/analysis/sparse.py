@@ -5,7 +5,10 @@ Same shape as the precision planner (analysis/precision.py):
 1. Measure, on calibration tokens, in the eager model (no KV cache: plain causal attention over each sequence):
    - per layer: that layer alone gets the pattern (its attention mask is ANDed with the pattern's visibility, every
      other layer keeps the model's own mask), and we compare next-token distributions with the dense model: mean
-     KL(dense || sparse) per token over all positions of the sequence, and top-1 agreement;
+     KL(dense || sparse) per token over all positions of the sequence, and top-1 agreement; or over the positions
+     a mask selects (``positions``): in chat episodes, those that predict assistant tokens. An average over every
+     position is mostly user, tool and filler text: on agent-tiny it chose windows for layers whose few assistant
+     tokens decide a task (docs/sparse_attention.md);
    - per (layer, query head), from the dense model: the attention mass outside the pattern, i.e. the fraction of
      softmax probability that the head puts on keys the pattern would hide, averaged over the queries beyond the
      window (position p >= W, the ones for which the pattern can hide anything). Heads with high mass are
@@ -186,8 +189,10 @@ def kv_bytes(config, context_length: int, pattern: SparsePattern | None, dtype_b
 
 def measure_sparse_costs(model, batches: list[torch.Tensor], pattern: SparsePattern,
                          context_length: int | None = None,
-                         progress: Callable[[int, int, str], None] | None = None) -> SparseMeasurement:
-    """Per layer: KL and top-1 of that layer alone sparse; per (layer, head): attention mass outside the pattern."""
+                         progress: Callable[[int, int, str], None] | None = None,
+                         positions: list[torch.Tensor] | None = None) -> SparseMeasurement:
+    """Per layer: KL and top-1 of that layer alone sparse (over ``positions`` if given: one (B, S) bool mask per
+    batch); per (layer, head): attention mass outside the pattern."""
     config = model.config
     context = context_length or min(config.max_position_embeddings, 4096)
     layers = len(model.layers)
@@ -218,7 +223,7 @@ def measure_sparse_costs(model, batches: list[torch.Tensor], pattern: SparsePatt
         options = []
         for index in range(layers):
             with sparse_layers(model, {index: pattern}):
-                kl, top1 = _compare(reference, _log_probs(model, batches))
+                kl, top1 = _compare(reference, _log_probs(model, batches), positions)
             unit = f"layers.{index}"
             options.append(LayerOption(unit, index, "dense", 0.0, 1.0, kv_bytes(config, context, None)))
             options.append(LayerOption(unit, index, "sparse", max(kl, 0.0), top1, kv_bytes(config, context, pattern)))
@@ -259,19 +264,24 @@ def choose_sparse_layers(measurement: SparseMeasurement, max_kl: float) -> Spars
 
 
 def plan_sparse(model, batches: list[torch.Tensor], pattern: SparsePattern, max_kl: float,
-                context_length: int | None = None, progress=None) -> SparsePlanResult:
-    """Measure and choose (refuses calibration sequences that fit inside the window)."""
+                context_length: int | None = None, progress=None,
+                positions: list[torch.Tensor] | None = None) -> SparsePlanResult:
+    """Measure (KL over ``positions`` if given) and choose (refuses calibration sequences that fit inside the
+    window)."""
     check_length(min(b.shape[1] for b in batches), pattern)
-    return choose_sparse_layers(measure_sparse_costs(model, batches, pattern, context_length, progress), max_kl)
+    measurement = measure_sparse_costs(model, batches, pattern, context_length, progress, positions)
+    return choose_sparse_layers(measurement, max_kl)
 
 
-def measure_fidelity(model, plan: SparseAttentionPlan, batches: list[torch.Tensor]) -> dict:
+def measure_fidelity(model, plan: SparseAttentionPlan, batches: list[torch.Tensor],
+                     positions: list[torch.Tensor] | None = None) -> dict:
     """The eager model with *all* of the plan's layers sparse against the dense model on (held-out) tokens: mean
-    KL(dense || sparse) per token and top-1 agreement, to set beside the plan's additive prediction."""
+    KL(dense || sparse) per token (over ``positions`` if given) and top-1 agreement, to set beside the plan's
+    additive prediction."""
     with _without_caches(model), torch.no_grad():
         reference = _log_probs(model, batches)
         with sparse_layers(model, plan.resolve(len(model.layers))):
-            kl, top1 = _compare(reference, _log_probs(model, batches))
+            kl, top1 = _compare(reference, _log_probs(model, batches), positions)
     return {"kl": round(max(kl, 0.0), 8), "top1": round(top1, 4), "tokens": sum(b.shape[1] for b in batches),
             "sequences": len(batches), "length": min(b.shape[1] for b in batches)}
 

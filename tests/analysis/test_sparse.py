@@ -71,6 +71,28 @@ def test_mass_outside_matches_a_direct_computation(tiny):
     assert m.head_mass_outside[0] == pytest.approx(expected.tolist(), abs=1e-5)
 
 
+def test_kl_over_selected_positions_matches_a_direct_computation(tiny, measured):
+    # the pattern hides keys 2 <= k <= p - 8 from query p, so nothing from queries p <= 9: KL 0 there
+    loaded, batches = tiny
+    model = loaded.model
+    early = [torch.arange(b.shape[1])[None] <= 8 for b in batches]
+    late = [~m for m in early]
+    m_early = measure_sparse_costs(model, batches, PATTERN, context_length=64, positions=early)
+    m_late = measure_sparse_costs(model, batches, PATTERN, context_length=64, positions=late)
+    with torch.no_grad():
+        ref = [torch.log_softmax(model(b).double(), -1) for b in batches]
+        with sparse_layers(model, {0: PATTERN}):
+            oth = [torch.log_softmax(model(b).double(), -1) for b in batches]
+    token_kl = torch.cat([(r.exp() * (r - o)).sum(-1)[0] for r, o in zip(ref, oth)])  # (2 * 40,)
+    selected_late = torch.cat([m[0] for m in late])
+    assert m_early.sparse_option(0).kl == pytest.approx(0.0, abs=1e-12)
+    assert m_late.sparse_option(0).kl == pytest.approx(float(token_kl[selected_late].mean()), rel=1e-9)
+    assert m_late.sparse_option(0).kl > measured.sparse_option(0).kl  # the mean over all positions dilutes it
+    with pytest.raises(AgentOptError, match="all false"):
+        measure_sparse_costs(model, batches, PATTERN, context_length=64,
+                             positions=[torch.zeros_like(m) for m in early])
+
+
 def test_plan_meets_its_budget_and_a_tighter_budget_keeps_more_layers_dense(measured):
     kls = sorted(measured.sparse_option(i).kl for i in range(2))
     dense_counts = []
