@@ -16,7 +16,8 @@ filler sentences; other seeds and phrasings than training):
 Variants: dense; window W on every layer; sinks S + window W on every layer; local/global (the window on even
 layers, odd layers dense); planned (``agentopt plan sparse`` with --max-kl on training-split calibration episodes:
 the fewest dense layers meeting the budget), with the planner's KL over every calibration position, and again over
-the positions that predict assistant tokens only (``plan_sparse(positions=...)``). Not a test: run it by hand; markdown to stdout, ``--json`` for numbers.
+the positions that predict assistant tokens only (``plan_sparse(positions=...)``). Not a test: run it by hand;
+markdown to stdout, ``--json`` for numbers.
 """
 
 from __future__ import annotations
