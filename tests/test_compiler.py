@@ -126,5 +126,5 @@ def test_compile_for_a_device_this_machine_lacks_writes_a_complete_engine(tmp_pa
         capture(load_model("tiny-random").model, 32))
     ids = np.random.default_rng(3).integers(0, 300, size=(1, 9))
     with torch.no_grad():
-        expected = reference.module(torch.from_numpy(ids), torch.arange(9)[None], torch.tensor([8])).numpy()
+        expected = reference.module(torch.from_numpy(ids), torch.arange(9)[None], torch.tensor([[8]])).numpy()
     assert np.abs(here.session.run(ids, np.arange(9)) - expected).max() <= 1e-2 * np.abs(expected).max()

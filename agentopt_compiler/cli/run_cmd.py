@@ -28,6 +28,9 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                   help="check up to N tokens drafted from the context per decode call (greedy only; the same "
+                        "tokens, fewer calls when the model copies from its context; default 0: off)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="override the engine's device")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
     p.set_defaults(handler=run)
@@ -54,7 +57,7 @@ def run(args) -> int:
 
     engine = load_engine(args.engine, device=args.device, threads=args.threads)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                    stop_strings=args.stop, ignore_eos=args.ignore_eos)
+                    stop_strings=args.stop, ignore_eos=args.ignore_eos, prompt_lookup=args.prompt_lookup)
     if args.prompt is not None:
         completion = engine.complete(args.prompt, max_new_tokens=args.max_new_tokens or 32, on_text=_write,
                                      **sampling)
@@ -78,9 +81,11 @@ def run(args) -> int:
     for task in tasks:
         result = agent.run(task, on_event=show, **sampling)
         usage = result.usage
+        drafts = (f", {usage['accepted_draft_tokens']} of {usage['drafted_tokens']} drafted tokens accepted"
+                  if args.prompt_lookup else "")
         print(f"\n[{result.finish_reason}: {len(result.steps)} step(s), {usage['prefilled_tokens']} tokens "
-              f"prefilled, {usage['reused_tokens']} reused from cache, {usage['generated_tokens']} generated]",
-              file=sys.stderr, flush=True)
+              f"prefilled, {usage['reused_tokens']} reused from cache, {usage['generated_tokens']} generated"
+              f"{drafts}]", file=sys.stderr, flush=True)
     return 0
 
 

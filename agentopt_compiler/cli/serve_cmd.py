@@ -15,6 +15,9 @@ def add_parser(sub) -> None:
     p.add_argument("--model-name", default=None, help="model id to serve (default: the engine's model name)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
     p.add_argument("--verbose", action="store_true", help="log every request")
+    p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                   help="for greedy requests (temperature 0), check up to N tokens drafted from the conversation per "
+                        "decode call: the same tokens, fewer calls (default 0: off; sampled requests never draft)")
     p.set_defaults(handler=run)
 
 
@@ -23,7 +26,7 @@ def run(args) -> int:
     from ..runtime.server import ChatService, make_server
 
     engine = load_engine(args.engine, threads=args.threads)
-    service = ChatService(engine, model_name=args.model_name)
+    service = ChatService(engine, model_name=args.model_name, prompt_lookup=args.prompt_lookup)
     try:
         server = make_server(service, args.host, args.port, api_key=args.api_key, verbose=args.verbose)
     except OSError as exc:

@@ -141,7 +141,8 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaDecoder(nn.Module):
-    """Token ids (B, S) at ``positions`` (B, S) -> logits (B, S, V), or (B, 1, V) at ``logits_index`` (B,).
+    """Token ids (B, S) at ``positions`` (B, S) -> logits (B, S, V), or (B, L, V) at ``logits_index`` (B, L)
+    (a 1-D ``logits_index`` (B,) gives (B, 1, V)).
 
     Without a cache (``setup_cache`` not called) attention is causal over the given tokens, for training and scoring.
     With a cache, each row's new K/V are written at its positions and attention reads the whole cache, masked to the
@@ -200,6 +201,7 @@ class LlamaDecoder(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, S, E)
         for layer in self.layers:
             x = layer(x, positions, cos, sin, mask)
-        if logits_index is not None:  # only the tokens whose next-token logits are wanted (one per row)
-            x = x.gather(1, logits_index[:, None, None].expand(b, 1, x.shape[-1]))  # (B, 1, E)
-        return self.lm_head(self.norm(x))  # (B, S or 1, V)
+        if logits_index is not None:  # only the tokens whose next-token logits are wanted: (B,) or (B, L) per row
+            picks = logits_index[:, None] if logits_index.dim() == 1 else logits_index  # (B, L)
+            x = x.gather(1, picks[:, :, None].expand(b, picks.shape[1], x.shape[-1]))  # (B, L, E)
+        return self.lm_head(self.norm(x))  # (B, S or L, V)

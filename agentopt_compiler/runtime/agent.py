@@ -78,7 +78,9 @@ class Agent:
         config = _merge(config, {"stop_strings": stops})
         self.messages.append({"role": "user", "content": task})
         result = AgentResult(None, "step_limit")
-        start_prefilled, start_reused = self.conversation.prefilled_tokens, self.conversation.reused_tokens
+        conversation = self.conversation
+        start = (conversation.prefilled_tokens, conversation.reused_tokens, conversation.drafted_tokens,
+                 conversation.accepted_draft_tokens)
         generated = 0
         for _ in range(self.max_steps):
             logits = self.conversation.prefill_to(self._prompt_ids())
@@ -112,9 +114,11 @@ class Agent:
             if reason == "context":
                 result.finish_reason = "context"
                 break
-        result.usage = {"prefilled_tokens": self.conversation.prefilled_tokens - start_prefilled,
-                        "reused_tokens": self.conversation.reused_tokens - start_reused,
-                        "generated_tokens": generated}
+        result.usage = {"prefilled_tokens": conversation.prefilled_tokens - start[0],
+                        "reused_tokens": conversation.reused_tokens - start[1],
+                        "generated_tokens": generated,
+                        "drafted_tokens": conversation.drafted_tokens - start[2],  # prompt lookup (0 when off)
+                        "accepted_draft_tokens": conversation.accepted_draft_tokens - start[3]}
         return result
 
     def _generate(self, logits, config: GenerationConfig, emit) -> tuple[str, str, int]:

@@ -27,6 +27,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import AgentOptError, ContextOverflowError
+from . import prompt_lookup
 from .sampling import sample
 
 
@@ -37,8 +38,11 @@ class Conversation:
         self.tokens: list[int] = []  # the conversation so far
         self.cached = 0  # tokens[:cached] have their KV in the cache (or in _saved)
         self._saved: dict[str, np.ndarray] | None = None
+        self._drafted_until = 0  # rows [cached, this) hold the KV of drafted tokens being checked
         self.prefilled_tokens = 0  # totals over the conversation's life, for reports and benchmarks
         self.reused_tokens = 0
+        self.drafted_tokens = 0  # prompt-lookup draft tokens checked, and those the model agreed with
+        self.accepted_draft_tokens = 0
 
     # -- cache ownership ---------------------------------------------------------------------------------
     def _activate(self) -> None:
@@ -46,7 +50,9 @@ class Conversation:
         if owner is self:
             return
         if owner is not None:
-            owner._saved = self.engine.session.read_cache(owner.cached) if owner.cached else None
+            # drafted rows not yet accepted or rejected are kept too: the owner may still accept them
+            rows = max(owner.cached, owner._drafted_until)
+            owner._saved = self.engine.session.read_cache(rows) if rows else None
         if self._saved is not None and self.cached:
             self.engine.session.write_cache(self._saved)
         self._saved = None
@@ -56,7 +62,7 @@ class Conversation:
         """Forget this conversation's cache (e.g. when a client disconnects)."""
         if getattr(self.engine, "_kv_owner", None) is self:
             self.engine._kv_owner = None
-        self._saved, self.cached, self.tokens = None, 0, []
+        self._saved, self.cached, self.tokens, self._drafted_until = None, 0, [], 0
 
     # -- feeding tokens ------------------------------------------------------------------------------------
     def rewind(self, length: int) -> None:
@@ -68,10 +74,13 @@ class Conversation:
             self.cached = 0  # a ring cache no longer holds the state at ``length``: the next prefill starts over
         self.cached = min(self.cached, length)
 
-    def _feed(self, ids: list[int], start: int) -> np.ndarray:
+    def _feed(self, ids: list[int], start: int, picks: int = 1) -> np.ndarray:
+        """Feed ``ids`` at positions ``start``...; return the logits (B, picks, V) of the last ``picks`` of them."""
         session = self.engine.session
         batch = session.batch_size
-        return session.run(np.array([ids] * batch, dtype=np.int64), np.arange(start, start + len(ids), dtype=np.int64))
+        logits_index = np.arange(len(ids) - picks, len(ids), dtype=np.int64)[None].repeat(batch, axis=0)
+        return session.run(np.array([ids] * batch, dtype=np.int64), np.arange(start, start + len(ids), dtype=np.int64),
+                           logits_index if picks > 1 else None)
 
     def prefill_to(self, prompt_ids: list[int]) -> np.ndarray:
         """Make the cache hold ``prompt_ids``; return the logits (B, 1, V) after its last token."""
@@ -96,7 +105,7 @@ class Conversation:
         self.reused_tokens += keep
         self.prefilled_tokens += len(prompt_ids) - keep
         logits = self._feed(prompt_ids[keep:], keep)
-        self.tokens, self.cached = list(prompt_ids), len(prompt_ids)
+        self.tokens, self.cached, self._drafted_until = list(prompt_ids), len(prompt_ids), 0
         return logits
 
     def remember_prefix(self, length: int, pin: bool = False) -> None:
@@ -110,25 +119,51 @@ class Conversation:
 
     def generate(self, logits: np.ndarray, config) -> Iterator[int]:
         """Sample tokens after ``prefill_to``; each yielded token is appended to the conversation. Returns the
-        finish reason: "stop", "length" or "context"."""
+        finish reason: "stop", "length" or "context".
+
+        With ``config.prompt_lookup`` > 0 (greedy only), each call also checks up to that many drafted tokens
+        (prompt_lookup.py) and yields the ones the model agrees with; the tokens are the same."""
         stops = set() if config.ignore_eos else set(
             config.stop_token_ids if config.stop_token_ids is not None else self.engine.eos_token_ids)
         rng = np.random.default_rng(config.seed)
         capacity = self.engine.context_length
-        for step in range(config.max_new_tokens):
-            token = sample(logits[0, -1], rng, config.temperature, config.top_k, config.top_p)
-            if token in stops:
-                return "stop"
-            self.tokens.append(token)
-            yield token
-            if step + 1 == config.max_new_tokens:
-                return "length"
-            if len(self.tokens) > capacity:
-                return "context"
+        if config.prompt_lookup:
+            check_prompt_lookup(self.engine.session)
+        if config.max_new_tokens == 0:
+            return "length"
+        rows = logits[0]  # (L, V): the first row gives the next token; the rest check the draft fed with it
+        draft: list[int] = []
+        generated = 0
+        while True:
+            accepted = 0
+            for row in rows:
+                token = sample(row, rng, config.temperature, config.top_k, config.top_p)
+                if token in stops:
+                    return "stop"
+                self.tokens.append(token)
+                generated += 1
+                drafted = accepted < len(draft) and token == draft[accepted]  # its KV is already in the cache
+                if drafted:
+                    accepted += 1
+                    self.cached += 1
+                    self.accepted_draft_tokens += 1
+                yield token
+                if generated == config.max_new_tokens:
+                    return "length"
+                if len(self.tokens) > capacity:
+                    return "context"
+                if not drafted:
+                    break  # the next call feeds this token (its KV is computed there)
+            draft = prompt_lookup.draft_tokens(
+                self.tokens, min(config.prompt_lookup, config.max_new_tokens - generated - 1,
+                                 capacity - len(self.tokens))) if config.prompt_lookup else []
             self._activate()
-            logits = self._feed([token], self.cached)  # the token's KV is computed here, at its position
+            fed = [self.tokens[-1], *draft]
+            logits = self._feed(fed, self.cached, picks=len(fed))  # (B, 1 + len(draft), V)
             self.cached += 1
-        return "length"
+            self._drafted_until = self.cached + len(draft)
+            self.drafted_tokens += len(draft)
+            rows = logits[0]
 
     # -- persistence ----------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -150,6 +185,17 @@ class Conversation:
         conversation.tokens, conversation.cached = meta["tokens"], meta["cached"]
         conversation._saved = rows or None
         return conversation
+
+
+def check_prompt_lookup(session) -> None:
+    """Raise why ``session`` cannot decode with prompt-lookup drafts, if it cannot."""
+    if not getattr(session, "multi_logits", False):
+        raise AgentOptError("prompt lookup needs the logits of several tokens per call, and this engine returns "
+                            "one (it was compiled before that); recompile it with agentopt compile")
+    if not getattr(session, "rewindable", True):
+        raise AgentOptError("prompt lookup writes drafted tokens into the cache and steps back over the rejected "
+                            "ones, which ring caches (bounded sparse-attention layers) cannot do; generate without "
+                            "prompt lookup on this engine")
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

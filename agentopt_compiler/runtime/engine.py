@@ -36,12 +36,18 @@ class GenerationConfig:
     stop_token_ids: tuple[int, ...] | None = None  # None: the model's end-of-sequence tokens
     stop_strings: tuple[str, ...] = ()
     ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks, parity tests)
+    prompt_lookup: int = 0  # > 0: check up to this many tokens drafted from the context per call (greedy only)
 
     def __post_init__(self):
         if self.max_new_tokens < 0:
             raise AgentOptError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if not 0.0 < self.top_p <= 1.0:
             raise AgentOptError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.prompt_lookup < 0:
+            raise AgentOptError(f"prompt_lookup must be >= 0 (0: off), got {self.prompt_lookup}")
+        if self.prompt_lookup and self.temperature > 0:
+            raise AgentOptError("prompt lookup keeps a drafted token only when it is the greedy choice, so it needs "
+                                f"temperature 0 (got {self.temperature}); set prompt_lookup=0 to sample")
 
 
 @dataclass
@@ -171,6 +177,9 @@ def generate_batch(engine: "Engine", prompts: Sequence[str | Sequence[int]], con
     if not rows or len(rows) > batch:
         raise AgentOptError(f"{len(rows)} prompts for an engine compiled for batch {batch}; give 1 to {batch} "
                             f"prompts or recompile with --batch-size {len(rows)}")
+    if config.prompt_lookup:
+        raise AgentOptError("prompt lookup drafts from one conversation's tokens, and batch rows would accept "
+                            "different numbers of drafts per call; generate batches with prompt_lookup=0")
     for row in rows:
         if not row or len(row) >= capacity:
             raise ContextOverflowError(f"a prompt has {len(row)} tokens; each must have 1 to {capacity - 1} "

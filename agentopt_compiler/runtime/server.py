@@ -8,7 +8,9 @@ The API is stateless (every request carries the whole conversation), so KV reuse
 conversations is kept, and each request continues the one whose cached tokens share the longest prefix with its
 prompt (rewinding where the re-rendered history differs). Requests are served one at a time on the engine (one cache
 buffer); each conversation's rows are saved and restored when another takes the engine, so there is no cross-talk.
-A client that disconnects mid-stream stops its generation and frees its conversation.
+A client that disconnects mid-stream stops its generation and frees its conversation. With ``prompt_lookup``
+(``agentopt serve --prompt-lookup N``), greedy requests decode with drafts from their own conversation
+(prompt_lookup.py): the same text in fewer engine calls.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, Iterator
 
 from ..errors import AgentOptError, ContextOverflowError
 from .chat import ChatTemplateError, render_chat
-from .conversation import _common_prefix
+from .conversation import _common_prefix, check_prompt_lookup
 from .engine import GenerationConfig
 from .prefix_cache import PrefixCache
 from .tokenizer import IncrementalDecoder
@@ -51,13 +53,16 @@ class ChatService:
     """The request logic, independent of HTTP (the handler below is a thin shell over it)."""
 
     def __init__(self, engine, model_name: str | None = None, max_conversations: int = 8,
-                 prefix_cache: PrefixCache | None = None):
+                 prefix_cache: PrefixCache | None = None, prompt_lookup: int = 0):
         if engine.tokenizer is None:
             raise AgentOptError("serving needs an engine with a tokenizer and chat template")
         self.engine = engine
         self.model_name = model_name or engine.manifest["model"]["name"]
         self.max_conversations = max_conversations
         self.prefix_cache = prefix_cache or PrefixCache()
+        self.prompt_lookup = prompt_lookup  # drafts per call for greedy requests (sampled ones cannot use them)
+        if prompt_lookup:
+            check_prompt_lookup(engine.session)  # refuse at start rather than fail every greedy request
         self.conversations: list = []  # most recently used last
         self.lock = threading.Lock()
         self.created = int(time.time())
@@ -106,10 +111,12 @@ class ChatService:
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         stop = body.get("stop") or ()
         try:
+            temperature = float(body.get("temperature", 1.0))
             config = GenerationConfig(
                 max_new_tokens=int(max_tokens) if max_tokens is not None else self.engine.context_length,
-                temperature=float(body.get("temperature", 1.0)), top_p=float(body.get("top_p", 1.0)),
-                seed=body.get("seed"), stop_strings=(stop,) if isinstance(stop, str) else tuple(stop))
+                temperature=temperature, top_p=float(body.get("top_p", 1.0)),
+                seed=body.get("seed"), stop_strings=(stop,) if isinstance(stop, str) else tuple(stop),
+                prompt_lookup=self.prompt_lookup if temperature == 0 else 0)
         except (TypeError, ValueError, AgentOptError) as exc:
             raise _bad_request(f"invalid generation parameters: {exc}") from None
         if call_is_complete:

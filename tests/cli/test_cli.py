@@ -127,6 +127,19 @@ def test_run_task_with_tools_and_interactive_mode(chat_engine, capsys, monkeypat
     assert err.count("step(s)") == 2 and "reused from cache" in err
 
 
+def test_run_with_prompt_lookup_prints_the_same_text_and_the_drafts(chat_engine, capsys):
+    base = ["run", str(chat_engine.folder), "--task", "Say hello hello hello", "--max-new-tokens", "24",
+            "--max-steps", "1"]
+    assert main(base) == 0
+    plain = capsys.readouterr()
+    assert main(base + ["--prompt-lookup", "4"]) == 0
+    looked_up = capsys.readouterr()
+    assert looked_up.out == plain.out
+    assert "drafted tokens accepted" in looked_up.err and "drafted" not in plain.err
+    line = cli_error_line(capsys, base + ["--prompt-lookup", "4", "--temperature", "0.8"])
+    assert "temperature 0" in line and "prompt_lookup=0" in line
+
+
 def test_bad_tool_spec(chat_engine, capsys):
     line = cli_error_line(capsys, ["run", str(chat_engine.folder), "--task", "x", "--tools", "no_such_module:f"])
     assert "cannot load tool 'no_such_module:f'" in line

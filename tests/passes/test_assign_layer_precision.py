@@ -116,7 +116,7 @@ def _engine_and_quantized_reference(engine, plan, seed: int):
     program, _ = default_pipeline(precision=plan).run(capture(load_model("tiny-random").model, 32))
     ids = np.random.default_rng(seed).integers(0, 300, size=(1, 10))
     with torch.no_grad():
-        expected = program.module(torch.from_numpy(ids), torch.arange(10)[None], torch.tensor([9])).numpy()
+        expected = program.module(torch.from_numpy(ids), torch.arange(10)[None], torch.tensor([[9]])).numpy()
     logits = engine.session.run(ids, np.arange(10))
     assert np.abs(logits - expected).max() <= 0.05 * np.abs(expected).max()
     return logits, expected
@@ -219,7 +219,7 @@ def test_half_precision_regions_where_the_target_has_half_kernels(tiny_model):
     assert sorted(str(d) for d in half_weights.values()) == ["torch.bfloat16", "torch.float16", "torch.float16"]
 
     ids = torch.from_numpy(np.random.default_rng(0).integers(0, 300, size=(1, 10)))
-    args = (ids, torch.arange(10)[None], torch.tensor([9]))
+    args = (ids, torch.arange(10)[None], torch.tensor([[9]]))
     with torch.no_grad():
         got, fp32 = half.module(*args), full.module(*args)
         expected = _half_reference(HALF_PLAN)(*args)
@@ -245,6 +245,6 @@ def test_half_regions_lower_to_typed_onnx_that_ort_runs(tmp_path, tiny_model):
     session = OrtSession(tmp_path, {**section, "context_length": 32, "batch_size": 1})
     ids = np.random.default_rng(1).integers(0, 300, size=(1, 10))
     with torch.no_grad():
-        expected = program.module(torch.from_numpy(ids), torch.arange(10)[None], torch.tensor([9])).numpy()
+        expected = program.module(torch.from_numpy(ids), torch.arange(10)[None], torch.tensor([[9]])).numpy()
     logits = session.run(ids, np.arange(10))
     assert np.abs(logits - expected).max() <= 1e-2 * np.abs(expected).max()

@@ -37,7 +37,7 @@ def _assert_same_outputs(gm, reference, vocab, steps=((0, 6), (6, 7), (7, 10), (
         for a, b in steps:  # prefill, decode, a chunk, decode: each reads what the previous calls cached
             if per_row:  # row r runs r tokens behind row 0, so rows sit at different positions
                 positions = torch.stack([torch.arange(a, b) - min(r, a) for r in range(batch)])
-                args = (ids[:, a:b], positions, torch.full((batch,), b - a - 1))
+                args = (ids[:, a:b], positions, torch.full((batch, 1), b - a - 1))
             else:
                 args = (ids[:, a:b], torch.arange(a, b))
             expected = reference(*args)

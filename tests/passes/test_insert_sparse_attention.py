@@ -59,7 +59,7 @@ def test_sets_the_pattern_on_the_named_layers_only(tiny_model):
     ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
     dense = _fused(tiny_model)
     with torch.no_grad():
-        args = (ids, torch.arange(12)[None], torch.tensor([11]))
+        args = (ids, torch.arange(12)[None], torch.tensor([[11]]))
         assert not torch.allclose(gm(*args), dense(*args), atol=1e-4)  # 12 tokens > window 4: the mask matters
 
 
@@ -81,7 +81,7 @@ def test_per_kv_head_pattern_leaves_the_other_heads_dense(tiny_model):
     all_heads = _fused(tiny_model)
     InsertSparseAttention(SparseAttentionPlan.parse("window=4,layers=1"))(all_heads)
     ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
-    args = (ids, torch.arange(12)[None], torch.tensor([11]))
+    args = (ids, torch.arange(12)[None], torch.tensor([[11]]))
     with torch.no_grad():
         per_head, windowed, dense = gm(*args), all_heads(*args), _fused(tiny_model)(*args)
     assert not torch.allclose(per_head, windowed, atol=1e-4) and not torch.allclose(per_head, dense, atol=1e-4)

@@ -21,7 +21,7 @@ def _same_outputs(a, b, vocab):
     ids = torch.randint(0, vocab, (1, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for s, e in [(0, 6), (6, 7), (7, 9)]:
-            args = (ids[:, s:e], torch.arange(s, e)[None], torch.tensor([e - s - 1]))
+            args = (ids[:, s:e], torch.arange(s, e)[None], torch.tensor([[e - s - 1]]))
             assert (a(*args) - b(*args)).abs().max().item() <= 1e-5  # float reassociation at most
 
 

@@ -11,7 +11,7 @@ def test_removes_identity_casts_and_asserts_and_keeps_numerics(tiny_model):
     before = op_histogram(gm)
     ids = torch.randint(0, 300, (1, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        args = (ids, torch.arange(7)[None], torch.tensor([6]))
+        args = (ids, torch.arange(7)[None], torch.tensor([[6]]))
         expected = program.module(*args)
         result = RemoveNoopOps()(gm)
         after = op_histogram(gm)

@@ -17,7 +17,7 @@ CONTEXT = 48
 def _logits(module, ids, start):
     positions = torch.arange(start, start + ids.shape[1])[None]
     with torch.no_grad():
-        return module(torch.from_numpy(ids), positions, torch.tensor([ids.shape[1] - 1])).numpy()
+        return module(torch.from_numpy(ids), positions, torch.tensor([[ids.shape[1] - 1]])).numpy()
 
 
 def test_half_caches_change_only_the_cache_dtype_and_the_attention_precision(tiny_model):

@@ -279,6 +279,7 @@ def lower_to_onnx(program, folder: Path, attention_impl: str = "gqa", device: st
         "inputs": [v.name for v in graph.inputs],
         "outputs": [v.name for v in graph.outputs],
         "logits": "logits",
+        "multi_logits": True,  # logits_index (B, L): several tokens' logits per call (prompt-lookup decoding)
         "caches": caches,
         "attention": {"fused_layers": fused, "impl": attention_impl if fused else "unfused", "layers": layer_impls},
         "lowering_rules": lowering_rules,

@@ -1,8 +1,8 @@
 """ONNX Runtime session for an engine folder (deploy side: onnxruntime + numpy, no torch).
 
-Implements the runtime's session protocol: ``run(input_ids (B, S), positions (B, S) or (S,), logits_index (B,))
--> logits (B, 1, V)`` with the KV caches held between calls, ``reset()``, ``read_cache``/``write_cache`` and
-``capacity``. The caches are numpy arrays fed as ``past.*`` and replaced
+Implements the runtime's session protocol: ``run(input_ids (B, S), positions (B, S) or (S,), logits_index (B,) or
+(B, L)) -> logits (B, 1 or L, V)`` with the KV caches held between calls, ``reset()``, ``read_cache``/``write_cache``,
+``capacity`` and ``multi_logits`` (whether one call can return the logits of several tokens per row). The caches are numpy arrays fed as ``past.*`` and replaced
 by the ``present.*`` outputs after each call, or, for in-place engines, buffers bound as both past and present: host
 numpy buffers on CPU, device-resident ``OrtValue``s on CUDA (``DeviceCaches``).
 """
@@ -78,6 +78,9 @@ class OrtSession:
         self.rewindable = not any(layer.get("ring") for layer in engine.get("attention", {}).get("layers", []))
         self._output_names = [o.name for o in self.session.get_outputs()]
         self._input_names = {i.name for i in self.session.get_inputs()}
+        # engines compiled before multi-position logits take logits_index (B,): one token per row and call
+        picks = next((i for i in self.session.get_inputs() if i.name == "logits_index"), None)
+        self.multi_logits = picks is not None and len(picks.shape) == 2
         self._present_to_past = {c["output"]: c["input"] for c in self.caches_spec}
         self._caches = {c["input"]: np.zeros(c["shape"], dtype=c.get("dtype", "float32")) for c in self.caches_spec}
         self._rows_written = 0  # cache rows [0, this) may hold data since the last reset (the rest are zeros)
@@ -98,8 +101,9 @@ class OrtSession:
                 self._caches = {}
             self._bind_caches()
             # logits stay a host buffer: ORT copies the (B, 1, V) row from the device into it
+            self._logits_name = engine["logits"]
             self._logits_value = ort.OrtValue.ortvalue_from_numpy(self._logits)
-            self._binding.bind_ortvalue_output(engine["logits"], self._logits_value)
+            self._binding.bind_ortvalue_output(self._logits_name, self._logits_value)
 
     def _bind_inputs(self, arrays: dict[str, np.ndarray]) -> None:
         for name, array in arrays.items():
@@ -111,7 +115,7 @@ class OrtSession:
         nothing. A prefill call binds its own arrays, so the buffers are bound again on the next decode step."""
         if self._step is None:
             self._step = {"input_ids": np.zeros((batch, 1), np.int64), "positions": np.zeros((batch, 1), np.int64),
-                          "logits_index": np.zeros(batch, np.int64)}
+                          "logits_index": np.zeros((batch, 1) if self.multi_logits else batch, np.int64)}
         if not self._step_bound:
             self._bind_inputs(self._step)
             self._step_bound = True
@@ -162,13 +166,19 @@ class OrtSession:
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray, logits_index: np.ndarray | None = None) -> np.ndarray:
         """Feed new tokens (B, S) at each row's ``positions`` ((B, S), or (S,) for all rows); the caches advance.
-        Returns the logits (B, 1, V) of token ``logits_index[b]`` of each row (default: the last one)."""
+        Returns the logits (B, L, V) of tokens ``logits_index[b]`` of each row: (B,) picks one token per row,
+        (B, L) picks L (default: the last token)."""
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         batch, length = input_ids.shape
         positions = np.ascontiguousarray(np.broadcast_to(positions, (batch, length)), dtype=np.int64)
         if logits_index is None:
             logits_index = np.full(batch, length - 1, dtype=np.int64)
-        logits_index = np.ascontiguousarray(logits_index, dtype=np.int64)
+        logits_index = np.asarray(logits_index, dtype=np.int64).reshape(batch, -1)  # (B, L)
+        picks = logits_index.shape[1]
+        if picks != 1 and not self.multi_logits:
+            raise EngineError("this engine returns the logits of one token per row and call (it was compiled "
+                              "before multi-position logits); recompile it with agentopt compile")
+        logits_index = np.ascontiguousarray(logits_index if self.multi_logits else logits_index[:, 0])
         self._rows_written = max(self._rows_written, int(positions.max()) + 1)  # a ring slot is below its position
         if self.in_place:
             if length == 1:  # decode: write into the bound step buffers (ORT reads the numpy memory directly)
@@ -178,8 +188,10 @@ class OrtSession:
             else:
                 self._step_bound = False
                 self._bind_inputs({"input_ids": input_ids, "positions": positions, "logits_index": logits_index})
-            self.session.run_with_iobinding(self._binding)
-            return self._logits.copy()  # the buffer is overwritten by the next call
+            if picks == 1:
+                self.session.run_with_iobinding(self._binding)
+                return self._logits.copy()  # the buffer is overwritten by the next call
+            return self._run_with_logits((batch, picks, self._logits.shape[-1]))
         feeds = {"input_ids": input_ids, "positions": positions, "logits_index": logits_index, **self._caches}
         feeds = {name: value for name, value in feeds.items() if name in self._input_names}
         outputs = self.session.run(self._output_names, feeds)
@@ -189,6 +201,20 @@ class OrtSession:
                 self._caches[self._present_to_past[name]] = value
             else:
                 logits = value
+        return logits
+
+
+    def _run_with_logits(self, shape: tuple[int, int, int]) -> np.ndarray:
+        """One in-place call whose logits do not fit the preallocated (B, 1, V) buffer: bind a buffer of ``shape``
+        for this call only, then put the decode buffer back."""
+        import onnxruntime as ort
+
+        logits = np.zeros(shape, dtype=np.float32)
+        self._binding.bind_ortvalue_output(self._logits_name, ort.OrtValue.ortvalue_from_numpy(logits))
+        try:
+            self.session.run_with_iobinding(self._binding)
+        finally:
+            self._binding.bind_ortvalue_output(self._logits_name, self._logits_value)
         return logits
 
 

@@ -19,7 +19,9 @@ Precision:
 Profiles (batch is static in the captured graph; only the token count S varies):
     0 ``prefill``: input_ids/positions (B, 1) .. (B, opt) .. (B, context)   — TensorRT picks kernels for ``opt``
     1 ``decode`` : input_ids/positions (B, 1) exactly                       — kernels tuned for one token per row
-    logits_index (B,) and the caches (B, Hkv, T, D) have fixed shapes (recorded, not part of any profile range).
+    logits_index (B, L): L = 1 exactly on decode, 1 .. context on prefill (prompt-lookup decoding checks drafts
+                 with one prefill-profile call); engines from before multi-position logits have a fixed (B,).
+    The caches (B, Hkv, T, D) have fixed shapes (recorded, not part of any profile range).
 The session runs S == 1 calls on the decode profile and everything else on the prefill profile.
 """
 
@@ -62,6 +64,7 @@ class TensorRTBuildPlan:
     fp32_islands: tuple = DEFAULT_ISLANDS
     prefill_opt: int = DEFAULT_PREFILL_OPT
     onnx_dtype: str = "float32"
+    multi_logits: bool = True  # logits_index is (B, L); False for engines compiled before that: (B,)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -108,7 +111,8 @@ class TensorRTBuildPlan:
             chosen["fp32_islands"] = tuple(islands.split(",") if isinstance(islands, str) else islands)
         return cls(batch_size=int(engine_section["batch_size"]), context_length=int(engine_section["context_length"]),
                    cache_shapes={c["input"]: [int(d) for d in c["shape"]] for c in engine_section["caches"]},
-                   onnx_dtype=str(engine_section.get("dtype", "float32")), **chosen)
+                   onnx_dtype=str(engine_section.get("dtype", "float32")),
+                   multi_logits=bool(engine_section.get("multi_logits", False)), **chosen)
 
     # -- what the builder gets ---------------------------------------------------------------------------------
     def profiles(self) -> list[dict]:
@@ -116,10 +120,14 @@ class TensorRTBuildPlan:
         min/opt/max shapes. Fixed-shape inputs are listed with min == opt == max."""
         b, t = self.batch_size, self.context_length
         opt = max(1, min(self.prefill_opt, t))
-        fixed = {"logits_index": [b]} | {name: list(shape) for name, shape in self.cache_shapes.items()}
+        fixed = {name: list(shape) for name, shape in self.cache_shapes.items()}
+        if not self.multi_logits:
+            fixed["logits_index"] = [b]
         result = []
         for name, (low, best, high) in zip(PROFILE_NAMES, ((1, opt, t), (1, 1, 1))):
             shapes = {tensor: {"min": [b, low], "opt": [b, best], "max": [b, high]} for tensor in TOKEN_INPUTS}
+            if self.multi_logits:  # one pick per row is the common call; prompt lookup picks up to S per row
+                shapes["logits_index"] = {"min": [b, 1], "opt": [b, 1], "max": [b, high]}
             shapes |= {tensor: {"min": s, "opt": s, "max": s} for tensor, s in fixed.items()}
             result.append({"name": name, "shapes": shapes})
         return result

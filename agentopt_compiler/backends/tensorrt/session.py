@@ -1,7 +1,7 @@
 """TensorRT session for an engine folder: the runtime's session protocol over ``model.plan``.
 
-    run(input_ids (B, S), positions (B, S) or (S,), logits_index (B,)) -> logits (B, 1, V)   caches advance
-    reset(), read_cache(n), write_cache(rows), capacity, batch_size, in_place, cache_addresses()
+    run(input_ids (B, S), positions (B, S) or (S,), logits_index (B,) or (B, L)) -> logits (B, 1 or L, V)
+    reset(), read_cache(n), write_cache(rows), capacity, batch_size, in_place, multi_logits, cache_addresses()
 
 Device memory: **PyTorch CUDA tensors** (``torch`` is already a dependency of the compiler; cuda-python would be one
 more package for the same few allocations and copies). Execution: one ``IExecutionContext`` per optimization profile
@@ -77,6 +77,7 @@ class TensorRTSession:
             back = front if self.in_place else torch.zeros_like(front)
             self._buffers[spec["input"]] = [front, back]
         self._logits_name = engine["logits"]
+        self.multi_logits = bool(engine.get("multi_logits", False))  # logits_index (B, L) rather than (B,)
         shape = tuple(self._engine.get_tensor_shape(self._logits_name))
         if any(d < 0 for d in shape):  # (B, 1, V) is static in our graphs; be safe if an exporter left it symbolic
             shape = (self.batch_size, 1, shape[-1])
@@ -119,7 +120,14 @@ class TensorRTSession:
         positions = np.ascontiguousarray(np.broadcast_to(positions, (batch, length)), dtype=np.int64)
         if logits_index is None:
             logits_index = np.full(batch, length - 1, dtype=np.int64)
-        logits_index = np.ascontiguousarray(logits_index, dtype=np.int64)
+        logits_index = np.asarray(logits_index, dtype=np.int64).reshape(batch, -1)  # (B, L)
+        picks = logits_index.shape[1]
+        if picks != 1 and not self.multi_logits:
+            raise EngineError("this engine returns the logits of one token per row and call (it was compiled "
+                              "before multi-position logits); recompile it with agentopt compile")
+        logits_index = np.ascontiguousarray(logits_index if self.multi_logits else logits_index[:, 0])
+        logits = self._logits if picks == 1 else self._torch.empty(
+            (batch, picks, self._logits.shape[-1]), dtype=self._logits.dtype, device="cuda")
         profile = PROFILE_NAMES.index("decode" if length == 1 else "prefill")
         context = self._contexts[min(profile, len(self._contexts) - 1)]
         with self._torch.cuda.stream(self._stream):
@@ -128,18 +136,18 @@ class TensorRTSession:
             if "logits_index" in self._io:
                 feeds["logits_index"] = self._device("logits_index", logits_index)
             for name, tensor in feeds.items():
-                if name != "logits_index":
+                if name != "logits_index" or self.multi_logits:
                     context.set_input_shape(name, tuple(tensor.shape))
                 context.set_tensor_address(name, tensor.data_ptr())
             for spec in self.caches_spec:
                 front, back = self._buffers[spec["input"]]
                 context.set_tensor_address(spec["input"], front.data_ptr())
                 context.set_tensor_address(spec["output"], back.data_ptr())
-            context.set_tensor_address(self._logits_name, self._logits.data_ptr())
+            context.set_tensor_address(self._logits_name, logits.data_ptr())
             if not context.execute_async_v3(self._stream.cuda_stream):
                 raise EngineError("TensorRT execution failed (execute_async_v3 returned False)")
         self._stream.synchronize()  # inputs stay referenced in ``feeds`` until here
         if not self.in_place:  # present (back) becomes the next call's past (front)
             for bufs in self._buffers.values():
                 bufs.reverse()
-        return self._logits.float().cpu().numpy()
+        return logits.float().cpu().numpy()

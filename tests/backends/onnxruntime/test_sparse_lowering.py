@@ -47,7 +47,7 @@ def test_sinks_strided_and_per_head_patterns_equal_the_fused_ops_reference(spec,
         for size in (30, 1, 1, 5, 1):
             ids = np.array([PROMPT[:size]]) if size > 1 else np.array([[7]])
             positions = np.arange(position, position + size)[None]
-            expected = reference(torch.from_numpy(ids), torch.from_numpy(positions), torch.tensor([size - 1]))
+            expected = reference(torch.from_numpy(ids), torch.from_numpy(positions), torch.tensor([[size - 1]]))
             worst = max(worst, float(np.abs(session.run(ids, positions) - expected.numpy()).max()))
             position += size
     assert worst <= 1e-4

@@ -38,8 +38,10 @@ def test_profile_shapes(manifest):
     for tensor in ("input_ids", "positions"):
         assert prefill["shapes"][tensor] == {"min": [1, 1], "opt": [1, 64], "max": [1, TINY_CONTEXT]}
         assert decode["shapes"][tensor] == {"min": [1, 1], "opt": [1, 1], "max": [1, 1]}
+    # one pick per row, or up to S (prompt-lookup decoding checks drafts through the prefill profile)
+    assert prefill["shapes"]["logits_index"] == {"min": [1, 1], "opt": [1, 1], "max": [1, TINY_CONTEXT]}
+    assert decode["shapes"]["logits_index"] == {"min": [1, 1], "opt": [1, 1], "max": [1, 1]}
     for profile in (prefill, decode):
-        assert profile["shapes"]["logits_index"] == {"min": [1], "opt": [1], "max": [1]}
         cache = profile["shapes"]["past.0.key"]
         assert cache["min"] == cache["opt"] == cache["max"] == [1, 2, TINY_CONTEXT, 32]
     assert TensorRTBuildPlan.from_manifest(manifest["engine"]).profiles()[0]["shapes"]["input_ids"]["opt"] == \
@@ -50,10 +52,14 @@ def test_profile_shapes(manifest):
 
 
 def test_batched_profiles():
-    section = {"batch_size": 4, "context_length": 256, "caches": [{"input": "past.0.key", "shape": [4, 2, 256, 8]}]}
+    section = {"batch_size": 4, "context_length": 256, "caches": [{"input": "past.0.key", "shape": [4, 2, 256, 8]}],
+               "multi_logits": True}
     prefill, decode = TensorRTBuildPlan.from_manifest(section, {"timing_cache": "off"}).profiles()
     assert prefill["shapes"]["input_ids"] == {"min": [4, 1], "opt": [4, 256], "max": [4, 256]}
-    assert decode["shapes"]["positions"]["max"] == [4, 1] and decode["shapes"]["logits_index"]["max"] == [4]
+    assert decode["shapes"]["positions"]["max"] == [4, 1] and decode["shapes"]["logits_index"]["max"] == [4, 1]
+    old = {k: v for k, v in section.items() if k != "multi_logits"}  # compiled before multi-position logits
+    assert TensorRTBuildPlan.from_manifest(old, {"timing_cache": "off"}).profiles()[0]["shapes"]["logits_index"] == \
+        {"min": [4], "opt": [4], "max": [4]}
 
 
 def test_options_validation_and_recorded_options(manifest):

@@ -1,0 +1,181 @@
+#!/usr/bin/env python
+"""Prompt-lookup decoding on agent work: agent-tiny engines run the same held-out agent tasks with and without drafts.
+
+    python benchmarks/prompt_lookup.py                          # 50 tasks, drafts of 4 / 8 / 16 against none
+    python benchmarks/prompt_lookup.py --tasks 10 --drafts 8    # quicker
+
+Each system is the same engine folder (agent-tiny, ``--precision`` fp32 or int4), loaded once per system with
+``--threads`` threads, decoding greedily through ``EngineGenerator`` (the agent loop of ``agentopt eval``: one
+conversation per system, each step prefilling only what is new). The systems take turns task by task, so load from
+other jobs falls on all of them. Measured per system: decode time (everything after each prefill), tokens generated,
+draft tokens checked and accepted, and every completion's text, which must equal the no-draft system's (the tokens
+are the greedy tokens either way). Reported: decode tokens/s and its ratio to no drafts, and the acceptance rate.
+
+What a draft costs depends on the model: a call that checks k drafts computes k + 1 rows, and on a CPU that rarely
+matters while the weights dominate the bytes read per call. So the report also measures, for agent-tiny and for
+ref-60m (random weights, 57M parameters), the median time of one call by tokens fed, at 512 cached tokens.
+
+Not a test: run it by hand. Progress to stderr, markdown to stdout, ``--json PATH`` for the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class Recording:
+    """An EngineGenerator that keeps every completion (to compare systems text for text)."""
+
+    def __init__(self, generator):
+        self.generator, self.completions = generator, []
+
+    def __call__(self, prompt_text, stop_strings):
+        text = self.generator(prompt_text, stop_strings)
+        self.completions.append(text)
+        return text
+
+
+def run(args) -> dict:
+    import agentopt_compiler as ao
+    from agentopt_compiler.models.agent_eval import EngineGenerator, eval_tasks, run_agent
+    from agentopt_compiler.models.registry import load_model
+    from agentopt_compiler.passes.precision_plan import PrecisionPlan
+
+    folder = Path(args.work_dir) / f"agent-tiny-{args.precision}"
+    log(f"compiling agent-tiny ({args.precision}) into {folder}")
+    plan = None if args.precision == "fp32" else PrecisionPlan.uniform(
+        args.precision, load_model("agent-tiny").model.config.num_layers)
+    ao.compile("agent-tiny", out=folder, overwrite=True, precision_plan=plan)
+    drafts = [0] + [int(d) for d in args.drafts.split(",")]
+    systems = {k: Recording(EngineGenerator(ao.load_engine(folder, threads=args.threads), prompt_lookup=k))
+               for k in drafts}
+    tasks = eval_tasks(args.tasks, args.seed)
+    successes = {k: 0 for k in drafts}
+    for index, task in enumerate(tasks):
+        for k, system in systems.items():
+            successes[k] += run_agent(task, system)["success"]
+        if (index + 1) % 10 == 0:
+            log(f"  {index + 1}/{len(tasks)} tasks")
+    rows = []
+    base = systems[0].generator
+    for k, system in systems.items():
+        generator = system.generator
+        conversation = generator.conversation
+        rate = generator.generated / generator.decode_seconds
+        rows.append({
+            "prompt_lookup": k, "tasks": len(tasks), "success": successes[k], "completions": len(system.completions),
+            "different_completions": sum(a != b for a, b in zip(system.completions, systems[0].completions))
+            + abs(len(system.completions) - len(systems[0].completions)),
+            "generated_tokens": generator.generated, "decode_seconds": round(generator.decode_seconds, 3),
+            "decode_tokens_per_s": round(rate, 1),
+            "vs_no_drafts": round(rate / (base.generated / base.decode_seconds), 2),
+            "drafted_tokens": conversation.drafted_tokens, "accepted_draft_tokens": conversation.accepted_draft_tokens,
+        })
+    return {"settings": vars(args), "environment": environment(), "rows": rows,
+            "call_cost": {"agent-tiny": call_cost(folder, args.threads),
+                          "ref-60m": call_cost(compile_ref(Path(args.work_dir)), args.threads)}}
+
+
+CALL_TOKENS = (1, 2, 3, 5, 9, 17)  # one pending token plus 0, 1, 2, 4, 8, 16 drafts
+
+
+def compile_ref(work: Path) -> Path:
+    import agentopt_compiler as ao
+
+    log("compiling ref-60m for the call-cost table")
+    ao.compile("ref-60m", out=work / "ref-60m", context_length=1024, overwrite=True)
+    return work / "ref-60m"
+
+
+def call_cost(folder: Path, threads: int, context: int = 512, repeats: int = 100) -> dict:
+    """Median ms of one in-place call feeding n tokens (logits of all n) after ``context`` cached tokens."""
+    import numpy as np
+
+    import agentopt_compiler as ao
+
+    session = ao.load_engine(folder, threads=threads).session
+    rng = np.random.default_rng(0)
+    session.reset()
+    session.run(rng.integers(0, 256, (1, context)), np.arange(context))
+    result = {}
+    for n in CALL_TOKENS:
+        times = []
+        for _ in range(repeats):
+            ids = rng.integers(0, 256, (1, n))
+            start = time.perf_counter()
+            session.run(ids, np.arange(context, context + n), np.arange(n)[None])
+            times.append(time.perf_counter() - start)
+        result[n] = round(1000 * float(np.median(times)), 3)
+    return result
+
+
+def environment() -> dict:
+    from importlib import metadata
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": platform.processor() or "?",
+            "commit": commit, "onnxruntime": metadata.version("onnxruntime")}
+
+
+def report(result: dict) -> str:
+    s, env = result["settings"], result["environment"]
+    lines = [f"## Prompt-lookup decoding: agent-tiny {s['precision']}, {s['tasks']} held-out tasks (seed {s['seed']})",
+             "",
+             f"- date {env['date']}, commit {env['commit']}, onnxruntime {env['onnxruntime']}, {s['threads']} threads",
+             "- decode = everything after each prefill (first token included); systems alternate task by task",
+             "",
+             "| drafts (tokens) | decode tok/s | vs no drafts | accepted / drafted | completions differing from no "
+             "drafts | tasks solved |",
+             "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        drafted = r["drafted_tokens"]
+        acceptance = f"{r['accepted_draft_tokens']} / {drafted} ({r['accepted_draft_tokens'] / drafted:.0%})" \
+            if drafted else "–"
+        lines.append(f"| {r['prompt_lookup'] or 'off'} | {r['decode_tokens_per_s']} | {r['vs_no_drafts']:.2f}× | "
+                     f"{acceptance} | {r['different_completions']} of {r['completions']} | "
+                     f"{r['success']}/{r['tasks']} |")
+    lines += ["", f"Cost of one call by tokens fed (median ms, {s['threads']} threads, 512 tokens cached; relative to "
+              "one token):", "", "| model | " + " | ".join(f"{n} tokens" for n in CALL_TOKENS) + " |",
+              "|---|" + "---|" * len(CALL_TOKENS)]
+    for model, costs in result["call_cost"].items():
+        one = costs[1]
+        lines.append(f"| {model} | " + " | ".join(f"{costs[n]:.2f} ({costs[n] / one:.2f}×)" for n in CALL_TOKENS)
+                     + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", type=int, default=50, help="held-out agent tasks (default 50)")
+    parser.add_argument("--seed", type=int, default=1, help="task sample seed (default 1)")
+    parser.add_argument("--drafts", default="4,8,16", help="draft lengths to compare with no drafts (default 4,8,16)")
+    parser.add_argument("--precision", choices=["fp32", "int4"], default="fp32")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work-dir", default=None, help="where the engine is compiled (default: a temporary folder)")
+    parser.add_argument("--json", default=None, help="also write the numbers here")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        args.work_dir = args.work_dir or tmp
+        result = run(args)
+    text = report(result)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0 if all(r["different_completions"] == 0 for r in result["rows"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
