@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Prompt-lookup decoding on agent work: agent-tiny engines run the same held-out agent tasks with and without drafts.
 
-    python benchmarks/prompt_lookup.py                          # 50 tasks, drafts of 4 / 8 / 16 against none
+    python benchmarks/prompt_lookup.py                          # 50 tasks, drafts of 3 / 4 / 8 against none
     python benchmarks/prompt_lookup.py --tasks 10 --drafts 8    # quicker
 
 Each system is the same engine folder (agent-tiny, ``--precision`` fp32 or int4), loaded once per system with
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=50, help="held-out agent tasks (default 50)")
     parser.add_argument("--seed", type=int, default=1, help="task sample seed (default 1)")
-    parser.add_argument("--drafts", default="4,8,16", help="draft lengths to compare with no drafts (default 4,8,16)")
+    parser.add_argument("--drafts", default="3,4,8", help="draft lengths to compare with no drafts (default 3,4,8)")
     parser.add_argument("--precision", choices=["fp32", "int4"], default="fp32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work-dir", default=None, help="where the engine is compiled (default: a temporary folder)")

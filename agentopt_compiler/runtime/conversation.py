@@ -39,6 +39,7 @@ class Conversation:
         self.cached = 0  # tokens[:cached] have their KV in the cache (or in _saved)
         self._saved: dict[str, np.ndarray] | None = None
         self._drafted_until = 0  # rows [cached, this) hold the KV of drafted tokens being checked
+        self._drafts = prompt_lookup.DraftIndex()
         self.prefilled_tokens = 0  # totals over the conversation's life, for reports and benchmarks
         self.reused_tokens = 0
         self.drafted_tokens = 0  # prompt-lookup draft tokens checked, and those the model agreed with
@@ -154,9 +155,8 @@ class Conversation:
                     return "context"
                 if not drafted:
                     break  # the next call feeds this token (its KV is computed there)
-            draft = prompt_lookup.draft_tokens(
-                self.tokens, min(config.prompt_lookup, config.max_new_tokens - generated - 1,
-                                 capacity - len(self.tokens))) if config.prompt_lookup else []
+            draft = self._drafts.draft(self.tokens, min(config.prompt_lookup, config.max_new_tokens - generated - 1,
+                                                        capacity - len(self.tokens))) if config.prompt_lookup else []
             self._activate()
             fed = [self.tokens[-1], *draft]
             logits = self._feed(fed, self.cached, picks=len(fed))  # (B, 1 + len(draft), V)

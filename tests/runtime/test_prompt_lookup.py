@@ -6,7 +6,7 @@ import torch
 
 from agentopt_compiler.errors import AgentOptError, EngineError
 from agentopt_compiler.runtime.engine import GenerationConfig
-from agentopt_compiler.runtime.prompt_lookup import draft_tokens
+from agentopt_compiler.runtime.prompt_lookup import MAX_NGRAM, MIN_NGRAM, DraftIndex, draft_tokens
 
 # random weights loop quickly, so greedy continuations repeat earlier tokens and drafts get accepted
 PROMPTS = ([1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2, 3], list(range(10, 40)), [7] * 5)
@@ -31,6 +31,32 @@ def test_draft_is_what_followed_the_latest_occurrence_of_the_longest_suffix():
     assert draft_tokens([4, 5, 6, 7, 5], 3) == []  # one matching token is too weak a match (MIN_NGRAM = 2)
     assert draft_tokens([1, 2, 3, 4], 4) == []  # the last token never occurred before
     assert draft_tokens([1, 2, 1], 0) == [] and draft_tokens([3], 4) == []
+
+
+def _scan(tokens, max_tokens):
+    """The definition, by brute force: the latest earlier occurrence of the longest suffix that has one."""
+    for n in range(MAX_NGRAM, MIN_NGRAM - 1, -1):
+        if len(tokens) <= n:
+            continue
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start:start + n] == tokens[-n:]:
+                return tokens[start + n:start + n + max_tokens]
+    return []
+
+
+def test_the_incremental_index_equals_a_scan_as_lists_grow_and_are_replaced():
+    rng = np.random.default_rng(0)
+    index, tokens = DraftIndex(), []
+    for step in range(600):
+        if step % 97 == 96:  # a new turn: a new list with the same start
+            tokens = tokens + [int(t) for t in rng.integers(0, 6, 5)]
+        elif step % 151 == 150:  # a rewind: a new, shorter list
+            tokens = tokens[:len(tokens) // 2]
+        elif step % 211 == 210:  # a different history altogether
+            tokens = [int(t) for t in rng.integers(0, 6, 40)]
+        else:  # decoding appends to the same list
+            tokens.append(int(rng.integers(0, 6)))
+        assert index.draft(tokens, 5) == _scan(tokens, 5), step
 
 
 def test_tokens_equal_plain_greedy_and_drafts_are_accepted(tiny_engine):
