@@ -80,6 +80,7 @@ class Bench:
     unavailable: dict[str, str] = field(default_factory=dict)  # system -> reason
     builds: dict[str, dict] = field(default_factory=dict)  # system -> compile/build seconds, size, notes
     notes: list[str] = field(default_factory=list)
+    roofline: dict = field(default_factory=dict)  # weight bytes per decode step, the machine's streaming rate
 
 
 # -- shared timing helper ---------------------------------------------------------------------------------------------
@@ -405,6 +406,31 @@ def environment(threads: int) -> dict:
             "platform": platform.platform(), "threads": threads, "versions": versions}
 
 
+def weight_bytes_per_step(model) -> int:
+    """Bytes of weights one decode step reads: every parameter except the embedding table, of which a step gathers
+    one row per token (a tied table is read whole, as the output projection)."""
+    embedding = model.embed_tokens.weight
+    tied = model.lm_head.weight is embedding
+    return sum(p.numel() * p.element_size() for p in model.parameters()
+               if tied or p is not embedding)
+
+
+def streaming_gb_per_s(threads: int, mib: int = 256, repeats: int = 15) -> float:
+    """Median GB/s of a ``threads``-thread sum over ``mib`` MiB of fp32: what this machine's memory delivers to
+    a read-only stream, larger than the last-level cache (the bound on weight-streaming decode)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    data = torch.ones(mib * 2**20 // 4)
+    data.sum()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - start)
+    return data.numel() * 4 / statistics.median(times) / 1e9
+
+
 def make_prompt(length: int, vocab_size: int, avoid: set[int], seed: int) -> list[int]:
     import numpy as np
 
@@ -436,6 +462,8 @@ def run(args) -> Bench:
 
     log(f"loading {args.model} (eager reference) and writing it as a Hugging Face folder")
     loaded = load_model(args.model)
+    bench.roofline = {"weight_bytes_per_step": weight_bytes_per_step(loaded.model),
+                      "streaming_gb_per_s": streaming_gb_per_s(args.threads)}  # before any system loads
     config = loaded.config
     hf_dir = save_as_hf_folder(loaded.model, work / "hf", loaded.tokenizer_dir)
     eos = set(config.eos_token_ids)
@@ -606,8 +634,27 @@ def write_report(bench: Bench) -> str:
     for m in differing:
         lines.append(f"Greedy tokens: {m.system} at prompt {m.prompt_tokens} differs from the eager reference from "
                      f"new token {m.first_difference} on.")
+    lines += roofline_lines(bench)
     lines += footer(bench)
     return "\n".join(lines) + "\n"
+
+
+def roofline_lines(bench: Bench) -> list[str]:
+    """What the decode rates mean in bytes: weight-streaming decode cannot beat memory bandwidth."""
+    roof = bench.roofline
+    if not roof:
+        return []
+    weights, stream = roof["weight_bytes_per_step"], roof["streaming_gb_per_s"]
+    rates = []
+    for m in bench.measurements:
+        if m.system in (OURS_DEFAULT, ORT_GENAI):
+            rate = m.decode_tokens_per_s * weights / 1e9
+            rates.append(f"{m.system} at {m.prompt_tokens}: {rate:.1f} GB/s ({rate / stream:.0%})")
+    return [f"Memory roofline: a decode step reads {_mib(weights)} of weights (every parameter but the embedding "
+            f"rows it does not gather); a {bench.settings['threads']}-thread sum over 256 MiB of fp32 streams "
+            f"{stream:.1f} GB/s on this machine, so weights alone cap decode at {stream * 1e9 / weights:.0f} "
+            f"tokens/s. Weight bytes per second at the median decode rates (caches and activations not counted): "
+            + ("; ".join(rates) or "no engine measured") + "."]
 
 
 def footer(bench) -> list[str]:

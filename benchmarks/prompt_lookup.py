@@ -49,14 +49,10 @@ class Recording:
 def run(args) -> dict:
     import agentopt_compiler as ao
     from agentopt_compiler.models.agent_eval import EngineGenerator, eval_tasks, run_agent
-    from agentopt_compiler.models.registry import load_model
-    from agentopt_compiler.passes.precision_plan import PrecisionPlan
 
     folder = Path(args.work_dir) / f"agent-tiny-{args.precision}"
     log(f"compiling agent-tiny ({args.precision}) into {folder}")
-    plan = None if args.precision == "fp32" else PrecisionPlan.uniform(
-        args.precision, load_model("agent-tiny").model.config.num_layers)
-    ao.compile("agent-tiny", out=folder, overwrite=True, precision_plan=plan)
+    ao.compile("agent-tiny", out=folder, overwrite=True, precision_plan=uniform_plan("agent-tiny", args.precision))
     drafts = [0] + [int(d) for d in args.drafts.split(",")]
     systems = {k: Recording(EngineGenerator(ao.load_engine(folder, threads=args.threads), prompt_lookup=k))
                for k in drafts}
@@ -84,17 +80,28 @@ def run(args) -> dict:
         })
     return {"settings": vars(args), "environment": environment(), "rows": rows,
             "call_cost": {"agent-tiny": call_cost(folder, args.threads),
-                          "ref-60m": call_cost(compile_ref(Path(args.work_dir)), args.threads)}}
+                          "ref-60m": call_cost(compile_ref(Path(args.work_dir), args.precision), args.threads)}}
 
 
 CALL_TOKENS = (1, 2, 3, 5, 9, 17)  # one pending token plus 0, 1, 2, 4, 8, 16 drafts
 
 
-def compile_ref(work: Path) -> Path:
+def uniform_plan(model: str, precision: str):
+    """None for fp32, else every linear of ``model`` at ``precision``."""
+    from agentopt_compiler.models.registry import load_model
+    from agentopt_compiler.passes.precision_plan import PrecisionPlan
+
+    if precision == "fp32":
+        return None
+    return PrecisionPlan.uniform(precision, load_model(model).model.config.num_layers)
+
+
+def compile_ref(work: Path, precision: str) -> Path:
     import agentopt_compiler as ao
 
-    log("compiling ref-60m for the call-cost table")
-    ao.compile("ref-60m", out=work / "ref-60m", context_length=1024, overwrite=True)
+    log(f"compiling ref-60m ({precision}) for the call-cost table")
+    ao.compile("ref-60m", out=work / "ref-60m", context_length=1024, overwrite=True,
+               precision_plan=uniform_plan("ref-60m", precision))
     return work / "ref-60m"
 
 
@@ -108,16 +115,15 @@ def call_cost(folder: Path, threads: int, context: int = 512, repeats: int = 100
     rng = np.random.default_rng(0)
     session.reset()
     session.run(rng.integers(0, 256, (1, context)), np.arange(context))
-    result = {}
-    for n in CALL_TOKENS:
-        times = []
-        for _ in range(repeats):
+    times = {n: [] for n in CALL_TOKENS}
+    for round_ in range(repeats + 10):  # sizes take turns, so drifting load falls on all; 10 untimed rounds first
+        for n in CALL_TOKENS:
             ids = rng.integers(0, 256, (1, n))
             start = time.perf_counter()
             session.run(ids, np.arange(context, context + n), np.arange(n)[None])
-            times.append(time.perf_counter() - start)
-        result[n] = round(1000 * float(np.median(times)), 3)
-    return result
+            if round_ >= 10:
+                times[n].append(time.perf_counter() - start)
+    return {n: round(1000 * float(np.median(t)), 3) for n, t in times.items()}
 
 
 def environment() -> dict:
@@ -146,8 +152,8 @@ def report(result: dict) -> str:
         lines.append(f"| {r['prompt_lookup'] or 'off'} | {r['decode_tokens_per_s']} | {r['vs_no_drafts']:.2f}× | "
                      f"{acceptance} | {r['different_completions']} of {r['completions']} | "
                      f"{r['success']}/{r['tasks']} |")
-    lines += ["", f"Cost of one call by tokens fed (median ms, {s['threads']} threads, 512 tokens cached; relative to "
-              "one token):", "", "| model | " + " | ".join(f"{n} tokens" for n in CALL_TOKENS) + " |",
+    lines += ["", f"Cost of one call by tokens fed ({s['precision']} engines; median ms, {s['threads']} threads, 512 "
+              "tokens cached; relative to one token):", "", "| model | " + " | ".join(f"{n} tokens" for n in CALL_TOKENS) + " |",
               "|---|" + "---|" * len(CALL_TOKENS)]
     for model, costs in result["call_cost"].items():
         one = costs[1]

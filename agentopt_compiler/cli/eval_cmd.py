@@ -17,6 +17,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="held-out task seed")
     p.add_argument("--minutes", type=float, default=None, help="stop after this long (report how many ran)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
+    p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                   help="decode with up to N drafted tokens per call (the same tokens; see agentopt run)")
     p.add_argument("--json", metavar="PATH", help="write the full report (with failed examples) here")
     p.set_defaults(handler=run)
 
@@ -31,10 +33,13 @@ def run(args) -> int:
         raise AgentOptError(f"engine '{args.engine}' has no tokenizer; agent evaluation needs text")
     print(f"evaluating {engine.manifest['model']['name']} on {args.tasks} held-out tasks...", file=sys.stderr)
     report = evaluate_engine(engine, n=args.tasks, seed=args.seed,
-                             time_budget_s=None if args.minutes is None else args.minutes * 60)
+                             time_budget_s=None if args.minutes is None else args.minutes * 60,
+                             prompt_lookup=args.prompt_lookup)
     print(format_report(report))
     print(f"  generation: {report['generated_tokens']} tokens at {report['tokens_per_s']} tokens/s "
-          f"({report['prefilled_tokens']} prompt tokens prefilled, {report['reused_tokens']} reused from cache)")
+          f"({report['prefilled_tokens']} prompt tokens prefilled, {report['reused_tokens']} reused from cache"
+          + (f", {report['accepted_draft_tokens']} of {report['drafted_tokens']} drafted tokens accepted)"
+             if args.prompt_lookup else ")"))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)

@@ -289,14 +289,17 @@ class EngineGenerator:
         return text
 
 
-def evaluate_engine(engine, n: int = 100, seed: int = 0, time_budget_s: float | None = None) -> dict:
+def evaluate_engine(engine, n: int = 100, seed: int = 0, time_budget_s: float | None = None,
+                    prompt_lookup: int = 0) -> dict:
     """``evaluate`` on a compiled engine, plus generation throughput (tokens/s, prefill included)."""
-    generator = EngineGenerator(engine)
+    generator = EngineGenerator(engine, prompt_lookup=prompt_lookup)
     report = evaluate(generator, n=n, seed=seed, time_budget_s=time_budget_s)
     report["generated_tokens"] = generator.generated
     report["tokens_per_s"] = round(generator.generated / generator.seconds, 1) if generator.seconds else 0.0
     report["prefilled_tokens"] = generator.conversation.prefilled_tokens
     report["reused_tokens"] = generator.conversation.reused_tokens
+    report["drafted_tokens"] = generator.conversation.drafted_tokens
+    report["accepted_draft_tokens"] = generator.conversation.accepted_draft_tokens
     return report
 
 

@@ -35,3 +35,16 @@ def test_the_fused_engine_solves_the_same_tasks_as_eager(engine):
     eager, ours = eager_generator(loaded.model, tokenizer), EngineGenerator(engine)
     for task in eval_tasks(6, seed=3):
         assert run_agent(task, ours)["messages"] == run_agent(task, eager)["messages"]
+
+
+def test_prompt_lookup_gives_the_same_transcripts_and_accepts_copied_tokens(engine):
+    """The trained model copies arguments and results from its context: drafts from the conversation get accepted,
+    and the transcripts stay those of plain greedy decoding."""
+    from agentopt_compiler.models.agent_eval import EngineGenerator, eval_tasks, run_agent
+
+    plain, looked_up = EngineGenerator(engine), EngineGenerator(engine, prompt_lookup=4)
+    for task in eval_tasks(6, seed=3):
+        assert run_agent(task, looked_up)["messages"] == run_agent(task, plain)["messages"]
+    drafts = looked_up.conversation
+    assert drafts.accepted_draft_tokens >= 0.2 * looked_up.generated  # measured: about half of the tokens
+    assert plain.conversation.drafted_tokens == 0
