@@ -29,8 +29,9 @@ def add_parser(sub) -> None:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
-                   help="check up to N tokens drafted from the context per decode call (greedy only; the same "
-                        "tokens, fewer calls when the model copies from its context; default 0: off)")
+                   help="check up to N tokens drafted from the context per decode call: fewer calls when the model "
+                        "copies from its context; greedy: the same tokens, sampling: the same distribution "
+                        "(default 0: off)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="override the engine's device")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
     p.set_defaults(handler=run)

@@ -16,8 +16,8 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
     p.add_argument("--verbose", action="store_true", help="log every request")
     p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
-                   help="for greedy requests (temperature 0), check up to N tokens drafted from the conversation per "
-                        "decode call: the same tokens, fewer calls (default 0: off; sampled requests never draft)")
+                   help="check up to N tokens drafted from the conversation per decode call: fewer calls, the same "
+                        "text for greedy requests and the same distribution for sampled ones (default 0: off)")
     p.set_defaults(handler=run)
 
 

@@ -250,13 +250,14 @@ class EngineGenerator:
     """``generate(prompt_text, stop_strings)`` on a compiled engine (no torch): greedy, through one Conversation, so
     each step of an episode prefills only what the previous step did not already cache. Counts tokens and time for
     the tokens/s figure of the report (``decode_seconds``: the part after each prefill). ``prompt_lookup`` > 0
-    decodes with prompt-lookup drafts (same tokens)."""
+    decodes with prompt-lookup drafts (greedy: the same tokens); ``temperature`` > 0 samples (seeded per call)."""
 
-    def __init__(self, engine, max_new_tokens: int = 96, prompt_lookup: int = 0):
+    def __init__(self, engine, max_new_tokens: int = 96, prompt_lookup: int = 0, temperature: float = 0.0):
         from ..runtime.engine import GenerationConfig
 
         self.engine, self.conversation = engine, engine.conversation()
-        self.config = GenerationConfig(max_new_tokens=max_new_tokens, prompt_lookup=prompt_lookup)
+        self.config = GenerationConfig(max_new_tokens=max_new_tokens, prompt_lookup=prompt_lookup,
+                                       temperature=temperature, seed=0)
         self.generated, self.seconds, self.decode_seconds = 0, 0.0, 0.0
 
     def __call__(self, prompt_text: str, stop_strings: tuple[str, ...] = STOP_STRINGS) -> str:

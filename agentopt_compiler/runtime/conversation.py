@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import AgentOptError, ContextOverflowError
 from . import prompt_lookup
-from .sampling import sample
+from .sampling import check_draft, sample
 
 
 class Conversation:
@@ -122,11 +122,13 @@ class Conversation:
         """Sample tokens after ``prefill_to``; each yielded token is appended to the conversation. Returns the
         finish reason: "stop", "length" or "context".
 
-        With ``config.prompt_lookup`` > 0 (greedy only), each call also checks up to that many drafted tokens
-        (prompt_lookup.py) and yields the ones the model agrees with; the tokens are the same."""
+        With ``config.prompt_lookup`` > 0, each call also checks up to that many drafted tokens (prompt_lookup.py)
+        and keeps them up to the first the model does not choose (``check_draft``): greedy, the same tokens; sampled,
+        the same distribution."""
         stops = set() if config.ignore_eos else set(
             config.stop_token_ids if config.stop_token_ids is not None else self.engine.eos_token_ids)
         rng = np.random.default_rng(config.seed)
+        sampling = (config.temperature, config.top_k, config.top_p)
         capacity = self.engine.context_length
         if config.prompt_lookup:
             check_prompt_lookup(self.engine.session)
@@ -136,16 +138,15 @@ class Conversation:
         draft: list[int] = []
         generated = 0
         while True:
-            accepted = 0
-            for row in rows:
-                token = sample(row, rng, config.temperature, config.top_k, config.top_p)
+            for index, row in enumerate(rows):
+                token = check_draft(row, draft[index], rng, *sampling) if index < len(draft) else \
+                    sample(row, rng, *sampling)
                 if token in stops:
                     return "stop"
                 self.tokens.append(token)
                 generated += 1
-                drafted = accepted < len(draft) and token == draft[accepted]  # its KV is already in the cache
+                drafted = index < len(draft) and token == draft[index]  # its KV is already in the cache
                 if drafted:
-                    accepted += 1
                     self.cached += 1
                     self.accepted_draft_tokens += 1
                 yield token

@@ -36,7 +36,8 @@ class GenerationConfig:
     stop_token_ids: tuple[int, ...] | None = None  # None: the model's end-of-sequence tokens
     stop_strings: tuple[str, ...] = ()
     ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks, parity tests)
-    prompt_lookup: int = 0  # > 0: check up to this many tokens drafted from the context per call (greedy only)
+    prompt_lookup: int = 0  # > 0: check up to this many tokens drafted from the context per call (same tokens
+    # when greedy, the same distribution when sampling)
 
     def __post_init__(self):
         if self.max_new_tokens < 0:
@@ -45,9 +46,6 @@ class GenerationConfig:
             raise AgentOptError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.prompt_lookup < 0:
             raise AgentOptError(f"prompt_lookup must be >= 0 (0: off), got {self.prompt_lookup}")
-        if self.prompt_lookup and self.temperature > 0:
-            raise AgentOptError("prompt lookup keeps a drafted token only when it is the greedy choice, so it needs "
-                                f"temperature 0 (got {self.temperature}); set prompt_lookup=0 to sample")
 
 
 @dataclass

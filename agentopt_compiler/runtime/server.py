@@ -9,8 +9,8 @@ conversations is kept, and each request continues the one whose cached tokens sh
 prompt (rewinding where the re-rendered history differs). Requests are served one at a time on the engine (one cache
 buffer); each conversation's rows are saved and restored when another takes the engine, so there is no cross-talk.
 A client that disconnects mid-stream stops its generation and frees its conversation. With ``prompt_lookup``
-(``agentopt serve --prompt-lookup N``), greedy requests decode with drafts from their own conversation
-(prompt_lookup.py): the same text in fewer engine calls.
+(``agentopt serve --prompt-lookup N``), requests decode with drafts from their own conversation (prompt_lookup.py):
+fewer engine calls; greedy requests get the same text, sampled ones the same distribution.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class ChatService:
         self.model_name = model_name or engine.manifest["model"]["name"]
         self.max_conversations = max_conversations
         self.prefix_cache = prefix_cache or PrefixCache()
-        self.prompt_lookup = prompt_lookup  # drafts per call for greedy requests (sampled ones cannot use them)
+        self.prompt_lookup = prompt_lookup  # drafts per decode call, for every request
         if prompt_lookup:
             check_prompt_lookup(engine.session)  # refuse at start rather than fail every greedy request
         self.conversations: list = []  # most recently used last
@@ -111,12 +111,11 @@ class ChatService:
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         stop = body.get("stop") or ()
         try:
-            temperature = float(body.get("temperature", 1.0))
             config = GenerationConfig(
                 max_new_tokens=int(max_tokens) if max_tokens is not None else self.engine.context_length,
-                temperature=temperature, top_p=float(body.get("top_p", 1.0)),
+                temperature=float(body.get("temperature", 1.0)), top_p=float(body.get("top_p", 1.0)),
                 seed=body.get("seed"), stop_strings=(stop,) if isinstance(stop, str) else tuple(stop),
-                prompt_lookup=self.prompt_lookup if temperature == 0 else 0)
+                prompt_lookup=self.prompt_lookup)
         except (TypeError, ValueError, AgentOptError) as exc:
             raise _bad_request(f"invalid generation parameters: {exc}") from None
         if call_is_complete:

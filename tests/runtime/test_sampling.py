@@ -1,6 +1,6 @@
 import numpy as np
 
-from agentopt_compiler.runtime.sampling import filter_top_k, filter_top_p, greedy, sample
+from agentopt_compiler.runtime.sampling import check_draft, distribution, filter_top_k, filter_top_p, greedy, sample
 
 LOGITS = np.array([1.0, 3.0, 2.0, 0.5, -1.0])
 
@@ -28,3 +28,16 @@ def test_sampling_is_seeded_and_respects_filters():
     a = [sample(LOGITS, rng_a, 1.0, top_k=3) for _ in range(50)]
     b = [sample(LOGITS, rng_b, 1.0, top_k=3) for _ in range(50)]
     assert a == b and set(a) <= {0, 1, 2} and len(set(a)) > 1
+
+
+def test_checking_a_draft_keeps_the_sampling_distribution():
+    """Prompt lookup with sampling: whatever token was drafted, check_draft's output is distributed as sample's."""
+    rng = np.random.default_rng(0)
+    draws = 40_000
+    for temperature, top_k, draft in ((1.0, 0, 2), (1.0, 0, 1), (0.7, 3, 3), (1.0, 2, 0)):
+        want = distribution(LOGITS, temperature, top_k)
+        counts = np.bincount([check_draft(LOGITS, draft, rng, temperature, top_k) for _ in range(draws)],
+                             minlength=LOGITS.size)
+        # within 4 standard errors of a binomial count for every token (draft 3 and 0 are outside the top-k)
+        assert np.all(np.abs(counts - draws * want) <= 4 * np.sqrt(draws * want * (1 - want)) + 1), (draft, counts)
+    assert check_draft(LOGITS, 2, rng, temperature=0.0) == 1  # greedy: the argmax, whatever was drafted

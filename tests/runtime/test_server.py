@@ -135,7 +135,7 @@ def test_client_disconnect_mid_stream_frees_its_conversation(server):
                        "max_tokens": 2})[0] == 200
 
 
-def test_prompt_lookup_serves_greedy_requests_with_the_same_text(chat_engine, tmp_path):
+def test_prompt_lookup_serves_requests_with_the_same_greedy_text(chat_engine, tmp_path):
     import agentopt_compiler as ao
     from agentopt_compiler.errors import AgentOptError
 
@@ -145,7 +145,7 @@ def test_prompt_lookup_serves_greedy_requests_with_the_same_text(chat_engine, tm
     service = ChatService(chat_engine, prompt_lookup=4)
     assert list(service.complete(dict(body)))[-1]["done"]["message"] == plain["message"]
     assert service._prepare(dict(body))[3].prompt_lookup == 4
-    assert service._prepare({**body, "temperature": 0.7})[3].prompt_lookup == 0  # sampled requests never draft
+    assert service._prepare({**body, "temperature": 0.7})[3].prompt_lookup == 4  # sampled requests draft too
     ring = ao.compile("tiny-random", out=tmp_path / "ring", context_length=64, sparse_attention="window=16")
     with pytest.raises(AgentOptError, match="ring caches"):
         ChatService(ring, prompt_lookup=4)
