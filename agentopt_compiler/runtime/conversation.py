@@ -193,6 +193,10 @@ def check_prompt_lookup(session) -> None:
     if not getattr(session, "multi_logits", False):
         raise AgentOptError("prompt lookup needs the logits of several tokens per call, and this engine returns "
                             "one (it was compiled before that); recompile it with agentopt compile")
+    if not getattr(session, "batched_chunks", True):
+        raise AgentOptError("prompt lookup checks several new tokens per row in one call, which onnxruntime's "
+                            "GroupQueryAttention does at batch size 1 only; for prompt lookup on this batch engine, "
+                            "compile it with --attention-impl standard")
     if not getattr(session, "rewindable", True):
         raise AgentOptError("prompt lookup writes drafted tokens into the cache and steps back over the rejected "
                             "ones, which ring caches (bounded sparse-attention layers) cannot do; generate without "

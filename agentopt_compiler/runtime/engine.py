@@ -20,9 +20,10 @@ import numpy as np
 
 from ..backends import get_backend
 from ..errors import AgentOptError, ContextOverflowError, EngineError
-from .conversation import Conversation
+from .conversation import Conversation, check_prompt_lookup
 from .manifest import read_manifest
-from .sampling import sample
+from .prompt_lookup import DraftIndex
+from .sampling import check_draft, sample
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 
@@ -168,20 +169,20 @@ class Engine:
 
 
 def generate_batch(engine: "Engine", prompts: Sequence[str | Sequence[int]], config: GenerationConfig) -> list:
-    """Rows of one batch, each with its own prompt length, position and sampling stream (seed + row)."""
+    """Rows of one batch, each with its own prompt length, position and sampling stream (seed + row). With
+    ``config.prompt_lookup``, each row drafts from its own tokens and every call checks all rows' drafts at once."""
     session = engine.session
     rows = [engine.encode(p) for p in prompts]
     batch, capacity = session.batch_size, engine.context_length
     if not rows or len(rows) > batch:
         raise AgentOptError(f"{len(rows)} prompts for an engine compiled for batch {batch}; give 1 to {batch} "
                             f"prompts or recompile with --batch-size {len(rows)}")
-    if config.prompt_lookup:
-        raise AgentOptError("prompt lookup drafts from one conversation's tokens, and batch rows would accept "
-                            "different numbers of drafts per call; generate batches with prompt_lookup=0")
     for row in rows:
         if not row or len(row) >= capacity:
             raise ContextOverflowError(f"a prompt has {len(row)} tokens; each must have 1 to {capacity - 1} "
                                        f"(the engine's context is {capacity})")
+    if config.prompt_lookup:
+        check_prompt_lookup(session)
     Conversation(engine)._activate()  # saves the cache of any conversation that owned it
     engine._kv_owner = None
     session.reset()
@@ -195,30 +196,55 @@ def generate_batch(engine: "Engine", prompts: Sequence[str | Sequence[int]], con
     stops = set() if config.ignore_eos else set(
         config.stop_token_ids if config.stop_token_ids is not None else engine.eos_token_ids)
     rngs = [np.random.default_rng(None if config.seed is None else config.seed + b) for b in range(len(rows))]
+    sampling = (config.temperature, config.top_k, config.top_p)
+    histories = [list(r) for r in rows]  # prompt + output per row: what its drafts come from
+    drafters = [DraftIndex() for _ in rows]
+    drafts: list[list[int]] = [[] for _ in range(batch)]
     outputs: list[list[int]] = [[] for _ in rows]
-    reasons: list[str | None] = [None] * len(rows)
+    reasons: list[str | None] = [None if config.max_new_tokens else "length"] * len(rows)
     first_token_at = None
-    for _ in range(config.max_new_tokens):
-        tokens = np.zeros((batch, 1), dtype=np.int64)
+    while any(r is None for r in reasons):
+        pending = np.zeros(batch, dtype=np.int64)
         for b in range(len(rows)):
             if reasons[b] is not None:
                 continue
-            token = sample(logits[b, -1], rngs[b], config.temperature, config.top_k, config.top_p)
-            if token in stops:
-                reasons[b] = "stop"
-                continue
-            outputs[b].append(token)
-            tokens[b, 0] = token
-            if len(outputs[b]) == config.max_new_tokens:
-                reasons[b] = "length"
-            elif lengths[b] >= capacity:
-                reasons[b] = "context"
+            for index in range(1 + len(drafts[b])):  # row 0: after the fed token; then one per draft token
+                row_logits = logits[b, index]
+                token = check_draft(row_logits, drafts[b][index], rngs[b], *sampling) \
+                    if index < len(drafts[b]) else sample(row_logits, rngs[b], *sampling)
+                if token in stops:
+                    reasons[b] = "stop"
+                    break
+                outputs[b].append(token)
+                histories[b].append(token)
+                drafted = index < len(drafts[b]) and token == drafts[b][index]
+                if drafted:
+                    lengths[b] += 1  # its KV was written by the call that checked it
+                if len(outputs[b]) == config.max_new_tokens:
+                    reasons[b] = "length"
+                elif not drafted and lengths[b] >= capacity:  # no slot left to feed it in
+                    reasons[b] = "context"
+                if reasons[b] is not None or not drafted:
+                    pending[b] = token
+                    break
         first_token_at = first_token_at or time.perf_counter()
         if all(r is not None for r in reasons):
             break
-        # active rows write their token at their own next position; finished rows rewrite their last slot
-        positions = np.array([[min(n, capacity - 1)] for n in lengths], dtype=np.int64)
-        logits = session.run(tokens, positions, np.zeros(batch, dtype=np.int64))
+        # every row feeds the same number of tokens: its pending token, its draft, then padding past its end
+        # (written where nothing reads it before the row's own tokens overwrite it)
+        room = min(capacity - lengths[b] for b in range(len(rows)) if reasons[b] is None)
+        for b in range(batch):
+            active = b < len(rows) and reasons[b] is None
+            drafts[b] = drafters[b].draft(histories[b], min(config.prompt_lookup, room - 1,
+                                                            config.max_new_tokens - len(outputs[b]) - 1)) \
+                if active and config.prompt_lookup else []
+        width = 1 + max(len(d) for d in drafts)
+        ids = np.zeros((batch, width), dtype=np.int64)
+        for b in range(batch):
+            ids[b, :1 + len(drafts[b])] = [pending[b], *drafts[b]]
+        # active rows write at their own next positions; finished rows rewrite slots at their end (never read)
+        positions = np.array([[min(n + i, capacity - 1) for i in range(width)] for n in lengths], dtype=np.int64)
+        logits = session.run(ids, positions, np.broadcast_to(np.arange(width), (batch, width)))
         lengths = [n + 1 if b < len(rows) and reasons[b] is None else n for b, n in enumerate(lengths)]
     end = time.perf_counter()
     decoded = sum(len(o) for o in outputs)

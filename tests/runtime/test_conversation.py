@@ -83,3 +83,17 @@ def test_prefix_cache_evicts_lru_but_keeps_pinned():
     assert cache.lookup([1, 2, 3, 4, 0])[0] == 4  # pinned, and older than [5..8], but kept
     assert cache.lookup([9, 9, 9, 9])[0] == 4
     assert cache.bytes_used <= 10 * 1024
+
+
+def test_a_gqa_batch_engine_continues_conversations(tmp_path, tiny_engine):
+    """ORT's GroupQueryAttention refuses several new tokens per row after cached ones at batch > 1; the session
+    feeds such chunks one token at a time, so a batch engine's conversations still equal a batch-1 engine's."""
+    import agentopt_compiler as ao
+
+    engine = ao.compile("tiny-random", out=tmp_path / "b3", context_length=96, batch_size=3)
+    assert not engine.session.batched_chunks and tiny_engine.session.batched_chunks
+    history = [10, 20, 30, 40, 50, 60]
+    ours, reference = engine.conversation(), tiny_engine.conversation()
+    for turn in range(2):
+        assert _turn(ours, history) == _turn(reference, history)
+        history = history + ours.tokens[len(history):] + [70 + turn, 80, 90]  # reply and a 3-token observation

@@ -133,6 +133,42 @@ def test_sampling_with_drafts(tiny_engine):
     assert sum(c.accepted_draft_tokens for _, _, c in sampled) > 0
 
 
+def test_batch_rows_draft_on_their_own_and_keep_their_tokens(tmp_path, monkeypatch):
+    import agentopt_compiler as ao
+
+    # ORT's GroupQueryAttention takes several new tokens per row after cached ones only at batch 1: a batch engine
+    # with it refuses prompt lookup, and one with the standard lowering drafts per row
+    gqa = ao.compile("tiny-random", out=tmp_path / "gqa", context_length=64, batch_size=3)
+    with pytest.raises(AgentOptError, match="--attention-impl standard"):
+        gqa.generate_batch([[1, 2, 3]], prompt_lookup=4)
+    engine = ao.compile("tiny-random", out=tmp_path / "batch", context_length=64, batch_size=3,
+                        attention_impl="standard")
+    prompts = [PROMPTS[0], PROMPTS[1][:7], [9, 8, 9, 8]]  # different lengths: rows at different positions
+    calls = []
+    run = engine.session.run
+    monkeypatch.setattr(engine.session, "run", lambda *a: calls.append(a[0].shape[1]) or run(*a))
+
+    def both(rows=prompts, **options):
+        calls.clear()
+        plain = [(c.token_ids, c.finish_reason) for c in engine.generate_batch(rows, **options)]
+        plain_calls = len(calls)
+        calls.clear()
+        looked_up = [(c.token_ids, c.finish_reason) for c in engine.generate_batch(rows, prompt_lookup=4, **options)]
+        return plain, looked_up, plain_calls, len(calls)
+
+    plain, looked_up, _, _ = both(max_new_tokens=55, ignore_eos=True)
+    assert looked_up == plain and [r for _, r in plain] == ["context", "length", "length"]  # 13 + 55 > 64 slots
+    assert max(calls) > 1  # drafts were checked, several tokens per row and call
+    # a call serves every row, so calls drop as far as the row that accepts the fewest drafts lets them
+    _, _, plain_calls, lookup_calls = both([PROMPTS[0]], max_new_tokens=40, ignore_eos=True)
+    assert lookup_calls < plain_calls
+    stop = plain[1][0][5]
+    plain, looked_up, _, _ = both(max_new_tokens=30, stop_token_ids=[stop])
+    assert looked_up == plain and "stop" in [r for _, r in plain]
+    plain, looked_up, _, _ = both(max_new_tokens=30, ignore_eos=True, temperature=1.0, top_k=1, seed=2)
+    assert looked_up == plain  # top_k=1 sampling keeps exactly the drafts greedy would
+
+
 def test_engine_logits_of_several_tokens_equal_eager(tiny_engine_dir, tiny_model):
     import agentopt_compiler as ao
 
@@ -155,8 +191,6 @@ def test_clear_errors(tiny_engine, tiny_engine_dir, tmp_path):
 
     with pytest.raises(AgentOptError, match="prompt_lookup must be >= 0"):
         GenerationConfig(prompt_lookup=-1)
-    with pytest.raises(AgentOptError, match="batches with prompt_lookup=0"):
-        tiny_engine.generate_batch([[1, 2, 3]], prompt_lookup=4)
     ring = ao.compile("tiny-random", out=tmp_path / "ring", context_length=64, sparse_attention="window=16")
     with pytest.raises(AgentOptError, match="ring caches"):
         _generate(ring, [1, 2, 3], max_new_tokens=4, prompt_lookup=4)

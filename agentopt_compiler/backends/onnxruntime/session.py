@@ -81,6 +81,11 @@ class OrtSession:
         # engines compiled before multi-position logits take logits_index (B,): one token per row and call
         picks = next((i for i in self.session.get_inputs() if i.name == "logits_index"), None)
         self.multi_logits = picks is not None and len(picks.shape) == 2
+        # ORT's GroupQueryAttention takes several new tokens per row on top of cached ones only at batch size 1
+        # ("batch_size must be 1 when sequence_length > 1 and past context is given"): such calls on a batch engine
+        # go one token at a time (the same results, one call per token)
+        layers = engine.get("attention", {}).get("layers", [])
+        self.batched_chunks = self.batch_size == 1 or not any(l.get("op") == "GroupQueryAttention" for l in layers)
         self._present_to_past = {c["output"]: c["input"] for c in self.caches_spec}
         self._caches = {c["input"]: np.zeros(c["shape"], dtype=c.get("dtype", "float32")) for c in self.caches_spec}
         self._rows_written = 0  # cache rows [0, this) may hold data since the last reset (the rest are zeros)
@@ -179,6 +184,8 @@ class OrtSession:
             raise EngineError("this engine returns the logits of one token per row and call (it was compiled "
                               "before multi-position logits); recompile it with agentopt compile")
         logits_index = np.ascontiguousarray(logits_index if self.multi_logits else logits_index[:, 0])
+        if length > 1 and not self.batched_chunks and int(positions[:, 0].max()) > 0:
+            return self._run_token_by_token(input_ids, positions, logits_index)
         self._rows_written = max(self._rows_written, int(positions.max()) + 1)  # a ring slot is below its position
         if self.in_place:
             if length == 1:  # decode: write into the bound step buffers (ORT reads the numpy memory directly)
@@ -203,6 +210,12 @@ class OrtSession:
                 logits = value
         return logits
 
+
+    def _run_token_by_token(self, input_ids: np.ndarray, positions: np.ndarray, logits_index: np.ndarray) -> np.ndarray:
+        """A multi-token call as one call per token (see ``batched_chunks``); logits picked as the call asked."""
+        picks = logits_index.reshape(len(input_ids), -1)
+        step_logits = [self.run(input_ids[:, t:t + 1], positions[:, t:t + 1]) for t in range(input_ids.shape[1])]
+        return np.stack([np.stack([step_logits[t][b, 0] for t in row]) for b, row in enumerate(picks)])
 
     def _run_with_logits(self, shape: tuple[int, int, int]) -> np.ndarray:
         """One in-place call whose logits do not fit the preallocated (B, 1, V) buffer: bind a buffer of ``shape``
