@@ -156,8 +156,8 @@ def report(result: dict) -> str:
                      f"{acceptance} | {r['different_completions']} of {r['completions']} | "
                      f"{r['success']}/{r['tasks']} |")
     lines += ["", f"Cost of one call by tokens fed ({s['precision']} engines; median ms, {s['threads']} threads, 512 "
-              "tokens cached; relative to one token):", "", "| model | " + " | ".join(f"{n} tokens" for n in CALL_TOKENS) + " |",
-              "|---|" + "---|" * len(CALL_TOKENS)]
+              "tokens cached; relative to one token):", "",
+              "| model | " + " | ".join(f"{n} tokens" for n in CALL_TOKENS) + " |", "|---|" + "---|" * len(CALL_TOKENS)]
     for model, costs in result["call_cost"].items():
         one = costs[1]
         lines.append(f"| {model} | " + " | ".join(f"{costs[n]:.2f} ({costs[n] / one:.2f}×)" for n in CALL_TOKENS)

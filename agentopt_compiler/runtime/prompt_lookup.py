@@ -4,9 +4,10 @@ Agents copy a lot from their context: tool names and argument values from the re
 observations into the answer, JSON scaffolding they wrote before. When the last ``n`` tokens (n = 3, then 2)
 occurred earlier, the tokens that followed that occurrence are a cheap draft of what comes next:
 
-    tokens:  ... "expression": "(372 + 386) * 36" ... <tool_call>{"name": "calculator", "arguments": {"expression": "(
-    suffix:                                                                                              ^^^^^^^^^^^^ n=3
-    earlier: ..."expression": "(|372 + 386) * 36"...                      -> draft: 372 + 386) * 36"
+    conversation:  ... Could you figure out (372 + 386) * 36? ... <tool_call>{"name": "calculator",
+                   "arguments": {"expression": "(372
+    last tokens:   "(372"                       (n = 3 tokens, else 2)
+    seen earlier:  "figure out (372| + 386) * 36?"   ->  draft: " + 386) * 36" (up to N tokens)
 
 The decode loop (conversation.py) feeds the pending token and the draft in one call, gets the logits at every
 position, and keeps the draft up to the first token the model does not choose (sampling.check_draft), plus the

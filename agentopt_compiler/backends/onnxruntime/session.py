@@ -2,9 +2,10 @@
 
 Implements the runtime's session protocol: ``run(input_ids (B, S), positions (B, S) or (S,), logits_index (B,) or
 (B, L)) -> logits (B, 1 or L, V)`` with the KV caches held between calls, ``reset()``, ``read_cache``/``write_cache``,
-``capacity`` and ``multi_logits`` (whether one call can return the logits of several tokens per row). The caches are numpy arrays fed as ``past.*`` and replaced
-by the ``present.*`` outputs after each call, or, for in-place engines, buffers bound as both past and present: host
-numpy buffers on CPU, device-resident ``OrtValue``s on CUDA (``DeviceCaches``).
+``capacity`` and ``multi_logits`` (whether one call can return the logits of several tokens per row). The caches
+are numpy arrays fed as ``past.*`` and replaced by the ``present.*`` outputs after each call, or, for in-place
+engines, buffers bound as both past and present: host numpy buffers on CPU, device-resident ``OrtValue``s on CUDA
+(``DeviceCaches``).
 """
 
 from __future__ import annotations
