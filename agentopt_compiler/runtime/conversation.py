@@ -134,7 +134,7 @@ class Conversation:
             check_prompt_lookup(self.engine.session)
         if config.max_new_tokens == 0:
             return "length"
-        rows = logits[0]  # (L, V): the first row gives the next token; the rest check the draft fed with it
+        rows = logits[0, -1:]  # (L, V): the first row gives the next token; the rest check the draft fed with it
         draft: list[int] = []
         generated = 0
         while True:

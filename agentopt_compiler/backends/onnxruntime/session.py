@@ -211,7 +211,6 @@ class OrtSession:
                 logits = value
         return logits
 
-
     def _run_token_by_token(self, input_ids: np.ndarray, positions: np.ndarray, logits_index: np.ndarray) -> np.ndarray:
         """A multi-token call as one call per token (see ``batched_chunks``); logits picked as the call asked."""
         picks = logits_index.reshape(len(input_ids), -1)
