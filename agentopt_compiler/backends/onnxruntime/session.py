@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import EngineError, ProviderUnavailableError
+from ..call_inputs import call_inputs
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -174,17 +175,8 @@ class OrtSession:
         """Feed new tokens (B, S) at each row's ``positions`` ((B, S), or (S,) for all rows); the caches advance.
         Returns the logits (B, L, V) of tokens ``logits_index[b]`` of each row: (B,) picks one token per row,
         (B, L) picks L (default: the last token)."""
-        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        input_ids, positions, logits_index, picks = call_inputs(input_ids, positions, logits_index, self.multi_logits)
         batch, length = input_ids.shape
-        positions = np.ascontiguousarray(np.broadcast_to(positions, (batch, length)), dtype=np.int64)
-        if logits_index is None:
-            logits_index = np.full(batch, length - 1, dtype=np.int64)
-        logits_index = np.asarray(logits_index, dtype=np.int64).reshape(batch, -1)  # (B, L)
-        picks = logits_index.shape[1]
-        if picks != 1 and not self.multi_logits:
-            raise EngineError("this engine returns the logits of one token per row and call (it was compiled "
-                              "before multi-position logits); recompile it with agentopt compile")
-        logits_index = np.ascontiguousarray(logits_index if self.multi_logits else logits_index[:, 0])
         if length > 1 and not self.batched_chunks and int(positions[:, 0].max()) > 0:
             return self._run_token_by_token(input_ids, positions, logits_index)
         self._rows_written = max(self._rows_written, int(positions.max()) + 1)  # a ring slot is below its position

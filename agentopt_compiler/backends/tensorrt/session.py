@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import EngineError, ProviderUnavailableError
+from ..call_inputs import call_inputs
 from .builder import import_tensorrt, require_cuda
 from .plan import PROFILE_NAMES
 from .target import check_compatible, describe_target
@@ -117,15 +118,7 @@ class TensorRTSession:
         if batch != self.batch_size or not 1 <= length <= self.capacity:
             raise EngineError(f"input of shape {input_ids.shape}; this engine takes ({self.batch_size}, 1 to "
                               f"{self.capacity}) tokens")
-        positions = np.ascontiguousarray(np.broadcast_to(positions, (batch, length)), dtype=np.int64)
-        if logits_index is None:
-            logits_index = np.full(batch, length - 1, dtype=np.int64)
-        logits_index = np.asarray(logits_index, dtype=np.int64).reshape(batch, -1)  # (B, L)
-        picks = logits_index.shape[1]
-        if picks != 1 and not self.multi_logits:
-            raise EngineError("this engine returns the logits of one token per row and call (it was compiled "
-                              "before multi-position logits); recompile it with agentopt compile")
-        logits_index = np.ascontiguousarray(logits_index if self.multi_logits else logits_index[:, 0])
+        input_ids, positions, logits_index, picks = call_inputs(input_ids, positions, logits_index, self.multi_logits)
         logits = self._logits if picks == 1 else self._torch.empty(
             (batch, picks, self._logits.shape[-1]), dtype=self._logits.dtype, device="cuda")
         profile = PROFILE_NAMES.index("decode" if length == 1 else "prefill")

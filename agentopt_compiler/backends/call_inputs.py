@@ -1,0 +1,25 @@
+"""The token inputs of one session call, shaped as every backend's graph takes them (deploy side: numpy only)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import EngineError
+
+
+def call_inputs(input_ids, positions, logits_index, multi_logits: bool):
+    """(input_ids (B, S), positions (B, S), logits_index as the graph takes it, L): int64, contiguous.
+
+    ``positions`` may be (S,) for every row; ``logits_index`` None (the last token of each row), (B,) or (B, L).
+    Engines compiled before multi-position logits (``multi_logits`` False) take (B,) and refuse L > 1."""
+    input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+    batch, length = input_ids.shape
+    positions = np.ascontiguousarray(np.broadcast_to(positions, (batch, length)), dtype=np.int64)
+    if logits_index is None:
+        logits_index = np.full(batch, length - 1, dtype=np.int64)
+    logits_index = np.asarray(logits_index, dtype=np.int64).reshape(batch, -1)  # (B, L)
+    picks = logits_index.shape[1]
+    if picks != 1 and not multi_logits:
+        raise EngineError("this engine returns the logits of one token per row and call (it was compiled before "
+                          "multi-position logits); recompile it with agentopt compile")
+    return input_ids, positions, np.ascontiguousarray(logits_index if multi_logits else logits_index[:, 0]), picks
