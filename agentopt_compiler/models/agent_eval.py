@@ -247,7 +247,7 @@ def eager_generator(model, tokenizer, max_new_tokens: int = 96, capacity: int | 
 
 
 class EngineGenerator:
-    """``generate(prompt_text, stop_strings)`` on a compiled engine (no torch): greedy, through one Conversation, so
+    """``generate(prompt_text, stop_strings)`` on a compiled engine (no torch), through one Conversation, so
     each step of an episode prefills only what the previous step did not already cache. Counts tokens and time for
     the tokens/s figure of the report (``decode_seconds``: the part after each prefill). ``prompt_lookup`` > 0
     decodes with prompt-lookup drafts (greedy: the same tokens); ``temperature`` > 0 samples (seeded per call)."""

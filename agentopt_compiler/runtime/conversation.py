@@ -79,9 +79,9 @@ class Conversation:
         """Feed ``ids`` at positions ``start``...; return the logits (B, picks, V) of the last ``picks`` of them."""
         session = self.engine.session
         batch = session.batch_size
-        logits_index = np.arange(len(ids) - picks, len(ids), dtype=np.int64)[None].repeat(batch, axis=0)
+        logits_index = np.arange(len(ids) - picks, len(ids))[None].repeat(batch, axis=0) if picks > 1 else None
         return session.run(np.array([ids] * batch, dtype=np.int64), np.arange(start, start + len(ids), dtype=np.int64),
-                           logits_index if picks > 1 else None)
+                           logits_index)
 
     def prefill_to(self, prompt_ids: list[int]) -> np.ndarray:
         """Make the cache hold ``prompt_ids``; return the logits (B, 1, V) after its last token."""
