@@ -273,14 +273,17 @@ def plan_sparse(model, batches: list[torch.Tensor], pattern: SparsePattern, max_
     return choose_sparse_layers(measurement, max_kl)
 
 
-def measure_fidelity(model, plan: SparseAttentionPlan, batches: list[torch.Tensor]) -> dict:
+def measure_fidelity(model, plan: SparseAttentionPlan, batches: list[torch.Tensor],
+                     positions: list[torch.Tensor] | None = None) -> dict:
     """The eager model with *all* of the plan's layers sparse against the dense model on (held-out) tokens: mean
-    KL(dense || sparse) per token and top-1 agreement, to set beside the plan's additive prediction."""
+    KL(dense || sparse) per token and top-1 agreement (over ``positions`` if given, as the plan was measured), to
+    set beside the plan's additive prediction."""
     with _without_caches(model), torch.no_grad():
         reference = _log_probs(model, batches)
         with sparse_layers(model, plan.resolve(len(model.layers))):
-            kl, top1 = _compare(reference, _log_probs(model, batches))
-    return {"kl": round(max(kl, 0.0), 8), "top1": round(top1, 4), "tokens": sum(b.shape[1] for b in batches),
+            kl, top1 = _compare(reference, _log_probs(model, batches), positions)
+    tokens = sum(b.shape[1] for b in batches) if positions is None else int(sum(p.sum() for p in positions))
+    return {"kl": round(max(kl, 0.0), 8), "top1": round(top1, 4), "tokens": tokens,
             "sequences": len(batches), "length": min(b.shape[1] for b in batches)}
 
 

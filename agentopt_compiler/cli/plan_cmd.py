@@ -41,7 +41,12 @@ def add_parser(sub) -> None:
                                      "dense model on calibration tokens (and each head's attention mass outside the "
                                      "pattern), and make as many layers sparse as the KL budget allows.")
     s.add_argument("--model", default="tiny-random", help="built-in model name or Hugging Face folder")
-    s.add_argument("--calib", default=None, help="calibration text file (default: seeded random tokens)")
+    source = s.add_mutually_exclusive_group()
+    source.add_argument("--calib", default=None, help="calibration text file (default: seeded random tokens)")
+    source.add_argument("--calib-chat", default=None, metavar="FILE.jsonl",
+                        help="calibration conversations, one per line ({\"messages\": [...], \"tools\": [...]}), "
+                             "rendered with the model's chat template; KL is measured over the positions that "
+                             "predict assistant tokens (tool calls, answers), and held out on the next conversations")
     s.add_argument("--holdout", default=None, metavar="FILE",
                    help="held-out text for the fidelity check (default: the calibration file's rows after the "
                         "calibration ones; other random tokens without --calib)")
@@ -134,23 +139,42 @@ def _held_out(loaded, args) -> list:
 
 
 def run_sparse(args) -> int:
-    from ..analysis.calibration import calibration_batches
+    from ..analysis.calibration import calibration_batches, chat_calibration
     from ..analysis.sparse import check_length, measure_fidelity, plan_sparse
+    from ..errors import AgentOptError
     from ..models.registry import load_model
     from ..passes.insert_sparse_attention import SparsePattern
 
     pattern = SparsePattern(args.window, args.sinks, args.stride)
     check_length(args.length, pattern)
     loaded = load_model(args.model)
-    batches = calibration_batches(loaded, args.calib, args.sequences, args.length)
-    print(f"measuring {args.model} with {pattern.describe()}: {len(batches)} x {args.length} calibration tokens",
-          file=sys.stderr)
-    result = plan_sparse(loaded.model, batches, pattern, args.max_kl, args.context_length, progress=_progress)
-    held_out = _held_out(loaded, args)
-    if held_out:
-        result.fidelity = measure_fidelity(loaded.model, result.plan, held_out)
+    positions = held_out_positions = None
+    if args.calib_chat:
+        if args.holdout:
+            raise AgentOptError("--holdout is plain text; with --calib-chat the held-out check uses the "
+                                "conversations after the calibration ones in the same file")
+        batches, positions = chat_calibration(loaded, args.calib_chat, args.sequences, args.length,
+                                              min_length=pattern.window + 1)
+        held_out, held_out_positions = chat_calibration(loaded, args.calib_chat, args.sequences, args.length,
+                                                        skip=args.sequences, min_length=pattern.window + 1)
+        if not batches:
+            raise AgentOptError(f"'{args.calib_chat}' has no conversation longer than the window of {pattern.window} "
+                                f"tokens, so the pattern hides nothing there")
+        what = (f"{len(batches)} conversations ({sum(b.shape[1] for b in batches)} tokens, "
+                f"{int(sum(p.sum() for p in positions))} predicting assistant tokens)")
     else:
-        print("no held-out rows (the calibration file has no text beyond the calibration rows): give --holdout "
+        batches = calibration_batches(loaded, args.calib, args.sequences, args.length)
+        held_out = _held_out(loaded, args)
+        what = f"{len(batches)} x {args.length} calibration tokens"
+    print(f"measuring {args.model} with {pattern.describe()}: {what}", file=sys.stderr)
+    result = plan_sparse(loaded.model, batches, pattern, args.max_kl, args.context_length, progress=_progress,
+                         positions=positions)
+    if held_out:
+        result.fidelity = measure_fidelity(loaded.model, result.plan, held_out, held_out_positions)
+    else:
+        print("no held-out conversations (the file has no more than --sequences usable ones): add some"
+              if args.calib_chat else
+              "no held-out rows (the calibration file has no text beyond the calibration rows): give --holdout "
               "FILE to check the plan", file=sys.stderr)
     result.save(args.out)
     rows = _sparse_rows(result)
@@ -169,11 +193,11 @@ def run_sparse(args) -> int:
         (folder / "report.md").write_text(
             f"# Sparse attention plan for {args.model}\n\n"
             f"pattern: {pattern.describe()} ({json.dumps(result.document()['pattern'])}); calibration: "
-            f"{len(batches)} x {args.length} tokens ({args.calib or 'seeded random tokens'})\n\n"
+            f"{what} ({args.calib_chat or args.calib or 'seeded random tokens'})\n\n"
             f"budget: {result.budget}\n\npredicted (sum of per-layer KL): {result.predicted}\n\n"
             f"held-out (all chosen layers sparse together): {result.fidelity}\n\n{table}\n\n"
-            f"KL and top-1: that layer alone sparse, against the dense model, mean per token over all "
-            f"{args.length} positions. Mass outside: per query head, the softmax probability the dense model puts "
+            f"KL and top-1: that layer alone sparse, against the dense model, mean per token over "
+            f"{'the positions that predict assistant tokens' if args.calib_chat else 'every position'}. Mass outside: per query head, the softmax probability the dense model puts "
             f"on keys the pattern hides, averaged over the {m.queries_beyond_window} queries at positions >= "
             f"{pattern.window}.\n\nThe plan is per layer, not per head: the fused attention op applies one "
             f"pattern to all heads of a layer, so a layer with one far-looking (retrieval) head stays dense as a "

@@ -171,3 +171,53 @@ def test_cli_refuses_sequences_inside_the_window(tmp_path, capsys):
                  "--out", str(tmp_path / "p.json")]) != 0
     assert "fit inside the window" in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
+
+
+def _chat_file(tmp_path, conversations: int = 5):
+    """agent-tiny training-split episodes as chat JSON lines (system, user, assistant calls, tool results, answer)."""
+    from agentopt_compiler.models.agent_tasks import generate_tasks
+
+    path = tmp_path / "chats.jsonl"
+    tasks = generate_tasks(conversations, "train", seed=5)
+    path.write_text("\n".join(json.dumps({"messages": t.episode}) for t in tasks) + "\n")
+    return path, tasks
+
+
+def test_chat_calibration_marks_the_positions_that_predict_assistant_tokens(tmp_path):
+    from agentopt_compiler.analysis.calibration import chat_calibration
+    from agentopt_compiler.models.registry import load_model
+    from agentopt_compiler.runtime.tokenizer import Tokenizer
+
+    path, tasks = _chat_file(tmp_path, 3)
+    loaded = load_model("agent-tiny")
+    batches, masks = chat_calibration(loaded, path, sequences=2, length=4096)
+    assert len(batches) == len(masks) == 2 and all(b.shape == m.shape for b, m in zip(batches, masks))
+    tokenizer = Tokenizer(loaded.tokenizer_dir)
+    for ids, mask, task in zip(batches, masks, tasks):
+        predicted = [int(ids[0, t + 1]) for t in range(ids.shape[1] - 1) if mask[0, t]]
+        # the predicted tokens are exactly the assistant messages' tokens: what the template renders for each after
+        # the generation prompt (its content, end marker and newline)
+        text = tokenizer.decode(predicted, skip_special_tokens=False)
+        assistant = [m["content"] for m in task.episode if m["role"] == "assistant"]
+        assert text == "".join(f"{content}<|im_end|>\n" for content in assistant)
+        assert not mask[0, -1]  # the last position predicts nothing inside the row
+    skipped, _ = chat_calibration(loaded, path, sequences=2, length=4096, skip=2)
+    assert len(skipped) == 1 and torch.equal(skipped[0], chat_calibration(loaded, path, 3, 4096)[0][2])
+    (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n')
+    with pytest.raises(AgentOptError, match="line 2: not JSON"):
+        chat_calibration(loaded, tmp_path / "bad.jsonl")
+
+
+def test_cli_plans_over_assistant_positions_from_chat_calibration(tmp_path, capsys):
+    path, _ = _chat_file(tmp_path, 4)
+    assert main(["plan", "sparse", "--model", "agent-tiny", "--calib-chat", str(path), "--window", "32",
+                 "--max-kl", "0.05", "--sequences", "2", "--length", "512", "--out", str(tmp_path / "plan.json"),
+                 "--report", str(tmp_path / "report")]) == 0
+    captured = capsys.readouterr()
+    assert "predicting assistant tokens" in captured.err
+    fidelity = json.loads(captured.out.split("held-out ")[1].split(" -> ")[0])
+    assert fidelity["sequences"] == 2 and 0 < fidelity["tokens"] < 2 * 512  # held out over assistant positions
+    assert "predict assistant tokens" in (tmp_path / "report" / "report.md").read_text()
+    with pytest.raises(SystemExit):  # --calib and --calib-chat are alternatives
+        main(["plan", "sparse", "--calib", str(path), "--calib-chat", str(path), "--window", "8", "--max-kl", "0.1",
+              "--out", str(tmp_path / "x.json")])
