@@ -221,3 +221,17 @@ def test_cli_plans_over_assistant_positions_from_chat_calibration(tmp_path, caps
     with pytest.raises(SystemExit):  # --calib and --calib-chat are alternatives
         main(["plan", "sparse", "--calib", str(path), "--calib-chat", str(path), "--window", "8", "--max-kl", "0.1",
               "--out", str(tmp_path / "x.json")])
+
+
+def test_chat_calibration_refuses_a_template_that_rewrites_earlier_turns(tmp_path, monkeypatch):
+    from agentopt_compiler.analysis.calibration import chat_calibration
+    from agentopt_compiler.models.registry import load_model
+    from agentopt_compiler.runtime import chat
+
+    path, _ = _chat_file(tmp_path, 1)
+    render = chat.render_chat
+    # a template whose first line counts the messages: a conversation's start changes as messages are added
+    monkeypatch.setattr(chat, "render_chat", lambda tok, messages, tools=None, add_generation_prompt=True:
+                        f"{len(messages)}\n" + render(tok, messages, tools, add_generation_prompt))
+    with pytest.raises(AgentOptError, match="does not render this conversation message by message"):
+        chat_calibration(load_model("agent-tiny"), path)
