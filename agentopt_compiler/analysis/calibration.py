@@ -33,13 +33,12 @@ def calibration_batches(loaded, calib: str | Path | None = None, sequences: int 
     return [torch.tensor([row]) for row in rows]
 
 
-def chat_calibration(loaded, path: str | Path, sequences: int = 4, length: int = 512, skip: int = 0,
+def chat_calibration(loaded, path: str | Path, sequences: int = 4, length: int = 512,
                      min_length: int = 1) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Conversations from a JSON-lines file (each line ``{"messages": [...], "tools": [...]}`` or a list of
-    messages), rendered with the model's chat template: up to ``sequences`` rows of at most ``length`` tokens, after
-    skipping ``skip`` usable conversations, and per row a (1, S) mask of the positions whose next token belongs to an
-    assistant message (what a planner should protect: the model's own tool calls and answers). Conversations shorter
-    than ``min_length`` tokens are passed over."""
+    messages), rendered with the model's chat template: the first ``sequences`` of at least ``min_length`` tokens,
+    each cut to ``length`` tokens, and per row a (1, S) mask of the positions whose next token belongs to an
+    assistant message (what a planner should protect: the model's own tool calls and answers)."""
     from ..runtime.chat import render_chat
     from ..runtime.tokenizer import Tokenizer
 
@@ -49,7 +48,7 @@ def chat_calibration(loaded, path: str | Path, sequences: int = 4, length: int =
     if loaded.tokenizer_dir is None:
         raise AgentOptError("this model has no tokenizer, so chat calibration cannot be used")
     tokenizer = Tokenizer(Path(loaded.tokenizer_dir))
-    batches, masks, usable = [], [], 0
+    batches, masks = [], []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if len(batches) == sequences:
             break
@@ -66,9 +65,6 @@ def chat_calibration(loaded, path: str | Path, sequences: int = 4, length: int =
                                 f"one under \"messages\"")
         ids, assistant = _assistant_tokens(render_chat, tokenizer, messages, tools, f"{path}, line {number}")
         if len(ids) < min_length:
-            continue
-        usable += 1
-        if usable <= skip:
             continue
         ids, assistant = ids[:length], assistant[:length + 1]
         batches.append(torch.tensor([ids]))

@@ -153,10 +153,11 @@ def run_sparse(args) -> int:
         if args.holdout:
             raise AgentOptError("--holdout is plain text; with --calib-chat the held-out check uses the "
                                 "conversations after the calibration ones in the same file")
-        batches, positions = chat_calibration(loaded, args.calib_chat, args.sequences, args.length,
-                                              min_length=pattern.window + 1)
-        held_out, held_out_positions = chat_calibration(loaded, args.calib_chat, args.sequences, args.length,
-                                                        skip=args.sequences, min_length=pattern.window + 1)
+        # the file is read once: the first --sequences conversations calibrate, the next ones are held out
+        rows, masks = chat_calibration(loaded, args.calib_chat, 2 * args.sequences, args.length,
+                                       min_length=pattern.window + 1)
+        batches, positions = rows[:args.sequences], masks[:args.sequences]
+        held_out, held_out_positions = rows[args.sequences:], masks[args.sequences:]
         if not batches:
             raise AgentOptError(f"'{args.calib_chat}' has no conversation longer than the window of {pattern.window} "
                                 f"tokens, so the pattern hides nothing there")
@@ -197,11 +198,12 @@ def run_sparse(args) -> int:
             f"budget: {result.budget}\n\npredicted (sum of per-layer KL): {result.predicted}\n\n"
             f"held-out (all chosen layers sparse together): {result.fidelity}\n\n{table}\n\n"
             f"KL and top-1: that layer alone sparse, against the dense model, mean per token over "
-            f"{'the positions that predict assistant tokens' if args.calib_chat else 'every position'}. Mass outside: per query head, the softmax probability the dense model puts "
-            f"on keys the pattern hides, averaged over the {m.queries_beyond_window} queries at positions >= "
-            f"{pattern.window}.\n\nThe plan is per layer, not per head: the fused attention op applies one "
-            f"pattern to all heads of a layer, so a layer with one far-looking (retrieval) head stays dense as a "
-            f"whole. The per-head masses show where a per-head plan would differ.\n")
+            f"{'the positions that predict assistant tokens' if args.calib_chat else 'every position'}. Mass "
+            f"outside: per query head, the softmax probability the dense model puts on keys the pattern hides, "
+            f"averaged over the {m.queries_beyond_window} queries at positions >= {pattern.window}.\n\nThe plan is "
+            f"per layer, not per head: the fused attention op applies one pattern to all heads of a layer, so a layer "
+            f"with one far-looking (retrieval) head stays dense as a whole. The per-head masses show where a "
+            f"per-head plan would differ.\n")
         (folder / "sensitivity.json").write_text(json.dumps(m.to_dict(), indent=2))
         print(_heatmap(rows, pattern.describe(), folder / "heatmap.png"), file=sys.stderr)
     return 0

@@ -201,8 +201,10 @@ def test_chat_calibration_marks_the_positions_that_predict_assistant_tokens(tmp_
         assistant = [m["content"] for m in task.episode if m["role"] == "assistant"]
         assert text == "".join(f"{content}<|im_end|>\n" for content in assistant)
         assert not mask[0, -1]  # the last position predicts nothing inside the row
-    skipped, _ = chat_calibration(loaded, path, sequences=2, length=4096, skip=2)
-    assert len(skipped) == 1 and torch.equal(skipped[0], chat_calibration(loaded, path, 3, 4096)[0][2])
+    first, _ = chat_calibration(loaded, path, sequences=1, length=4096)
+    three, _ = chat_calibration(loaded, path, sequences=3, length=4096)
+    assert len(first) == 1 and len(three) == 3 and all(torch.equal(a, b) for a, b in zip(batches, three))
+    assert torch.equal(first[0], three[0]) and not torch.equal(three[1], three[2])  # in file order
     (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n')
     with pytest.raises(AgentOptError, match="line 2: not JSON"):
         chat_calibration(loaded, tmp_path / "bad.jsonl")
