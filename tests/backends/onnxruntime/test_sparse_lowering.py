@@ -2,6 +2,7 @@
 eager reference under the same mask; a pattern lost in lowering fails the compile."""
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 import torch
@@ -82,9 +83,17 @@ def test_ring_caches_bound_memory_and_equal_full_caches(impl, tmp_path):
     longer = ao.compile("tiny-random", out=tmp_path / "ring512", context_length=512, attention_impl=impl,
                         sparse_attention=spec)
     assert longer.manifest["engine"]["caches"] == ring.manifest["engine"]["caches"]  # memory does not grow
-    prompt = list(range(60, 100))
+    # each ring cache is updated in place by one ScatterND of the new rows (no full-ring Where / gather)
+    graph = onnx.load(str(tmp_path / "ring" / "model.onnx")).graph
+    producers = {out: n.op_type for n in graph.node for out in n.output}
+    assert {producers[o.name] for o in graph.output if o.name.startswith("present.")} == {"ScatterND"}
+    assert not [n for n in graph.node if n.op_type == "Where" and n.output[0] in
+                {i for m in graph.node if m.op_type == "ScatterND" for i in m.input}]
+    before = ring.session.cache_addresses()
+    prompt = list(range(60, 100))  # one 40-token chunk through 6 ring slots: tokens share slots, the newest wins
     tokens = ring.generate_ids(prompt, max_new_tokens=70, ignore_eos=True)  # 110 positions through 8 slots
     assert tokens == full.generate_ids(prompt, max_new_tokens=70, ignore_eos=True)
+    assert ring.session.cache_addresses() == before and np.abs(ring.session._caches["past.0.key"]).sum() > 0
     windowed = build_model(ModelConfig(**{**BUILTIN_MODELS["tiny-random"].config.to_dict(), "eos_token_ids": (),
                                           "sliding_window": 6}), seed=0)
     assert tokens[:10] != eager_greedy(windowed, prompt, 10, 128)  # sinks matter: not a plain window
@@ -111,3 +120,15 @@ def test_conversations_on_ring_caches(tmp_path):
     conversation.rewind(10)  # an explicit rewind into the ring also recomputes
     again = history[:10] + [9, 9]
     assert list(conversation.generate(conversation.prefill_to(again), greedy)) == engine.generate_ids(again, greedy)
+
+
+def test_batches_on_ring_caches_need_prompts_of_one_length(tmp_path):
+    from agentopt_compiler.runtime.engine import GenerationConfig
+
+    engine = ao.compile("tiny-random", out=tmp_path / "ring", context_length=128, sparse_attention="window=6,sinks=2",
+                        batch_size=2)
+    greedy = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    rows = [list(range(60, 80)), list(range(30, 50))]  # 20 tokens each: no padding
+    assert [c.token_ids for c in engine.generate_batch(rows, greedy)] == [engine.generate_ids(r, greedy) for r in rows]
+    with pytest.raises(AgentOptError, match="ring caches .* cannot take: a pad would overwrite"):
+        engine.generate_batch([rows[0][:10], rows[1]], greedy)  # right padding would write into row 0's ring
