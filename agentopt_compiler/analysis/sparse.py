@@ -14,7 +14,7 @@ Same shape as the precision planner (analysis/precision.py):
      window (position p >= W, the ones for which the pattern can hide anything). Heads with high mass are
      "retrieval" heads that look far back; heads with ~0 are "streaming" heads a window serves well.
 2. Cost: KV-cache bytes per layer at the engine's context length: the full cache when dense, a ring of
-   sinks + window slots when sparse (bounded window/sinks patterns; a strided pattern keeps the full cache).
+   sinks + window + spare slots when sparse (bounded window/sinks patterns; a strided pattern keeps the full cache).
 3. Choose: one option per layer, "dense" (KL 0, full KV bytes) or "sparse" (measured KL, ring bytes); minimize KV
    bytes (ties: prefer sparse) subject to sum of per-layer KL <= max_kl, by ``precision.choose`` (exact DP).
    Errors of different layers are treated as additive; ``measure_fidelity`` measures the eager model with *all*
@@ -182,7 +182,7 @@ def _mass_outside(attention, args, pattern: SparsePattern) -> tuple[torch.Tensor
 
 def kv_bytes(config, context_length: int, pattern: SparsePattern | None, dtype_bytes: int = 4) -> int:
     """Bytes of one layer's K and V caches at ``context_length`` (fp32 engines): the full cache when dense, the ring
-    of sinks + window slots when the pattern is bounded."""
+    of sinks + window + spare slots when the pattern is bounded."""
     slots = pattern.ring_slots(context_length) if pattern is not None else 0
     return 2 * config.num_kv_heads * config.dim_per_head * (slots or context_length) * dtype_bytes
 

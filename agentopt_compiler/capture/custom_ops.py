@@ -14,8 +14,9 @@ reference semantics every lowering is checked against.
     sinks                                    > 0 (with a window): keys j < sinks stay visible too (StreamingLLM)
     stride                                   > 0 (with a window): keys with (p - j) % stride == 0 stay visible too
                                              (Sparse-Transformer strided pattern)
-    ring                                     the caches are rings of sinks + window slots, not full-length: memory
-                                             and work per step stay bounded however long the session runs
+    ring                                     the caches are rings, not full-length: S sink slots, then R >= window
+                                             ring slots (R = T - sinks); memory and work per step stay bounded
+                                             however long the session runs
     dense_kv_heads                           KV heads (and the query heads sharing them) that ignore the pattern
                                              and attend densely: per-head patterns (retrieval vs streaming heads)
     scale                                    softmax scale; 0 means 1/sqrt(D)
@@ -37,16 +38,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
-def ring_slot_positions(length: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
-    """Position held by each of the sinks + window ring slots after ``length`` (B,) tokens; -1 where empty.
+def ring_slot_positions(length: torch.Tensor, sinks: int, ring: int) -> torch.Tensor:
+    """Position held by each of the sinks + ring slots after ``length`` (B,) tokens; -1 where empty.
 
-    Position p lives in slot p if p < sinks, else in slot sinks + (p - sinks) % window; a slot holds the latest
-    position that maps to it: for ring slot r that is sinks + r + window * floor((length - 1 - sinks - r) / window).
+    Position p lives in slot p if p < sinks, else in slot sinks + (p - sinks) % ring; a slot holds the latest
+    position that maps to it: for ring slot r that is sinks + r + ring * floor((length - 1 - sinks - r) / ring).
+    A ring longer than the window (spare slots) keeps a few positions that are already out of every later query's
+    window: tokens written past the conversation's end (drafts it steps back over, batch padding) land only there.
     """
-    slots = torch.arange(sinks + window, device=length.device)  # (C,)
+    slots = torch.arange(sinks + ring, device=length.device)  # (C,)
     last = length[:, None] - 1  # (B, 1) position of the newest token
-    ring = slots - sinks  # (C,) ring index (negative for sink slots)
-    newest = sinks + ring + window * torch.div(last - sinks - ring, window, rounding_mode="floor")  # (B, C)
+    index = slots - sinks  # (C,) ring index (negative for sink slots)
+    newest = sinks + index + ring * torch.div(last - sinks - index, ring, rounding_mode="floor")  # (B, C)
     position = torch.where(slots < sinks, slots.expand_as(newest), newest)
     filled = (position <= last) & ((slots < sinks) | (position >= sinks))  # a ring slot never holds a sink
     return torch.where(filled, position, torch.full_like(position, -1))
@@ -55,15 +58,16 @@ def ring_slot_positions(length: torch.Tensor, sinks: int, window: int) -> torch.
 def _ring_attention(q, k, v, k_cache, v_cache, positions, window, sinks, scale, repeats):
     """Attend over (ring slots as they were) + (the new tokens), then store the new tokens into the ring."""
     b, hkv, s, d = k.shape
+    ring = k_cache.shape[2] - sinks  # ring slots (>= window)
     length = positions[:, 0]  # (B,) tokens cached before this call (rows are contiguous)
-    key_pos = torch.cat([ring_slot_positions(length, sinks, window), positions], 1)[:, None, None, :]  # (B,1,1,C+S)
+    key_pos = torch.cat([ring_slot_positions(length, sinks, ring), positions], 1)[:, None, None, :]  # (B,1,1,C+S)
     query_pos = positions[:, None, :, None]  # (B, 1, S, 1)
     mask = (key_pos >= 0) & (key_pos <= query_pos) & ((key_pos > query_pos - window) | (key_pos < sinks))
     keys, values = torch.cat([k_cache, k], 2), torch.cat([v_cache, v], 2)  # (B, Hkv, C+S, D)
     out = F.scaled_dot_product_attention(q, keys.repeat_interleave(repeats, 1), values.repeat_interleave(repeats, 1),
                                          attn_mask=mask, scale=scale or None)
     # each slot takes the newest new token that maps to it (duplicates within a long chunk resolve to the newest)
-    held = ring_slot_positions(length + s, sinks, window)  # (B, C)
+    held = ring_slot_positions(length + s, sinks, ring)  # (B, C)
     from_chunk = (held >= length[:, None])[:, None, :, None]  # (B, 1, C, 1)
     index = (held - length[:, None]).clamp(0, s - 1)[:, None, :, None].expand(b, hkv, -1, d)  # (B, Hkv, C, D)
     k_cache = torch.where(from_chunk, k.gather(2, index), k_cache)

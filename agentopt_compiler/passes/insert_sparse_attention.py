@@ -13,9 +13,11 @@ them) while the layer's other heads stay dense, the retrieval-vs-streaming-heads
 keep full caches (their dense heads need every position) and lower to an explicit per-head mask. The plan is data: ``SparseAttentionPlan.parse("window=1024,sinks=4,layers=2-7")`` on the CLI, or
 a JSON plan file; the pass records per layer what it set, and the manifest keeps the plan.
 
-Window and sinks+window layers also get *bounded memory*: their caches shrink to a ring of sinks + window slots
-(position p lives in slot p if p < sinks, else sinks + (p - sinks) % window), so a session can run to the engine's
-context length (its RoPE table) with per-layer memory and work that do not grow (``bounded=0`` keeps full caches).
+Window and sinks+window layers also get *bounded memory*: their caches shrink to sinks + R slots, R = window +
+RING_SPARE_SLOTS (position p lives in slot p if p < sinks, else sinks + (p - sinks) % R), so a session can run to
+the engine's context length (its RoPE table) with per-layer memory and work that do not grow (``bounded=0`` keeps
+full caches). The spare slots hold positions already out of every later query's window, so tokens written past a
+row's end (prompt-lookup drafts the model rejects, right padding in a batch) overwrite nothing still read.
 
 Why: long agent sessions make dense attention's work and KV memory grow without bound; a window bounds both. Export pipelines in the field silently drop such patterns; here the pattern is an argument of the
 fused op, so every lowering must carry it (GQA ``local_window_size``, or an explicit mask), and tests compare the
@@ -42,6 +44,9 @@ from .region_graph import region_of
 K_CACHE, V_CACHE = 3, 4  # argument positions in agentopt.cached_attention
 KV_NUM_HEADS = 9  # argument positions in agentopt.cached_attention (continued)
 WINDOW, SCALE, ROTARY, SINKS, STRIDE, RING, DENSE_KV_HEADS = 10, 11, 12, 13, 14, 15, 16
+# ring slots beyond the window: up to this many tokens past a row's end (drafts, padding) may be written and then
+# stepped back over (the runtime refuses more; a slot costs 2 x Hkv x D x 4 bytes per layer in fp32)
+RING_SPARE_SLOTS = 8
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,7 @@ class SparsePattern:
     window: int
     sinks: int = 0
     stride: int = 0
-    bounded: bool = True  # window/sinks layers get a ring cache of sinks + window slots (not with a stride)
+    bounded: bool = True  # window/sinks layers get a ring cache (sinks + window + spare slots; not with a stride)
     kv_heads: tuple[int, ...] = ()  # KV heads the pattern applies to; the layer's others stay dense. () = all
 
     def __post_init__(self):
@@ -68,7 +73,7 @@ class SparsePattern:
 
     def ring_slots(self, capacity: int) -> int:
         """Cache slots this pattern needs, or 0 when it keeps the full-length cache (dense heads need it)."""
-        slots = self.sinks + self.window
+        slots = self.sinks + self.window + RING_SPARE_SLOTS
         return slots if self.bounded and not self.stride and not self.kv_heads and slots < capacity else 0
 
 
@@ -186,7 +191,7 @@ class InsertSparseAttention(GraphPass):
             dense = [h for h in range(kv_num_heads) if h not in pattern.kv_heads] if pattern.kv_heads else []
             args[DENSE_KV_HEADS] = dense or None
             slots = pattern.ring_slots(_buffer(gm, args[K_CACHE]).shape[2])
-            if slots:  # bounded memory: shrink both caches to a ring of sinks + window slots
+            if slots:  # bounded memory: shrink both caches to a ring
                 for cache in (args[K_CACHE], args[V_CACHE]):
                     owner, leaf = owner_of(gm, cache.target)
                     full = getattr(owner, leaf)

@@ -12,7 +12,8 @@ appended right after generation see exactly the cache a full recompute would bui
 
 Engines with ring caches (bounded sparse-attention layers) keep only the last window of tokens, so going back
 (a shorter common prefix than what is cached) recomputes the conversation from its start, and only the whole
-cached state can be shared as a prefix.
+cached state can be shared as a prefix. Drafts the model rejects are stepped back over all the same: they were
+written into the ring's spare slots, which hold only positions already out of the window.
 
 The engine has one cache buffer (per batch row); conversations take turns owning it. Switching owners saves the
 outgoing conversation's rows and restores the incoming one's (a copy of the used rows only).
@@ -131,7 +132,7 @@ class Conversation:
         sampling = (config.temperature, config.top_k, config.top_p)
         capacity = self.engine.context_length
         if config.prompt_lookup:
-            check_prompt_lookup(self.engine.session)
+            check_prompt_lookup(self.engine.session, config.prompt_lookup)
         if config.max_new_tokens == 0:
             return "length"
         rows = logits[0, -1:]  # (L, V): the first row gives the next token; the rest check the draft fed with it
@@ -188,8 +189,8 @@ class Conversation:
         return conversation
 
 
-def check_prompt_lookup(session) -> None:
-    """Raise why ``session`` cannot decode with prompt-lookup drafts, if it cannot."""
+def check_prompt_lookup(session, draft_tokens: int) -> None:
+    """Raise why ``session`` cannot decode with prompt-lookup drafts of up to ``draft_tokens``, if it cannot."""
     if not getattr(session, "multi_logits", False):
         raise AgentOptError("prompt lookup needs the logits of several tokens per call, and this engine returns "
                             "one (it was compiled before that); recompile it with agentopt compile")
@@ -197,10 +198,12 @@ def check_prompt_lookup(session) -> None:
         raise AgentOptError("prompt lookup checks several new tokens per row in one call, which onnxruntime's "
                             "GroupQueryAttention does at batch size 1 only; for prompt lookup on this batch engine, "
                             "compile it with --attention-impl standard")
-    if not getattr(session, "rewindable", True):
-        raise AgentOptError("prompt lookup writes drafted tokens into the cache and steps back over the rejected "
-                            "ones, which ring caches (bounded sparse-attention layers) cannot do; generate without "
-                            "prompt lookup on this engine")
+    spare = getattr(session, "ring_spare_slots", 0)
+    if not getattr(session, "rewindable", True) and draft_tokens > spare:
+        raise AgentOptError(f"prompt lookup writes up to {draft_tokens} drafted tokens into the cache and steps back "
+                            f"over the rejected ones, but this engine's ring caches (bounded sparse-attention "
+                            f"layers) keep {spare} spare slots for that; use a prompt lookup of at most {spare}"
+                            + ("" if spare else " (none: recompile the engine to get spare slots)"))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -181,12 +181,14 @@ def generate_batch(engine: "Engine", prompts: Sequence[str | Sequence[int]], con
         if not row or len(row) >= capacity:
             raise ContextOverflowError(f"a prompt has {len(row)} tokens; each must have 1 to {capacity - 1} "
                                        f"(the engine's context is {capacity})")
-    if not getattr(session, "rewindable", True) and len({len(row) for row in rows}) > 1:
-        raise AgentOptError(f"prompts of {sorted({len(row) for row in rows})} tokens need right padding in one batch, "
-                            "which ring caches (bounded sparse-attention layers) cannot take: a pad would overwrite "
-                            "a slot its row still reads; give prompts of one length, or generate them one at a time")
+    spare = getattr(session, "ring_spare_slots", 0)
+    if not getattr(session, "rewindable", True) and max(map(len, rows)) - min(map(len, rows)) > spare:
+        raise AgentOptError(f"prompts of {min(map(len, rows))} to {max(map(len, rows))} tokens need right padding in "
+                            f"one batch, and this engine's ring caches (bounded sparse-attention layers) can take "
+                            f"{spare} pads at most: more would overwrite slots their row still reads; give prompts "
+                            f"whose lengths differ by at most {spare}, or generate them one at a time")
     if config.prompt_lookup:
-        check_prompt_lookup(session)
+        check_prompt_lookup(session, config.prompt_lookup)
     Conversation(engine)._activate()  # saves the cache of any conversation that owned it
     engine._kv_owner = None
     session.reset()

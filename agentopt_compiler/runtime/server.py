@@ -62,7 +62,7 @@ class ChatService:
         self.prefix_cache = prefix_cache or PrefixCache()
         self.prompt_lookup = prompt_lookup  # drafts per decode call, for every request
         if prompt_lookup:
-            check_prompt_lookup(engine.session)  # refuse at start rather than fail every greedy request
+            check_prompt_lookup(engine.session, prompt_lookup)  # refuse at start, not at every greedy request
         self.conversations: list = []  # most recently used last
         self.lock = threading.Lock()
         self.created = int(time.time())

@@ -10,16 +10,17 @@ B, HQ, HKV, D, T = 2, 4, 2, 8, 64
 
 
 def test_slot_positions():
-    held = ring_slot_positions(torch.tensor([0, 3, 6, 9]), sinks=2, window=4)
+    held = ring_slot_positions(torch.tensor([0, 3, 6, 9]), sinks=2, ring=4)
     assert held.tolist() == [[-1] * 6, [0, 1, 2, -1, -1, -1], [0, 1, 2, 3, 4, 5], [0, 1, 6, 7, 8, 5]]
 
 
 @pytest.mark.parametrize("window, sinks", [(5, 2), (4, 0), (1, 0), (3, 1)])
+@pytest.mark.parametrize("spare", [0, 3])  # ring slots beyond the window
 @pytest.mark.parametrize("chunks", [[1] * 20, [12, 1, 1, 9, 3, 1], [30], [2, 3, 4, 5, 6, 7]])
-def test_ring_cache_equals_a_full_cache(window, sinks, chunks):
+def test_ring_cache_equals_a_full_cache(window, sinks, spare, chunks):
     def run(ring):
         generator = torch.Generator().manual_seed(1)
-        cache = torch.zeros(B, HKV, sinks + window if ring else T, D)
+        cache = torch.zeros(B, HKV, sinks + window + spare if ring else T, D)
         k_cache, v_cache, outputs, start = cache, cache.clone(), [], 0
         for n in chunks:
             q, k, v = (torch.randn(B, n, h * D, generator=generator) for h in (HQ, HKV, HKV))
@@ -31,6 +32,30 @@ def test_ring_cache_equals_a_full_cache(window, sinks, chunks):
         return torch.cat(outputs, 1)
 
     assert (run(True) - run(False)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("written_past_end, spare, equal", [(3, 3, True), (1, 3, True), (5, 3, False)])
+def test_spare_ring_slots_absorb_tokens_written_past_the_end(written_past_end, spare, equal):
+    # 16 tokens, then `written_past_end` junk tokens (rejected drafts, padding) at positions 16..; then the real
+    # tokens from 16 on: with at most `spare` junk tokens the ring gives what a ring that never saw them gives
+    # (spare + 1 would still be safe: the slot of position 16 holds one out of the window already; spare + 2 is not)
+    window, sinks = 4, 1
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, 24, h * D, generator=generator) for h in (HQ, HKV, HKV))
+    junk = [torch.randn(B, written_past_end, h * D, generator=generator) for h in (HQ, HKV, HKV)]
+
+    def feed(state, tensors, start):
+        positions = torch.arange(start, start + tensors[0].shape[1]).expand(B, -1)
+        return cached_attention(*tensors, *state, positions, None, None, HQ, HKV, window, 0.0, False, sinks, 0, True)
+
+    def run(with_junk):
+        cache = torch.zeros(B, HKV, sinks + window + spare, D)
+        state = feed((cache, cache.clone()), [t[:, :16] for t in (q, k, v)], 0)[1:]
+        if with_junk:
+            state = feed(state, junk, 16)[1:]
+        return feed(state, [t[:, 16:] for t in (q, k, v)], 16)[0]
+
+    assert torch.allclose(run(True), run(False), atol=1e-6) == equal
 
 
 def test_dense_kv_heads_attend_densely_and_the_others_keep_the_pattern():

@@ -7,8 +7,8 @@ from agentopt_compiler.capture.export import capture
 from agentopt_compiler.errors import AgentOptError
 from agentopt_compiler.passes.fuse_kv_cache import FuseKVCache
 from agentopt_compiler.passes.infra import op_histogram
-from agentopt_compiler.passes.insert_sparse_attention import (InsertSparseAttention, SparseAttentionPlan,
-                                                              SparsePattern)
+from agentopt_compiler.passes.insert_sparse_attention import (RING_SPARE_SLOTS, InsertSparseAttention,
+                                                              SparseAttentionPlan, SparsePattern)
 from agentopt_compiler.passes.remove_noop_ops import RemoveNoopOps
 
 
@@ -54,7 +54,7 @@ def test_sets_the_pattern_on_the_named_layers_only(tiny_model):
     ops = [n for n in gm.graph.nodes if "cached_attention" in str(n.target)]
     assert ops[0].args[10] == -1 and (ops[1].args[10], ops[1].args[13], ops[1].args[15]) == (4, 2, True)
     buffers = dict(gm.named_buffers())
-    assert buffers["layers.1.self_attn.kv_cache.key"].shape[2] == 6  # a ring of sinks + window slots
+    assert buffers["layers.1.self_attn.kv_cache.key"].shape[2] == 6 + RING_SPARE_SLOTS  # sinks + window + spare
     assert buffers["layers.0.self_attn.kv_cache.key"].shape[2] == 32
     ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
     dense = _fused(tiny_model)

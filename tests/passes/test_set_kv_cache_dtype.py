@@ -63,7 +63,7 @@ def test_half_cache_engine_tracks_its_eager_reference_over_prefill_and_decode(im
         worst = max(worst, float(np.abs(logits - expected).max() / np.abs(expected).max()))
         start += size
     assert worst <= 1e-2
-    if not sparse:  # (ring caches hold sinks + window slots)
+    if not sparse:  # (ring caches hold sinks + window + spare slots)
         rows = session.read_cache(start)
         assert all(a.dtype == np.float16 and a.shape[2] == start for a in rows.values())
     assert engine.manifest["passes"][-2]["stats"] == {"fp16_caches": 4}

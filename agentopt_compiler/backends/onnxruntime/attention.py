@@ -18,7 +18,7 @@
                                                   & (no window | t > pos[b, s] - W | t < sinks
                                                      | (pos[b, s] - t) % stride == 0 | head h is dense))
     It is exact but attends over all T slots each step (masked), so it is O(T) per step on ORT CPU.
-    Ring caches (bounded sparse layers): Attention over the C = sinks + window slots, whose positions are computed
+    Ring caches (bounded sparse layers): Attention over the C = sinks + ring slots, whose positions are computed
     from the row's length, plus the new tokens; then ScatterND stores each new token in its slot (in place, tokens
     sharing a slot carry the newest one's row): O(C + S) per call, whatever the context.
 """
@@ -106,14 +106,15 @@ def _scatter_indices(batch, kv_heads: int, rows_positions):
     return op.Concat(op.Unsqueeze(b, [3]), op.Unsqueeze(h, [3]), op.Unsqueeze(p, [3]), axis=3)
 
 
-def _ring_slot_positions(length, capacity: int, sinks: int, window: int):
+def _ring_slot_positions(length, capacity: int, sinks: int):
     """(B, C) position held by each ring slot after ``length`` (B, 1) tokens, -1 where empty (see custom_ops.py)."""
+    ring = capacity - sinks  # ring slots (the window plus spare slots)
     slots = op.Range(0, capacity, 1)  # (C,)
     last = op.Sub(length, 1)  # (B, 1)
-    ring = op.Sub(slots, sinks)  # (C,)
-    behind = op.Sub(op.Sub(last, sinks), ring)  # (B, C)
-    floor_div = op.Div(op.Sub(behind, op.Mod(behind, window)), window)  # exact floor division (Mod has the
-    newest = op.Add(op.Add(ring, sinks), op.Mul(floor_div, window))  # divisor's sign, so behind - mod is a multiple)
+    index = op.Sub(slots, sinks)  # (C,)
+    behind = op.Sub(op.Sub(last, sinks), index)  # (B, C)
+    floor_div = op.Div(op.Sub(behind, op.Mod(behind, ring)), ring)  # exact floor division (Mod has the
+    newest = op.Add(op.Add(index, sinks), op.Mul(floor_div, ring))  # divisor's sign, so behind - mod is a multiple)
     is_sink = op.Less(slots, sinks)
     position = op.Where(is_sink, op.Expand(slots, op.Shape(newest)), newest)
     filled = op.And(op.LessOrEqual(position, last), op.Or(is_sink, op.GreaterOrEqual(position, sinks)))
@@ -123,7 +124,7 @@ def _ring_slot_positions(length, capacity: int, sinks: int, window: int):
 def _ring_attention(q4, k4, v4, k_cache, v_cache, positions, window, sinks, scale):
     capacity = _static_dim(k_cache, 2)
     length = op.Slice(positions, [0], [1], [1])  # (B, 1) tokens cached before this call
-    key_pos = op.Concat(_ring_slot_positions(length, capacity, sinks, window), positions, axis=1)  # (B, C+S)
+    key_pos = op.Concat(_ring_slot_positions(length, capacity, sinks), positions, axis=1)  # (B, C+S)
     keys_at = op.Unsqueeze(key_pos, [1, 2])  # (B, 1, 1, C+S)
     queries_at = op.Unsqueeze(positions, [1, 3])  # (B, 1, S, 1)
     visible = op.Or(op.Greater(keys_at, op.Sub(queries_at, window)), op.Less(keys_at, sinks))
@@ -131,16 +132,17 @@ def _ring_attention(q4, k4, v4, k_cache, v_cache, positions, window, sinks, scal
     keys, values = op.Concat(k_cache, k4, axis=2), op.Concat(v_cache, v4, axis=2)  # (B, Hkv, C+S, D)
     attributes = {"scale": scale} if scale else {}
     out4 = op.Attention(q4, keys, values, mask, **attributes)[0]
-    # Store: new token s goes to slot p (p < sinks) or sinks + (p - sinks) % window. In a chunk longer than the
-    # window several tokens share a slot, and the newest must win; ScatterND leaves the order of duplicates
-    # undefined, so each of them carries the newest one's row (token s + window * floor((S - 1 - s) / window)).
+    # Store: new token s goes to slot p (p < sinks) or sinks + (p - sinks) % R, R = C - sinks ring slots. In a chunk
+    # longer than the ring several tokens share a slot, and the newest must win; ScatterND leaves the order of
+    # duplicates undefined, so each of them carries the newest one's row (token s + R * floor((S - 1 - s) / R)).
     # The rows are read back from the concatenation, not from k4: engines bind past and present to one buffer, so
     # ScatterND writes into k_cache in place, and it must not run before Concat has read it.
     new_tokens = op.Shape(positions, start=1, end=2)  # (1,) S
     step = op.Range(0, op.Squeeze(new_tokens), 1)  # (S,)
     in_ring = op.GreaterOrEqual(positions, sinks)  # (B, S)
-    slot = op.Where(in_ring, op.Add(op.Mod(op.Sub(positions, sinks), window), sinks), positions)  # (B, S)
-    newest = op.Add(step, op.Mul(op.Div(op.Sub(op.Sub(new_tokens, 1), step), window), window))  # (S,) both >= 0
+    ring = capacity - sinks
+    slot = op.Where(in_ring, op.Add(op.Mod(op.Sub(positions, sinks), ring), sinks), positions)  # (B, S)
+    newest = op.Add(step, op.Mul(op.Div(op.Sub(op.Sub(new_tokens, 1), step), ring), ring))  # (S,) both >= 0
     source = op.Unsqueeze(op.Where(in_ring, newest, step), [1, 3])  # (B, 1, S, 1) the token whose row s stores
     kv_heads, head_dim = _static_dim(k_cache, 1), _static_dim(k_cache, 3)
     batch = _batch(positions, k4)

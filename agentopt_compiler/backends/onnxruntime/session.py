@@ -16,6 +16,7 @@ import numpy as np
 
 from ...errors import EngineError, ProviderUnavailableError
 from ..call_inputs import call_inputs
+from ..ring_caches import ring_spare_slots
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -76,8 +77,10 @@ class OrtSession:
         self.capacity = int(engine["context_length"])
         self.batch_size = int(engine["batch_size"])
         self.in_place = engine.get("cache_update") == "in_place"
-        # ring caches (bounded sparse layers) forget old slots: a conversation cannot rewind into them cheaply
-        self.rewindable = not any(layer.get("ring") for layer in engine.get("attention", {}).get("layers", []))
+        # ring caches (bounded sparse layers) forget old slots: a conversation cannot rewind into them cheaply, and
+        # may write past its end only as far as their spare slots reach
+        spare = ring_spare_slots(engine)
+        self.rewindable, self.ring_spare_slots = spare is None, spare or 0
         self._output_names = [o.name for o in self.session.get_outputs()]
         self._input_names = {i.name for i in self.session.get_inputs()}
         # engines compiled before multi-position logits take logits_index (B,): one token per row and call

@@ -1,7 +1,8 @@
 """TensorRT session for an engine folder: the runtime's session protocol over ``model.plan``.
 
     run(input_ids (B, S), positions (B, S) or (S,), logits_index (B,) or (B, L)) -> logits (B, 1 or L, V)
-    reset(), read_cache(n), write_cache(rows), capacity, batch_size, in_place, multi_logits, cache_addresses()
+    reset(), read_cache(n), write_cache(rows), capacity, batch_size, in_place, multi_logits, rewindable,
+    ring_spare_slots, cache_addresses()
 
 Device memory: **PyTorch CUDA tensors** (``torch`` is already a dependency of the compiler; cuda-python would be one
 more package for the same few allocations and copies). Execution: one ``IExecutionContext`` per optimization profile
@@ -29,6 +30,7 @@ import numpy as np
 
 from ...errors import EngineError, ProviderUnavailableError
 from ..call_inputs import call_inputs
+from ..ring_caches import ring_spare_slots
 from .builder import import_tensorrt, require_cuda
 from .plan import PROFILE_NAMES
 from .target import check_compatible, describe_target
@@ -79,6 +81,8 @@ class TensorRTSession:
             self._buffers[spec["input"]] = [front, back]
         self._logits_name = engine["logits"]
         self.multi_logits = bool(engine.get("multi_logits", False))  # logits_index (B, L) rather than (B,)
+        spare = ring_spare_slots(engine)  # ring caches: no rewinding, writes past the end up to their spare slots
+        self.rewindable, self.ring_spare_slots = spare is None, spare or 0
         shape = tuple(self._engine.get_tensor_shape(self._logits_name))
         if any(d < 0 for d in shape):  # (B, 1, V) is static in our graphs; be safe if an exporter left it symbolic
             shape = (self.batch_size, 1, shape[-1])

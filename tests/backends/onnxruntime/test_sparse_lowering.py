@@ -13,7 +13,7 @@ from agentopt_compiler.capture.export import capture
 from agentopt_compiler.errors import AgentOptError
 from agentopt_compiler.models.config import ModelConfig
 from agentopt_compiler.models.registry import BUILTIN_MODELS, build_model, load_model
-from agentopt_compiler.passes.insert_sparse_attention import SparseAttentionPlan
+from agentopt_compiler.passes.insert_sparse_attention import RING_SPARE_SLOTS, SparseAttentionPlan
 from agentopt_compiler.passes.pipeline import default_pipeline
 from tests.conftest import eager_greedy
 
@@ -78,7 +78,7 @@ def test_ring_caches_bound_memory_and_equal_full_caches(impl, tmp_path):
                       sparse_attention=spec)
     full = ao.compile("tiny-random", out=tmp_path / "full", context_length=128, attention_impl=impl,
                       sparse_attention=spec + ",bounded=0")
-    assert [c["shape"][2] for c in ring.manifest["engine"]["caches"]] == [8] * 4  # sinks + window slots
+    assert [c["shape"][2] for c in ring.manifest["engine"]["caches"]] == [8 + RING_SPARE_SLOTS] * 4  # + spare
     assert [c["shape"][2] for c in full.manifest["engine"]["caches"]] == [128] * 4
     longer = ao.compile("tiny-random", out=tmp_path / "ring512", context_length=512, attention_impl=impl,
                         sparse_attention=spec)
@@ -90,8 +90,8 @@ def test_ring_caches_bound_memory_and_equal_full_caches(impl, tmp_path):
     assert not [n for n in graph.node if n.op_type == "Where" and n.output[0] in
                 {i for m in graph.node if m.op_type == "ScatterND" for i in m.input}]
     before = ring.session.cache_addresses()
-    prompt = list(range(60, 100))  # one 40-token chunk through 6 ring slots: tokens share slots, the newest wins
-    tokens = ring.generate_ids(prompt, max_new_tokens=70, ignore_eos=True)  # 110 positions through 8 slots
+    prompt = list(range(60, 100))  # one 40-token chunk through 14 ring slots: tokens share slots, the newest wins
+    tokens = ring.generate_ids(prompt, max_new_tokens=70, ignore_eos=True)  # 110 positions through 16 slots
     assert tokens == full.generate_ids(prompt, max_new_tokens=70, ignore_eos=True)
     assert ring.session.cache_addresses() == before and np.abs(ring.session._caches["past.0.key"]).sum() > 0
     windowed = build_model(ModelConfig(**{**BUILTIN_MODELS["tiny-random"].config.to_dict(), "eos_token_ids": (),
@@ -122,13 +122,25 @@ def test_conversations_on_ring_caches(tmp_path):
     assert list(conversation.generate(conversation.prefill_to(again), greedy)) == engine.generate_ids(again, greedy)
 
 
-def test_batches_on_ring_caches_need_prompts_of_one_length(tmp_path):
+def test_ring_caches_take_padding_and_drafts_up_to_their_spare_slots(tmp_path):
     from agentopt_compiler.runtime.engine import GenerationConfig
 
     engine = ao.compile("tiny-random", out=tmp_path / "ring", context_length=128, sparse_attention="window=6,sinks=2",
                         batch_size=2)
-    greedy = GenerationConfig(max_new_tokens=12, ignore_eos=True)
-    rows = [list(range(60, 80)), list(range(30, 50))]  # 20 tokens each: no padding
+    greedy = GenerationConfig(max_new_tokens=24, ignore_eos=True)
+    assert engine.session.ring_spare_slots == RING_SPARE_SLOTS and not engine.session.rewindable
+    # a batch whose prompts differ by up to the spare slots: the shorter row's pads land only in them
+    rows = [list(range(60, 80)), list(range(30, 30 + 20 - RING_SPARE_SLOTS))]
     assert [c.token_ids for c in engine.generate_batch(rows, greedy)] == [engine.generate_ids(r, greedy) for r in rows]
-    with pytest.raises(AgentOptError, match="ring caches .* cannot take: a pad would overwrite"):
-        engine.generate_batch([rows[0][:10], rows[1]], greedy)  # right padding would write into row 0's ring
+    with pytest.raises(AgentOptError, match="can take 8 pads at most: more would overwrite"):
+        engine.generate_batch([rows[0], rows[1][:-1]], greedy)  # one pad too many for row 1's ring
+    # prompt lookup: rejected drafts are written into the ring and stepped back over; same tokens as without
+    repetitive, longer = [7] * 5, GenerationConfig(max_new_tokens=40, ignore_eos=True)
+    plain = engine.generate_ids(repetitive, longer)
+    conversation = engine.conversation()
+    drafted = GenerationConfig(max_new_tokens=40, ignore_eos=True, prompt_lookup=RING_SPARE_SLOTS)
+    assert list(conversation.generate(conversation.prefill_to(repetitive), drafted)) == plain
+    assert conversation.drafted_tokens > conversation.accepted_draft_tokens > 0  # some drafts rejected, some kept
+    with pytest.raises(AgentOptError, match="keep 8 spare slots for that; use a prompt lookup of at most 8"):
+        list(engine.conversation().generate(conversation.prefill_to(repetitive),
+                                            GenerationConfig(max_new_tokens=4, prompt_lookup=RING_SPARE_SLOTS + 1)))
