@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import agentopt_compiler as ao
+from agentopt_compiler.backends.ring_caches import ring_spare_slots
 from agentopt_compiler.backends.onnxruntime.lower import check_attention_patterns
 from agentopt_compiler.capture.export import capture
 from agentopt_compiler.errors import AgentOptError
@@ -144,3 +145,18 @@ def test_ring_caches_take_padding_and_drafts_up_to_their_spare_slots(tmp_path):
     with pytest.raises(AgentOptError, match="keep 8 spare slots for that; use a prompt lookup of at most 8"):
         list(engine.conversation().generate(conversation.prefill_to(repetitive),
                                             GenerationConfig(max_new_tokens=4, prompt_lookup=RING_SPARE_SLOTS + 1)))
+
+
+def _manifest_engine(layers, slots):
+    caches = [{"input": f"past.{i}.{kind}", "shape": [1, 2, n, 8]} for i, n in enumerate(slots)
+              for kind in ("key", "value")]
+    return {"attention": {"layers": layers}, "caches": caches}
+
+
+def test_spare_slots_are_the_fewest_of_any_ring_layer():
+    dense = {"op": "GroupQueryAttention", "window": -1, "sinks": 0, "ring": False}
+    ring = {"op": "Attention", "window": 6, "sinks": 2, "ring": True}
+    assert ring_spare_slots(_manifest_engine([dense, dense], [64, 64])) is None  # no ring: nothing to protect
+    assert ring_spare_slots(_manifest_engine([dense, ring], [64, 16])) == 8
+    assert ring_spare_slots(_manifest_engine([ring, {**ring, "window": 10}], [16, 16])) == 4
+    assert ring_spare_slots(_manifest_engine([ring], [8])) == 0  # compiled before rings had spare slots
