@@ -3,8 +3,10 @@
 
     python benchmarks/prompt_lookup.py                          # 50 tasks, drafts of 3 / 4 / 8 against none
     python benchmarks/prompt_lookup.py --tasks 10 --drafts 8    # quicker
+    python benchmarks/prompt_lookup.py --sparse-attention window=64,sinks=4   # ring-cache engines
 
-Each system is the same engine folder (agent-tiny, ``--precision`` fp32 or int4), loaded once per system with
+Each system is the same engine folder (agent-tiny, ``--precision`` fp32 or int4, ``--sparse-attention`` if given:
+a bounded pattern gives ring caches, whose spare slots take the rejected drafts), loaded once per system with
 ``--threads`` threads, decoding through ``EngineGenerator`` (the agent loop of ``agentopt eval``: one conversation
 per system, each step prefilling only what is new), greedily unless ``--temperature`` says to sample. The systems
 take turns task by task, so load from other jobs falls on all of them. Measured per system: decode time (everything
@@ -52,8 +54,9 @@ def run(args) -> dict:
     from agentopt_compiler.models.agent_eval import EngineGenerator, eval_tasks, run_agent
 
     folder = Path(args.work_dir) / f"agent-tiny-{args.precision}"
-    log(f"compiling agent-tiny ({args.precision}) into {folder}")
-    ao.compile("agent-tiny", out=folder, overwrite=True, precision_plan=uniform_plan("agent-tiny", args.precision))
+    log(f"compiling agent-tiny ({args.precision}, sparse attention {args.sparse_attention}) into {folder}")
+    ao.compile("agent-tiny", out=folder, overwrite=True, precision_plan=uniform_plan("agent-tiny", args.precision),
+               sparse_attention=args.sparse_attention)
     drafts = [0] + [int(d) for d in args.drafts.split(",")]
     systems = {k: Recording(EngineGenerator(ao.load_engine(folder, threads=args.threads), prompt_lookup=k,
                                             temperature=args.temperature)) for k in drafts}
@@ -81,7 +84,8 @@ def run(args) -> dict:
         })
     return {"settings": vars(args), "environment": environment(), "rows": rows,
             "call_cost": {"agent-tiny": call_cost(folder, args.threads),
-                          "ref-60m": call_cost(compile_ref(Path(args.work_dir), args.precision), args.threads)}}
+                          "ref-60m": call_cost(compile_ref(Path(args.work_dir), args.precision, args.sparse_attention),
+                                               args.threads)}}
 
 
 CALL_TOKENS = (1, 2, 3, 5, 9, 17)  # one pending token plus 0, 1, 2, 4, 8, 16 drafts
@@ -97,12 +101,12 @@ def uniform_plan(model: str, precision: str):
     return PrecisionPlan.uniform(precision, load_model(model).model.config.num_layers)
 
 
-def compile_ref(work: Path, precision: str) -> Path:
+def compile_ref(work: Path, precision: str, sparse_attention: str | None) -> Path:
     import agentopt_compiler as ao
 
-    log(f"compiling ref-60m ({precision}) for the call-cost table")
+    log(f"compiling ref-60m ({precision}, sparse attention {sparse_attention}) for the call-cost table")
     ao.compile("ref-60m", out=work / "ref-60m", context_length=1024, overwrite=True,
-               precision_plan=uniform_plan("ref-60m", precision))
+               precision_plan=uniform_plan("ref-60m", precision), sparse_attention=sparse_attention)
     return work / "ref-60m"
 
 
@@ -138,7 +142,9 @@ def environment() -> dict:
 
 def report(result: dict) -> str:
     s, env = result["settings"], result["environment"]
-    lines = [f"## Prompt-lookup decoding: agent-tiny {s['precision']}, {s['tasks']} held-out tasks (seed {s['seed']})",
+    sparse = f", sparse attention {s['sparse_attention']}" if s.get("sparse_attention") else ""
+    lines = [f"## Prompt-lookup decoding: agent-tiny {s['precision']}{sparse}, {s['tasks']} held-out tasks "
+             f"(seed {s['seed']})",
              "",
              f"- date {env['date']}, commit {env['commit']}, onnxruntime {env['onnxruntime']}, {s['threads']} threads, "
              + ("greedy" if not s["temperature"] else f"sampled at temperature {s['temperature']} (completions "
@@ -175,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="0 (default): greedy, and every completion must equal the no-draft one; above 0: "
                              "sampled, completions differ (the same distribution, not the same draws)")
+    parser.add_argument("--sparse-attention", default=None,
+                        help="compile both models with this sparse-attention plan (window=64,sinks=4: ring caches)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work-dir", default=None, help="where the engine is compiled (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="also write the numbers here")
