@@ -18,7 +18,7 @@
                                                   & (no window | t > pos[b, s] - W | t < sinks
                                                      | (pos[b, s] - t) % stride == 0 | head h is dense))
     It is exact but attends over all T slots each step (masked), so it is O(T) per step on ORT CPU.
-    Ring caches (bounded sparse layers): Attention over the C = sinks + ring slots, whose positions are computed
+    Ring caches (bounded sparse layers): Attention over the C = sinks + R ring slots, whose positions are computed
     from the row's length, plus the new tokens; then ScatterND stores each new token in its slot (in place, tokens
     sharing a slot carry the newest one's row): O(C + S) per call, whatever the context.
 """
@@ -89,19 +89,12 @@ def _rows_positions(positions):
     return op.Unsqueeze(positions, [1]) if len(positions.shape) == 2 else op.Unsqueeze(positions, [0, 1])
 
 
-def _batch(positions, x):
-    """(1,) int64 batch size, read from the positions (B, S) when they have it, so that what is computed from it
-    depends only on graph inputs and every layer's copy is one node after common-subexpression elimination."""
-    return op.Shape(positions if len(positions.shape) == 2 else x, start=0, end=1)
-
-
-def _scatter_indices(batch, kv_heads: int, rows_positions):
-    """(B, Hkv, S, 3) int64 indices (b, h, pos[b, s]) for ScatterND of (B, Hkv, S, D) rows into a (B, Hkv, T, D)
-    cache; batch (1,) = B, rows_positions (B or 1, 1, S)."""
-    shape = op.Concat(batch, op.Constant(value_ints=[kv_heads]), op.Shape(rows_positions, start=2, end=3),
-                      axis=0)  # (B, Hkv, S)
-    b = op.Expand(op.Unsqueeze(op.Range(0, op.Squeeze(batch), 1), [1, 2]), shape)
-    h = op.Expand(op.Unsqueeze(op.Range(0, kv_heads, 1), [0, 2]), shape)
+def _scatter_indices(new4, rows_positions):
+    """(B, H, S, 3) int64 indices (b, h, pos[b, s]) for ScatterND of new4 (B, H, S, D) into a (B, H, T, D) cache;
+    rows_positions (B or 1, 1, S)."""
+    shape = op.Shape(new4, start=0, end=3)  # (B, H, S)
+    b = op.Expand(op.Unsqueeze(op.Range(0, op.Squeeze(op.Shape(new4, start=0, end=1)), 1), [1, 2]), shape)
+    h = op.Expand(op.Unsqueeze(op.Range(0, op.Squeeze(op.Shape(new4, start=1, end=2)), 1), [0, 2]), shape)
     p = op.Expand(rows_positions, shape)
     return op.Concat(op.Unsqueeze(b, [3]), op.Unsqueeze(h, [3]), op.Unsqueeze(p, [3]), axis=3)
 
@@ -137,19 +130,15 @@ def _ring_attention(q4, k4, v4, k_cache, v_cache, positions, window, sinks, scal
     # duplicates undefined, so each of them carries the newest one's row (token s + R * floor((S - 1 - s) / R)).
     # The rows are read back from the concatenation, not from k4: engines bind past and present to one buffer, so
     # ScatterND writes into k_cache in place, and it must not run before Concat has read it.
-    new_tokens = op.Shape(positions, start=1, end=2)  # (1,) S
+    new_tokens = op.Shape(k4, start=2, end=3)  # (1,) S
     step = op.Range(0, op.Squeeze(new_tokens), 1)  # (S,)
     in_ring = op.GreaterOrEqual(positions, sinks)  # (B, S)
     ring = capacity - sinks
     slot = op.Where(in_ring, op.Add(op.Mod(op.Sub(positions, sinks), ring), sinks), positions)  # (B, S)
     newest = op.Add(step, op.Mul(op.Div(op.Sub(op.Sub(new_tokens, 1), step), ring), ring))  # (S,) both >= 0
     source = op.Unsqueeze(op.Where(in_ring, newest, step), [1, 3])  # (B, 1, S, 1) the token whose row s stores
-    kv_heads, head_dim = _static_dim(k_cache, 1), _static_dim(k_cache, 3)
-    batch = _batch(positions, k4)
-    rows_shape = op.Concat(batch, op.Constant(value_ints=[kv_heads]), new_tokens, op.Constant(value_ints=[head_dim]),
-                           axis=0)  # (B, Hkv, S, D)
-    source = op.Expand(source, rows_shape)
-    indices = _scatter_indices(batch, kv_heads, op.Unsqueeze(slot, [1]))
+    source = op.Expand(source, op.Shape(k4))  # (B, Hkv, S, D)
+    indices = _scatter_indices(k4, op.Unsqueeze(slot, [1]))
     new_k, new_v = (op.ScatterND(cache, indices, op.GatherElements(op.Slice(both, [capacity], [_INT64_MAX], [2]),
                                                                    source, axis=2))
                     for cache, both in ((k_cache, keys), (v_cache, values)))
@@ -186,7 +175,7 @@ def cached_attention_to_standard(q, k, v, k_cache, v_cache, positions, cos=None,
         out4, new_k, new_v = _ring_attention(q4, k4, v4, k_cache, v_cache, positions, window, sinks, scale)
         out = op.Reshape(op.Transpose(out4, perm=[0, 2, 1, 3]), [0, 0, num_heads * head_dim])
         return (op.Cast(out, to=FLOAT) if cast_back else out), new_k, new_v
-    indices = _scatter_indices(_batch(positions, k4), kv_num_heads, _rows_positions(positions))
+    indices = _scatter_indices(k4, _rows_positions(positions))
     new_k = op.ScatterND(k_cache, indices, k4)
     new_v = op.ScatterND(v_cache, indices, v4)
     keys = op.Range(0, capacity, 1)  # (T,)
