@@ -181,12 +181,13 @@ def generate_batch(engine: "Engine", prompts: Sequence[str | Sequence[int]], con
         if not row or len(row) >= capacity:
             raise ContextOverflowError(f"a prompt has {len(row)} tokens; each must have 1 to {capacity - 1} "
                                        f"(the engine's context is {capacity})")
+    shortest, longest = min(map(len, rows)), max(map(len, rows))
     spare = getattr(session, "ring_spare_slots", 0)
-    if not getattr(session, "rewindable", True) and max(map(len, rows)) - min(map(len, rows)) > spare:
-        raise AgentOptError(f"prompts of {min(map(len, rows))} to {max(map(len, rows))} tokens need right padding in "
-                            f"one batch, and this engine's ring caches (bounded sparse-attention layers) can take "
-                            f"{spare} pads at most: more would overwrite slots their row still reads; give prompts "
-                            f"whose lengths differ by at most {spare}, or generate them one at a time")
+    if not getattr(session, "rewindable", True) and longest - shortest > spare:
+        raise AgentOptError(f"prompts of {shortest} to {longest} tokens need right padding in one batch, and this "
+                            f"engine's ring caches (bounded sparse-attention layers) can take {spare} pads at most: "
+                            f"more would overwrite slots their row still reads; give prompts whose lengths differ by "
+                            f"at most {spare}, or generate them one at a time")
     if config.prompt_lookup:
         check_prompt_lookup(session, config.prompt_lookup)
     Conversation(engine)._activate()  # saves the cache of any conversation that owned it
