@@ -9,7 +9,7 @@ Systems (the same model, compiled with ``--context-length`` and run with ``--thr
     dense                 ao.compile(model, context_length=C)                       full-length caches, GQA
     window W (ring)       ao.compile(..., sparse_attention="window=W")              ring caches of W + spare slots
     sinks S + window W    ao.compile(..., sparse_attention="window=W,sinks=S")      ring caches of S + W + spare slots
-(spare: RING_SPARE_SLOTS in passes/insert_sparse_attention.py, 8)
+(spare: RING_SPARE_SLOTS in passes/insert_sparse_attention.py, 64)
 (The ring variants, and dense for contrast, are also compiled at ``--small-context``, only to compare KV bytes.)
 
 Method. Prefilling 32k tokens on a small CPU would take far too long, so the decode step is measured at a given

@@ -23,3 +23,19 @@ def call_inputs(input_ids, positions, logits_index, multi_logits: bool):
         raise EngineError("this engine returns the logits of one token per row and call (it was compiled before "
                           "multi-position logits); recompile it with agentopt compile")
     return input_ids, positions, np.ascontiguousarray(logits_index if multi_logits else logits_index[:, 0]), picks
+
+
+def run_in_chunks(run, input_ids: np.ndarray, positions: np.ndarray, logits_index: np.ndarray, chunk: int):
+    """One call as consecutive calls of at most ``chunk`` tokens, for graphs that are exact only for calls that
+    short (ring caches stored before attending, GroupQueryAttention at batch > 1); the logits each row asked for in
+    ``logits_index`` (B, L) are gathered from the call that computed them. ``run(ids, positions, logits_index)``
+    takes (B, S) inputs and (B, L') picks and returns (B, L', V)."""
+    picks = logits_index.reshape(len(input_ids), -1)  # (B, L) indices into the whole call
+    found: dict[int, np.ndarray] = {}  # token index -> (B, V) logits
+    for start in range(0, input_ids.shape[1], chunk):
+        stop = min(start + chunk, input_ids.shape[1])
+        wanted = sorted({int(i) for i in picks.ravel() if start <= i < stop}) or [stop - 1]
+        logits = run(input_ids[:, start:stop], positions[:, start:stop],
+                     np.broadcast_to(np.array(wanted) - start, (len(input_ids), len(wanted))))
+        found.update({index: logits[:, j] for j, index in enumerate(wanted)})
+    return np.stack([np.stack([found[int(i)][b] for i in row]) for b, row in enumerate(picks)])

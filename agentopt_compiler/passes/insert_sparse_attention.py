@@ -44,9 +44,11 @@ from .region_graph import region_of
 K_CACHE, V_CACHE = 3, 4  # argument positions in agentopt.cached_attention
 KV_NUM_HEADS = 9  # argument positions in agentopt.cached_attention (continued)
 WINDOW, SCALE, ROTARY, SINKS, STRIDE, RING, DENSE_KV_HEADS = 10, 11, 12, 13, 14, 15, 16
-# ring slots beyond the window: up to this many tokens past a row's end (drafts, padding) may be written and then
-# stepped back over (the runtime refuses more; a slot costs 2 x Hkv x D x 4 bytes per layer in fp32)
-RING_SPARE_SLOTS = 8
+# Ring slots beyond the window. Up to this many tokens past a row's end (drafts, padding) may be written and then
+# stepped back over (the runtime refuses more), and the ONNX lowering, which stores a call's rows before it attends,
+# is exact for calls of up to this many + 1 tokens (sessions split longer ones; 65-token chunks prefill as fast as
+# one call on ref-60m). A slot costs 2 x Hkv x D x 4 bytes per layer in fp32.
+RING_SPARE_SLOTS = 64
 
 
 @dataclass(frozen=True)

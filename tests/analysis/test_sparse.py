@@ -25,7 +25,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def measured(tiny):
     loaded, batches = tiny
-    return measure_sparse_costs(loaded.model, batches, PATTERN, context_length=64)
+    return measure_sparse_costs(loaded.model, batches, PATTERN, context_length=128)
 
 
 def test_a_covering_window_costs_nothing(tiny):
@@ -44,7 +44,7 @@ def test_a_short_window_costs_something(measured):
     for layer in range(2):
         option = measured.sparse_option(layer)
         assert option.kl > 1e-4 and option.top1 < 1.0
-        assert option.kv_bytes < measured._dense(layer).kv_bytes  # a ring of 10 slots instead of 64
+        assert option.kv_bytes < measured._dense(layer).kv_bytes  # a ring of 74 slots (sinks + window + spare) instead of 128
     masses = [v for heads in measured.head_mass_outside for v in heads]
     assert len(masses) == 8 and all(0.0 < v <= 1.0 for v in masses)
     assert measured.queries_beyond_window == 2 * (40 - 8)
@@ -138,7 +138,7 @@ def test_cli_plan_compiles_and_the_engine_matches_the_eager_sparse_model(tmp_pat
     out, report = tmp_path / "plan.json", tmp_path / "report"
     # budget between the two layers' KL on these tokens (0.033 and 0.053), so one layer stays dense
     assert main(["plan", "sparse", "--model", "tiny-random", "--window", "8", "--sinks", "2", "--max-kl", "0.04",
-                 "--sequences", "2", "--length", "48", "--context-length", "64", "--out", str(out),
+                 "--sequences", "2", "--length", "48", "--context-length", "128", "--out", str(out),
                  "--report", str(report)]) == 0
     printed = capsys.readouterr().out
     assert "| layer | chosen |" in printed and "held-out" in printed
@@ -154,7 +154,7 @@ def test_cli_plan_compiles_and_the_engine_matches_the_eager_sparse_model(tmp_pat
     assert "per layer, not per head" in (report / "report.md").read_text()
     assert len(json.loads((report / "sensitivity.json").read_text())["layers"]) == 2
 
-    engine = ao.compile("tiny-random", out=tmp_path / "eng", context_length=64, sparse_attention=str(out))
+    engine = ao.compile("tiny-random", out=tmp_path / "eng", context_length=128, sparse_attention=str(out))
     assert engine.manifest["sparse_attention"]["layers"] == {"1": doc["layers"]["1"]}
     layers = engine.manifest["engine"]["attention"]["layers"]
     assert [(a["window"], a["sinks"], a["ring"]) for a in layers] == [(0, 0, False), (8, 2, True)]

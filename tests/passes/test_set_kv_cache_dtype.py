@@ -45,18 +45,20 @@ def test_no_dtype_or_fp32_changes_nothing_and_half_needs_fused_attention(tiny_mo
 
 @pytest.mark.parametrize("impl, sparse", [("gqa", None), ("standard", None), ("gqa", "window=6,sinks=2")])
 def test_half_cache_engine_tracks_its_eager_reference_over_prefill_and_decode(impl, sparse, tmp_path):
-    engine = ao.compile("tiny-random", out=tmp_path / "e", context_length=CONTEXT, attention_impl=impl,
+    context = 128 if sparse else CONTEXT  # room for a ring (sinks + window + spare slots) and for it to wrap
+    engine = ao.compile("tiny-random", out=tmp_path / "e", context_length=context, attention_impl=impl,
                         kv_cache_dtype="fp16", sparse_attention=sparse)
     assert {c["dtype"] for c in engine.manifest["engine"]["caches"]} == {"float16"}
+    assert any(layer["ring"] for layer in engine.manifest["engine"]["attention"]["layers"]) == bool(sparse)
     from agentopt_compiler.passes.insert_sparse_attention import SparseAttentionPlan
 
     reference, _ = default_pipeline(SparseAttentionPlan.load(sparse), kv_cache_dtype="fp16").run(
-        capture(load_model("tiny-random").model, CONTEXT))
+        capture(load_model("tiny-random").model, context))
     session = engine.session
     session.reset()
     rng = np.random.default_rng(1)
     start, worst = 0, 0.0
-    for size in (12, 1, 1, 7, 1, 1):  # chunked prefill, then decode steps
+    for size in (12, 60 if sparse else 1, 1, 7, 1, 1):  # chunked prefill, then decode steps
         ids = rng.integers(0, 300, size=(1, size))
         expected = _logits(reference.module, ids, start)
         logits = session.run(ids, np.arange(start, start + size))

@@ -191,9 +191,9 @@ def test_clear_errors(tiny_engine, tiny_engine_dir, tmp_path):
 
     with pytest.raises(AgentOptError, match="prompt_lookup must be >= 0"):
         GenerationConfig(prompt_lookup=-1)
-    ring = ao.compile("tiny-random", out=tmp_path / "ring", context_length=64, sparse_attention="window=16")
-    with pytest.raises(AgentOptError, match="ring caches .* keep 8 spare slots"):
-        _generate(ring, [1, 2, 3], max_new_tokens=4, prompt_lookup=9)
+    ring = ao.compile("tiny-random", out=tmp_path / "ring", context_length=256, sparse_attention="window=16")
+    with pytest.raises(AgentOptError, match="ring caches .* keep 64 spare slots"):
+        _generate(ring, [1, 2, 3], max_new_tokens=4, prompt_lookup=65)
     ring.session.ring_spare_slots = 0  # what a ring engine compiled before spare slots reports
     with pytest.raises(AgentOptError, match="none: recompile the engine"):
         _generate(ring, [1, 2, 3], max_new_tokens=4, prompt_lookup=1)

@@ -146,6 +146,6 @@ def test_prompt_lookup_serves_requests_with_the_same_greedy_text(chat_engine, tm
     assert list(service.complete(dict(body)))[-1]["done"]["message"] == plain["message"]
     assert service._prepare(dict(body))[3].prompt_lookup == 4
     assert service._prepare({**body, "temperature": 0.7})[3].prompt_lookup == 4  # sampled requests draft too
-    ring = ao.compile("tiny-random", out=tmp_path / "ring", context_length=64, sparse_attention="window=16")
+    ring = ao.compile("tiny-random", out=tmp_path / "ring", context_length=256, sparse_attention="window=16")
     with pytest.raises(AgentOptError, match="ring caches"):
-        ChatService(ring, prompt_lookup=9)  # more drafts than its rings have spare slots
+        ChatService(ring, prompt_lookup=65)  # more drafts than its rings have spare slots

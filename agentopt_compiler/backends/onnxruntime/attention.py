@@ -18,9 +18,9 @@
                                                   & (no window | t > pos[b, s] - W | t < sinks
                                                      | (pos[b, s] - t) % stride == 0 | head h is dense))
     It is exact but attends over all T slots each step (masked), so it is O(T) per step on ORT CPU.
-    Ring caches (bounded sparse layers): Attention over the C = sinks + R ring slots, whose positions are computed
-    from the row's length, plus the new tokens; then ScatterND stores each new token in its slot (in place, tokens
-    sharing a slot carry the newest one's row): O(C + S) per call, whatever the context.
+    Ring caches (bounded sparse layers): ScatterND stores each new token in its slot (in place), then Attention
+    over the C = sinks + R ring slots, whose positions are computed from the row's length: O(C) per call, whatever
+    the context. Exact for calls of up to R - window + 1 tokens; sessions split longer ones.
 """
 
 from __future__ import annotations
@@ -115,34 +115,24 @@ def _ring_slot_positions(length, capacity: int, sinks: int):
 
 
 def _ring_attention(q4, k4, v4, k_cache, v_cache, positions, window, sinks, scale):
+    """Store the new rows in their slots (in place), then attend over the ring. Exact for calls of at most
+    R - window + 1 tokens (R = C - sinks ring slots), which sessions guarantee by splitting longer calls
+    (``ring_call_tokens`` in the manifest): a token written by the call overwrites the position R before it, and
+    every query of the call still needs only positions after that one. Reading the ring after the store also means
+    no copy of it: the attention reads the cache buffer itself."""
     capacity = _static_dim(k_cache, 2)
-    length = op.Slice(positions, [0], [1], [1])  # (B, 1) tokens cached before this call
-    key_pos = op.Concat(_ring_slot_positions(length, capacity, sinks), positions, axis=1)  # (B, C+S)
-    keys_at = op.Unsqueeze(key_pos, [1, 2])  # (B, 1, 1, C+S)
+    ring = capacity - sinks
+    in_ring = op.GreaterOrEqual(positions, sinks)  # (B, S)
+    slot = op.Where(in_ring, op.Add(op.Mod(op.Sub(positions, sinks), ring), sinks), positions)  # (B, S)
+    indices = _scatter_indices(k4, op.Unsqueeze(slot, [1]))  # distinct slots: a call is shorter than the ring
+    new_k, new_v = op.ScatterND(k_cache, indices, k4), op.ScatterND(v_cache, indices, v4)
+    after = op.Add(op.Slice(positions, [-1], [_INT64_MAX], [1]), 1)  # (B, 1) tokens cached after this call
+    keys_at = op.Unsqueeze(_ring_slot_positions(after, capacity, sinks), [1, 2])  # (B, 1, 1, C)
     queries_at = op.Unsqueeze(positions, [1, 3])  # (B, 1, S, 1)
     visible = op.Or(op.Greater(keys_at, op.Sub(queries_at, window)), op.Less(keys_at, sinks))
     mask = op.And(op.And(op.GreaterOrEqual(keys_at, 0), op.LessOrEqual(keys_at, queries_at)), visible)
-    keys, values = op.Concat(k_cache, k4, axis=2), op.Concat(v_cache, v4, axis=2)  # (B, Hkv, C+S, D)
     attributes = {"scale": scale} if scale else {}
-    out4 = op.Attention(q4, keys, values, mask, **attributes)[0]
-    # Store: new token s goes to slot p (p < sinks) or sinks + (p - sinks) % R, R = C - sinks ring slots. In a chunk
-    # longer than the ring several tokens share a slot, and the newest must win; ScatterND leaves the order of
-    # duplicates undefined, so each of them carries the newest one's row (token s + R * floor((S - 1 - s) / R)).
-    # The rows are read back from the concatenation, not from k4: engines bind past and present to one buffer, so
-    # ScatterND writes into k_cache in place, and it must not run before Concat has read it.
-    new_tokens = op.Shape(k4, start=2, end=3)  # (1,) S
-    step = op.Range(0, op.Squeeze(new_tokens), 1)  # (S,)
-    in_ring = op.GreaterOrEqual(positions, sinks)  # (B, S)
-    ring = capacity - sinks
-    slot = op.Where(in_ring, op.Add(op.Mod(op.Sub(positions, sinks), ring), sinks), positions)  # (B, S)
-    newest = op.Add(step, op.Mul(op.Div(op.Sub(op.Sub(new_tokens, 1), step), ring), ring))  # (S,) both >= 0
-    source = op.Unsqueeze(op.Where(in_ring, newest, step), [1, 3])  # (B, 1, S, 1) the token whose row s stores
-    source = op.Expand(source, op.Shape(k4))  # (B, Hkv, S, D)
-    indices = _scatter_indices(k4, op.Unsqueeze(slot, [1]))
-    new_k, new_v = (op.ScatterND(cache, indices, op.GatherElements(op.Slice(both, [capacity], [_INT64_MAX], [2]),
-                                                                   source, axis=2))
-                    for cache, both in ((k_cache, keys), (v_cache, values)))
-    return out4, new_k, new_v
+    return op.Attention(q4, new_k, new_v, mask, **attributes)[0], new_k, new_v
 
 
 def _dense_heads(num_heads: int, kv_num_heads: int, dense_kv_heads):

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ...errors import AgentOptError, UnsupportedOpError
+from ..ring_caches import ring_spare_slots
 from .constant_slices import fold_constant_slices
 from .packed_qkv import feed_packed_qkv
 from .skip_rms_norm import fuse_skip_rms_norm
@@ -230,6 +231,13 @@ def check_cuda_kernels(graph) -> None:
 _NUMPY_DTYPES = {"FLOAT": "float32", "FLOAT16": "float16", "BFLOAT16": "bfloat16"}
 
 
+def _ring_call_tokens(layers: list[dict], caches: list[dict]) -> dict:
+    """{"ring_call_tokens": N} when layers have ring caches: ring layers store before they attend (attention.py), which
+    is exact for calls of at most (spare slots + 1) tokens, so sessions split longer calls. {} otherwise."""
+    spare = ring_spare_slots({"attention": {"layers": layers}, "caches": caches})
+    return {} if spare is None else {"ring_call_tokens": spare + 1}
+
+
 def _cache_sort_key(name: str):
     parts = name.split(".")
     return (int(parts[1]), parts[2]) if len(parts) == 3 and parts[1].isdigit() else (1 << 30, name)
@@ -281,7 +289,8 @@ def lower_to_onnx(program, folder: Path, attention_impl: str = "gqa", device: st
         "logits": "logits",
         "multi_logits": True,  # logits_index (B, L): several tokens' logits per call (prompt-lookup decoding)
         "caches": caches,
-        "attention": {"fused_layers": fused, "impl": attention_impl if fused else "unfused", "layers": layer_impls},
+        "attention": {"fused_layers": fused, "impl": attention_impl if fused else "unfused", "layers": layer_impls,
+                      **_ring_call_tokens(layer_impls, caches)},
         "lowering_rules": lowering_rules,
         # fused lowerings write new rows into the cache tensor they read, so past and present can share one buffer
         "cache_update": "in_place" if fused else "copy",

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import EngineError, ProviderUnavailableError
-from ..call_inputs import call_inputs
+from ..call_inputs import call_inputs, run_in_chunks
 from ..ring_caches import ring_spare_slots
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -81,6 +81,8 @@ class OrtSession:
         # may write past its end only as far as their spare slots reach
         spare = ring_spare_slots(engine)
         self.rewindable, self.ring_spare_slots = spare is None, spare or 0
+        # rings stored before attending are exact for calls of at most this many tokens: longer ones are split
+        self.max_call_tokens = engine.get("attention", {}).get("ring_call_tokens")
         self._output_names = [o.name for o in self.session.get_outputs()]
         self._input_names = {i.name for i in self.session.get_inputs()}
         # engines compiled before multi-position logits take logits_index (B,): one token per row and call
@@ -181,7 +183,9 @@ class OrtSession:
         input_ids, positions, logits_index, picks = call_inputs(input_ids, positions, logits_index, self.multi_logits)
         batch, length = input_ids.shape
         if length > 1 and not self.batched_chunks and int(positions[:, 0].max()) > 0:
-            return self._run_token_by_token(input_ids, positions, logits_index)
+            return run_in_chunks(self.run, input_ids, positions, logits_index, 1)
+        if self.max_call_tokens and length > self.max_call_tokens:
+            return run_in_chunks(self.run, input_ids, positions, logits_index, self.max_call_tokens)
         self._rows_written = max(self._rows_written, int(positions.max()) + 1)  # a ring slot is below its position
         if self.in_place:
             if length == 1:  # decode: write into the bound step buffers (ORT reads the numpy memory directly)
@@ -205,12 +209,6 @@ class OrtSession:
             else:
                 logits = value
         return logits
-
-    def _run_token_by_token(self, input_ids: np.ndarray, positions: np.ndarray, logits_index: np.ndarray) -> np.ndarray:
-        """A multi-token call as one call per token (see ``batched_chunks``); logits picked as the call asked."""
-        picks = logits_index.reshape(len(input_ids), -1)
-        step_logits = [self.run(input_ids[:, t:t + 1], positions[:, t:t + 1]) for t in range(input_ids.shape[1])]
-        return np.stack([np.stack([step_logits[t][b, 0] for t in row]) for b, row in enumerate(picks)])
 
     def _run_with_logits(self, shape: tuple[int, int, int]) -> np.ndarray:
         """One in-place call whose logits do not fit the preallocated (B, 1, V) buffer: bind a buffer of ``shape``

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import EngineError, ProviderUnavailableError
-from ..call_inputs import call_inputs
+from ..call_inputs import call_inputs, run_in_chunks
 from ..ring_caches import ring_spare_slots
 from .builder import import_tensorrt, require_cuda
 from .plan import PROFILE_NAMES
@@ -83,6 +83,7 @@ class TensorRTSession:
         self.multi_logits = bool(engine.get("multi_logits", False))  # logits_index (B, L) rather than (B,)
         spare = ring_spare_slots(engine)  # ring caches: no rewinding, writes past the end up to their spare slots
         self.rewindable, self.ring_spare_slots = spare is None, spare or 0
+        self.max_call_tokens = engine.get("attention", {}).get("ring_call_tokens")
         shape = tuple(self._engine.get_tensor_shape(self._logits_name))
         if any(d < 0 for d in shape):  # (B, 1, V) is static in our graphs; be safe if an exporter left it symbolic
             shape = (self.batch_size, 1, shape[-1])
@@ -123,6 +124,8 @@ class TensorRTSession:
             raise EngineError(f"input of shape {input_ids.shape}; this engine takes ({self.batch_size}, 1 to "
                               f"{self.capacity}) tokens")
         input_ids, positions, logits_index, picks = call_inputs(input_ids, positions, logits_index, self.multi_logits)
+        if self.max_call_tokens and length > self.max_call_tokens:  # rings stored before attending: see lower.py
+            return run_in_chunks(self.run, input_ids, positions, logits_index, self.max_call_tokens)
         logits = self._logits if picks == 1 else self._torch.empty(
             (batch, picks, self._logits.shape[-1]), dtype=self._logits.dtype, device="cuda")
         profile = PROFILE_NAMES.index("decode" if length == 1 else "prefill")

@@ -91,9 +91,10 @@ def test_ring_caches_bound_memory_and_equal_full_caches(impl, tmp_path):
     assert not [n for n in graph.node if n.op_type == "Where" and n.output[0] in
                 {i for m in graph.node if m.op_type == "ScatterND" for i in m.input}]
     before = ring.session.cache_addresses()
-    prompt = list(range(60, 100))  # one 40-token chunk through 14 ring slots: tokens share slots, the newest wins
-    tokens = ring.generate_ids(prompt, max_new_tokens=70, ignore_eos=True)  # 110 positions through 16 slots
-    assert tokens == full.generate_ids(prompt, max_new_tokens=70, ignore_eos=True)
+    prompt = list(range(10, 100))  # 90 tokens: longer than one ring call (65), so the session splits the prefill
+    tokens = ring.generate_ids(prompt, max_new_tokens=30, ignore_eos=True)  # 120 positions through 72 slots
+    assert tokens == full.generate_ids(prompt, max_new_tokens=30, ignore_eos=True)
+    assert ring.manifest["engine"]["attention"]["ring_call_tokens"] == RING_SPARE_SLOTS + 1
     assert ring.session.cache_addresses() == before and np.abs(ring.session._caches["past.0.key"]).sum() > 0
     windowed = build_model(ModelConfig(**{**BUILTIN_MODELS["tiny-random"].config.to_dict(), "eos_token_ids": (),
                                           "sliding_window": 6}), seed=0)
@@ -130,10 +131,11 @@ def test_ring_caches_take_padding_and_drafts_up_to_their_spare_slots(tmp_path):
                         batch_size=2)
     greedy = GenerationConfig(max_new_tokens=24, ignore_eos=True)
     assert engine.session.ring_spare_slots == RING_SPARE_SLOTS and not engine.session.rewindable
-    # a batch whose prompts differ by up to the spare slots: the shorter row's pads land only in them
-    rows = [list(range(60, 80)), list(range(30, 30 + 20 - RING_SPARE_SLOTS))]
+    # a batch whose prompts differ by up to the spare slots: the shorter row's pads land only in them (and the
+    # 80-token prefill goes in two calls, each row's logits from the one that computed its last token)
+    rows = [list(range(10, 90)), list(range(30, 30 + 80 - RING_SPARE_SLOTS))]
     assert [c.token_ids for c in engine.generate_batch(rows, greedy)] == [engine.generate_ids(r, greedy) for r in rows]
-    with pytest.raises(AgentOptError, match="can take 8 pads at most: more would overwrite"):
+    with pytest.raises(AgentOptError, match=f"can take {RING_SPARE_SLOTS} pads at most: more would overwrite"):
         engine.generate_batch([rows[0], rows[1][:-1]], greedy)  # one pad too many for row 1's ring
     # prompt lookup: rejected drafts are written into the ring and stepped back over; same tokens as without
     repetitive, longer = [7] * 5, GenerationConfig(max_new_tokens=40, ignore_eos=True)
@@ -142,7 +144,8 @@ def test_ring_caches_take_padding_and_drafts_up_to_their_spare_slots(tmp_path):
     drafted = GenerationConfig(max_new_tokens=40, ignore_eos=True, prompt_lookup=RING_SPARE_SLOTS)
     assert list(conversation.generate(conversation.prefill_to(repetitive), drafted)) == plain
     assert conversation.drafted_tokens > conversation.accepted_draft_tokens > 0  # some drafts rejected, some kept
-    with pytest.raises(AgentOptError, match="keep 8 spare slots for that; use a prompt lookup of at most 8"):
+    with pytest.raises(AgentOptError, match=f"keep {RING_SPARE_SLOTS} spare slots for that; use a prompt lookup of "
+                                            f"at most {RING_SPARE_SLOTS}"):
         list(engine.conversation().generate(conversation.prefill_to(repetitive),
                                             GenerationConfig(max_new_tokens=4, prompt_lookup=RING_SPARE_SLOTS + 1)))
 
