@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import benchmark_parser, environment, footer, log, publish  # noqa: E402  (shared helpers)
 
 from agentopt_compiler.passes.insert_sparse_attention import RING_SPARE_SLOTS  # noqa: E402
+from agentopt_compiler.runtime.manifest import describe_attention_layers  # noqa: E402
 
 DENSE, WINDOW, SINKS_WINDOW = "dense", "window", "sinks-window"
 SYSTEMS = (DENSE, WINDOW, SINKS_WINDOW)
@@ -361,20 +362,6 @@ def _mib(size: int | None) -> str:
     return "–" if size is None else f"{size / 2**20:.2f} MiB"
 
 
-def _layers(layers: list[dict]) -> str:
-    """'8 × Attention (window 1024, sinks 4, ring)': identical layers counted together, in order."""
-    groups: list[list] = []
-    for layer in layers:
-        window = layer.get("window", -1)
-        desc = (f"{layer.get('op', '?')} (window {window if window and window > 0 else 'none'}, "
-                f"sinks {layer.get('sinks', 0)}, {'ring' if layer.get('ring') else 'full cache'})")
-        if groups and groups[-1][1] == desc:
-            groups[-1][0] += 1
-        else:
-            groups.append([1, desc])
-    return "; ".join(f"{n} × {desc}" for n, desc in groups) or "–"
-
-
 def write_report(bench: Bench) -> str:
     s, env = bench.settings, bench.environment
     labels = {e.system: e.label for e in bench.engines}
@@ -439,7 +426,7 @@ def write_report(bench: Bench) -> str:
     for e in bench.engines:
         if e.context_length == s["context_length"]:
             lines.append(f"| {e.label} | {f'`{e.sparse_attention}`' if e.sparse_attention else '(none)'} | "
-                         f"{_layers(e.attention_layers)} |")
+                         f"{describe_attention_layers(e.attention_layers)} |")
     lines.append("")
 
     lines += ["Targets (GitHub issue \"Sparse attention pass\", item 6), judged on the median step times; the fastest "

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
+
+import numpy as np
 
 
 def add_parser(sub) -> None:
@@ -26,7 +29,7 @@ def op_histogram(graph_path: Path) -> Counter | None:
 
 
 def run(args) -> int:
-    from ..runtime.manifest import read_manifest
+    from ..runtime.manifest import describe_attention_layers, read_manifest
 
     folder = Path(args.engine)
     manifest = read_manifest(folder)
@@ -44,6 +47,14 @@ def run(args) -> int:
           f" tokens, batch {engine['batch_size']}, opset {engine.get('opset', '?')}")
     print(f"inputs   {', '.join(engine['inputs'][:4])}{' ...' if len(engine['inputs']) > 4 else ''}"
           f"  ({len(engine['caches'])} cache tensors)")
+    attention = engine.get("attention", {})
+    if attention.get("layers"):
+        print(f"attention {describe_attention_layers(attention['layers'])}")
+    kv_bytes = sum(math.prod(c["shape"]) * np.dtype(c.get("dtype", "float32")).itemsize for c in engine["caches"])
+    slots = sorted({c["shape"][2] for c in engine["caches"]})
+    limit = f"; calls of up to {attention['ring_call_tokens']} tokens (longer ones are split)" \
+        if attention.get("ring_call_tokens") else ""
+    print(f"kv cache {kv_bytes / 2**20:.2f} MiB, {'/'.join(map(str, slots))} slots per cache tensor{limit}")
     print("passes")
     for record in manifest.get("passes", []):
         stats = "skipped" if record["skipped"] else (

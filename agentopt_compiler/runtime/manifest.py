@@ -66,3 +66,18 @@ def read_manifest(folder: Path, verify_hashes: bool = True) -> dict[str, Any]:
             raise EngineError(f"engine '{folder}' is corrupt: {name} does not match its sha256 in {MANIFEST}; "
                               "recompile the engine")
     return manifest
+
+
+def describe_attention_layers(layers: list[dict]) -> str:
+    """'8 × Attention (window 1024, sinks 4, ring)': the manifest's attention layers, identical ones counted
+    together, in order."""
+    groups: list[list] = []
+    for layer in layers:
+        window = layer.get("window", -1)
+        desc = (f"{layer.get('op', '?')} (window {window if window and window > 0 else 'none'}, "
+                f"sinks {layer.get('sinks', 0)}, {'ring' if layer.get('ring') else 'full cache'})")
+        if groups and groups[-1][1] == desc:
+            groups[-1][0] += 1
+        else:
+            groups.append([1, desc])
+    return "; ".join(f"{n} × {desc}" for n, desc in groups) or "–"

@@ -25,8 +25,18 @@ def test_compile_run_inspect(tmp_path, capsys):
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "tiny-random" in text and "Attention" in text and "remove_noop_ops" in text and "sha256" in text
+    assert "attention 2 × GroupQueryAttention (window none, sinks 0, full cache)" in text
+    assert "kv cache 0.06 MiB, 64 slots per cache tensor\n" in text  # 4 x (1, 2, 64, 32) fp32
     assert main(["inspect", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["op_histogram"]["MatMul"] > 0
+    ring = tmp_path / "ring"
+    assert main(["compile", "--model", "tiny-random", "--out", str(ring), "--context-length", "128",
+                 "--sparse-attention", "window=8"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(ring)]) == 0
+    text = capsys.readouterr().out
+    assert "2 × Attention (window 8, sinks 0, ring)" in text and "72 slots" in text  # window + 64 spare
+    assert "calls of up to 65 tokens (longer ones are split)" in text
 
 
 def test_console_script_help_does_not_import_torch():
