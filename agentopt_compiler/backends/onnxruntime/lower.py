@@ -2,7 +2,7 @@
 
     ExportedProgram --torch.onnx (dynamo, opset 23)--> ONNX IR --lift_cache_mutations--> optimize
         --> ORT lowering rules (skip_rms_norm.py, packed_qkv.py; contrib ops, so not with attention_impl="standard")
-        --> model.onnx
+        --> constant_slices.py, shared_subexpressions.py --> model.onnx
 
 torch.onnx keeps only user outputs: the in-place cache writes (BUFFER_MUTATION outputs of the functionalized graph)
 are silently dropped and the caches frozen into constant initializers, so decode would read an all-zero past.
@@ -25,6 +25,7 @@ from ...errors import AgentOptError, UnsupportedOpError
 from ..ring_caches import ring_spare_slots
 from .constant_slices import fold_constant_slices
 from .packed_qkv import feed_packed_qkv
+from .shared_subexpressions import share_common_subexpressions
 from .skip_rms_norm import fuse_skip_rms_norm
 
 OPSET = 23
@@ -279,6 +280,7 @@ def lower_to_onnx(program, folder: Path, attention_impl: str = "gqa", device: st
         lowering_rules["packed_qkv"] = feed_packed_qkv(onnx_program.model)
     # tables the lowering slices or casts (RoPE for GroupQueryAttention) are stored already sliced
     lowering_rules["constant_slices"] = fold_constant_slices(onnx_program.model)
+    lowering_rules["shared_subexpressions"] = share_common_subexpressions(onnx_program.model)
     weight_bytes = sum(p.numel() * p.element_size() for p in program.exported.state_dict.values())
     onnx_program.save(str(folder / GRAPH_FILE), external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD)
     return {

@@ -163,3 +163,23 @@ def test_spare_slots_are_the_fewest_of_any_ring_layer():
     assert ring_spare_slots(_manifest_engine([dense, ring], [64, 16])) == 8
     assert ring_spare_slots(_manifest_engine([ring, {**ring, "window": 10}], [16, 16])) == 4
     assert ring_spare_slots(_manifest_engine([ring], [8])) == 0  # compiled before rings had spare slots
+
+
+def test_layers_computing_the_same_tensors_share_them_and_keep_their_own_caches():
+    from onnx import TensorProto, helper
+
+    from agentopt_compiler.backends.onnxruntime.shared_subexpressions import share_common_subexpressions
+
+    table = np.arange(1088, dtype=np.int64)  # a ring's slot table: above the exporter's own 1024-element limit
+    initializers = [helper.make_tensor(name, TensorProto.INT64, [1088], values)
+                    for name, values in (("t0", table), ("t1", table), ("t2", table + 1))]
+    nodes = [helper.make_node("Add", ["positions", t], [f"held{i}"]) for i, t in enumerate(("t0", "t1", "t2"))]
+    nodes += [helper.make_node("Add", [f"cache{i}", f"held{i}"], [f"present{i}"]) for i in range(3)]
+    graph = helper.make_graph(
+        nodes, "layers", [helper.make_tensor_value_info(n, TensorProto.INT64, [1088])
+                          for n in ("positions", "cache0", "cache1", "cache2")],
+        [helper.make_tensor_value_info(f"present{i}", TensorProto.INT64, [1088]) for i in range(3)], initializers)
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]))
+    assert share_common_subexpressions(model) == 1  # layers 0 and 1 share held; layer 2's table differs
+    adds = [n for n in model.graph if n.op_type == "Add"]
+    assert len(adds) == 5 and len({n.inputs[0].name for n in adds if n.inputs[0].name.startswith("cache")}) == 3
