@@ -39,7 +39,6 @@ from __future__ import annotations
 import gc
 import math
 import os
-import re
 import shlex
 import statistics
 import sys
@@ -53,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import benchmark_parser, environment, footer, log, publish  # noqa: E402  (shared helpers)
 
 from agentopt_compiler.passes.insert_sparse_attention import RING_SPARE_SLOTS  # noqa: E402
+from agentopt_compiler.backends.ring_caches import cache_layers  # noqa: E402
 from agentopt_compiler.runtime.manifest import describe_attention_layers  # noqa: E402
 
 DENSE, WINDOW, SINKS_WINDOW = "dense", "window", "sinks-window"
@@ -107,13 +107,6 @@ def kv_bytes(manifest: dict) -> int:
     return sum(math.prod(c["shape"]) * itemsize for c in manifest["engine"]["caches"])
 
 
-def layer_of(cache_name: str) -> int:
-    match = re.search(r"\.(\d+)\.", cache_name)
-    if not match:
-        raise ValueError(f"cannot tell the layer of cache tensor {cache_name}")
-    return int(match.group(1))
-
-
 def kv_bytes_holding_tokens(manifest: dict, tokens: int) -> int:
     """Bytes of the cache rows that hold a token after ``tokens`` tokens: min(tokens, T) rows of a full cache; for a
     ring cache, the slots that hold a position (``ring_slot_positions``)."""
@@ -122,11 +115,9 @@ def kv_bytes_holding_tokens(manifest: dict, tokens: int) -> int:
     from agentopt_compiler.capture.custom_ops import ring_slot_positions
 
     itemsize = kv_bytes(manifest) // sum(math.prod(c["shape"]) for c in manifest["engine"]["caches"])
-    layers = manifest["engine"]["attention"]["layers"]
     total = 0
-    for cache in manifest["engine"]["caches"]:
+    for cache, layer in cache_layers(manifest["engine"]):
         b, h, slots, d = cache["shape"]
-        layer = layers[layer_of(cache["input"])]
         if layer.get("ring"):
             held = ring_slot_positions(torch.tensor([tokens] * b), int(layer["sinks"]), slots - int(layer["sinks"]))
             rows = int((held >= 0).sum()) // b

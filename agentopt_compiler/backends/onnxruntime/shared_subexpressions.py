@@ -10,7 +10,7 @@ Why: the standard-op lowering of each fused attention (attention.py) computes it
 scatter indices from the graph's ``positions`` and the layer's constants, so layers with the same pattern compute
 the same tensors. The exporter's optimizer merges equal constants and then equal nodes, but only constants of up to
 1024 elements, and a ring's slot table has sinks + window + 64 elements (1088 for a 1024-token window), so every
-ring layer kept its own copy of that work: about 18 small nodes a layer, each costing a kernel dispatch per decode
+ring layer kept its own copy of that work: about 20 small nodes a layer, each costing a kernel dispatch per decode
 step. Here equal initializers of up to 65536 elements become one, then nodes with the same op, attributes and
 inputs become one (onnx_ir's passes), then what nothing reads goes. On ref-60m with a 1024-token window: 140 fewer
 nodes, decode step 0.94-0.96x the unmerged engine's at 1024 tokens (paired medians of 16 interleaved rounds, three
