@@ -6,9 +6,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import UnsupportedModelError
+from ..errors import AgentOptError, UnsupportedModelError
+from ..validation import Invalid, boolean, integer, list_of, number, optional, record, string
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# Keys each RoPE scaling type needs (see llama.rope_inverse_frequencies).
+ROPE_SCALING_KEYS = {"linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,12 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
+        eos = self.eos_token_ids
+        try:
+            FIELDS.validate({**dataclasses.asdict(self), "eos_token_ids": list(eos) if isinstance(eos, tuple) else eos},
+                            "")
+        except Invalid as problem:
+            raise AgentOptError(f"model config: {problem}") from None
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModelError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
@@ -49,6 +59,14 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"RoPE scaling '{rope_type}' is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
             )
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise UnsupportedModelError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads "
+                                        f"({self.num_heads}) when head_dim is not given")
+        missing = [k for k in ROPE_SCALING_KEYS.get(rope_type, ()) if not isinstance(
+            (self.rope_scaling or {}).get(k), (int, float))]
+        if missing:
+            raise UnsupportedModelError(f"RoPE scaling '{rope_type}' needs the number(s) {', '.join(missing)} in "
+                                        "rope_scaling; add them (see the model's original config)")
 
     @property
     def dim_per_head(self) -> int:
@@ -71,5 +89,19 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
-        kwargs["eos_token_ids"] = tuple(kwargs.get("eos_token_ids") or ())
+        eos = kwargs.get("eos_token_ids") or ()
+        kwargs["eos_token_ids"] = tuple(eos) if isinstance(eos, list) else eos  # anything else: refused by FIELDS
         return cls(**kwargs)
+
+
+_COUNT = integer(minimum=1)
+_TOKEN_ID = integer(minimum=0)
+# Field types and ranges: what any source of a config (config.json via hf_loader, a manifest, Python) must meet.
+FIELDS = record({
+    "family": string(), "vocab_size": _COUNT, "hidden_size": _COUNT, "intermediate_size": _COUNT,
+    "num_layers": _COUNT, "num_heads": _COUNT, "num_kv_heads": _COUNT, "head_dim": optional(_COUNT),
+    "max_position_embeddings": _COUNT, "rms_norm_eps": number(above=0), "rope_theta": number(above=0),
+    "rope_scaling": optional(record({"rope_type": string()}, required=("rope_type",), extra="keep")),
+    "qkv_bias": boolean(), "o_bias": boolean(), "mlp_bias": boolean(), "tie_word_embeddings": boolean(),
+    "sliding_window": optional(_COUNT), "bos_token_id": optional(_TOKEN_ID), "eos_token_ids": list_of(_TOKEN_ID),
+})

@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ModelNotFoundError, UnsupportedModelError
+from ..validation import read_json
 from .config import ModelConfig
+from .config_validation import check_hf_config, read_shard_index
 
 # Files a checkpoint folder may carry that the engine needs at run time (tokenizer, chat template, stop tokens).
 TOKENIZER_FILES = (
@@ -88,10 +90,7 @@ def read_hf_config(folder: Path) -> ModelConfig:
         raise ModelNotFoundError(
             f"'{folder}' has no config.json; a Hugging Face checkpoint folder needs config.json and *.safetensors"
         )
-    try:
-        hf = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelNotFoundError(f"{config_path} is not valid JSON ({exc})") from None
+    hf = check_hf_config(read_json(config_path, "config", "correct config.json", ModelNotFoundError), config_path)
     archs = hf.get("architectures") or []
     mapper = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
     mapper = mapper or HF_MODEL_TYPES.get(hf.get("model_type", ""))
@@ -111,7 +110,7 @@ def read_hf_config(folder: Path) -> ModelConfig:
 def safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(read_shard_index(index)))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise ModelNotFoundError(f"{index} names shards that are missing: {', '.join(missing)}")
@@ -124,14 +123,19 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
+def hf_weight_name(name: str) -> str:
+    """Our parameter name for a checkpoint tensor: Hugging Face's without the leading ``model.``."""
+    return name.removeprefix("model.")
+
+
 def load_hf_state_dict(folder: Path) -> dict[str, Any]:
-    """Weights keyed by our parameter names (Hugging Face's without the leading ``model.``), as fp32 tensors."""
+    """Weights keyed by our parameter names (``hf_weight_name``), as fp32 tensors."""
     from safetensors.torch import load_file
 
     state: dict[str, Any] = {}
     for path in safetensors_files(folder):
         for name, tensor in load_file(str(path)).items():
-            state[name.removeprefix("model.")] = tensor.float()
+            state[hf_weight_name(name)] = tensor.float()
     return state
 
 

@@ -124,10 +124,12 @@ def _load_shipped(name: str, folder: Path) -> LoadedModel:
 
 
 def _load_hf_folder(folder: Path) -> LoadedModel:
+    from .checkpoint_check import check_checkpoint
     from .hf_loader import load_hf_state_dict, read_hf_config
     from .llama import LlamaDecoder
 
     config = read_hf_config(folder)
+    check_checkpoint(folder, config)  # from the file headers: whole files, the config's shapes; nothing loaded yet
     state = load_hf_state_dict(folder)
     model = LlamaDecoder(config)
     if config.tie_word_embeddings:
