@@ -38,9 +38,15 @@ class CompileReport:
     stage_seconds: dict = field(default_factory=dict)
     total_seconds: float = 0.0
     not_loaded: str = ""  # why the engine could not be opened on this machine (a device it lacks), if so
+    capture: str = ""  # which module was captured: "reference" (models/llama.py) or "transformers"
+    weights: str = ""  # the checkpoint's weights as stored and the engine's, in dtype and bytes
 
     def lines(self) -> list[str]:
         out = [f"compiled {self.model} for {self.backend}/{self.device} in {self.total_seconds:.1f}s -> {self.out}"]
+        if self.capture:
+            out.append(f"capture: {self.capture}")
+        if self.weights:
+            out.append(f"weights: {self.weights}")
         out.append("passes:")
         for record in self.passes:
             if record.skipped:
@@ -154,6 +160,7 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
     with stage("load"):
         loaded = load_model(model)
     config = loaded.config
+    report.capture = loaded.capture
     context = context_length or min(config.max_position_embeddings, 4096)
     if context < 2:
         raise AgentOptError(f"--context-length must be at least 2, got {context}")
@@ -167,6 +174,7 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
         program, records = pipeline.run(program, skip=set(skip_passes),
                                         debug_dump=Path(debug_dump) if debug_dump else None, log=log)
     report.passes = records
+    report.weights = describe_weights(loaded, program)
     regions = summarize(build_region_graph(program.module))
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -186,7 +194,8 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "toolkit": {"name": "agentopt-compiler", "python": sys.version.split()[0]},
                 "dependencies": dependency_versions(),
-                "model": {"name": loaded.name, "source": loaded.source, "config": config.to_dict()},
+                "model": {"name": loaded.name, "source": loaded.source, "config": config.to_dict(),
+                          "capture": loaded.capture, "weights": report.weights},
                 "engine": {"backend": backend, "device": device, "context_length": context,
                            "batch_size": program.batch_size, "dtype": "float32", **engine_section},
                 "passes": [r.to_dict() for r in records],
@@ -220,6 +229,24 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
         engine.manifest["precision_plan"]["measured"] = report.fidelity
         _rewrite_manifest(out, engine.manifest)
     return engine
+
+
+def describe_weights(loaded, program) -> str:
+    """'checkpoint bfloat16, 942.3 MiB -> engine float32, 1.8 GiB (...)': what the engine stores, said plainly when
+    it is not what the checkpoint held (a bf16 checkpoint doubles in size on ONNX Runtime CPU)."""
+    import torch
+
+    tensors = [t for t in program.exported.state_dict.values() if isinstance(t, torch.Tensor)]
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    dtypes = "+".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t.is_floating_point()}))
+    engine = f"engine {dtypes}, {_human_bytes(size)}"
+    if not loaded.checkpoint_bytes:
+        return engine
+    text = f"checkpoint {loaded.checkpoint_dtype}, {_human_bytes(loaded.checkpoint_bytes)} -> {engine}"
+    if loaded.checkpoint_dtype in ("bfloat16", "float16") and "float32" in dtypes:
+        text += (f" (upcast from {loaded.checkpoint_dtype}: ONNX Runtime CPU computes in fp32; a --precision-plan "
+                 "makes int8/int4 layers)")
+    return text
 
 
 def _rewrite_manifest(folder: Path, manifest: dict) -> None:

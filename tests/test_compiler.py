@@ -128,3 +128,16 @@ def test_compile_for_a_device_this_machine_lacks_writes_a_complete_engine(tmp_pa
     with torch.no_grad():
         expected = reference.module(torch.from_numpy(ids), torch.arange(9)[None], torch.tensor([[8]])).numpy()
     assert np.abs(here.session.run(ids, np.arange(9)) - expected).max() <= 1e-2 * np.abs(expected).max()
+
+
+def test_a_bf16_checkpoint_compiles_and_the_report_says_what_the_engine_holds(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    transformers.Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "ckpt")
+    engine = ao.compile(tmp_path / "ckpt", out=tmp_path / "eng", context_length=32)
+    weights = engine.compile_report.weights
+    assert weights.startswith("checkpoint bfloat16, ") and "-> engine float32, " in weights and "upcast" in weights
+    assert f"weights: {weights}" in engine.compile_report.lines()
+    assert engine.manifest["model"]["weights"] == weights and engine.manifest["model"]["capture"] == "reference"

@@ -85,11 +85,12 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 def check_checkpoint(folder: Path, config: ModelConfig) -> None:
     """Every safetensors file of ``folder`` is whole, and together they hold exactly the float tensors ``config``
     needs, in its shapes (a tied checkpoint may also carry ``lm_head.weight``)."""
-    from .hf_loader import hf_weight_name, safetensors_files
+    from .hf_loader import hf_weight_name, is_leftover_tensor, safetensors_files
 
     found: dict[str, tuple[str, tuple[int, ...]]] = {}
     for path in safetensors_files(folder):
-        found.update({hf_weight_name(name): entry for name, entry in read_header(path).items()})
+        found.update({hf_weight_name(name): entry for name, entry in read_header(path).items()
+                      if not is_leftover_tensor(name)})
     if config.tie_word_embeddings:
         found.pop("lm_head.weight", None)
     expected = expected_shapes(config)

@@ -9,7 +9,11 @@ from typing import Any
 from ..errors import AgentOptError, UnsupportedModelError
 from ..validation import Invalid, boolean, integer, list_of, number, optional, record, string
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")  # what the reference module (llama.py) computes
+# Families our reference module implements. Any other family is captured from transformers
+# (models/transformers_decoder.py) and its fields below describe it (transformers computes RoPE, norms, MLP itself).
+REFERENCE_FAMILIES = ("llama", "qwen2", "mistral")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 # Keys each RoPE scaling type needs (see llama.rope_inverse_frequencies).
 ROPE_SCALING_KEYS = {"linear": ("factor",),
                      "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
@@ -40,14 +44,17 @@ class ModelConfig:
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     sliding_window: int | None = None  # Mistral: each query sees this many keys (itself included)
+    # Per layer, as transformers records it: "sliding_attention" layers use sliding_window, "full_attention" layers
+    # attend densely (Qwen2's max_window_layers, Gemma 3's interleaving). None: every layer uses sliding_window.
+    layer_types: tuple[str, ...] | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         eos = self.eos_token_ids
         try:
-            FIELDS.validate({**dataclasses.asdict(self), "eos_token_ids": list(eos) if isinstance(eos, tuple) else eos},
-                            "")
+            FIELDS.validate({**dataclasses.asdict(self), "eos_token_ids": list(eos) if isinstance(eos, tuple) else eos,
+                             "layer_types": None if self.layer_types is None else list(self.layer_types)}, "")
         except Invalid as problem:
             raise AgentOptError(f"model config: {problem}") from None
         if self.num_heads % self.num_kv_heads:
@@ -55,7 +62,8 @@ class ModelConfig:
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
-        if rope_type not in SUPPORTED_ROPE_TYPES:
+        self._check_layer_types()
+        if self.family in REFERENCE_FAMILIES and rope_type not in SUPPORTED_ROPE_TYPES:
             raise UnsupportedModelError(
                 f"RoPE scaling '{rope_type}' is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
             )
@@ -67,6 +75,23 @@ class ModelConfig:
         if missing:
             raise UnsupportedModelError(f"RoPE scaling '{rope_type}' needs the number(s) {', '.join(missing)} in "
                                         "rope_scaling; add them (see the model's original config)")
+
+    def _check_layer_types(self) -> None:
+        if self.layer_types is None:
+            return
+        if len(self.layer_types) != self.num_layers or set(self.layer_types) - set(LAYER_TYPES):
+            raise UnsupportedModelError(
+                f"layer_types {list(self.layer_types)[:4]}... must name {self.num_layers} layers, each one of "
+                f"{', '.join(LAYER_TYPES)}")
+        if "sliding_attention" in self.layer_types and not self.sliding_window:
+            raise UnsupportedModelError("layer_types has sliding_attention layers but the config sets no "
+                                        "sliding_window; set sliding_window (and use_sliding_window) in config.json")
+
+    def window_of(self, layer: int) -> int | None:
+        """Keys a query of ``layer`` sees (itself included), or None for dense attention."""
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     @property
     def dim_per_head(self) -> int:
@@ -83,6 +108,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["eos_token_ids"] = list(self.eos_token_ids)
+        out["layer_types"] = None if self.layer_types is None else list(self.layer_types)
         return out
 
     @classmethod
@@ -91,6 +117,8 @@ class ModelConfig:
         kwargs = {k: v for k, v in data.items() if k in known}
         eos = kwargs.get("eos_token_ids") or ()
         kwargs["eos_token_ids"] = tuple(eos) if isinstance(eos, list) else eos  # anything else: refused by FIELDS
+        if isinstance(kwargs.get("layer_types"), list):
+            kwargs["layer_types"] = tuple(kwargs["layer_types"])
         return cls(**kwargs)
 
 
@@ -103,5 +131,6 @@ FIELDS = record({
     "max_position_embeddings": _COUNT, "rms_norm_eps": number(above=0), "rope_theta": number(above=0),
     "rope_scaling": optional(record({"rope_type": string()}, required=("rope_type",), extra="keep")),
     "qkv_bias": boolean(), "o_bias": boolean(), "mlp_bias": boolean(), "tie_word_embeddings": boolean(),
-    "sliding_window": optional(_COUNT), "bos_token_id": optional(_TOKEN_ID), "eos_token_ids": list_of(_TOKEN_ID),
+    "sliding_window": optional(_COUNT), "layer_types": optional(list_of(string())),
+    "bos_token_id": optional(_TOKEN_ID), "eos_token_ids": list_of(_TOKEN_ID),
 })

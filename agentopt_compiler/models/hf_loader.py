@@ -58,15 +58,27 @@ def llama_config(hf: dict[str, Any]) -> ModelConfig:
                        **_common_fields(hf))
 
 
+def qwen_layer_types(hf: dict[str, Any]) -> tuple[str, ...]:
+    """Which layers a Qwen2/Qwen3 config windows, as transformers decides: ``layer_types`` when config.json has it,
+    else ``sliding_attention`` for layers >= ``max_window_layers`` (default 28) when ``use_sliding_window`` is set."""
+    layers = hf["num_hidden_layers"]
+    if hf.get("layer_types") is not None:
+        return tuple(hf["layer_types"])
+    windowed = bool(hf.get("use_sliding_window") and hf.get("sliding_window"))
+    first = hf.get("max_window_layers", 28)
+    return tuple("sliding_attention" if windowed and i >= first else "full_attention" for i in range(layers))
+
+
 def qwen2_config(hf: dict[str, Any]) -> ModelConfig:
-    # Qwen2 always has q/k/v bias; its sliding window only applies when use_sliding_window is set.
+    # Qwen2 always has q/k/v bias; its window exists only with use_sliding_window, on the layers layer_types names
     window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
-    if window and hf.get("max_window_layers", hf["num_hidden_layers"]) < hf["num_hidden_layers"]:
-        raise UnsupportedModelError(
-            "Qwen2 with a sliding window on only some layers (max_window_layers) is not supported yet; "
-            "set use_sliding_window=false in config.json to run it with full attention"
-        )
-    return ModelConfig(family="qwen2", qkv_bias=True, sliding_window=window, **_common_fields(hf))
+    layer_types = qwen_layer_types(hf)
+    if "sliding_attention" in layer_types and not window:
+        raise UnsupportedModelError("config.json's layer_types names sliding_attention layers but use_sliding_window "
+                                    "is false or sliding_window unset (transformers then has no window for them); "
+                                    "fix layer_types or set use_sliding_window and sliding_window")
+    return ModelConfig(family="qwen2", qkv_bias=True, sliding_window=window if "sliding_attention" in layer_types
+                       else None, layer_types=layer_types, **_common_fields(hf))
 
 
 def mistral_config(hf: dict[str, Any]) -> ModelConfig:
@@ -102,9 +114,28 @@ def read_hf_config(folder: Path) -> ModelConfig:
     if hf.get("hidden_act", "silu") != "silu":
         raise UnsupportedModelError(f"hidden_act '{hf['hidden_act']}' is not supported; only 'silu' (SwiGLU) is")
     try:
-        return mapper(hf)
+        config = mapper(hf)
     except KeyError as exc:
         raise ModelNotFoundError(f"{config_path} lacks the field {exc}") from None
+    return with_generation_stop_tokens(config, folder)
+
+
+def with_generation_stop_tokens(config: ModelConfig, folder: Path) -> ModelConfig:
+    """``config`` with the end-of-turn ids of generation_config.json added to its stop tokens: chat checkpoints
+    (Qwen's <|im_end|>, Llama-3's <|eot_id|>) list them only there, and transformers' generate stops on them."""
+    import dataclasses
+
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return config
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError, OSError):
+        return config  # not ours to validate; transformers ignores a broken file too
+    eos = eos if isinstance(eos, list) else [eos]
+    extra = [i for i in eos if isinstance(i, int) and not isinstance(i, bool) and i >= 0
+             and i not in config.eos_token_ids]
+    return dataclasses.replace(config, eos_token_ids=config.eos_token_ids + tuple(extra)) if extra else config
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -128,6 +159,12 @@ def hf_weight_name(name: str) -> str:
     return name.removeprefix("model.")
 
 
+def is_leftover_tensor(name: str) -> bool:
+    """Tensors older checkpoints carry that are not weights: RoPE's ``inv_freq`` (a buffer transformers recomputes
+    from the config and skips when loading). We compute RoPE from the config as well, so they are ignored."""
+    return name.endswith(".inv_freq")
+
+
 def load_hf_state_dict(folder: Path) -> dict[str, Any]:
     """Weights keyed by our parameter names (``hf_weight_name``), as fp32 tensors."""
     from safetensors.torch import load_file
@@ -135,7 +172,8 @@ def load_hf_state_dict(folder: Path) -> dict[str, Any]:
     state: dict[str, Any] = {}
     for path in safetensors_files(folder):
         for name, tensor in load_file(str(path)).items():
-            state[hf_weight_name(name)] = tensor.float()
+            if not is_leftover_tensor(name):
+                state[hf_weight_name(name)] = tensor.float()
     return state
 
 
@@ -166,6 +204,8 @@ def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
         out.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias)
     if config.sliding_window:
         out.update(sliding_window=config.sliding_window, use_sliding_window=True)
+    if config.layer_types is not None:
+        out["layer_types"] = list(config.layer_types)
     return out
 
 

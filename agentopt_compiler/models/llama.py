@@ -146,7 +146,8 @@ class LlamaDecoder(nn.Module):
 
     Without a cache (``setup_cache`` not called) attention is causal over the given tokens, for training and scoring.
     With a cache, each row's new K/V are written at its positions and attention reads the whole cache, masked to the
-    keys at or before each query's position (and within ``sliding_window`` when the config sets one). Rows may be at
+    keys at or before each query's position (and within ``sliding_window`` on the layers the config windows: all of
+    them for Mistral, those ``layer_types`` names ``sliding_attention`` for Qwen2). Rows may be at
     different lengths: row b's positions are its own (right-padded prompts simply write padding past their end,
     which nothing reads before it is overwritten).
     """
@@ -195,12 +196,13 @@ class LlamaDecoder(nn.Module):
             key_pos = torch.arange(self.cache_capacity, device=input_ids.device)[None, None, None, :]  # (1, 1, 1, T)
         else:
             key_pos = positions[:, None, None, :]  # (B, 1, 1, S): attend among the given tokens only
-        mask = key_pos <= query_pos  # (B, 1, S, T) causal
-        if self.config.sliding_window:
-            mask = mask & (key_pos > query_pos - self.config.sliding_window)
+        causal = key_pos <= query_pos  # (B, 1, S, T)
+        masks = {None: causal}  # window -> mask; windowed layers see keys p - W < j <= p (W keys, itself included)
+        for window in {self.config.window_of(i) for i in range(len(self.layers))} - {None}:
+            masks[window] = causal & (key_pos > query_pos - window)
         x = self.embed_tokens(input_ids)  # (B, S, E)
-        for layer in self.layers:
-            x = layer(x, positions, cos, sin, mask)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, positions, cos, sin, masks[self.config.window_of(index)])
         if logits_index is not None:  # only the tokens whose next-token logits are wanted: (B,) or (B, L) per row
             picks = logits_index[:, None] if logits_index.dim() == 1 else logits_index  # (B, L)
             x = x.gather(1, picks[:, :, None].expand(b, picks.shape[1], x.shape[-1]))  # (B, L, E)

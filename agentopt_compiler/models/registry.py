@@ -5,6 +5,7 @@ Built-in models have seeded random weights: they prove parity and measure speed,
 
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,9 @@ class LoadedModel:
     tokenizer_dir: Path | None  # folder holding tokenizer.json etc., or None when the checkpoint has none
     source: str  # "builtin" or the checkpoint folder
     _tmp: object = field(default=None, repr=False)  # keeps a temporary tokenizer folder alive
+    capture: str = "reference"  # the module captured: "reference" (models/llama.py) or "transformers"
+    checkpoint_dtype: str = "float32"  # the weights as stored ("bfloat16", ...); the compile reports what it made
+    checkpoint_bytes: int = 0  # of the stored weights; 0 for built-in models
 
 
 def init_random_weights(model, seed: int) -> None:
@@ -142,4 +146,23 @@ def _load_hf_folder(folder: Path) -> LoadedModel:
         )
     model.load_state_dict(state, strict=False)
     has_tokenizer = (folder / "tokenizer.json").is_file()
-    return LoadedModel(folder.name, model.eval(), config, folder if has_tokenizer else None, str(folder.resolve()))
+    dtype, size = stored_weights(folder)
+    return LoadedModel(folder.name, model.eval(), config, folder if has_tokenizer else None, str(folder.resolve()),
+                       checkpoint_dtype=dtype, checkpoint_bytes=size)
+
+
+_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def stored_weights(folder: Path) -> tuple[str, int]:
+    """The dtype(s) and bytes of a checkpoint's weights, from the safetensors headers (nothing loaded)."""
+    from .checkpoint_check import DTYPE_BYTES, read_header
+    from .hf_loader import is_leftover_tensor, safetensors_files
+
+    dtypes, size = set(), 0
+    for path in safetensors_files(folder):
+        for name, (dtype, shape) in read_header(path).items():
+            if not is_leftover_tensor(name):
+                dtypes.add(_DTYPE_NAMES.get(dtype, dtype.lower()))
+                size += DTYPE_BYTES[dtype] * math.prod(shape)
+    return "+".join(sorted(dtypes)) or "float32", size

@@ -30,6 +30,14 @@ CASES = {
     # sliding window shorter than the test sequence
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(
         num_attention_heads=4, num_key_value_heads=2, sliding_window=6)),
+    # Qwen2's window only on layers >= max_window_layers (here layer 1 of 0-1)
+    "qwen2-window-layer-1": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(
+        num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=6,
+        max_window_layers=1)),
+    # use_sliding_window with max_window_layers >= the layer count: no layer is windowed
+    "qwen2-window-no-layer": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(
+        num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=6,
+        max_window_layers=2)),
 }
 
 
@@ -105,6 +113,38 @@ def test_weights_that_do_not_fit_the_config(tmp_path):
     hf.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config["num_hidden_layers"] = 3
+    config.pop("layer_types", None)  # transformers writes one per layer; let it follow the layer count
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelNotFoundError, match="missing.*layers.2"):
         load_model(tmp_path)
+
+
+def test_qwen2_windows_follow_layer_types(tmp_path):
+    hf = _hf_model(*CASES["qwen2-window-layer-1"])
+    hf.save_pretrained(tmp_path)
+    config = load_model(tmp_path).config
+    assert config.layer_types == ("full_attention", "sliding_attention") == tuple(hf.config.layer_types)
+    assert [config.window_of(i) for i in range(2)] == [None, 6]
+
+
+def test_end_of_turn_ids_from_generation_config_are_stop_tokens(tmp_path):
+    hf = _hf_model(*CASES["qwen2"])
+    hf.config.eos_token_id = 3
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, 7], "bos_token_id": 1}))
+    assert load_model(tmp_path).config.eos_token_ids == (3, 7)
+
+
+def test_leftover_rotary_inv_freq_tensors_are_ignored(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf = _hf_model(*CASES["llama"])
+    hf.save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    for layer in range(SMALL["num_hidden_layers"]):  # what checkpoints saved by transformers < 4.31 carry
+        state[f"model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = torch.ones(12)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    ours = load_model(tmp_path).model
+    ids = torch.arange(10)[None]
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4

@@ -73,6 +73,17 @@ def test_sliding_window_is_carried_into_the_op():
     _assert_same_outputs(gm, reference, 100)  # 11 tokens > window 4: the mask matters
 
 
+def test_per_layer_windows_are_carried_into_each_layers_op():
+    # Qwen2 / Gemma 3 style: only the layers layer_types names sliding_attention are windowed
+    config = ModelConfig(family="qwen2", vocab_size=100, hidden_size=64, intermediate_size=96, num_layers=3,
+                         num_heads=4, num_kv_heads=2, max_position_embeddings=64, sliding_window=4, qkv_bias=True,
+                         layer_types=("full_attention", "sliding_attention", "full_attention"))
+    gm, reference, result = _fused_and_reference(build_model(config, seed=2))
+    assert result.stats["fused_attention"] == 3
+    assert [n.args[10] for n in gm.graph.nodes if str(n.target) == FUSED] == [-1, 4, -1]
+    _assert_same_outputs(gm, reference, 100)
+
+
 class PlainSdpaAttention(torch.nn.Module):
     """Attention as other codebases write it: no RoPE, ``cache[:, :, pos] = k`` (index_put_), heads expanded the
     Hugging Face way (unsqueeze + expand + reshape), a position mask."""
