@@ -5,7 +5,8 @@
       -> pass pipeline (passes/pipeline.py)
       -> backend lowering into a temporary folder next to ``out``
       -> tokenizer files + manifest.json (versions, config, passes, sha256 of every file)
-      -> atomic rename to ``out``: an interrupted compile never leaves a half-written engine
+      -> atomic rename to ``out``: an interrupted compile never leaves a half-written engine, and the staging
+         folders of compiles that were killed are removed by the next compile of the same output
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import AgentOptError, OutputPathError, ProviderUnavailableError
+from .output_paths import check_writable_folder, current_umask
 from .runtime.manifest import MANIFEST
+
+# Positions an engine may hold. RoPE tables and caches grow with it; the memory check below is the real bound.
+MAX_CONTEXT_LENGTH = 1 << 20
+MAX_BATCH_SIZE = 1 << 10
 
 
 @dataclass
@@ -92,7 +98,7 @@ def check_output_folder(out: Path, overwrite: bool) -> None:
         raise OutputPathError(f"cannot write the engine to '{out}': '{existing}' is a file, not a folder")
     try:  # a real probe: permission bits alone say nothing for root, read-only mounts or full disks
         out.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryDirectory(prefix=f".{out.name}.probe-", dir=out.parent).cleanup()
+        tempfile.TemporaryDirectory(prefix=f".{out.name}.probe-{os.getpid()}-", dir=out.parent).cleanup()
     except OSError as exc:
         raise OutputPathError(f"cannot write the engine to '{out}': {exc.strerror or exc}") from None
 
@@ -139,10 +145,13 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
 
     log = progress or (lambda _msg: None)
     out = Path(out)
+    check_sizes(context_length, batch_size)
     entry = backends.get_backend(backend, device)
     attention_impl = attention_impl or entry.default_attention_impl(device)
     backends.check_attention_impl(entry, attention_impl)
     check_output_folder(out, overwrite)
+    if debug_dump:
+        check_writable_folder(Path(debug_dump), "--debug-dump")
     sparse_plan = SparseAttentionPlan.load(sparse_attention)
     precision = PrecisionPlan.load(precision_plan)
     pipeline = default_pipeline(sparse_plan, precision, half_precision=device in entry.half_precision_devices,
@@ -161,11 +170,10 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
         loaded = load_model(model)
     config = loaded.config
     report.capture = loaded.capture
-    context = context_length or min(config.max_position_embeddings, 4096)
-    if context < 2:
-        raise AgentOptError(f"--context-length must be at least 2, got {context}")
-    if batch_size < 1:
-        raise AgentOptError(f"--batch-size must be at least 1, got {batch_size}")
+    context = min(config.max_position_embeddings, 4096) if context_length is None else context_length
+    check_memory(config, context, batch_size)
+    if precision:
+        precision.check_units(config.num_layers)
     log(f"model {loaded.name}: {config.family}, {config.num_layers} layers, {config.num_params / 1e6:.1f}M "
         f"parameters, context {context}")
     with stage("capture"):
@@ -177,8 +185,7 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
     report.weights = describe_weights(loaded, program)
     regions = summarize(build_region_graph(program.module))
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; an engine folder is as readable as any other
+    staging = make_staging_folder(out, "tmp")
     try:
         with stage("lower"):
             lower = entry.load("lowering")
@@ -205,6 +212,10 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
                 "tokenizer": {"files": tokenizer_files},
             })
         _replace_folder(staging, out)
+    except OSError as exc:  # a full disk, a quota, a folder removed under us: nothing half-written stays
+        shutil.rmtree(staging, ignore_errors=True)
+        raise OutputPathError(f"cannot write the engine to '{out}': {exc.strerror or exc}; free some space or "
+                              "choose another --out") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -250,12 +261,18 @@ def describe_weights(loaded, program) -> str:
 
 
 def _rewrite_manifest(folder: Path, manifest: dict) -> None:
-    """Replace manifest.json atomically (it is not among the hashed files, so the hashes stay valid)."""
+    """Replace manifest.json atomically (it is not among the hashed files, so the hashes stay valid). The temporary
+    file sits beside the folder, not in it: an engine folder holds only listed files."""
     import json
 
-    temporary = folder / f".{MANIFEST}.tmp"
-    temporary.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(temporary, folder / MANIFEST)
+    temporary = folder.with_name(f".{folder.name}.manifest-{os.getpid()}.tmp")
+    try:
+        temporary.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(temporary, folder / MANIFEST)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise OutputPathError(f"the engine at '{folder}' is complete, but recording its measured precision "
+                              f"fidelity failed: {exc.strerror or exc}") from None
 
 
 def _check_precision_fidelity(engine, loaded, plan, log) -> dict:
@@ -275,10 +292,78 @@ def _check_precision_fidelity(engine, loaded, plan, log) -> dict:
     return measured
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def check_sizes(context_length: int | None, batch_size: int) -> None:
+    """Context and batch sizes as the Python API may pass them (the CLI's argument types say the same)."""
+    for option, value, low, high in (("--context-length", context_length, 2, MAX_CONTEXT_LENGTH),
+                                     ("--batch-size", batch_size, 1, MAX_BATCH_SIZE)):
+        if value is None and option == "--context-length":  # the model's default
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise AgentOptError(f"{option} must be an integer from {low} to {high}, got {value!r}")
+
+
+def physical_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX: no memory check
+        return None
+
+
+def check_memory(config, context: int, batch_size: int) -> None:
+    """Refuse a context whose KV caches cannot fit in this machine's memory, before allocating them: a compile
+    holds them twice (the eager model's fp32 caches during capture, the engine's once it is loaded)."""
+    per_token = 2 * config.num_layers * batch_size * config.num_kv_heads * config.dim_per_head * 4
+    memory = physical_memory_bytes()
+    if memory and 2 * per_token * context > memory:
+        raise AgentOptError(f"--context-length {context} (batch {batch_size}) needs {per_token * context / 2**30:.1f} "
+                            f"GiB of KV cache, held twice while compiling, and this machine has "
+                            f"{memory / 2**30:.1f} GiB; choose a --context-length of at most "
+                            f"{memory // (2 * per_token)}")
+
+
+def make_staging_folder(out: Path, kind: str) -> Path:
+    """A new hidden folder beside ``out`` to build into, ``.{out}.{kind}-{pid}-{random}``: the pid tells a later
+    run a killed run's leftovers (its process is gone) from a running one's. Leftovers are removed first."""
+    remove_stale_staging(out)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{os.getpid()}-", dir=out.parent))
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; an engine folder is as readable as any other
+    return staging
+
+
+# What compiles and rebuilds of ``out`` create beside it, each name carrying the pid of the process that made it:
+# staging folders (tmp, rebuild), the engine being replaced (old), the writability probe, a manifest being rewritten.
+STAGING_KINDS = ("tmp", "rebuild", "old", "probe", "manifest")
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Remove what killed compiles or rebuilds of ``out`` left beside it (their process is gone); return it."""
+    import glob
+
+    removed = []
+    for kind in STAGING_KINDS:
+        prefix = f".{out.name}.{kind}-"
+        for path in out.parent.glob(glob.escape(prefix) + "*"):
+            pid = path.name[len(prefix):].split("-")[0].split(".")[0]
+            if pid.isdigit() and _process_alive(int(pid)):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (PermissionError), or no way to ask: keep its files
+        return True
+    return True
 
 
 def _replace_folder(staging: Path, out: Path) -> None:

@@ -55,10 +55,11 @@ def shown(value: Any) -> str:
 class _Integer(Spec):
     def __init__(self, minimum: int | None, maximum: int | None, choices: tuple[int, ...] | None):
         self.minimum, self.maximum, self.choices = minimum, maximum, choices
-        bounds = (f"one of {', '.join(map(str, choices))}" if choices else
-                  f"from {minimum} to {maximum}" if minimum is not None and maximum is not None else
+        bounds = (f"from {minimum} to {maximum}" if minimum is not None and maximum is not None else
                   f">= {minimum}" if minimum is not None else f"<= {maximum}" if maximum is not None else "")
-        self.description = f"an integer {bounds}".strip()
+        self.description = (f"one of {', '.join(map(str, choices))}" if choices else
+                            str(minimum) if minimum is not None and minimum == maximum else
+                            f"an integer {bounds}".strip())
 
     def validate(self, value, path):
         # bool is an int in Python but never a count in our files; JSON 2.0 is accepted as 2
@@ -91,7 +92,8 @@ class _Number(Spec):
 class _Simple(Spec):
     def __init__(self, kind: type, description: str, choices: tuple | None = None):
         self.kind, self.choices = kind, choices
-        self.description = f"{description} ({', '.join(map(str, choices))})" if choices else description
+        self.description = (description if not choices else json.dumps(choices[0]) if len(choices) == 1
+                            else f"one of {', '.join(map(json.dumps, choices))}")
 
     def validate(self, value, path):
         if not isinstance(value, self.kind) or (self.choices and value not in self.choices):
@@ -141,7 +143,7 @@ class _MapOf(Spec):
 
     def __init__(self, value: Spec, key: Callable[[str], str | None] | None, min_length: int):
         self.value, self.key, self.min_length = value, key, min_length
-        self.description = f"{'a non-empty' if min_length else 'an'} object of {value.description}"
+        self.description = f"{'a non-empty' if min_length else 'an'} object whose values are each {value.description}"
 
     def validate(self, data, path):
         if not isinstance(data, dict) or len(data) < self.min_length:
@@ -198,7 +200,7 @@ def boolean() -> Spec:
 
 
 def string(choices: tuple[str, ...] | None = None) -> Spec:
-    return _Simple(str, "one of" if choices else "a string", choices)
+    return _Simple(str, "a string", choices)
 
 
 def anything_object() -> Spec:

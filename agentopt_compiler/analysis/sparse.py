@@ -35,10 +35,8 @@ from typing import Callable
 import torch
 
 from ..errors import AgentOptError
-from ..passes.insert_sparse_attention import SparseAttentionPlan, SparsePattern
+from ..passes.insert_sparse_attention import PLAN_FORMAT, SparseAttentionPlan, SparsePattern
 from .precision import _compare, _log_probs, choose
-
-PLAN_FORMAT = "agentopt-sparse-attention-plan"
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Callable, ClassVar
 
 import torch
 
-from ..errors import AgentOptError
+from ..errors import AgentOptError, OutputPathError
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,11 @@ class PassPipeline:
 def _dump(folder: Path | None, index: int, name: str, gm: torch.fx.GraphModule) -> None:
     if folder is None:
         return
-    folder.mkdir(parents=True, exist_ok=True)
     histogram = "\n".join(f"#   {count:5d}  {op}" for op, count in sorted(op_histogram(gm).items()))
     text = f"# after {name}\n# op histogram:\n{histogram}\n\n{gm.graph}\n\n# python:\n{gm.code}"
-    (folder / f"{index:02d}-{name}.txt").write_text(text)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{index:02d}-{name}.txt").write_text(text)
+    except OSError as exc:  # a full disk, or a folder that became unwritable after the compile checked it
+        raise OutputPathError(f"cannot write the debug dump to '{folder}': {exc.strerror or exc}; choose another "
+                              "--debug-dump") from None

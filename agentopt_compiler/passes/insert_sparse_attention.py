@@ -29,26 +29,25 @@ does not have.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..capture import custom_ops  # noqa: F401  (registers torch.ops.agentopt.*)
+from ..capture.custom_ops import CachedAttentionArgs
 from ..errors import AgentOptError
+from ..validation import anything_object, boolean, check, integer, list_of, map_of, optional, read_json, record, string
 from .infra import GraphPass, PassResult, owner_of
 from .region_graph import region_of
 
-K_CACHE, V_CACHE = 3, 4  # argument positions in agentopt.cached_attention
-KV_NUM_HEADS = 9  # argument positions in agentopt.cached_attention (continued)
-WINDOW, SCALE, ROTARY, SINKS, STRIDE, RING, DENSE_KV_HEADS = 10, 11, 12, 13, 14, 15, 16
 # Ring slots beyond the window. Up to this many tokens past a row's end (drafts, padding) may be written and then
 # stepped back over (the runtime refuses more), and the ONNX lowering, which stores a call's rows before it attends,
 # is exact for calls of up to this many + 1 tokens (sessions split longer ones; 65-token chunks prefill as fast as
 # one call on ref-60m). A slot costs 2 x Hkv x D x 4 bytes per layer in fp32.
 RING_SPARE_SLOTS = 64
+MAX_LAYERS = 1 << 12  # layer indices a plan may name (far beyond any model's depth)
+PLAN_FORMAT = "agentopt-sparse-attention-plan"  # the plan file agentopt plan sparse writes (analysis/sparse.py)
 
 
 @dataclass(frozen=True)
@@ -117,15 +116,15 @@ class SparseAttentionPlan:
         """A plan from a spec string, a JSON plan file, a dict, or a plan."""
         if source is None or isinstance(source, SparseAttentionPlan):
             return source
-        if isinstance(source, dict):
-            return cls({_layer_key(k): SparsePattern(**{**v, "kv_heads": tuple(v.get("kv_heads", ()))})
-                        for k, v in source.get("layers", {}).items()})
-        if Path(str(source)).suffix == ".json":
-            path = Path(str(source))
-            if not path.is_file():
-                raise AgentOptError(f"sparse attention plan '{path}' does not exist")
-            return cls.load(json.loads(path.read_text()))
-        return cls.parse(str(source))
+        where = "sparse attention plan"
+        if not isinstance(source, dict):
+            if Path(str(source)).suffix != ".json":
+                return cls.parse(str(source))
+            where = f"sparse attention plan '{source}'"
+            source = read_json(Path(str(source)), "sparse attention plan", _FIX)
+        data = check(source, PLAN_FILE, source=where, fix=_FIX)
+        return cls({_layer_key(k): SparsePattern(**{**v, "kv_heads": tuple(v.get("kv_heads", ()))})
+                    for k, v in data["layers"].items()})
 
     def resolve(self, num_layers: int) -> dict[int, SparsePattern]:
         resolved = {i: self.layers["all"] for i in range(num_layers)} if "all" in self.layers else {}
@@ -141,6 +140,21 @@ class SparseAttentionPlan:
                            for k, v in sorted(self.layers.items(), key=lambda kv: str(kv[0]))}}
 
 
+def _layer_key_problem(key: str) -> str | None:
+    return None if key == "all" or (key.isdigit() and key.isascii()) else "must be a layer index or \"all\""
+
+
+_FIX = "fix the plan file or make a new one with agentopt plan sparse"
+_PATTERN = record({"window": integer(minimum=1), "sinks": integer(minimum=0), "stride": integer(minimum=0),
+                   "bounded": boolean(), "kv_heads": list_of(integer(minimum=0))}, required=("window",))
+# The plan file: its "layers" are the plan; the rest records how agentopt plan sparse chose it (see analysis/sparse.py).
+PLAN_FILE = record({
+    "format": string(choices=(PLAN_FORMAT,)), "layers": map_of(_PATTERN, key=_layer_key_problem),
+    "pattern": anything_object(), "budget": anything_object(), "predicted": anything_object(),
+    "fidelity": optional(anything_object()),
+}, required=("layers",))
+
+
 def _layer_key(key: str) -> int | str:
     return key if key == "all" else int(key)
 
@@ -154,6 +168,8 @@ def _layer_list(text: str) -> list[int | str]:
         if not match:
             raise ValueError(part)
         start, end = int(match.group(1)), int(match.group(2) or match.group(1))
+        if end < start or end >= MAX_LAYERS:  # also keeps "0-999999999" from building a billion-entry list
+            raise AgentOptError(f"sparse attention range '{part}' must be A-B with A <= B < {MAX_LAYERS}")
         layers.extend(range(start, end + 1))
     return layers
 
@@ -182,25 +198,23 @@ class InsertSparseAttention(GraphPass):
         stats: dict[str, int] = {}
         for layer, pattern in sorted(wanted.items()):
             node = attention[layer]
-            args = list(node.args) + [None] * (DENSE_KV_HEADS + 1 - len(node.args))
-            defaults = {WINDOW: -1, SCALE: 0.0, ROTARY: False, SINKS: 0, STRIDE: 0, RING: False}
-            args = [defaults[i] if a is None and i in defaults else a for i, a in enumerate(args)]
-            args[WINDOW], args[SINKS], args[STRIDE] = pattern.window, pattern.sinks, pattern.stride
-            kv_num_heads = args[KV_NUM_HEADS]
+            args = CachedAttentionArgs.of(node)
+            args.window, args.sinks, args.stride = pattern.window, pattern.sinks, pattern.stride
+            kv_num_heads = args.kv_num_heads
             if any(h >= kv_num_heads for h in pattern.kv_heads):
                 raise AgentOptError(f"sparse attention plan gives layer {layer} kv_heads {list(pattern.kv_heads)}, "
                                     f"but it has KV heads 0-{kv_num_heads - 1}")
             dense = [h for h in range(kv_num_heads) if h not in pattern.kv_heads] if pattern.kv_heads else []
-            args[DENSE_KV_HEADS] = dense or None
-            slots = pattern.ring_slots(_buffer(gm, args[K_CACHE]).shape[2])
+            args.dense_kv_heads = dense or None
+            slots = pattern.ring_slots(_buffer(gm, args.k_cache).shape[2])
             if slots:  # bounded memory: shrink both caches to a ring
-                for cache in (args[K_CACHE], args[V_CACHE]):
+                for cache in (args.k_cache, args.v_cache):
                     owner, leaf = owner_of(gm, cache.target)
                     full = getattr(owner, leaf)
                     setattr(owner, leaf, full.new_zeros(full.shape[0], full.shape[1], slots, full.shape[3]))
                 stats["ring_caches"] = stats.get("ring_caches", 0) + 1
-            args[RING] = bool(slots)
-            node.args = tuple(args)
+            args.ring = bool(slots)
+            args.write_to(node)
             stats[pattern.describe()] = stats.get(pattern.describe(), 0) + 1
         return PassResult(True, stats, tuple(f"layer {k}: {v.describe()}" for k, v in sorted(wanted.items())))
 

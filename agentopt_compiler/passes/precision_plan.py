@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import AgentOptError
+from ..validation import Invalid, Spec, anything_object, boolean, check, integer, map_of, read_json, record, string
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 BITS = {"int8": 8, "int4": 4}
@@ -114,15 +115,51 @@ class PrecisionPlan:
         if isinstance(source, (str, Path)) and str(source) in PRECISIONS:
             raise AgentOptError(f"'{source}' is a precision, not a plan: use PrecisionPlan.uniform or "
                                 "agentopt plan precision to make one")
+        where = "precision plan"
         if not isinstance(source, dict):
-            path = Path(source)
-            if not path.is_file():
-                raise AgentOptError(f"precision plan '{path}' does not exist; make one with agentopt plan precision")
-            try:
-                source = json.loads(path.read_text())
-            except json.JSONDecodeError as exc:
-                raise AgentOptError(f"precision plan '{path}' is not valid JSON ({exc})") from None
-        if source.get("format") != FORMAT:
-            raise AgentOptError(f"not a precision plan (format should be '{FORMAT}')")
-        return cls(dict(source.get("units", {})), int(source.get("block_size", 32)), dict(source.get("budget", {})),
-                   dict(source.get("predicted", {})), bool(source.get("symmetric", True)))
+            where = f"precision plan '{source}'"
+            source = read_json(Path(source), "precision plan", _FIX)
+        data = check(source, PLAN_FILE, source=where, fix=_FIX)
+        return cls(data["units"], data.get("block_size", 32), data.get("budget", {}), data.get("predicted", {}),
+                   data.get("symmetric", True))
+
+    def check_units(self, num_layers: int) -> None:
+        """Refuse units the model does not have (a plan for another model, or a typo): they would stay fp32
+        silently."""
+        known = set(units_of_model(num_layers))
+        unknown = sorted(set(self.units) - known, key=lambda u: (len(u), u))
+        if unknown:
+            raise AgentOptError(
+                f"precision plan names unit(s) the model does not have: {', '.join(unknown[:4])}"
+                f"{' ...' if len(unknown) > 4 else ''}; its units are layers.0-{num_layers - 1}.(attn_qkv, attn_o, "
+                f"mlp_gate_up, mlp_down) and lm_head: fix the names, or make a plan for this model with agentopt "
+                "plan precision")
+
+
+def _precision_problem(value: str) -> str | None:
+    try:
+        parse_precision(value)
+    except AgentOptError as exc:
+        return str(exc)
+    return None
+
+
+class _PrecisionName(Spec):
+    description = "a precision such as int4 or int4@128"
+
+    def validate(self, value, path):
+        if not isinstance(value, str):
+            raise self.fail(value, path)
+        problem = _precision_problem(value)
+        if problem:
+            raise Invalid(path, f"has {problem}")
+        return value
+
+
+_FIX = "fix the plan file or make a new one with agentopt plan precision"
+# The plan file; "measured" is what a compile adds to the copy it keeps in the engine's manifest.
+PLAN_FILE = record({
+    "format": string(choices=(FORMAT,)), "version": integer(minimum=1, maximum=1), "block_size":
+    integer(choices=BLOCK_SIZES), "symmetric": boolean(), "units": map_of(_PrecisionName()),
+    "budget": anything_object(), "predicted": anything_object(), "measured": anything_object(),
+}, required=("format", "units"))

@@ -1,7 +1,9 @@
 """The engine folder's ``manifest.json``: what the engine is, how it was made, and a hash of every file.
 
 Written last by the compiler (inside a temporary folder that is renamed into place), read first by ``load_engine``,
-which refuses a folder that is not an engine, was made by a newer format, or whose files do not match their hashes.
+which refuses a folder that is not an engine, was made by a newer format, has a manifest of the wrong shape (checked
+against ``MANIFEST_SCHEMA``, so code that reads a manifest meets only the types it expects), holds a file the
+manifest does not list, or whose files do not match their sizes and hashes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EngineError
+from ..validation import Spec, anything_object, boolean, check, integer, list_of, map_of, optional, record, string
 
 MANIFEST = "manifest.json"
 FORMAT = "agentopt-engine"
@@ -55,10 +58,20 @@ def read_manifest(folder: Path, verify_hashes: bool = True) -> dict[str, Any]:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise EngineError(f"'{folder}' uses engine format {version}, newer than this agentopt reads "
                           f"({FORMAT_VERSION}); upgrade agentopt-compiler")
-    for key in ("engine", "model", "files"):
-        if key not in manifest:
-            raise EngineError(f"'{path}' lacks the '{key}' section; recompile the engine")
-    for name, info in manifest["files"].items():
+    manifest = check(manifest, MANIFEST_SCHEMA, source=str(path), error=EngineError,
+                     fix="recompile the engine (agentopt compile)")
+    _check_config(manifest["model"]["config"], path)
+    files = manifest["files"]
+    for key in ("graph", "plan_file"):
+        name = manifest["engine"].get(key)
+        if name is not None and name not in files:
+            raise EngineError(f"'{path}': engine.{key} names {name!r}, which the manifest's files do not list; "
+                              "recompile the engine")
+    unlisted = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST and p.name not in files)
+    if unlisted:
+        raise EngineError(f"engine '{folder}' holds {unlisted[0]!r}, which {MANIFEST} does not list (so nothing "
+                          "vouches for it); remove it from the folder, or recompile the engine")
+    for name, info in files.items():
         file = folder / name
         if not file.is_file():
             raise EngineError(f"engine '{folder}' is incomplete: {name} is missing; recompile the engine")
@@ -66,6 +79,17 @@ def read_manifest(folder: Path, verify_hashes: bool = True) -> dict[str, Any]:
             raise EngineError(f"engine '{folder}' is corrupt: {name} does not match its sha256 in {MANIFEST}; "
                               "recompile the engine")
     return manifest
+
+
+def _check_config(config: dict, path: Path) -> None:
+    """The model config must be one ModelConfig accepts (the runtime reads its token ids; inspect shows it)."""
+    from ..errors import AgentOptError
+    from ..models.config import ModelConfig
+
+    try:
+        ModelConfig.from_dict(config)
+    except AgentOptError as exc:
+        raise EngineError(f"'{path}': model.config is not valid ({exc}); recompile the engine") from None
 
 
 def describe_attention_layers(layers: list[dict]) -> str:
@@ -81,3 +105,71 @@ def describe_attention_layers(layers: list[dict]) -> str:
         else:
             groups.append([1, desc])
     return "; ".join(f"{n} × {desc}" for n, desc in groups) or "–"
+
+
+def _file_name_problem(name: str) -> str | None:
+    """Listed files are plain names inside the folder: no paths (a manifest must not point outside its engine)."""
+    if not name or name in (".", "..", MANIFEST) or "/" in name or "\\" in name or "\0" in name:
+        return "is not the name of a file in the engine folder"
+    return None
+
+
+class _Sha256(Spec):
+    description = "a sha256 hex digest (64 characters 0-9a-f)"
+
+    def validate(self, value, path):
+        if not isinstance(value, str) or len(value) != 64 or not all(c in "0123456789abcdef" for c in value):
+            raise self.fail(value, path)
+        return value
+
+
+class _NumpyDtype(Spec):
+    description = "a numpy dtype name such as float32"
+
+    def validate(self, value, path):
+        import numpy as np
+
+        if not isinstance(value, str):
+            raise self.fail(value, path)
+        try:
+            np.dtype(value)
+        except TypeError:
+            raise self.fail(value, path) from None
+        return value
+
+
+_NAMES = list_of(string())
+_CONFIG_SHOWN = ("family", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads")  # by inspect
+# Every key the runtime, the backends' sessions and ``agentopt inspect`` read, with its type. Sections keep keys they
+# do not list (a newer compiler may add some within the same format version).
+MANIFEST_SCHEMA = record({
+    "format": string(), "format_version": integer(),
+    "created": string(), "rebuilt": string(),
+    "toolkit": anything_object(), "dependencies": map_of(string()),
+    "model": record({"name": string(), "source": string(), "config": record(
+        {k: string() if k == "family" else integer(minimum=1) for k in _CONFIG_SHOWN}, required=_CONFIG_SHOWN,
+        extra="keep")}, required=("name", "source", "config"), extra="keep"),
+    "engine": record({
+        "backend": string(), "device": string(), "dtype": string(),
+        "context_length": integer(minimum=1), "batch_size": integer(minimum=1),
+        "graph": string(), "plan_file": string(), "opset": integer(minimum=1),
+        "inputs": _NAMES, "outputs": _NAMES, "logits": string(), "multi_logits": boolean(),
+        "cache_update": string(), "lowering_rules": map_of(integer(minimum=0)), "tensorrt": anything_object(),
+        "caches": list_of(record({"input": string(), "output": string(), "buffer": string(),
+                                  "shape": list_of(integer(minimum=0), length=4), "dtype": _NumpyDtype()},
+                                 required=("input", "output", "shape"), extra="keep")),
+        "attention": record({
+            "fused_layers": integer(minimum=0), "impl": string(), "ring_call_tokens": integer(minimum=1),
+            "layers": list_of(record({"op": string(), "window": integer(), "sinks": integer(minimum=0),
+                                      "stride": integer(minimum=0), "ring": boolean(),
+                                      "dense_kv_heads": optional(list_of(integer(minimum=0)))}, extra="keep")),
+        }, extra="keep"),
+    }, required=("backend", "device", "dtype", "context_length", "batch_size", "graph", "inputs", "logits", "caches"),
+        extra="keep"),
+    "passes": list_of(record({"name": string(), "skipped": boolean(), "stats": anything_object()},
+                             required=("name", "skipped", "stats"), extra="keep")),
+    "sparse_attention": optional(anything_object()), "precision_plan": optional(anything_object()),
+    "tokenizer": record({"files": _NAMES}, extra="keep"),
+    "files": map_of(record({"sha256": _Sha256(), "bytes": integer(minimum=0)}, required=("sha256", "bytes")),
+                    key=_file_name_problem, min_length=1),
+}, required=("engine", "model", "files"), extra="keep")

@@ -14,7 +14,6 @@ the old one only when complete; on any error the old engine is untouched.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -30,7 +29,7 @@ _MANIFEST_KEYS = ("format", "format_version", "files")  # written by write_manif
 def rebuild_engine(folder: str | Path, options: dict | None = None,
                    progress: Callable[[str], None] | None = None) -> dict:
     """Rebuild the TensorRT plan of ``folder`` in place; return the new manifest."""
-    from ...compiler import _replace_folder, _umask, dependency_versions
+    from ...compiler import _replace_folder, dependency_versions, make_staging_folder
     from ...runtime.manifest import MANIFEST, read_manifest, write_manifest
 
     log = progress or (lambda _msg: None)
@@ -41,8 +40,7 @@ def rebuild_engine(folder: str | Path, options: dict | None = None,
     builder.import_tensorrt()  # fail before writing anything when TensorRT or the GPU is missing
     builder.require_cuda()
     plan = TensorRTBuildPlan.from_manifest(engine, options)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.rebuild-", dir=folder.parent))
-    staging.chmod(0o777 & ~_umask())
+    staging = make_staging_folder(folder, "rebuild")
     try:
         for name in manifest["files"]:
             if name != builder.PLAN_FILE:
