@@ -262,7 +262,7 @@ class EngineGenerator:
 
     def __call__(self, prompt_text: str, stop_strings: tuple[str, ...] = STOP_STRINGS) -> str:
         from ..errors import ContextOverflowError
-        from ..runtime.tokenizer import IncrementalDecoder
+        from ..runtime.generation import TextStream
 
         ids = self.engine.tokenizer.encode(prompt_text, add_special_tokens=False)
         start = time.perf_counter()
@@ -271,19 +271,15 @@ class EngineGenerator:
         except ContextOverflowError:
             return ""  # does not fit: counts as no answer, as in the eager generator
         decode_start = time.perf_counter()
-        decoder = IncrementalDecoder(self.engine.tokenizer)
+        stream = TextStream(self.engine.tokenizer, stop_strings)
         tokens = self.conversation.generate(logits, self.config)
-        text = ""
         for token in tokens:
             self.generated += 1
-            decoder.push(token)
-            hits = [decoder.text.index(s) + len(s) for s in stop_strings if s in decoder.text]
-            if hits:
+            stream.push(token)
+            if stream.stop is not None:
                 tokens.close()
-                text = decoder.text[:min(hits)]
                 break
-        else:
-            text = decoder.text
+        text = stream.visible + (stream.stop or "")  # the episode keeps the stop string (a call's closing tag)
         end = time.perf_counter()
         self.seconds += end - start
         self.decode_seconds += end - decode_start

@@ -205,5 +205,7 @@ class LlamaDecoder(nn.Module):
             x = layer(x, positions, cos, sin, masks[self.config.window_of(index)])
         if logits_index is not None:  # only the tokens whose next-token logits are wanted: (B,) or (B, L) per row
             picks = logits_index[:, None] if logits_index.dim() == 1 else logits_index  # (B, L)
-            x = x.gather(1, picks[:, :, None].expand(b, picks.shape[1], x.shape[-1]))  # (B, L, E)
+            # expand(-1, -1, E) rather than (b, L, E): the exported graph then holds no batch-sized constant, so one
+            # engine runs any number of cache rows per call (backends/onnxruntime/dynamic_rows.py)
+            x = x.gather(1, picks[:, :, None].expand(-1, -1, x.shape[-1]))  # (B, L, E)
         return self.lm_head(self.norm(x))  # (B, S or L, V)

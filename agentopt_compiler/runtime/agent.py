@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .chat import render_chat
-from .engine import GenerationConfig, _merge
-from .tokenizer import IncrementalDecoder
+from .generation import GenerationConfig, TextStream
 from .tools import Tool, ToolCall, parse_tool_calls, run_tool_call
 
 TOOL_CALL_END = "</tool_call>"
@@ -73,9 +72,8 @@ class Agent:
 
     def run(self, task: str, on_event: Callable[[dict], None] | None = None, **generation) -> AgentResult:
         emit = on_event or (lambda _event: None)
-        config = _merge(self.generation, generation)
-        stops = tuple(config.stop_strings) + (TOOL_CALL_END,)
-        config = _merge(config, {"stop_strings": stops})
+        config = self.generation.with_options(**generation)
+        config = config.with_options(stop_strings=tuple(config.stop_strings) + (TOOL_CALL_END,))
         self.messages.append({"role": "user", "content": task})
         result = AgentResult(None, "step_limit")
         conversation = self.conversation
@@ -124,24 +122,24 @@ class Agent:
     def _generate(self, logits, config: GenerationConfig, emit) -> tuple[str, str, int]:
         """Generate one assistant message; returns (text, reason, tokens) with reason in stop / stop_string /
         length / context."""
-        decoder = IncrementalDecoder(self.engine.tokenizer)
+        text = TextStream(self.engine.tokenizer, config.stop_strings)
         tokens = self.conversation.generate(logits, config)
-        count, emitted = 0, 0
+        count = 0
         while True:
             try:
                 token = next(tokens)
             except StopIteration as stop:
-                return decoder.text, stop.value or "length", count
+                tail = text.flush()
+                if tail:
+                    emit({"type": "token", "text": tail})
+                return text.visible, stop.value or "length", count
             count += 1
-            decoder.push(token)
-            hit = min((decoder.text.find(s) for s in config.stop_strings if s in decoder.text), default=-1)
-            end = hit if hit >= 0 else len(decoder.text)
-            if end > emitted:
-                emit({"type": "token", "text": decoder.text[emitted:end]})
-                emitted = end
-            if hit >= 0:
+            delta = text.push(token)
+            if delta:
+                emit({"type": "token", "text": delta})
+            if text.stop is not None:
                 tokens.close()
-                return decoder.text[:hit], "stop_string", count
+                return text.visible, "stop_string", count
 
 
 def describe_event(event: dict) -> str:

@@ -6,64 +6,40 @@
     engine.generate_ids([1, 2, 3], max_new_tokens=32)      -> list[int]
     engine.complete(...)                                   -> Completion (text, ids, finish reason, timings)
 
-Generation = one prefill call over the prompt, then one decode call per new token; the session holds the KV cache.
+Generation = one prefill call over the prompt, then one decode call per new token (generation.py); the session holds
+the KV caches of the engine's slots (slots.py): one per conversation in use; ``generate_batch`` and ``agentopt serve``
+decode many of them in one call (scheduler.py).
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
-
 from ..backends import get_backend
-from ..errors import AgentOptError, ContextOverflowError, EngineError
-from .conversation import Conversation, check_prompt_lookup
+from ..errors import AgentOptError, EngineError
+from .conversation import Conversation
+from .generation import Completion, GenerationConfig, TextStream
 from .manifest import read_manifest
-from .prompt_lookup import DraftIndex
-from .sampling import check_draft, sample
-from .tokenizer import IncrementalDecoder, Tokenizer
+from .slots import SlotPool
+from .tokenizer import Tokenizer
 
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    max_new_tokens: int = 32
-    temperature: float = 0.0  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] | None = None  # None: the model's end-of-sequence tokens
-    stop_strings: tuple[str, ...] = ()
-    ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks, parity tests)
-    prompt_lookup: int = 0  # > 0: check up to this many tokens drafted from the context per call (same tokens
-    # when greedy, the same distribution when sampling)
-
-    def __post_init__(self):
-        if self.max_new_tokens < 0:
-            raise AgentOptError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise AgentOptError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.prompt_lookup < 0:
-            raise AgentOptError(f"prompt_lookup must be >= 0 (0: off), got {self.prompt_lookup}")
-
-
-@dataclass
-class Completion:
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    finish_reason: str  # "stop" (eos / stop string), "length" (max_new_tokens) or "context" (engine full)
-    time_to_first_token_s: float
-    decode_tokens_per_s: float
+__all__ = ["Completion", "Engine", "GenerationConfig", "load_engine"]
 
 
 class Engine:
     def __init__(self, folder: Path, manifest: dict, session, tokenizer: Tokenizer | None):
         self.folder, self.manifest, self.session, self.tokenizer = folder, manifest, session, tokenizer
         self.compile_report = None  # set by compile()
-        self._kv_owner = None  # the Conversation whose tokens are in the session's cache
+        self.lock = threading.RLock()  # one call at a time on the session (a scheduler thread, or the caller)
+
+    @cached_property
+    def slots(self) -> SlotPool:
+        """The KV slots: rows of the session's caches, one per conversation in use (slots.py)."""
+        return SlotPool(self.session)
 
     @property
     def context_length(self) -> int:
@@ -90,39 +66,37 @@ class Engine:
         return Conversation(self, prefix_cache)
 
     def stream_ids(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Iterator[int]:
-        """One-shot generation from a clean cache: yield new token ids; the return value is the finish reason."""
+        """One-shot generation in a fresh conversation: yield new token ids; the return value is the finish reason."""
         conversation = Conversation(self)
-        conversation._activate()  # saves the cache of any conversation that owned it
-        self.session.reset()
-        logits = conversation.prefill_to(list(prompt_ids))
-        return (yield from conversation.generate(logits, config))
+        try:
+            logits = conversation.prefill_to(list(prompt_ids))
+            return (yield from conversation.generate(logits, config))
+        finally:
+            conversation.release()
 
-    def stream_events(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Iterator[tuple[int, str]]:
-        """Yield (token id, text delta) pairs, cutting the text at the first stop string; returns the finish reason."""
-        decoder = IncrementalDecoder(self.tokenizer) if self.tokenizer is not None else None
-        emitted = 0
+    def stream_events(self, prompt_ids: Sequence[int], config: GenerationConfig
+                      ) -> Iterator[tuple[int | None, str]]:
+        """Yield (token id, text delta) pairs, the text cut at the first stop string (text held back because it might
+        have begun one comes last, with token None); returns the finish reason."""
+        text = TextStream(self.tokenizer, config.stop_strings) if self.tokenizer is not None else None
         tokens = self.stream_ids(prompt_ids, config)
         while True:
             try:
                 token = next(tokens)
             except StopIteration as stop:
+                tail = text.flush() if text is not None else ""
+                if tail:
+                    yield None, tail
                 return stop.value
-            if decoder is None:
-                yield token, ""
-                continue
-            decoder.push(token)
-            hit = _first_stop_string(decoder.text, config.stop_strings)
-            end = len(decoder.text) if hit is None else hit
-            yield token, decoder.text[emitted:end] if end > emitted else ""
-            emitted = max(emitted, end)
-            if hit is not None:
+            yield token, text.push(token) if text is not None else ""
+            if text is not None and text.stop is not None:
                 tokens.close()
                 return "stop"
 
     def complete(self, prompt: str | Sequence[int], config: GenerationConfig | None = None,
                  on_text=None, **overrides) -> Completion:
         """Generate and return everything about it. ``on_text(delta)`` receives text as it is produced."""
-        config = _merge(config, overrides)
+        config = (config or GenerationConfig()).with_options(**overrides)
         prompt_ids = self.encode(prompt)
         new_ids, pieces = [], []
         start = time.perf_counter()
@@ -135,7 +109,8 @@ class Engine:
                 reason = stop.value or "length"
                 break
             first_token_at = first_token_at or time.perf_counter()
-            new_ids.append(token)
+            if token is not None:
+                new_ids.append(token)
             if delta:
                 pieces.append(delta)
                 if on_text:
@@ -147,9 +122,50 @@ class Engine:
 
     def generate_batch(self, prompts: Sequence[str | Sequence[int]], config: GenerationConfig | None = None,
                        **overrides) -> list[Completion]:
-        """Generate for up to ``batch_size`` prompts at once (engines compiled with ``batch_size`` > 1); rows have
-        their own lengths and sampling streams (seed + row index). Stop strings cut each row's text afterwards."""
-        return generate_batch(self, prompts, _merge(config, overrides))
+        """Generate for several prompts at once: each gets a KV slot (engines have ``batch_size`` of them, or the
+        ``slots`` given to load_engine) and all decode together, one call per step (scheduler.py); prompts beyond
+        the slots wait for one. Each prompt has its own length and sampling stream (seed + its index)."""
+        from .scheduler import Scheduler
+
+        config = (config or GenerationConfig()).with_options(**overrides)
+        rows = [self.encode(p) for p in prompts]
+        if not rows:
+            raise AgentOptError("generate_batch needs at least one prompt")
+        scheduler = Scheduler(self, prefill_chunk=max(map(len, rows)), max_waiting=len(rows))
+        texts: list[list[str]] = [[] for _ in rows]
+        outputs: list[list[int]] = [[] for _ in rows]
+        results: list[dict] = [{} for _ in rows]
+
+        def collect(index: int):
+            def on_event(event: dict) -> None:
+                if event.get("token") is not None:
+                    outputs[index].append(event["token"])
+                if event.get("text"):
+                    texts[index].append(event["text"])
+                if "done" in event or "error" in event:
+                    results[index] = event
+            return on_event
+
+        start = time.perf_counter()
+        conversations = [Conversation(self) for _ in rows]
+        requests = [scheduler.submit(row, config.with_options(seed=None if config.seed is None else config.seed + b),
+                                     collect(b), conversation=conversations[b]) for b, row in enumerate(rows)]
+        try:
+            scheduler.run(requests)
+        finally:
+            for conversation in conversations:
+                conversation.release()
+        errors = [r["error"] for r in results if "error" in r]
+        if errors:
+            raise errors[0]
+        completions = []
+        for b, request in enumerate(requests):
+            ttft = (request.first_token_at or request.finished_at) - start
+            decode_s = request.finished_at - (request.first_token_at or request.finished_at)
+            rate = (len(outputs[b]) - 1) / decode_s if len(outputs[b]) > 1 and decode_s > 0 else 0.0
+            completions.append(Completion("".join(texts[b]), outputs[b], len(rows[b]), results[b]["done"], ttft,
+                                          rate))
+        return completions
 
     def generate(self, prompt: str | Sequence[int], config: GenerationConfig | None = None, **overrides) -> str:
         return self.complete(prompt, config, **overrides).text
@@ -163,128 +179,10 @@ class Engine:
         """Yield text pieces as tokens are generated."""
         if self.tokenizer is None:
             raise EngineError(f"engine '{self.folder}' has no tokenizer; use stream_ids with token ids")
-        for _token, delta in self.stream_events(self.encode(prompt), _merge(config, overrides)):
+        config = (config or GenerationConfig()).with_options(**overrides)
+        for _token, delta in self.stream_events(self.encode(prompt), config):
             if delta:
                 yield delta
-
-
-def generate_batch(engine: "Engine", prompts: Sequence[str | Sequence[int]], config: GenerationConfig) -> list:
-    """Rows of one batch, each with its own prompt length, position and sampling stream (seed + row). With
-    ``config.prompt_lookup``, each row drafts from its own tokens and every call checks all rows' drafts at once."""
-    session = engine.session
-    rows = [engine.encode(p) for p in prompts]
-    batch, capacity = session.batch_size, engine.context_length
-    if not rows or len(rows) > batch:
-        raise AgentOptError(f"{len(rows)} prompts for an engine compiled for batch {batch}; give 1 to {batch} "
-                            f"prompts or recompile with --batch-size {len(rows)}")
-    for row in rows:
-        if not row or len(row) >= capacity:
-            raise ContextOverflowError(f"a prompt has {len(row)} tokens; each must have 1 to {capacity - 1} "
-                                       f"(the engine's context is {capacity})")
-    shortest, longest = min(map(len, rows)), max(map(len, rows))
-    spare = getattr(session, "ring_spare_slots", 0)
-    if not getattr(session, "rewindable", True) and longest - shortest > spare:
-        raise AgentOptError(f"prompts of {shortest} to {longest} tokens need right padding in one batch, and this "
-                            f"engine's ring caches (bounded sparse-attention layers) can take {spare} pads at most: "
-                            f"more would overwrite slots their row still reads; give prompts whose lengths differ by "
-                            f"at most {spare}, or generate them one at a time")
-    if config.prompt_lookup:
-        check_prompt_lookup(session, config.prompt_lookup)
-    Conversation(engine)._activate()  # saves the cache of any conversation that owned it
-    engine._kv_owner = None
-    session.reset()
-    lengths = [len(r) for r in rows] + [1] * (batch - len(rows))  # unused rows run a 1-token dummy prompt
-    width = max(lengths)
-    ids = np.zeros((batch, width), dtype=np.int64)  # right padding: pads land past each row's end, never read
-    for b, row in enumerate(rows):
-        ids[b, :len(row)] = row
-    start = time.perf_counter()
-    logits = session.run(ids, np.broadcast_to(np.arange(width), (batch, width)), np.array(lengths) - 1)
-    stops = set() if config.ignore_eos else set(
-        config.stop_token_ids if config.stop_token_ids is not None else engine.eos_token_ids)
-    rngs = [np.random.default_rng(None if config.seed is None else config.seed + b) for b in range(len(rows))]
-    sampling = (config.temperature, config.top_k, config.top_p)
-    histories = [list(r) for r in rows]  # prompt + output per row: what its drafts come from
-    drafters = [DraftIndex() for _ in rows]
-    drafts: list[list[int]] = [[] for _ in range(batch)]
-    outputs: list[list[int]] = [[] for _ in rows]
-    reasons: list[str | None] = [None if config.max_new_tokens else "length"] * len(rows)
-    first_token_at = None
-    while any(r is None for r in reasons):
-        pending = np.zeros(batch, dtype=np.int64)
-        for b in range(len(rows)):
-            if reasons[b] is not None:
-                continue
-            for index in range(1 + len(drafts[b])):  # row 0: after the fed token; then one per draft token
-                row_logits = logits[b, index]
-                token = check_draft(row_logits, drafts[b][index], rngs[b], *sampling) \
-                    if index < len(drafts[b]) else sample(row_logits, rngs[b], *sampling)
-                if token in stops:
-                    reasons[b] = "stop"
-                    break
-                outputs[b].append(token)
-                histories[b].append(token)
-                drafted = index < len(drafts[b]) and token == drafts[b][index]
-                if drafted:
-                    lengths[b] += 1  # its KV was written by the call that checked it
-                if len(outputs[b]) == config.max_new_tokens:
-                    reasons[b] = "length"
-                elif not drafted and lengths[b] >= capacity:  # no slot left to feed it in
-                    reasons[b] = "context"
-                if reasons[b] is not None or not drafted:
-                    pending[b] = token
-                    break
-        first_token_at = first_token_at or time.perf_counter()
-        if all(r is not None for r in reasons):
-            break
-        # every row feeds the same number of tokens: its pending token, its draft, then padding past its end
-        # (written where nothing reads it before the row's own tokens overwrite it)
-        room = min(capacity - lengths[b] for b in range(len(rows)) if reasons[b] is None)
-        for b in range(batch):
-            active = b < len(rows) and reasons[b] is None
-            drafts[b] = drafters[b].draft(histories[b], min(config.prompt_lookup, room - 1,
-                                                            config.max_new_tokens - len(outputs[b]) - 1)) \
-                if active and config.prompt_lookup else []
-        width = 1 + max(len(d) for d in drafts)
-        ids = np.zeros((batch, width), dtype=np.int64)
-        for b in range(batch):
-            ids[b, :1 + len(drafts[b])] = [pending[b], *drafts[b]]
-        # active rows write at their own next positions; finished rows rewrite slots at their end (never read)
-        positions = np.array([[min(n + i, capacity - 1) for i in range(width)] for n in lengths], dtype=np.int64)
-        logits = session.run(ids, positions, np.broadcast_to(np.arange(width), (batch, width)))
-        lengths = [n + 1 if b < len(rows) and reasons[b] is None else n for b, n in enumerate(lengths)]
-    end = time.perf_counter()
-    decoded = sum(len(o) for o in outputs)
-    rate = (decoded - len(rows)) / (end - first_token_at) if first_token_at and end > first_token_at else 0.0
-    texts = [engine.tokenizer.decode(o) if engine.tokenizer is not None else "" for o in outputs]
-    return [Completion(_cut_at_stop(t, config.stop_strings), o, len(r), reasons[b] or "length",
-                       (first_token_at or end) - start, rate) for b, (t, o, r) in enumerate(zip(texts, outputs, rows))]
-
-
-def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
-    hit = _first_stop_string(text, stops)
-    return text if hit is None else text[:hit]
-
-
-def _merge(config: GenerationConfig | None, overrides: dict) -> GenerationConfig:
-    config = config or GenerationConfig()
-    if not overrides:
-        return config
-    fields = set(GenerationConfig.__dataclass_fields__)
-    unknown = set(overrides) - fields
-    if unknown:
-        raise AgentOptError(f"unknown generation option(s): {', '.join(sorted(unknown))}; "
-                            f"options: {', '.join(sorted(fields))}")
-    values = {**config.__dict__, **overrides}
-    for key in ("stop_token_ids", "stop_strings"):
-        if values[key] is not None:
-            values[key] = tuple(values[key])
-    return GenerationConfig(**values)
-
-
-def _first_stop_string(text: str, stops: Sequence[str]) -> int | None:
-    hits = [text.find(s) for s in stops if s and s in text]
-    return min(hits) if hits else None
 
 
 class _UnavailableSession:
@@ -306,12 +204,15 @@ def unloaded_engine(folder: str | Path, error: Exception) -> Engine:
 
 
 def load_engine(folder: str | Path, device: str | None = None, threads: int | None = None,
-                verify_hashes: bool = True) -> Engine:
-    """Open an engine folder written by ``compile``. ``device`` overrides the one it was compiled for."""
+                verify_hashes: bool = True, slots: int | None = None) -> Engine:
+    """Open an engine folder written by ``compile``. ``device`` overrides the one it was compiled for; ``slots``
+    the number of KV slots (cache rows; default the compiled batch size), for engines with dynamic rows."""
     folder = Path(folder)
     manifest = read_manifest(folder, verify_hashes=verify_hashes)
     engine_section = manifest["engine"]
     backend = get_backend(engine_section.get("backend", "?"), device or engine_section.get("device", "cpu"))
-    session = backend.load("session")(folder, engine_section, device or engine_section.get("device", "cpu"), threads)
+    device = device or engine_section.get("device", "cpu")
+    options = {"slots": slots} if slots is not None else {}
+    session = backend.load("session")(folder, engine_section, device, threads, **options)
     tokenizer = Tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
     return Engine(folder, manifest, session, tokenizer)

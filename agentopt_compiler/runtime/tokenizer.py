@@ -34,6 +34,15 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def decode_stream(self):
+        """``step(token_id) -> str | None``: the text a new token adds to the tokens stepped so far (None while a
+        multi-byte character is incomplete). tokenizers' DecodeStream: constant work per token, where decoding the
+        whole sequence again each step costs O(n)."""
+        from tokenizers.decoders import DecodeStream
+
+        stream = DecodeStream(skip_special_tokens=True)
+        return lambda token_id: stream.step(self._tok, token_id)
+
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
@@ -45,18 +54,3 @@ class Tokenizer:
             eos = eos.get("content")
         token = self.token_id(eos) if isinstance(eos, str) else None
         return [] if token is None else [token]
-
-
-class IncrementalDecoder:
-    """Turns a growing list of token ids into text deltas, holding back incomplete UTF-8 sequences."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.ids, self.text = tokenizer, [], ""
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
-            return ""
-        delta, self.text = text[len(self.text):], text
-        return delta

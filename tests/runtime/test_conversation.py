@@ -86,12 +86,12 @@ def test_prefix_cache_evicts_lru_but_keeps_pinned():
 
 
 def test_a_gqa_batch_engine_continues_conversations(tmp_path, tiny_engine):
-    """ORT's GroupQueryAttention refuses several new tokens per row after cached ones at batch > 1; the session
-    feeds such chunks one token at a time, so a batch engine's conversations still equal a batch-1 engine's."""
+    """ORT's GroupQueryAttention refuses several new tokens per row after cached ones at batch > 1; a conversation
+    on a batch engine runs on its own row (dynamic rows), so its turns equal a batch-1 engine's."""
     import agentopt_compiler as ao
 
     engine = ao.compile("tiny-random", out=tmp_path / "b3", context_length=96, batch_size=3)
-    assert not engine.session.batched_chunks and tiny_engine.session.batched_chunks
+    assert not engine.session.batched_chunks and engine.session.row_subsets and engine.slots.count == 3
     history = [10, 20, 30, 40, 50, 60]
     ours, reference = engine.conversation(), tiny_engine.conversation()
     for turn in range(2):

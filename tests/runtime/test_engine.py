@@ -94,5 +94,7 @@ def test_batch_rows_of_different_lengths_equal_single_row_eager(impl, tmp_path):
     stop = completions[0].token_ids[4]
     stopped = engine.generate_batch(prompts, max_new_tokens=24, stop_token_ids=[stop])
     assert stopped[0].finish_reason == "stop" and stopped[0].token_ids == completions[0].token_ids[:4]
-    with pytest.raises(AgentOptError, match="compiled for batch 3"):
-        engine.generate_batch([PROMPT] * 4)
+    # more prompts than slots: the fourth waits for a slot, then decodes beside the others
+    assert engine.manifest["engine"]["rows"] == "dynamic" and engine.slots.count == 3
+    four = engine.generate_batch(prompts + [[5, 6, 7]], max_new_tokens=8, ignore_eos=True)
+    assert [c.token_ids for c in four] == [eager_greedy(model, p, 8, TINY_CONTEXT) for p in prompts + [[5, 6, 7]]]

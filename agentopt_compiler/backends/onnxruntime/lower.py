@@ -2,7 +2,7 @@
 
     ExportedProgram --torch.onnx (dynamo, opset 23)--> ONNX IR --lift_cache_mutations--> optimize
         --> ORT lowering rules (skip_rms_norm.py, packed_qkv.py; contrib ops, so not with attention_impl="standard")
-        --> constant_slices.py, shared_subexpressions.py --> model.onnx
+        --> constant_slices.py, shared_subexpressions.py --> dynamic_rows.py (checked by running it) --> model.onnx
 
 torch.onnx keeps only user outputs: the in-place cache writes (BUFFER_MUTATION outputs of the functionalized graph)
 are silently dropped and the caches frozen into constant initializers, so decode would read an all-zero past.
@@ -24,6 +24,7 @@ import torch
 from ...errors import AgentOptError, UnsupportedOpError
 from ..ring_caches import ring_spare_slots
 from .constant_slices import fold_constant_slices
+from .dynamic_rows import make_rows_static, make_rows_symbolic, rows_are_independent
 from .packed_qkv import feed_packed_qkv
 from .shared_subexpressions import share_common_subexpressions
 from .skip_rms_norm import fuse_skip_rms_norm
@@ -269,6 +270,8 @@ def lower_to_onnx(program, folder: Path, attention_impl: str = "gqa", device: st
         raise AgentOptError(f"internal: expected one logits output, found {[v.name for v in user_outputs]}")
     user_outputs[0].name = "logits"
     trim_unused_trailing_outputs(graph)
+    # before the optimizer folds shape computations into constants: a folded batch size would tie the graph to it
+    make_rows_symbolic(onnx_program.model, program.batch_size)
     onnx_program.optimize()
     layer_impls = check_attention_patterns(onnx_program.model.graph, fused_nodes)
     if device == "cuda":
@@ -283,6 +286,10 @@ def lower_to_onnx(program, folder: Path, attention_impl: str = "gqa", device: st
     lowering_rules["shared_subexpressions"] = share_common_subexpressions(onnx_program.model)
     weight_bytes = sum(p.numel() * p.element_size() for p in program.exported.state_dict.values())
     onnx_program.save(str(folder / GRAPH_FILE), external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD)
+    dynamic_rows = rows_are_independent(folder / GRAPH_FILE, caches, "logits")
+    if not dynamic_rows:
+        make_rows_static(folder / GRAPH_FILE, program.batch_size)
+    lowering_rules["dynamic_rows"] = int(dynamic_rows)
     return {
         "graph": GRAPH_FILE,
         "opset": OPSET,
@@ -296,4 +303,6 @@ def lower_to_onnx(program, folder: Path, attention_impl: str = "gqa", device: st
         "lowering_rules": lowering_rules,
         # fused lowerings write new rows into the cache tensor they read, so past and present can share one buffer
         "cache_update": "in_place" if fused else "copy",
+        # "dynamic": a call may run any number of cache rows (server slots: runtime/slots.py); "static": all of them
+        "rows": "dynamic" if dynamic_rows else "static",
     }

@@ -1,8 +1,11 @@
 """TensorRT session for an engine folder: the runtime's session protocol over ``model.plan``.
 
     run(input_ids (B, S), positions (B, S) or (S,), logits_index (B,) or (B, L)) -> logits (B, 1 or L, V)
-    reset(), read_cache(n), write_cache(rows), capacity, batch_size, in_place, multi_logits, rewindable,
-    ring_spare_slots, cache_addresses()
+    reset(), read_cache(n, row), write_cache(rows, row), capacity, batch_size, in_place, multi_logits, rewindable,
+    ring_spare_slots, cache_addresses() (backends/session_protocol.py)
+
+Every call runs all B rows (``row_subsets`` False: the optimization profiles fix the batch), so a server holds one
+session on such an engine (runtime/slots.py).
 
 Device memory: **PyTorch CUDA tensors** (``torch`` is already a dependency of the compiler; cuda-python would be one
 more package for the same few allocations and copies). Execution: one ``IExecutionContext`` per optimization profile
@@ -45,7 +48,11 @@ def _torch_dtype(trt, torch, dtype):
 
 
 class TensorRTSession:
-    def __init__(self, folder: Path, engine: dict, device: str = "cuda", threads: int | None = None):
+    def __init__(self, folder: Path, engine: dict, device: str = "cuda", threads: int | None = None,
+                 slots: int | None = None):
+        if slots is not None and slots != int(engine["batch_size"]):
+            raise EngineError(f"TensorRT engines hold the {engine['batch_size']} cache rows they were built for; "
+                              f"rebuild with --batch-size {slots} for {slots} slots")
         if device != "cuda":
             raise ProviderUnavailableError(f"TensorRT engines run on device 'cuda', not '{device}'")
         trt = import_tensorrt()
@@ -84,6 +91,8 @@ class TensorRTSession:
         spare = ring_spare_slots(engine)  # ring caches: no rewinding, writes past the end up to their spare slots
         self.rewindable, self.ring_spare_slots = spare is None, spare or 0
         self.max_call_tokens = engine.get("attention", {}).get("ring_call_tokens")
+        self.row_subsets = False  # profiles fix the batch: every call runs all rows
+        self.batched_chunks = True  # standard-op attention takes several new tokens per row at any batch
         shape = tuple(self._engine.get_tensor_shape(self._logits_name))
         if any(d < 0 for d in shape):  # (B, 1, V) is static in our graphs; be safe if an exporter left it symbolic
             shape = (self.batch_size, 1, shape[-1])
@@ -97,16 +106,18 @@ class TensorRTSession:
             back.zero_()
         self._torch.cuda.synchronize()
 
-    def read_cache(self, length: int) -> dict[str, np.ndarray]:
-        """Host copies of rows [0, length) of every cache: (B, Hkv, length, D) float32 each."""
+    def read_cache(self, length: int, row: int | None = None) -> dict[str, np.ndarray]:
+        """Host copies of positions [0, length) of one row (1, Hkv, length, D) or all rows, float32."""
+        rows = slice(None) if row is None else slice(row, row + 1)
         self._stream.synchronize()
-        return {name: bufs[0][:, :, :length].float().cpu().numpy() for name, bufs in self._buffers.items()}
+        return {name: bufs[0][rows, :, :length].float().cpu().numpy() for name, bufs in self._buffers.items()}
 
-    def write_cache(self, rows: dict[str, np.ndarray]) -> None:
+    def write_cache(self, cached: dict[str, np.ndarray], row: int | None = None) -> None:
+        rows = slice(None) if row is None else slice(row, row + 1)
         with self._torch.cuda.stream(self._stream):
-            for name, value in rows.items():
+            for name, value in cached.items():
                 front = self._buffers[name][0]
-                front[:, :, :value.shape[2]].copy_(self._torch.from_numpy(np.ascontiguousarray(value)).to(front))
+                front[rows, :, :value.shape[2]].copy_(self._torch.from_numpy(np.ascontiguousarray(value)).to(front))
         self._stream.synchronize()
 
     def cache_addresses(self) -> dict[str, int]:
@@ -117,9 +128,13 @@ class TensorRTSession:
     def _device(self, name: str, array: np.ndarray):
         return self._torch.from_numpy(array).to(device="cuda", dtype=self._dtype[name])
 
-    def run(self, input_ids: np.ndarray, positions: np.ndarray, logits_index: np.ndarray | None = None) -> np.ndarray:
+    def run(self, input_ids: np.ndarray, positions: np.ndarray, logits_index: np.ndarray | None = None,
+            rows: range | None = None) -> np.ndarray:
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         batch, length = input_ids.shape
+        if rows is not None and len(rows) != self.batch_size:
+            raise EngineError(f"TensorRT engines run all {self.batch_size} rows in every call, not rows {rows.start} "
+                              f"to {rows.stop - 1}")
         if batch != self.batch_size or not 1 <= length <= self.capacity:
             raise EngineError(f"input of shape {input_ids.shape}; this engine takes ({self.batch_size}, 1 to "
                               f"{self.capacity}) tokens")

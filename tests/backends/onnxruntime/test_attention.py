@@ -88,7 +88,7 @@ def test_decode_is_zero_copy_and_greedy_tokens_equal_eager(tmp_path, tiny_engine
     tokens = engine.generate_ids(prompt, max_new_tokens=33, ignore_eos=True)
     assert session.cache_addresses() == before  # the same buffers throughout
     # the presents were written into the past buffers: rows 0..len-1 are filled, the rest untouched
-    key = session._caches["past.0.key"]
+    key = session.read_cache(session.capacity)["past.0.key"]
     filled = np.abs(key[0, 0]).sum(axis=-1) > 0
     assert filled[: len(prompt) + 32].all() and not filled[len(prompt) + 32:].any()
     assert tokens == eager_greedy(load_model("tiny-random").model, prompt, 33, TINY_CONTEXT)

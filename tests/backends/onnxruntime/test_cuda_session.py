@@ -16,10 +16,9 @@ class OrtValueCacheSession(OrtSession):
 
     def __init__(self, folder, engine):
         super().__init__(folder, engine, device="cpu", threads=1)
-        self._device_caches = DeviceCaches(self.caches_spec, "cpu")
-        self._cache_values = self._device_caches.values
-        self._caches = {}
-        self._bind_caches()
+
+    def _make_caches(self, device):
+        return DeviceCaches(self.caches_spec, device)
 
 
 def test_device_cache_path_matches_host_caches(tiny_engine):

@@ -1,0 +1,178 @@
+"""Generation, written once: what every loop that turns a call's logits into tokens and text shares (no torch).
+
+    GenerationConfig   sampling, stop tokens and strings, limits, prompt lookup
+    TokenPicker        one sequence's tokens from one call's logits: sampled or greedy, prompt-lookup drafts checked
+                       and kept, stop tokens, the new-token and context limits; the next draft
+    TextStream         token ids -> text deltas (tokenizers' DecodeStream: constant work per token), cut at the first
+                       stop string, never showing text that may still turn out to be the start of one
+    Completion         what a finished generation reports
+
+Loops that use them: ``Conversation.generate`` (one sequence: ``engine.complete``/``stream``, ``Agent``,
+``agentopt eval``) and ``Scheduler`` (many sequences, one batched call per step: ``agentopt serve``,
+``engine.generate_batch``).
+
+A call feeds a sequence's pending token and its draft ``d`` (prompt lookup) and returns logits rows ``r``:
+
+    fed:     pending  d[0]  d[1]        row i predicts the token after fed[i]: d[i] is kept when the row chooses it
+    rows:    r[0]     r[1]  r[2]        (check_draft: greedy, the argmax; sampled, with the probability p(d[i]))
+             -> d[0]? -> d[1]? -> new   the first token that is not the draft ends the call's tokens
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import AgentOptError
+from .prompt_lookup import DraftIndex
+from .sampling import check_draft, sample
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] | None = None  # None: the model's end-of-sequence tokens
+    stop_strings: tuple[str, ...] = ()
+    ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks, parity tests)
+    prompt_lookup: int = 0  # > 0: check up to this many tokens drafted from the context per call (same tokens
+    # when greedy, the same distribution when sampling)
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise AgentOptError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise AgentOptError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.temperature >= 0.0:  # also refuses NaN
+            raise AgentOptError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if self.prompt_lookup < 0:
+            raise AgentOptError(f"prompt_lookup must be >= 0 (0: off), got {self.prompt_lookup}")
+
+    def with_options(self, **overrides) -> "GenerationConfig":
+        """A copy with ``overrides`` (names checked: an unknown option is an error naming the known ones)."""
+        unknown = set(overrides) - set(GenerationConfig.__dataclass_fields__)
+        if unknown:
+            raise AgentOptError(f"unknown generation option(s): {', '.join(sorted(unknown))}; "
+                                f"options: {', '.join(sorted(GenerationConfig.__dataclass_fields__))}")
+        for key in ("stop_token_ids", "stop_strings"):
+            if overrides.get(key) is not None:
+                overrides[key] = tuple(overrides[key])
+        return replace(self, **overrides) if overrides else self
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (eos / stop string), "length" (max_new_tokens) or "context" (engine full)
+    time_to_first_token_s: float
+    decode_tokens_per_s: float
+
+
+class TokenPicker:
+    """The token choices of one sequence: its random stream, stop tokens, limits and prompt-lookup drafts.
+
+    ``finish`` is None while the sequence goes on, then "stop", "length" or "context"."""
+
+    def __init__(self, config: GenerationConfig, eos_token_ids: Sequence[int], capacity: int):
+        self.config, self.capacity = config, capacity
+        self.stops = set() if config.ignore_eos else set(
+            config.stop_token_ids if config.stop_token_ids is not None else eos_token_ids)
+        self.rng = np.random.default_rng(config.seed)
+        self.sampling = (config.temperature, config.top_k, config.top_p)
+        self.generated = 0
+        self.drafted = self.accepted = 0  # draft tokens checked, and those the model agreed with
+        self.finish: str | None = None if config.max_new_tokens else "length"
+        self._drafts = DraftIndex()
+
+    def pick(self, rows: np.ndarray, draft: Sequence[int], tokens: list[int]) -> tuple[list[int], int]:
+        """Choose tokens from the logits ``rows`` (L, V) of a call that fed a pending token and ``draft``, appending
+        them to ``tokens`` (the sequence so far). Returns (new tokens, how many of them are drafts the model kept:
+        their keys and values are already cached)."""
+        new, kept = [], 0
+        for index, row in enumerate(rows[:1 + len(draft)]):
+            drafted = index < len(draft)
+            token = check_draft(row, draft[index], self.rng, *self.sampling) if drafted else \
+                sample(row, self.rng, *self.sampling)
+            if token in self.stops:
+                self.finish = "stop"
+                break
+            tokens.append(token)
+            new.append(token)
+            self.generated += 1
+            kept_draft = drafted and token == draft[index]
+            kept += kept_draft
+            if self.generated == self.config.max_new_tokens:
+                self.finish = "length"
+            elif len(tokens) > self.capacity:  # no position left to feed it at
+                self.finish = "context"
+            if self.finish or not kept_draft:
+                break  # the next call feeds the last token (its KV is computed there)
+        self.drafted += len(draft)
+        self.accepted += kept
+        return new, kept
+
+    def next_draft(self, tokens: Sequence[int], limit: int | None = None) -> list[int]:
+        """Up to ``config.prompt_lookup`` tokens (at most ``limit``) drafted from ``tokens`` for the next call;
+        never more than the new-token limit or the context leaves room for."""
+        if not self.config.prompt_lookup:
+            return []
+        room = min(self.config.prompt_lookup, self.config.max_new_tokens - self.generated - 1,
+                   self.capacity - len(tokens), self.config.prompt_lookup if limit is None else limit)
+        return self._drafts.draft(tokens, room)
+
+
+class TextStream:
+    """Text deltas of a growing token sequence, cut at the first stop string.
+
+    ``push(token)`` returns the text that can be shown now; text that could be the beginning of a stop string is held
+    back until the next tokens decide it, so a client never sees part of a stop string. ``stop`` is the stop string
+    found (the text ends before it); ``flush()`` returns what was held back when generation ends without one."""
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str] = ()):
+        self._step = tokenizer.decode_stream()
+        self.stop_strings = tuple(s for s in stop_strings if s)
+        self.text = ""  # all text decoded so far
+        self.shown = 0  # text[:shown] has been returned
+        self.stop: str | None = None
+
+    @property
+    def visible(self) -> str:
+        """The text up to the stop string (all of it when none was found)."""
+        return self.text[:self.shown] if self.stop is not None else self.text
+
+    def push(self, token: int) -> str:
+        if self.stop is not None:
+            return ""
+        self.text += self._step(token) or ""
+        longest = max((len(s) for s in self.stop_strings), default=0)
+        search_from = max(0, self.shown - longest + 1)
+        hits = [(self.text.find(s, search_from), s) for s in self.stop_strings]
+        hits = [(at, s) for at, s in hits if at >= 0]
+        if hits:
+            at, self.stop = min(hits)
+            return self._show(at)
+        return self._show(len(self.text) - _held_back(self.text, self.stop_strings))
+
+    def flush(self) -> str:
+        return "" if self.stop is not None else self._show(len(self.text))
+
+    def _show(self, end: int) -> str:
+        delta = self.text[self.shown:end] if end > self.shown else ""
+        self.shown = max(self.shown, end)
+        return delta
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of ``text`` that is a proper beginning of a stop string."""
+    for length in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
+        tail = text[-length:]
+        if any(s.startswith(tail) for s in stops):
+            return length
+    return 0
