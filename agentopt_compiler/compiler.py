@@ -174,6 +174,8 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
     check_memory(config, context, batch_size)
     if precision:
         precision.check_units(config.num_layers)
+    if sparse_plan:
+        sparse_plan.resolve(config.num_layers)  # layers the model lacks: refused now, not after the capture
     log(f"model {loaded.name}: {config.family}, {config.num_layers} layers, {config.num_params / 1e6:.1f}M "
         f"parameters, context {context}")
     with stage("capture"):

@@ -236,16 +236,25 @@ def check(data: Any, spec: Spec, source: str, fix: str, error: type[AgentOptErro
         raise error(f"{source}: {problem}; {fix}") from None
 
 
-def read_json(path: Path, what: str, fix: str, error: type[AgentOptError] = AgentOptError) -> Any:
-    """A JSON file's content; unreadable, undecodable or malformed files raise ``error`` naming the file."""
+def read_text(path: Path, what: str, fix: str, error: type[AgentOptError] = AgentOptError) -> str:
+    """A text file's content; a missing, unreadable or non-UTF-8 file raises ``error`` naming the file."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise error(f"{what} '{path}' does not exist; {fix}") from None
+    except IsADirectoryError:
+        raise error(f"{what} '{path}' is a folder, not a file; {fix}") from None
     except OSError as exc:
         raise error(f"cannot read {what} '{path}': {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise error(f"{what} '{path}' is not UTF-8 text; {fix}") from None
+
+
+def read_json(path: Path, what: str, fix: str, error: type[AgentOptError] = AgentOptError) -> Any:
+    """A JSON file's content; unreadable, undecodable or malformed files raise ``error`` naming the file."""
+    text = read_text(path, what, fix, error)
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise error(f"{what} '{path}' is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
                     f"{fix}") from None

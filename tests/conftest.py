@@ -22,17 +22,6 @@ def eager_greedy(model, prompt_ids: list[int], steps: int, capacity: int) -> lis
     return tokens
 
 
-def cli_error_line(capsys, argv) -> str:
-    """Run the CLI in-process; assert it failed with exactly one ``error:`` line and no traceback; return it."""
-    from agentopt_compiler.cli.main import main
-
-    assert main(argv) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    errors = [line for line in err if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in "\n".join(err), err
-    return errors[0]
-
-
 @pytest.fixture(scope="session")
 def tiny_engine_dir(tmp_path_factory):
     import agentopt_compiler as ao

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AgentOptError
+from ..validation import read_text
 
 
 def calibration_batches(loaded, calib: str | Path | None = None, sequences: int = 4,
@@ -26,7 +27,7 @@ def calibration_batches(loaded, calib: str | Path | None = None, sequences: int 
         raise AgentOptError("this model has no tokenizer, so a text calibration file cannot be used")
     from ..runtime.tokenizer import Tokenizer
 
-    ids = Tokenizer(Path(loaded.tokenizer_dir)).encode(path.read_text())
+    ids = Tokenizer(Path(loaded.tokenizer_dir)).encode(read_text(path, "calibration file", "give a UTF-8 text file"))
     if len(ids) < length:
         raise AgentOptError(f"calibration file '{path}' has {len(ids)} tokens; at least {length} are needed")
     rows = [ids[i:i + length] for i in range(0, len(ids) - length + 1, length)][:sequences]
@@ -49,7 +50,8 @@ def chat_calibration(loaded, path: str | Path, sequences: int = 4, length: int =
         raise AgentOptError("this model has no tokenizer, so chat calibration cannot be used")
     tokenizer = Tokenizer(Path(loaded.tokenizer_dir))
     batches, masks = [], []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    text = read_text(path, "chat calibration file", "give UTF-8 JSON lines, one conversation per line")
+    for number, line in enumerate(text.splitlines(), 1):
         if len(batches) == sequences:
             break
         if not line.strip():
@@ -59,7 +61,8 @@ def chat_calibration(loaded, path: str | Path, sequences: int = 4, length: int =
         except json.JSONDecodeError as exc:
             raise AgentOptError(f"{path}, line {number}: not JSON ({exc.msg}); write one conversation per line, "
                                 'e.g. {"messages": [{"role": "user", "content": "..."}, ...]}') from None
-        messages, tools = (record, None) if isinstance(record, list) else (record.get("messages"), record.get("tools"))
+        messages, tools = (record, None) if isinstance(record, list) else (
+            (record.get("messages"), record.get("tools")) if isinstance(record, dict) else (None, None))
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise AgentOptError(f"{path}, line {number}: expected a list of messages with roles, or an object with "
                                 f"one under \"messages\"")

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
@@ -306,6 +307,15 @@ def plan_from_choice(chosen: dict[str, Option], block: int, budget: dict, symmet
     return PrecisionPlan({u: o.precision for u, o in sorted(chosen.items())}, block, budget, predicted, symmetric)
 
 
+def _check_budget(max_kl: float | None, target_bits: float | None, min_top1: float | None) -> None:
+    """A budget some plan can meet, refused before measuring (the CLI's argument types say the same)."""
+    for name, value, ok, wanted in (("--max-kl", max_kl, lambda v: v >= 0, ">= 0"),
+                                    ("--target-bits", target_bits, lambda v: 0 < v <= 32, "in (0, 32]"),
+                                    ("--min-top1", min_top1, lambda v: 0 <= v <= 1, "in [0, 1]")):
+        if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value)):
+            raise AgentOptError(f"{name} must be a finite number {wanted}, got {value!r}")
+
+
 def plan_precision(model, batches: list[torch.Tensor], max_kl: float | None = None, target_bits: float | None = None,
                    min_top1: float | None = None, candidates: Iterable[str] = CPU_CANDIDATES, block: int = 32,
                    costs: dict[str, float] | None = None, progress=None, symmetric: bool = True
@@ -314,6 +324,7 @@ def plan_precision(model, batches: list[torch.Tensor], max_kl: float | None = No
     plans (and measures) blocks with zero points."""
     if sum(b is not None for b in (max_kl, target_bits, min_top1)) != 1:
         raise AgentOptError("give exactly one budget: --max-kl, --target-bits or --min-top1")
+    _check_budget(max_kl, target_bits, min_top1)
     options = measure_sensitivity(model, batches, candidates, block, costs, progress, symmetric)
     if max_kl is not None:
         chosen = choose(options, max_kl, lambda o: o.kl, lambda o: o.cost)

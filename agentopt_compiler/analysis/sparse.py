@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 
 from ..errors import AgentOptError
+from ..output_paths import write_text_atomically
 from ..passes.insert_sparse_attention import PLAN_FORMAT, SparseAttentionPlan, SparsePattern
 from .precision import _compare, _log_probs, choose
 
@@ -97,7 +98,7 @@ class SparsePlanResult:
         return doc
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.document(), indent=2) + "\n")
+        write_text_atomically(Path(path), json.dumps(self.document(), indent=2) + "\n", "the sparse attention plan")
 
 
 def visible(pattern: SparsePattern, query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from .arg_types import int_in
 from .progress import ProgressLog
 
 DEFAULT_MODEL = "agent-tiny"
 
 
 def add_parser(sub) -> None:
+    from ..compiler import MAX_BATCH_SIZE, MAX_CONTEXT_LENGTH
+
     p = sub.add_parser("compile", help="compile a model into an engine folder",
                        description="Capture a model with torch.export, run the pass pipeline, lower it to a backend "
                                    "and write a self-describing engine folder.")
@@ -18,10 +21,10 @@ def add_parser(sub) -> None:
                                                 "--overwrite)")
     p.add_argument("--backend", default="onnxruntime", help="backend (default: onnxruntime)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device the engine runs on")
-    p.add_argument("--context-length", type=int, default=None,
+    p.add_argument("--context-length", type=int_in(2, MAX_CONTEXT_LENGTH), default=None,
                    help="KV-cache capacity in tokens, prompt plus generation (default: the model's max positions, "
-                        "at most 4096)")
-    p.add_argument("--batch-size", type=int, default=1,
+                        "at most 4096); the compile refuses one whose caches would not fit in memory")
+    p.add_argument("--batch-size", type=int_in(1, MAX_BATCH_SIZE), default=1,
                    help="rows the engine runs together (several agents or best-of-n); each row has its own length")
     p.add_argument("--attention-impl", default=None, choices=["gqa", "standard"],
                    help="lowering of fused attention: gqa = ORT GroupQueryAttention with in-place caches (default for "

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+
+from .arg_types import PROMPT_LOOKUP, SEED, THREADS, float_in, int_in
 
 
 def add_parser(sub) -> None:
@@ -13,11 +16,12 @@ def add_parser(sub) -> None:
                                    "success, tool-call validity and tokens/s. Meaningful for models trained on "
                                    "these tasks (the built-in agent-tiny).")
     p.add_argument("engine", help="engine folder written by agentopt compile")
-    p.add_argument("--tasks", type=int, default=100, help="number of held-out tasks (default 100)")
-    p.add_argument("--seed", type=int, default=0, help="held-out task seed")
-    p.add_argument("--minutes", type=float, default=None, help="stop after this long (report how many ran)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
-    p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+    p.add_argument("--tasks", type=int_in(1, 1_000_000), default=100, help="number of held-out tasks (default 100)")
+    p.add_argument("--seed", type=SEED, default=0, help="held-out task seed")
+    p.add_argument("--minutes", type=float_in(0.0, low_open=True), default=None,
+                   help="stop after this long (report how many ran)")
+    p.add_argument("--threads", type=THREADS, default=None, help="CPU threads for the backend")
+    p.add_argument("--prompt-lookup", type=PROMPT_LOOKUP, default=0, metavar="N",
                    help="decode with up to N drafted tokens per call (the same tokens; see agentopt run)")
     p.add_argument("--json", metavar="PATH", help="write the full report (with failed examples) here")
     p.set_defaults(handler=run)
@@ -25,8 +29,11 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..models.agent_eval import evaluate_engine, format_report
+    from ..output_paths import check_writable_file, write_text_atomically
     from ..runtime.engine import load_engine
 
+    if args.json:  # now, not after the evaluation
+        check_writable_file(Path(args.json), "--json")
     engine = load_engine(args.engine, threads=args.threads)
     if engine.tokenizer is None:
         from ..errors import AgentOptError
@@ -41,6 +48,5 @@ def run(args) -> int:
           + (f", {report['accepted_draft_tokens']} of {report['drafted_tokens']} drafted tokens accepted)"
              if args.prompt_lookup else ")"))
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(report, handle, indent=2)
+        write_text_atomically(Path(args.json), json.dumps(report, indent=2) + "\n", "--json")
     return 0

@@ -6,8 +6,16 @@ import json
 import sys
 from pathlib import Path
 
+from .arg_types import float_in, int_in
+
+KL = float_in(0.0)  # a KL budget: below 0 no plan can meet it
+SEQUENCES = int_in(1, 10_000)
+
 
 def add_parser(sub) -> None:
+    from ..compiler import MAX_CONTEXT_LENGTH
+    from ..passes.precision_plan import BLOCK_SIZES
+
     p = sub.add_parser("plan", help="choose per-layer settings from measurements (precision, sparse)",
                        description="Measure and write an editable plan for agentopt compile.")
     kinds = p.add_subparsers(dest="plan_kind", required=True, metavar="KIND")
@@ -17,20 +25,23 @@ def add_parser(sub) -> None:
     q.add_argument("--model", default="tiny-random", help="built-in model name or Hugging Face folder")
     q.add_argument("--calib", default=None, help="calibration text file (default: seeded random tokens)")
     budget = q.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--max-kl", type=float, help="total KL(fp32 || plan) per token allowed")
-    budget.add_argument("--target-bits", type=float, help="average bits per weight allowed")
-    budget.add_argument("--min-top1", type=float, help="top-1 agreement with fp32 required")
+    budget.add_argument("--max-kl", type=KL, help="total KL(fp32 || plan) per token allowed (>= 0)")
+    budget.add_argument("--target-bits", type=float_in(0.0, 32.0, low_open=True),
+                        help="average bits per weight allowed")
+    budget.add_argument("--min-top1", type=float_in(0.0, 1.0), help="top-1 agreement with fp32 required (0 to 1)")
     q.add_argument("--candidates", default="fp32,int8,int4",
                    help="precisions to consider, from fp32,fp16,bf16,int8,int4; int8/int4 at a block size of their "
                         "own as int4@128 (larger blocks: fewer scale bytes and faster decode, more error); "
                         "fp16/bf16: scored by emulating the GPU's half region; on ONNX Runtime CPU they run, and "
                         "cost, as fp32")
-    q.add_argument("--block-size", type=int, default=32, help="block size of int8/int4 candidates that name none")
+    q.add_argument("--block-size", type=int_in(), choices=BLOCK_SIZES, default=32,
+                   help="block size of int8/int4 candidates that name none")
     q.add_argument("--asymmetric", action="store_true",
                    help="int8/int4 blocks with zero points (default: symmetric blocks, no zero points: a smaller "
                         "engine at about the same error)")
-    q.add_argument("--sequences", type=int, default=4, help="calibration sequences")
-    q.add_argument("--length", type=int, default=128, help="tokens per calibration sequence")
+    q.add_argument("--sequences", type=SEQUENCES, default=4, help="calibration sequences")
+    q.add_argument("--length", type=int_in(2, MAX_CONTEXT_LENGTH), default=128,
+                   help="tokens per calibration sequence")
     q.add_argument("--out", required=True, help="plan JSON to write")
     q.add_argument("--report", default=None, metavar="DIR", help="write report.md, sensitivity.json and "
                                                                  "sensitivity.png here")
@@ -50,14 +61,18 @@ def add_parser(sub) -> None:
     s.add_argument("--holdout", default=None, metavar="FILE",
                    help="held-out text for the fidelity check (default: the calibration file's rows after the "
                         "calibration ones; other random tokens without --calib)")
-    s.add_argument("--window", type=int, required=True, help="window W: a query sees W keys, itself included")
-    s.add_argument("--sinks", type=int, default=0, help="first S tokens stay visible (StreamingLLM)")
-    s.add_argument("--stride", type=int, default=0, help="every K-th earlier key stays visible (no ring cache)")
-    s.add_argument("--max-kl", type=float, required=True,
+    s.add_argument("--window", type=int_in(1, MAX_CONTEXT_LENGTH), required=True,
+                   help="window W: a query sees W keys, itself included")
+    s.add_argument("--sinks", type=int_in(0, MAX_CONTEXT_LENGTH), default=0,
+                   help="first S tokens stay visible (StreamingLLM)")
+    s.add_argument("--stride", type=int_in(0, MAX_CONTEXT_LENGTH), default=0,
+                   help="every K-th earlier key stays visible (no ring cache)")
+    s.add_argument("--max-kl", type=KL, required=True,
                    help="total KL(dense || plan) per token allowed, summed over the sparse layers")
-    s.add_argument("--sequences", type=int, default=4, help="calibration sequences")
-    s.add_argument("--length", type=int, default=256, help="tokens per calibration sequence (must exceed --window)")
-    s.add_argument("--context-length", type=int, default=None,
+    s.add_argument("--sequences", type=SEQUENCES, default=4, help="calibration sequences")
+    s.add_argument("--length", type=int_in(2, MAX_CONTEXT_LENGTH), default=256,
+                   help="tokens per calibration sequence (must exceed --window)")
+    s.add_argument("--context-length", type=int_in(2, MAX_CONTEXT_LENGTH), default=None,
                    help="engine context for the KV-bytes estimate (default: the model's, at most 4096)")
     s.add_argument("--out", required=True, help="plan JSON to write (agentopt compile --sparse-attention PLAN)")
     s.add_argument("--report", default=None, metavar="DIR", help="write report.md, sensitivity.json and "
@@ -71,11 +86,33 @@ def _progress(done: int, total: int, what: str) -> None:
           file=sys.stderr, flush=True)
 
 
+def _check_outputs(args) -> None:
+    """--out and --report can be written: checked before the measurement, which takes minutes on real models."""
+    from ..output_paths import check_writable_file, check_writable_folder
+
+    check_writable_file(Path(args.out), "--out")
+    if args.report:
+        check_writable_folder(Path(args.report), "--report")
+
+
+def _write_report(folder: Path, texts: dict[str, str]) -> None:
+    from ..errors import OutputPathError
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in texts.items():
+            (folder / name).write_text(text)
+    except OSError as exc:
+        raise OutputPathError(f"cannot write --report '{folder}': {exc.strerror or exc}; choose another "
+                              "--report") from None
+
+
 def run(args) -> int:
     from ..analysis.calibration import calibration_batches
     from ..analysis.precision import options_to_json, plan_precision, report_rows
     from ..models.registry import load_model
 
+    _check_outputs(args)
     loaded = load_model(args.model)
     batches = calibration_batches(loaded, args.calib, args.sequences, args.length)
     print(f"measuring {args.model}: {len(batches)} x {args.length} calibration tokens", file=sys.stderr)
@@ -89,10 +126,9 @@ def run(args) -> int:
     print(f"plan: {json.dumps(plan.budget)}; predicted {json.dumps(plan.predicted)} -> {args.out}")
     if args.report:
         folder = Path(args.report)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "report.md").write_text(f"# Precision plan for {args.model}\n\nbudget: {plan.budget}\n\n"
-                                          f"predicted: {plan.predicted}\n\n{table}\n")
-        (folder / "sensitivity.json").write_text(json.dumps(options_to_json(options), indent=2))
+        _write_report(folder, {"report.md": f"# Precision plan for {args.model}\n\nbudget: {plan.budget}\n\n"
+                                            f"predicted: {plan.predicted}\n\n{table}\n",
+                               "sensitivity.json": json.dumps(options_to_json(options), indent=2)})
         print(_plot(rows, folder / "sensitivity.png"), file=sys.stderr)
     return 0
 
@@ -147,6 +183,7 @@ def run_sparse(args) -> int:
 
     pattern = SparsePattern(args.window, args.sinks, args.stride)
     check_length(args.length, pattern)
+    _check_outputs(args)
     loaded = load_model(args.model)
     positions = held_out_positions = None
     if args.calib_chat:
@@ -189,9 +226,8 @@ def run_sparse(args) -> int:
               f"budget {args.max_kl} (per-layer errors did not add up); choose a tighter budget", file=sys.stderr)
     if args.report:
         folder = Path(args.report)
-        folder.mkdir(parents=True, exist_ok=True)
         m = result.measurement
-        (folder / "report.md").write_text(
+        report = (
             f"# Sparse attention plan for {args.model}\n\n"
             f"pattern: {pattern.describe()} ({json.dumps(result.document()['pattern'])}); calibration: "
             f"{what} ({args.calib_chat or args.calib or 'seeded random tokens'})\n\n"
@@ -204,7 +240,7 @@ def run_sparse(args) -> int:
             f"per layer, not per head: the fused attention op applies one pattern to all heads of a layer, so a layer "
             f"with one far-looking (retrieval) head stays dense as a whole. The per-head masses show where a "
             f"per-head plan would differ.\n")
-        (folder / "sensitivity.json").write_text(json.dumps(m.to_dict(), indent=2))
+        _write_report(folder, {"report.md": report, "sensitivity.json": json.dumps(m.to_dict(), indent=2)})
         print(_heatmap(rows, pattern.describe(), folder / "heatmap.png"), file=sys.stderr)
     return 0
 

@@ -7,6 +7,7 @@ into a TensorRT engine for this GPU, replacing the folder atomically.
 
 from __future__ import annotations
 
+from .arg_types import float_in
 from .progress import ProgressLog
 
 
@@ -21,7 +22,8 @@ def add_parser(sub) -> None:
     p.add_argument("--typing", choices=["strong", "constraints"], default=None,
                    help="strong: types from the ONNX (TensorRT 11); constraints: fp16/bf16 flags with fp32 islands "
                         "(TensorRT 10.x only) (default: as recorded, else strong)")
-    p.add_argument("--workspace-gib", type=float, default=None, help="builder workspace limit in GiB (default 4)")
+    p.add_argument("--workspace-gib", type=float_in(0.0, 1024.0, low_open=True), default=None,
+                   help="builder workspace limit in GiB (default 4)")
     p.add_argument("--timing-cache", default=None, metavar="PATH|off",
                    help="TensorRT timing cache file (default: ~/.cache/agentopt/tensorrt-timing.cache)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")

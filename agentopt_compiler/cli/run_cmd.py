@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 from ..errors import AgentOptError
+from .arg_types import PROMPT_LOOKUP, SEED, THREADS, float_in, int_in
 
 
 def add_parser(sub) -> None:
@@ -19,38 +19,23 @@ def add_parser(sub) -> None:
     p.add_argument("--tools", nargs="*", default=[], metavar="MODULE:FUNCTION",
                    help="Python functions the agent may call, e.g. mytools:search")
     p.add_argument("--system", default=None, help="system prompt for --task / interactive mode")
-    p.add_argument("--max-steps", type=int, default=6, help="tool-call rounds per task")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="per generation (default 32 for --prompt, "
-                                                                    "256 per agent step)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--max-steps", type=int_in(1, 1000), default=6, help="tool-call rounds per task")
+    p.add_argument("--max-new-tokens", type=int_in(1), default=None,
+                   help="per generation (default 32 for --prompt, 256 per agent step)")
+    p.add_argument("--temperature", type=float_in(0.0), default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int_in(0), default=0, help="sample from the K likeliest tokens (0: off)")
+    p.add_argument("--top-p", type=float_in(0.0, 1.0, low_open=True), default=1.0,
+                   help="sample from the likeliest tokens holding this much probability (1: off)")
+    p.add_argument("--seed", type=SEED, default=None, help="seed for sampling")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
-    p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+    p.add_argument("--prompt-lookup", type=PROMPT_LOOKUP, default=0, metavar="N",
                    help="check up to N tokens drafted from the context per decode call: fewer calls when the model "
                         "copies from its context; greedy: the same tokens, sampling: the same distribution "
                         "(default 0: off)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="override the engine's device")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
+    p.add_argument("--threads", type=THREADS, default=None, help="CPU threads for the backend")
     p.set_defaults(handler=run)
-
-
-def load_tool(spec: str):
-    module_name, _, name = spec.partition(":")
-    if not module_name or not name:
-        raise AgentOptError(f"tool '{spec}' must be written MODULE:FUNCTION")
-    sys.path.insert(0, ".")
-    try:
-        function = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as exc:
-        raise AgentOptError(f"cannot load tool '{spec}': {exc}") from None
-    finally:
-        sys.path.pop(0)
-    if not callable(function):
-        raise AgentOptError(f"tool '{spec}' is not a function")
-    return function
 
 
 def run(args) -> int:
@@ -68,6 +53,7 @@ def run(args) -> int:
               f"decode {completion.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
         return 0
     from ..runtime.agent import Agent, describe_event
+    from ..runtime.tools import load_tool
 
     agent = Agent(engine, tools=[load_tool(t) for t in args.tools], system=args.system, max_steps=args.max_steps)
     sampling["max_new_tokens"] = args.max_new_tokens or 256
@@ -80,7 +66,16 @@ def run(args) -> int:
 
     tasks = [args.task] if args.task is not None else _interactive_tasks()
     for task in tasks:
-        result = agent.run(task, on_event=show, **sampling)
+        before = len(agent.messages)
+        try:
+            result = agent.run(task, on_event=show, **sampling)
+        except AgentOptError as exc:
+            if args.task is not None:
+                raise
+            # interactive: this task fails (e.g. it does not fit the context), the session goes on without it
+            del agent.messages[before:]
+            print(f"\nerror: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
+            continue
         usage = result.usage
         drafts = (f", {usage['accepted_draft_tokens']} of {usage['drafted_tokens']} drafted tokens accepted"
                   if args.prompt_lookup else "")
@@ -90,16 +85,37 @@ def run(args) -> int:
     return 0
 
 
+MAX_TASK_BYTES = 1 << 20  # one interactive line; longer ones are refused (and would not fit a context anyway)
+
+
 def _interactive_tasks():
+    """Tasks, one per line of standard input. A line that is not UTF-8 or is longer than MAX_TASK_BYTES is
+    reported on one ``error:`` line and skipped; the session goes on."""
     print("agent ready; type a task (Ctrl-D to quit)", file=sys.stderr)
+    stdin = getattr(sys.stdin, "buffer", None)  # bytes, so that undecodable input is ours to report
+    number = 0
     while True:
-        try:
-            line = input("> ")
-        except EOFError:
+        print("> ", end="", flush=True)
+        line = stdin.readline(MAX_TASK_BYTES + 1) if stdin is not None else sys.stdin.readline()
+        if not line:
             print(file=sys.stderr)
             return
+        number += 1
+        if isinstance(line, bytes):
+            if len(line) > MAX_TASK_BYTES and not line.endswith(b"\n"):
+                while line and not line.endswith(b"\n"):  # skip the rest of the line
+                    line = stdin.readline(MAX_TASK_BYTES)
+                print(f"error: line {number} is longer than {MAX_TASK_BYTES} bytes; give a shorter task",
+                      file=sys.stderr, flush=True)
+                continue
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                print(f"error: line {number} is not UTF-8 text (byte {line[exc.start]:#04x} at position "
+                      f"{exc.start}); type the task again as UTF-8", file=sys.stderr, flush=True)
+                continue
         if line.strip():
-            yield line
+            yield line.rstrip("\r\n")
 
 
 def _write(text: str) -> None:

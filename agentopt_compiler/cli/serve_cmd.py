@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import sys
 
+from .arg_types import TCP_PORT
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve an engine over an OpenAI-compatible HTTP API",
                        description="Serve /v1/chat/completions (tools, tool_choice, streaming) and /v1/models.")
     p.add_argument("engine", help="engine folder written by agentopt compile")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=TCP_PORT, default=8000, help="TCP port, 0 to 65535 (0: any free port)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
     p.add_argument("--model-name", default=None, help="model id to serve (default: the engine's model name)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")

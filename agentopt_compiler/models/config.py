@@ -115,8 +115,9 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
-        eos = kwargs.get("eos_token_ids") or ()
-        kwargs["eos_token_ids"] = tuple(eos) if isinstance(eos, list) else eos  # anything else: refused by FIELDS
+        eos = kwargs.get("eos_token_ids")
+        # a list (JSON) becomes the tuple field; anything else but null is left for FIELDS to refuse
+        kwargs["eos_token_ids"] = () if eos is None else tuple(eos) if isinstance(eos, list) else eos
         if isinstance(kwargs.get("layer_types"), list):
             kwargs["layer_types"] = tuple(kwargs["layer_types"])
         return cls(**kwargs)

@@ -22,9 +22,17 @@ MAX_POSITIONS = 1 << 22
 
 _COUNT = integer(minimum=1)
 _TOKEN_ID = integer(minimum=0)
-# rope_scaling (older configs) or rope_parameters (transformers >= 5): the keys _rope_fields reads; the numbers
-# each type needs are checked by ModelConfig
-_ROPE = optional(record({"rope_theta": number(above=0), "rope_type": string(), "type": string()}, extra="keep"))
+# RoPE variants that exist (transformers' ROPE_INIT_FUNCTIONS and "default"); which ones a capture path supports
+# is its own check, but a name nobody implements is a typo
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional")
+_ROPE_TYPE = string(choices=ROPE_TYPES)
+# rope_scaling (older configs) or rope_parameters (transformers >= 5): the keys _rope_fields reads and the numbers
+# RoPE variants take; which numbers each type needs is checked by ModelConfig
+_ROPE = optional(record({
+    "rope_theta": number(above=0), "rope_type": _ROPE_TYPE, "type": _ROPE_TYPE, "factor": number(above=0),
+    "low_freq_factor": number(above=0), "high_freq_factor": number(above=0),
+    "original_max_position_embeddings": integer(minimum=1),
+}, extra="keep"))
 
 
 def _relations(hf: dict[str, Any], _path: str) -> None:

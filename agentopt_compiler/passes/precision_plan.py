@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import AgentOptError
+from ..output_paths import write_text_atomically
 from ..validation import Invalid, Spec, anything_object, boolean, check, integer, map_of, read_json, record, string
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
@@ -106,7 +107,7 @@ class PrecisionPlan:
                 "units": dict(self.units), "budget": self.budget, "predicted": self.predicted}
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_text_atomically(Path(path), json.dumps(self.to_dict(), indent=2) + "\n", "the precision plan")
 
     @classmethod
     def load(cls, source: "str | Path | dict | PrecisionPlan | None") -> "PrecisionPlan | None":

@@ -55,7 +55,9 @@ def read_manifest(folder: Path, verify_hashes: bool = True) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise EngineError(f"'{folder}' holds a manifest.json that is not an agentopt engine's")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise EngineError(f"'{path}' has no valid format_version (got {version!r}); recompile the engine")
+    if version > FORMAT_VERSION:
         raise EngineError(f"'{folder}' uses engine format {version}, newer than this agentopt reads "
                           f"({FORMAT_VERSION}); upgrade agentopt-compiler")
     manifest = check(manifest, MANIFEST_SCHEMA, source=str(path), error=EngineError,

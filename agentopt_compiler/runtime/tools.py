@@ -10,20 +10,28 @@
     tool = Tool.from_function(get_weather)     # name, description, JSON schema (required: city)
     calls = parse_tool_calls('<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>')
     result = run_tool_call(calls[0], {"get_weather": tool}, timeout_s=10)   # never raises
+    tool = load_tool("mytools:get_weather")    # a module:function spec (agentopt run --tools), or AgentOptError
 
-Malformed calls, unknown tools, bad arguments, exceptions and timeouts all become ``ToolResult(error=...)`` whose
-text is fed back to the model as the observation, so an agent loop never crashes on them.
+Malformed calls, unknown tools, bad arguments, exceptions (``SystemExit`` and ``KeyboardInterrupt`` raised by a
+tool included) and timeouts all become ``ToolResult(error=...)`` whose text is fed back to the model as the
+observation, so an agent loop never crashes on them; each call runs isolated (isolated_call.py), so a tool that
+hangs never stops the loop, later calls or the process's exit.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import importlib
 import inspect
 import json
+import os
 import re
+import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from ..errors import AgentOptError
+from .isolated_call import call_isolated
 
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", dict: "object", list: "array"}
 
@@ -74,9 +82,21 @@ class Tool:
 
     @classmethod
     def from_function(cls, function: Callable[..., Any], name: str | None = None) -> "Tool":
-        signature = inspect.signature(function)
-        hints = typing.get_type_hints(function)
-        summary, described = _docstring_parts(function.__doc__ or "")
+        """The tool's schema from ``function``'s signature, type hints and docstring. A signature that cannot be
+        read (a builtin without one, a hint naming a type that is not defined) is an AgentOptError."""
+        label = name or getattr(function, "__name__", repr(function))
+        try:
+            signature = inspect.signature(function)
+        except (TypeError, ValueError) as exc:
+            raise AgentOptError(f"tool '{label}': its signature cannot be read ({exc}); wrap it in a Python "
+                                "function with named parameters") from None
+        try:
+            hints = typing.get_type_hints(function)
+        except Exception as exc:  # noqa: BLE001  NameError for an undefined type, TypeError for a malformed hint
+            raise AgentOptError(f"tool '{label}': a type hint cannot be resolved ({type(exc).__name__}: {exc}); "
+                                "import that type in the tool's module, or drop the hint") from None
+        doc = getattr(function, "__doc__", None)
+        summary, described = _docstring_parts(doc if isinstance(doc, str) else "")
         properties, required = {}, []
         for pname, param in signature.parameters.items():
             if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
@@ -186,24 +206,58 @@ def _check_arguments(tool: Tool, arguments: dict[str, Any]) -> str | None:
     return None
 
 
-_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="agentopt-tool")
-
-
 def run_tool_call(call: ToolCall, tools: dict[str, Tool], timeout_s: float = 30.0) -> ToolResult:
-    """Run one call; every failure becomes an error result the model can react to."""
+    """Run one call isolated (its own daemon thread, stopped at ``timeout_s``); every failure becomes an error
+    result the model can react to."""
     tool = tools.get(call.name)
     if tool is None:
         return ToolResult(call, error=f"unknown tool '{call.name}'; available tools: {', '.join(tools) or 'none'}")
     problem = _check_arguments(tool, call.arguments)
     if problem:
         return ToolResult(call, error=problem)
-    future = _POOL.submit(tool.function, **call.arguments)
+
+    def call_and_render(**arguments) -> str:  # rendering runs isolated too: a value's __str__ may hang or raise
+        return _as_text(tool.function(**arguments))
+
+    outcome = call_isolated(call_and_render, call.arguments, timeout_s, call.name)
+    return ToolResult(call, error=outcome.error) if outcome.error else ToolResult(call, output=outcome.value)
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
     try:
-        value = future.result(timeout=timeout_s)
-    except concurrent.futures.TimeoutError:
-        future.cancel()
-        return ToolResult(call, error=f"{call.name} timed out after {timeout_s:g}s")
-    except Exception as exc:  # the tool's own failure is an observation, not a crash
-        return ToolResult(call, error=f"{call.name} raised {type(exc).__name__}: {exc}")
-    output = value if isinstance(value, str) else json.dumps(value, default=str)
-    return ToolResult(call, output=output)
+        return json.dumps(value, default=str)
+    except ValueError:  # a circular structure
+        return str(value)
+
+
+def load_tool(spec: str) -> Tool:
+    """The tool for ``module:function`` (the module imported with the current folder on the path). A module that
+    is missing, fails to import (a syntax error, an exception or ``sys.exit`` while importing), a missing
+    attribute, a non-callable or an unreadable signature is one AgentOptError that names the spec."""
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise AgentOptError(f"tool '{spec}' must be written MODULE:FUNCTION, e.g. mytools:search")
+    # the current folder by its absolute name, and fresh finder caches: "." would share one cached directory
+    # listing across chdir()s in a long-lived process
+    sys.path.insert(0, os.getcwd())
+    importlib.invalidate_caches()
+    try:
+        function = getattr(importlib.import_module(module_name), name)
+    except AttributeError:
+        raise AgentOptError(f"cannot load tool '{spec}': module '{module_name}' has no '{name}'") from None
+    except SyntaxError as exc:
+        raise AgentOptError(f"cannot load tool '{spec}': syntax error in {exc.filename}, line {exc.lineno}: "
+                            f"{exc.msg}") from None
+    except (Exception, SystemExit) as exc:  # noqa: BLE001  whatever the module does while importing
+        raise AgentOptError(f"cannot load tool '{spec}': importing '{module_name}' raised "
+                            f"{type(exc).__name__}: {exc}") from None
+    finally:
+        sys.path.pop(0)
+    if not callable(function):
+        raise AgentOptError(f"tool '{spec}' is not a function")
+    try:
+        return Tool.from_function(function)
+    except AgentOptError as exc:
+        raise AgentOptError(f"cannot load tool '{spec}': {exc}") from None

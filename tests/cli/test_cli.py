@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from agentopt_compiler.cli.main import main
-from tests.conftest import cli_error_line
+from tests.helpers import cli_error_line
 
 
 def test_compile_run_inspect(tmp_path, capsys):

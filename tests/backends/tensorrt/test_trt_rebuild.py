@@ -11,7 +11,7 @@ from agentopt_compiler.cli.main import main
 from agentopt_compiler.errors import AgentOptError
 from agentopt_compiler.runtime.manifest import read_manifest
 from tests.backends.tensorrt.trt_fakes import FAKE_TARGET, fake_build
-from tests.conftest import cli_error_line
+from tests.helpers import cli_error_line
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 

@@ -1,0 +1,118 @@
+"""Fuzzing the engine-folder edge: malformed variants of a valid engine's manifest.json (wrong inner types, missing
+or empty sections, files missing from the list or the folder, names pointing outside it) and stray files. Each
+must make ``agentopt inspect`` / ``agentopt run`` end in exit status 2 with one ``error:`` line and no traceback,
+and ``load_engine`` raise one EngineError."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import agentopt_compiler as ao
+from agentopt_compiler.errors import EngineError
+from tests.helpers import cli_error_line, tree
+
+# wrong-typed replacements by the type of the valid value
+WRONG = {dict: ["x", [], 3], list: ["x", {}, 3], str: [5, [], None], int: ["5", -1, 2.5, True, None],
+         bool: ["yes", 1, None], float: ["x", None]}
+# paths into the manifest whose values the runtime, the sessions or inspect read
+READ_PATHS = [("model",), ("model", "name"), ("model", "config"), ("model", "config", "num_layers"),
+              ("model", "config", "eos_token_ids"), ("model", "config", "num_kv_heads"), ("engine",),
+              ("engine", "backend"), ("engine", "context_length"), ("engine", "batch_size"), ("engine", "graph"),
+              ("engine", "inputs"), ("engine", "logits"), ("engine", "caches"), ("engine", "caches", 0),
+              ("engine", "caches", 0, "shape"), ("engine", "caches", 0, "input"), ("engine", "attention"),
+              ("engine", "attention", "layers"), ("engine", "attention", "layers", 0, "window"), ("passes",),
+              ("passes", 0, "stats"), ("files",), ("files", "model.onnx"), ("files", "model.onnx", "sha256"),
+              ("files", "model.onnx", "bytes"), ("format_version",), ("dependencies",), ("tokenizer",)]
+
+
+def _set(document, path, value):
+    for key in path[:-1]:
+        document = document[key]
+    document[path[-1]] = value
+
+
+def _get(document, path):
+    for key in path:
+        document = document[key]
+    return document
+
+
+def _variants(valid: dict):
+    for path in READ_PATHS:
+        value = _get(valid, path)
+        for bad in WRONG[type(value)]:
+            if path[-1] == "window" and bad == -1:
+                continue  # a valid value (-1: no window)
+            variant = copy.deepcopy(valid)
+            _set(variant, path, bad)
+            yield f"{'.'.join(map(str, path))}={bad!r}", variant
+    for section in ("engine", "model", "files"):
+        yield f"no {section}", {k: v for k, v in valid.items() if k != section}
+    yield "files empty", {**valid, "files": {}}
+    for name in valid["files"]:
+        yield f"{name} unlisted", {**valid, "files": {k: v for k, v in valid["files"].items() if k != name}}
+    for name in ("../model.onnx", "/etc/passwd", "sub/model.onnx", "manifest.json", ""):
+        yield f"file name {name!r}", {**valid, "files": {**valid["files"], name: valid["files"]["model.onnx"]}}
+    yield "graph not listed", {**valid, "engine": {**valid["engine"], "graph": "other.onnx"}}
+    yield "sha256 not hex", {**valid, "files": {**valid["files"], "model.onnx": {
+        **valid["files"]["model.onnx"], "sha256": "z" * 64}}}
+    yield "cache shape rank 3", _replaced(valid, ("engine", "caches", 0, "shape"), [1, 2, 3])
+    yield "cache dtype unknown", _replaced(valid, ("engine", "caches", 0, "dtype"), "float99")
+    yield "config heads not dividing", _replaced(valid, ("model", "config", "num_kv_heads"), 3)
+
+
+def _replaced(valid, path, value):
+    variant = copy.deepcopy(valid)
+    _set(variant, path, value)
+    return variant
+
+
+def _engine_with(source: Path, folder: Path, manifest) -> Path:
+    """A copy of ``source`` (files hard-linked: the tests only read them) with another manifest.json."""
+    folder.mkdir()
+    for path in source.iterdir():
+        if path.name != "manifest.json":
+            os.link(path, folder / path.name)
+    (folder / "manifest.json").write_text(manifest if isinstance(manifest, str) else json.dumps(manifest))
+    return folder
+
+
+def test_malformed_manifests_are_one_clear_error(tiny_engine_dir, tmp_path, capsys):
+    valid = json.loads((tiny_engine_dir / "manifest.json").read_text())
+    cases = list(_variants(valid))
+    assert len(cases) > 80
+    failures = []
+    for index, (label, manifest) in enumerate(cases):
+        folder = _engine_with(tiny_engine_dir, tmp_path / f"e{index}", manifest)
+        before = tree(tmp_path)
+        try:
+            line = cli_error_line(capsys, ["inspect", str(folder)])
+            assert "manifest" in line or "engine" in line, line
+            with pytest.raises(EngineError):
+                ao.load_engine(folder)
+            assert tree(tmp_path) == before
+        except AssertionError as failure:  # all of them, not only the first
+            failures.append(f"{label}: {str(failure)[-300:]}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("text", ["[]", "{", "", "null", '{"format": "agentopt-engine", "format_version": "1"}'])
+def test_manifest_json_of_the_wrong_shape(tiny_engine_dir, tmp_path, capsys, text):
+    folder = _engine_with(tiny_engine_dir, tmp_path / "e", text)
+    for command in (["run", str(folder), "--prompt", "hi"], ["inspect", str(folder)]):
+        assert str(folder) in cli_error_line(capsys, command)
+
+
+def test_a_stray_file_or_folder_in_the_engine_is_refused(tiny_engine_dir, tmp_path, capsys):
+    manifest = (tiny_engine_dir / "manifest.json").read_text()
+    for index, make in enumerate([lambda f: (f / "notes.txt").write_text("x"), lambda f: (f / "sub").mkdir(),
+                                  lambda f: (f / ".manifest.json.tmp").write_text("{}")]):
+        folder = _engine_with(tiny_engine_dir, tmp_path / f"e{index}", manifest)
+        make(folder)
+        line = cli_error_line(capsys, ["run", str(folder), "--prompt", "hi"])
+        assert "does not list" in line and "remove it" in line
