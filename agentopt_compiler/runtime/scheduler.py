@@ -90,6 +90,7 @@ class Scheduler:
         self._stopping = False
         self.stats = {"requests": 0, "rejected": 0, "generated_tokens": 0, "prefilled_tokens": 0,
                       "reused_tokens": 0, "decode_steps": 0, "decode_rows": 0}
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens generated) of the last minute's steps
 
     # -- outside the scheduler's thread ---------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], config: GenerationConfig, on_event: Callable[[dict], None],
@@ -131,6 +132,11 @@ class Scheduler:
     @property
     def active(self) -> int:
         return len(self._running)
+
+    def recent_tokens_per_second(self, window_s: float = 10.0) -> float:
+        """Tokens generated per second over the last ``window_s`` seconds."""
+        now = time.perf_counter()
+        return sum(n for t, n in list(self._recent) if now - t <= window_s) / window_s
 
     def run(self, requests: list[Request]) -> None:
         """Step in the caller's thread until ``requests`` (already submitted) have finished."""
@@ -196,24 +202,26 @@ class Scheduler:
             self.stats["prefilled_tokens"] += len(request.prompt_ids) - request.reused
             if head and request.reused < len(head):
                 self._heads_in_flight.setdefault(head, request)
-            if request.picker.finish:  # max_new_tokens 0
-                self._finish(request, request.picker.finish)
 
     def _prefill(self) -> None:
         budget = self.prefill_chunk
         for request in list(self._running):
-            conversation = request.conversation
-            remaining = len(conversation.tokens) - 1 - conversation.cached  # the last one is fed by a decode step
-            if remaining <= 0 or budget <= 0:
-                continue
-            start, count = conversation.cached, min(remaining, budget)
-            conversation.feed(conversation.tokens[start:start + count], start)
-            conversation.cached += count
-            budget -= count
-            self._remember_head(request)
+            conversation, nothing_to_generate = request.conversation, request.picker.finish is not None
+            # the last prompt token is fed by a decode step, which picks the first new token from its logits; a
+            # request for no new tokens (max_tokens 0) still caches its whole prompt for the conversation's next turn
+            remaining = len(conversation.tokens) - conversation.cached - (0 if nothing_to_generate else 1)
+            if remaining > 0 and budget > 0:
+                start, count = conversation.cached, min(remaining, budget)
+                conversation.feed(conversation.tokens[start:start + count], start)
+                conversation.cached += count
+                budget -= count
+                self._remember_head(request)
+            if nothing_to_generate and conversation.cached == len(conversation.tokens):
+                self._finish(request, request.picker.finish)
 
     def _decode(self) -> None:
-        ready = [r for r in self._running if len(r.conversation.tokens) - r.conversation.cached == 1]
+        ready = [r for r in self._running
+                 if len(r.conversation.tokens) - r.conversation.cached == 1 and r.picker.finish is None]
         if not ready:
             return
         engine, session, slots = self.engine, self.engine.session, self.engine.slots
@@ -251,9 +259,14 @@ class Scheduler:
         logits = session.run(ids, positions, picks, range(lo, hi) if session.row_subsets else None)
         self.stats["decode_steps"] += 1
         self.stats["decode_rows"] += len(ready)
+        generated_before = self.stats["generated_tokens"]
         for request in ready:
             self._take_tokens(request, logits[request.conversation.slot - lo if session.row_subsets else 0],
                               drafts[request])
+        now = time.perf_counter()
+        self._recent.append((now, self.stats["generated_tokens"] - generated_before))
+        while now - self._recent[0][0] > 60:
+            self._recent.popleft()
 
     def _take_tokens(self, request: Request, rows: np.ndarray, draft: list[int]) -> None:
         conversation = request.conversation
@@ -311,10 +324,11 @@ class Scheduler:
         del self._heads_in_flight[head]
 
     def _conversation_for(self, request: Request) -> Conversation:
-        """The idle pooled conversation that caches the longest prefix of the prompt, when that prefix goes beyond
-        the head other sessions share (so two sessions never take over each other's conversation), else a new one."""
+        """The idle pooled conversation that caches the longest prefix of the prompt, when that prefix goes at least
+        MIN_SHARED_PREFIX tokens beyond the head other sessions share (so two sessions with the same system prompt
+        never take over each other's conversation: they share it through the prefix cache), else a new one."""
         prompt = request.prompt_ids
-        floor = max(request.shared_prefix, MIN_SHARED_PREFIX - 1)
+        floor = request.shared_prefix + MIN_SHARED_PREFIX - 1
         best, best_length = None, floor
         for conversation in self.conversations:
             length = common_prefix(conversation.tokens[:conversation.cached], prompt)

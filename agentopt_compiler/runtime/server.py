@@ -1,368 +1,499 @@
-"""An OpenAI-compatible HTTP server over one engine (standard library only: no torch, no web framework).
+"""An OpenAI-compatible HTTP server over one engine: FastAPI on uvicorn, continuous batching underneath (no torch).
 
-    GET  /v1/models                 the served model
-    POST /v1/chat/completions       messages, tools, tool_choice, stream (SSE), max_tokens, temperature, top_p,
-                                    seed, stop; usage with the prompt tokens served from cache
+    GET  /v1/models, /v1/models/{id}   the served model
+    POST /v1/chat/completions          messages, tools, tool_choice, stream (SSE), max_tokens, temperature, top_p,
+                                       seed, stop; usage with the prompt tokens served from cache
+    GET  /health                       liveness, slots and queue
+    GET  /metrics                      Prometheus text: queue depth, busy slots, tokens/s, prefix-cache hit tokens
 
-The API is stateless (every request carries the whole conversation), so KV reuse works by matching: a pool of recent
-conversations is kept, and each request continues the one whose cached tokens share the longest prefix with its
-prompt (rewinding where the re-rendered history differs). Requests are served one at a time on the engine (one cache
-buffer); each conversation's rows are saved and restored when another takes the engine, so there is no cross-talk.
-A client that disconnects mid-stream stops its generation and frees its conversation. With ``prompt_lookup``
-(``agentopt serve --prompt-lookup N``), requests decode with drafts from their own conversation (prompt_lookup.py):
-fewer engine calls; greedy requests get the same text, sampled ones the same distribution.
+Requests are validated field by field (server_api.py): anything malformed is a JSON 400 naming the field; bodies
+over the size limit are 413, bodies that do not arrive in time 408, and a full queue is 429 with Retry-After.
+
+Every request becomes a scheduler request (scheduler.py): sessions decode together, one batched call per step, each
+in its own KV slot. The API is stateless (every request carries the whole conversation), so KV reuse works by
+matching: a request continues the pooled conversation that caches the longest prefix of its prompt beyond the part
+sessions share, and that shared part (system prompt and tool schemas) comes from the prefix cache. A client that
+disconnects stops its generation and frees its slot.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator
+from typing import Any, AsyncIterator
 
-from ..errors import AgentOptError, ContextOverflowError
+from starlette.requests import Request  # route signatures are resolved at module level (postponed annotations)
+
+from ..errors import AgentOptError
 from .chat import ChatTemplateError, render_chat
-from .conversation import _common_prefix, check_prompt_lookup
-from .engine import GenerationConfig
+from .generation import GenerationConfig
 from .prefix_cache import PrefixCache
-from .tokenizer import IncrementalDecoder
+from .scheduler import MIN_SHARED_PREFIX, QueueFullError, Scheduler
+from .server_api import ApiError, ChatRequest, parse_chat_request
 from .tools import parse_tool_calls
 
-
-MIN_SHARED_PREFIX = 16  # tokens; shorter heads are not worth a prefix-cache entry
-
-
-class ApiError(Exception):
-    def __init__(self, status: HTTPStatus, message: str, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code = status, message, code
-
-    def body(self) -> dict:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": self.message, "type": kind, "code": self.code}}
+TOOL_CALL_OPEN = "<tool_call>"
 
 
-def _bad_request(message: str, code: str | None = None) -> ApiError:
-    return ApiError(HTTPStatus.BAD_REQUEST, message, code)
+@dataclass
+class PreparedChat:
+    """A validated request, rendered and tokenized."""
+
+    request: ChatRequest
+    ids: list[int]
+    shared_prefix: int  # tokens of the system turn (system prompt and tools): what other sessions likely share
+    forced: str  # text the answer starts with (tool_choice), already in the prompt
+    config: GenerationConfig
+    tools_offered: bool
 
 
 class ChatService:
-    """The request logic, independent of HTTP (the handler below is a thin shell over it)."""
+    """The request logic, independent of HTTP (the app below is a thin shell over it)."""
 
-    def __init__(self, engine, model_name: str | None = None, max_conversations: int = 8,
-                 prefix_cache: PrefixCache | None = None, prompt_lookup: int = 0):
+    def __init__(self, engine, model_name: str | None = None, prompt_lookup: int = 0, prefill_chunk: int = 64,
+                 max_waiting: int = 64, prefix_cache: PrefixCache | None = None):
         if engine.tokenizer is None:
             raise AgentOptError("serving needs an engine with a tokenizer and chat template")
         self.engine = engine
         self.model_name = model_name or engine.manifest["model"]["name"]
-        self.max_conversations = max_conversations
-        self.prefix_cache = prefix_cache or PrefixCache()
         self.prompt_lookup = prompt_lookup  # drafts per decode call, for every request
-        if prompt_lookup:
-            check_prompt_lookup(engine.session, prompt_lookup)  # refuse at start, not at every greedy request
-        self.conversations: list = []  # most recently used last
-        self.lock = threading.Lock()
+        self.prefix_cache = prefix_cache or PrefixCache()
+        self.scheduler = Scheduler(engine, prefill_chunk=prefill_chunk, max_waiting=max_waiting,
+                                   prefix_cache=self.prefix_cache)
+        if prompt_lookup:  # refuse at start, not at every request
+            GenerationConfig(prompt_lookup=prompt_lookup)
+            from .conversation import check_prompt_lookup
+            check_prompt_lookup(engine.session, prompt_lookup)
         self.created = int(time.time())
 
-    def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
-                                            "owned_by": "agentopt"}]}
+    def start(self) -> "ChatService":
+        self.scheduler.start()
+        return self
 
-    # -- request parsing ------------------------------------------------------------------------------------
-    def _prepare(self, body: Any) -> tuple[list[int], int, str, GenerationConfig, bool]:
-        if not isinstance(body, dict):
-            raise _bad_request("the request body must be a JSON object")
-        model = body.get("model")
-        if model != self.model_name:
-            raise ApiError(HTTPStatus.NOT_FOUND, f"model '{model}' not found; this server serves "
-                                                 f"'{self.model_name}'", "model_not_found")
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
-            raise _bad_request("'messages' must be a non-empty list of objects with a 'role'")
-        tools = body.get("tools") or None
-        choice = body.get("tool_choice", "auto" if tools else "none")
+    def stop(self) -> None:
+        self.scheduler.stop()
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [self.model_card()]}
+
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "agentopt"}
+
+    # -- a request ------------------------------------------------------------------------------------------------
+    def prepare(self, request: ChatRequest) -> PreparedChat:
+        if request.model != self.model_name:
+            raise ApiError(HTTPStatus.NOT_FOUND, f"model '{request.model}' not found; this server serves "
+                                                 f"'{self.model_name}'", "model_not_found", "model")
+        tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
+        choice = request.tool_choice or ("auto" if tools else "none")
         offered = tools if choice != "none" else None
         # tool_choice is honoured by starting the answer for the model: "required" opens a call, a named function
         # opens a call to it, and a named function that takes no arguments is called outright
         forced, call_is_complete = "", False
+        if choice == "required" and not tools:
+            raise ApiError(HTTPStatus.BAD_REQUEST, "tool_choice 'required' needs tools", "invalid_value",
+                           "tool_choice")
         if tools and choice == "required":
-            forced = "<tool_call>"
-        elif tools and isinstance(choice, dict):
-            name = (choice.get("function") or {}).get("name")
-            chosen = next((t["function"] for t in tools if (t.get("function") or {}).get("name") == name), None)
+            forced = TOOL_CALL_OPEN
+        elif not isinstance(choice, str):
+            name = choice.function.name
+            chosen = next((t["function"] for t in tools or () if t["function"]["name"] == name), None)
             if chosen is None:
-                raise _bad_request(f"tool_choice names '{name}', which is not among the tools")
-            forced = '<tool_call>{"name": ' + json.dumps(name) + ', "arguments": '
+                raise ApiError(HTTPStatus.BAD_REQUEST, f"tool_choice names '{name}', which is not among the tools",
+                               "invalid_value", "tool_choice")
+            forced = TOOL_CALL_OPEN + '{"name": ' + json.dumps(name) + ', "arguments": '
             if not (chosen.get("parameters") or {}).get("properties"):
                 forced, call_is_complete = forced + "{}}</tool_call>", True
-        messages = [_normalize(m) for m in messages]
-        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=0)
+        messages = [_template_message(m, i) for i, m in enumerate(request.messages)]
+        # the system turn (with the tool schemas) is what sessions share: the prefix cache holds its KV
+        system = next((i for i, m in enumerate(messages) if m["role"] not in ("system", "developer")), len(messages))
+        tokenizer = self.engine.tokenizer
         try:
-            prompt = render_chat(self.engine.tokenizer, messages, offered) + forced
-            # the history before the last user turn: the part other conversations are likely to share
-            head = render_chat(self.engine.tokenizer, messages[:last_user], offered, add_generation_prompt=False) \
-                if last_user else ""
+            prompt = render_chat(tokenizer, messages, offered) + forced
+            head = render_chat(tokenizer, messages[:system], offered, add_generation_prompt=False) if system else ""
         except ChatTemplateError as exc:
-            raise _bad_request(str(exc)) from None
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        stop = body.get("stop") or ()
+            raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), "invalid_value", "messages") from None
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        if len(ids) >= self.engine.context_length:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"the conversation is {len(ids)} tokens and this engine's context "
+                                                   f"holds {self.engine.context_length} (prompt plus at least one "
+                                                   "new token); shorten the messages", "context_length_exceeded",
+                           "messages")
+        head_ids = tokenizer.encode(head, add_special_tokens=False) if head else []
+        shared = len(head_ids) if len(head_ids) >= MIN_SHARED_PREFIX and ids[:len(head_ids)] == head_ids else 0
+        max_tokens = request.max_completion_tokens or request.max_tokens or self.engine.context_length
+        stop = request.stop or ()
+        config = GenerationConfig(
+            max_new_tokens=0 if call_is_complete else max_tokens,
+            temperature=1.0 if request.temperature is None else request.temperature,
+            top_p=1.0 if request.top_p is None else request.top_p, seed=request.seed,
+            stop_strings=(stop,) if isinstance(stop, str) else tuple(stop), prompt_lookup=self.prompt_lookup)
+        return PreparedChat(request, ids, shared, forced, config, bool(offered))
+
+    def submit(self, prepared: PreparedChat, on_event):
+        """Queue ``prepared`` on the scheduler; a full queue is a 429."""
         try:
-            config = GenerationConfig(
-                max_new_tokens=int(max_tokens) if max_tokens is not None else self.engine.context_length,
-                temperature=float(body.get("temperature", 1.0)), top_p=float(body.get("top_p", 1.0)),
-                seed=body.get("seed"), stop_strings=(stop,) if isinstance(stop, str) else tuple(stop),
-                prompt_lookup=self.prompt_lookup)
-        except (TypeError, ValueError, AgentOptError) as exc:
-            raise _bad_request(f"invalid generation parameters: {exc}") from None
-        if call_is_complete:
-            config = GenerationConfig(max_new_tokens=0)
-        ids = self.engine.tokenizer.encode(prompt, add_special_tokens=False)
-        head_ids = self.engine.tokenizer.encode(head, add_special_tokens=False) if head else []
-        head_length = len(head_ids) if ids[:len(head_ids)] == head_ids else 0
-        return ids, head_length, forced, config, bool(offered)
+            return self.scheduler.submit(prepared.ids, prepared.config, on_event,
+                                         shared_prefix=prepared.shared_prefix)
+        except QueueFullError as exc:
+            raise ApiError(HTTPStatus.TOO_MANY_REQUESTS, str(exc), "rate_limit_exceeded") from None
 
-    def _conversation_for(self, ids: list[int]):
-        """The pooled conversation sharing the longest cached prefix with ``ids`` (or a new one)."""
-        best = max(self.conversations, key=lambda c: _common_prefix(c.tokens[:c.cached], ids), default=None)
-        if best is None or _common_prefix(best.tokens[:best.cached], ids) == 0:
-            best = self.engine.conversation(self.prefix_cache)
-            if len(self.conversations) >= self.max_conversations:
-                self.conversations.pop(0).release()
-        else:
-            self.conversations.remove(best)
-        self.conversations.append(best)
-        return best
-
-    # -- generation -----------------------------------------------------------------------------------------
-    def complete(self, body: Any) -> Iterator[dict]:
-        """Yield events: {"delta": text} pieces, then {"done": response fields}. Raises ApiError before the first."""
-        ids, head_length, forced, config, tools_offered = self._prepare(body)
-        with self.lock:
-            conversation = self._conversation_for(ids)
-            prefilled_before = conversation.prefilled_tokens
-            try:
-                logits = conversation.prefill_to(ids)
-            except ContextOverflowError as exc:
-                conversation.release()
-                self.conversations.remove(conversation)
-                raise _bad_request(str(exc), "context_length_exceeded") from None
-            cached_tokens = len(ids) - (conversation.prefilled_tokens - prefilled_before)
-            if head_length >= MIN_SHARED_PREFIX and self.prefix_cache.lookup(ids[:head_length])[0] != head_length:
-                conversation.remember_prefix(head_length)
-            decoder = IncrementalDecoder(self.engine.tokenizer)
-            emitted, completion_tokens, reason = 0, 0, "length"
-            tokens = conversation.generate(logits, config)
-            try:
-                while True:
-                    try:
-                        token = next(tokens)
-                    except StopIteration as stop:
-                        reason = stop.value or "length"
-                        break
-                    completion_tokens += 1
-                    decoder.push(token)
-                    hit = min((decoder.text.find(s) for s in config.stop_strings if s in decoder.text), default=-1)
-                    end = hit if hit >= 0 else len(decoder.text)
-                    if end > emitted:
-                        yield {"delta": decoder.text[emitted:end]}
-                        emitted = end
-                    if hit >= 0:
-                        reason = "stop"
-                        break
-            except GeneratorExit:  # the client went away: free its conversation
-                tokens.close()
-                conversation.release()
-                self.conversations.remove(conversation)
-                raise
-            tokens.close()
-        text = forced + decoder.text[:emitted]
+    @staticmethod
+    def final_message(prepared: PreparedChat, text: str, reason: str) -> tuple[dict, str]:
+        """The assistant message (tool calls parsed out when tools were offered) and the OpenAI finish reason."""
+        text = prepared.forced + text
         message: dict[str, Any] = {"role": "assistant", "content": text}
-        finish = {"stop": "stop", "length": "length", "context": "length"}[reason]
-        if tools_offered:
+        finish = "length" if reason in ("length", "context") else "stop"
+        if prepared.tools_offered:
             parsed = parse_tool_calls(text)
             if parsed.calls:
                 message = {"role": "assistant", "content": parsed.content or None, "tool_calls": [
                     {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                      "function": {"name": c.name, "arguments": json.dumps(c.arguments)}} for c in parsed.calls]}
                 finish = "tool_calls"
-        yield {"done": {"message": message, "finish_reason": finish, "usage": {
-            "prompt_tokens": len(ids), "completion_tokens": completion_tokens,
-            "total_tokens": len(ids) + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}}}
+        return message, finish
+
+    @staticmethod
+    def usage(done: dict) -> dict:
+        usage = done["usage"]
+        return {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
+                "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"],
+                "prompt_tokens_details": {"cached_tokens": usage["cached_tokens"]}}
+
+    def metrics(self) -> dict:
+        """What /metrics reports, read at scrape time."""
+        scheduler, slots = self.scheduler, self.engine.slots
+        return {"queue_depth": scheduler.waiting, "active_requests": scheduler.active,
+                "slots": slots.count, "busy_slots": sum(h is not None and h.busy for h in slots.holders),
+                "tokens_per_second": scheduler.recent_tokens_per_second(),
+                "prefix_cache_bytes": self.prefix_cache.bytes_used,
+                "evicted_host_bytes": slots.host_bytes_used, **scheduler.stats,
+                "evictions": slots.evictions, "dropped_sessions": slots.drops}
 
 
-def _normalize(message: dict) -> dict:
-    """OpenAI wire format -> template input: tool-call arguments as objects, missing content as ''."""
-    out = dict(message)
-    if out.get("content") is None:
-        out["content"] = ""
-    if isinstance(out.get("content"), list):  # content parts: keep the text ones
-        out["content"] = "".join(p.get("text", "") for p in out["content"] if isinstance(p, dict))
+def _template_message(message, index: int) -> dict:
+    """OpenAI wire format -> template input: tool-call arguments as objects, content parts joined, None as ''."""
+    out = message.model_dump(exclude_none=True)
+    content = message.content
+    out["content"] = "".join(p.text or "" for p in content) if isinstance(content, list) else (content or "")
     calls = []
     for call in out.get("tool_calls") or []:
-        function = dict(call.get("function") or {})
-        if isinstance(function.get("arguments"), str):
+        function = dict(call["function"])
+        if isinstance(function["arguments"], str):
             try:
                 function["arguments"] = json.loads(function["arguments"] or "{}")
             except json.JSONDecodeError:
-                raise _bad_request(f"tool call {call.get('id', '')} has arguments that are not valid JSON") from None
+                raise ApiError(HTTPStatus.BAD_REQUEST, f"messages[{index}]: tool call {call.get('id') or ''} has "
+                                                       "arguments that are not valid JSON", "invalid_value",
+                               f"messages[{index}].tool_calls") from None
         calls.append({**call, "function": function})
     if calls:
         out["tool_calls"] = calls
     return out
 
 
-class _Handler(BaseHTTPRequestHandler):
-    service: ChatService
-    api_key: str | None
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, fmt, *args):  # one quiet line per request on stderr
-        if self.server.verbose:
-            super().log_message(fmt, *args)
-
-    def _send_json(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _authorized(self) -> bool:
-        if not self.api_key:
-            return True
-        if self.headers.get("Authorization", "") == f"Bearer {self.api_key}":
-            return True
-        self._send_json(401, {"error": {"message": "missing or wrong API key (Authorization: Bearer ...)",
-                                        "type": "invalid_request_error", "code": "invalid_api_key"}})
-        return False
-
-    def do_GET(self):
-        if not self._authorized():
-            return
-        if self.path.rstrip("/") == "/v1/models":
-            self._send_json(200, self.service.models())
-        elif self.path.rstrip("/") == "/health":
-            self._send_json(200, {"status": "ok"})
-        else:
-            self._send_json(404, {"error": {"message": f"no route {self.path}", "type": "invalid_request_error",
-                                            "code": None}})
-
-    def do_POST(self):
-        if not self._authorized():
-            return
-        if self.path.rstrip("/") != "/v1/chat/completions":
-            self._send_json(404, {"error": {"message": f"no route {self.path}", "type": "invalid_request_error",
-                                            "code": None}})
-            return
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length)
-        try:
-            body = json.loads(raw or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            self._send_json(400, _bad_request(f"invalid JSON body: {exc}").body())
-            return
-        events = self.service.complete(body)
-        try:
-            first = next(events)
-        except ApiError as exc:
-            self._send_json(exc.status, exc.body())
-            return
-        except AgentOptError as exc:
-            self._send_json(400, _bad_request(str(exc)).body())
-            return
-        stream = isinstance(body, dict) and bool(body.get("stream"))
-        (self._stream if stream else self._respond)(body, first, events)
-
-    def _respond(self, body, first, events) -> None:
-        text = []
-        for event in _chain(first, events):
-            if "delta" in event:
-                text.append(event["delta"])
-            else:
-                done = event["done"]
-        self._send_json(200, {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
-                              "created": int(time.time()), "model": self.service.model_name,
-                              "choices": [{"index": 0, "message": done["message"],
-                                           "finish_reason": done["finish_reason"]}],
-                              "usage": done["usage"]})
-
-    def _stream(self, body, first, events) -> None:
-        chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        tools_offered = bool(body.get("tools")) and body.get("tool_choice") != "none"
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-
-        def chunk(delta: dict | None, finish=None, usage=None) -> dict:
-            out = {"id": chunk_id, "object": "chat.completion.chunk", "created": created,
-                   "model": self.service.model_name,
-                   "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]}
-            if usage is not None:
-                out["usage"] = usage
-            return out
-
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-        try:
-            self._sse(chunk({"role": "assistant", "content": ""}))
-            held = ""  # with tools, text from "<tool_call>" on is held back and sent as tool_calls at the end
-            for event in _chain(first, events):
-                if "delta" in event:
-                    held += event["delta"]
-                    send, held = _split_visible(held) if tools_offered else (held, "")
-                    if send:
-                        self._sse(chunk({"content": send}))
-                    continue
-                done = event["done"]
-                message = done["message"]
-                if message.get("tool_calls"):
-                    self._sse(chunk({"tool_calls": [{"index": i, **call}
-                                                     for i, call in enumerate(message["tool_calls"])]}))
-                elif held:
-                    self._sse(chunk({"content": held}))
-                self._sse(chunk({}, done["finish_reason"]))
-                if include_usage:
-                    self._sse(chunk(None, usage=done["usage"]))
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            events.close()  # stops generation and frees the conversation
-
-    def _sse(self, payload: dict) -> None:
-        self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
-        self.wfile.flush()
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
-
-
-def _split_visible(text: str) -> tuple[str, str]:
+def split_visible(text: str) -> tuple[str, str]:
     """Split streamed text into what can be shown now and what must be held back: everything from a
     ``<tool_call>`` marker on, or a trailing piece that may be the start of one."""
-    marker = "<tool_call>"
-    at = text.find(marker)
+    at = text.find(TOOL_CALL_OPEN)
     if at >= 0:
         return text[:at], text[at:]
-    for keep in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-keep:]):
+    for keep in range(min(len(TOOL_CALL_OPEN) - 1, len(text)), 0, -1):
+        if TOOL_CALL_OPEN.startswith(text[-keep:]):
             return text[:-keep], text[-keep:]
     return text, ""
 
 
-def make_server(service: ChatService, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-                verbose: bool = False) -> ThreadingHTTPServer:
-    handler = type("Handler", (_Handler,), {"service": service, "api_key": api_key})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    server.verbose = verbose
-    return server
+async def chat_events(service: ChatService, request: ChatRequest) -> AsyncIterator[dict]:
+    """A request's life as response events: {"accepted"} once queued, {"delta": text} as visible text arrives
+    (with tools offered, text from a ``<tool_call>`` marker on is held back), then {"final": {"message",
+    "finish_reason", "usage", "held"}}; or {"error": {"status", "body"}} (a 4xx before "accepted", or a failure
+    later). Closing the iterator before "final" cancels the request (the client went away) and frees its slot."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    try:
+        prepared = await asyncio.to_thread(service.prepare, request)
+        scheduled = service.submit(prepared, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+    except ApiError as exc:
+        yield {"error": {"status": exc.status, "body": exc.body()}}
+        return
+    finished = False
+    try:
+        yield {"accepted": True}
+        held = prepared.forced
+        while True:
+            event = await events.get()
+            if "error" in event:
+                finished = True
+                error = _as_api_error(event["error"])
+                yield {"error": {"status": error.status, "body": error.body()}}
+                return
+            if "done" in event:
+                finished = True
+                message, finish = service.final_message(prepared, event["text"], event["done"])
+                yield {"final": {"message": message, "finish_reason": finish, "usage": service.usage(event),
+                                 "held": held}}
+                return
+            held += event["text"]
+            send, held = split_visible(held) if prepared.tools_offered else (held, "")
+            if send:
+                yield {"delta": send}
+    finally:
+        if not finished:
+            scheduled.cancel()
+            service.scheduler.wake()
+
+
+def _as_api_error(error: Exception) -> ApiError:
+    if isinstance(error, ApiError):
+        return error
+    status = HTTPStatus.INTERNAL_SERVER_ERROR if str(error).startswith("internal error") else HTTPStatus.BAD_REQUEST
+    return ApiError(status, str(error))
+
+
+class LocalBackend:
+    """What the HTTP layer serves in one process: the ChatService and its scheduler thread."""
+
+    def __init__(self, service: ChatService):
+        self.service, self.model_name = service, service.model_name
+
+    def start(self) -> None:
+        self.service.start()
+
+    def stop(self) -> None:
+        self.service.stop()
+
+    def models(self) -> dict:
+        return self.service.models()
+
+    def chat(self, request: ChatRequest) -> AsyncIterator[dict]:
+        return chat_events(self.service, request)
+
+    async def health(self) -> dict:
+        metrics = self.service.metrics()
+        return {"status": "ok", "slots": metrics["slots"], "busy_slots": metrics["busy_slots"],
+                "queue_depth": metrics["queue_depth"]}
+
+    async def metrics_text(self) -> bytes:
+        from .metrics import prometheus_text
+
+        return prometheus_text(self.service.metrics(), self.model_name)
+
+
+def make_app(backend, api_key: str | None = None, max_body_bytes: int = 4 << 20, read_timeout_s: float = 30.0):
+    """The FastAPI application over a backend (LocalBackend, or serve_ray's replicas): the backend is started and
+    stopped with the app."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        backend.start()
+        try:
+            yield
+        finally:
+            backend.stop()
+
+    app = FastAPI(title="agentopt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    def error(status: int, body: dict) -> JSONResponse:
+        headers = {"Retry-After": "1"} if status == HTTPStatus.TOO_MANY_REQUESTS else None
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request, exc: ApiError):
+        return error(exc.status, exc.body())
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):  # unknown routes and methods, in the same JSON shape
+        return error(exc.status_code, ApiError(exc.status_code, f"{exc.detail}: {request.method} "
+                                                                f"{request.url.path}").body())
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request, exc: Exception):
+        return error(500, ApiError(500, f"internal error: {type(exc).__name__}: {exc}").body())
+
+    def authorize(request: Request) -> None:
+        if api_key and request.headers.get("authorization", "") != f"Bearer {api_key}":
+            raise ApiError(HTTPStatus.UNAUTHORIZED, "missing or wrong API key (Authorization: Bearer ...)",
+                           "invalid_api_key")
+
+    @app.get("/health")
+    async def health():
+        return await backend.health()
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(await backend.metrics_text(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        return backend.models()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        authorize(request)
+        card = next((m for m in backend.models()["data"] if m["id"] == model_id), None)
+        if card is None:
+            raise ApiError(HTTPStatus.NOT_FOUND, f"model '{model_id}' not found", "model_not_found")
+        return card
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        authorize(request)
+        chat = parse_chat_request(await _read_body(request, max_body_bytes, read_timeout_s))
+        if chat.model != backend.model_name:
+            raise ApiError(HTTPStatus.NOT_FOUND, f"model '{chat.model}' not found; this server serves "
+                                                 f"'{backend.model_name}'", "model_not_found", "model")
+        events = backend.chat(chat)
+        first = await anext(events)
+        if "error" in first:  # refused before it was queued: a 4xx with the reason
+            return error(first["error"]["status"], first["error"]["body"])
+        if chat.stream:
+            return StreamingResponse(_sse(events, backend.model_name, chat), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await _respond(events, backend.model_name, request)
+
+    return app
+
+
+async def _read_body(request, limit: int, timeout_s: float) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE if declared.isdigit() else HTTPStatus.BAD_REQUEST
+        raise ApiError(status, f"request body of {declared} bytes; this server takes at most {limit}",
+                       "body_too_large" if declared.isdigit() else "invalid_content_length")
+    chunks, size = [], 0
+
+    async def collect():
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over {limit} bytes",
+                               "body_too_large")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(collect(), timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(HTTPStatus.REQUEST_TIMEOUT, f"the request body did not arrive within {timeout_s:g}s",
+                       "timeout") from None
+    return b"".join(chunks)
+
+
+async def _respond(events: AsyncIterator[dict], model: str, request):
+    """The whole answer as one JSON response; a client that goes away meanwhile cancels its request."""
+    from fastapi.responses import JSONResponse
+
+    pending = asyncio.ensure_future(anext(events))
+    try:
+        while True:
+            done, _ = await asyncio.wait([pending], timeout=0.5)
+            if not done:
+                if await request.is_disconnected():
+                    return JSONResponse({}, status_code=499)  # nobody reads it; closing ``events`` cancels
+                continue
+            event = pending.result()
+            if "error" in event:
+                return JSONResponse(event["error"]["body"], status_code=event["error"]["status"])
+            if "final" in event:
+                final = event["final"]
+                return JSONResponse({
+                    "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                    "model": model, "choices": [{"index": 0, "message": final["message"],
+                                                 "finish_reason": final["finish_reason"]}],
+                    "usage": final["usage"]})
+            pending = asyncio.ensure_future(anext(events))
+    finally:
+        if not pending.done():  # cancelled inside the generator, which then cancels the request
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+        await events.aclose()
+
+
+async def _sse(events: AsyncIterator[dict], model: str, chat: ChatRequest):
+    """Server-sent events in the OpenAI chunk format: a role chunk, content chunks, tool calls, the finish reason,
+    usage when ``stream_options.include_usage``, then [DONE]."""
+    chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def sse(delta: dict | None, finish=None, usage=None) -> str:
+        out = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
+               "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        if usage is not None:
+            out["usage"] = usage
+        return f"data: {json.dumps(out)}\n\n"
+
+    try:
+        yield sse({"role": "assistant", "content": ""})
+        async for event in events:
+            if "delta" in event:
+                yield sse({"content": event["delta"]})
+            elif "error" in event:
+                yield f"data: {json.dumps(event['error']['body'])}\n\n"
+                return
+            elif "final" in event:
+                final = event["final"]
+                if final["message"].get("tool_calls"):
+                    yield sse({"tool_calls": [{"index": i, **call}
+                                              for i, call in enumerate(final["message"]["tool_calls"])]})
+                elif final["held"]:
+                    yield sse({"content": final["held"]})
+                yield sse({}, final["finish_reason"])
+                if chat.stream_options is not None and chat.stream_options.include_usage:
+                    yield sse(None, usage=final["usage"])
+                yield "data: [DONE]\n\n"
+                return
+    finally:
+        await events.aclose()  # before "final": the client went away, and closing cancels the request
+
+
+class HttpServer:
+    """uvicorn serving an app on a socket bound here (a port in use is one clear error): ``run()`` in this thread
+    (the CLI), or ``start()`` in a background thread (tests, benchmarks). Port 0 picks a free port."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 8000, verbose: bool = False):
+        import socket
+
+        import uvicorn
+
+        try:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            self.socket = socket.socket(family, socket.SOCK_STREAM)
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind((host, port))
+        except (OSError, OverflowError) as exc:
+            raise AgentOptError(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from None
+        self.host, self.port = host, self.socket.getsockname()[1]
+        config = uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose,
+                                timeout_keep_alive=5, timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+
+    def run(self) -> None:
+        self.server.run(sockets=[self.socket])
+
+    def start(self) -> int:
+        self._thread = threading.Thread(target=self.run, name="agentopt-http", daemon=True)
+        self._thread.start()
+        while not self.server.started:
+            if not self._thread.is_alive():
+                raise AgentOptError(f"the HTTP server on {self.host}:{self.port} did not start")
+            time.sleep(0.02)
+        return self.port
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)

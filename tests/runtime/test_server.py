@@ -1,7 +1,9 @@
 """`agentopt serve` end to end: a live server on a free localhost port, driven by the official openai client."""
 
 import json
+import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -9,28 +11,52 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
 
-from agentopt_compiler.runtime.server import ChatService, make_server  # noqa: E402
+import agentopt_compiler as ao  # noqa: E402
+from agentopt_compiler.runtime.server import ChatService, HttpServer, LocalBackend, make_app  # noqa: E402
 
 API_KEY = "test-key"
 TOOLS = [{"type": "function", "function": {"name": "get_time", "description": "Current time.",
                                            "parameters": {"type": "object", "properties": {}, "required": []}}}]
 
 
+class Running:
+    def __init__(self, engine, **options):
+        app_options = {k: options.pop(k) for k in ("max_body_bytes", "read_timeout_s") if k in options}
+        self.service = ChatService(engine, **options)
+        self.http = HttpServer(make_app(LocalBackend(self.service), api_key=API_KEY, **app_options), "127.0.0.1", 0)
+        self.port = self.http.start()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+
+    def client(self, **options):
+        return openai.OpenAI(base_url=self.url, api_key=API_KEY, max_retries=0, timeout=60, **options)
+
+    def idle(self) -> bool:
+        """Wait (up to 10 s) until nothing is generating."""
+        for _ in range(200):
+            metrics = self.service.metrics()
+            if metrics["busy_slots"] == 0 and metrics["active_requests"] == 0 and metrics["queue_depth"] == 0:
+                return True
+            time.sleep(0.05)
+        return False
+
+
 @pytest.fixture(scope="module")
-def server(chat_engine):
-    service = ChatService(chat_engine)
-    httpd = make_server(service, "127.0.0.1", 0, api_key=API_KEY)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", service
-    httpd.shutdown()
-    httpd.server_close()
+def slotted_chat(chat_engine):
+    return ao.load_engine(chat_engine.folder, slots=4)
+
+
+@pytest.fixture(scope="module")
+def server(slotted_chat):
+    running = Running(slotted_chat)
+    yield running
+    running.http.stop()
 
 
 @pytest.fixture()
 def client(server):
-    return openai.OpenAI(base_url=server[0], api_key=API_KEY, max_retries=0, timeout=60)
+    return server.client()
 
 
 def _ask(client, text, max_tokens=12, **extra):
@@ -40,6 +66,7 @@ def _ask(client, text, max_tokens=12, **extra):
 
 def test_models_and_a_completion_with_usage(client, chat_engine):
     assert [m.id for m in client.models.list().data] == ["tiny-random"]
+    assert client.models.retrieve("tiny-random").id == "tiny-random"
     reply = _ask(client, "Hello there")
     assert reply.choices[0].finish_reason in ("length", "stop") and reply.usage.completion_tokens <= 12
     assert reply.usage.prompt_tokens == len(chat_engine.tokenizer.encode(
@@ -85,67 +112,201 @@ def test_multi_turn_requests_reuse_the_cache(client):
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
 
 
-def test_concurrent_requests_do_not_share_kv(client):
-    prompts = [f"Question number {i} about something else entirely" for i in range(4)]
-    sequential = [_ask(client, p).choices[0].message.content for p in prompts]
+def test_concurrent_sessions_decode_together_with_the_tokens_they_get_alone(client, server):
+    prompts = [f"Question number {i} about something else entirely" for i in range(6)]
+    alone = [_ask(client, p, max_tokens=20).choices[0].message.content for p in prompts]
+    steps, rows = server.service.scheduler.stats["decode_steps"], server.service.scheduler.stats["decode_rows"]
+    with ThreadPoolExecutor(6) as pool:  # six sessions on four slots
+        together = list(pool.map(lambda p: _ask(client, p, max_tokens=20).choices[0].message.content, prompts))
+    assert together == alone
+    stats = server.service.scheduler.stats
+    assert (stats["decode_rows"] - rows) / (stats["decode_steps"] - steps) > 1.5  # several sessions per step
+
+
+def test_a_shared_system_prompt_is_prefilled_once(server):
+    system = {"role": "system", "content": "You are a careful agent with a long list of rules. " * 6}
+    before = dict(server.service.scheduler.stats)
     with ThreadPoolExecutor(4) as pool:
-        concurrent = list(pool.map(lambda p: _ask(client, p).choices[0].message.content, prompts))
-    assert concurrent == sequential
+        replies = list(pool.map(lambda i: server.client().chat.completions.create(
+            model="tiny-random", messages=[system, {"role": "user", "content": f"task {i}"}], max_tokens=4,
+            temperature=0), range(4)))
+    cached = sorted(r.usage.prompt_tokens_details.cached_tokens for r in replies)
+    assert cached[0] < 50 and all(c > 200 for c in cached[1:])  # the first computed the head, the rest reused it
+    assert server.service.scheduler.stats["reused_tokens"] - before["reused_tokens"] == sum(cached)
 
 
-def _post(url, body, key=API_KEY, raw=None):
-    request = urllib.request.Request(url + "/chat/completions", data=raw if raw is not None else json.dumps(
-        body).encode(), headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+def _post(url, body=None, key=API_KEY, raw=None, headers=None):
+    data = raw if raw is not None else json.dumps(body).encode()
+    request = urllib.request.Request(url + "/chat/completions", data=data, headers={
+        "Content-Type": "application/json", "Authorization": f"Bearer {key}", **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
+            return response.status, json.loads(response.read()), dict(response.headers)
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+        return error.code, json.loads(error.read()), dict(error.headers)
 
 
-def test_bad_requests(server):
-    url = server[0]
-    status, body = _post(url, None, raw=b"{not json")
-    assert status == 400 and "invalid JSON body" in body["error"]["message"]
-    status, body = _post(url, {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]})
+GOOD = {"model": "tiny-random", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+MALFORMED = [  # (field changes, the param the error must name)
+    ({"seed": "5"}, "seed"), ({"temperature": "0.5"}, "temperature"), ({"temperature": -1}, "temperature"),
+    ({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": "high"}, "top_p"),
+    ({"max_tokens": -5}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 2.5}, "max_tokens"),
+    ({"max_tokens": "10"}, "max_tokens"), ({"max_completion_tokens": -1}, "max_completion_tokens"),
+    ({"stream": "yes"}, "stream"), ({"stream": 1}, "stream"), ({"tools": "abc"}, "tools"),
+    ({"tools": [{"type": "function"}]}, "tools[0].function"), ({"tools": [{"function": {"name": "x"}}]}, "tools[0].type"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
+    ({"tool_choice": "sometimes"}, "tool_choice"), ({"tool_choice": {"type": "function"}}, "tool_choice.function"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"), ({"stop": 5}, "stop"), ({"stop": ["a"] * 5}, "stop"),
+    ({"n": 2}, "n"), ({"presence_penalty": 1.0}, "presence_penalty"), ({"logprobs": True}, "logprobs"),
+    ({"response_format": {"type": "json_object"}}, "response_format.type"), ({"unknown_field": 1}, "unknown_field"),
+    ({"messages": []}, "messages"), ({"messages": "hi"}, "messages"), ({"messages": [{"content": "x"}]},
+                                                                     "messages[0].role"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "1", "type": "function", "function": {
+        "name": "f", "arguments": "{not json"}}]}]}, "messages[0].tool_calls"),
+    ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+    ({"model": 5}, "model"), ({"model": None}, "model"),
+]
+
+
+def test_malformed_fields_are_4xx_naming_the_field(server):
+    for change, param in MALFORMED:
+        status, body, _ = _post(server.url, {**GOOD, **change})
+        assert status == 400 and body["error"]["param"] == param, (change, status, body)
+        assert param.split("[")[0].split(".")[0] in body["error"]["message"]
+    status, body, _ = _post(server.url, raw=b'{"model": "tiny-random", "messages": [], "temperature": NaN}')
+    assert status == 400 and "NaN" in body["error"]["message"]
+    for raw in (b"{not json", b"[1, 2]", b"\xff\xfe", b"", b"null"):
+        status, body, _ = _post(server.url, raw=raw)
+        assert status == 400 and body["error"]["code"] == "invalid_json"
+    status, body, _ = _post(server.url, {**GOOD, "model": "gpt-4"})
     assert status == 404 and "'gpt-4' not found" in body["error"]["message"]
-    status, body = _post(url, {"model": "tiny-random", "messages": "hi"})
-    assert status == 400 and "messages" in body["error"]["message"]
-    status, body = _post(url, {"model": "tiny-random", "messages": [{"role": "user", "content": "x" * 3000}]})
+    status, body, _ = _post(server.url, {**GOOD, "messages": [{"role": "user", "content": "x" * 3000}]})
     assert status == 400 and body["error"]["code"] == "context_length_exceeded"
-    status, body = _post(url, {"model": "tiny-random", "messages": [{"role": "user", "content": "hi"}]}, key="no")
-    assert status == 401
+    status, body, _ = _post(server.url, GOOD, key="no")
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    assert _post(server.url, GOOD)[0] == 200  # and the server still answers
+    assert server.idle()
 
 
-def test_client_disconnect_mid_stream_frees_its_conversation(server):
-    url, service = server
-    request = urllib.request.Request(url + "/chat/completions", data=json.dumps({
+def _raw_http(port, request: bytes, pause_s: float = 0.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        if pause_s:
+            time.sleep(pause_s)
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+
+def test_bodies_too_large_slow_or_with_bad_lengths(slotted_chat):
+    running = Running(slotted_chat, max_body_bytes=4096, read_timeout_s=0.5)
+    try:
+        head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+                "Content-Type: application/json\r\nConnection: close\r\n")
+        big = json.dumps({**GOOD, "messages": [{"role": "user", "content": "x" * 5000}]}).encode()
+        status, body, _ = _post(running.url, raw=big)
+        assert status == 413 and body["error"]["code"] == "body_too_large"
+        chunked = (head + "Transfer-Encoding: chunked\r\n\r\n").encode() + b"".join(
+            f"{len(piece):x}\r\n".encode() + piece + b"\r\n" for piece in [big[i:i + 1000] for i in range(0, len(big),
+                                                                                                   1000)]) + b"0\r\n\r\n"
+        assert _raw_http(running.port, chunked).startswith(b"HTTP/1.1 413")  # no Content-Length to check first
+        slow = _raw_http(running.port, (head + "Content-Length: 100\r\n\r\n{\"model\":").encode())
+        assert slow.startswith(b"HTTP/1.1 408") and b"did not arrive" in slow
+        for length in (b"-5", b"abc", b"99999999999999999999"):
+            reply = _raw_http(running.port, head.encode() + b"Content-Length: " + length + b"\r\n\r\n{}")
+            assert reply.startswith((b"HTTP/1.1 400", b"HTTP/1.1 413")), reply[:80]
+        for method, path in (("GET", "/v1/chat/completions"), ("POST", "/v1/nothing")):
+            reply = _raw_http(running.port, f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                                            .encode())
+            assert reply.split(b"\r\n")[0] in (b"HTTP/1.1 405 Method Not Allowed", b"HTTP/1.1 404 Not Found")
+            assert b'"error"' in reply
+    finally:
+        running.http.stop()
+
+
+def test_a_full_queue_answers_429_and_every_client_gets_an_answer(slotted_chat):
+    running = Running(slotted_chat, max_waiting=4)
+    try:
+        def ask(i):
+            return _post(running.url, {**GOOD, "messages": [{"role": "user", "content": f"client {i}"}],
+                                       "max_tokens": 24, "temperature": 0})
+        with ThreadPoolExecutor(32) as pool:
+            answers = list(pool.map(ask, range(32)))
+        statuses = sorted(status for status, _, _ in answers)
+        assert set(statuses) <= {200, 429} and 200 in statuses and 429 in statuses
+        assert all(headers.get("retry-after") == "1" for status, _, headers in answers if status == 429)
+        assert all(body["choices"][0]["message"]["content"] is not None for status, body, _ in answers
+                   if status == 200)
+        assert running.idle()
+    finally:
+        running.http.stop()
+
+
+def test_client_disconnect_mid_stream_frees_its_slot(server):
+    request = urllib.request.Request(server.url + "/chat/completions", data=json.dumps({
         "model": "tiny-random", "messages": [{"role": "user", "content": "A long answer please"}],
         "stream": True, "max_tokens": 1500, "temperature": 0}).encode(),
         headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
     response = urllib.request.urlopen(request, timeout=30)
     response.readline()  # the first event arrived: generation is under way
     response.close()  # the client goes away
-    for _ in range(100):  # the server notices at its next write, stops, and frees the conversation
-        if service.lock.acquire(timeout=0.1):
-            service.lock.release()
-            break
-    assert not any(c.tokens[-1:] and len(c.tokens) > 1000 for c in service.conversations)
-    assert _post(url, {"model": "tiny-random", "messages": [{"role": "user", "content": "still there?"}],
-                       "max_tokens": 2})[0] == 200
+    assert server.idle()  # the scheduler cancelled it and freed the slot
+    generated = server.service.scheduler.stats["generated_tokens"]
+    time.sleep(0.3)
+    assert server.service.scheduler.stats["generated_tokens"] == generated
+    assert _post(server.url, {**GOOD, "messages": [{"role": "user", "content": "still there?"}]})[0] == 200
 
 
-def test_prompt_lookup_serves_requests_with_the_same_greedy_text(chat_engine, tmp_path):
-    import agentopt_compiler as ao
+def test_health_and_prometheus_metrics(server):
+    health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{server.port}/health").read())
+    assert health["status"] == "ok" and health["slots"] == 4
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics").read().decode()
+    values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert values["agentopt_slots"] == 4 and values["agentopt_queue_depth"] == 0
+    assert values["agentopt_generated_tokens_total"] > 0 and values["agentopt_cached_prompt_tokens_total"] > 0
+    assert "agentopt_generated_tokens_per_second" in values and "agentopt_busy_slots" in values
+
+
+def test_prompt_lookup_serves_requests_with_the_same_greedy_text(slotted_chat, tmp_path):
     from agentopt_compiler.errors import AgentOptError
 
     body = {"model": "tiny-random", "messages": [{"role": "user", "content": "echo echo echo echo"}],
             "temperature": 0, "max_tokens": 30}
-    plain = list(ChatService(chat_engine).complete(dict(body)))[-1]["done"]
-    service = ChatService(chat_engine, prompt_lookup=4)
-    assert list(service.complete(dict(body)))[-1]["done"]["message"] == plain["message"]
-    assert service._prepare(dict(body))[3].prompt_lookup == 4
-    assert service._prepare({**body, "temperature": 0.7})[3].prompt_lookup == 4  # sampled requests draft too
+    replies = []
+    for lookup in (0, 4):
+        running = Running(slotted_chat, prompt_lookup=lookup)
+        try:
+            replies.append(_post(running.url, body)[1]["choices"][0]["message"])
+        finally:
+            running.http.stop()
+    assert replies[0] == replies[1]
     ring = ao.compile("tiny-random", out=tmp_path / "ring", context_length=256, sparse_attention="window=16")
     with pytest.raises(AgentOptError, match="ring caches"):
         ChatService(ring, prompt_lookup=65)  # more drafts than its rings have spare slots
+
+
+def test_serve_cli_refuses_a_port_in_use_in_one_line(capsys, chat_engine):
+    from tests.helpers import cli_error_line
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        line = cli_error_line(capsys, ["serve", str(chat_engine.folder), "--port", str(taken.getsockname()[1])])
+    assert "cannot listen on 127.0.0.1" in line
+
+
+def test_server_threads_do_not_outlive_stop(slotted_chat):
+    before = threading.active_count()
+    running = Running(slotted_chat)
+    running.http.stop()
+    time.sleep(0.2)
+    assert threading.active_count() <= before
