@@ -112,6 +112,9 @@ class SparseAttentionPlan:
                     layers[layer] = pattern
             except ValueError:
                 raise AgentOptError(f"cannot read sparse attention '{group}': numbers expected") from None
+        if not layers:
+            raise AgentOptError(f"sparse attention '{spec}' names no pattern; give e.g. window=1024,sinks=4 or a "
+                                "JSON plan file")
         return cls(layers)  # "all" stays a key until resolved against the model
 
     @classmethod

@@ -43,6 +43,8 @@ def write_manifest(folder: Path, body: dict[str, Any]) -> dict[str, Any]:
 
 def read_manifest(folder: Path, verify_hashes: bool = True) -> dict[str, Any]:
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise EngineError(f"'{folder}' is a file; give the engine folder (the one holding {MANIFEST})")
     if not folder.is_dir():
         raise EngineError(f"engine folder '{folder}' does not exist; create one with: agentopt compile --out {folder}")
     path = folder / MANIFEST

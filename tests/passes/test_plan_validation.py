@@ -99,7 +99,7 @@ def test_binary_and_missing_plan_files(tmp_path, capsys):
     assert not (tmp_path / "e").exists()
 
 
-@pytest.mark.parametrize("spec, expected", [("window=0", "window"), ("window=x", "numbers"),
+@pytest.mark.parametrize("spec, expected", [("window=0", "window"), ("", "names no pattern"), (" ; ", "no pattern"), ("window=x", "numbers"),
                                             ("window=4,layers=0-999999999", "range"), ("window=4,layers=3-1", "range"),
                                             ("sinks=4", "expected window"), ("window=4,colour=2", "expected window"),
                                             ("window=4,layers=9", "layer")])

@@ -116,3 +116,7 @@ def test_a_stray_file_or_folder_in_the_engine_is_refused(tiny_engine_dir, tmp_pa
         make(folder)
         line = cli_error_line(capsys, ["run", str(folder), "--prompt", "hi"])
         assert "does not list" in line and "remove it" in line
+
+
+def test_a_file_given_as_the_engine_folder(tiny_engine_dir, capsys):
+    assert "is a file" in cli_error_line(capsys, ["inspect", str(tiny_engine_dir / "model.onnx")])
