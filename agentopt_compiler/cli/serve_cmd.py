@@ -34,6 +34,9 @@ def add_parser(sub) -> None:
                         "other sessions' inter-token latency low, larger gives a faster first token)")
     p.add_argument("--max-waiting", type=int_in(0, 1 << 16), default=64, metavar="N",
                    help="requests that may wait for a slot; more are answered 429 with Retry-After (default 64)")
+    p.add_argument("--prefix-cache-mb", type=int_in(0, 1 << 20), default=256, metavar="MB",
+                   help="memory for the KV of system prompts (and tool schemas) that sessions share, prefilled once "
+                        "(default 256; 0: off)")
     p.add_argument("--max-body-bytes", type=int_in(1024, 1 << 30), default=4 << 20, metavar="N",
                    help="largest request body accepted (413 beyond; default 4 MiB)")
     p.add_argument("--replicas", type=int_in(1, 1024), default=None, metavar="N",
@@ -55,7 +58,8 @@ def run(args) -> int:
                             "pip install 'agentopt-compiler[serve]'") from None
     options = dict(api_key=args.api_key, max_body_bytes=args.max_body_bytes)
     service_options = dict(model_name=args.model_name, prompt_lookup=args.prompt_lookup,
-                           prefill_chunk=args.prefill_chunk, max_waiting=args.max_waiting)
+                           prefill_chunk=args.prefill_chunk, max_waiting=args.max_waiting,
+                           prefix_cache_bytes=args.prefix_cache_mb << 20)
     if args.replicas:
         from ..runtime.serve_ray import serve_replicas
 

@@ -159,6 +159,7 @@ MANIFEST_SCHEMA = record({
         "graph": string(), "plan_file": string(), "opset": integer(minimum=1),
         "inputs": _NAMES, "outputs": _NAMES, "logits": string(), "multi_logits": boolean(),
         "cache_update": string(), "lowering_rules": map_of(integer(minimum=0)), "tensorrt": anything_object(),
+        "rows": string(choices=("dynamic", "static")),
         "caches": list_of(record({"input": string(), "output": string(), "buffer": string(),
                                   "shape": list_of(integer(minimum=0), length=4), "dtype": _NumpyDtype()},
                                  required=("input", "output", "shape"), extra="keep")),

@@ -57,13 +57,14 @@ class ChatService:
     """The request logic, independent of HTTP (the app below is a thin shell over it)."""
 
     def __init__(self, engine, model_name: str | None = None, prompt_lookup: int = 0, prefill_chunk: int = 64,
-                 max_waiting: int = 64, prefix_cache: PrefixCache | None = None):
+                 max_waiting: int = 64, prefix_cache_bytes: int = 256 << 20):
         if engine.tokenizer is None:
             raise AgentOptError("serving needs an engine with a tokenizer and chat template")
         self.engine = engine
         self.model_name = model_name or engine.manifest["model"]["name"]
         self.prompt_lookup = prompt_lookup  # drafts per decode call, for every request
-        self.prefix_cache = prefix_cache or PrefixCache()
+        # KV of system turns shared by sessions; 0 bytes: none (each session prefills its own)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
         self.scheduler = Scheduler(engine, prefill_chunk=prefill_chunk, max_waiting=max_waiting,
                                    prefix_cache=self.prefix_cache)
         if prompt_lookup:  # refuse at start, not at every request
@@ -133,7 +134,8 @@ class ChatService:
             max_new_tokens=0 if call_is_complete else max_tokens,
             temperature=1.0 if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p, seed=request.seed,
-            stop_strings=(stop,) if isinstance(stop, str) else tuple(stop), prompt_lookup=self.prompt_lookup)
+            stop_strings=(stop,) if isinstance(stop, str) else tuple(stop), prompt_lookup=self.prompt_lookup,
+            ignore_eos=request.ignore_eos)
         return PreparedChat(request, ids, shared, forced, config, bool(offered))
 
     def submit(self, prepared: PreparedChat, on_event):
@@ -172,7 +174,7 @@ class ChatService:
         return {"queue_depth": scheduler.waiting, "active_requests": scheduler.active,
                 "slots": slots.count, "busy_slots": sum(h is not None and h.busy for h in slots.holders),
                 "tokens_per_second": scheduler.recent_tokens_per_second(),
-                "prefix_cache_bytes": self.prefix_cache.bytes_used,
+                "prefix_cache_bytes": self.prefix_cache.bytes_used if self.prefix_cache else 0,
                 "evicted_host_bytes": slots.host_bytes_used, **scheduler.stats,
                 "evictions": slots.evictions, "dropped_sessions": slots.drops}
 

@@ -107,6 +107,7 @@ class ChatRequest(_Strict):
     user: StrictStr | None = None
     metadata: dict[str, StrictStr] | None = None
     store: Literal[False] | None = None
+    ignore_eos: StrictBool = False  # vLLM's extension: generate max_tokens tokens whatever the model ends with
 
 
 def parse_chat_request(raw: bytes) -> ChatRequest:
