@@ -58,7 +58,12 @@ class Engine:
                 raise EngineError(f"engine '{self.folder}' has no tokenizer (its checkpoint had no tokenizer.json); "
                                   "pass token ids instead of text")
             return self.tokenizer.encode(prompt)
-        return [int(t) for t in prompt]
+        ids = [int(t) for t in prompt]
+        vocab = self.manifest["model"]["config"]["vocab_size"]
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise AgentOptError(f"token id {bad} is outside this model's vocabulary (0 to {vocab - 1})")
+        return ids
 
     # -- generation -------------------------------------------------------------------------------------------
     def conversation(self, prefix_cache=None) -> Conversation:
