@@ -117,7 +117,7 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
             device: str = "cpu", context_length: int | None = None, skip_passes: Iterable[str] = (),
             debug_dump: str | Path | None = None, overwrite: bool = False, attention_impl: str | None = None,
             batch_size: int = 1, sparse_attention=None, precision_plan=None, kv_cache_dtype: str | None = None,
-            progress: Callable[[str], None] | None = None):
+            progress: Callable[[str], None] | None = None, capture: str = "auto"):
     """Compile ``model`` into an engine folder at ``out`` and return the loaded ``Engine``.
 
     ``model`` is a built-in name (``agent-tiny``, ``tiny-random``, ``ref-60m``) or a local Hugging Face folder. ``context_length``
@@ -131,9 +131,13 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
     ``precision_plan`` is a ``PrecisionPlan`` or its JSON file (``agentopt plan precision`` makes one).
     ``kv_cache_dtype`` ``fp16`` stores the KV caches in half precision and runs attention in it (half the cache
     memory; what ONNX Runtime's CUDA GroupQueryAttention needs); default fp32.
+    ``capture`` picks the module that is captured: ``reference`` (our decoder: Llama, Qwen2, Mistral),
+    ``transformers`` (the checkpoint's unmodified transformers module: Qwen3, Gemma 3, Phi-3, SmolLM3, ...), or
+    ``auto`` (default): the reference module where it implements the checkpoint, else transformers. Attention the
+    passes cannot fuse is refused (``--skip-pass fuse_kv_cache`` builds the slow unfused engine on purpose).
     """
     from . import backends
-    from .capture.export import capture
+    from .capture.export import capture as capture_program
     from .models.hf_loader import TOKENIZER_FILES
     from .models.registry import load_model
     from .passes.insert_sparse_attention import SparseAttentionPlan
@@ -167,23 +171,25 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
         return _Stage(name, report, log)
 
     with stage("load"):
-        loaded = load_model(model)
+        loaded = load_model(model, capture)
     config = loaded.config
-    report.capture = loaded.capture
+    report.capture = loaded.capture + (f" ({loaded.capture_note})" if loaded.capture_note else "")
     context = min(config.max_position_embeddings, 4096) if context_length is None else context_length
     check_memory(config, context, batch_size)
     if precision:
         precision.check_units(config.num_layers)
     if sparse_plan:
         sparse_plan.resolve(config.num_layers)  # layers the model lacks: refused now, not after the capture
-    log(f"model {loaded.name}: {config.family}, {config.num_layers} layers, {config.num_params / 1e6:.1f}M "
-        f"parameters, context {context}")
+    parameters = sum(p.numel() for p in loaded.model.parameters())
+    log(f"model {loaded.name}: {config.family} ({loaded.capture} module), {config.num_layers} layers, "
+        f"{parameters / 1e6:.1f}M parameters, context {context}")
     with stage("capture"):
-        program = capture(loaded.model, context, batch_size)
+        program = capture_program(loaded.model, context, batch_size)
     with stage("passes"):
         program, records = pipeline.run(program, skip=set(skip_passes),
                                         debug_dump=Path(debug_dump) if debug_dump else None, log=log)
     report.passes = records
+    check_attention_fused(program, records)
     report.weights = describe_weights(loaded, program)
     regions = summarize(build_region_graph(program.module))
 
@@ -244,12 +250,29 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
     return engine
 
 
+def check_attention_fused(program, records) -> None:
+    """Refuse a graph with attention that fuse_kv_cache left unfused (unless the user skipped the pass): such an
+    engine would copy every layer's cache in and out at each step, silently many times slower."""
+    fuse = next((r for r in records if r.name == "fuse_kv_cache"), None)
+    if fuse is None or fuse.skipped:
+        return
+    left = sum(1 for n in program.exported.graph.nodes
+               if n.op == "call_function" and str(n.target) == "aten.scaled_dot_product_attention.default")
+    if left:
+        reasons = "; ".join(fuse.notes[:2]) or "no candidate matched"
+        raise AgentOptError(f"{left} attention layer(s) could not be fused into cached attention ({reasons}); "
+                            "refusing to write an engine that copies its KV caches every step. Pass --skip-pass "
+                            "fuse_kv_cache to build that slow engine on purpose")
+
+
 def describe_weights(loaded, program) -> str:
     """'checkpoint bfloat16, 942.3 MiB -> engine float32, 1.8 GiB (...)': what the engine stores, said plainly when
     it is not what the checkpoint held (a bf16 checkpoint doubles in size on ONNX Runtime CPU)."""
     import torch
 
-    tensors = [t for t in program.exported.state_dict.values() if isinstance(t, torch.Tensor)]
+    shared = {(t.untyped_storage().data_ptr(), t.shape): t for t in program.exported.state_dict.values()
+              if isinstance(t, torch.Tensor)}  # tied weights (embedding = lm_head) are stored once
+    tensors = list(shared.values())
     size = sum(t.numel() * t.element_size() for t in tensors)
     dtypes = "+".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t.is_floating_point()}))
     engine = f"engine {dtypes}, {_human_bytes(size)}"

@@ -141,3 +141,16 @@ def test_a_bf16_checkpoint_compiles_and_the_report_says_what_the_engine_holds(tm
     assert weights.startswith("checkpoint bfloat16, ") and "-> engine float32, " in weights and "upcast" in weights
     assert f"weights: {weights}" in engine.compile_report.lines()
     assert engine.manifest["model"]["weights"] == weights and engine.manifest["model"]["capture"] == "reference"
+
+
+def test_attention_the_passes_left_unfused_is_refused_unless_the_pass_was_skipped():
+    from agentopt_compiler.capture.export import capture
+    from agentopt_compiler.compiler import check_attention_fused
+    from agentopt_compiler.models.registry import load_model
+    from agentopt_compiler.passes.infra import PassRecord
+
+    program = capture(load_model("tiny-random").model, 16)  # SDPA as captured: nothing fused it
+    ran = PassRecord("fuse_kv_cache", False, {}, ("sdpa: the attention mask is not causal",), 0.0, 1, 1)
+    with pytest.raises(AgentOptError, match="2 attention layer.*could not be fused.*not causal.*--skip-pass"):
+        check_attention_fused(program, [ran])
+    check_attention_fused(program, [PassRecord("fuse_kv_cache", True, {}, (), 0.0, 1, 1)])  # asked for: allowed

@@ -8,9 +8,14 @@ from typing import Iterator
 
 def cache_layers(engine: dict) -> Iterator[tuple[dict, dict]]:
     """(cache spec, its layer's attention record) for each cache tensor of an engine section; {} for a cache whose
-    layer the manifest does not describe. Cache inputs are named past.<layer>.key / past.<layer>.value."""
+    layer the manifest does not describe. The manifest names each cache's layer (``layer``) and each attention
+    record's; engines compiled before that pair them by the name past.<layer>.key and the records' order."""
     layers = engine.get("attention", {}).get("layers", [])
+    by_layer = {record["layer"]: record for record in layers if "layer" in record}
     for cache in engine.get("caches", []):
+        if "layer" in cache:
+            yield cache, by_layer.get(cache["layer"], {})
+            continue
         match = re.search(r"\.(\d+)\.", cache["input"])
         yield cache, layers[int(match.group(1))] if match and int(match.group(1)) < len(layers) else {}
 

@@ -20,14 +20,20 @@ reference semantics every lowering is checked against.
     dense_kv_heads                           KV heads (and the query heads sharing them) that ignore the pattern
                                              and attend densely: per-head patterns (retrieval vs streaming heads)
     scale                                    softmax scale; 0 means 1/sqrt(D)
+    softcap                                  > 0: scores become softcap * tanh(scores / softcap) before the
+                                             softmax (Gemma 2 / Gemma 3 logit soft-capping)
     -> out (B, S, Hq*D), new k_cache, new v_cache
+RoPE tables narrower than D (R < D columns: Phi-3's partial rotary) rotate the first R dims of each head only.
+Passes and lowerings read the arguments by name through ``CachedAttentionArgs`` (never by position).
 The caches' dtype is the attention's: with fp16 caches (``set_kv_cache_dtype``), q/k/v and the RoPE tables are cast
 to fp16, RoPE, the cache write and attention run in fp16, and the output is cast back to q's dtype.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +42,15 @@ import torch.nn.functional as F
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, S, D) rotated by rows cos/sin (B, 1, S, R): the first R <= D dims (R < D: partial rotary)."""
+    rotary = cos.shape[-1]
+    if rotary == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    turned, kept = x[..., :rotary], x[..., rotary:]
+    return torch.cat([turned * cos + _rotate_half(turned) * sin, kept], dim=-1)
 
 
 def ring_slot_positions(length: torch.Tensor, sinks: int, ring: int) -> torch.Tensor:
@@ -55,7 +70,17 @@ def ring_slot_positions(length: torch.Tensor, sinks: int, ring: int) -> torch.Te
     return torch.where(filled, position, torch.full_like(position, -1))
 
 
-def _ring_attention(q, k, v, k_cache, v_cache, positions, window, sinks, scale, repeats):
+def _attend(q, keys, values, mask, scale, softcap):
+    """SDPA (keys/values already expanded to the query heads), with Gemma-style soft-capping when softcap > 0."""
+    if not softcap:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale or None)
+    scores = q @ keys.transpose(-1, -2) * (scale or q.shape[-1] ** -0.5)  # (B, Hq, S, T)
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ values
+
+
+def _ring_attention(q, k, v, k_cache, v_cache, positions, window, sinks, scale, repeats, softcap=0.0):
     """Attend over (ring slots as they were) + (the new tokens), then store the new tokens into the ring."""
     b, hkv, s, d = k.shape
     ring = k_cache.shape[2] - sinks  # ring slots (>= window)
@@ -64,8 +89,7 @@ def _ring_attention(q, k, v, k_cache, v_cache, positions, window, sinks, scale, 
     query_pos = positions[:, None, :, None]  # (B, 1, S, 1)
     mask = (key_pos >= 0) & (key_pos <= query_pos) & ((key_pos > query_pos - window) | (key_pos < sinks))
     keys, values = torch.cat([k_cache, k], 2), torch.cat([v_cache, v], 2)  # (B, Hkv, C+S, D)
-    out = F.scaled_dot_product_attention(q, keys.repeat_interleave(repeats, 1), values.repeat_interleave(repeats, 1),
-                                         attn_mask=mask, scale=scale or None)
+    out = _attend(q, keys.repeat_interleave(repeats, 1), values.repeat_interleave(repeats, 1), mask, scale, softcap)
     # each slot takes the newest new token that maps to it (duplicates within a long chunk resolve to the newest)
     held = ring_slot_positions(length + s, sinks, ring)  # (B, C)
     from_chunk = (held >= length[:, None])[:, None, :, None]  # (B, 1, C, 1)
@@ -80,7 +104,7 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
                      v_cache: torch.Tensor, positions: torch.Tensor, cos: Optional[torch.Tensor],
                      sin: Optional[torch.Tensor], num_heads: int, kv_num_heads: int, window: int = -1,
                      scale: float = 0.0, rotary: bool = False, sinks: int = 0, stride: int = 0,
-                     ring: bool = False, dense_kv_heads: Optional[list[int]] = None
+                     ring: bool = False, dense_kv_heads: Optional[list[int]] = None, softcap: float = 0.0
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, s, _ = q.shape
     d, capacity = k_cache.shape[-1], k_cache.shape[2]
@@ -93,11 +117,12 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     k = k.view(b, s, kv_num_heads, d).transpose(1, 2)  # (B, Hkv, S, D)
     v = v.view(b, s, kv_num_heads, d).transpose(1, 2)
     if rotary:
-        c, sn = cos[positions][:, None], sin[positions][:, None]  # (B, 1, S, D)
-        q, k = q * c + _rotate_half(q) * sn, k * c + _rotate_half(k) * sn
+        c, sn = cos[positions][:, None], sin[positions][:, None]  # (B, 1, S, R)
+        q, k = _rope(q, c, sn), _rope(k, c, sn)
     repeats = num_heads // kv_num_heads
     if ring:
-        out, k_cache, v_cache = _ring_attention(q, k, v, k_cache, v_cache, positions, window, sinks, scale, repeats)
+        out, k_cache, v_cache = _ring_attention(q, k, v, k_cache, v_cache, positions, window, sinks, scale, repeats,
+                                                softcap)
         return out.transpose(1, 2).reshape(b, s, num_heads * d).to(out_dtype), k_cache, v_cache
     index = positions[:, None, :, None].expand(b, kv_num_heads, s, d)  # (B, Hkv, S, D)
     k_cache = k_cache.scatter(2, index, k)  # (B, Hkv, T, D)
@@ -116,13 +141,71 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
             dense = torch.isin(kv_head, torch.tensor(dense_kv_heads, device=q.device))
             visible = visible | dense[None, :, None, None]
         mask = mask & visible  # (B, 1 or Hq, S, T)
-    out = F.scaled_dot_product_attention(q, k_cache.repeat_interleave(repeats, 1),
-                                         v_cache.repeat_interleave(repeats, 1), attn_mask=mask,
-                                         scale=scale or None)  # (B, Hq, S, D)
+    out = _attend(q, k_cache.repeat_interleave(repeats, 1), v_cache.repeat_interleave(repeats, 1), mask, scale,
+                  softcap)  # (B, Hq, S, D)
     return out.transpose(1, 2).reshape(b, s, num_heads * d).to(out_dtype), k_cache, v_cache
 
 
 @cached_attention.register_fake
 def _(q, k, v, k_cache, v_cache, positions, cos, sin, num_heads, kv_num_heads, window=-1, scale=0.0,
-      rotary=False, sinks=0, stride=0, ring=False, dense_kv_heads=None):
+      rotary=False, sinks=0, stride=0, ring=False, dense_kv_heads=None, softcap=0.0):
     return torch.empty_like(q), torch.empty_like(k_cache), torch.empty_like(v_cache)
+
+
+_SCHEMA = torch.ops.agentopt.cached_attention.default._schema
+
+
+@dataclass
+class CachedAttentionArgs:
+    """One ``agentopt::cached_attention`` call's arguments by name, in the op's schema order: what passes change
+    (``insert_sparse_attention`` sets window/sinks/ring, ``set_kv_cache_dtype`` reads the caches) and lowerings
+    read, so that no code indexes the op's arguments by position.
+
+        args = CachedAttentionArgs.of(node); args.window = 1024; args.write_to(node)
+    """
+
+    q: Any
+    k: Any
+    v: Any
+    k_cache: Any
+    v_cache: Any
+    positions: Any
+    cos: Any = None
+    sin: Any = None
+    num_heads: int = 1
+    kv_num_heads: int = 1
+    window: int = -1
+    scale: float = 0.0
+    rotary: bool = False
+    sinks: int = 0
+    stride: int = 0
+    ring: bool = False
+    dense_kv_heads: Optional[list[int]] = None
+    softcap: float = 0.0
+
+    @classmethod
+    def of(cls, node: torch.fx.Node) -> "CachedAttentionArgs":
+        """The arguments of a fused-attention FX node (positional or keyword, defaults filled in)."""
+        names = [a.name for a in _SCHEMA.arguments]
+        values = dict(zip(names, node.args))
+        values.update(node.kwargs)
+        return cls(**{k: v for k, v in values.items() if v is not None or k in ("cos", "sin", "dense_kv_heads")})
+
+    def to_args(self) -> tuple:
+        return tuple(getattr(self, a.name) for a in _SCHEMA.arguments)
+
+    def write_to(self, node: torch.fx.Node) -> None:
+        node.args, node.kwargs = self.to_args(), {}
+
+    def pattern(self) -> dict:
+        """The layer's attention pattern as the manifest records it."""
+        pattern = {"window": self.window if self.window > 0 else 0, "sinks": self.sinks, "stride": self.stride,
+                   "ring": bool(self.ring)}
+        if self.dense_kv_heads:
+            pattern["dense_kv_heads"] = list(self.dense_kv_heads)
+        if self.softcap:
+            pattern["softcap"] = self.softcap
+        return pattern
+
+
+assert [f.name for f in dataclasses.fields(CachedAttentionArgs)] == [a.name for a in _SCHEMA.arguments]

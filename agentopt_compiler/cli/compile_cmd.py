@@ -17,6 +17,10 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"built-in model name (agent-tiny, tiny-random, ref-60m) or a local Hugging Face folder "
                         f"(default: {DEFAULT_MODEL})")
+    p.add_argument("--capture", default="auto", choices=["auto", "reference", "transformers"],
+                   help="module to capture: reference = our decoder (Llama, Qwen2, Mistral); transformers = the "
+                        "checkpoint's unmodified transformers module (Qwen3, Gemma 3, Phi-3, SmolLM3, ...); auto "
+                        "(default) = reference where it implements the checkpoint, else transformers")
     p.add_argument("--out", required=True, help="engine folder to write (must be new, empty, or an engine with "
                                                 "--overwrite)")
     p.add_argument("--backend", default="onnxruntime", help="backend (default: onnxruntime)")
@@ -54,6 +58,6 @@ def run(args) -> int:
                      context_length=args.context_length, skip_passes=args.skip_pass, debug_dump=args.debug_dump,
                      overwrite=args.overwrite, attention_impl=args.attention_impl, batch_size=args.batch_size,
                      sparse_attention=args.sparse_attention, precision_plan=args.precision_plan,
-                     kv_cache_dtype=args.kv_cache_dtype, progress=ProgressLog(args.quiet))
+                     kv_cache_dtype=args.kv_cache_dtype, progress=ProgressLog(args.quiet), capture=args.capture)
     print("\n".join(engine.compile_report.lines()))
     return 0

@@ -10,9 +10,6 @@ from ..errors import AgentOptError, UnsupportedModelError
 from ..validation import Invalid, boolean, integer, list_of, number, optional, record, string
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")  # what the reference module (llama.py) computes
-# Families our reference module implements. Any other family is captured from transformers
-# (models/transformers_decoder.py) and its fields below describe it (transformers computes RoPE, norms, MLP itself).
-REFERENCE_FAMILIES = ("llama", "qwen2", "mistral")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 # Keys each RoPE scaling type needs (see llama.rope_inverse_frequencies).
 ROPE_SCALING_KEYS = {"linear": ("factor",),
@@ -47,6 +44,9 @@ class ModelConfig:
     # Per layer, as transformers records it: "sliding_attention" layers use sliding_window, "full_attention" layers
     # attend densely (Qwen2's max_window_layers, Gemma 3's interleaving). None: every layer uses sliding_window.
     layer_types: tuple[str, ...] | None = None
+    # The module that runs it: "reference" (models/llama.py, which these fields configure completely) or
+    # "transformers" (the checkpoint's own module; the fields describe it, and transformers computes RoPE itself)
+    capture: str = "reference"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
@@ -63,7 +63,7 @@ class ModelConfig:
             )
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         self._check_layer_types()
-        if self.family in REFERENCE_FAMILIES and rope_type not in SUPPORTED_ROPE_TYPES:
+        if self.capture == "reference" and rope_type not in SUPPORTED_ROPE_TYPES:
             raise UnsupportedModelError(
                 f"RoPE scaling '{rope_type}' is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
             )
@@ -133,5 +133,6 @@ FIELDS = record({
     "rope_scaling": optional(record({"rope_type": string()}, required=("rope_type",), extra="keep")),
     "qkv_bias": boolean(), "o_bias": boolean(), "mlp_bias": boolean(), "tie_word_embeddings": boolean(),
     "sliding_window": optional(_COUNT), "layer_types": optional(list_of(string())),
+    "capture": string(choices=("reference", "transformers")),
     "bos_token_id": optional(_TOKEN_ID), "eos_token_ids": list_of(_TOKEN_ID),
 })

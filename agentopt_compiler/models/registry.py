@@ -10,7 +10,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ModelNotFoundError
+from ..errors import AgentOptError, ModelNotFoundError, UnsupportedModelError
 from .config import ModelConfig
 
 
@@ -58,6 +58,7 @@ class LoadedModel:
     source: str  # "builtin" or the checkpoint folder
     _tmp: object = field(default=None, repr=False)  # keeps a temporary tokenizer folder alive
     capture: str = "reference"  # the module captured: "reference" (models/llama.py) or "transformers"
+    capture_note: str = ""  # why that module, when the caller did not choose it (auto)
     checkpoint_dtype: str = "float32"  # the weights as stored ("bfloat16", ...); the compile reports what it made
     checkpoint_bytes: int = 0  # of the stored weights; 0 for built-in models
 
@@ -90,24 +91,82 @@ def build_model(config: ModelConfig, seed: int = 0):
     return model.eval()
 
 
-def load_model(spec: str | Path) -> LoadedModel:
-    """Resolve a built-in name or a local Hugging Face folder to an eager model in fp32."""
+CAPTURES = ("auto", "reference", "transformers")
+
+
+def load_model(spec: str | Path, capture: str = "auto") -> LoadedModel:
+    """Resolve a built-in name or a local Hugging Face folder to an eager model in fp32.
+
+    ``capture`` picks the module: ``reference`` (our decoder, models/llama.py: Llama, Qwen2, Mistral),
+    ``transformers`` (the checkpoint's own transformers module, models/transformers_decoder.py: any decoder whose
+    attention the passes fuse), or ``auto``: the reference module where it implements the checkpoint, else
+    transformers (the compile report says which ran and why).
+    """
     from .builtin_tokenizer import write_builtin_tokenizer
 
+    if capture not in CAPTURES:
+        raise AgentOptError(f"unknown capture '{capture}'; choose one of: {', '.join(CAPTURES)}")
     name = str(spec)
     if name in BUILTIN_MODELS and BUILTIN_MODELS[name].shipped:
-        return _load_shipped(name, SHIPPED_MODELS / BUILTIN_MODELS[name].shipped)
-    if name in BUILTIN_MODELS:
+        loaded = _load_shipped(name, SHIPPED_MODELS / BUILTIN_MODELS[name].shipped)
+    elif name in BUILTIN_MODELS:
         entry = BUILTIN_MODELS[name]
         tmp = tempfile.TemporaryDirectory(prefix="agentopt-tok-")
         write_builtin_tokenizer(Path(tmp.name))
-        return LoadedModel(name, build_model(entry.config, entry.seed), entry.config, Path(tmp.name), "builtin", tmp)
-    path = Path(name).expanduser()
-    if not path.exists():
-        raise ModelNotFoundError(
-            f"unknown model '{name}': not a built-in ({', '.join(BUILTIN_MODELS)}) and no such folder"
-        )
-    return _load_hf_folder(path)
+        loaded = LoadedModel(name, build_model(entry.config, entry.seed), entry.config, Path(tmp.name), "builtin",
+                             tmp)
+    else:
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise ModelNotFoundError(
+                f"unknown model '{name}': not a built-in ({', '.join(BUILTIN_MODELS)}) and no such folder"
+            )
+        return _load_hf_folder_as(path, capture)
+    if capture == "transformers":  # a built-in through transformers: saved as a checkpoint folder first
+        return _builtin_through_transformers(loaded)
+    return loaded
+
+
+def _load_hf_folder_as(folder: Path, capture: str) -> LoadedModel:
+    if capture == "transformers":
+        return _load_with_transformers(folder, "")
+    try:
+        return _load_hf_folder(folder)
+    except UnsupportedModelError as reason:
+        if capture == "reference":
+            raise
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise UnsupportedModelError(f"{reason}; other architectures are captured from transformers, which is not "
+                                        "installed: pip install 'transformers>=5'") from None
+        try:
+            return _load_with_transformers(folder, f"the reference module does not implement it: {reason}")
+        except UnsupportedModelError as other:
+            raise UnsupportedModelError(f"{reason}; nor can it be captured from transformers: {other}") from None
+
+
+def _load_with_transformers(folder: Path, why: str) -> LoadedModel:
+    """The checkpoint's transformers module; ``why`` says why (empty when asked for)."""
+    from .hf_loader import with_generation_stop_tokens
+    from .transformers_decoder import load_transformers_model
+
+    model, config = load_transformers_model(folder)
+    config = with_generation_stop_tokens(config, folder)
+    has_tokenizer = (folder / "tokenizer.json").is_file()
+    dtype, size = stored_weights(folder)
+    return LoadedModel(folder.name, model, config, folder if has_tokenizer else None, str(folder.resolve()),
+                       capture="transformers", capture_note=why, checkpoint_dtype=dtype, checkpoint_bytes=size)
+
+
+def _builtin_through_transformers(loaded: LoadedModel) -> LoadedModel:
+    from .hf_loader import save_as_hf_folder
+
+    tmp = tempfile.TemporaryDirectory(prefix="agentopt-hf-")
+    folder = save_as_hf_folder(loaded.model, Path(tmp.name) / loaded.name, loaded.tokenizer_dir)
+    result = _load_with_transformers(folder, "")
+    result.name, result.source, result._tmp, result.checkpoint_bytes = loaded.name, loaded.source, tmp, 0
+    return result
 
 
 def _load_shipped(name: str, folder: Path) -> LoadedModel:

@@ -16,12 +16,22 @@ transposes), expands K/V to all query heads, and attends over the whole capacity
 GroupQueryAttention (RoPE inside, cache written in place, work proportional to the tokens cached) or to a portable
 standard-ONNX form; either way the backend sees one op per layer instead of ~30.
 
-Matches both our reference decoder and plain-SDPA models with an index-copy cache: with or without RoPE, cache
-writes by ``scatter_`` at per-row positions (B, S), or ``index_copy_`` / ``index_put_`` (``cache[:, :, pos] = k``)
-at shared positions (S,), heads expanded by ``repeat_interleave`` or Hugging Face's ``expand`` + ``reshape`` (or
-not at all for MHA), a mask ``arange(T) <= pos`` (broadcast as key index against query position), optionally
-``& arange(T) > pos - W`` (sliding window). It does not fire — and says why in the pass notes — when the
-attention is not causal over positions (another mask, ``is_causal``, dropout), or a cache is read anywhere else.
+Matches our reference decoder, unmodified transformers modules (models/transformers_decoder.py) and plain-SDPA
+models with an index-copy cache:
+  * attention as SDPA or written out as transformers' eager attention, soft-capped scores included (Gemma 2:
+    ``tanh(s / c) * c``, carried as the op's ``softcap``; attention_cores.py);
+  * RoPE or none (SmolLM3's no-RoPE layers), rotate_half by ``chunk`` or by slices, on all of a head's dims or the
+    first R (Phi-3's partial rotary: ``cat(rope(x[..., :R]), x[..., R:])``), tables indexed by position;
+  * q/k/v from their projections, from slices of a fused qkv projection (Phi-3), or from per-head ops before or
+    after the head transpose (Qwen3 / Gemma 3 QK-norm; the op then reads a flattened copy);
+  * cache writes by ``scatter_`` at per-row positions (B, S), or ``index_copy_`` / ``index_put_``
+    (``cache[:, :, pos] = k``) at shared positions (S,);
+  * heads expanded by ``repeat_interleave`` or transformers' ``expand`` + ``reshape`` (or not at all for MHA);
+  * a mask ``arange(T) <= pos`` (broadcast as key index against query position), optionally
+    ``& arange(T) > pos - W`` (sliding window, per layer).
+It does not fire — and says why in the pass notes — when the attention is not causal over positions (another
+mask, ``is_causal``, dropout), or a cache is read anywhere else; the compile then refuses the graph rather than
+ship attention that copies its caches every step.
 """
 
 from __future__ import annotations
@@ -31,7 +41,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..capture import custom_ops  # noqa: F401  (registers torch.ops.agentopt.*)
+from ..capture.custom_ops import CachedAttentionArgs
+from .attention_cores import NoMatch, attention_core, candidates
+from .attention_cores import is_call as _is
+from .attention_cores import require as _require
 from .infra import GraphPass, PassResult
 
 aten = torch.ops.aten
@@ -40,9 +53,9 @@ Node = torch.fx.Node
 
 @dataclass
 class AttentionMatch:
-    q: Node  # (B, S, Hq*D) projections, before the head split
-    k: Node
-    v: Node
+    q: "Node | Flatten"  # (B, S, Hq*D) projections, before the head split (or per-head values to flatten)
+    k: "Node | Flatten"
+    v: "Node | Flatten"
     k_cache: Node
     v_cache: Node
     positions: Node
@@ -54,35 +67,62 @@ class AttentionMatch:
     scale: float
     output: Node  # the reshape back to (B, S, Hq*D) that the fused op's output replaces
     chain: list[Node] = field(default_factory=list)  # matched nodes, erased once dead
+    softcap: float = 0.0
+    anchor: Node | None = None  # the attention's last node: the fused op goes before it
 
 
-class NoMatch(Exception):
-    """Why a candidate SDPA is not the fusable pattern."""
+@dataclass(frozen=True)
+class Flatten:
+    """A per-head tensor the fused op takes as (B, S, H*D): (B, S, H, D), or (B, H, S, D) when ``heads_first``; a
+    (transpose and) flatten is inserted at the rewrite. Such tensors come from per-head ops: Qwen3 normalizes each
+    head before the head transpose, Gemma 3 after it, so no (B, S, H*D) tensor exists in the graph to read."""
+
+    heads: Node
+    heads_first: bool = False
 
 
-def _is(node, *targets) -> bool:
-    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
-
-
-def _require(condition: bool, reason: str) -> None:
-    if not condition:
-        raise NoMatch(reason)
-
-
-def _split_heads(node: Node, chain: list[Node]) -> tuple[Node, int, int]:
-    """transpose(view(x, [B, S, H, D]), 1, 2) -> (x, H, D)."""
-    _require(_is(node, aten.transpose.int) and sorted(node.args[1:3]) == [1, 2], f"{node.name} is not a head split")
-    view = node.args[0]
-    _require(_is(view, aten.view.default, aten.reshape.default, aten._unsafe_view.default) and
-             len(view.args[1]) == 4, f"{view.name} is not a (B, S, H, D) view")
-    heads, head_dim = view.args[1][2], view.args[1][3]
+def _split_heads(node: Node, chain: list[Node]) -> tuple[Node | Flatten, int, int]:
+    """transpose(x4, 1, 2) with x4 (B, S, H, D) -> (x, H, D): x is the projection when x4 = view(projection)
+    (B, S, H*D), else ``Flatten(x4)`` (Qwen3 / Gemma 3 normalize each head of q and k before the transpose)."""
+    shape = _shape(node)
+    _require(shape is not None and len(shape) == 4 and isinstance(shape[1], int) and isinstance(shape[3], int),
+             f"{node.name} is not a (B, H, S, D) tensor")
+    if not (_is(node, aten.transpose.int) and sorted(node.args[1:3]) == [1, 2]):
+        # computed per head after the head split (Gemma 3's QK-norm): SDPA and the cache layout say it is (B, H, S, D)
+        return Flatten(node, heads_first=True), shape[1], shape[3]
+    x4 = node.args[0]
+    shape = _shape(x4)
+    _require(shape is not None and len(shape) == 4, f"{x4.name} is not a (B, S, H, D) tensor")
+    heads, head_dim = shape[2], shape[3]
     _require(isinstance(heads, int) and isinstance(head_dim, int), "head count or head dim is symbolic")
-    chain += [node, view]
-    return view.args[0], heads, head_dim
+    chain.append(node)
+    source = _shape(x4.args[0]) if _is(x4, aten.view.default, aten.reshape.default, aten._unsafe_view.default) \
+        else None
+    if source is not None and len(source) == 3 and source[2] == heads * head_dim:
+        chain.append(x4)
+        return x4.args[0], heads, head_dim
+    return Flatten(x4), heads, head_dim
+
+
+def _shape(node) -> tuple | None:
+    val = node.meta.get("val") if isinstance(node, Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
 def _rope(node: Node, chain: list[Node]) -> tuple[Node, Node, Node, Node] | None:
-    """x * cos[pos] + cat(-x2, x1) * sin[pos] -> (x, cos_table, sin_table, pos); None if ``node`` is no RoPE."""
+    """x * cos[pos] + cat(-x2, x1) * sin[pos] -> (x, cos_table, sin_table, pos); None if ``node`` is no RoPE.
+    Also partial rotary (Phi-3): cat(rope(x[..., :R]), x[..., R:]) -> (x, (T, R) tables, ...)."""
+    if _is(node, aten.cat.default) and len(node.args[0]) == 2 and _last_dim(node, node.args[1:2]):
+        turned, kept = node.args[0]
+        inner: list[Node] = []
+        found = _rope(turned, inner)
+        if found is not None and _is(found[0], aten.slice.Tensor) and _is(kept, aten.slice.Tensor):
+            x, rotary = found[0].args[0], _shape(found[0])[-1]
+            if (_slice_of(found[0], x, 0, rotary) and _slice_of(kept, x, rotary, _shape(x)[-1])
+                    and _shape(found[1])[-1] == rotary):
+                chain += [node, kept, found[0], *inner]
+                return (x, *found[1:])
+        return None
     if not _is(node, aten.add.Tensor) or len(node.args) != 2:
         return None
     for plain, rotated in (node.args, node.args[::-1]):
@@ -91,23 +131,57 @@ def _rope(node: Node, chain: list[Node]) -> tuple[Node, Node, Node, Node] | None
         for x, cos_rows in (plain.args, plain.args[::-1]):
             for half, sin_rows in (rotated.args, rotated.args[::-1]):
                 cos_rows, sin_rows = _through_reshapes(cos_rows, chain), _through_reshapes(sin_rows, chain)
-                if not (_is(half, aten.cat.default) and _is(cos_rows, aten.index.Tensor)
-                        and _is(sin_rows, aten.index.Tensor)):
+                if not (_is(cos_rows, aten.index.Tensor) and _is(sin_rows, aten.index.Tensor)):
                     continue
-                neg, first = half.args[0] if len(half.args[0]) == 2 else (None, None)
-                if not (_is(neg, aten.neg.default) and _is(first, operator.getitem)):
-                    continue
-                second = neg.args[0]
-                chunk = first.args[0]
-                if not (_is(second, operator.getitem) and second.args[0] is chunk and _is(chunk, aten.chunk.default)
-                        and chunk.args[0] is x and first.args[1] == 0 and second.args[1] == 1):
+                halves = _rotate_half_of(half, x)
+                if halves is None:
                     continue
                 positions = cos_rows.args[1][0]
                 if sin_rows.args[1][0] is not positions:
                     continue
-                chain += [node, plain, rotated, half, neg, first, second, chunk, cos_rows, sin_rows]
+                chain += [node, plain, rotated, *halves, cos_rows, sin_rows]
                 return x, cos_rows.args[0], sin_rows.args[0], positions
     return None
+
+
+def _rotate_half_of(half: Node, x: Node) -> list[Node] | None:
+    """The nodes of ``cat(-x2, x1)`` where x1, x2 are x's halves along the last axis (``chunk(x, 2, -1)`` or
+    Hugging Face's ``x[..., :D/2]``, ``x[..., D/2:]``); None if ``half`` is not that."""
+    if not (_is(half, aten.cat.default) and len(half.args[0]) == 2 and _last_dim(half, half.args[1:2])):
+        return None
+    neg, first = half.args[0]
+    if not _is(neg, aten.neg.default):
+        return None
+    second = neg.args[0]
+    if _is(first, operator.getitem) and _is(second, operator.getitem):  # chunk(x, 2, -1)
+        chunk = first.args[0]
+        if (second.args[0] is chunk and _is(chunk, aten.chunk.default) and chunk.args[0] is x
+                and first.args[1] == 0 and second.args[1] == 1):
+            return [half, neg, first, second, chunk]
+        return None
+    width = (_shape(x) or (None,))[-1]
+    if isinstance(width, int) and width % 2 == 0 and _is(first, aten.slice.Tensor) and _is(second, aten.slice.Tensor) \
+            and _slice_of(first, x, 0, width // 2) and _slice_of(second, x, width // 2, width):
+        return [half, neg, first, second]
+    return None
+
+
+def _last_dim(node: Node, dim_args) -> bool:
+    """Whether a cat / slice's dim argument (default 0) names the last axis of its 4-D result."""
+    dim = dim_args[0] if dim_args else 0
+    rank = len(_shape(node) or ())
+    return dim == -1 or (rank > 0 and dim == rank - 1)
+
+
+def _slice_of(node: Node, x: Node, start: int, end: int) -> bool:
+    """node is x[..., start:end] (an aten.slice on the last axis; an end past the axis counts as its length)."""
+    if not (_is(node, aten.slice.Tensor) and node.args[0] is x and _last_dim(node, node.args[1:2])):
+        return False
+    args = list(node.args) + [None, None, None]
+    width = (_shape(x) or (None,))[-1]
+    begin, stop = args[2] or 0, args[3]
+    stop = width if stop is None or (isinstance(width, int) and stop >= width) else stop
+    return begin == start and stop == end and (args[4] or 1) == 1
 
 
 _RESHAPES = (aten.unsqueeze.default, aten.view.default, aten.reshape.default, aten.expand.default)
@@ -205,15 +279,14 @@ def _is_query_positions(node: Node, positions: Node) -> bool:
 class FuseKVCache(GraphPass):
     name = "fuse_kv_cache"
 
-    def check(self, sdpa: Node) -> AttentionMatch:
-        """The match for one SDPA node, or NoMatch with the reason it is not fusable."""
-        args = list(sdpa.args) + [None] * (7 - len(sdpa.args))
-        query, key, value, mask, dropout, is_causal = args[:6]
-        mask = sdpa.kwargs.get("attn_mask", mask)
-        _require(not (sdpa.kwargs.get("is_causal", is_causal) or False), "is_causal attention over a cache")
-        _require(not (sdpa.kwargs.get("dropout_p", dropout) or 0.0), "attention with dropout")
+    def check(self, candidate: Node) -> AttentionMatch:
+        """The match for one SDPA node or eager softmax, or NoMatch with the reason it is not fusable."""
+        core = attention_core(candidate)
+        query, key, value, mask = core.query, core.key, core.value, core.mask
+        _require(not core.is_causal, "is_causal attention over a cache")
+        _require(not core.dropout, "attention with dropout")
         _require(isinstance(mask, Node), "attention without a mask is not causal over positions")
-        chain: list[Node] = [sdpa]
+        chain: list[Node] = list(core.nodes)
         k_written, repeats = _expand_heads(key, chain)
         v_written, v_repeats = _expand_heads(value, chain)
         _require(repeats == v_repeats, "K and V are expanded differently")
@@ -233,9 +306,10 @@ class FuseKVCache(GraphPass):
         _require(num_heads == kv_num_heads * repeats, f"{num_heads} query heads do not match {kv_num_heads} KV heads "
                                                       f"expanded {repeats} times")
         capacity = k_cache.meta["val"].shape[2] if "val" in k_cache.meta else None
-        capacity = capacity if capacity is not None else _buffer_shape(sdpa.graph.owning_module, k_cache)[2]
+        capacity = capacity if capacity is not None else _buffer_shape(candidate.graph.owning_module, k_cache)[2]
         window = _position_mask(mask, positions, capacity)
-        users = list(sdpa.users)
+        output = _through_same_shape_views(core.output, chain)  # HF reshapes SDPA's output to the shape it has
+        users = list(output.users)
         _require(len(users) == 1 and _is(users[0], aten.transpose.int), "the attention output is used elsewhere")
         merge = list(users[0].users)
         _require(len(merge) == 1 and _is(merge[0], aten.reshape.default, aten.view.default),
@@ -243,30 +317,34 @@ class FuseKVCache(GraphPass):
         chain += [users[0], merge[0]]
         return AttentionMatch(q, k, v, k_cache, v_cache, positions,
                               q_rope[1] if q_rope else None, q_rope[2] if q_rope else None,
-                              num_heads, kv_num_heads, window, float(sdpa.kwargs.get("scale") or 0.0), merge[0],
-                              chain)
+                              num_heads, kv_num_heads, window, core.scale, merge[0], chain, core.softcap, core.output)
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         fused, rotary, notes = 0, 0, []
-        for sdpa in [n for n in gm.graph.nodes if _is(n, aten.scaled_dot_product_attention.default)]:
+        softcapped = 0
+        for candidate in candidates(gm.graph):
             try:
-                match = self.check(sdpa)
+                match = self.check(candidate)
             except NoMatch as reason:
-                notes.append(f"{sdpa.name}: {reason}")
+                notes.append(f"{candidate.name}: {reason}")
                 continue
-            self._rewrite(gm.graph, sdpa, match)
+            self._rewrite(gm.graph, match)
             fused += 1
             rotary += match.cos is not None
+            softcapped += bool(match.softcap)
         stats = {"fused_attention": fused, "with_rope": rotary} if fused else {}
+        if softcapped:
+            stats["softcapped"] = softcapped
         return PassResult(bool(fused), stats, tuple(notes))
 
     @staticmethod
-    def _rewrite(graph: torch.fx.Graph, sdpa: Node, m: AttentionMatch) -> None:
-        with graph.inserting_before(sdpa):
-            fused = graph.call_function(torch.ops.agentopt.cached_attention.default, (
-                m.q, m.k, m.v, m.k_cache, m.v_cache, m.positions, m.cos, m.sin, m.num_heads, m.kv_num_heads,
-                m.window, m.scale, m.cos is not None))
-            fused.meta["nn_module_stack"] = sdpa.meta.get("nn_module_stack", {})
+    def _rewrite(graph: torch.fx.Graph, m: AttentionMatch) -> None:
+        with graph.inserting_before(m.anchor):
+            q, k, v = (_flattened(graph, x) for x in (m.q, m.k, m.v))  # (B, S, H*D)
+            fused = graph.call_function(torch.ops.agentopt.cached_attention.default, CachedAttentionArgs(
+                q, k, v, m.k_cache, m.v_cache, m.positions, m.cos, m.sin, m.num_heads, m.kv_num_heads, m.window,
+                m.scale, m.cos is not None, softcap=m.softcap).to_args())
+            fused.meta["nn_module_stack"] = m.anchor.meta.get("nn_module_stack", {})
             output = graph.call_function(operator.getitem, (fused, 0))
             new_k = graph.call_function(operator.getitem, (fused, 1))
             new_v = graph.call_function(operator.getitem, (fused, 2))
@@ -274,6 +352,24 @@ class FuseKVCache(GraphPass):
             graph.call_function(aten.copy_.default, (m.v_cache, new_v))
         m.output.replace_all_uses_with(output)
         _erase_dead(graph, m.chain)
+
+
+def _flattened(graph: torch.fx.Graph, x: "Node | Flatten") -> Node:
+    if not isinstance(x, Flatten):
+        return x
+    heads = graph.call_function(aten.transpose.int, (x.heads, 1, 2)) if x.heads_first else x.heads  # (B, S, H, D)
+    return graph.call_function(aten.flatten.using_ints, (heads, 2))
+
+
+def _through_same_shape_views(node: Node, chain: list[Node]) -> Node:
+    """Follow a chain of single-use reshapes/views that keep the shape (no-ops) down from ``node``."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if not (_is(user, aten.reshape.default, aten.view.default) and _shape(user) == _shape(node)):
+            break
+        chain.append(user)
+        node = user
+    return node
 
 
 def _erase_dead(graph: torch.fx.Graph, candidates: list[Node]) -> None:

@@ -35,15 +35,12 @@ from pathlib import Path
 
 import torch
 
-from ..capture import custom_ops  # noqa: F401  (registers torch.ops.agentopt.*)
+from ..capture.custom_ops import CachedAttentionArgs
 from ..errors import AgentOptError
 from ..validation import anything_object, boolean, check, integer, list_of, map_of, optional, read_json, record, string
 from .infra import GraphPass, PassResult, owner_of
 from .region_graph import region_of
 
-K_CACHE, V_CACHE = 3, 4  # argument positions in agentopt.cached_attention
-KV_NUM_HEADS = 9  # argument positions in agentopt.cached_attention (continued)
-WINDOW, SCALE, ROTARY, SINKS, STRIDE, RING, DENSE_KV_HEADS = 10, 11, 12, 13, 14, 15, 16
 # Ring slots beyond the window. Up to this many tokens past a row's end (drafts, padding) may be written and then
 # stepped back over (the runtime refuses more), and the ONNX lowering, which stores a call's rows before it attends,
 # is exact for calls of up to this many + 1 tokens (sessions split longer ones; 65-token chunks prefill as fast as
@@ -204,25 +201,23 @@ class InsertSparseAttention(GraphPass):
         stats: dict[str, int] = {}
         for layer, pattern in sorted(wanted.items()):
             node = attention[layer]
-            args = list(node.args) + [None] * (DENSE_KV_HEADS + 1 - len(node.args))
-            defaults = {WINDOW: -1, SCALE: 0.0, ROTARY: False, SINKS: 0, STRIDE: 0, RING: False}
-            args = [defaults[i] if a is None and i in defaults else a for i, a in enumerate(args)]
-            args[WINDOW], args[SINKS], args[STRIDE] = pattern.window, pattern.sinks, pattern.stride
-            kv_num_heads = args[KV_NUM_HEADS]
+            args = CachedAttentionArgs.of(node)
+            args.window, args.sinks, args.stride = pattern.window, pattern.sinks, pattern.stride
+            kv_num_heads = args.kv_num_heads
             if any(h >= kv_num_heads for h in pattern.kv_heads):
                 raise AgentOptError(f"sparse attention plan gives layer {layer} kv_heads {list(pattern.kv_heads)}, "
                                     f"but it has KV heads 0-{kv_num_heads - 1}")
             dense = [h for h in range(kv_num_heads) if h not in pattern.kv_heads] if pattern.kv_heads else []
-            args[DENSE_KV_HEADS] = dense or None
-            slots = pattern.ring_slots(_buffer(gm, args[K_CACHE]).shape[2])
+            args.dense_kv_heads = dense or None
+            slots = pattern.ring_slots(_buffer(gm, args.k_cache).shape[2])
             if slots:  # bounded memory: shrink both caches to a ring
-                for cache in (args[K_CACHE], args[V_CACHE]):
+                for cache in (args.k_cache, args.v_cache):
                     owner, leaf = owner_of(gm, cache.target)
                     full = getattr(owner, leaf)
                     setattr(owner, leaf, full.new_zeros(full.shape[0], full.shape[1], slots, full.shape[3]))
                 stats["ring_caches"] = stats.get("ring_caches", 0) + 1
-            args[RING] = bool(slots)
-            node.args = tuple(args)
+            args.ring = bool(slots)
+            args.write_to(node)
             stats[pattern.describe()] = stats.get(pattern.describe(), 0) + 1
         return PassResult(True, stats, tuple(f"layer {k}: {v.describe()}" for k, v in sorted(wanted.items())))
 

@@ -12,6 +12,11 @@ instead of three. Each output column is the same dot product as before, so the r
 
 Runs after ``fuse_kv_cache`` (it packs only projections that feed one fused attention op, where the split sizes are
 known) and fires only when all three projections read the same input, are used nowhere else, and agree on bias.
+
+Models that ship the projection packed (Phi-3's ``qkv_proj``) reach the op as three slices of it; those become the
+same ``split`` (``packed_slices``), so the backend sees one packed projection either way:
+
+    q, k, v = qkv[..., :a], qkv[..., a:a+b], qkv[..., a+b:]   ->   q, k, v = split(qkv, [a, b, c], -1)
 """
 
 from __future__ import annotations
@@ -53,9 +58,12 @@ class PackQKVProjections(GraphPass):
         return None
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        packed, notes = 0, []
+        packed, sliced, notes = 0, 0, []
         graph = gm.graph
         for attention in [n for n in graph.nodes if n.target == torch.ops.agentopt.cached_attention.default]:
+            if _split_packed_slices(graph, attention):
+                sliced += 1
+                continue
             reason = self.check(attention)
             if reason:
                 notes.append(f"{attention.name}: {reason}")
@@ -91,4 +99,33 @@ class PackQKVProjections(GraphPass):
                     owner, _, leaf = target.rpartition(".")
                     delattr(_attr(gm, owner) if owner else gm, leaf)
             packed += 1
-        return PassResult(bool(packed), {"packed_projections": packed} if packed else {}, tuple(notes))
+        stats = {"packed_projections": packed} if packed else {}
+        if sliced:
+            stats["packed_slices"] = sliced
+        return PassResult(bool(packed or sliced), stats, tuple(notes))
+
+
+def _split_packed_slices(graph: torch.fx.Graph, attention: torch.fx.Node) -> bool:
+    """q, k, v = three back-to-back last-axis slices of one projection (used only there) -> one split of it."""
+    slices = attention.args[:3]
+    if not all(isinstance(s, torch.fx.Node) and s.target == aten.slice.Tensor and len(s.users) == 1 for s in slices):
+        return False
+    packed = slices[0].args[0]
+    val = packed.meta.get("val")
+    if val is None or any(s.args[0] is not packed for s in slices) or packed.target != aten.linear.default:
+        return False
+    width, bounds = val.shape[-1], []
+    for s in slices:
+        args = list(s.args) + [None] * 5
+        if args[1] not in (-1, val.dim() - 1) or (args[4] or 1) != 1:
+            return False
+        bounds.append((args[2] or 0, width if args[3] is None else min(args[3], width)))
+    if [b[0] for b in bounds] != [0, bounds[0][1], bounds[1][1]] or bounds[2][1] != width:
+        return False
+    with graph.inserting_before(slices[0]):
+        split = graph.call_function(aten.split_with_sizes.default, (packed, [e - b for b, e in bounds], -1))
+        parts = [graph.call_function(operator.getitem, (split, i)) for i in range(3)]
+    for old, new in zip(slices, parts):
+        old.replace_all_uses_with(new)
+        graph.erase_node(old)
+    return True

@@ -26,7 +26,7 @@ from .infra import GraphPass, PassResult
 aten = torch.ops.aten
 
 _IDENTITY_OPS = {aten.alias.default, aten.clone.default, aten.contiguous.default}
-_CAST_OPS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}
+_CAST_OPS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default}  # (Gemma's norms)
 _DROPOUT_OPS = {aten.dropout.default}
 _ASSERT_OPS = {aten._assert_tensor_metadata.default}
 

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from ..capture import custom_ops  # noqa: F401  (registers torch.ops.agentopt.*)
+from ..capture.custom_ops import CachedAttentionArgs
 from ..errors import AgentOptError
 from .infra import GraphPass, PassResult, owner_of
 
-K_CACHE, V_CACHE = 3, 4  # argument positions in agentopt.cached_attention
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -43,7 +42,8 @@ class SetKVCacheDtype(GraphPass):
                                 "(do not skip it)")
         dtype = DTYPES[self.dtype]
         for node in attention:
-            for cache in (node.args[K_CACHE], node.args[V_CACHE]):
+            args = CachedAttentionArgs.of(node)
+            for cache in (args.k_cache, args.v_cache):
                 owner, leaf = owner_of(gm, cache.target)
                 setattr(owner, leaf, getattr(owner, leaf).to(dtype))
         return PassResult(True, {f"{self.dtype}_caches": 2 * len(attention)}, ())

@@ -72,3 +72,26 @@ def test_dense_kv_heads_attend_densely_and_the_others_keep_the_pattern():
     mixed, dense, windowed = run(4, [0]), run(-1), run(4)
     assert torch.equal(mixed[:, :, :2], dense[:, :, :2]) and torch.equal(mixed[:, :, 2:], windowed[:, :, 2:])
     assert not torch.allclose(dense[:, :, 2:], windowed[:, :, 2:])  # 20 tokens > window 4: the split matters
+
+
+def test_softcap_and_partial_rotary_follow_their_formulas():
+    # softcap: scores -> c * tanh(scores / c) before the softmax; a (T, R) table rotates the first R of D dims only
+    generator = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 6, h * D, generator=generator) for h in (HQ, HKV, HKV))
+    cache, positions = torch.zeros(1, HKV, 16, D), torch.arange(6)[None]
+    angles = torch.outer(torch.arange(16).float(), torch.tensor([1.0, 0.1]))  # R = 4 of D = 8
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    out = cached_attention(q, k, v, cache, cache.clone(), positions, cos, sin, HQ, HKV, -1, 0.0, True, 0, 0, False,
+                           None, 2.0)[0]
+
+    def rope(x):  # (1, H, 6, D): the reference rotation of the first 4 dims
+        turned = x[..., :4]
+        rotated = torch.cat([-turned[..., 2:], turned[..., :2]], -1)
+        return torch.cat([turned * cos[:6] + rotated * sin[:6], x[..., 4:]], -1)
+
+    q4, k4, v4 = (t.view(1, 6, -1, D).transpose(1, 2) for t in (q, k, v))
+    q4, k4 = rope(q4), rope(k4).repeat_interleave(HQ // HKV, 1)
+    scores = 2.0 * torch.tanh(q4 @ k4.transpose(-1, -2) / D ** 0.5 / 2.0)
+    scores = scores.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+    expected = (scores.softmax(-1) @ v4.repeat_interleave(HQ // HKV, 1)).transpose(1, 2).reshape(1, 6, HQ * D)
+    assert (out - expected).abs().max().item() <= 1e-5

@@ -80,8 +80,8 @@ def test_op_the_exporter_cannot_handle(tmp_path, capsys, monkeypatch):
 
     real_load = registry.load_model
 
-    def load_with_odd_op(spec):
-        loaded = real_load(spec)
+    def load_with_odd_op(spec, *args, **kwargs):
+        loaded = real_load(spec, *args, **kwargs)
         mlp = loaded.model.layers[0].mlp
         mlp.forward = lambda x: mlp.down_proj(torch.ops.agentopt_cli_test.sparkle(mlp.gate_proj(x)))
         return loaded

@@ -95,9 +95,12 @@ def test_unknown_name_lists_the_builtins():
 
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
-    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel.*LlamaForCausalLM, Qwen2ForCausalLM"):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["FooForCausalLM"], "model_type": "foo"}))
+    with pytest.raises(UnsupportedModelError, match="FooForCausalLM.*LlamaForCausalLM, Qwen2ForCausalLM.*nor can it "
+                                                    "be captured from transformers"):
         load_model(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="FooForCausalLM.*LlamaForCausalLM, Qwen2ForCausalLM"):
+        load_model(tmp_path, capture="reference")
 
 
 def test_pytorch_bin_weights_get_a_conversion_hint(tmp_path):

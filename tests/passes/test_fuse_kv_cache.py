@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from agentopt_compiler.capture.custom_ops import CachedAttentionArgs
 from agentopt_compiler.capture.export import capture
 from agentopt_compiler.models.config import ModelConfig
 from agentopt_compiler.models.registry import build_model
@@ -69,7 +70,7 @@ def test_sliding_window_is_carried_into_the_op():
                          num_heads=4, num_kv_heads=4, max_position_embeddings=64, sliding_window=4)
     gm, reference, result = _fused_and_reference(build_model(config, seed=2))
     assert result.stats["fused_attention"] == 2
-    assert {n.args[10] for n in gm.graph.nodes if str(n.target) == FUSED} == {4}  # window argument
+    assert {CachedAttentionArgs.of(n).window for n in gm.graph.nodes if str(n.target) == FUSED} == {4}
     _assert_same_outputs(gm, reference, 100)  # 11 tokens > window 4: the mask matters
 
 
@@ -80,7 +81,7 @@ def test_per_layer_windows_are_carried_into_each_layers_op():
                          layer_types=("full_attention", "sliding_attention", "full_attention"))
     gm, reference, result = _fused_and_reference(build_model(config, seed=2))
     assert result.stats["fused_attention"] == 3
-    assert [n.args[10] for n in gm.graph.nodes if str(n.target) == FUSED] == [-1, 4, -1]
+    assert [CachedAttentionArgs.of(n).window for n in gm.graph.nodes if str(n.target) == FUSED] == [-1, 4, -1]
     _assert_same_outputs(gm, reference, 100)
 
 
@@ -149,3 +150,67 @@ def test_does_not_fire(module, reason):
     assert not result.modified and result.stats == {}
     assert op_histogram(gm)[FUSED] == 0
     assert any(reason in note for note in result.notes), result.notes
+
+
+class HfStyleRope(PlainSdpaAttention):
+    """RoPE as transformers writes it: rotate_half by slices x[..., :D/2] / x[..., D/2:], tables indexed by position,
+    optionally on the first ``rotary`` dims only (Phi-3's partial rotary: cat(rope(x[..., :R]), x[..., R:])); a norm
+    over each head's dims after the head transpose (Gemma 3's QK-norm), so no (B, S, H*D) tensor feeds the op."""
+
+    def __init__(self, rotary=8, rotary_last=False, **kwargs):
+        super().__init__(**kwargs)
+        self.rotary, self.rotary_last = rotary, rotary_last
+        inv_freq = 1.0 / 10000 ** (torch.arange(0, rotary, 2).float() / rotary)
+        freqs = torch.outer(torch.arange(self.capacity).float(), inv_freq)
+        self.register_buffer("cos", torch.cat([freqs, freqs], -1).cos())  # (T, R)
+        self.register_buffer("sin", torch.cat([freqs, freqs], -1).sin())
+
+    def _rope(self, x, cos, sin):
+        def rotate_half(t):
+            return torch.cat((-t[..., t.shape[-1] // 2:], t[..., : t.shape[-1] // 2]), dim=-1)
+
+        if self.rotary == x.shape[-1]:
+            return x * cos + rotate_half(x) * sin
+        if self.rotary_last:  # the last R dims rotated: not a layout the fused op takes
+            kept, turned = x[..., : x.shape[-1] - self.rotary], x[..., x.shape[-1] - self.rotary:]
+            return torch.cat([kept, turned * cos + rotate_half(turned) * sin], dim=-1)
+        turned, kept = x[..., : self.rotary], x[..., self.rotary:]
+        return torch.cat([turned * cos + rotate_half(turned) * sin, kept], dim=-1)
+
+    def forward(self, input_ids, positions):
+        x = self.embed(input_ids)
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6)  # per-head norm after the transpose
+        k = self.k(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]  # (1, 1, S, R)
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        self.k_cache[:, :, positions] = k
+        self.v_cache[:, :, positions] = v
+        mask = torch.arange(self.capacity)[None, :] <= positions[:, None]
+        o = F.scaled_dot_product_attention(q, self._expand(self.k_cache), self._expand(self.v_cache), attn_mask=mask)
+        o = o.reshape(b, self.heads, s, self.head_dim)  # transformers' no-op reshape before the merge
+        return self.o(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+
+
+@pytest.mark.parametrize("rotary", [8, 4])  # head dim 8: full, then partial rotary
+def test_fuses_transformers_style_rope_partial_rotary_and_per_head_norms(rotary):
+    torch.manual_seed(0)
+    gm, reference, result = _fused_and_reference(HfStyleRope(rotary=rotary))
+    assert result.stats == {"fused_attention": 1, "with_rope": 1}
+    after = op_histogram(gm)
+    assert after["aten.slice.Tensor"] == 0 and after["aten.neg.default"] == 0 and after["aten.cat.default"] == 0
+    assert CachedAttentionArgs.of(next(n for n in gm.graph.nodes if str(n.target) == FUSED)).cos.meta[
+        "val"].shape[-1] == rotary  # the op rotates the table's width
+    _assert_same_outputs(gm, reference, 64, steps=((0, 5), (5, 6), (6, 8), (8, 9)))
+
+
+def test_rope_on_the_last_dims_is_not_read_as_partial_rotary():
+    # cat(x[..., :D-R], rope(x[..., D-R:])) is not the fused op's layout: the RoPE must stay outside the op, as
+    # ordinary ops on q and k, and attention still fuses (without RoPE) to the same outputs
+    torch.manual_seed(0)
+    gm, reference, result = _fused_and_reference(HfStyleRope(rotary=4, rotary_last=True))
+    assert result.stats == {"fused_attention": 1, "with_rope": 0}
+    assert op_histogram(gm)["aten.neg.default"] == 2  # q's and k's rotate_half are still there
+    _assert_same_outputs(gm, reference, 64, steps=((0, 5), (5, 6), (6, 8), (8, 9)))

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from agentopt_compiler.capture.custom_ops import CachedAttentionArgs
 from agentopt_compiler.capture.export import capture
 from agentopt_compiler.errors import AgentOptError
 from agentopt_compiler.passes.fuse_kv_cache import FuseKVCache
@@ -52,7 +53,8 @@ def test_sets_the_pattern_on_the_named_layers_only(tiny_model):
     result = InsertSparseAttention(SparseAttentionPlan.parse("window=4,sinks=2,layers=1"))(gm)
     assert result.stats == {"window4+sinks2": 1, "ring_caches": 1} and op_histogram(gm) == before
     ops = [n for n in gm.graph.nodes if "cached_attention" in str(n.target)]
-    assert ops[0].args[10] == -1 and (ops[1].args[10], ops[1].args[13], ops[1].args[15]) == (4, 2, True)
+    first, second = (CachedAttentionArgs.of(n) for n in ops)
+    assert first.window == -1 and (second.window, second.sinks, second.ring) == (4, 2, True)
     buffers = dict(gm.named_buffers())
     assert buffers["layers.1.self_attn.kv_cache.key"].shape[2] == 6 + RING_SPARE_SLOTS  # sinks + window + spare
     assert buffers["layers.0.self_attn.kv_cache.key"].shape[2] == 128
@@ -76,7 +78,8 @@ def test_per_kv_head_pattern_leaves_the_other_heads_dense(tiny_model):
     result = InsertSparseAttention(SparseAttentionPlan.parse("window=4,kv_heads=1,layers=1"))(gm)
     assert result.stats == {"window4@kv1": 1}  # no ring cache: head 0 still reads every position
     ops = [n for n in gm.graph.nodes if "cached_attention" in str(n.target)]
-    assert (ops[1].args[10], ops[1].args[16]) == (4, [0]) and (len(ops[0].args) <= 16 or ops[0].args[16] is None)
+    first, second = (CachedAttentionArgs.of(n) for n in ops)
+    assert (second.window, second.dense_kv_heads) == (4, [0]) and first.dense_kv_heads is None
     assert dict(gm.named_buffers())["layers.1.self_attn.kv_cache.key"].shape[2] == 128
     all_heads = _fused(tiny_model)
     InsertSparseAttention(SparseAttentionPlan.parse("window=4,layers=1"))(all_heads)

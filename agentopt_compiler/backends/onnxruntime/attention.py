@@ -52,14 +52,23 @@ def _static_dim(value, axis: int) -> int:
 
 
 def cached_attention_to_gqa(q, k, v, k_cache, v_cache, positions, cos=None, sin=None, num_heads=1, kv_num_heads=1,
-                            window=-1, scale=0.0, rotary=False, sinks=0, stride=0, ring=False, dense_kv_heads=None):
+                            window=-1, scale=0.0, rotary=False, sinks=0, stride=0, ring=False, dense_kv_heads=None,
+                            softcap=0.0):
     if sinks > 0 or stride > 0 or ring or dense_kv_heads:  # not expressible with GQA: standard-op lowering
         return cached_attention_to_standard(q, k, v, k_cache, v_cache, positions, cos, sin, num_heads, kv_num_heads,
-                                            window, scale, rotary, sinks, stride, ring, dense_kv_heads)
-    head_dim, capacity = _static_dim(k_cache, 3), _static_dim(k_cache, 2)
-    if rotary:  # GQA reads (positions, D/2) tables and no position reaches the capacity: the rest is folded away
-        cos = op.Slice(cos, [0, 0], [capacity, head_dim // 2], [0, 1])  # (C, D/2)
-        sin = op.Slice(sin, [0, 0], [capacity, head_dim // 2], [0, 1])
+                                            window, scale, rotary, sinks, stride, ring, dense_kv_heads, softcap)
+    capacity, head_dim = _static_dim(k_cache, 2), _static_dim(k_cache, 3)
+    rotary_dim = _static_dim(cos, 1) if rotary else 0  # R = D, or fewer for partial rotary (the first R dims)
+    if rotary and (rotary_dim // 2) % 8:  # ORT's kernel takes R/2 in multiples of 8 only: rotate before the op
+        rows_cos, rows_sin = (op.Unsqueeze(op.Gather(t, positions, axis=0), [-2]) for t in (cos, sin))  # (B,S,1,R)
+        q = op.Reshape(_rotate(op.Reshape(q, [0, 0, num_heads, head_dim]), rows_cos, rows_sin, rotary_dim,
+                               head_dim), [0, 0, num_heads * head_dim])
+        k = op.Reshape(_rotate(op.Reshape(k, [0, 0, kv_num_heads, head_dim]), rows_cos, rows_sin, rotary_dim,
+                               head_dim), [0, 0, kv_num_heads * head_dim])
+        rotary = False
+    if rotary:  # GQA reads (positions, R/2) tables and no position reaches the capacity: the rest is folded away
+        cos = op.Slice(cos, [0, 0], [capacity, rotary_dim // 2], [0, 1])  # (C, R/2)
+        sin = op.Slice(sin, [0, 0], [capacity, rotary_dim // 2], [0, 1])
     q, k, v, cos, sin, cast_back = _in_cache_dtype(k_cache, q, k, v, cos, sin)
     if len(positions.shape) == 2:  # (B, S): each row's own positions
         last = op.Squeeze(op.Slice(positions, [-1], [_INT64_MAX], [1]), [1])  # (B,) last new position per row
@@ -71,6 +80,8 @@ def cached_attention_to_gqa(q, k, v, k_cache, v_cache, positions, cos=None, sin=
                   else -1, "do_rotary": int(rotary), "rotary_interleaved": 0}
     if scale:
         attributes["scale"] = scale
+    if softcap:
+        attributes["softcap"] = softcap
     # the tracer materializes all four schema outputs; the unused output_qk is trimmed after export
     outputs = msft.GroupQueryAttention(q, k, v, k_cache, v_cache, seqlens_k, total, cos if rotary else None,
                                        sin if rotary else None, **attributes)
@@ -78,10 +89,14 @@ def cached_attention_to_gqa(q, k, v, k_cache, v_cache, positions, cos=None, sin=
     return out, outputs[1], outputs[2]
 
 
-def _rotate(x4, cos_rows, sin_rows):
-    # x * cos + cat(-x2, x1) * sin, x4 (B, H, S, D), rows (S, D)
-    x1, x2 = op.Split(x4, axis=-1, num_outputs=2)
-    return op.Add(op.Mul(x4, cos_rows), op.Mul(op.Concat(op.Neg(x2), x1, axis=-1), sin_rows))
+def _rotate(x4, cos_rows, sin_rows, rotary_dim: int, head_dim: int):
+    # x * cos + cat(-x2, x1) * sin on the first R dims, x4 (B, H, S, D), rows (.., S, R); the other D - R pass
+    turned = x4 if rotary_dim == head_dim else op.Slice(x4, [0], [rotary_dim], [3])
+    x1, x2 = op.Split(turned, axis=-1, num_outputs=2)
+    rotated = op.Add(op.Mul(turned, cos_rows), op.Mul(op.Concat(op.Neg(x2), x1, axis=-1), sin_rows))
+    if rotary_dim == head_dim:
+        return rotated
+    return op.Concat(rotated, op.Slice(x4, [rotary_dim], [head_dim], [3]), axis=-1)
 
 
 def _rows_positions(positions):
@@ -114,7 +129,7 @@ def _ring_slot_positions(length, capacity: int, sinks: int):
     return op.Where(filled, position, -1)
 
 
-def _ring_attention(q4, k4, v4, k_cache, v_cache, positions, window, sinks, scale):
+def _ring_attention(q4, k4, v4, k_cache, v_cache, positions, window, sinks, attributes):
     """Store the new rows in their slots (in place), then attend over the ring. Exact for calls of at most
     R - window + 1 tokens (R = C - sinks ring slots), which sessions guarantee by splitting longer calls
     (``ring_call_tokens`` in the manifest): a token written by the call overwrites the position R before it, and
@@ -131,7 +146,6 @@ def _ring_attention(q4, k4, v4, k_cache, v_cache, positions, window, sinks, scal
     queries_at = op.Unsqueeze(positions, [1, 3])  # (B, 1, S, 1)
     visible = op.Or(op.Greater(keys_at, op.Sub(queries_at, window)), op.Less(keys_at, sinks))
     mask = op.And(op.And(op.GreaterOrEqual(keys_at, 0), op.LessOrEqual(keys_at, queries_at)), visible)
-    attributes = {"scale": scale} if scale else {}
     return op.Attention(q4, new_k, new_v, mask, **attributes)[0], new_k, new_v
 
 
@@ -147,8 +161,9 @@ def _dense_heads(num_heads: int, kv_num_heads: int, dense_kv_heads):
 
 def cached_attention_to_standard(q, k, v, k_cache, v_cache, positions, cos=None, sin=None, num_heads=1,
                                  kv_num_heads=1, window=-1, scale=0.0, rotary=False, sinks=0, stride=0, ring=False,
-                                 dense_kv_heads=None):
+                                 dense_kv_heads=None, softcap=0.0):
     head_dim, capacity = _static_dim(k_cache, 3), _static_dim(k_cache, 2)
+    rotary_dim = _static_dim(cos, 1) if rotary else head_dim  # (before a cast hides the tables' shape)
     q, k, v, cos, sin, cast_back = _in_cache_dtype(k_cache, q, k, v, cos, sin)
     q4 = op.Transpose(op.Reshape(q, [0, 0, num_heads, head_dim]), perm=[0, 2, 1, 3])  # (B, Hq, S, D)
     k4 = op.Transpose(op.Reshape(k, [0, 0, kv_num_heads, head_dim]), perm=[0, 2, 1, 3])  # (B, Hkv, S, D)
@@ -156,13 +171,17 @@ def cached_attention_to_standard(q, k, v, k_cache, v_cache, positions, cos=None,
     if rotary:  # rows (B, 1, S, D) or (1, 1, S, D)
         cos_rows = op.Gather(cos, _rows_positions(positions), axis=0)
         sin_rows = op.Gather(sin, _rows_positions(positions), axis=0)
-        q4, k4 = _rotate(q4, cos_rows, sin_rows), _rotate(k4, cos_rows, sin_rows)
+        q4 = _rotate(q4, cos_rows, sin_rows, rotary_dim, head_dim)
+        k4 = _rotate(k4, cos_rows, sin_rows, rotary_dim, head_dim)
+    attributes = {"scale": scale} if scale else {}
+    if softcap:
+        attributes["softcap"] = softcap
     if ring:
         if dense_kv_heads:
             raise ValueError("ring caches cannot hold dense heads (they need every position)")
         if len(positions.shape) != 2:
             raise ValueError("ring caches need per-row positions (B, S)")
-        out4, new_k, new_v = _ring_attention(q4, k4, v4, k_cache, v_cache, positions, window, sinks, scale)
+        out4, new_k, new_v = _ring_attention(q4, k4, v4, k_cache, v_cache, positions, window, sinks, attributes)
         out = op.Reshape(op.Transpose(out4, perm=[0, 2, 1, 3]), [0, 0, num_heads * head_dim])
         return (op.Cast(out, to=FLOAT) if cast_back else out), new_k, new_v
     indices = _scatter_indices(k4, _rows_positions(positions))
@@ -180,7 +199,6 @@ def cached_attention_to_standard(q, k, v, k_cache, v_cache, positions, cos=None,
         if dense_kv_heads:
             visible = op.Or(visible, _dense_heads(num_heads, kv_num_heads, dense_kv_heads))  # (B, Hq, S, T)
         mask = op.And(mask, visible)
-    attributes = {"scale": scale} if scale else {}
     out4 = op.Attention(q4, new_k, new_v, mask, **attributes)[0]  # (B, Hq, S, D); GQA from the head counts
     out = op.Reshape(op.Transpose(out4, perm=[0, 2, 1, 3]), [0, 0, num_heads * head_dim])
     return (op.Cast(out, to=FLOAT) if cast_back else out), new_k, new_v

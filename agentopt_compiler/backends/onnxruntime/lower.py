@@ -147,8 +147,9 @@ def lift_cache_mutations(onnx_program) -> list[dict]:
         present = tagged.pop(value_name)
         present.name = present_name
         graph.outputs.append(present)
+        layer = _CACHE_BUFFER.search(buffer)
         caches.append({"input": past_name, "output": present_name, "buffer": buffer, "shape": shape,
-                       "dtype": _NUMPY_DTYPES[past.dtype.name]})
+                       "dtype": _NUMPY_DTYPES[past.dtype.name], **({"layer": int(layer.group(1))} if layer else {})})
     if tagged:
         raise AgentOptError(f"internal: mutations {sorted(tagged)} have no buffer in the graph signature")
     return sorted(caches, key=lambda c: _cache_sort_key(c["input"]))
@@ -171,12 +172,28 @@ def trim_unused_trailing_outputs(graph, op_types=("GroupQueryAttention", "Attent
 
 
 def _pattern_of(node) -> dict:
-    args = list(node.args) + [None] * 17
-    window = args[10] if isinstance(args[10], int) and args[10] > 0 else 0
-    pattern = {"window": window, "sinks": args[13] or 0, "stride": args[14] or 0, "ring": bool(args[15])}
-    if args[16]:
-        pattern["dense_kv_heads"] = list(args[16])
-    return pattern
+    from ...capture.custom_ops import CachedAttentionArgs
+
+    return CachedAttentionArgs.of(node).pattern()
+
+
+def attach_layer_facts(caches: list[dict], layers: list[dict], fused_nodes, exported) -> None:
+    """Each attention record gets its layer index, and each cache its layer's ring facts (ring, and for rings
+    sinks and window), so the deploy side reads them from the manifest instead of parsing names."""
+    from ...capture.custom_ops import CachedAttentionArgs
+
+    buffers = exported.graph_signature.inputs_to_buffers  # placeholder name -> buffer FQN
+    by_buffer = {cache["buffer"]: cache for cache in caches}
+    for record, node in zip(layers, fused_nodes):
+        args = CachedAttentionArgs.of(node)
+        for cache_node in (args.k_cache, args.v_cache):
+            cache = by_buffer.get(buffers.get(cache_node.name, cache_node.name))
+            if cache is None or "layer" not in cache:
+                continue
+            record["layer"] = cache["layer"]
+            cache["ring"] = record["ring"]
+            if record["ring"]:
+                cache.update(sinks=record["sinks"], window=record["window"])
 
 
 def check_attention_patterns(graph, fused_nodes) -> list[dict]:
@@ -200,6 +217,9 @@ def check_attention_patterns(graph, fused_nodes) -> list[dict]:
         else:
             mask = node.inputs[3].producer() if len(node.inputs) > 3 and node.inputs[3] is not None else None
             kept = (mask is not None and mask.op_type == "And") == bool(pattern["window"])
+        softcap = node.attributes.get("softcap")
+        kept = kept and abs((softcap.value if softcap is not None else 0.0) - pattern.get("softcap", 0.0)) <= 1e-5 * (
+            1.0 + pattern.get("softcap", 0.0))  # a float32 attribute
         if not kept:
             raise AgentOptError(f"attention layer {index}: the pattern {pattern} was lost in lowering to "
                                 f"{node.op_type}; refusing to write an engine that silently attends densely")
@@ -274,6 +294,7 @@ def lower_to_onnx(program, folder: Path, attention_impl: str = "gqa", device: st
     make_rows_symbolic(onnx_program.model, program.batch_size)
     onnx_program.optimize()
     layer_impls = check_attention_patterns(onnx_program.model.graph, fused_nodes)
+    attach_layer_facts(caches, layer_impls, fused_nodes, program.exported)
     if device == "cuda":
         check_cuda_kernels(onnx_program.model.graph)
     # ORT contrib-op rules, unless the engine must stay standard ONNX (what --attention-impl standard is for)

@@ -1,0 +1,144 @@
+"""The transformers capture path against transformers itself: unmodified modules of each family (random weights, real
+config fields) compiled to ONNX Runtime engines must give transformers' logits (<= 1e-4) over a prompt and 8 greedy
+decode steps from the engine's caches, transformers' greedy tokens, and one fused attention op per layer."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import agentopt_compiler as ao
+from agentopt_compiler.errors import UnsupportedModelError
+
+transformers = pytest.importorskip("transformers")
+ort = pytest.importorskip("onnxruntime")
+
+SMALL = dict(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=128,
+             num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+PROMPT, STEPS, CONTEXT = 10, 8, 32
+
+FAMILIES = {
+    # QK-norm on each head before the head transpose; YaRN RoPE
+    "qwen3-yarn": (transformers.Qwen3Config, dict(head_dim=16, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 10000.0})),
+    # interleaved local/global layers (window 6 < the 18 tokens), QK-norm after the transpose, (1 + w) norms,
+    # scaled embeddings, GeLU-tanh MLP, pre/post feed-forward norms, final logit soft-capping
+    "gemma3": (transformers.Gemma3TextConfig, dict(
+        head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=24,
+        final_logit_softcapping=5.0)),
+    # fused qkv and gate_up projections, partial rotary (half of head dim 32), longrope (short factors: the context
+    # stays within original_max_position_embeddings)
+    "phi3-longrope": (transformers.Phi3Config, dict(
+        num_attention_heads=2, num_key_value_heads=1, original_max_position_embeddings=64, rope_parameters={
+            "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+            "original_max_position_embeddings": 64, "short_factor": [1.0 + i / 16 for i in range(8)],
+            "long_factor": [2.0 + i / 8 for i in range(8)]})),
+    # rotary dims 8 of head dim 16: GroupQueryAttention takes R/2 only in multiples of 8, so RoPE runs before it
+    "phi3-narrow-rotary": (transformers.Phi3Config, dict(partial_rotary_factor=0.5)),
+    # layers without RoPE (no_rope_layers: 0 = no RoPE)
+    "smollm3": (transformers.SmolLM3Config, dict(no_rope_layers=[1, 0])),
+    # an existing family through transformers: dynamic NTK RoPE (plain RoPE within max_position_embeddings)
+    # soft-capped attention scores (transformers runs them in eager attention), alternating windows
+    "gemma2": (transformers.Gemma2Config, dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=6,
+                                               attn_logit_softcapping=2.0, final_logit_softcapping=5.0)),
+    "llama-dynamic": (transformers.LlamaConfig, dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                                      "rope_theta": 10000.0})),
+    # Qwen2 windowed on layer 1 only (max_window_layers), through the reference module (auto picks it)
+    "qwen2-window-layer-1": (transformers.Qwen2Config, dict(use_sliding_window=True, sliding_window=6,
+                                                             max_window_layers=1)),
+}
+
+
+def _checkpoint(name, folder):
+    config_class, extra = FAMILIES[name]
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config_class(**{**SMALL, **extra})).eval()
+    with torch.no_grad():  # larger than transformers' init so that differences show
+        for p in hf.parameters():
+            p.normal_(0.0, 0.2)
+    hf.save_pretrained(folder)
+    return hf
+
+
+def _engine_greedy(folder, prompt, steps):
+    """Run the engine's graph with ONNX Runtime (its optimizations off, so it cannot hide a missed fusion):
+    the prompt in one call, then one call per greedy token; the logits of each call's last token."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    caches = {c["input"]: np.zeros(c["shape"], np.float32) for c in manifest["engine"]["caches"]}
+    names = [o.name for o in session.get_outputs()]
+    tokens, logits, position, call = [], [], 0, np.array([prompt])
+    for _ in range(steps + 1):
+        s = call.shape[1]
+        feeds = {"input_ids": call, "positions": np.arange(position, position + s)[None],
+                 "logits_index": np.array([[s - 1]]), **caches}
+        result = dict(zip(names, session.run(names, feeds)))
+        caches.update({c["input"]: result[c["output"]] for c in manifest["engine"]["caches"]})
+        logits.append(result["logits"][0, -1])
+        tokens.append(int(logits[-1].argmax()))
+        position += s
+        call = np.array([[tokens[-1]]])
+    return tokens[:steps], np.stack(logits[:steps]), manifest
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_matches_transformers_through_the_engine(name, tmp_path):
+    hf = _checkpoint(name, tmp_path / "ckpt")
+    engine = ao.compile(tmp_path / "ckpt", out=tmp_path / "engine", context_length=CONTEXT)
+    prompt = torch.randint(3, SMALL["vocab_size"], (PROMPT,), generator=torch.Generator().manual_seed(1)).tolist()
+    tokens, logits, manifest = _engine_greedy(tmp_path / "engine", prompt, STEPS)
+    with torch.no_grad():  # transformers' own masks and RoPE, the whole sequence each step
+        expected = list(prompt)
+        for _ in range(STEPS):
+            expected.append(int(hf(torch.tensor([expected])).logits[0, -1].argmax()))
+        reference = hf(torch.tensor([prompt + tokens])).logits[0, PROMPT - 1:-1].numpy()  # (STEPS, V)
+    assert expected[PROMPT:] == tokens
+    assert np.abs(logits - reference).max() <= 1e-4
+    layers = SMALL["num_hidden_layers"]
+    attention = manifest["engine"]["attention"]
+    assert attention["fused_layers"] == layers and [layer["op"] for layer in attention["layers"]] == [
+        "GroupQueryAttention"] * layers
+    assert [c["layer"] for c in manifest["engine"]["caches"]] == [0, 0, 1, 1]
+    capture = "reference" if name.startswith("qwen2") else "transformers"
+    report = engine.compile_report
+    assert report.capture.startswith(capture) and manifest["model"]["capture"] == capture
+    fused = next(r for r in report.passes if r.name == "fuse_kv_cache")
+    assert fused.stats["fused_attention"] == layers
+    if name == "smollm3":
+        assert fused.stats["with_rope"] == 1  # layer 1 has no RoPE
+    if name in ("gemma3", "gemma2", "qwen2-window-layer-1"):  # the window is on the sliding layers only
+        windows = [layer["window"] for layer in attention["layers"]]
+        assert windows == ([0, 6] if name.startswith("qwen2") else [6, 0])
+    if name.startswith("phi3"):  # the fused qkv projection's slices become a split, read packed by the kernel
+        packed = next(r for r in report.passes if r.name == "pack_qkv_projections")
+        assert packed.stats["packed_slices"] == layers
+        assert report.lowering_rules["packed_qkv"] == (layers if name == "phi3-longrope" else 0)  # RoPE between
+    if name == "gemma2":  # soft-capped scores, matched in transformers' eager attention, carried into the op
+        assert fused.stats["softcapped"] == layers and {layer["softcap"] for layer in attention["layers"]} == {2.0}
+
+
+@pytest.mark.parametrize("name, context, reason", [
+    ("phi3-longrope", 100, "RoPE 'longrope' changes its frequencies with the sequence length.*--context-length 64"),
+    ("llama-dynamic", 200, "RoPE 'dynamic' changes its frequencies with the sequence length.*--context-length 128"),
+])
+def test_rope_that_depends_on_the_sequence_length_is_refused_past_its_original_context(name, context, reason,
+                                                                                        tmp_path):
+    _checkpoint(name, tmp_path / "ckpt")
+    with pytest.raises(UnsupportedModelError, match=reason):
+        ao.compile(tmp_path / "ckpt", out=tmp_path / "engine", context_length=context)
+
+
+def test_bidirectional_attention_is_refused_with_the_reason(tmp_path):
+    config = transformers.Gemma3TextConfig(**SMALL, head_dim=16, use_bidirectional_attention=True)
+    transformers.Gemma3ForCausalLM(config).save_pretrained(tmp_path / "encoder")
+    with pytest.raises(UnsupportedModelError, match="attends bidirectionally"):
+        ao.compile(tmp_path / "encoder", out=tmp_path / "engine")
+
+
+def test_reference_capture_refuses_what_only_transformers_implements(tmp_path):
+    _checkpoint("smollm3", tmp_path / "ckpt")
+    with pytest.raises(UnsupportedModelError, match="SmolLM3ForCausalLM' is not supported"):
+        ao.compile(tmp_path / "ckpt", out=tmp_path / "engine", capture="reference")
