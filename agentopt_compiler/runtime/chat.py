@@ -1,13 +1,17 @@
 """Chat templates: render a conversation (OpenAI-style messages, optional tools) to the model's prompt text.
 
 The template comes from the engine's tokenizer files (``chat_template.jinja`` or ``tokenizer_config.json``), as in
-Hugging Face, and is rendered with a sandboxed jinja2 environment with the same helpers HF templates expect
-(``raise_exception``, ``tojson``, ``bos_token``/``eos_token``).
+Hugging Face, and is rendered as transformers' ``apply_chat_template`` renders it: a sandboxed jinja2 environment
+with the helpers real templates call (``raise_exception``, ``strftime_now`` (Llama 3.1's date line), ``tojson`` with
+``indent``/``separators``/``sort_keys``, ``bos_token``/``eos_token``), and any extra variables a template reads
+(``enable_thinking`` for Qwen3, ``documents``...) passed through. Tests compare the text with transformers' own
+rendering for each family's style of template.
 """
 
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
@@ -26,8 +30,13 @@ def _compile(template: str):
         raise ChatTemplateError(f"chat template: {message}")
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent, ensure_ascii=False)
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # not jinja's own tojson, which escapes HTML characters; transformers' signature
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(template)
 
 
@@ -39,12 +48,13 @@ def _special(config: dict, key: str) -> str:
 
 
 def render_chat(tokenizer, messages: list[dict[str, Any]], tools: list[dict] | None = None,
-                add_generation_prompt: bool = True) -> str:
-    """Prompt text for ``messages``; ``tools`` are OpenAI-style tool schemas offered to the model."""
+                add_generation_prompt: bool = True, **variables: Any) -> str:
+    """Prompt text for ``messages``; ``tools`` are OpenAI-style tool schemas offered to the model; ``variables``
+    are extra template variables (e.g. ``enable_thinking=False`` for Qwen3)."""
     if tokenizer is None or not tokenizer.chat_template:
         raise EngineError("this engine's tokenizer has no chat template; chat and agent use need one (add "
                           "chat_template to tokenizer_config.json of the checkpoint and recompile)")
     template = _compile(tokenizer.chat_template)
-    return template.render(messages=messages, tools=tools or None, add_generation_prompt=add_generation_prompt,
+    return template.render(messages=messages, tools=tools, documents=None, add_generation_prompt=add_generation_prompt,
                            bos_token=_special(tokenizer.config, "bos_token"),
-                           eos_token=_special(tokenizer.config, "eos_token"))
+                           eos_token=_special(tokenizer.config, "eos_token"), **variables)

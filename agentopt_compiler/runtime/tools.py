@@ -133,17 +133,36 @@ class ParsedOutput:
 
 
 _TAGGED = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
+# Each family's tool-call syntax, as its chat template asks the model to write it; a block holds JSON: one call
+# object or a list of them (Mistral's newer form, name[ARGS]{...}, is read separately).
+_BLOCKS = (
+    ("<tool_call>", _TAGGED),  # Qwen 2.5 / Qwen3, Hermes, SmolLM3: <tool_call>{...}</tool_call>, one per call
+    ("<|tool_call|>", re.compile(r"<\|tool_call\|>(.*?)(?:<\|/tool_call\|>|$)", re.S)),  # Phi-4-mini: [{...}]
+    ("[TOOL_CALLS]", re.compile(r"\[TOOL_CALLS\](.*?)(?:</s>|(?=\[TOOL_CALLS\])|$)", re.S)),  # Mistral: [{...}]
+    ("<|python_tag|>", re.compile(r"<\|python_tag\|>(.*?)(?:<\|eom_id\|>|<\|eot_id\|>|$)", re.S)),  # Llama 3.1+
+)
+_MISTRAL_ARGS = re.compile(r"^\s*([\w.-]+)\[ARGS\](.*)$", re.S)  # Mistral v11+: [TOOL_CALLS]name[ARGS]{...}
 
 
 def parse_tool_calls(text: str) -> ParsedOutput:
-    """Find tool calls in model output: Hermes/Qwen ``<tool_call>{json}</tool_call>`` blocks, or a bare JSON object
-    (or list of them) of the form {"name": ..., "arguments": {...}} / {"function": {"name", "arguments"}}."""
+    """Find tool calls in model output, in each family's syntax:
+
+        <tool_call>{"name": ..., "arguments": {...}}</tool_call>     Qwen 2.5 / Qwen3, Hermes, SmolLM3
+        <|tool_call|>[{"name": ..., "arguments": {...}}]<|/tool_call|>  Phi-4-mini
+        [TOOL_CALLS][{"name": ..., "arguments": {...}}]              Mistral (and [TOOL_CALLS]name[ARGS]{...})
+        <|python_tag|>{"name": ..., "parameters": {...}}             Llama 3.1+ (JSON calls ';'-separated)
+        {"name": ..., "parameters": {...}}                           Llama 3.x JSON calls, or any bare call object
+
+    A call object is {"name", "arguments" or "parameters"} or OpenAI's {"function": {"name", "arguments"}}, one or
+    a list. Gemma has no tool-call syntax of its own (its prompts ask for one of these). Returns the text outside
+    the calls, the calls, and a description of each malformed one (for the model to see)."""
     calls, errors = [], []
-    if "<tool_call>" in text:
-        for block in _TAGGED.findall(text):
-            _parse_call_json(block.strip(), calls, errors)
-        content = _TAGGED.sub("", text).strip()
-        return ParsedOutput(content, calls, errors)
+    for marker, pattern in _BLOCKS:
+        if marker not in text:
+            continue
+        for block in pattern.findall(text):
+            _parse_block(block.strip(), calls, errors)
+        return ParsedOutput(pattern.sub("", text).strip(), calls, errors)
     stripped = text.strip()
     if stripped.startswith(("{", "[")):
         try:
@@ -156,6 +175,32 @@ def parse_tool_calls(text: str) -> ParsedOutput:
                 _parse_call_json(json.dumps(item), calls, errors)
             return ParsedOutput("", calls, errors)
     return ParsedOutput(text)
+
+
+def _parse_block(block: str, calls: list[ToolCall], errors: list[str]) -> None:
+    """One tagged block: a call object, a list of them, ';'-separated objects (Llama), or name[ARGS]{...}."""
+    named = _MISTRAL_ARGS.match(block)
+    if named:
+        block = json.dumps({"name": named.group(1), "arguments": _json_or_text(named.group(2).strip())})
+    try:
+        data = json.loads(block)
+    except json.JSONDecodeError:
+        parts = [p for p in block.split(";") if p.strip()]
+        if len(parts) > 1:  # Llama: {...}; {...}
+            for part in parts:
+                _parse_call_json(part.strip(), calls, errors)
+            return
+        _parse_call_json(block, calls, errors)  # reports the JSON error
+        return
+    for item in data if isinstance(data, list) else [data]:
+        _parse_call_json(json.dumps(item), calls, errors)
+
+
+def _json_or_text(raw: str):
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw  # left for _parse_call_json to report as arguments that are not JSON
 
 
 def _parse_call_json(raw: str, calls: list[ToolCall], errors: list[str]) -> None:
