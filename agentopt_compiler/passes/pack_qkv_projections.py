@@ -12,6 +12,8 @@ instead of three. Each output column is the same dot product as before, so the r
 
 Runs after ``fuse_kv_cache`` (it packs only projections that feed one fused attention op, where the split sizes are
 known) and fires only when all three projections read the same input, are used nowhere else, and agree on bias.
+Where per-head ops sit between the projections and the op (Qwen3 / Gemma 3 normalize q and k per head), it packs the
+attention module's ``q_proj`` / ``k_proj`` / ``v_proj`` linears and the per-head ops read the split.
 
 Models that ship the projection packed (Phi-3's ``qkv_proj``) reach the op as three slices of it; those become the
 same ``split`` (``packed_slices``), so the backend sees one packed projection either way:
@@ -43,7 +45,7 @@ class PackQKVProjections(GraphPass):
 
     def check(self, attention: torch.fx.Node) -> str | None:
         """None if the q/k/v projections of this fused attention node can be packed, else why not."""
-        projections = attention.args[:3]
+        projections = _projections(attention)
         if not all(isinstance(p, torch.fx.Node) and p.target == aten.linear.default for p in projections):
             return "q, k and v are not all linear projections"
         if len({p.args[0] for p in projections}) != 1:
@@ -68,7 +70,7 @@ class PackQKVProjections(GraphPass):
             if reason:
                 notes.append(f"{attention.name}: {reason}")
                 continue
-            q, k, v = attention.args[:3]
+            q, k, v = _projections(attention)
             weights = [_attr(gm, p.args[1].target) for p in (q, k, v)]
             has_bias = len(q.args) > 2 and q.args[2] is not None
             # the packed projection lives next to the originals: layers.3.self_attn.qkv_proj.{weight,bias}
@@ -103,6 +105,23 @@ class PackQKVProjections(GraphPass):
         if sliced:
             stats["packed_slices"] = sliced
         return PassResult(bool(packed or sliced), stats, tuple(notes))
+
+
+def _projections(attention: torch.fx.Node) -> tuple:
+    """The op's q/k/v inputs; or, where per-head ops sit between the projections and the op (Qwen3 / Gemma 3
+    QK-norms), the linears named ``<attention module>.{q,k,v}_proj`` that project one input (packing three linears of
+    one input is exact whoever reads them)."""
+    direct = attention.args[:3]
+    if all(isinstance(p, torch.fx.Node) and p.target == aten.linear.default for p in direct):
+        return tuple(direct)
+    stack = attention.meta.get("nn_module_stack") or {}
+    paths = [path for path, _ in stack.values() if path.endswith("self_attn")]
+    if not paths:
+        return tuple(direct)
+    wanted = {f"{paths[-1]}.{name}_proj.weight": name for name in "qkv"}
+    found = {wanted[n.args[1].target]: n for n in attention.graph.nodes if n.target == aten.linear.default
+             and isinstance(n.args[1], torch.fx.Node) and n.args[1].op == "get_attr" and n.args[1].target in wanted}
+    return tuple(found.get(name, d) for name, d in zip("qkv", direct))
 
 
 def _split_packed_slices(graph: torch.fx.Graph, attention: torch.fx.Node) -> bool:

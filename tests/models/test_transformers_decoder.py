@@ -112,6 +112,9 @@ def test_family_matches_transformers_through_the_engine(name, tmp_path):
     if name in ("gemma3", "gemma2", "qwen2-window-layer-1"):  # the window is on the sliding layers only
         windows = [layer["window"] for layer in attention["layers"]]
         assert windows == ([0, 6] if name.startswith("qwen2") else [6, 0])
+    if name in ("qwen3-yarn", "gemma3"):  # QK-norms between projections and op: the named q/k/v linears are packed
+        packed = next(r for r in report.passes if r.name == "pack_qkv_projections")
+        assert packed.stats["packed_projections"] == layers
     if name.startswith("phi3"):  # the fused qkv projection's slices become a split, read packed by the kernel
         packed = next(r for r in report.passes if r.name == "pack_qkv_projections")
         assert packed.stats["packed_slices"] == layers
