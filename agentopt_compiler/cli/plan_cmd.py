@@ -113,7 +113,7 @@ def run(args) -> int:
     from ..models.registry import load_model
 
     _check_outputs(args)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, capture="reference")  # the planners measure our reference module
     batches = calibration_batches(loaded, args.calib, args.sequences, args.length)
     print(f"measuring {args.model}: {len(batches)} x {args.length} calibration tokens", file=sys.stderr)
     plan, options = plan_precision(loaded.model, batches, args.max_kl, args.target_bits, args.min_top1,
@@ -184,7 +184,7 @@ def run_sparse(args) -> int:
     pattern = SparsePattern(args.window, args.sinks, args.stride)
     check_length(args.length, pattern)
     _check_outputs(args)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, capture="reference")  # the planners measure our reference module
     positions = held_out_positions = None
     if args.calib_chat:
         if args.holdout:

@@ -145,3 +145,12 @@ def test_reference_capture_refuses_what_only_transformers_implements(tmp_path):
     _checkpoint("smollm3", tmp_path / "ckpt")
     with pytest.raises(UnsupportedModelError, match="SmolLM3ForCausalLM' is not supported"):
         ao.compile(tmp_path / "ckpt", out=tmp_path / "engine", capture="reference")
+
+
+def test_planners_refuse_what_only_transformers_implements(tmp_path, capsys):
+    from tests.helpers import cli_error_line
+
+    _checkpoint("smollm3", tmp_path / "ckpt")  # the planners measure the reference module
+    line = cli_error_line(capsys, ["plan", "precision", "--model", str(tmp_path / "ckpt"), "--max-kl", "0.01",
+                                   "--out", str(tmp_path / "plan.json")])
+    assert "SmolLM3ForCausalLM' is not supported" in line
