@@ -71,6 +71,16 @@ class Agent:
             self.conversation.remember_prefix(len(head_ids))
 
     def run(self, task: str, on_event: Callable[[dict], None] | None = None, **generation) -> AgentResult:
+        """Run ``task`` to a final answer or the step limit. If it raises (e.g. the conversation outgrew the
+        context), the history is left as it was before the task."""
+        kept = len(self.messages)
+        try:
+            return self._run(task, on_event, **generation)
+        except BaseException:
+            del self.messages[kept:]
+            raise
+
+    def _run(self, task: str, on_event, **generation) -> AgentResult:
         emit = on_event or (lambda _event: None)
         config = self.generation.with_options(**generation)
         config = config.with_options(stop_strings=tuple(config.stop_strings) + (TOOL_CALL_END,))

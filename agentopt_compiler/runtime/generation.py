@@ -50,6 +50,10 @@ class GenerationConfig:
             raise AgentOptError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.temperature >= 0.0:  # also refuses NaN
             raise AgentOptError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise AgentOptError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if self.seed is not None and self.seed < 0:
+            raise AgentOptError(f"seed must be >= 0, got {self.seed}")
         if self.prompt_lookup < 0:
             raise AgentOptError(f"prompt_lookup must be >= 0 (0: off), got {self.prompt_lookup}")
 

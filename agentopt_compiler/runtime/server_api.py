@@ -97,7 +97,7 @@ class ChatRequest(_Strict):
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
     top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
-    seed: StrictInt | None = None
+    seed: Annotated[StrictInt, Field(ge=0, le=2**63 - 1)] | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
     n: Annotated[StrictInt, Field(ge=1, le=1)] | None = None  # one choice per request
     presence_penalty: Annotated[Number, Field(ge=0, le=0)] | None = None  # not implemented: only the neutral 0

@@ -148,7 +148,7 @@ def _post(url, body=None, key=API_KEY, raw=None, headers=None):
 
 GOOD = {"model": "tiny-random", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 MALFORMED = [  # (field changes, the param the error must name)
-    ({"seed": "5"}, "seed"), ({"temperature": "0.5"}, "temperature"), ({"temperature": -1}, "temperature"),
+    ({"seed": "5"}, "seed"), ({"seed": -1}, "seed"), ({"temperature": "0.5"}, "temperature"), ({"temperature": -1}, "temperature"),
     ({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": "high"}, "top_p"),
     ({"max_tokens": -5}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 2.5}, "max_tokens"),
     ({"max_tokens": "10"}, "max_tokens"), ({"max_completion_tokens": -1}, "max_completion_tokens"),

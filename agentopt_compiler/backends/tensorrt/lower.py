@@ -42,13 +42,17 @@ def check_onnx_for_tensorrt(path: Path) -> None:
                             f"{', '.join(foreign)}; compile with --attention-impl standard")
 
 
+# lowering rules (backends/onnxruntime/lower.py) that emit com.microsoft ops; the others emit standard ONNX
+CONTRIB_RULES = ("skip_rms_norm", "packed_qkv")
+
+
 def check_standard_engine(engine: dict, folder: str = "ENGINE") -> None:
     """An engine section whose ONNX TensorRT can take: the tensorrt backend, or an onnxruntime engine lowered
     with standard attention (or unfused) and no ORT contrib rewrites."""
     if engine.get("backend") == "tensorrt":
         return
     impl = (engine.get("attention") or {}).get("impl")
-    contrib_rules = {k: v for k, v in (engine.get("lowering_rules") or {}).items() if v}
+    contrib_rules = {k: v for k, v in (engine.get("lowering_rules") or {}).items() if v and k in CONTRIB_RULES}
     if engine.get("backend") != "onnxruntime" or impl not in ("standard", "unfused") or contrib_rules:
         raise AgentOptError(
             f"engine '{folder}' ({engine.get('backend')}, attention {impl}) uses ONNX Runtime contrib ops TensorRT "
