@@ -266,6 +266,10 @@ def test_client_disconnect_mid_stream_frees_its_slot(server):
 
 
 def test_health_and_prometheus_metrics(server):
+    history = [{"role": "user", "content": "count the requests"}]
+    first = server.client().chat.completions.create(model="tiny-random", messages=history, max_tokens=3)
+    history += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "go"}]
+    server.client().chat.completions.create(model="tiny-random", messages=history, max_tokens=3)  # a cached prefix
     health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{server.port}/health").read())
     assert health["status"] == "ok" and health["slots"] == 4
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics").read().decode()
