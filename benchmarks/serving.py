@@ -39,7 +39,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -65,7 +65,7 @@ class SystemRun:
     sessions: int
     seconds: float
     turns: list[list[Turn]]  # [session][turn]
-    status_counts: dict = field(default_factory=dict)
+    rows_per_step: float | None = None  # sessions per decode call, from the server's /metrics
 
     @property
     def generated(self) -> int:
@@ -74,6 +74,32 @@ class SystemRun:
     @property
     def texts(self) -> list[list[str]]:
         return [[t.text for t in s] for s in self.turns]
+
+
+# -- model ------------------------------------------------------------------------------------------------------------
+def model_source(model: str, work_dir: Path) -> str:
+    """What to compile. A built-in model whose tokenizer is smaller than its vocabulary (ref-60m: a 261-token byte
+    tokenizer, 32000 logits) is written as a Hugging Face folder whose tokenizer also names ids 261..V-1 (" w<id>"),
+    so every generated token has text: streamed chunks are then one per token, and a reply sent back as history
+    encodes to the ids that were generated."""
+    from agentopt_compiler.models.hf_loader import save_as_hf_folder
+    from agentopt_compiler.models.registry import BUILTIN_MODELS, load_model
+
+    if model not in BUILTIN_MODELS:
+        return model
+    loaded = load_model(model)
+    tokenizer_file = loaded.tokenizer_dir / "tokenizer.json"
+    spec = json.loads(tokenizer_file.read_text())
+    size = max([*spec["model"]["vocab"].values(), *(t["id"] for t in spec.get("added_tokens", []))]) + 1
+    vocab = loaded.config.vocab_size
+    if size >= vocab:
+        return model
+    folder = save_as_hf_folder(loaded.model, work_dir / f"serving-{model}-hf", loaded.tokenizer_dir)
+    spec["added_tokens"] = spec.get("added_tokens", []) + [
+        {"id": i, "content": f" w{i}", "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+         "special": False} for i in range(size, vocab)]
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    return str(folder)
 
 
 # -- workload ---------------------------------------------------------------------------------------------------------
@@ -194,6 +220,16 @@ def burst(port: int, model: str, clients: int) -> dict:
 
 
 # -- systems ----------------------------------------------------------------------------------------------------------
+def rows_per_step(port: int) -> float:
+    """Mean sessions per decode call so far (agentopt_decode_rows_total / agentopt_decode_steps_total)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("GET", "/metrics")
+    values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+              for line in connection.getresponse().read().decode().splitlines() if line and line[0] != "#"}
+    connection.close()
+    return values["agentopt_decode_rows_total"] / max(1.0, values["agentopt_decode_steps_total"])
+
+
 class Server:
     """``agentopt serve`` in its own process on a free port."""
 
@@ -284,7 +320,8 @@ def summarize(runs: list[SystemRun]) -> dict:
                                  1000 * max(percentile(g, 0.95) for g in gaps)],
             "prefilled": sum(t.prompt_tokens - t.cached_tokens for s in runs[0].turns for t in s),
             "reused": sum(t.cached_tokens for s in runs[0].turns for t in s),
-            "generated": runs[0].generated}
+            "generated": runs[0].generated,
+            "rows_per_step": statistics.median(r.rows_per_step for r in runs) if runs[0].rows_per_step else None}
 
 
 def fmt_range(value: float, bounds: list[float], digits: int = 0) -> str:
@@ -298,14 +335,15 @@ def report(model: str, settings: dict, env: dict, results: dict, identical: dict
              f"greedy; servers with --threads {settings['threads']}, --prefill-chunk {settings['prefill_chunk']}; "
              f"medians of {settings['repeats']} runs, ranges in brackets.", "",
              "| system | sessions | generated tok/s | vs one session | total s | TTFT p50 / p95 ms | "
-             "ITL p50 / p95 ms | prefilled / reused | same text as alone |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "ITL p50 / p95 ms | prefilled / reused | sessions per decode call | same text as alone |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     single = results[("slots", 1)]["tokens_per_s"]
     for (system, n), s in sorted(results.items(), key=lambda kv: (kv[0][0] != "slots", kv[0][0], kv[0][1])):
         lines.append(f"| {system} | {n} | {fmt_range(s['tokens_per_s'], s['tokens_per_s_range'])} | "
                      f"{s['tokens_per_s'] / single:.2f}x | {fmt_range(s['seconds'], s['seconds_range'], 2)} | "
                      f"{s['ttft_p50_ms']:.0f} / {s['ttft_p95_ms']:.0f} | {s['itl_p50_ms']:.1f} / "
                      f"{s['itl_p95_ms']:.1f} | {s['prefilled']} / {s['reused']} | "
+                     f"{'–' if s['rows_per_step'] is None else format(s['rows_per_step'], '.2f')} | "
                      f"{identical.get((system, n), '–')} |")
     lines.append("")
     for key, value in extras.items():
@@ -338,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(args.work_dir) / f"serving-{model}"
         context = args.system_tokens + args.turns * (args.observation_tokens + args.new_tokens + 64) + 256
         log(f"{model}: compiling (context {context})")
-        engine = ao.compile(model, out=folder, context_length=context, overwrite=True)
+        engine = ao.compile(model_source(model, Path(args.work_dir)), out=folder, context_length=context,
+                            overwrite=True)
         tokenizer, name = engine.tokenizer, engine.manifest["model"]["name"]
         del engine
         runs: dict = {}
@@ -351,7 +390,9 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"{model}: {system}, {n} session(s), run {repeat + 1}")
                     with Server(str(folder), args.threads, *options, "--prefill-chunk", str(args.prefill_chunk)) \
                             as server:
-                        runs.setdefault((system, n), []).append(run_sessions(server.port, name, workload, n, system))
+                        measured = run_sessions(server.port, name, workload, n, system)
+                        measured.rows_per_step = rows_per_step(server.port)
+                        runs.setdefault((system, n), []).append(measured)
                 run_id += 1
                 log(f"{model}: one by one, {n} session(s), run {repeat + 1}")
                 runs.setdefault(("one by one", n), []).append(

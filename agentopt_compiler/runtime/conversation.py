@@ -191,10 +191,14 @@ def check_prompt_lookup(session, draft_tokens: int) -> None:
                             + ("" if spare else " (none: recompile the engine to get spare slots)"))
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
+def common_prefix(a: list[int], b: list[int], block: int = 256) -> int:
+    """Length of the longest common prefix of two token lists (whole blocks compared as slices, in C: a server
+    matches every request against its pool of conversations)."""
     n = min(len(a), len(b))
-    for i in range(n):
+    start = 0
+    while start < n and a[start:start + block] == b[start:start + block]:
+        start += block
+    for i in range(start, min(start + block, n)):
         if a[i] != b[i]:
             return i
     return n

@@ -13,9 +13,9 @@ Each step, under the engine's lock:
   2. waiting requests are admitted in arrival order while a slot can be had: the request's conversation (given, or
      the idle one that caches the longest prefix of the prompt beyond what sessions share, else a new one) is bound
      to a KV slot and keeps what it caches: earlier turns, or a prefix-cache hit copied into the slot once;
-  3. prefill: up to ``prefill_chunk`` prompt tokens in all, each chunk one call on the request's row alone (ONNX
-     Runtime's GroupQueryAttention takes several new tokens after cached ones only at batch size 1); a prompt's last
-     token is left for step 4;
+  3. prefill: one chunk of ``prefill_chunk`` prompt tokens beside a decode call (every pending chunk when none
+     decodes), each chunk one call on the request's row alone (ONNX Runtime's GroupQueryAttention takes several new
+     tokens after cached ones only at batch size 1); a prompt's last token is left for step 4;
   4. decode: one call over the rows [lo, hi) of every request with exactly one token to feed (a sampled token, or a
      prompt's last one), with its prompt-lookup draft where the kernel checks several tokens per row (the standard
      lowering; GroupQueryAttention only when one row decodes); each request then picks its tokens from its rows.
@@ -80,7 +80,9 @@ class Scheduler:
             raise AgentOptError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
         self.engine, self.prefill_chunk, self.max_waiting = engine, prefill_chunk, max_waiting
         self.prefix_cache = prefix_cache
-        self.max_conversations = max_conversations or 4 * engine.slots.count
+        # conversations kept for requests to continue: idle ones beyond their slots live in host memory, bounded by
+        # the slot pool's host budget (which drops the oldest copies); this only bounds the matching work
+        self.max_conversations = max_conversations or max(256, 4 * engine.slots.count)
         self.conversations: list[Conversation] = []  # the pool requests continue from, most recently used last
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # admitted, in admission order
@@ -204,24 +206,37 @@ class Scheduler:
                 self._heads_in_flight.setdefault(head, request)
 
     def _prefill(self) -> None:
-        budget = self.prefill_chunk
+        """Chunks of ``prefill_chunk`` prompt tokens, counted from each turn's first uncached token (so boundaries
+        never depend on what else runs): one chunk in all beside a decode call, which keeps the decoding sessions'
+        inter-token latency down; every pending chunk when no session decodes."""
+        decoding = any(self._decode_ready(r) for r in self._running)
         for request in list(self._running):
-            conversation, nothing_to_generate = request.conversation, request.picker.finish is not None
-            # the last prompt token is fed by a decode step, which picks the first new token from its logits; a
-            # request for no new tokens (max_tokens 0) still caches its whole prompt for the conversation's next turn
-            remaining = len(conversation.tokens) - conversation.cached - (0 if nothing_to_generate else 1)
-            if remaining > 0 and budget > 0:
-                start, count = conversation.cached, min(remaining, budget)
-                conversation.feed(conversation.tokens[start:start + count], start)
-                conversation.cached += count
-                budget -= count
-                self._remember_head(request)
-            if nothing_to_generate and conversation.cached == len(conversation.tokens):
-                self._finish(request, request.picker.finish)
+            while self._prefill_chunk(request):
+                if decoding:
+                    return
+
+    def _prefill_chunk(self, request: Request) -> bool:
+        """Feed the next chunk of ``request``'s prompt; False when nothing was left to feed. The last prompt token
+        is fed by a decode call, which picks the first new token from its logits; a request for no new tokens
+        (max_tokens 0) still caches its whole prompt, for the conversation's next turn, and then finishes."""
+        conversation, nothing_to_generate = request.conversation, request.picker.finish is not None
+        remaining = len(conversation.tokens) - conversation.cached - (0 if nothing_to_generate else 1)
+        if remaining > 0:
+            start, count = conversation.cached, min(remaining, self.prefill_chunk)
+            conversation.feed(conversation.tokens[start:start + count], start)
+            conversation.cached += count
+            self._remember_head(request)
+        if nothing_to_generate and conversation.cached == len(conversation.tokens):
+            self._finish(request, request.picker.finish)
+        return remaining > 0
+
+    @staticmethod
+    def _decode_ready(request: Request) -> bool:
+        """Exactly one token to feed (a sampled one, or the prompt's last) and more to generate."""
+        return len(request.conversation.tokens) - request.conversation.cached == 1 and request.picker.finish is None
 
     def _decode(self) -> None:
-        ready = [r for r in self._running
-                 if len(r.conversation.tokens) - r.conversation.cached == 1 and r.picker.finish is None]
+        ready = [r for r in self._running if self._decode_ready(r)]
         if not ready:
             return
         engine, session, slots = self.engine, self.engine.session, self.engine.slots
