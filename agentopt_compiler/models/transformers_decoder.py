@@ -248,6 +248,13 @@ def load_transformers_model(folder: Path):
         if test(getattr(config, attribute, None)):
             raise UnsupportedModelError(f"{config.model_type} with {attribute}={getattr(config, attribute)} "
                                         f"{reason}")
+    from transformers.activations import ACT2FN
+
+    for key in ("hidden_act", "hidden_activation"):  # built by name inside the model: a KeyError deep in transformers
+        name = getattr(config, key, None)
+        if isinstance(name, str) and name not in ACT2FN:
+            raise UnsupportedModelError(f"{folder / 'config.json'}: {key} '{name}' is not an activation transformers "
+                                        f"knows ({', '.join(sorted(k for k in ACT2FN if k.islower())[:8])}, ...)")
     from .hf_loader import safetensors_files
 
     safetensors_files(folder)  # the weights are there (else transformers would look for other formats)

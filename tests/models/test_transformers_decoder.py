@@ -141,6 +141,16 @@ def test_bidirectional_attention_is_refused_with_the_reason(tmp_path):
         ao.compile(tmp_path / "encoder", out=tmp_path / "engine")
 
 
+def test_an_activation_transformers_does_not_know_is_refused_in_one_line(tmp_path, capsys):
+    from tests.helpers import cli_error_line
+
+    _checkpoint("qwen3-yarn", tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**config, "hidden_act": "wiggle"}))
+    line = cli_error_line(capsys, ["compile", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "engine")])
+    assert "hidden_act 'wiggle' is not an activation transformers knows" in line
+
+
 def test_reference_capture_refuses_what_only_transformers_implements(tmp_path):
     _checkpoint("smollm3", tmp_path / "ckpt")
     with pytest.raises(UnsupportedModelError, match="SmolLM3ForCausalLM' is not supported"):
