@@ -21,7 +21,7 @@ from .chat import render_chat
 from .generation import GenerationConfig, TextStream
 from .tools import Tool, ToolCall, parse_tool_calls, run_tool_call
 
-TOOL_CALL_END = "</tool_call>"
+TOOL_CALL_ENDS = ("</tool_call>", "<|/tool_call|>")  # Qwen/Hermes, Phi-4-mini: a call ends the step
 
 
 @dataclass
@@ -83,7 +83,7 @@ class Agent:
     def _run(self, task: str, on_event, **generation) -> AgentResult:
         emit = on_event or (lambda _event: None)
         config = self.generation.with_options(**generation)
-        config = config.with_options(stop_strings=tuple(config.stop_strings) + (TOOL_CALL_END,))
+        config = config.with_options(stop_strings=tuple(config.stop_strings) + TOOL_CALL_ENDS)
         self.messages.append({"role": "user", "content": task})
         result = AgentResult(None, "step_limit")
         conversation = self.conversation
@@ -95,8 +95,8 @@ class Agent:
             self._remember_system_prefix()
             text, reason, count = self._generate(logits, config, emit)
             generated += count
-            if reason == "stop_string":
-                text += TOOL_CALL_END  # the stop string is the end of a call: keep it for parsing
+            if reason in TOOL_CALL_ENDS:
+                text += reason  # the stop string is the end of a call: keep it for parsing
             parsed = parse_tool_calls(text)
             if not parsed.calls and not parsed.errors:
                 self.messages.append({"role": "assistant", "content": text})
@@ -130,8 +130,8 @@ class Agent:
         return result
 
     def _generate(self, logits, config: GenerationConfig, emit) -> tuple[str, str, int]:
-        """Generate one assistant message; returns (text, reason, tokens) with reason in stop / stop_string /
-        length / context."""
+        """Generate one assistant message; returns (text, reason, tokens): reason is stop, length, context, or the
+        stop string that ended the text (a tool call's closing tag, or one of the caller's)."""
         text = TextStream(self.engine.tokenizer, config.stop_strings)
         tokens = self.conversation.generate(logits, config)
         count = 0
@@ -149,7 +149,7 @@ class Agent:
                 emit({"type": "token", "text": delta})
             if text.stop is not None:
                 tokens.close()
-                return text.visible, "stop_string", count
+                return text.visible, text.stop, count
 
 
 def describe_event(event: dict) -> str:

@@ -34,7 +34,7 @@ def scripted(monkeypatch):
             # one real decode step, so the cache bookkeeping is exercised; then the scripted text
             Agent._generate(agent, logits, config.__class__(**{**config.__dict__, "max_new_tokens": 1}), emit)
             text = next(replies)
-            return text, "stop_string" if text.endswith("}") else "stop", 1
+            return text, "</tool_call>" if text.endswith("}") else "stop", 1
 
         monkeypatch.setattr(agent, "_generate", fake_generate)
         return seen_prompts
