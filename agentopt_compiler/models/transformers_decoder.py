@@ -35,22 +35,7 @@ from torch import nn
 
 from ..errors import ModelNotFoundError, UnsupportedModelError
 from .config import ModelConfig
-
-
-class KVCache(nn.Module):
-    """One layer's fixed-capacity cache, written in place at each row's positions. Buffers: (B, Hkv, T, D)."""
-
-    def __init__(self, batch: int, num_kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype):
-        super().__init__()
-        shape = (batch, num_kv_heads, capacity, head_dim)
-        self.register_buffer("key", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("value", torch.zeros(shape, dtype=dtype), persistent=False)
-
-    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, Hkv, S, D)
-        self.key.scatter_(2, index, k)
-        self.value.scatter_(2, index, v)
-        return self.key, self.value
+from .llama import KVCache  # the same in-place cache buffers the reference decoder writes
 
 
 def _cache_base():

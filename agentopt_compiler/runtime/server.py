@@ -32,6 +32,7 @@ from starlette.requests import Request  # route signatures are resolved at modul
 
 from ..errors import AgentOptError
 from .chat import ChatTemplateError, render_chat
+from .conversation import check_prompt_lookup
 from .generation import GenerationConfig
 from .prefix_cache import PrefixCache
 from .scheduler import MIN_SHARED_PREFIX, QueueFullError, Scheduler
@@ -68,9 +69,7 @@ class ChatService:
         self.scheduler = Scheduler(engine, prefill_chunk=prefill_chunk, max_waiting=max_waiting,
                                    prefix_cache=self.prefix_cache)
         if prompt_lookup:  # refuse at start, not at every request
-            GenerationConfig(prompt_lookup=prompt_lookup)
-            from .conversation import check_prompt_lookup
-            check_prompt_lookup(engine.session, prompt_lookup)
+            check_prompt_lookup(engine.session, GenerationConfig(prompt_lookup=prompt_lookup).prompt_lookup)
         self.created = int(time.time())
 
     def start(self) -> "ChatService":
