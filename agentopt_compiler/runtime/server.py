@@ -108,8 +108,10 @@ class ChatService:
         system = next((i for i, m in enumerate(messages) if m["role"] not in ("system", "developer")), len(messages))
         tokenizer = self.engine.tokenizer
         try:
-            prompt = render_chat(tokenizer, messages, offered)
-            head = render_chat(tokenizer, messages[:system], offered, add_generation_prompt=False) if system else ""
+            variables = request.chat_template_kwargs or {}
+            prompt = render_chat(tokenizer, messages, offered, **variables)
+            head = render_chat(tokenizer, messages[:system], offered, add_generation_prompt=False,
+                               **variables) if system else ""
         except ChatTemplateError as exc:
             raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), "invalid_value", "messages") from None
         ids = tokenizer.encode(prompt, add_special_tokens=False)

@@ -11,7 +11,7 @@ import json
 from http import HTTPStatus
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator, model_validator
 
 Number = Annotated[float, Field(allow_inf_nan=False, strict=True)]  # ints are numbers too; strings, NaN are not
 
@@ -124,6 +124,19 @@ class ChatRequest(_Strict):
     metadata: dict[str, StrictStr] | None = None
     store: Literal[False] | None = None
     ignore_eos: StrictBool = False  # vLLM's extension: generate max_tokens tokens whatever the model ends with
+    # vLLM's / SGLang's extension: extra chat-template variables, e.g. {"enable_thinking": false} for Qwen3
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables_do_not_replace_the_conversation(cls, value):
+        taken = sorted(set(value or ()) & RESERVED_TEMPLATE_VARIABLES)
+        if taken:
+            raise ValueError(f"chat_template_kwargs cannot set {', '.join(taken)}: the request's own fields do")
+        return value
+
+
+RESERVED_TEMPLATE_VARIABLES = {"messages", "tools", "documents", "add_generation_prompt", "bos_token", "eos_token"}
 
 
 def parse_chat_request(raw: bytes) -> ChatRequest:

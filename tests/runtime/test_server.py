@@ -148,6 +148,22 @@ def test_strict_tools_and_required_tool_choice_give_calls_that_fit_the_schema(cl
             jsonschema.validate(json.loads(call.function.arguments), params)
 
 
+def test_chat_template_kwargs_reach_the_template(server, slotted_chat):
+    from agentopt_compiler.runtime.chat import render_chat
+
+    template = slotted_chat.tokenizer.chat_template
+    slotted_chat.tokenizer.chat_template = template + "{% if greeting %}{{ greeting }}{% endif %}"
+    try:
+        request = {**GOOD, "max_tokens": 1, "chat_template_kwargs": {"greeting": "Hi!"}}
+        status, body, _ = _post(server.url, request)
+        assert status == 200
+        with_greeting = render_chat(slotted_chat.tokenizer, GOOD["messages"], greeting="Hi!")
+        assert body["usage"]["prompt_tokens"] == len(slotted_chat.tokenizer.encode(with_greeting,
+                                                                                   add_special_tokens=False))
+    finally:
+        slotted_chat.tokenizer.chat_template = template
+
+
 def test_multi_turn_requests_reuse_the_cache(client):
     first = _ask(client, "Tell me a story")
     history = [{"role": "user", "content": "Tell me a story"},
@@ -223,6 +239,8 @@ MALFORMED = [  # (field changes, the param the error must name)
         "name": "f", "arguments": "{not json"}}]}]}, "messages[0].tool_calls"),
     ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
     ({"model": 5}, "model"), ({"model": None}, "model"),
+    ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"), ({"chat_template_kwargs": 3},
+                                                                          "chat_template_kwargs"),
 ]
 
 
