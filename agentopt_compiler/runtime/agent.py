@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from ..errors import AgentOptError
 from .chat import render_chat
-from .constraints import call_syntax, tool_call_grammar
+from .constraints import call_syntax, check_grammar, tool_call_grammar
 from .generation import GenerationConfig, TextStream
 from .tools import Tool, ToolCall, parse_tool_calls, run_tool_call
 
@@ -64,6 +64,12 @@ class Agent:
         self.grammar = tool_call_grammar([t.schema() for t in self.tools.values()],
                                          call_syntax(engine.tokenizer.chat_template), engine.tokenizer) \
             if constrained else None
+        if self.grammar is not None:  # a schema llguidance cannot use fails here, not at the first step
+            try:
+                check_grammar(self.grammar, engine.tokenizer, engine.manifest["model"]["config"]["vocab_size"],
+                              engine.eos_token_ids)
+            except AgentOptError as exc:
+                raise AgentOptError(f"{exc} (constrained=False, or --no-constrain, decodes calls freely)") from None
         self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         self.conversation = engine.conversation(prefix_cache)
         self._prefix_remembered = False
