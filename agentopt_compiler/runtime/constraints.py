@@ -29,7 +29,7 @@ says ``additionalProperties``: a call the tool would refuse (tools.py checks unk
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any, Sequence
 
@@ -48,6 +48,8 @@ class CallSyntax:
     close: str  # "" where the call ends with the message
     list_of_calls: bool  # the block holds a JSON list of call objects
     arguments_key: str  # "arguments", or Llama's "parameters"
+    after_open: str = ""  # what the template writes between the tag and the JSON (Qwen: a newline)
+    before_close: str = ""
 
 
 CALL_SYNTAXES = {
@@ -59,11 +61,14 @@ CALL_SYNTAXES = {
 
 
 def call_syntax(chat_template: str | None) -> CallSyntax:
-    """The syntax whose opening tag the chat template writes; Hermes-style ``<tool_call>`` when it names none."""
-    for syntax in CALL_SYNTAXES.values():
-        if chat_template and syntax.open in chat_template and syntax is not CALL_SYNTAXES["hermes"]:
-            return syntax
-    return CALL_SYNTAXES["hermes"]
+    """The syntax whose opening tag the chat template writes (Hermes-style ``<tool_call>`` when it names none), with
+    the newlines it puts around the JSON (Qwen 2.5/3 write ``<tool_call>\n{...}\n</tool_call>``): the grammar asks
+    for the layout the model was trained on."""
+    template = chat_template or ""
+    syntax = next((s for s in CALL_SYNTAXES.values() if s.open in template and s is not CALL_SYNTAXES["hermes"]),
+                  CALL_SYNTAXES["hermes"])
+    return replace(syntax, after_open="\n" if syntax.open + "\n" in template else "",
+                   before_close="\n" if syntax.close and "\n" + syntax.close in template else "")
 
 
 @dataclass(frozen=True)
@@ -106,8 +111,9 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], syntax: CallSyntax, token
     body: dict[str, Any] = {"anyOf": calls} if len(calls) > 1 else calls[0]
     if syntax.list_of_calls:
         body = {"type": "array", "items": body, "minItems": 1}
-    open_tag = _literal(syntax.open, tokenizer)
-    close = " " + _literal(syntax.close, tokenizer) if syntax.close else ""
+    open_tag = _literal(syntax.open, tokenizer) + (" " + json.dumps(syntax.after_open) if syntax.after_open else "")
+    close = (" " + json.dumps(syntax.before_close) if syntax.before_close else "") + \
+        (" " + _literal(syntax.close, tokenizer) if syntax.close else "")
     if choice == "auto":  # text up to the opening tag: a special token ends a text lexeme, a text tag lazily
         trigger = (f"call_open: TEXT? {open_tag}" if _is_token(syntax.open, tokenizer)
                    else f"call_open[lazy]: BEFORE_CALL {open_tag}")

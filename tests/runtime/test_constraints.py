@@ -165,8 +165,18 @@ def test_bad_constraints_are_clear_errors(engine):
         json_schema_grammar(["not", "a", "schema"])
 
 
-def test_call_syntax_follows_the_chat_template():
+def test_call_syntax_follows_the_chat_template(engine):
     assert call_syntax(None).open == "<tool_call>"
+    qwen = call_syntax('{{- "<tool_call>\\n{\\"name\\": " }}...{{- "}\\n</tool_call>" }}'.replace("\\n", "\n"))
+    assert (qwen.after_open, qwen.before_close) == ("\n", "\n")
+    ours = call_syntax(engine.tokenizer.chat_template)
+    assert (ours.open, ours.after_open, ours.before_close) == ("<tool_call>", "", "")
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    matcher = Matcher(tool_call_grammar([tool], qwen, engine.tokenizer, "required"), engine.tokenizer, 512,
+                      engine.eos_token_ids)
+    for token in engine.encode('<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'):
+        matcher.consume(token)  # raises on a token the grammar rejects
+    assert matcher.done
     assert call_syntax("{{ '<|tool_call|>' }}{{ tools | tojson }}").open == "<|tool_call|>"
     assert call_syntax("[TOOL_CALLS]").list_of_calls
     assert call_syntax("<|python_tag|>").arguments_key == "parameters"
