@@ -147,6 +147,22 @@ class TokenPicker:
         self.drafted += len(lookup)
         return new, kept
 
+    def take_forced(self, tokens: list[int]) -> list[int]:
+        """The tokens the grammar forces next, appended to ``tokens`` without an engine call: for a caller whose
+        next call cannot check a draft (several rows on GroupQueryAttention), which feeds them later as it feeds
+        prompt tokens, on the sequence's row alone."""
+        if self.matcher is None or self.finish is not None:
+            return []
+        forced = self.matcher.forced(min(self.config.max_new_tokens - self.generated,
+                                         self.capacity + 1 - len(tokens)))
+        new: list[int] = []
+        for index, token in enumerate(forced):
+            self._append(token, tokens, new, grammar_caught_up=index == len(forced) - 1)
+            self.forced += 1
+            if self.finish:
+                break
+        return new
+
     def _append(self, token: int, tokens: list[int], new: list[int], grammar_caught_up: bool = True) -> None:
         """Add a chosen token; ``grammar_caught_up``: the matcher has consumed nothing past it."""
         tokens.append(token)

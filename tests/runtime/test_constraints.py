@@ -129,6 +129,14 @@ def test_the_scheduler_decodes_constrained_rows_like_a_lone_conversation(engine,
     assert batch[0].token_ids == alone == batch[2].token_ids
     for completion in batch:
         jsonschema.validate(json.loads(completion.text), SCHEMAS[1])
+    # three rows on GroupQueryAttention check no drafts: forced tokens are fed as a chunk on their row instead
+    from agentopt_compiler.runtime.scheduler import Scheduler
+
+    scheduler = Scheduler(slotted, prefill_chunk=64, max_waiting=3)
+    requests = [scheduler.submit(slotted.encode(PROMPT), GenerationConfig(max_new_tokens=80, grammar=grammar),
+                                 lambda event: None) for _ in range(3)]
+    scheduler.run(requests)
+    assert scheduler.stats["decode_steps"] < len(alone) // 2
 
 
 def _tools(functions):
