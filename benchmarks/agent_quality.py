@@ -51,7 +51,7 @@ def log(message: str) -> None:
 
 def calibration_text(tasks: int = 24, seed: int = 97) -> str:
     """Training-split episodes (not the held-out ones) rendered as text, for the precision planner."""
-    from agentopt_compiler.models.agent_tasks import episode_text, generate_tasks
+    from agentopt_compiler.agent_tiny.tasks import episode_text, generate_tasks
 
     return "\n".join(episode_text(task)[0] for task in generate_tasks(tasks, "train", seed=seed))
 
@@ -82,7 +82,7 @@ def compile_variant(name: str, options: dict, work: Path, max_kl: float):
 
 
 def evaluate_variant(name: str, engine, tasks: int, seed: int) -> dict:
-    from agentopt_compiler.models.agent_eval import evaluate_engine
+    from agentopt_compiler.agent_tiny.eval import evaluate_engine
 
     started = time.perf_counter()
     report = evaluate_engine(engine, n=tasks, seed=seed)
@@ -93,7 +93,7 @@ def evaluate_variant(name: str, engine, tasks: int, seed: int) -> dict:
 def evaluate_eager(tasks: int, seed: int) -> dict:
     import torch
 
-    from agentopt_compiler.models.agent_eval import eager_generator, evaluate
+    from agentopt_compiler.agent_tiny.eval import eager_generator, evaluate
     from agentopt_compiler.models.registry import load_model
     from tokenizers import Tokenizer
 

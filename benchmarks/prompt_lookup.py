@@ -51,7 +51,7 @@ class Recording:
 
 def run(args) -> dict:
     import agentopt_compiler as ao
-    from agentopt_compiler.models.agent_eval import EngineGenerator, eval_tasks, run_agent
+    from agentopt_compiler.agent_tiny.eval import EngineGenerator, eval_tasks, run_agent
 
     folder = Path(args.work_dir) / f"agent-tiny-{args.precision}"
     log(f"compiling agent-tiny ({args.precision}, sparse attention {args.sparse_attention}) into {folder}")

@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..models.agent_eval import evaluate_engine, format_report
+    from ..agent_tiny.eval import evaluate_engine, format_report
     from ..output_paths import check_writable_file, write_text_atomically
     from ..runtime.engine import load_engine
 

@@ -179,7 +179,7 @@ def _load_shipped(name: str, folder: Path) -> LoadedModel:
 
     if not (folder / "model.safetensors").is_file():
         raise ModelNotFoundError(f"built-in model '{name}' has no weights at {folder}; reinstall agentopt-compiler "
-                                 "or train it with python -m agentopt_compiler.models.train_agent_model")
+                                 "or train it with python -m agentopt_compiler.agent_tiny.train")
     config = ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
     model = LlamaDecoder(config)
     model.load_state_dict(load_file(str(folder / "model.safetensors")))

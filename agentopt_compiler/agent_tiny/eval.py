@@ -17,8 +17,8 @@ import time
 from collections import Counter, defaultdict
 from typing import Callable
 
-from .agent_tasks import (EOS_TOKEN, STOP_STRINGS, TRANSIENT_ERROR, Task, generate_tasks, render_chat)
-from .agent_tools import (TOOL_CALL_CLOSE, TOOL_CALL_OPEN, canonical_unit, normalize_key, parse_tool_call, run_tool)
+from .tasks import (EOS_TOKEN, STOP_STRINGS, TRANSIENT_ERROR, Task, generate_tasks, render_chat)
+from .tools import (TOOL_CALL_CLOSE, TOOL_CALL_OPEN, canonical_unit, normalize_key, parse_tool_call, run_tool)
 
 Generate = Callable[[str, tuple[str, ...]], str]
 
@@ -301,7 +301,7 @@ def evaluate_engine(engine, n: int = 100, seed: int = 0, time_budget_s: float | 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """``python -m agentopt_compiler.models.agent_eval DIR [--tasks 100]``: evaluate a folder written by
+    """``python -m agentopt_compiler.agent_tiny.eval DIR [--tasks 100]``: evaluate a folder written by
     train_agent_model.py with the eager reference model."""
     import argparse
 
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     import torch
 
-    from .train_agent_model import load_trained
+    from .train import load_trained
 
     torch.set_num_threads(args.threads)
     model, tok = load_trained(args.folder)

@@ -1,6 +1,6 @@
 """Train a tiny tool-using Llama-family model on procedural agent episodes (agent_tasks.py), on CPU, to a time budget.
 
-    python -m agentopt_compiler.models.train_agent_model --out DIR --minutes 120 --threads 2 --seed 0 \
+    python -m agentopt_compiler.agent_tiny.train --out DIR --minutes 120 --threads 2 --seed 0 \
         --eval-tasks 0 --compile      # agent-tiny's recipe (its MODEL_CARD.md names the commit of each run)
 
 Steps: train a 512-token byte-level BPE on generated episodes; build the model with ``build_model`` (then re-initialise
@@ -27,9 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-from .agent_tasks import (SPECIAL_TOKENS, episode_text, generate_tasks, render_chat, render_with_loss_spans,
+from .tasks import (SPECIAL_TOKENS, episode_text, generate_tasks, render_chat, render_with_loss_spans,
                           save_tokenizer, tokenize_episode, train_tokenizer)
-from .config import ModelConfig
+from ..models.config import ModelConfig
 
 FORMAT = "agentopt-builtin"
 # seconds the training loop leaves for its last step, the final validation loss and the save, so the whole process
@@ -93,7 +93,7 @@ def hidden_states(model, ids, attn: str = "sdpa"):
     import torch
     import torch.nn.functional as F
 
-    from .llama import apply_rope
+    from ..models.llama import apply_rope
 
     b, s = ids.shape
     cos, sin = model.rope_cos[:s], model.rope_sin[:s]
@@ -253,7 +253,7 @@ def load_trained(folder: str | Path):
     from safetensors.torch import load_file
     from tokenizers import Tokenizer
 
-    from .llama import LlamaDecoder
+    from ..models.llama import LlamaDecoder
 
     folder = Path(folder)
     config = ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
     assert all(tok.token_to_id(t) is not None for t in SPECIAL_TOKENS)
 
     # 2. model
-    from .registry import build_model
+    from ..models.registry import build_model
 
     if continued is not None:
         model, config = continued, continued.config
@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 3. agent-loop evaluation on held-out tasks
     if args.eval_tasks:
-        from .agent_eval import eager_generator, evaluate, format_report
+        from .eval import eager_generator, evaluate, format_report
 
         gen = eager_generator(model, tok)
         report = evaluate(gen, n=args.eval_tasks, seed=args.seed, time_budget_s=args.eval_minutes * 60)

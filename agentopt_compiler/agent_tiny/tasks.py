@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .agent_tools import (TOOL_CALL_CLOSE, UNIT_NAMES, UNIT_PAIRS, _num_value, _UNIT_ALIASES, calculator,
+from .tools import (TOOL_CALL_CLOSE, UNIT_NAMES, UNIT_PAIRS, _num_value, _UNIT_ALIASES, calculator,
                           convert_units, fmt_num, format_tool_call, normalize_key, run_tool, system_prompt)
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -4,12 +4,12 @@ import re
 
 import pytest
 
-from agentopt_compiler.models import agent_tasks as at
-from agentopt_compiler.models import agent_tools
-from agentopt_compiler.models.agent_tasks import (ALL_KINDS, CHAIN_KINDS, CHAT_TEMPLATE, RECOVERY_KINDS, SINGLE_KINDS,
+from agentopt_compiler.agent_tiny import tasks as at
+from agentopt_compiler.agent_tiny import tools as agent_tools
+from agentopt_compiler.agent_tiny.tasks import (ALL_KINDS, CHAIN_KINDS, CHAT_TEMPLATE, RECOVERY_KINDS, SINGLE_KINDS,
                                                   TEMPLATES, episode_text, generate_tasks, make_task, render_chat,
                                                   tokenize_episode, train_tokenizer)
-from agentopt_compiler.models.agent_tools import (TOOLS, ToolError, calculator, convert_units, parse_tool_call,
+from agentopt_compiler.agent_tiny.tools import (TOOLS, ToolError, calculator, convert_units, parse_tool_call,
                                                   run_tool)
 
 
@@ -325,7 +325,7 @@ def _oracle(task):
 
 
 def test_agent_loop_with_an_oracle_model_succeeds():
-    from agentopt_compiler.models.agent_eval import eval_tasks, format_report, run_agent
+    from agentopt_compiler.agent_tiny.eval import eval_tasks, format_report, run_agent
 
     tasks = eval_tasks(40, seed=1)
     assert {t.split for t in tasks} == {"heldout"}
@@ -338,7 +338,7 @@ def test_agent_loop_with_an_oracle_model_succeeds():
     assert not r["success"] and r["failure"] in ("no_tool_call", "wrong_final_answer")
     r = run_agent(tasks[0], lambda p, s: '<tool_call>{"name": "calculator", "argu</tool_call>')
     assert not r["success"] and r["failure"] == "invalid_json"
-    from agentopt_compiler.models.agent_eval import evaluate
+    from agentopt_compiler.agent_tiny.eval import evaluate
 
     report = evaluate(lambda p, s: "<tool_call>{}</tool_call>", tasks=tasks[:5])
     assert report["tool_call_json_valid"] == 0.0 and report["success"] == 0.0
@@ -348,7 +348,7 @@ def test_agent_loop_with_an_oracle_model_succeeds():
 def test_training_smoke_run_lowers_the_loss(tmp_path):
     torch = pytest.importorskip("torch")
     from agentopt_compiler.models.llama import LlamaDecoder
-    from agentopt_compiler.models.train_agent_model import hidden_states, load_trained, main
+    from agentopt_compiler.agent_tiny.train import hidden_states, load_trained, main
 
     threads = torch.get_num_threads()
     try:
@@ -380,7 +380,7 @@ def test_training_smoke_run_lowers_the_loss(tmp_path):
         forward().logsumexp(-1).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], atol=1e-4)
-    from agentopt_compiler.models.agent_eval import eager_generator
+    from agentopt_compiler.agent_tiny.eval import eager_generator
 
     # eager greedy decoding with the KV cache agrees with greedy full forwards
     prompt = render_chat(generate_tasks(1, "heldout")[0].messages, True)
@@ -399,7 +399,7 @@ def test_compiled_training_step_has_the_eager_loss_and_gradients():
     # --compile runs batch_loss through torch.compile(dynamic=True); batches of other shapes must reuse it correctly
     torch = pytest.importorskip("torch")
     from agentopt_compiler.models.registry import build_model
-    from agentopt_compiler.models.train_agent_model import agent_model_config, batch_loss
+    from agentopt_compiler.agent_tiny.train import agent_model_config, batch_loss
 
     model = build_model(agent_model_config(512, tiny=True), seed=0).train()
     compiled = torch.compile(batch_loss, dynamic=True)
@@ -420,7 +420,7 @@ def test_compiled_training_step_has_the_eager_loss_and_gradients():
 
 
 def test_cpu_steal_is_the_share_of_stolen_time_between_calls(tmp_path):
-    from agentopt_compiler.models.train_agent_model import CpuSteal
+    from agentopt_compiler.agent_tiny.train import CpuSteal
 
     stat = tmp_path / "stat"
     #                  user nice system idle iowait irq softirq steal guest guest_nice

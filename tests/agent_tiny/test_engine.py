@@ -28,7 +28,7 @@ def test_the_readme_task_calls_the_calculator_and_answers(engine):
 def test_the_fused_engine_solves_the_same_tasks_as_eager(engine):
     from tokenizers import Tokenizer
 
-    from agentopt_compiler.models.agent_eval import EngineGenerator, eager_generator, eval_tasks, run_agent
+    from agentopt_compiler.agent_tiny.eval import EngineGenerator, eager_generator, eval_tasks, run_agent
 
     loaded = load_model("agent-tiny")
     tokenizer = Tokenizer.from_file(str(loaded.tokenizer_dir / "tokenizer.json"))
@@ -40,7 +40,7 @@ def test_the_fused_engine_solves_the_same_tasks_as_eager(engine):
 def test_prompt_lookup_gives_the_same_transcripts_and_accepts_copied_tokens(engine):
     """The trained model copies arguments and results from its context: drafts from the conversation get accepted,
     and the transcripts stay those of plain greedy decoding."""
-    from agentopt_compiler.models.agent_eval import EngineGenerator, eval_tasks, run_agent
+    from agentopt_compiler.agent_tiny.eval import EngineGenerator, eval_tasks, run_agent
 
     plain, looked_up = EngineGenerator(engine), EngineGenerator(engine, prompt_lookup=4)
     for task in eval_tasks(6, seed=3):
