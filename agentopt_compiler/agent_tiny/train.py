@@ -57,6 +57,15 @@ CURRICULUM = [
 ]
 
 
+# Stage 2 (issue 29): fine-tuning the stage-1 weights on everyday phrasings and generated tools (everyday.py), with
+# the last curriculum phase replayed at about 40% of the episodes so the generator's held-out split does not regress.
+_REPLAY = CURRICULUM[-1][1]
+STAGE2_MIX = {**{k: round(0.55 * w, 3) for k, w in _REPLAY.items()},
+              "say_calc": 1.3, "say_convert": 1.0, "say_lookup": 1.0, "say_calc>convert": 0.6, "say_lookup>calc": 0.8,
+              "say_lookup>convert": 0.6, "new_tool": 1.5, "say_mixed": 0.6}
+MIXES = {"curriculum": None, "stage2": STAGE2_MIX}
+
+
 def agent_model_config(vocab_size: int, tiny: bool = False, eos_token_ids: tuple[int, ...] = ()) -> ModelConfig:
     if tiny:  # for smoke tests
         return ModelConfig(family="llama", vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
@@ -171,13 +180,14 @@ class EpisodeStream:
 
     def _pack(self, tasks):
         """Group consecutive tasks into one multi-turn conversation of at most ~``pack_len`` tokens: the system prompt
-        is paid once per row instead of once per task (it is a third of a short episode)."""
-        sys_len = len(self.tok.encode(render_chat(tasks[0].episode[:1])).ids)
+        is paid once per row instead of once per task (it is a third of a short episode). Only tasks with the same
+        system prompt (the same tools) share a row."""
         groups, cur, cur_len = [], [], 0
         for t in tasks:
             n = len(self.tok.encode(episode_text(t)[0]).ids)
+            sys_len = len(self.tok.encode(render_chat(t.episode[:1])).ids)
             extra = n if not cur else n - sys_len
-            if cur and cur_len + extra > self.pack_len:
+            if cur and (cur_len + extra > self.pack_len or t.episode[0] != cur[0].episode[0]):
                 groups.append(cur)
                 cur, cur_len, extra = [], 0, n
             cur.append(t)
@@ -305,6 +315,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--tokenizer-episodes", type=int, default=4000)
+    p.add_argument("--tokens", type=float, default=0,
+                   help="train on this many tokens (e.g. 8e6), the learning-rate schedule and curriculum running over "
+                        "tokens, so the run does not depend on the machine's speed (the --minutes budget still stops "
+                        "it); 0: steps or the wall clock")
+    p.add_argument("--mix", choices=sorted(MIXES), default="curriculum",
+                   help="episode kinds: the stage-1 curriculum (single tools, chains, long contexts, recovery), or "
+                        "stage2 (everyday phrasings and generated tools with a replay of the last curriculum phase; "
+                        "for fine-tuning with --init-from)")
     p.add_argument("--max-steps", type=int, default=0,
                    help="train this many steps, the learning-rate schedule and curriculum running over steps instead "
                         "of the wall clock, so the run does not depend on the machine's speed (the --minutes budget "
@@ -405,11 +423,12 @@ def main(argv: list[str] | None = None) -> dict:
         log("compiling the training step with torch.compile (the first step takes a few minutes)")
     while True:
         time_frac = (time.time() - t_train) / train_budget
-        frac = step / args.max_steps if args.max_steps else time_frac
+        frac = (seen_tokens / args.tokens if args.tokens else step / args.max_steps if args.max_steps
+                else time_frac)
         if frac >= 1.0 or time_frac >= 1.0:
             break
         curriculum_frac = args.curriculum_from + (1 - args.curriculum_from) * frac
-        mix = mix_at(curriculum_frac)
+        mix = MIXES[args.mix] or mix_at(curriculum_frac)
         x, y, m, n_loss, n_tok = stream.next_batch(mix)
         x, y, m = x.to(device), y.to(device), m.to(device)
         lr = lr_at(step, frac)
@@ -431,7 +450,7 @@ def main(argv: list[str] | None = None) -> dict:
         window_tokens += n_tok
         now = time.time()
         if now - t_window >= args.log_seconds or step == 1:
-            phase = sum(1 for s, _ in CURRICULUM if curriculum_frac >= s)
+            phase = sum(1 for s, _ in CURRICULUM if curriculum_frac >= s) if args.mix == "curriculum" else args.mix
             tps = window_tokens / max(now - t_window, 1e-6)
             stolen = steal.since_last()
             log(f"step {step} | elapsed {now - t_start:.0f}s | phase {phase} | loss {window_loss / window_n:.4f} | "
