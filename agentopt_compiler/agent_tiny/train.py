@@ -1,15 +1,21 @@
-"""Train a tiny tool-using Llama-family model on procedural agent episodes (agent_tasks.py), on CPU, to a time budget.
+"""Train a tiny tool-using Llama-family model on procedural agent episodes (tasks.py, everyday.py), on CPU.
 
-    python -m agentopt_compiler.agent_tiny.train --out DIR --minutes 120 --threads 2 --seed 0 \
-        --eval-tasks 0 --compile      # agent-tiny's recipe (its MODEL_CARD.md names the commit of each run)
+agent-tiny's recipe has two stages (its MODEL_CARD.md names the commit and host of each run):
 
-Steps: train a 512-token byte-level BPE on generated episodes; build the model with ``build_model`` (then re-initialise
-it for training: N(0, 0.02), residual projections scaled down); train with loss on assistant tokens only (AdamW, warmup
-+ cosine over the wall-clock budget, or over ``--max-steps`` steps when given; bf16 autocast on CUDA and AVX-512 CPUs,
-fp32 on others or with ``--no-bf16``) through a curriculum (single tool, then chains and error recovery, then long
-contexts); log every ~30 s; checkpoint every 10 minutes and at the end; then run the agent-loop evaluation
-(agent_eval.py) on held-out tasks and print it. ``--compile`` runs the training step through ``torch.compile`` (about
-1.15x the tokens/s on 2 cores after ~3 minutes of compiling).
+    python -m agentopt_compiler.agent_tiny.train --out STAGE1 --minutes 112 --threads 2 --seed 0 --eval-tasks 0 \
+        --compile                                     # stage 1: from scratch, the curriculum (49.6M tokens)
+    python -m agentopt_compiler.agent_tiny.train --out STAGE2 --init-from STAGE1 --mix stage2 --tokens 6e6 \
+        --minutes 600 --threads 2 --seed 1 --lr 4e-4 --warmup-steps 50 --eval-tasks 0   # stage 2: fine-tune
+
+Steps: train a 512-token byte-level BPE on generated episodes (or take the tokenizer of ``--init-from``); build the
+model with ``build_model`` (then re-initialise it for training: N(0, 0.02), residual projections scaled down); train
+with loss on assistant tokens only (AdamW, warmup + cosine over ``--tokens`` tokens, ``--max-steps`` steps or else the
+wall-clock budget; a token bound gives the same run on a slower host); bf16 autocast on CUDA and AVX-512 CPUs, fp32 on
+others or with ``--no-bf16``), through a curriculum (single tool, then chains and error recovery, then long contexts)
+or the stage-2 mix (``--mix stage2``: everyday phrasings and generated tools, everyday.py, with the last curriculum
+phase replayed); log every ~30 s; checkpoint every 10 minutes and at the end; then compile the folder and run the
+agent-loop evaluation (eval.py, the runtime Agent) on held-out generator tasks and print it. ``--compile`` runs the
+training step through ``torch.compile`` (about 1.15x the tokens/s on 2 cores after ~3 minutes of compiling).
 
 DIR receives ``model.safetensors`` (fp32, names exactly as ``LlamaDecoder.state_dict()``, the tied ``lm_head.weight``
 stored as its own copy), ``config.json`` (``ModelConfig.to_dict()`` plus ``"format": "agentopt-builtin"``),
@@ -480,15 +486,16 @@ def main(argv: list[str] | None = None) -> dict:
                "params": n_params, "safetensors_mb": round(size_mb, 2)}
     log(f"done: {json.dumps(summary)}", event="done", **summary)
 
-    # 3. agent-loop evaluation on held-out tasks
+    # 3. agent-loop evaluation on held-out generator tasks: the folder compiled to an engine, run by the runtime Agent
     if args.eval_tasks:
-        from .eval import eager_generator, evaluate, format_report
+        from .eval import main as eval_main
 
-        gen = eager_generator(model, tok)
-        report = evaluate(gen, n=args.eval_tasks, seed=args.seed, time_budget_s=args.eval_minutes * 60)
-        (out / "eval.json").write_text(json.dumps(report, indent=2))
-        log(format_report(report), event="eval", **{k: v for k, v in report.items() if k != "examples"})
-        summary["eval"] = {k: v for k, v in report.items() if k != "examples"}
+        reports = eval_main([str(out), "--set", "generator", "--tasks", str(args.eval_tasks), "--seed", str(args.seed),
+                             "--threads", str(args.threads), "--minutes", str(args.eval_minutes),
+                             "--json", str(out / "eval.json")])
+        report = reports["generator"]
+        log("eval done", event="eval", **{k: v for k, v in report.items() if k not in ("examples", "results")})
+        summary["eval"] = {k: v for k, v in report.items() if k not in ("examples", "results")}
     log_file.close()
     summary["losses"] = losses
     return summary

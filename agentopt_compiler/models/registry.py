@@ -121,7 +121,10 @@ def load_model(spec: str | Path, capture: str = "auto") -> LoadedModel:
             raise ModelNotFoundError(
                 f"unknown model '{name}': not a built-in ({', '.join(BUILTIN_MODELS)}) and no such folder"
             )
-        return _load_hf_folder_as(path, capture)
+        if _is_trained_folder(path):  # a folder agent_tiny.train wrote: loaded as the shipped agent-tiny is
+            loaded = _load_shipped(path.name, path)
+        else:
+            return _load_hf_folder_as(path, capture)
     if capture == "transformers":  # a built-in through transformers: saved as a checkpoint folder first
         return _builtin_through_transformers(loaded)
     return loaded
@@ -167,6 +170,15 @@ def _builtin_through_transformers(loaded: LoadedModel) -> LoadedModel:
     result = _load_with_transformers(folder, "")
     result.name, result.source, result._tmp, result.checkpoint_bytes = loaded.name, loaded.source, tmp, 0
     return result
+
+
+def _is_trained_folder(path: Path) -> bool:
+    import json
+
+    try:
+        return json.loads((path / "config.json").read_text()).get("format") == "agentopt-builtin"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _load_shipped(name: str, folder: Path) -> LoadedModel:

@@ -1,10 +1,13 @@
-"""The shipped agent-tiny model: it loads, compiles, and its engine does what its eager reference does."""
+"""The shipped agent-tiny model through its engine and the runtime Agent: the README's tasks, and ``agentopt eval``
+giving the transcript ``agentopt run --task`` gives."""
+
+import json
 
 import pytest
 
 import agentopt_compiler as ao
-from agentopt_compiler.models.registry import BUILTIN_MODELS, SHIPPED_MODELS, load_model
-from agentopt_compiler.runtime.agent import Agent
+from agentopt_compiler.models.registry import BUILTIN_MODELS, SHIPPED_MODELS
+from agentopt_compiler.runtime.agent import Agent, describe_event
 from agentopt_compiler.tools import calculator, convert_units, memory_lookup
 
 if not (SHIPPED_MODELS / BUILTIN_MODELS["agent-tiny"].shipped / "model.safetensors").is_file():
@@ -25,26 +28,39 @@ def test_the_readme_task_calls_the_calculator_and_answers(engine):
     assert "27288" in result.answer
 
 
-def test_the_fused_engine_solves_the_same_tasks_as_eager(engine):
-    from tokenizers import Tokenizer
+def _printed(events) -> str:
+    """What agentopt run prints on standard output for these agent events."""
+    out = []
+    for e in events:
+        if e["type"] == "token":
+            out.append(e["text"])
+        elif e["type"] != "final":
+            out.append(describe_event(e) + "\n")
+    return "".join(out)
 
-    from agentopt_compiler.agent_tiny.eval import EngineGenerator, eager_generator, eval_tasks, run_agent
 
-    loaded = load_model("agent-tiny")
-    tokenizer = Tokenizer.from_file(str(loaded.tokenizer_dir / "tokenizer.json"))
-    eager, ours = eager_generator(loaded.model, tokenizer), EngineGenerator(engine)
-    for task in eval_tasks(6, seed=3):
-        assert run_agent(task, ours)["messages"] == run_agent(task, eager)["messages"]
+def test_eval_and_run_give_the_same_transcript(engine, tmp_path, capsys):
+    from agentopt_compiler.agent_tiny.eval import run_task, task_set
+    from agentopt_compiler.cli.main import main
+
+    hand, unseen = task_set("handwritten"), task_set("unseen_tools")
+    picks = [hand[0], next(t for t in hand if t.kind == "lookup"), next(t for t in hand if t.kind == "lookup>calc"),
+             unseen[0]]
+    for task in picks:
+        evaluated = run_task(engine, task)
+        argv = ["run", str(engine.folder), "--task", task.request, "--tools", *task.tools]
+        if task.memory:
+            (tmp_path / "memory.json").write_text(json.dumps(task.memory))
+            argv += ["--memory", str(tmp_path / "memory.json")]
+        if task.system:
+            argv += ["--system", task.system]
+        capsys.readouterr()
+        assert main(argv) == 0
+        assert capsys.readouterr().out == _printed(evaluated["events"]), task.id
 
 
-def test_prompt_lookup_gives_the_same_transcripts_and_accepts_copied_tokens(engine):
-    """The trained model copies arguments and results from its context: drafts from the conversation get accepted,
-    and the transcripts stay those of plain greedy decoding."""
-    from agentopt_compiler.agent_tiny.eval import EngineGenerator, eval_tasks, run_agent
+def test_prompt_lookup_gives_the_same_transcripts(engine):
+    from agentopt_compiler.agent_tiny.eval import run_task, task_set
 
-    plain, looked_up = EngineGenerator(engine), EngineGenerator(engine, prompt_lookup=4)
-    for task in eval_tasks(6, seed=3):
-        assert run_agent(task, looked_up)["messages"] == run_agent(task, plain)["messages"]
-    drafts = looked_up.conversation
-    assert drafts.accepted_draft_tokens >= 0.2 * looked_up.generated  # measured: about half of the tokens
-    assert plain.conversation.drafted_tokens == 0
+    for task in task_set("generator", 4, seed=3):
+        assert run_task(engine, task, prompt_lookup=4)["messages"] == run_task(engine, task)["messages"]
