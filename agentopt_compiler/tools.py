@@ -6,7 +6,7 @@ with, returning the exact observation text it saw in training.
 ``memory_lookup`` here reads an empty memory (its facts come from the conversation in the evaluation tasks).
 """
 
-from .models.agent_tools import runtime_tools
+from .agent_tiny.tools import runtime_tools
 
 calculator, convert_units, memory_lookup = runtime_tools({})
 

@@ -4,9 +4,8 @@
     python benchmarks/agent_quality.py                    # 100 held-out tasks per variant
     python benchmarks/agent_quality.py --tasks 20 --variants fused,int4     # quicker
 
-Variants (each compiled from the shipped agent-tiny weights and evaluated with agentopt eval's agent loop and the
-real tools; the eager row runs the PyTorch reference through the same loop):
-    eager              LlamaDecoder in PyTorch (the reference)
+Variants (each compiled from the shipped agent-tiny weights and evaluated with agentopt eval's agent loop, the
+runtime Agent, and the real tools; ``--set handwritten`` or ``unseen_tools`` for the hand-written sets):
     fused              default passes, fp32 (lossless: should match eager task for task)
     window-64          sliding window of 64 keys on every layer (ring caches)
     sinks4-window-64   4 attention sinks + 64-key window on every layer (ring caches)
@@ -51,7 +50,7 @@ def log(message: str) -> None:
 
 def calibration_text(tasks: int = 24, seed: int = 97) -> str:
     """Training-split episodes (not the held-out ones) rendered as text, for the precision planner."""
-    from agentopt_compiler.models.agent_tasks import episode_text, generate_tasks
+    from agentopt_compiler.agent_tiny.tasks import episode_text, generate_tasks
 
     return "\n".join(episode_text(task)[0] for task in generate_tasks(tasks, "train", seed=seed))
 
@@ -81,27 +80,12 @@ def compile_variant(name: str, options: dict, work: Path, max_kl: float):
     return engine, size
 
 
-def evaluate_variant(name: str, engine, tasks: int, seed: int) -> dict:
-    from agentopt_compiler.models.agent_eval import evaluate_engine
+def evaluate_variant(name: str, engine, tasks: int, seed: int, task_set_name: str = "generator") -> dict:
+    from agentopt_compiler.agent_tiny.eval import evaluate, task_set
 
     started = time.perf_counter()
-    report = evaluate_engine(engine, n=tasks, seed=seed)
+    report = evaluate(engine, task_set(task_set_name, tasks, seed))
     log(f"{name}: success {report['success']} in {time.perf_counter() - started:.0f}s")
-    return report
-
-
-def evaluate_eager(tasks: int, seed: int) -> dict:
-    import torch
-
-    from agentopt_compiler.models.agent_eval import eager_generator, evaluate
-    from agentopt_compiler.models.registry import load_model
-    from tokenizers import Tokenizer
-
-    loaded = load_model("agent-tiny")
-    torch.set_num_threads(2)
-    tokenizer = Tokenizer.from_file(str(Path(loaded.tokenizer_dir) / "tokenizer.json"))
-    report = evaluate(eager_generator(loaded.model, tokenizer), n=tasks, seed=seed)
-    log(f"eager: success {report['success']}")
     return report
 
 
@@ -112,8 +96,9 @@ def table(rows: list[dict]) -> str:
     for row in rows:
         r = row["report"]
         size = f"{row['size'] / 2**20:.1f} MiB" if row.get("size") else "-"
-        lines.append(f"| {row['variant']} | {pct(r['success'])} | {pct(r['success_single'])} | "
-                     f"{pct(r['success_multi'])} | {pct(r['success_long_context'])} | {pct(r['success_recovery'])} | "
+        c = r["success_by_category"]
+        lines.append(f"| {row['variant']} | {pct(r['success'])} | {pct(c.get('single'))} | "
+                     f"{pct(c.get('multi'))} | {pct(c.get('long_context'))} | {pct(c.get('recovery'))} | "
                      f"{pct(r['tool_call_json_valid'])} | {r.get('tokens_per_s', '-')} | {size} |")
     return "\n".join(lines)
 
@@ -122,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0, help="held-out task seed")
-    parser.add_argument("--variants", default="eager," + ",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--set", dest="task_set", default="generator",
+                        choices=["generator", "handwritten", "unseen_tools"])
     parser.add_argument("--max-kl", type=float, default=0.05, help="budget of the planned precision variant")
     parser.add_argument("--work-dir", default="bench_out/agent_quality")
     parser.add_argument("--json", default=None)
@@ -132,11 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.variants.split(","):
         log(f"{name}...")
-        if name == "eager":
-            rows.append({"variant": name, "report": evaluate_eager(args.tasks, args.seed)})
-            continue
         engine, size = compile_variant(name, VARIANTS[name], work, args.max_kl)
-        rows.append({"variant": name, "size": size, "report": evaluate_variant(name, engine, args.tasks, args.seed)})
+        rows.append({"variant": name, "size": size, "report": evaluate_variant(name, engine, args.tasks, args.seed,
+                                                                                 args.task_set)})
     print(f"agent-tiny on {args.tasks} held-out tasks (seed {args.seed}), {time.strftime('%Y-%m-%d %H:%M UTC')}\n")
     print(table(rows))
     if args.json:

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Grammar-constrained tool calls on agent work: validity, task success, engine calls per tool call, mask cost.
 
-    python benchmarks/constrained.py                  # 100 held-out agent-tiny tasks, four systems; mask cost
-    python benchmarks/constrained.py --tasks 20       # quicker
+    python benchmarks/constrained.py                  # agent-tiny's three eval sets, four systems; mask cost
+    python benchmarks/constrained.py --sets handwritten --skip-mask-cost   # quicker
 
 Systems (the same agent-tiny engine folder, ``--threads`` threads, greedy, the runtime ``Agent`` that
 ``agentopt run --task`` and the server use, with the task's tools bound to its memory):
@@ -12,10 +12,13 @@ Systems (the same agent-tiny engine folder, ``--threads`` threads, greedy, the r
     constrained     tool calls under the tools' grammar: masked choices, forced tokens fed in one call
     constrained+lookup   both: the drafts are cut where the grammar rejects them
 
-Measured per system over the held-out tasks of agent-tiny's generator (the split ``agentopt eval`` uses):
+Measured per system over each of agent-tiny's eval sets (``agentopt eval --set``: the generator's held-out tasks,
+the requests written by hand, the tasks with tools no training episode had), run by ``agentopt eval``'s runner:
 - tool-call validity: every call a step writes parses, names one of the tools and has arguments its JSON schema
-  accepts (jsonschema); a malformed call counts as one invalid call;
-- task success: the final answer states the expected value (``Task.check``);
+  accepts (jsonschema); a malformed call counts as one invalid call, and those cut by the step's token limit
+  (``max_new_tokens``, 96 as ``agentopt eval``) before they closed are also counted apart: no grammar can finish
+  a call the limit cuts;
+- task success: the expected tool use and the expected value in the final answer (``agentopt eval``'s check);
 - engine calls per tool call: decode calls of the steps that wrote calls (prefills excluded: each system prefills
   the same prompts) over the calls written; and tokens generated per tool call.
 Then the mask cost, for agent-tiny (512-token vocabulary) and for ref-60m (57M parameters, random weights) with a
@@ -45,70 +48,48 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def task_tools(task):
-    """The three agent-tiny tools as ``agentopt eval`` gives them, reading this task's memory; the first
-    ``task.fail_first`` calls answer with the transient error of training (the ``retry`` kind)."""
-    from agentopt_compiler.models.agent_tasks import TRANSIENT_ERROR
-    from agentopt_compiler.models.agent_tools import runtime_tools
-    from agentopt_compiler.runtime.tools import Tool
-
-    fails_left = [task.fail_first]
-
-    def failing_first(function):
-        tool = Tool.from_function(function)
-
-        def call(**arguments):
-            if fails_left[0]:
-                fails_left[0] -= 1
-                return TRANSIENT_ERROR
-            return function(**arguments)
-        return Tool(tool.name, tool.description, tool.parameters, call)
-
-    return [failing_first(f) for f in runtime_tools(task.memory)]
-
-
 def run_task(engine, task, system: str, drafts: int) -> dict:
+    """One task through ``agentopt eval``'s runner (the runtime Agent, the task's tools and memory); its success
+    (the expected tool use and answer), and per tool call: validity, engine calls and tokens."""
     import jsonschema
 
-    from agentopt_compiler.errors import ContextOverflowError
-    from agentopt_compiler.runtime.agent import Agent, AgentResult
+    from agentopt_compiler.agent_tiny.eval import run_task as eval_task, task_tools
+    from agentopt_compiler.runtime.tools import Tool
 
-    tools = task_tools(task)
-    agent = Agent(engine, tools=tools, max_steps=5, constrained=system.startswith("constrained"))
-    agent.messages = [m for m in task.messages[:-1] if m["role"] != "system"]  # the template writes the tool prompt
-    try:
-        result = agent.run(task.messages[-1]["content"], max_new_tokens=96,
-                           prompt_lookup=drafts if system.endswith("lookup") else 0)
-    except ContextOverflowError:  # the conversation outgrew the context (a long task's loop): a failed task
-        result = AgentResult(None, "context", usage={"forced_tokens": 0})
-    schemas = {t.name: t.parameters for t in tools}
-    calls = valid = call_steps_engine_calls = call_tokens = 0
-    for step in result.steps:
-        if not step.calls and not step.observations:
+    outcome = eval_task(engine, task, prompt_lookup=drafts if system.endswith("lookup") else 0,
+                        constrained=system.startswith("constrained"))
+    tools = [t if isinstance(t, Tool) else Tool.from_function(t) for t in task_tools(task)]
+    schemas = {tool.name: tool.parameters for tool in tools}
+    calls = valid = truncated = engine_calls = call_tokens = 0
+    for step in outcome["steps"]:
+        malformed = sum(o.startswith("error: malformed") for o in step.observations)
+        if not step.calls and not malformed:
             continue  # the final answer
-        calls += len(step.calls) + sum(o.startswith("error: malformed") for o in step.observations)
+        calls += len(step.calls) + malformed
+        # a call cut by the step's token limit (max_new_tokens) before it closed: no grammar can finish it
+        truncated += malformed if not step.text.rstrip().endswith(("</tool_call>", "<|/tool_call|>")) else 0
         for call in step.calls:
             try:
                 jsonschema.validate(call.arguments, schemas[call.name])
                 valid += 1
             except (KeyError, jsonschema.ValidationError):
                 pass
-        call_steps_engine_calls += step.engine_calls
+        engine_calls += step.engine_calls
         call_tokens += len(engine.tokenizer.encode(step.text, add_special_tokens=False))
-    return {"calls": calls, "valid": valid, "success": result.answer is not None and task.check(result.answer),
-            "engine_calls": call_steps_engine_calls, "call_tokens": call_tokens,
-            "forced": result.usage["forced_tokens"], "steps": [s.text for s in result.steps]}
+    return {"calls": calls, "valid": valid, "truncated": truncated, "success": outcome["success"],
+            "engine_calls": engine_calls,
+            "call_tokens": call_tokens, "forced": outcome["usage"].get("forced_tokens", 0)}
 
 
 def agent_rows(engine, tasks, drafts: int) -> dict:
-    totals = {s: {"tasks": 0, "success": 0, "calls": 0, "valid": 0, "engine_calls": 0, "call_tokens": 0,
-                  "forced": 0} for s in SYSTEMS}
+    totals = {s: {"tasks": 0, "success": 0, "calls": 0, "valid": 0, "truncated": 0, "engine_calls": 0,
+                  "call_tokens": 0, "forced": 0} for s in SYSTEMS}
     for index, task in enumerate(tasks):
         for system in SYSTEMS:  # the systems take turns task by task
             outcome = run_task(engine, task, system, drafts)
             row = totals[system]
             row["tasks"] += 1
-            for key in ("calls", "valid", "engine_calls", "call_tokens", "forced"):
+            for key in ("calls", "valid", "truncated", "engine_calls", "call_tokens", "forced"):
                 row[key] += outcome[key]
             row["success"] += outcome["success"]
         if (index + 1) % 10 == 0:
@@ -200,7 +181,9 @@ def ref60m_with_bpe(work: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", type=int, default=100)
+    parser.add_argument("--sets", default="generator,handwritten,unseen_tools",
+                        help="agent-tiny task sets (agentopt eval --set): generator, handwritten, unseen_tools")
+    parser.add_argument("--tasks", type=int, default=100, help="generator tasks")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--drafts", type=int, default=4, help="prompt-lookup drafts per call (lookup systems)")
     parser.add_argument("--threads", type=int, default=2)
@@ -210,38 +193,42 @@ def main() -> None:
     args = parser.parse_args()
 
     import agentopt_compiler as ao
-    from agentopt_compiler.models.agent_eval import eval_tasks
+    from agentopt_compiler.agent_tiny.eval import task_set
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="constrained-"))
     log(f"compiling agent-tiny into {work}")
     ao.compile("agent-tiny", out=work / "agent-tiny", overwrite=True)
     engine = ao.load_engine(work / "agent-tiny", threads=args.threads)
-    tasks = eval_tasks(args.tasks, seed=args.seed)
-    log(f"{len(tasks)} held-out tasks (seed {args.seed}), systems: {', '.join(SYSTEMS)}")
-    totals = agent_rows(engine, tasks, args.drafts)
-    report = {"host": platform.processor() or platform.machine(), "threads": args.threads, "tasks": len(tasks),
-              "seed": args.seed, "drafts": args.drafts, "agent": totals, "mask": []}
+    report = {"host": platform.processor() or platform.machine(), "threads": args.threads, "seed": args.seed,
+              "drafts": args.drafts, "sets": {}, "mask": []}
+    for name in args.sets.split(","):
+        tasks = task_set(name, args.tasks, args.seed)
+        log(f"{len(tasks)} {name} tasks, systems: {', '.join(SYSTEMS)}")
+        report["sets"][name] = agent_rows(engine, tasks, args.drafts)
     if not args.skip_mask_cost:
         report["mask"].append(mask_cost(engine, "agent-tiny"))
         log("ref-60m with a 32k BPE tokenizer: compiling")
         ref = ao.compile(ref60m_with_bpe(work), out=work / "ref-60m", overwrite=True, context_length=512)
         report["mask"].append(mask_cost(ao.load_engine(ref.folder, threads=args.threads), "ref-60m (32k BPE)"))
 
-    print(f"## Constrained tool calls: agent-tiny, {len(tasks)} held-out tasks (seed {args.seed}), "
-          f"{args.threads} threads, greedy\n")
-    print("| system | task success | tool calls | valid (parse + schema) | engine calls per call | "
-          "tokens per call | forced tokens |")
-    print("|---|---|---|---|---|---|---|")
-    for system, row in totals.items():
-        calls = max(row["calls"], 1)
-        print(f"| {system} | {row['success']}/{row['tasks']} ({100 * row['success'] / row['tasks']:.1f}%) | "
-              f"{row['calls']} | {row['valid']} ({100 * row['valid'] / calls:.1f}%) | "
-              f"{row['engine_calls'] / calls:.2f} | {row['call_tokens'] / calls:.1f} | {row['forced']} |")
-    base = totals["free"]["engine_calls"] / max(totals["free"]["calls"], 1)
-    for system in SYSTEMS[1:]:
-        per_call = totals[system]["engine_calls"] / max(totals[system]["calls"], 1)
-        print(f"\n{system}: {base / per_call:.2f}x fewer engine calls per tool call than free greedy", end="")
-    print("\n")
+    for name, totals in report["sets"].items():
+        print(f"## Constrained tool calls: agent-tiny, {name} tasks ({next(iter(totals.values()))['tasks']}), "
+              f"{args.threads} threads, greedy\n")
+        print("| system | task success | tool calls | valid (parse + schema) | cut by the token limit | "
+              "valid of those closed | engine calls per call | tokens per call | forced tokens |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for system, row in totals.items():
+            calls = max(row["calls"], 1)
+            closed = max(row["calls"] - row["truncated"], 1)
+            print(f"| {system} | {row['success']}/{row['tasks']} ({100 * row['success'] / row['tasks']:.1f}%) | "
+                  f"{row['calls']} | {row['valid']} ({100 * row['valid'] / calls:.1f}%) | {row['truncated']} | "
+                  f"{100 * row['valid'] / closed:.1f}% | {row['engine_calls'] / calls:.2f} | "
+                  f"{row['call_tokens'] / calls:.1f} | {row['forced']} |")
+        base = totals["free"]["engine_calls"] / max(totals["free"]["calls"], 1)
+        for system in SYSTEMS[1:]:
+            per_call = totals[system]["engine_calls"] / max(totals[system]["calls"], 1)
+            print(f"\n{system}: {base / per_call:.2f}x fewer engine calls per tool call than free greedy", end="")
+        print("\n")
     if report["mask"]:
         print("| model | vocab | decode call (ms, median) | mask, JSON answer (ms) | share | "
               "mask, free text (ms) | share |")

@@ -7,12 +7,12 @@
 
 Each system is the same engine folder (agent-tiny, ``--precision`` fp32 or int4, ``--sparse-attention`` if given:
 a bounded pattern gives ring caches, whose spare slots take the rejected drafts), loaded once per system with
-``--threads`` threads, decoding through ``EngineGenerator`` (the agent loop of ``agentopt eval``: one conversation
-per system, each step prefilling only what is new), greedily unless ``--temperature`` says to sample. The systems
-take turns task by task, so load from other jobs falls on all of them. Measured per system: decode time (everything
-after each prefill), tokens generated, draft tokens checked and accepted, and every completion's text, which when
+``--threads`` threads, running the runtime ``Agent`` (the agent loop of ``agentopt eval`` and ``agentopt run``: each
+step prefilling only what is new), greedily unless ``--temperature`` says to sample. The systems
+take turns task by task, so load from other jobs falls on all of them. Measured per system: generation time (prefills
+included), tokens generated, draft tokens checked and accepted, and every completion's text, which when
 greedy must equal the no-draft system's (the tokens are the greedy tokens either way; sampled completions differ by
-design). Reported: decode tokens/s and its ratio to no drafts, and the acceptance rate.
+design). Reported: generated tokens/s and its ratio to no drafts, and the acceptance rate.
 
 What a draft costs depends on the model: a call that checks k drafts computes k + 1 rows, and on a CPU that rarely
 matters while the weights dominate the bytes read per call. So the report also measures, for agent-tiny and for
@@ -37,50 +37,43 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-class Recording:
-    """An EngineGenerator that keeps every completion (to compare systems text for text)."""
-
-    def __init__(self, generator):
-        self.generator, self.completions = generator, []
-
-    def __call__(self, prompt_text, stop_strings):
-        text = self.generator(prompt_text, stop_strings)
-        self.completions.append(text)
-        return text
-
-
 def run(args) -> dict:
     import agentopt_compiler as ao
-    from agentopt_compiler.models.agent_eval import EngineGenerator, eval_tasks, run_agent
+    from agentopt_compiler.agent_tiny.eval import run_task, task_set
 
     folder = Path(args.work_dir) / f"agent-tiny-{args.precision}"
     log(f"compiling agent-tiny ({args.precision}, sparse attention {args.sparse_attention}) into {folder}")
     ao.compile("agent-tiny", out=folder, overwrite=True, precision_plan=uniform_plan("agent-tiny", args.precision),
                sparse_attention=args.sparse_attention)
     drafts = [0] + [int(d) for d in args.drafts.split(",")]
-    systems = {k: Recording(EngineGenerator(ao.load_engine(folder, threads=args.threads), prompt_lookup=k,
-                                            temperature=args.temperature)) for k in drafts}
-    tasks = eval_tasks(args.tasks, args.seed)
-    successes = {k: 0 for k in drafts}
+    engines = {k: ao.load_engine(folder, threads=args.threads) for k in drafts}
+    stats = {k: {"success": 0, "generated": 0, "seconds": 0.0, "drafted": 0, "accepted": 0, "completions": []}
+             for k in drafts}
+    tasks = task_set("generator", args.tasks, args.seed)
     for index, task in enumerate(tasks):
-        for k, system in systems.items():
-            successes[k] += run_agent(task, system)["success"]
+        for k, engine in engines.items():
+            started = time.perf_counter()
+            r = run_task(engine, task, prompt_lookup=k, temperature=args.temperature)
+            s = stats[k]
+            s["seconds"] += time.perf_counter() - started
+            s["success"] += r["success"]
+            s["generated"] += r["usage"].get("generated_tokens", 0)
+            s["drafted"] += r["usage"].get("drafted_tokens", 0)
+            s["accepted"] += r["usage"].get("accepted_draft_tokens", 0)
+            s["completions"] += [m.get("content") for m in r["messages"] if m["role"] == "assistant"]
         if (index + 1) % 10 == 0:
             log(f"  {index + 1}/{len(tasks)} tasks")
     rows = []
-    base = systems[0].generator
-    for k, system in systems.items():
-        generator = system.generator
-        conversation = generator.conversation
-        rate = generator.generated / generator.decode_seconds
+    base = stats[0]
+    for k, s in stats.items():
+        rate = s["generated"] / s["seconds"]
         rows.append({
-            "prompt_lookup": k, "tasks": len(tasks), "success": successes[k], "completions": len(system.completions),
-            "different_completions": sum(a != b for a, b in zip(system.completions, systems[0].completions))
-            + abs(len(system.completions) - len(systems[0].completions)),
-            "generated_tokens": generator.generated, "decode_seconds": round(generator.decode_seconds, 3),
-            "decode_tokens_per_s": round(rate, 1),
-            "vs_no_drafts": round(rate / (base.generated / base.decode_seconds), 2),
-            "drafted_tokens": conversation.drafted_tokens, "accepted_draft_tokens": conversation.accepted_draft_tokens,
+            "prompt_lookup": k, "tasks": len(tasks), "success": s["success"], "completions": len(s["completions"]),
+            "different_completions": sum(a != b for a, b in zip(s["completions"], base["completions"]))
+            + abs(len(s["completions"]) - len(base["completions"])),
+            "generated_tokens": s["generated"], "seconds": round(s["seconds"], 3),
+            "tokens_per_s": round(rate, 1), "vs_no_drafts": round(rate / (base["generated"] / base["seconds"]), 2),
+            "drafted_tokens": s["drafted"], "accepted_draft_tokens": s["accepted"],
         })
     return {"settings": vars(args), "environment": environment(), "rows": rows,
             "call_cost": {"agent-tiny": call_cost(folder, args.threads),
@@ -149,16 +142,17 @@ def report(result: dict) -> str:
              f"- date {env['date']}, commit {env['commit']}, onnxruntime {env['onnxruntime']}, {s['threads']} threads, "
              + ("greedy" if not s["temperature"] else f"sampled at temperature {s['temperature']} (completions "
                                                         "differ between systems by design)"),
-             "- decode = everything after each prefill (first token included); systems alternate task by task",
+             "- tok/s = generated tokens over the time of the whole agent loop (prefills included); systems alternate "
+             "task by task",
              "",
-             "| drafts (tokens) | decode tok/s | vs no drafts | accepted / drafted | completions differing from no "
+             "| drafts (tokens) | tok/s | vs no drafts | accepted / drafted | completions differing from no "
              "drafts | tasks solved |",
              "|---|---|---|---|---|---|"]
     for r in result["rows"]:
         drafted = r["drafted_tokens"]
         acceptance = f"{r['accepted_draft_tokens']} / {drafted} ({r['accepted_draft_tokens'] / drafted:.0%})" \
             if drafted else "–"
-        lines.append(f"| {r['prompt_lookup'] or 'off'} | {r['decode_tokens_per_s']} | {r['vs_no_drafts']:.2f}× | "
+        lines.append(f"| {r['prompt_lookup'] or 'off'} | {r['tokens_per_s']} | {r['vs_no_drafts']:.2f}× | "
                      f"{acceptance} | {r['different_completions']} of {r['completions']} | "
                      f"{r['success']}/{r['tasks']} |")
     lines += ["", f"Cost of one call by tokens fed ({s['precision']} engines; median ms, {s['threads']} threads, 512 "

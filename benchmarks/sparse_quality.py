@@ -39,7 +39,7 @@ def log(message: str) -> None:
 def long_episodes(tokenizer, n: int, split: str, seed: int, max_tokens: int) -> tuple[list[dict], int]:
     """The first n tokenized long-context episodes that fit in max_tokens (the model's positions), with their
     assistant-token flags and, for role requests, the needle; and how many longer ones were passed over."""
-    from agentopt_compiler.models.agent_tasks import (ROLES, episode_text, generate_tasks, tokenize_episode)
+    from agentopt_compiler.agent_tiny.tasks import (ROLES, episode_text, generate_tasks, tokenize_episode)
 
     # a few percent of them run just past 1024 tokens; generate spares so n still fit
     tasks = generate_tasks(n + n // 4 + 4, split, seed=seed, mix={"long_lookup": 1.0, "long_lookup>calc": 1.0})
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import agentopt_compiler as ao
-    from agentopt_compiler.models.train_agent_model import load_trained
+    from agentopt_compiler.agent_tiny.train import load_trained
     from agentopt_compiler.passes.insert_sparse_attention import SparsePattern
 
     torch.set_num_threads(args.threads)

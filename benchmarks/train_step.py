@@ -5,8 +5,8 @@
     python benchmarks/train_step.py --variants current,compiled,current --steps 30
 
 Variants (same model, same batches, AdamW step included, ``--threads`` intra-op threads; bf16 autocast where the
-trainer uses it, ``train_agent_model.bf16_is_fast``, fp32 otherwise):
-    current     ``train_agent_model.batch_loss`` as the trainer runs it (K/V repeat_interleave'd, causal SDPA)
+trainer uses it, ``agent_tiny.train.bf16_is_fast``, fp32 otherwise):
+    current     ``agent_tiny.train.batch_loss`` as the trainer runs it (K/V repeat_interleave'd, causal SDPA)
     gqa         ``batch_loss(..., attn="sdpa_gqa")``: SDPA's ``enable_gqa`` instead of the repeated K/V copies
     compiled    ``torch.compile(batch_loss, dynamic=True)``; its compile time is reported as warm-up, not counted
 Name a variant twice (first and last) to see how much the machine itself drifted during the run: separate processes
@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from agentopt_compiler.models import train_agent_model as T
-    from agentopt_compiler.models.agent_tasks import episode_text, generate_tasks, train_tokenizer
+    from agentopt_compiler.agent_tiny import train as T
+    from agentopt_compiler.agent_tiny.tasks import episode_text, generate_tasks, train_tokenizer
     from agentopt_compiler.models.registry import build_model
 
     torch.set_num_threads(args.threads)

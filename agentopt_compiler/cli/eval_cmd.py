@@ -1,4 +1,4 @@
-"""agentopt eval: run the agent loop with the real tools on held-out generated tasks, on an engine folder."""
+"""agentopt eval: run agent tasks with the runtime Agent (as agentopt run does) and the real tools, on an engine."""
 
 from __future__ import annotations
 
@@ -8,27 +8,37 @@ from pathlib import Path
 
 from .arg_types import PROMPT_LOOKUP, SEED, THREADS, float_in, int_in
 
+SETS = ("generator", "handwritten", "unseen_tools")
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="measure an engine's agent task success on held-out tasks",
-                       description="Run held-out agent tasks (calculator, unit conversion, memory lookup, chains, "
-                                   "long-context retrieval, error recovery) with the real tools, and report task "
-                                   "success, tool-call validity and tokens/s. Meaningful for models trained on "
-                                   "these tasks (the built-in agent-tiny).")
+                       description="Run held-out agent tasks with the runtime Agent that agentopt run uses (same "
+                                   "tools, parsing and error observations) and report task success (the expected "
+                                   "tool use and the right answer), tool-call validity and tokens/s. Sets: "
+                                   "generator (procedural held-out tasks: calculator, unit conversion, memory "
+                                   "lookup, chains, long-context retrieval, error recovery), handwritten (requests "
+                                   "written by hand in everyday phrasing), unseen_tools (tools no training episode "
+                                   "had). Meaningful for models trained on these tasks (the built-in agent-tiny).")
     p.add_argument("engine", help="engine folder written by agentopt compile")
-    p.add_argument("--tasks", type=int_in(1, 1_000_000), default=100, help="number of held-out tasks (default 100)")
-    p.add_argument("--seed", type=SEED, default=0, help="held-out task seed")
+    p.add_argument("--set", dest="sets", action="append", choices=SETS,
+                   help="task set (repeatable; default generator)")
+    p.add_argument("--tasks", type=int_in(1, 1_000_000), default=100,
+                   help="number of generator tasks (default 100)")
+    p.add_argument("--seed", type=SEED, default=0, help="generator task seed")
     p.add_argument("--minutes", type=float_in(0.0, low_open=True), default=None,
-                   help="stop after this long (report how many ran)")
+                   help="stop each set after this long (report how many ran)")
     p.add_argument("--threads", type=THREADS, default=None, help="CPU threads for the backend")
     p.add_argument("--prompt-lookup", type=PROMPT_LOOKUP, default=0, metavar="N",
                    help="decode with up to N drafted tokens per call (the same tokens; see agentopt run)")
-    p.add_argument("--json", metavar="PATH", help="write the full report (with failed examples) here")
+    p.add_argument("--no-constrain", action="store_true",
+                   help="decode tool calls freely (default: under the tools' grammar, as agentopt run does)")
+    p.add_argument("--json", metavar="PATH", help="write the full reports (with transcripts of failures) here")
     p.set_defaults(handler=run)
 
 
 def run(args) -> int:
-    from ..models.agent_eval import evaluate_engine, format_report
+    from ..agent_tiny.eval import evaluate, format_report, task_set
     from ..output_paths import check_writable_file, write_text_atomically
     from ..runtime.engine import load_engine
 
@@ -38,15 +48,19 @@ def run(args) -> int:
     if engine.tokenizer is None:
         from ..errors import AgentOptError
         raise AgentOptError(f"engine '{args.engine}' has no tokenizer; agent evaluation needs text")
-    print(f"evaluating {engine.manifest['model']['name']} on {args.tasks} held-out tasks...", file=sys.stderr)
-    report = evaluate_engine(engine, n=args.tasks, seed=args.seed,
-                             time_budget_s=None if args.minutes is None else args.minutes * 60,
-                             prompt_lookup=args.prompt_lookup)
-    print(format_report(report))
-    print(f"  generation: {report['generated_tokens']} tokens at {report['tokens_per_s']} tokens/s "
-          f"({report['prefilled_tokens']} prompt tokens prefilled, {report['reused_tokens']} reused from cache"
-          + (f", {report['accepted_draft_tokens']} of {report['drafted_tokens']} drafted tokens accepted)"
-             if args.prompt_lookup else ")"))
+    reports = {}
+    for name in args.sets or ["generator"]:
+        tasks = task_set(name, args.tasks, args.seed)
+        print(f"evaluating {engine.manifest['model']['name']} on {len(tasks)} {name} tasks...", file=sys.stderr)
+        report = evaluate(engine, tasks, time_budget_s=None if args.minutes is None else args.minutes * 60,
+                          prompt_lookup=args.prompt_lookup, constrained=not args.no_constrain)
+        print(format_report(report, name))
+        print(f"  generation: {report['generated_tokens']} tokens at {report['tokens_per_s']} tokens/s "
+              f"({report['prefilled_tokens']} prompt tokens prefilled, {report['reused_tokens']} reused from cache"
+              + (f", {report['accepted_draft_tokens']} of {report['drafted_tokens']} drafted tokens accepted)"
+                 if args.prompt_lookup else ")"))
+        reports[name] = report
     if args.json:
-        write_text_atomically(Path(args.json), json.dumps(report, indent=2) + "\n", "--json")
+        body = reports if len(reports) > 1 else next(iter(reports.values()))
+        write_text_atomically(Path(args.json), json.dumps(body, indent=2) + "\n", "--json")
     return 0

@@ -19,6 +19,12 @@ def add_parser(sub) -> None:
     p.add_argument("--tools", nargs="*", default=[], metavar="MODULE:FUNCTION",
                    help="Python functions the agent may call, e.g. mytools:search")
     p.add_argument("--system", default=None, help="system prompt for --task / interactive mode")
+    p.add_argument("--memory", metavar="FILE.json", default=None,
+                   help="facts for the memory_lookup tool (agentopt_compiler.tools:memory_lookup): a JSON object of "
+                        "key -> value, e.g. {\"locker code\": \"4821\"}")
+    p.add_argument("--continue", dest="keep_history", action="store_true",
+                   help="interactive mode: each task continues the conversation of the ones before (default: each "
+                        "task starts afresh)")
     p.add_argument("--max-steps", type=int_in(1, 1000), default=6, help="tool-call rounds per task")
     p.add_argument("--max-new-tokens", type=int_in(1), default=None,
                    help="per generation (default 32 for --prompt, 256 per agent step)")
@@ -64,8 +70,12 @@ def run(args) -> int:
     from ..runtime.agent import Agent, describe_event
     from ..runtime.tools import load_tool
 
-    agent = Agent(engine, tools=[load_tool(t) for t in args.tools], system=args.system, max_steps=args.max_steps,
-                  constrained=bool(args.tools) and not args.no_constrain)
+    tools = [load_tool(t) for t in args.tools]
+    if args.memory is not None:
+        tools = _with_memory(tools, _read_memory(args.memory))
+    agent = Agent(engine, tools=tools, system=args.system, max_steps=args.max_steps,
+                  constrained=bool(tools) and not args.no_constrain)
+    fresh = len(agent.messages)  # the system message, if any
     sampling["max_new_tokens"] = args.max_new_tokens or 256
 
     def show(event: dict) -> None:
@@ -76,6 +86,8 @@ def run(args) -> int:
 
     tasks = [args.task] if args.task is not None else _interactive_tasks()
     for task in tasks:
+        if not args.keep_history:
+            del agent.messages[fresh:]  # a new task starts afresh (the cached system prompt is reused)
         before = len(agent.messages)
         try:
             result = agent.run(task, on_event=show, **sampling)
@@ -118,6 +130,41 @@ def _output_grammar(args):
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AgentOptError(f"--json-schema {path} is not valid JSON: {exc}") from None
     return json_schema_grammar(schema, f"--json-schema {path}")
+
+
+def _read_memory(path: str) -> dict[str, str]:
+    """The --memory file: a JSON object of key -> value (values become text), or one AgentOptError saying what to
+    fix."""
+    import json
+
+    try:
+        data = json.loads(open(path, encoding="utf-8").read())
+    except FileNotFoundError:
+        raise AgentOptError(f"--memory: no such file '{path}'; give a JSON file such as "
+                            '{"locker code": "4821"}') from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AgentOptError(f"--memory: cannot read '{path}': {exc}") from None
+    except ValueError as exc:
+        raise AgentOptError(f"--memory: '{path}' is not valid JSON ({exc}); write an object of key -> value, e.g. "
+                            '{"locker code": "4821"}') from None
+    if not isinstance(data, dict):
+        raise AgentOptError(f"--memory: '{path}' holds a JSON {type(data).__name__}; write an object of key -> value, "
+                            'e.g. {"locker code": "4821"}')
+    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in data.items()}
+
+
+def _with_memory(tools, memory: dict[str, str]):
+    """The tools with agentopt_compiler.tools:memory_lookup bound to ``memory``; an error if it is not among them."""
+    from .. import tools as builtin_tools
+    from ..agent_tiny.tools import runtime_tools
+    from ..runtime.tools import Tool
+
+    bound = Tool.from_function(runtime_tools(memory)[2])
+    out = [bound if t.function is builtin_tools.memory_lookup else t for t in tools]
+    if all(t is not bound for t in out):
+        raise AgentOptError("--memory is read by the memory_lookup tool; add --tools "
+                            "agentopt_compiler.tools:memory_lookup")
+    return out
 
 
 MAX_TASK_BYTES = 1 << 20  # one interactive line; longer ones are refused (and would not fit a context anyway)

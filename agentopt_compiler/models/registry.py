@@ -121,7 +121,10 @@ def load_model(spec: str | Path, capture: str = "auto") -> LoadedModel:
             raise ModelNotFoundError(
                 f"unknown model '{name}': not a built-in ({', '.join(BUILTIN_MODELS)}) and no such folder"
             )
-        return _load_hf_folder_as(path, capture)
+        if _is_trained_folder(path):  # a folder agent_tiny.train wrote: loaded as the shipped agent-tiny is
+            loaded = _load_shipped(path.name, path)
+        else:
+            return _load_hf_folder_as(path, capture)
     if capture == "transformers":  # a built-in through transformers: saved as a checkpoint folder first
         return _builtin_through_transformers(loaded)
     return loaded
@@ -169,6 +172,15 @@ def _builtin_through_transformers(loaded: LoadedModel) -> LoadedModel:
     return result
 
 
+def _is_trained_folder(path: Path) -> bool:
+    import json
+
+    try:
+        return json.loads((path / "config.json").read_text()).get("format") == "agentopt-builtin"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _load_shipped(name: str, folder: Path) -> LoadedModel:
     """A trained built-in model shipped in the package: config.json, model.safetensors and its tokenizer."""
     import json
@@ -179,7 +191,7 @@ def _load_shipped(name: str, folder: Path) -> LoadedModel:
 
     if not (folder / "model.safetensors").is_file():
         raise ModelNotFoundError(f"built-in model '{name}' has no weights at {folder}; reinstall agentopt-compiler "
-                                 "or train it with python -m agentopt_compiler.models.train_agent_model")
+                                 "or train it with python -m agentopt_compiler.agent_tiny.train")
     config = ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
     model = LlamaDecoder(config)
     model.load_state_dict(load_file(str(folder / "model.safetensors")))

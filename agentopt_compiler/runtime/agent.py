@@ -29,6 +29,20 @@ from .generation import GenerationConfig, TextStream
 from .tools import Tool, ToolCall, parse_tool_calls, run_tool_call
 
 TOOL_CALL_ENDS = ("</tool_call>", "<|/tool_call|>")  # Qwen/Hermes, Phi-4-mini: a call ends the step
+# appended to the observation of a call that failed before with the same arguments; a third identical failure stops
+# the loop (finish_reason "repeated_failure") instead of repeating it to the step limit
+REPEATED_FAILURE_NOTE = " (this exact call already failed; change the arguments or answer without it)"
+
+
+def _failed(outcome) -> bool:
+    """A call that failed: an error result, or a tool that reports failure as ``{"error": ...}`` text."""
+    if outcome.error:
+        return True
+    try:
+        value = json.loads(outcome.output)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(value, dict) and "error" in value
 
 
 @dataclass
@@ -42,7 +56,7 @@ class AgentStep:
 @dataclass
 class AgentResult:
     answer: str | None  # the final answer, or None if the step limit was reached
-    finish_reason: str  # "answer", "step_limit" or "context"
+    finish_reason: str  # "answer", "step_limit", "context" or "repeated_failure"
     steps: list[AgentStep] = field(default_factory=list)
     usage: dict[str, int] = field(default_factory=dict)
 
@@ -114,6 +128,7 @@ class Agent:
         start = (conversation.prefilled_tokens, conversation.reused_tokens, conversation.drafted_tokens,
                  conversation.accepted_draft_tokens, conversation.forced_tokens, conversation.decode_calls)
         generated = 0
+        failures: dict[tuple[str, str], int] = {}  # (tool, arguments) -> how often that exact call failed
         for _ in range(self.max_steps):
             logits = self.conversation.prefill_to(self._prompt_ids())
             self._remember_system_prefix()
@@ -137,14 +152,29 @@ class Agent:
             for error in parsed.errors:
                 emit({"type": "tool_error", "error": error})
                 observations.append(f"error: {error}")
+            repeated = None
             for call in parsed.calls:
                 emit({"type": "tool_call", "name": call.name, "arguments": call.arguments})
                 outcome = run_tool_call(call, self.tools, self.tool_timeout_s)
                 emit({"type": "tool_result", "name": call.name, "output": outcome.output, "error": outcome.error})
-                observations.append(outcome.text)
+                text_seen = outcome.text
+                if _failed(outcome):
+                    # the same failing call again: say so (a different observation); a third time stops the loop
+                    key = (call.name, json.dumps(call.arguments, sort_keys=True, default=str))
+                    failures[key] = failures.get(key, 0) + 1
+                    if failures[key] == 2:
+                        text_seen += REPEATED_FAILURE_NOTE
+                    elif failures[key] > 2:
+                        repeated = call
+                observations.append(text_seen)
             for observation in observations:
                 self.messages.append({"role": "tool", "content": observation})
             result.steps.append(AgentStep(text, parsed.calls, observations, engine_calls))
+            if repeated is not None:
+                result.finish_reason = "repeated_failure"
+                emit({"type": "stopped", "reason": f"the call {repeated.name}({json.dumps(repeated.arguments)}) "
+                                                   "failed three times with the same arguments"})
+                break
             if reason == "context":
                 result.finish_reason = "context"
                 break
@@ -189,4 +219,6 @@ def describe_event(event: dict) -> str:
         return f"← {'error: ' + event['error'] if event['error'] else event['output']}"
     if kind == "tool_error":
         return f"← error: {event['error']}"
+    if kind == "stopped":
+        return f"[stopped: {event['reason']}]"
     return event.get("text", "")

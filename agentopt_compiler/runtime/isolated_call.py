@@ -14,7 +14,7 @@ Each call gets a fresh daemon thread:
   own exit or interrupt becomes an error result instead of ending the agent process.
 
 Why threads and not a subprocess per call: tools are ordinary Python callables, often closures over the caller's
-state (``agent_tools.runtime_tools(memory)`` reads the conversation's memory; user tools update objects the program
+state (``agent_tiny.tools.runtime_tools(memory)`` reads the conversation's memory; user tools update objects the program
 keeps). A subprocess would have to pickle them, would lose every change they make, would cost a process start
 (or a fork of a process holding ONNX Runtime's threads) per call, and would run them in another interpreter. What a
 thread cannot do is kill C code that never returns; such a thread is abandoned (daemon), and reported.

@@ -163,6 +163,11 @@ def parse_tool_calls(text: str) -> ParsedOutput:
         for block in pattern.findall(text):
             _parse_block(block.strip(), calls, errors)
         return ParsedOutput(pattern.sub("", text).strip(), calls, errors)
+    for closing, opening in (("</tool_call>", "<tool_call>"), ("<|/tool_call|>", "<|tool_call|>")):
+        if closing in text:  # a closing tag with no opening one: not an answer, a call that lost its start
+            return ParsedOutput(text.replace(closing, "").strip(), [], [
+                f"malformed tool call: {closing} without an opening {opening}; write "
+                f'{opening}{{"name": ..., "arguments": {{...}}}}{closing} to call a tool, or answer without tags'])
     stripped = text.strip()
     if stripped.startswith(("{", "[")):
         try:

@@ -175,7 +175,7 @@ def test_cli_refuses_sequences_inside_the_window(tmp_path, capsys):
 
 def _chat_file(tmp_path, conversations: int = 5):
     """agent-tiny training-split episodes as chat JSON lines (system, user, assistant calls, tool results, answer)."""
-    from agentopt_compiler.models.agent_tasks import generate_tasks
+    from agentopt_compiler.agent_tiny.tasks import generate_tasks
 
     path = tmp_path / "chats.jsonl"
     tasks = generate_tasks(conversations, "train", seed=5)

@@ -137,6 +137,50 @@ def test_run_task_with_tools_and_interactive_mode(chat_engine, capsys, monkeypat
     assert err.count("step(s)") == 2 and "reused from cache" in err
 
 
+def test_interactive_tasks_start_afresh_unless_asked_to_continue(chat_engine, capsys, monkeypatch):
+    from agentopt_compiler.runtime.agent import Agent
+
+    seen, run = [], Agent.run
+
+    def recording_run(self, task, *a, **kw):
+        seen.append(len(self.messages))  # the history each task starts from
+        return run(self, task, *a, **kw)
+
+    monkeypatch.setattr(Agent, "run", recording_run)
+    for flags, want in [([], [1, 1, 1]), (["--continue"], [1, 3, 5])]:
+        seen.clear()
+        monkeypatch.setattr("sys.stdin", __import__("io").StringIO("one\ntwo\nthree\n"))
+        assert main(["run", str(chat_engine.folder), "--system", "Be brief.", "--max-new-tokens", "2",
+                     "--max-steps", "1", *flags]) == 0
+        assert seen == want, flags
+    capsys.readouterr()
+
+
+def test_run_memory_file_errors_say_what_to_fix(chat_engine, capsys, tmp_path):
+    base = ["run", str(chat_engine.folder), "--task", "x", "--tools", "agentopt_compiler.tools:memory_lookup"]
+    line = cli_error_line(capsys, base + ["--memory", str(tmp_path / "none.json")])
+    assert "--memory: no such file" in line and "locker code" in line
+    (tmp_path / "bad.json").write_text("{not json")
+    assert "is not valid JSON" in cli_error_line(capsys, base + ["--memory", str(tmp_path / "bad.json")])
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert "holds a JSON list" in cli_error_line(capsys, base + ["--memory", str(tmp_path / "list.json")])
+    (tmp_path / "ok.json").write_text('{"locker code": 4821}')
+    line = cli_error_line(capsys, ["run", str(chat_engine.folder), "--task", "x", "--memory",
+                                   str(tmp_path / "ok.json")])
+    assert "add --tools agentopt_compiler.tools:memory_lookup" in line
+
+
+def test_memory_lookup_reads_the_memory_file(tmp_path):
+    from agentopt_compiler.cli.run_cmd import _read_memory, _with_memory
+    from agentopt_compiler.runtime.tools import load_tool
+
+    (tmp_path / "m.json").write_text('{"locker code": 4821, "wifi": "sunflower"}')
+    tools = _with_memory([load_tool("agentopt_compiler.tools:calculator"),
+                          load_tool("agentopt_compiler.tools:memory_lookup")], _read_memory(str(tmp_path / "m.json")))
+    assert [t.name for t in tools] == ["calculator", "memory_lookup"]
+    assert tools[1].function(key="my locker code") == '{"key": "my locker code", "value": "4821"}'
+
+
 def test_run_with_prompt_lookup_prints_the_same_text_and_the_drafts(chat_engine, capsys):
     base = ["run", str(chat_engine.folder), "--task", "Say hello hello hello", "--max-new-tokens", "24",
             "--max-steps", "1"]

@@ -87,3 +87,30 @@ def test_second_agent_starts_from_the_shared_system_prefix(chat_engine, scripted
     scripted(second, ["7."])
     result = second.run("And 3 + 4?")
     assert cache.hits == 1 and result.usage["reused_tokens"] > 100  # the system turn with the tool schema
+
+
+def test_a_repeated_failing_call_gets_another_observation_then_stops_the_loop(chat_engine, scripted):
+    agent = Agent(chat_engine, tools=[add], max_steps=6)
+    scripted(agent, ['<tool_call>{"name": "add", "arguments": {"a": 1}}'] * 6)
+    events = []
+    result = agent.run("add one", on_event=events.append)
+    observations = [o for step in result.steps for o in step.observations]
+    assert len(observations) == 3 and observations[0] != observations[1]
+    assert "already failed" in observations[1] and observations[1].startswith(observations[0])
+    assert result.answer is None and result.finish_reason == "repeated_failure"
+    assert any(e["type"] == "stopped" and "three times" in e["reason"] for e in events)
+
+
+def test_a_repeated_call_that_succeeds_is_not_a_repeated_failure(chat_engine, scripted):
+    agent = Agent(chat_engine, tools=[add], max_steps=4)
+    scripted(agent, ['<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}'] * 3 + ["3."])
+    result = agent.run("add")
+    assert result.finish_reason == "answer" and [o for s in result.steps for o in s.observations] == ["3"] * 3
+
+
+def test_a_stray_closing_tag_is_a_parse_error_not_the_answer(chat_engine, scripted):
+    agent = Agent(chat_engine, tools=[add], max_steps=3)
+    scripted(agent, ['The answer is 5</tool_call>', "The answer is 5."])
+    result = agent.run("add")
+    assert result.answer == "The answer is 5." and len(result.steps) == 2
+    assert "without an opening <tool_call>" in result.steps[0].observations[0]

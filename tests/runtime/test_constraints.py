@@ -45,7 +45,7 @@ def engine(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tools():
-    from agentopt_compiler.models.agent_tools import calculator, convert_units
+    from agentopt_compiler.agent_tiny.tools import calculator, convert_units
 
     return [calculator, convert_units]
 

@@ -65,3 +65,11 @@ def test_tool_failures_become_observations():
     started = time.perf_counter()
     assert "timed out after 0.2s" in run_tool_call(ToolCall("slow", {}), TOOLS, timeout_s=0.2).text
     assert time.perf_counter() - started < 2
+
+
+def test_a_closing_tag_without_its_opening_is_a_parse_error():
+    for text, tag in [("The answer is 42.</tool_call>", "</tool_call>"), ("42<|/tool_call|>", "<|/tool_call|>")]:
+        parsed = parse_tool_calls(text)
+        assert not parsed.calls and len(parsed.errors) == 1 and tag in parsed.errors[0]
+        assert tag not in parsed.content
+    assert parse_tool_calls("The answer is 42.").errors == []

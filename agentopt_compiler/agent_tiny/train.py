@@ -1,15 +1,21 @@
-"""Train a tiny tool-using Llama-family model on procedural agent episodes (agent_tasks.py), on CPU, to a time budget.
+"""Train a tiny tool-using Llama-family model on procedural agent episodes (tasks.py, everyday.py), on CPU.
 
-    python -m agentopt_compiler.models.train_agent_model --out DIR --minutes 120 --threads 2 --seed 0 \
-        --eval-tasks 0 --compile      # agent-tiny's recipe (its MODEL_CARD.md names the commit of each run)
+agent-tiny's recipe has two stages (its MODEL_CARD.md names the commit and host of each run):
 
-Steps: train a 512-token byte-level BPE on generated episodes; build the model with ``build_model`` (then re-initialise
-it for training: N(0, 0.02), residual projections scaled down); train with loss on assistant tokens only (AdamW, warmup
-+ cosine over the wall-clock budget, or over ``--max-steps`` steps when given; bf16 autocast on CUDA and AVX-512 CPUs,
-fp32 on others or with ``--no-bf16``) through a curriculum (single tool, then chains and error recovery, then long
-contexts); log every ~30 s; checkpoint every 10 minutes and at the end; then run the agent-loop evaluation
-(agent_eval.py) on held-out tasks and print it. ``--compile`` runs the training step through ``torch.compile`` (about
-1.15x the tokens/s on 2 cores after ~3 minutes of compiling).
+    python -m agentopt_compiler.agent_tiny.train --out STAGE1 --minutes 112 --threads 2 --seed 0 --eval-tasks 0 \
+        --compile                                     # stage 1: from scratch, the curriculum (49.6M tokens)
+    python -m agentopt_compiler.agent_tiny.train --out STAGE2 --init-from STAGE1 --mix stage2 --tokens 6e6 \
+        --minutes 600 --threads 2 --seed 1 --lr 4e-4 --warmup-steps 50 --eval-tasks 0   # stage 2: fine-tune
+
+Steps: train a 512-token byte-level BPE on generated episodes (or take the tokenizer of ``--init-from``); build the
+model with ``build_model`` (then re-initialise it for training: N(0, 0.02), residual projections scaled down); train
+with loss on assistant tokens only (AdamW, warmup + cosine over ``--tokens`` tokens, ``--max-steps`` steps or else the
+wall-clock budget; a token bound gives the same run on a slower host); bf16 autocast on CUDA and AVX-512 CPUs, fp32 on
+others or with ``--no-bf16``), through a curriculum (single tool, then chains and error recovery, then long contexts)
+or the stage-2 mix (``--mix stage2``: everyday phrasings and generated tools, everyday.py, with the last curriculum
+phase replayed); log every ~30 s; checkpoint every 10 minutes and at the end; then compile the folder and run the
+agent-loop evaluation (eval.py, the runtime Agent) on held-out generator tasks and print it. ``--compile`` runs the
+training step through ``torch.compile`` (about 1.15x the tokens/s on 2 cores after ~3 minutes of compiling).
 
 DIR receives ``model.safetensors`` (fp32, names exactly as ``LlamaDecoder.state_dict()``, the tied ``lm_head.weight``
 stored as its own copy), ``config.json`` (``ModelConfig.to_dict()`` plus ``"format": "agentopt-builtin"``),
@@ -27,9 +33,9 @@ import sys
 import time
 from pathlib import Path
 
-from .agent_tasks import (SPECIAL_TOKENS, episode_text, generate_tasks, render_chat, render_with_loss_spans,
+from .tasks import (SPECIAL_TOKENS, episode_text, generate_tasks, render_chat, render_with_loss_spans,
                           save_tokenizer, tokenize_episode, train_tokenizer)
-from .config import ModelConfig
+from ..models.config import ModelConfig
 
 FORMAT = "agentopt-builtin"
 # seconds the training loop leaves for its last step, the final validation loss and the save, so the whole process
@@ -55,6 +61,15 @@ CURRICULUM = [
             "lookup>convert": 0.9, "lookup>calc>convert": 1.2, "long_lookup": 0.3, "long_lookup>calc": 0.6,
             "retry": 0.15, "bad_key": 0.15, "bad_unit": 0.1, "bad_expr": 0.1}),
 ]
+
+
+# Stage 2 (issue 29): fine-tuning the stage-1 weights on everyday phrasings and generated tools (everyday.py), with
+# the last curriculum phase replayed at about 40% of the episodes so the generator's held-out split does not regress.
+_REPLAY = CURRICULUM[-1][1]
+STAGE2_MIX = {**{k: round(0.55 * w, 3) for k, w in _REPLAY.items()},
+              "say_calc": 1.3, "say_convert": 1.0, "say_lookup": 1.0, "say_calc>convert": 0.6, "say_lookup>calc": 0.8,
+              "say_lookup>convert": 0.6, "new_tool": 1.5, "say_mixed": 0.6}
+MIXES = {"curriculum": None, "stage2": STAGE2_MIX}
 
 
 def agent_model_config(vocab_size: int, tiny: bool = False, eos_token_ids: tuple[int, ...] = ()) -> ModelConfig:
@@ -93,7 +108,7 @@ def hidden_states(model, ids, attn: str = "sdpa"):
     import torch
     import torch.nn.functional as F
 
-    from .llama import apply_rope
+    from ..models.llama import apply_rope
 
     b, s = ids.shape
     cos, sin = model.rope_cos[:s], model.rope_sin[:s]
@@ -171,13 +186,14 @@ class EpisodeStream:
 
     def _pack(self, tasks):
         """Group consecutive tasks into one multi-turn conversation of at most ~``pack_len`` tokens: the system prompt
-        is paid once per row instead of once per task (it is a third of a short episode)."""
-        sys_len = len(self.tok.encode(render_chat(tasks[0].episode[:1])).ids)
+        is paid once per row instead of once per task (it is a third of a short episode). Only tasks with the same
+        system prompt (the same tools) share a row."""
         groups, cur, cur_len = [], [], 0
         for t in tasks:
             n = len(self.tok.encode(episode_text(t)[0]).ids)
+            sys_len = len(self.tok.encode(render_chat(t.episode[:1])).ids)
             extra = n if not cur else n - sys_len
-            if cur and cur_len + extra > self.pack_len:
+            if cur and (cur_len + extra > self.pack_len or t.episode[0] != cur[0].episode[0]):
                 groups.append(cur)
                 cur, cur_len, extra = [], 0, n
             cur.append(t)
@@ -253,7 +269,7 @@ def load_trained(folder: str | Path):
     from safetensors.torch import load_file
     from tokenizers import Tokenizer
 
-    from .llama import LlamaDecoder
+    from ..models.llama import LlamaDecoder
 
     folder = Path(folder)
     config = ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
@@ -305,6 +321,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--tokenizer-episodes", type=int, default=4000)
+    p.add_argument("--tokens", type=float, default=0,
+                   help="train on this many tokens (e.g. 8e6), the learning-rate schedule and curriculum running over "
+                        "tokens, so the run does not depend on the machine's speed (the --minutes budget still stops "
+                        "it); 0: steps or the wall clock")
+    p.add_argument("--mix", choices=sorted(MIXES), default="curriculum",
+                   help="episode kinds: the stage-1 curriculum (single tools, chains, long contexts, recovery), or "
+                        "stage2 (everyday phrasings and generated tools with a replay of the last curriculum phase; "
+                        "for fine-tuning with --init-from)")
     p.add_argument("--max-steps", type=int, default=0,
                    help="train this many steps, the learning-rate schedule and curriculum running over steps instead "
                         "of the wall clock, so the run does not depend on the machine's speed (the --minutes budget "
@@ -360,7 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
     assert all(tok.token_to_id(t) is not None for t in SPECIAL_TOKENS)
 
     # 2. model
-    from .registry import build_model
+    from ..models.registry import build_model
 
     if continued is not None:
         model, config = continued, continued.config
@@ -405,11 +429,12 @@ def main(argv: list[str] | None = None) -> dict:
         log("compiling the training step with torch.compile (the first step takes a few minutes)")
     while True:
         time_frac = (time.time() - t_train) / train_budget
-        frac = step / args.max_steps if args.max_steps else time_frac
+        frac = (seen_tokens / args.tokens if args.tokens else step / args.max_steps if args.max_steps
+                else time_frac)
         if frac >= 1.0 or time_frac >= 1.0:
             break
         curriculum_frac = args.curriculum_from + (1 - args.curriculum_from) * frac
-        mix = mix_at(curriculum_frac)
+        mix = MIXES[args.mix] or mix_at(curriculum_frac)
         x, y, m, n_loss, n_tok = stream.next_batch(mix)
         x, y, m = x.to(device), y.to(device), m.to(device)
         lr = lr_at(step, frac)
@@ -431,7 +456,7 @@ def main(argv: list[str] | None = None) -> dict:
         window_tokens += n_tok
         now = time.time()
         if now - t_window >= args.log_seconds or step == 1:
-            phase = sum(1 for s, _ in CURRICULUM if curriculum_frac >= s)
+            phase = sum(1 for s, _ in CURRICULUM if curriculum_frac >= s) if args.mix == "curriculum" else args.mix
             tps = window_tokens / max(now - t_window, 1e-6)
             stolen = steal.since_last()
             log(f"step {step} | elapsed {now - t_start:.0f}s | phase {phase} | loss {window_loss / window_n:.4f} | "
@@ -461,15 +486,16 @@ def main(argv: list[str] | None = None) -> dict:
                "params": n_params, "safetensors_mb": round(size_mb, 2)}
     log(f"done: {json.dumps(summary)}", event="done", **summary)
 
-    # 3. agent-loop evaluation on held-out tasks
+    # 3. agent-loop evaluation on held-out generator tasks: the folder compiled to an engine, run by the runtime Agent
     if args.eval_tasks:
-        from .agent_eval import eager_generator, evaluate, format_report
+        from .eval import main as eval_main
 
-        gen = eager_generator(model, tok)
-        report = evaluate(gen, n=args.eval_tasks, seed=args.seed, time_budget_s=args.eval_minutes * 60)
-        (out / "eval.json").write_text(json.dumps(report, indent=2))
-        log(format_report(report), event="eval", **{k: v for k, v in report.items() if k != "examples"})
-        summary["eval"] = {k: v for k, v in report.items() if k != "examples"}
+        reports = eval_main([str(out), "--set", "generator", "--tasks", str(args.eval_tasks), "--seed", str(args.seed),
+                             "--threads", str(args.threads), "--minutes", str(args.eval_minutes),
+                             "--json", str(out / "eval.json")])
+        report = reports["generator"]
+        log("eval done", event="eval", **{k: v for k, v in report.items() if k not in ("examples", "results")})
+        summary["eval"] = {k: v for k, v in report.items() if k not in ("examples", "results")}
     log_file.close()
     summary["losses"] = losses
     return summary

@@ -4,12 +4,12 @@ import re
 
 import pytest
 
-from agentopt_compiler.models import agent_tasks as at
-from agentopt_compiler.models import agent_tools
-from agentopt_compiler.models.agent_tasks import (ALL_KINDS, CHAIN_KINDS, CHAT_TEMPLATE, RECOVERY_KINDS, SINGLE_KINDS,
+from agentopt_compiler.agent_tiny import tasks as at
+from agentopt_compiler.agent_tiny import tools as agent_tools
+from agentopt_compiler.agent_tiny.tasks import (ALL_KINDS, CHAIN_KINDS, CHAT_TEMPLATE, RECOVERY_KINDS, SINGLE_KINDS,
                                                   TEMPLATES, episode_text, generate_tasks, make_task, render_chat,
                                                   tokenize_episode, train_tokenizer)
-from agentopt_compiler.models.agent_tools import (TOOLS, ToolError, calculator, convert_units, parse_tool_call,
+from agentopt_compiler.agent_tiny.tools import (TOOLS, ToolError, calculator, convert_units, parse_tool_call,
                                                   run_tool)
 
 
@@ -36,15 +36,19 @@ HELDOUT_200_SHA256 = "ec42e410c07384039c8fc8de4d0eed24581e98ad26cece529be060789b
 
 # --- tools ------------------------------------------------------------------------------------------------------------
 
-def test_calculator_is_exact_integer_arithmetic():
+def test_calculator_is_exact_arithmetic_with_division_and_powers():
+    assert calculator("144 / 16") == 9 and isinstance(calculator("144 / 16"), int)
+    assert calculator("10 / 3") == 3.3333 and calculator("2 ** 10") == 1024 and calculator("12 ^ 2") == 144
+    assert calculator("3.5 + 1") == 4.5 and calculator("81 / 9 + 3") == 12
     assert calculator("12 * (3 + 4)") == 84
     assert calculator("-5 + 2 * 3") == 1
     assert calculator("123456789 * 987654321") == 123456789 * 987654321
     assert calculator("(769 + 76) * 27") == 22815
 
 
-@pytest.mark.parametrize("expr", ["__import__('os').system('ls')", "2 ** 10", "7 / 2", "a + 1", "open('x')",
-                                  "1; 2", "(1).__class__", "3.5 + 1", "", "9" * 201])
+@pytest.mark.parametrize("expr", ["__import__('os').system('ls')", "7 // 2", "7 % 2", "a + 1", "open('x')",
+                                  "1; 2", "(1).__class__", "12 x 4", "", "9" * 201, "1 / 0", "2 ** 9999",
+                                  "9 ** 9 ** 9", "2 ** 0.5"])
 def test_calculator_rejects_anything_else(expr):
     with pytest.raises(ToolError):
         calculator(expr)
@@ -314,52 +318,38 @@ def test_tokenizer_round_trips_and_keeps_digits_single(tasks, tokenizer, tmp_pat
 
 # --- eval loop and training -------------------------------------------------------------------------------------------
 
-def _oracle(task):
-    answers = [m["content"] for i, m in enumerate(task.episode)
-               if i >= len(task.messages) and m["role"] == "assistant" and i not in task.no_loss]
+def test_the_answer_check_requires_the_expected_tool_use():
+    from agentopt_compiler.agent_tiny.eval import AgentTask, check_tool_use
 
-    def generate(prompt, stops):
-        assert prompt.endswith("<|im_start|>assistant\n")
-        return answers.pop(0)
-    return generate
-
-
-def test_agent_loop_with_an_oracle_model_succeeds():
-    from agentopt_compiler.models.agent_eval import eval_tasks, format_report, run_agent
-
-    tasks = eval_tasks(40, seed=1)
-    assert {t.split for t in tasks} == {"heldout"}
-    for t in tasks:
-        r = run_agent(t, _oracle(t))
-        assert r["success"] and r["failure"] is None, (t.kind, r)
-        assert all(ok for _, ok in r["arg_checks"])
-    # a model that never calls tools
-    r = run_agent(tasks[0], lambda p, s: "The answer is 3.<|im_end|>")
-    assert not r["success"] and r["failure"] in ("no_tool_call", "wrong_final_answer")
-    r = run_agent(tasks[0], lambda p, s: '<tool_call>{"name": "calculator", "argu</tool_call>')
-    assert not r["success"] and r["failure"] == "invalid_json"
-    from agentopt_compiler.models.agent_eval import evaluate
-
-    report = evaluate(lambda p, s: "<tool_call>{}</tool_call>", tasks=tasks[:5])
-    assert report["tool_call_json_valid"] == 0.0 and report["success"] == 0.0
-    assert "success overall" in format_report(report)
+    task = AgentTask("t", "calc", "single", "what's 17 times 23 plus 5", [("calculator", {"expression": "17 * 23 + 5"})],
+                     "396")
+    assert check_tool_use(task, [("calculator", {"expression": "5 + 23 * 17"}, "396")]) == (True, None)
+    assert check_tool_use(task, []) == (False, "no_tool_call")
+    assert check_tool_use(task, [("calculator", {"expression": "17 * 23"}, "391")])[0] is False
+    assert check_tool_use(task, [("calculator", {"expression": "17 * 23 + 5"}, None)])[0] is False  # it failed
+    two = AgentTask("u", "lookup>calc", "two_step", "Maria's age times 3", [
+        ("memory_lookup", {"key": "Maria's age"}), ("calculator", {"expression": "29 * 3"})], "87",
+        memory={"Maria's age": "29"})
+    assert check_tool_use(two, [("memory_lookup", {"key": "maria's age"}, "{}"),
+                                ("calculator", {"expression": "29*3"}, "87")]) == (True, None)
+    assert check_tool_use(two, [("calculator", {"expression": "29 * 3"}, "87")]) == (False, "missing_call:memory_lookup")
 
 
 def test_training_smoke_run_lowers_the_loss(tmp_path):
     torch = pytest.importorskip("torch")
     from agentopt_compiler.models.llama import LlamaDecoder
-    from agentopt_compiler.models.train_agent_model import hidden_states, load_trained, main
+    from agentopt_compiler.agent_tiny.train import hidden_states, load_trained, main
 
     threads = torch.get_num_threads()
     try:
         summary = main(["--out", str(tmp_path), "--tiny", "--max-steps", "20", "--threads", "1", "--lr", "3e-3",
                         "--warmup-steps", "2", "--tokenizer-episodes", "200", "--batch-tokens", "2048",
-                        "--eval-tasks", "1", "--log-seconds", "60", "--minutes", "2"])
+                        "--eval-tasks", "0", "--log-seconds", "60", "--minutes", "2"])
     finally:
         torch.set_num_threads(threads)
     first, last = summary["losses"][0], sum(summary["losses"][-5:]) / 5
     assert summary["steps"] == 20 and last < first - 0.3, (first, last)
-    for f in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "eval.json"):
+    for f in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / f).is_file()
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["format"] == "agentopt-builtin" and cfg["vocab_size"] <= 512
@@ -380,26 +370,13 @@ def test_training_smoke_run_lowers_the_loss(tmp_path):
         forward().logsumexp(-1).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], atol=1e-4)
-    from agentopt_compiler.models.agent_eval import eager_generator
-
-    # eager greedy decoding with the KV cache agrees with greedy full forwards
-    prompt = render_chat(generate_tasks(1, "heldout")[0].messages, True)
-    out = eager_generator(model, tok, max_new_tokens=6)(prompt, ())
-    seq = tok.encode(prompt).ids
-    n = len(seq)
-    with torch.no_grad():
-        for _ in range(6):
-            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-            if seq[-1] in (tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")):
-                break
-    assert out == tok.decode(seq[n:], skip_special_tokens=False)
 
 
 def test_compiled_training_step_has_the_eager_loss_and_gradients():
     # --compile runs batch_loss through torch.compile(dynamic=True); batches of other shapes must reuse it correctly
     torch = pytest.importorskip("torch")
     from agentopt_compiler.models.registry import build_model
-    from agentopt_compiler.models.train_agent_model import agent_model_config, batch_loss
+    from agentopt_compiler.agent_tiny.train import agent_model_config, batch_loss
 
     model = build_model(agent_model_config(512, tiny=True), seed=0).train()
     compiled = torch.compile(batch_loss, dynamic=True)
@@ -420,7 +397,7 @@ def test_compiled_training_step_has_the_eager_loss_and_gradients():
 
 
 def test_cpu_steal_is_the_share_of_stolen_time_between_calls(tmp_path):
-    from agentopt_compiler.models.train_agent_model import CpuSteal
+    from agentopt_compiler.agent_tiny.train import CpuSteal
 
     stat = tmp_path / "stat"
     #                  user nice system idle iowait irq softirq steal guest guest_nice

@@ -1,6 +1,6 @@
 """The three agent tools with real implementations, their schemas, and the tool-call text format of agent-tiny.
 
-``calculator`` (exact integer arithmetic by walking the AST, never ``eval``), ``convert_units`` (km/miles, kg/lb, C/F,
+``calculator`` (``+ - * / **`` by walking the AST, never ``eval``), ``convert_units`` (km/miles, kg/lb, C/F,
 m/ft, l/gal, 2 decimals) and ``memory_lookup`` (facts stated earlier in the conversation, by "Name's attribute" key).
 ``run_tool`` returns the exact tool-message text the model was trained on (``{"result": ...}`` or ``{"error": ...}``);
 ``runtime_tools(memory)`` wraps them as plain functions for the runtime ``Agent``.
@@ -24,35 +24,64 @@ _MAX_EXPR_CHARS = 200
 _MAX_ABS_RESULT = 10 ** 30
 
 
-def calculator(expression: str) -> int:
-    """Exact integer arithmetic: ``+ - *``, unary minus and parentheses, evaluated by walking the AST (never eval)."""
+_MAX_EXPONENT = 64
+_DIVISION_DECIMALS = 4
+_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "**"}
+
+
+def calculator(expression: str) -> int | float:
+    """Arithmetic with ``+ - * /``, ``**`` (or ``^``) for powers, unary minus, parentheses and decimal numbers, by
+    walking the AST (never eval). Whole results are ints (exact); a division that does not come out whole is rounded
+    to 4 decimals. Anything else (names, calls, ``//``, huge powers, division by zero) is a ToolError saying what to
+    write instead."""
     if not isinstance(expression, str):
-        raise ToolError("expression must be a string")
+        raise ToolError("expression must be a string, e.g. \"12 * (3 + 4)\"")
     if len(expression) > _MAX_EXPR_CHARS:
         raise ToolError(f"expression longer than {_MAX_EXPR_CHARS} characters")
-    bad = sorted(set(re.sub(r"[0-9+\-*() ]", "", expression)))
+    text = expression.replace("^", "**").replace("\u00d7", "*").replace("\u00f7", "/")
+    bad = sorted(set(re.sub(r"[0-9+\-*/(). ]", "", text)))
     if bad:
-        raise ToolError(f"unsupported character {bad[0]!r}; use integers, + - * and parentheses")
+        raise ToolError(f"unsupported character {bad[0]!r}; use numbers, + - * / ** and parentheses")
     try:
-        tree = ast.parse(expression.strip(), mode="eval")
+        tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError:
-        raise ToolError(f"cannot parse expression {expression!r}") from None
-    return _eval_node(tree.body)
+        raise ToolError(f"cannot parse expression {expression!r}; write it like \"(12 + 3) * 4\"") from None
+    out = _eval_node(tree.body)
+    if isinstance(out, float):
+        out = round(out, _DIVISION_DECIMALS)
+        return int(out) if out.is_integer() else out
+    return out
 
 
-def _eval_node(node: ast.AST) -> int:
-    if isinstance(node, ast.Constant) and type(node.value) is int:
+def _eval_node(node: ast.AST) -> int | float:
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
         return node.value
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         v = _eval_node(node.operand)
         return -v if isinstance(node.op, ast.USub) else v
-    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult)):
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
         a, b = _eval_node(node.left), _eval_node(node.right)
-        out = a + b if isinstance(node.op, ast.Add) else a - b if isinstance(node.op, ast.Sub) else a * b
+        if isinstance(node.op, ast.Add):
+            out = a + b
+        elif isinstance(node.op, ast.Sub):
+            out = a - b
+        elif isinstance(node.op, ast.Mult):
+            out = a * b
+        elif isinstance(node.op, ast.Div):
+            if b == 0:
+                raise ToolError("division by zero")
+            out = a // b if isinstance(a, int) and isinstance(b, int) and a % b == 0 else a / b
+        else:
+            if abs(b) > _MAX_EXPONENT or (isinstance(b, float) and not b.is_integer()):
+                raise ToolError(f"exponent {b} not supported; use a whole exponent up to {_MAX_EXPONENT}")
+            if a == 0 and b < 0:
+                raise ToolError("division by zero")
+            out = a ** int(b) if b >= 0 else a ** b
         if abs(out) > _MAX_ABS_RESULT:
             raise ToolError("result too large")
         return out
-    raise ToolError(f"unsupported expression element {type(node).__name__}; use integers, + - * and parentheses")
+    raise ToolError(f"unsupported expression element {type(node).__name__}; use numbers, + - * / ** and "
+                    "parentheses")
 
 
 UNITS = ("km", "miles", "kg", "lb", "C", "F", "m", "ft", "l", "gal")
@@ -102,7 +131,8 @@ def convert_units(value: float, from_unit: str, to_unit: str) -> float | int:
 
 
 def memory_lookup(key: str, memory: dict[str, str]) -> str:
-    """The value stored under ``key`` (matched case-insensitively, ignoring a leading "the" and end punctuation)."""
+    """The value stored under ``key`` (matched case-insensitively, ignoring a leading "the", "my" or "our" and end
+    punctuation)."""
     if not isinstance(key, str):
         raise ToolError("key must be a string")
     table = {normalize_key(k): v for k, v in memory.items()}
@@ -114,11 +144,14 @@ def memory_lookup(key: str, memory: dict[str, str]) -> str:
 
 def normalize_key(key: str) -> str:
     k = re.sub(r"\s+", " ", key.strip().lower().rstrip("?.!")).replace("\u2019", "'")
-    return k[4:] if k.startswith("the ") else k
+    for article in ("the ", "my ", "our "):  # "my locker code" is the user's "locker code"
+        if k.startswith(article):
+            return k[len(article):]
+    return k
 
 
 TOOLS: list[dict[str, Any]] = [
-    {"name": "calculator", "description": "Exact integer arithmetic with + - * and parentheses.",
+    {"name": "calculator", "description": "Arithmetic with + - * / ** and parentheses.",
      "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
                     "required": ["expression"]}},
     {"name": "convert_units", "description": "Convert km/miles, kg/lb, C/F, m/ft, l/gal; 2 decimals.",
@@ -176,7 +209,7 @@ def runtime_tools(memory: dict[str, str] | None = None) -> list:
     memory = memory if memory is not None else {}
 
     def calculator(expression: str) -> str:
-        """Exact integer arithmetic with + - * and parentheses."""
+        """Arithmetic with + - * / ** and parentheses."""
         return run_tool("calculator", {"expression": expression})
 
     def convert_units(value: float, from_unit: str, to_unit: str) -> str:

@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .agent_tools import (TOOL_CALL_CLOSE, UNIT_NAMES, UNIT_PAIRS, _num_value, _UNIT_ALIASES, calculator,
+from .tools import (TOOL_CALL_CLOSE, UNIT_NAMES, UNIT_PAIRS, _num_value, _UNIT_ALIASES, calculator,
                           convert_units, fmt_num, format_tool_call, normalize_key, run_tool, system_prompt)
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -296,6 +296,8 @@ ALL_KINDS = SINGLE_KINDS + MULTI_KINDS + LONG_KINDS + RECOVERY_KINDS
 
 
 def category_of(kind: str) -> str:
+    if kind.startswith("say_") or kind == "new_tool":
+        return "everyday"
     if kind in SINGLE_KINDS:
         return "single"
     if kind in MULTI_KINDS:
@@ -724,7 +726,14 @@ def generate_tasks(n: int, split: str = "train", seed: int = 0, mix: dict[str, f
     for i in range(start, start + n):
         r = _rng(split, seed, i)
         kind = r.choices(kinds, weights)[0]
-        out.append(make_task(kind, r, split))
+        if kind.startswith("say_") or kind == "new_tool":  # stage 2's everyday phrasings and generated tools
+            if split != "train":
+                raise ValueError(f"task kind {kind!r} is for training only; its held-out set is written by hand "
+                                 "(agent_tiny/data/)")
+            from .everyday import make_everyday_task
+            out.append(make_everyday_task(kind, r))
+        else:
+            out.append(make_task(kind, r, split))
     return out
 
 

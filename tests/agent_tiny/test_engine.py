@@ -1,0 +1,66 @@
+"""The shipped agent-tiny model through its engine and the runtime Agent: the README's tasks, and ``agentopt eval``
+giving the transcript ``agentopt run --task`` gives."""
+
+import json
+
+import pytest
+
+import agentopt_compiler as ao
+from agentopt_compiler.models.registry import BUILTIN_MODELS, SHIPPED_MODELS
+from agentopt_compiler.runtime.agent import Agent, describe_event
+from agentopt_compiler.tools import calculator, convert_units, memory_lookup
+
+if not (SHIPPED_MODELS / BUILTIN_MODELS["agent-tiny"].shipped / "model.safetensors").is_file():
+    pytest.skip("agent-tiny weights are not in this checkout", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    return ao.compile("agent-tiny", out=tmp_path_factory.mktemp("agent") / "eng")
+
+
+def test_the_readme_task_calls_the_calculator_and_answers(engine):
+    events = []
+    result = Agent(engine, tools=[calculator, convert_units, memory_lookup]).run(
+        "Could you figure out (372 + 386) * 36?", on_event=events.append)
+    calls = [e for e in events if e["type"] == "tool_call"]
+    assert calls and calls[0]["name"] == "calculator" and calls[0]["arguments"] == {"expression": "(372 + 386) * 36"}
+    assert "27288" in result.answer
+
+
+def _printed(events) -> str:
+    """What agentopt run prints on standard output for these agent events."""
+    out = []
+    for e in events:
+        if e["type"] == "token":
+            out.append(e["text"])
+        elif e["type"] != "final":
+            out.append(describe_event(e) + "\n")
+    return "".join(out)
+
+
+def test_eval_and_run_give_the_same_transcript(engine, tmp_path, capsys):
+    from agentopt_compiler.agent_tiny.eval import run_task, task_set
+    from agentopt_compiler.cli.main import main
+
+    hand, unseen = task_set("handwritten"), task_set("unseen_tools")
+    picks = [hand[0], next(t for t in hand if t.kind == "lookup"), next(t for t in hand if t.kind == "lookup>calc"),
+             unseen[0]]
+    for task in picks:
+        evaluated = run_task(engine, task)
+        argv = ["run", str(engine.folder), "--task", task.request, "--tools", *task.tools]
+        if task.memory:
+            (tmp_path / "memory.json").write_text(json.dumps(task.memory))
+            argv += ["--memory", str(tmp_path / "memory.json")]
+        if task.system:
+            argv += ["--system", task.system]
+        capsys.readouterr()
+        assert main(argv) == 0
+        assert capsys.readouterr().out == _printed(evaluated["events"]), task.id
+
+
+def test_prompt_lookup_gives_the_same_transcripts(engine):
+    from agentopt_compiler.agent_tiny.eval import run_task, task_set
+
+    for task in task_set("generator", 4, seed=3):
+        assert run_task(engine, task, prompt_lookup=4)["messages"] == run_task(engine, task)["messages"]
