@@ -3,7 +3,8 @@ with, returning the exact observation text it saw in training.
 
     agentopt run ENGINE --task "What is 12 * 34?" --tools agentopt_compiler.tools:calculator
 
-``memory_lookup`` here reads an empty memory (its facts come from the conversation in the evaluation tasks).
+``memory_lookup`` here reads an empty memory; ``agentopt run --memory FILE.json`` gives it one (a JSON object of
+key -> value), and the evaluation binds it to each task's memory.
 """
 
 from .agent_tiny.tools import runtime_tools

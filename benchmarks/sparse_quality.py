@@ -137,7 +137,7 @@ def planned_layers(model, tokenizer, pattern, max_kl: float, calib_episodes: int
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", default=None, help="a train_agent_model output folder (default: shipped)")
+    parser.add_argument("--model-dir", default=None, help="a folder agent_tiny.train wrote (default: shipped)")
     parser.add_argument("--episodes", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0, help="held-out seed")
     parser.add_argument("--window", type=int, default=64)

@@ -28,8 +28,7 @@ import json
 import random
 import re
 
-from .tasks import (_OTHER_UNIT, _UNIT_RANGES, CITIES, COLORS, FRUITS, NAMES, NUM_ATTRS, UNIT_ATTRS, WORD_ATTRS,
-                    Task, _chain_answer, _Gen, chain_plan)
+from .tasks import _OTHER_UNIT, _UNIT_RANGES, CITIES, DAYS, NAMES, Task, _chain_answer, _Gen, chain_plan
 from .tools import (TOOLS, calculator, convert_units, fmt_num, format_tool_call, normalize_key, run_tool,
                     system_prompt)
 
@@ -392,8 +391,7 @@ _VALUES = {
     "word": ("serendipity", "ephemeral", "zeitgeist", "ubiquitous", "quixotic", "banana", "tranquil", "gossamer",
              "labyrinth", "mellifluous"),
     "currency": ("USD", "EUR", "GBP", "JPY", "CHF", "CAD", "AUD", "INR"),
-    "day": ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday", "tomorrow", "June 3",
-            "next Friday"),
+    "day": DAYS + ("tomorrow", "June 3", "next Friday"),
     "country": ("France", "Peru", "Kenya", "Japan", "Norway", "Chile", "Egypt", "Canada", "Vietnam", "Ghana"),
     "phrase": ("good morning", "thank you", "where is the station", "I love you", "cheers", "see you soon"),
     "language": ("Spanish", "French", "German", "Italian", "Japanese", "Portuguese", "Swahili"),

@@ -177,7 +177,7 @@ def _is_trained_folder(path: Path) -> bool:
 
     try:
         return json.loads((path / "config.json").read_text()).get("format") == "agentopt-builtin"
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):  # the checkpoint loader reports what is wrong
         return False
 
 

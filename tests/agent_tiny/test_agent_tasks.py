@@ -354,6 +354,9 @@ def test_training_smoke_run_lowers_the_loss(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["format"] == "agentopt-builtin" and cfg["vocab_size"] <= 512
     model, tok = load_trained(tmp_path)
+    from agentopt_compiler.models.registry import load_model
+
+    assert load_model(str(tmp_path)).source == "builtin"  # a trained folder compiles by path (agent_tiny.eval)
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
