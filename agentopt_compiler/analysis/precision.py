@@ -28,7 +28,7 @@ import torch
 from ..errors import AgentOptError
 from ..passes.assign_layer_precision import HALF_DTYPES
 from ..passes.precision_plan import BITS, PrecisionPlan, parse_precision, unit_of, units_of_model
-from ..capture.quantized_linear import dequantize_blockwise, quantize_blockwise
+from ..capture.quantized_linear import _symmetric_scales, dequantize_blockwise, quantize_blockwise
 
 CPU_CANDIDATES = ("fp32", "int8", "int4")
 
@@ -72,18 +72,36 @@ def restoring(linears: list[torch.nn.Linear]):
                 layer.bias.data = bias
 
 
+def _round_trip(weight: torch.Tensor, bits: int, block: int, symmetric: bool, scales: dict | None, key) -> torch.Tensor:
+    """quantize_blockwise then dequantize_blockwise, the same values; with a ``scales`` dict, symmetric scales (a
+    least-squares search over clip ratios, most of the time of a quantization) are computed once per ``key`` and
+    reused: the planner quantizes each unit again for its end-to-end checks."""
+    if not symmetric or scales is None:
+        q, s, z = quantize_blockwise(weight, bits, block, symmetric)
+        return dequantize_blockwise(q, s, z, bits, block, weight.shape[1])
+    n, k = weight.shape
+    blocks = weight.float().reshape(n, k // block, block)
+    if key not in scales:
+        scales[key] = _symmetric_scales(blocks, bits)
+    step, middle = scales[key][..., None], 1 << (bits - 1)
+    q = torch.clamp(torch.round(blocks / step) + middle, 0, (1 << bits) - 1)  # as quantize_blockwise
+    return ((q - middle) * step).reshape(n, k)
+
+
 @contextlib.contextmanager
-def unit_at_precision(linears: list[torch.nn.Linear], precision: str, block: int, symmetric: bool = True):
+def unit_at_precision(linears: list[torch.nn.Linear], precision: str, block: int, symmetric: bool = True,
+                      scales: dict | None = None):
     """Temporarily make the unit compute what the engine will: int8/int4 replace the weights by their
-    quantize-dequantize round trip; fp16/bf16 emulate the half region assign_layer_precision emits (cast x, half
-    weights and bias, fp32 accumulation as GPU GEMMs do, output rounded to half, cast back) on any device."""
+    quantize-dequantize round trip (``scales``: a cache of block scales, see _round_trip); fp16/bf16 emulate the
+    half region assign_layer_precision emits (cast x, half weights and bias, fp32 accumulation as GPU GEMMs do,
+    output rounded to half, cast back) on any device."""
     with restoring(linears) as hooks:
         if precision in BITS:
             for layer in linears:
                 w = layer.weight.data
                 if w.shape[1] % block == 0:
-                    q, s, z = quantize_blockwise(w, BITS[precision], block, symmetric)
-                    layer.weight.data = dequantize_blockwise(q, s, z, BITS[precision], block, w.shape[1])
+                    layer.weight.data = _round_trip(w, BITS[precision], block, symmetric, scales,
+                                                    (id(layer), precision, block))
         elif precision in HALF_DTYPES:
             rounded = _round_to(HALF_DTYPES[precision])
             for layer in linears:
@@ -194,12 +212,141 @@ def _unit_bytes_of(elements: int, precision: str, block: int, symmetric: bool = 
     return elements * (2 if precision in ("fp16", "bf16") else 4)
 
 
+class Calibration:
+    """One forward of the fp32 model on the calibration tokens, keeping what every unit's measurement starts from:
+    each decoder layer's inputs and the lm_head's input, and the reference logits.
+
+    A unit in layer i is then measured by running layers i.. and the head from layer i's cached input (the layers
+    before it compute exactly what they computed here), the lm_head from its cached input alone: on ref-60m a
+    measurement costs ~4 layers and the head instead of a whole forward. Models without ``layers``, ``norm`` and
+    ``lm_head`` (or whose layers cannot be re-run from their inputs, checked here) are measured by whole forwards.
+    Rows of equal length are batched into one forward."""
+
+    def __init__(self, model, batches: list[torch.Tensor]):
+        self.model = model
+        if batches and all(b.shape == batches[0].shape for b in batches):
+            batches = [torch.cat(batches)]  # (sequences, S): one forward
+        self.batches = batches
+        self.layers = getattr(model, "layers", None)
+        self.partial = isinstance(self.layers, torch.nn.ModuleList) and isinstance(
+            getattr(model, "norm", None), torch.nn.Module) and isinstance(getattr(model, "lm_head", None),
+                                                                          torch.nn.Linear)
+        self.inputs: list[list] = []  # per batch: per layer (args, kwargs)
+        self.head_inputs: list[torch.Tensor] = []
+        self.references: list[_Reference] = []
+        self.scales: dict = {}  # block scales of the units measured, reused by the end-to-end checks
+        with torch.no_grad():
+            for batch in batches:
+                captured, hooks = {}, []
+                if self.partial:
+                    for i, layer in enumerate(self.layers):
+                        hooks.append(layer.register_forward_pre_hook(
+                            lambda m, args, kwargs, i=i: captured.setdefault(i, (args, kwargs)), with_kwargs=True))
+                    hooks.append(model.lm_head.register_forward_pre_hook(
+                        lambda m, args: captured.setdefault("head", args[0])))
+                try:
+                    logits = model(batch).float()
+                finally:
+                    for hook in hooks:
+                        hook.remove()
+                self.references.append(_Reference(logits))
+                if self.partial:
+                    self.inputs.append([captured.get(i) for i in range(len(self.layers))])
+                    self.head_inputs.append(captured.get("head"))
+            # the layers re-run from their inputs must give the forward's logits, else measure whole forwards
+            self.partial = self.partial and all(None not in row for row in self.inputs) and all(
+                h is not None for h in self.head_inputs) and all(
+                torch.allclose(self._logits(0, b), r.logits, rtol=1e-4, atol=1e-5)
+                for b, r in enumerate(self.references))
+
+    @property
+    def tokens(self) -> int:
+        return sum(b.numel() for b in self.batches)
+
+    def _logits(self, start: int | None, b: int) -> torch.Tensor:
+        """Logits of batch b from layer ``start``'s cached input (None: the lm_head's input)."""
+        if not self.partial:
+            return self.model(self.batches[b]).float()
+        if start is None:
+            return self.model.lm_head(self.head_inputs[b]).float()
+        x = self.inputs[b][start][0][0]
+        for j in range(start, len(self.layers)):
+            args, kwargs = self.inputs[b][j]
+            x = self.layers[j](x, *args[1:], **kwargs)
+            x = x[0] if isinstance(x, tuple) else x
+        return self.model.lm_head(self.model.norm(x)).float()
+
+    def divergence(self, start: int | None = 0) -> tuple[float, float]:
+        """Mean KL(fp32 || model as it is now) per token and top-1 agreement, the model run from ``start``: the
+        first layer whose weights differ from fp32 (None: only the lm_head does)."""
+        kl, agree, count = 0.0, 0.0, 0
+        with torch.no_grad():
+            for b, reference in enumerate(self.references):
+                token_kl, same = reference.compare(self._logits(start, b))
+                kl += float(token_kl.sum())
+                agree += float(same.sum())
+                count += same.numel()
+        return kl / count, agree / count
+
+
+class _Reference:
+    """fp32 logits z (B, S, V), their softmax p and argmax, for KL(p || q) against other logits w.
+
+    With d = z - w: KL = E_p[d] + log E_p[exp(-d)]; shifting d by its mean m = E_p[d] (logits are shift-invariant)
+    gives KL = log1p(E_p[expm1(-d') + d']), d' = d - m. Every term is computed in float32 without cancelling:
+    fp16 errors (KL ~1e-8) come out right without the float64 log-softmax over the vocabulary that used to take
+    three quarters of each measurement."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits
+        self.probs = torch.softmax(logits, -1)
+        self.top = logits.argmax(-1)
+
+    def compare(self, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        same = other.argmax(-1) == self.top
+        d = torch.sub(self.logits, other)  # (B, S, V)
+        d -= torch.einsum("bsv,bsv->bs", self.probs, d)[..., None]  # d' = d - E_p[d]
+        t = d.neg_()  # -d'
+        e = torch.expm1(t).sub_(t)  # expm1(-d') + d' >= 0: a sum of positive terms, no cancellation
+        kl = torch.log1p(torch.einsum("bsv,bsv->bs", self.probs, e).double())  # (B, S)
+        return kl.clamp_min(0.0), same
+
+
+def _start_of(unit: str) -> int | None:
+    """The layer a unit's measurement starts from: 'layers.3.attn_o' -> 3; the lm_head -> None."""
+    return None if unit == "lm_head" else int(unit.split(".")[1])
+
+
+def _significant(value: float, digits: int = 4) -> float:
+    """KLs rounded to a few significant digits before choosing: a last-bit difference between two runs cannot move
+    a unit across a budget bucket."""
+    return float(f"{value:.{digits}g}")
+
+
+def _cost_function(costs, cost_model, block: int, symmetric: bool, candidates: list[str], threads, log):
+    """(elements, precision) -> decode seconds, and what it came from (recorded in the plan). ``costs``: fixed
+    seconds per weight per candidate (tests, or a benchmark's own timing); else the machine's cached bytes model."""
+    from .cost_model import cached_cost_model
+
+    if costs is not None:
+        missing = [c for c in candidates if parse_precision(c)[0] in BITS and c not in costs]
+        if missing:
+            raise AgentOptError(f"the cost model has no time for {missing}; measure it with "
+                                "measure_backend_costs(candidates=...)")
+        return (lambda n, p: n * costs.get(p, costs["fp32"])), {"kind": "given", "seconds_per_weight": dict(costs)}
+    model = cost_model or cached_cost_model(threads, symmetric, log=log)
+    return (lambda n, p: model.seconds(n, p, block, symmetric)), model.to_dict()
+
+
 def measure_sensitivity(model, batches: list[torch.Tensor], candidates: Iterable[str] = CPU_CANDIDATES,
                         block: int = 32, costs: dict[str, float] | None = None,
-                        progress: Callable[[int, int, str], None] | None = None, symmetric: bool = True
-                        ) -> list[Option]:
-    """One Option per (unit, precision): the error that unit alone at that precision causes, and its cost
-    (``symmetric``: the block quantization the plan will use, see quantize_blockwise)."""
+                        progress: Callable[[int, int, str], None] | None = None, symmetric: bool = True,
+                        calibration: Calibration | None = None, cost_model=None, threads: int | None = None,
+                        log=None, record: dict | None = None) -> list[Option]:
+    """One Option per (unit, precision): the error that unit alone at that precision causes (measured from the
+    cached inputs of its layer, see Calibration), and its decode cost (``costs``: fixed seconds per weight per
+    candidate; else ``cost_model`` or this machine's cached one, analysis/cost_model.py). ``symmetric``: the block
+    quantization the plan will use (quantize_blockwise). ``record`` receives the cost model's description."""
     units = unit_linears(model)
     missing = set(units_of_model(model.config.num_layers)) - set(units)
     if missing:
@@ -207,12 +354,10 @@ def measure_sensitivity(model, batches: list[torch.Tensor], candidates: Iterable
     candidates = list(candidates)
     for candidate in candidates:
         parse_precision(candidate)  # an unknown one fails here, before any measuring
-    costs = costs or measure_backend_costs(symmetric=symmetric, candidates=candidates, block=block)
-    missing_costs = [c for c in candidates if parse_precision(c)[0] in BITS and c not in costs]
-    if missing_costs:
-        raise AgentOptError(f"the cost model has no time for {missing_costs}; measure it with "
-                            "measure_backend_costs(candidates=...)")
-    reference = _log_probs(model, batches)
+    cost_of, described = _cost_function(costs, cost_model, block, symmetric, candidates, threads, log)
+    if record is not None:
+        record["cost_model"] = described
+    calibration = calibration or Calibration(model, batches)
     total, done, options = len(units) * len(candidates), 0, []
     for unit, linears in units.items():
         elements = sum(layer.weight.numel() for layer in linears)
@@ -225,15 +370,27 @@ def measure_sensitivity(model, batches: list[torch.Tensor], candidates: Iterable
                 if bare == "fp32":
                     kl, top1 = 0.0, 1.0
                 else:
-                    with unit_at_precision(linears, bare, blk, symmetric):
-                        kl, top1 = _compare(reference, _log_probs(model, batches))
-                # ORT CPU runs fp16/bf16 units in fp32 (assign_layer_precision keeps them fp32 there): fp32 cost
-                cost = elements * costs.get(precision, costs["fp32"])
-                options.append(Option(unit, precision, max(kl, 0.0), top1,
-                                      _unit_bytes(linears, precision, block, symmetric), cost))
+                    with unit_at_precision(linears, bare, blk, symmetric, calibration.scales):
+                        kl, top1 = calibration.divergence(_start_of(unit) if calibration.partial else 0)
+                options.append(Option(unit, precision, _significant(max(kl, 0.0)), top1,
+                                      _unit_bytes(linears, precision, block, symmetric), cost_of(elements, precision)))
             if progress:
                 progress(done, total, f"{unit} {precision}")
     return options
+
+
+def measure_plan(model, calibration: Calibration, units: dict[str, str], block: int, symmetric: bool = True
+                 ) -> tuple[float, float]:
+    """KL and top-1 of every unit at its planned precision at once, against fp32: the end-to-end check of what the
+    per-unit errors added up to."""
+    linears = unit_linears(model)
+    with contextlib.ExitStack() as stack:
+        for unit, value in units.items():
+            bare, own_block = parse_precision(value)
+            if bare != "fp32":
+                stack.enter_context(unit_at_precision(linears[unit], bare, own_block or block, symmetric,
+                                                      calibration.scales))
+        return calibration.divergence(0)
 
 
 def _by_unit(options: list[Option]) -> dict[str, list[Option]]:
@@ -316,27 +473,107 @@ def _check_budget(max_kl: float | None, target_bits: float | None, min_top1: flo
             raise AgentOptError(f"{name} must be a finite number {wanted}, got {value!r}")
 
 
+UNIFORM_MARGIN = 0.03  # a mixed plan must be predicted this much faster than the best uniform one, else uniform
+
+
 def plan_precision(model, batches: list[torch.Tensor], max_kl: float | None = None, target_bits: float | None = None,
                    min_top1: float | None = None, candidates: Iterable[str] = CPU_CANDIDATES, block: int = 32,
-                   costs: dict[str, float] | None = None, progress=None, symmetric: bool = True
+                   costs: dict[str, float] | None = None, progress=None, symmetric: bool = True, cost_model=None,
+                   threads: int | None = None, log=None, margin: float = UNIFORM_MARGIN
                    ) -> tuple[PrecisionPlan, list[Option]]:
     """Measure and choose. Exactly one budget: ``max_kl``, ``target_bits`` or ``min_top1``. ``symmetric=False``
-    plans (and measures) blocks with zero points."""
+    plans (and measures) blocks with zero points.
+
+    After choosing, the plan is checked end to end: every unit at its precision at once, KL against fp32 on the
+    calibration tokens. With ``max_kl``, a plan whose checked KL exceeds the budget (per-unit errors are not exactly
+    additive) is chosen again under a budget scaled down by the overshoot (at most 3 times). Then the uniform plans
+    (each candidate everywhere it applies) are checked the same way: if one at an equal or lower checked KL is
+    predicted within ``margin`` of the mixed plan's decode cost, or cheaper, the uniform one is the plan (a mixed
+    plan has to earn its complexity; see measurements["choice"])."""
     if sum(b is not None for b in (max_kl, target_bits, min_top1)) != 1:
         raise AgentOptError("give exactly one budget: --max-kl, --target-bits or --min-top1")
     _check_budget(max_kl, target_bits, min_top1)
-    options = measure_sensitivity(model, batches, candidates, block, costs, progress, symmetric)
+    log = log or (lambda message: None)
+    started = time.perf_counter()
+    calibration = Calibration(model, batches)
+    measurements: dict = {"calibration_tokens": calibration.tokens,
+                          "sensitivity": "cached layer inputs" if calibration.partial else "whole forwards"}
+    candidates = list(candidates)
+    options = measure_sensitivity(model, batches, candidates, block, costs, progress, symmetric, calibration,
+                                  cost_model, threads, log, measurements)
+    measurements["sensitivity_seconds"] = round(time.perf_counter() - started, 1)
     if max_kl is not None:
-        chosen = choose(options, max_kl, lambda o: o.kl, lambda o: o.cost)
         budget = {"max_kl": max_kl}
+        chosen = choose(options, max_kl, lambda o: o.kl, lambda o: o.cost)
+        checked = measure_plan(model, calibration, _units_of(chosen), block, symmetric)
+        effective = max_kl
+        for _ in range(3):  # the units' errors added up to more than their sum: choose again, tighter
+            if checked[0] <= max_kl:
+                break
+            effective *= 0.95 * max_kl / checked[0]
+            log(f"the plan's checked KL {checked[0]:.3g} exceeds --max-kl {max_kl}: choosing again within "
+                f"{effective:.3g} of summed per-unit KL")
+            chosen = choose(options, effective, lambda o: o.kl, lambda o: o.cost)
+            checked = measure_plan(model, calibration, _units_of(chosen), block, symmetric)
+        measurements["per_unit_kl_budget"] = _significant(effective)
     elif min_top1 is not None:
-        chosen = choose(options, 1 - min_top1, lambda o: 1 - o.top1, lambda o: o.cost)
         budget = {"min_top1": min_top1}
+        chosen = choose(options, 1 - min_top1, lambda o: 1 - o.top1, lambda o: o.cost)
+        checked = measure_plan(model, calibration, _units_of(chosen), block, symmetric)
     else:
+        budget = {"target_bits": target_bits}
         weights = sum(o.bytes for o in options if o.precision == "fp32") / 4
         chosen = choose(options, target_bits * weights / 8, lambda o: o.bytes, lambda o: o.kl)
-        budget = {"target_bits": target_bits}
-    return plan_from_choice(chosen, block, budget, symmetric), options
+        checked = measure_plan(model, calibration, _units_of(chosen), block, symmetric)
+    plan = plan_from_choice(chosen, block, budget, symmetric)
+    plan.predicted["checked_kl"], plan.predicted["checked_top1"] = _significant(checked[0]), round(checked[1], 4)
+    uniform = _uniform_alternatives(model, calibration, options, candidates, block, symmetric)
+    measurements["uniform"] = uniform
+    measurements["choice"] = "mixed"
+    if target_bits is None:  # cost-minimizing budgets: never slower than a uniform plan at an equal or lower KL
+        within = [u for u in uniform if u["checked_kl"] <= checked[0] and (max_kl is None or u["checked_kl"] <= max_kl)
+                  and (min_top1 is None or u["checked_top1"] >= min_top1)]
+        best = min(within, key=lambda u: (u["decode_matmul_seconds"], u["checked_kl"]), default=None)
+        mixed_cost = plan.predicted["decode_matmul_seconds"]
+        if best is not None and best["decode_matmul_seconds"] * (1 - margin) <= mixed_cost:
+            chosen = best["_picks"]
+            plan = plan_from_choice(chosen, block, budget, symmetric)
+            plan.predicted["checked_kl"], plan.predicted["checked_top1"] = best["checked_kl"], best["checked_top1"]
+            measurements["choice"] = (
+                f"uniform {best['precision']}: at checked KL {best['checked_kl']:.3g} (mixed plan: {checked[0]:.3g}) "
+                f"it is predicted {mixed_cost / best['decode_matmul_seconds']:.3f}x the mixed plan's speed, not "
+                f"{1 / (1 - margin):.3f}x slower or more")
+            log(f"choosing {measurements['choice']}")
+    for row in uniform:
+        del row["_picks"]
+    measurements["uniform_margin"] = margin
+    measurements["planning_seconds"] = round(time.perf_counter() - started, 1)
+    plan.measurements = measurements
+    return plan, options
+
+
+def _units_of(chosen: dict[str, Option]) -> dict[str, str]:
+    return {u: o.precision for u, o in chosen.items()}
+
+
+def _uniform_alternatives(model, calibration: Calibration, options: list[Option], candidates: list[str], block: int,
+                          symmetric: bool) -> list[dict]:
+    """Each lossy candidate everywhere it applies (fp32 where its blocks do not tile a unit, as the engine does):
+    its summed per-unit KL, decode cost and checked KL."""
+    grouped = _by_unit(options)
+    rows = []
+    for precision in candidates:
+        if parse_precision(precision)[0] == "fp32":
+            continue
+        picks = {u: next((o for o in opts if o.precision == precision),
+                         next((o for o in opts if o.precision == "fp32"), None)) for u, opts in grouped.items()}
+        if None in picks.values():  # a unit it cannot tile, and fp32 is no candidate: no such uniform plan
+            continue
+        kl, top1 = measure_plan(model, calibration, _units_of(picks), block, symmetric)
+        rows.append({"precision": precision, "summed_kl": _significant(sum(o.kl for o in picks.values())),
+                     "checked_kl": _significant(kl), "checked_top1": round(top1, 4),
+                     "decode_matmul_seconds": sum(o.cost for o in picks.values()), "_picks": picks})
+    return rows
 
 
 def report_rows(options: list[Option], plan: PrecisionPlan) -> list[dict]:
