@@ -64,7 +64,10 @@ class CompileReport:
             out.append("lowering: " + ", ".join(f"{k}={v}" for k, v in self.lowering_rules.items()))
         if self.fidelity:
             out.append(f"precision fidelity: KL {self.fidelity['kl']:.2e}, top-1 {self.fidelity['top1']:.3f} on "
-                       f"{self.fidelity['tokens']} held-out tokens")
+                       f"{self.fidelity['tokens']} held-out tokens"
+                       + (f"; decode {self.fidelity['decode_tokens_per_s']:.1f} tokens/s (runs "
+                          f"{', '.join(map(str, self.fidelity['decode_runs']))})"
+                          if "decode_tokens_per_s" in self.fidelity else ""))
         out.append("files:")
         for name, size in self.files.items():
             out.append(f"  {name:24s} {_human_bytes(size)}")
@@ -245,6 +248,12 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
     engine.compile_report = report
     if precision and precision.budget:
         report.fidelity = _check_precision_fidelity(engine, loaded, precision, log)
+        report.fidelity.update(measure_decode_speed(engine))
+        predicted = precision.predicted.get("decode_matmul_seconds")
+        log(f"decode speed of the built engine: {report.fidelity['decode_tokens_per_s']:.1f} tokens/s (median of "
+            f"{len(report.fidelity['decode_runs'])} runs, {min(report.fidelity['decode_runs']):.1f}-"
+            f"{max(report.fidelity['decode_runs']):.1f}); the plan predicted "
+            + (f"{predicted * 1e3:.2f} ms of matmuls per step" if predicted else "no decode time"))
         engine.manifest["precision_plan"]["measured"] = report.fidelity
         _rewrite_manifest(out, engine.manifest)
     return engine
@@ -298,6 +307,26 @@ def _rewrite_manifest(folder: Path, manifest: dict) -> None:
         temporary.unlink(missing_ok=True)
         raise OutputPathError(f"the engine at '{folder}' is complete, but recording its measured precision "
                               f"fidelity failed: {exc.strerror or exc}") from None
+
+
+def measure_decode_speed(engine, prompt: int = 16, steps: int = 32, repeats: int = 3) -> dict:
+    """Decode tokens per second of a built engine: a ``prompt``-token prefill, then ``steps`` one-token steps,
+    timed; the median of ``repeats`` runs (every run's rate is kept: one run on a shared machine says little)."""
+    import numpy as np
+
+    session = engine.session
+    steps = max(1, min(steps, engine.context_length - prompt - 1))
+    rates = []
+    for _ in range(repeats):
+        session.reset()
+        session.run(np.arange(1, prompt + 1, dtype=np.int64)[None], np.arange(prompt))
+        start = time.perf_counter()
+        for position in range(prompt, prompt + steps):
+            session.run(np.array([[position % 97 + 1]]), np.array([position]))
+        rates.append(round(steps / (time.perf_counter() - start), 2))
+    session.reset()
+    return {"decode_tokens_per_s": sorted(rates)[len(rates) // 2], "decode_runs": rates,
+            "decode_steps": steps}
 
 
 def _check_precision_fidelity(engine, loaded, plan, log) -> dict:

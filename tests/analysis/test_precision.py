@@ -71,6 +71,9 @@ def test_compiled_engine_keeps_the_budget_its_plan_claims(tiny_plan, tmp_path):
     measured = engine.compile_report.fidelity
     assert measured["kl"] <= plan.budget["max_kl"], (measured, plan.predicted)
     assert ao.load_engine(tmp_path / "q").manifest["precision_plan"]["measured"] == measured  # recorded
+    # ... next to the built engine's decode speed, every run kept
+    assert len(measured["decode_runs"]) == 3 and measured["decode_tokens_per_s"] in measured["decode_runs"]
+    assert any("tokens/s" in line for line in engine.compile_report.lines())
     full = ao.compile("tiny-random", out=tmp_path / "fp32", context_length=96)
     loaded = load_model("tiny-random")
     assert measure_fidelity(full, loaded.model, calibration_batches(loaded, None, 1, 32, seed=5))["kl"] < 1e-9
