@@ -40,9 +40,10 @@ def add_parser(sub) -> None:
     p.add_argument("--precision-plan", metavar="PLAN.json", default=None,
                    help="per-layer precision plan (int8/int4 weight-only units), made by agentopt plan precision "
                         "or by hand; fp16/bf16 units run as typed regions on GPU targets")
-    p.add_argument("--kv-cache-dtype", choices=["fp32", "fp16"], default=None,
+    p.add_argument("--kv-cache-dtype", choices=["fp32", "fp16", "int8"], default=None,
                    help="KV cache precision (default fp32); fp16 halves cache memory and runs attention in fp16 (what "
-                        "ONNX Runtime's CUDA GroupQueryAttention needs)")
+                        "ONNX Runtime's CUDA GroupQueryAttention needs); int8 quarters it: int8 codes with static "
+                        "scales (K per head, V per channel) calibrated at compile, attention in fp32")
     p.add_argument("--skip-pass", action="append", default=[], metavar="NAME",
                    help="skip a pass of the pipeline (repeatable)")
     p.add_argument("--debug-dump", metavar="DIR", help="write the graph after each pass into DIR")
