@@ -1,17 +1,23 @@
 """Choosing a per-layer precision plan from measured sensitivity (``agentopt plan precision``).
 
-1. Measure: for each unit (see passes/precision_plan.py) and each candidate precision (int8/int4 at the plan's block
-   size, or at their own: ``int4@128``), quantize that unit alone (the same block-wise quantization the engine uses)
-   and measure on calibration tokens what it costs against fp32: mean KL(fp32 || quantized) of the next-token
-   distributions, and top-1 agreement.
-2. Cost: bytes of each unit's weights at each precision, times a per-candidate time per weight element measured on
-   the backend (ORT CPU: fp32 MatMul vs MatMulNBits at accuracy level 4 and the candidate's block size) — the
-   decode-time model is itself measured.
+1. Measure: one forward of the fp32 model on the calibration tokens keeps each decoder layer's inputs and the
+   lm_head's input (``Calibration``). Then for each unit (see passes/precision_plan.py) and each candidate precision
+   (int8/int4 at the plan's block size, or at their own: ``int4@128``; fp16/bf16 emulated), that unit alone is
+   quantized (the same block-wise quantization the engine uses) and its error propagated from its layer's cached
+   input through the rest of the model: mean KL(fp32 || quantized) of the next-token distributions, and top-1
+   agreement. A unit in layer i costs the layers i.. and the head, not a whole forward; the KL is computed in float32
+   without cancelling (``_Reference``) rather than through a float64 log-softmax over the vocabulary.
+2. Cost: bytes each unit's weights read per decode step at each precision, times seconds per byte of the kernel
+   that runs them, three constants measured once per machine and cached (analysis/cost_model.py): the same plan
+   every run on a machine, block sizes ordered by their bytes alone.
 3. Choose: minimize total cost subject to the budget (sum of per-unit KL <= max_kl; or average bits <= target_bits,
-   minimizing KL; or sum of top-1 losses <= 1 - min_top1). Errors of different units are treated as additive; the
-   fidelity check on the compiled engine (``measure_fidelity``) reports how well that held. The choice is a
-   multiple-choice knapsack solved exactly by dynamic programming over a discretized budget (``choose``), which
-   beats the greedy upgrade heuristic (``choose_greedily``) when cheap early upgrades block better combinations.
+   minimizing KL; or sum of top-1 losses <= 1 - min_top1). The choice is a multiple-choice knapsack solved exactly
+   by dynamic programming over a discretized budget (``choose``), which beats the greedy upgrade heuristic
+   (``choose_greedily``) when cheap early upgrades block better combinations.
+4. Check: the chosen plan with all its units at once, end to end on the calibration tokens (chosen again, tighter,
+   when the per-unit errors added up to more than the budget), and each uniform candidate the same way; a mixed plan
+   that is not faster than a uniform one at an equal or lower KL gives way to it (``plan_precision``). The compile
+   then measures the engine's KL on held-out tokens and its decode speed (``measure_fidelity``, compiler.py).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from ..errors import AgentOptError
 from ..passes.assign_layer_precision import HALF_DTYPES
 from ..passes.precision_plan import BITS, PrecisionPlan, parse_precision, unit_of, units_of_model
 from ..capture.quantized_linear import _symmetric_scales, dequantize_blockwise, quantize_blockwise
+from .cost_model import unit_bytes
 
 CPU_CANDIDATES = ("fp32", "int8", "int4")
 
@@ -139,77 +146,9 @@ def _compare(reference: list[torch.Tensor], other: list[torch.Tensor],
     return kl / count, agree / count
 
 
-def measure_backend_costs(weights_mib: int = 256, shape: tuple[int, int] = (1024, 1024), repeats: int = 9,
-                          threads: int | None = None, symmetric: bool = True,
-                          candidates: Iterable[str] = CPU_CANDIDATES, block: int = 32) -> dict[str, float]:
-    """Seconds per weight element of decode-shaped products, (1, K) x (K, N), on ORT CPU, per candidate precision
-    (int8/int4 at ``block`` or at their own block size, ``int4@128``; fp16/bf16 run as fp32 there and are not timed).
-
-    Decode streams every weight from memory once per token, so each precision's products read ``weights_mib`` of
-    its own bytes (distinct matrices, more than a last-level cache holds): one 1024x1024 matrix timed over and over
-    sat in cache and measured int8 as fast as int4, while the engines decode 1.5x faster in int4; and when every
-    precision had the matrix count of 256 MiB of fp32, int4 read ~34 MiB, about a last-level cache, and one run
-    timed int4@64 at 44 ps per weight against 146-152 for its neighbours. Precisions are timed in turns, ``repeats``
-    rounds, median; ``threads``: the session's intra-op threads (None: ORT's default, as engines load)."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    from ..backends.onnxruntime.contrib_schemas import register_ort_contrib_schema
-
-    register_ort_contrib_schema("MatMulNBits")
-    k, n = shape
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((1, k)).astype(np.float32)
-    sessions, counts = {}, {}
-    timed = ["fp32"] + [c for c in dict.fromkeys(candidates) if parse_precision(c)[0] in BITS]
-    for candidate in timed:  # the values do not matter for the time: random weights and codes
-        precision, own_block = parse_precision(candidate)
-        blk = own_block or block
-        matrix_bytes = _unit_bytes_of(k * n, precision, blk, symmetric)
-        count = counts[candidate] = max(1, weights_mib * 2**20 // matrix_bytes)
-        nodes, inits = [], []
-        for i in range(count):
-            if precision == "fp32":
-                nodes.append(helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"]))
-                inits.append(numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32), f"w{i}"))
-                continue
-            bits = BITS[precision]
-            arrays = {f"q{i}": rng.integers(0, 256, (n, k // blk, blk * bits // 8), dtype=np.uint8),
-                      f"s{i}": rng.uniform(0.01, 0.1, (n * k // blk,)).astype(np.float32)}
-            if not symmetric:
-                arrays[f"z{i}"] = np.full((n * ((k // blk * bits + 7) // 8),), 0x88, dtype=np.uint8)
-            nodes.append(helper.make_node("MatMulNBits", ["x", *arrays], [f"y{i}"], domain="com.microsoft", K=k, N=n,
-                                          bits=bits, block_size=blk, accuracy_level=4))
-            inits += [numpy_helper.from_array(a, name) for name, a in arrays.items()]
-        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
-                                  [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, n])
-                                   for i in range(count)], inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
-                                                        helper.make_opsetid("com.microsoft", 1)])
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        sessions[candidate] = ort.InferenceSession(model.SerializeToString(), options,
-                                                   providers=["CPUExecutionProvider"])
-        sessions[candidate].run(None, {"x": x})
-    times: dict[str, list[float]] = {p: [] for p in sessions}
-    for _ in range(repeats):
-        for precision, session in sessions.items():
-            start = time.perf_counter()
-            session.run(None, {"x": x})
-            times[precision].append(time.perf_counter() - start)
-    return {p: float(np.median(t)) / (counts[p] * k * n) for p, t in times.items()}
-
-
 def _unit_bytes(linears: list[torch.nn.Linear], precision: str, block: int, symmetric: bool = True) -> int:
     precision, own_block = parse_precision(precision)
-    return _unit_bytes_of(sum(layer.weight.numel() for layer in linears), precision, own_block or block, symmetric)
-
-
-def _unit_bytes_of(elements: int, precision: str, block: int, symmetric: bool = True) -> int:
-    if precision in BITS:  # + an fp32 scale per block, and (asymmetric) a zero point
-        return elements * BITS[precision] // 8 + elements // block * (4 if symmetric else 5)
-    return elements * (2 if precision in ("fp16", "bf16") else 4)
+    return unit_bytes(sum(layer.weight.numel() for layer in linears), precision, own_block or block, symmetric)
 
 
 class Calibration:
@@ -332,7 +271,7 @@ def _cost_function(costs, cost_model, block: int, symmetric: bool, candidates: l
         missing = [c for c in candidates if parse_precision(c)[0] in BITS and c not in costs]
         if missing:
             raise AgentOptError(f"the cost model has no time for {missing}; measure it with "
-                                "measure_backend_costs(candidates=...)")
+                                "a CostModel (analysis/cost_model.py) instead")
         return (lambda n, p: n * costs.get(p, costs["fp32"])), {"kind": "given", "seconds_per_weight": dict(costs)}
     model = cost_model or cached_cost_model(threads, symmetric, log=log)
     return (lambda n, p: model.seconds(n, p, block, symmetric)), model.to_dict()
