@@ -172,6 +172,7 @@ class Calibration:
                                                                           torch.nn.Linear)
         self.inputs: list[list] = []  # per batch: per layer (args, kwargs)
         self.head_inputs: list[torch.Tensor] = []
+        self.linear_inputs: list[dict] = []  # per batch: unit linear -> its input (for output errors)
         self.references: list[_Reference] = []
         self.scales: dict = {}  # block scales of the units measured, reused by the end-to-end checks
         with torch.no_grad():
@@ -183,6 +184,10 @@ class Calibration:
                             lambda m, args, kwargs, i=i: captured.setdefault(i, (args, kwargs)), with_kwargs=True))
                     hooks.append(model.lm_head.register_forward_pre_hook(
                         lambda m, args: captured.setdefault("head", args[0])))
+                    for linears in unit_linears(model).values():
+                        for layer in linears:
+                            hooks.append(layer.register_forward_pre_hook(
+                                lambda m, args: captured.setdefault(m, args[0])))
                 try:
                     logits = model(batch).float()
                 finally:
@@ -192,6 +197,7 @@ class Calibration:
                 if self.partial:
                     self.inputs.append([captured.get(i) for i in range(len(self.layers))])
                     self.head_inputs.append(captured.get("head"))
+                    self.linear_inputs.append({k: v for k, v in captured.items() if isinstance(k, torch.nn.Module)})
             # the layers re-run from their inputs must give the forward's logits, else measure whole forwards
             self.partial = self.partial and all(None not in row for row in self.inputs) and all(
                 h is not None for h in self.head_inputs) and all(
@@ -214,6 +220,17 @@ class Calibration:
             x = self.layers[j](x, *args[1:], **kwargs)
             x = x[0] if isinstance(x, tuple) else x
         return self.model.lm_head(self.model.norm(x)).float()
+
+    def output_error(self, linears: list[torch.nn.Linear], originals: list[torch.Tensor]) -> float:
+        """Sum over the calibration tokens of ||x (W' - W)^T||^2 for each linear, W' its weight now and W its
+        ``originals`` one: the energy of the error the unit adds to its outputs."""
+        total = 0.0
+        with torch.no_grad():
+            for inputs in self.linear_inputs:
+                for layer, weight in zip(linears, originals):
+                    x = inputs[layer]
+                    total += float((x.reshape(-1, x.shape[-1]) @ (layer.weight - weight).t()).square().sum())
+        return total
 
     def divergence(self, start: int | None = 0) -> tuple[float, float]:
         """Mean KL(fp32 || model as it is now) per token and top-1 agreement, the model run from ``start``: the
@@ -277,15 +294,28 @@ def _cost_function(costs, cost_model, block: int, symmetric: bool, candidates: l
     return (lambda n, p: model.seconds(n, p, block, symmetric)), model.to_dict()
 
 
+SENSITIVITY_METHODS = ("scaled", "exact")
+
+
 def measure_sensitivity(model, batches: list[torch.Tensor], candidates: Iterable[str] = CPU_CANDIDATES,
                         block: int = 32, costs: dict[str, float] | None = None,
                         progress: Callable[[int, int, str], None] | None = None, symmetric: bool = True,
                         calibration: Calibration | None = None, cost_model=None, threads: int | None = None,
-                        log=None, record: dict | None = None) -> list[Option]:
-    """One Option per (unit, precision): the error that unit alone at that precision causes (measured from the
-    cached inputs of its layer, see Calibration), and its decode cost (``costs``: fixed seconds per weight per
-    candidate; else ``cost_model`` or this machine's cached one, analysis/cost_model.py). ``symmetric``: the block
-    quantization the plan will use (quantize_blockwise). ``record`` receives the cost model's description."""
+                        log=None, record: dict | None = None, method: str = "exact") -> list[Option]:
+    """One Option per (unit, precision): the error that unit alone at that precision causes, and its decode cost
+    (``costs``: fixed seconds per weight per candidate; else ``cost_model`` or this machine's cached one,
+    analysis/cost_model.py). ``symmetric``: the block quantization the plan will use (quantize_blockwise).
+    ``record`` receives the cost model's description.
+
+    ``method``: ``exact`` propagates every (unit, candidate) from the cached input of the unit's layer (Calibration).
+    ``scaled`` propagates one candidate per layer unit, its most lossy int8/int4 one (the largest output error), and
+    scales it to the others by their output error, KL(c) = KL(probe) * E(c) / E(probe) with E = ||x dW^T||^2 over the
+    calibration tokens: KL is quadratic in a small perturbation, and block quantizations of one unit perturb it
+    alike. Top-1 losses scale with the square root. fp16/bf16 candidates and the lm_head (whose measurement costs
+    one matmul) are always exact; the plan's end-to-end check (plan_precision) measures what the estimates add up to.
+    """
+    if method not in SENSITIVITY_METHODS:
+        raise AgentOptError(f"unknown sensitivity method {method!r}; use one of {', '.join(SENSITIVITY_METHODS)}")
     units = unit_linears(model)
     missing = set(units_of_model(model.config.num_layers)) - set(units)
     if missing:
@@ -297,20 +327,43 @@ def measure_sensitivity(model, batches: list[torch.Tensor], candidates: Iterable
     if record is not None:
         record["cost_model"] = described
     calibration = calibration or Calibration(model, batches)
+    scaled = method == "scaled" and calibration.partial
     total, done, options = len(units) * len(candidates), 0, []
     for unit, linears in units.items():
         elements = sum(layer.weight.numel() for layer in linears)
+        start = _start_of(unit) if calibration.partial else 0
+        measured: dict[str, tuple[float, float]] = {}
+        applicable = []
+        for precision in candidates:
+            bare, own_block = parse_precision(precision)
+            # blocks must tile the in-features, else the engine keeps the unit fp32: no such option
+            if bare not in BITS or not any(layer.weight.shape[1] % (own_block or block) for layer in linears):
+                applicable.append(precision)
+        weight_only = [p for p in applicable if parse_precision(p)[0] in BITS]
+        if scaled and unit != "lm_head" and len(weight_only) > 1:
+            energy, originals = {}, [layer.weight.data for layer in linears]
+            for precision in weight_only:
+                bare, own_block = parse_precision(precision)
+                with unit_at_precision(linears, bare, own_block or block, symmetric, calibration.scales):
+                    energy[precision] = calibration.output_error(linears, originals)
+            probe = max(weight_only, key=lambda p: energy[p])
+            bare, own_block = parse_precision(probe)
+            with unit_at_precision(linears, bare, own_block or block, symmetric, calibration.scales):
+                kl, top1 = calibration.divergence(start)
+            for precision in weight_only:
+                ratio = energy[precision] / energy[probe] if energy[probe] > 0 else 0.0
+                measured[precision] = (kl * ratio, 1 - (1 - top1) * math.sqrt(ratio))
         for precision in candidates:
             done += 1
-            bare, own_block = parse_precision(precision)
-            blk = own_block or block
-            # blocks must tile the in-features, else the engine keeps the unit fp32: no such option
-            if bare not in BITS or not any(layer.weight.shape[1] % blk for layer in linears):
+            if precision in applicable:
+                bare, own_block = parse_precision(precision)
                 if bare == "fp32":
                     kl, top1 = 0.0, 1.0
+                elif precision in measured:
+                    kl, top1 = measured[precision]
                 else:
-                    with unit_at_precision(linears, bare, blk, symmetric, calibration.scales):
-                        kl, top1 = calibration.divergence(_start_of(unit) if calibration.partial else 0)
+                    with unit_at_precision(linears, bare, own_block or block, symmetric, calibration.scales):
+                        kl, top1 = calibration.divergence(start)
                 options.append(Option(unit, precision, _significant(max(kl, 0.0)), top1,
                                       _unit_bytes(linears, precision, block, symmetric), cost_of(elements, precision)))
             if progress:
@@ -418,7 +471,7 @@ UNIFORM_MARGIN = 0.03  # a mixed plan must be predicted this much faster than th
 def plan_precision(model, batches: list[torch.Tensor], max_kl: float | None = None, target_bits: float | None = None,
                    min_top1: float | None = None, candidates: Iterable[str] = CPU_CANDIDATES, block: int = 32,
                    costs: dict[str, float] | None = None, progress=None, symmetric: bool = True, cost_model=None,
-                   threads: int | None = None, log=None, margin: float = UNIFORM_MARGIN
+                   threads: int | None = None, log=None, margin: float = UNIFORM_MARGIN, method: str = "scaled"
                    ) -> tuple[PrecisionPlan, list[Option]]:
     """Measure and choose. Exactly one budget: ``max_kl``, ``target_bits`` or ``min_top1``. ``symmetric=False``
     plans (and measures) blocks with zero points.
@@ -436,10 +489,11 @@ def plan_precision(model, batches: list[torch.Tensor], max_kl: float | None = No
     started = time.perf_counter()
     calibration = Calibration(model, batches)
     measurements: dict = {"calibration_tokens": calibration.tokens,
-                          "sensitivity": "cached layer inputs" if calibration.partial else "whole forwards"}
+                          "sensitivity": (f"{method}, from cached layer inputs" if calibration.partial
+                                          else "exact, whole forwards")}
     candidates = list(candidates)
     options = measure_sensitivity(model, batches, candidates, block, costs, progress, symmetric, calibration,
-                                  cost_model, threads, log, measurements)
+                                  cost_model, threads, log, measurements, method)
     measurements["sensitivity_seconds"] = round(time.perf_counter() - started, 1)
     if max_kl is not None:
         budget = {"max_kl": max_kl}

@@ -202,6 +202,23 @@ def test_cached_layer_inputs_measure_what_whole_forwards_measure():
     assert options["layers.0.attn_qkv", "fp32"].kl == 0.0
 
 
+def test_scaled_sensitivity_is_close_to_exact():
+    """One propagation per layer unit (its most lossy candidate), the others scaled by their output error: close to
+    propagating each (within 8% on ref-60m; here a 2-layer random model), and the probe itself exact."""
+    loaded = load_model("tiny-random")
+    batches = calibration_batches(loaded, None, sequences=2, length=32)
+    candidates = ("fp32", "int8", "int4", "int4@64")
+    exact, scaled = ({(o.unit, o.precision): o.kl for o in measure_sensitivity(
+        loaded.model, batches, candidates, costs={**FLAT_COSTS, "int4@64": 0.45}, method=method)}
+        for method in ("exact", "scaled"))
+    assert exact.keys() == scaled.keys()
+    for key, kl in exact.items():
+        assert scaled[key] == pytest.approx(kl, rel=0.3, abs=1e-9), key
+    assert any(scaled[key] == exact[key] for key in exact if key[1] == "int4@64")  # probes are exact
+    with pytest.raises(AgentOptError, match="unknown sensitivity method"):
+        measure_sensitivity(loaded.model, batches, candidates, costs=FLAT_COSTS, method="guess")
+
+
 def test_a_model_without_reusable_layers_is_measured_by_whole_forwards():
     from agentopt_compiler.analysis.precision import Calibration
 
@@ -238,7 +255,7 @@ def test_plan_records_its_measurements_and_is_the_same_twice():
     assert m["cost_model"]["seconds_per_byte"] == model.seconds_per_byte and m["cost_model"]["kind"] == "bytes-moved"
     assert [u["precision"] for u in m["uniform"]] == ["int8", "int4", "int4@64"]
     assert plans[0].predicted["checked_kl"] <= 0.002  # checked end to end, within the budget
-    assert m["sensitivity"] == "cached layer inputs" and m["calibration_tokens"] == 64
+    assert m["sensitivity"] == "scaled, from cached layer inputs" and m["calibration_tokens"] == 64
     # the bytes model orders block sizes by their bytes alone: int4@64 reads fewer than int4 (at 32)
     by = {u["precision"]: u for u in m["uniform"]}
     assert by["int4@64"]["decode_matmul_seconds"] < by["int4"]["decode_matmul_seconds"]
