@@ -120,6 +120,7 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
             device: str = "cpu", context_length: int | None = None, skip_passes: Iterable[str] = (),
             debug_dump: str | Path | None = None, overwrite: bool = False, attention_impl: str | None = None,
             batch_size: int = 1, sparse_attention=None, precision_plan=None, kv_cache_dtype: str | None = None,
+            kv_calib: str | Path | None = None,
             progress: Callable[[str], None] | None = None, capture: str = "auto"):
     """Compile ``model`` into an engine folder at ``out`` and return the loaded ``Engine``.
 
@@ -134,8 +135,8 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
     ``precision_plan`` is a ``PrecisionPlan`` or its JSON file (``agentopt plan precision`` makes one).
     ``kv_cache_dtype`` ``fp16`` stores the KV caches in half precision and runs attention in it (half the cache
     memory; what ONNX Runtime's CUDA GroupQueryAttention needs); ``int8`` stores int8 codes with static scales
-    (K per head after RoPE, V per channel) calibrated on seeded random tokens, attention in fp32 (a quarter of fp32's
-    cache memory); default fp32.
+    (K per head after RoPE, V per channel) calibrated on ``kv_calib`` (a text file; default: seeded random tokens,
+    with about twice the headroom), attention in fp32 (a quarter of fp32's cache memory); default fp32.
     ``capture`` picks the module that is captured: ``reference`` (our decoder: Llama, Qwen2, Mistral),
     ``transformers`` (the checkpoint's unmodified transformers module: Qwen3, Gemma 3, Phi-3, SmolLM3, ...), or
     ``auto`` (default): the reference module where it implements the checkpoint, else transformers. Attention the
@@ -155,6 +156,8 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
     log = progress or (lambda _msg: None)
     out = Path(out)
     check_sizes(context_length, batch_size)
+    if kv_calib is not None and kv_cache_dtype != "int8":
+        raise AgentOptError("--kv-calib calibrates int8 KV caches; add --kv-cache-dtype int8, or drop --kv-calib")
     entry = backends.get_backend(backend, device)
     attention_impl = attention_impl or entry.default_attention_impl(device)
     backends.check_attention_impl(entry, attention_impl)
@@ -185,9 +188,14 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
             from .analysis.calibration import calibration_batches
             from .analysis.kv_quantization import kv_cache_scales
 
-            batches = calibration_batches(loaded, None, sequences=4, length=min(128, context), seed=77)
+            from .analysis.kv_quantization import RANDOM_TOKEN_PEAK_LEVEL, TEXT_PEAK_LEVEL
+
+            batches = calibration_batches(loaded, kv_calib, sequences=4, length=min(128, context), seed=77)
+            level = TEXT_PEAK_LEVEL if kv_calib else RANDOM_TOKEN_PEAK_LEVEL
             next(p for p in pipeline.passes if p.name == "set_kv_cache_dtype").scales = kv_cache_scales(
-                loaded.model, batches, config.num_kv_heads)
+                loaded.model, batches, config.num_kv_heads, level)
+            log(f"int8 KV scales from {kv_calib or 'seeded random tokens'} ({sum(b.numel() for b in batches)} "
+                f"tokens), their peaks at level {level} of 127")
     check_memory(config, context, batch_size)
     if precision:
         precision.check_units(config.num_layers)

@@ -79,10 +79,11 @@ def test_half_cache_gqa_passes_the_cuda_kernel_check(tmp_path, tiny_model):
 
 def _int8_scales(context=CONTEXT):
     from agentopt_compiler.analysis.calibration import calibration_batches
-    from agentopt_compiler.analysis.kv_quantization import kv_cache_scales
+    from agentopt_compiler.analysis.kv_quantization import RANDOM_TOKEN_PEAK_LEVEL, kv_cache_scales
 
-    loaded = load_model("tiny-random")
-    return kv_cache_scales(loaded.model, calibration_batches(loaded, None, 4, context, seed=77))
+    loaded = load_model("tiny-random")  # what the compile calibrates on without --kv-calib
+    return kv_cache_scales(loaded.model, calibration_batches(loaded, None, 4, context, seed=77), None,
+                           RANDOM_TOKEN_PEAK_LEVEL)
 
 
 def test_int8_caches_store_scaled_codes_and_change_nothing_else(tiny_model):
@@ -153,6 +154,21 @@ def test_int8_cache_engine_matches_its_eager_reference(impl, op, tmp_path):
     assert worst <= 1e-5
     rows = session.read_cache(start)
     assert all(a.dtype == np.int8 and a.shape[2] == start for a in rows.values())
+
+
+def test_kv_calib_text_calibrates_the_scales_and_needs_int8(tmp_path):
+    from agentopt_compiler.analysis.kv_quantization import kv_cache_scales
+
+    text = tmp_path / "calib.txt"
+    text.write_text("The agent reads the file, calls a tool and answers. " * 40)
+    with pytest.raises(AgentOptError, match="add --kv-cache-dtype int8"):
+        ao.compile("tiny-random", out=tmp_path / "x", context_length=32, kv_calib=text)
+    engine = ao.compile("tiny-random", out=tmp_path / "e", context_length=32, kv_cache_dtype="int8", kv_calib=text)
+    assert {c["dtype"] for c in engine.manifest["engine"]["caches"]} == {"int8"}
+    model, batch = load_model("tiny-random").model, [torch.randint(0, 300, (1, 16))]
+    one, two = kv_cache_scales(model, batch), kv_cache_scales(model, batch, peak_level=127 // 2)
+    assert all(torch.allclose(b, 127 / 63 * a) for pair_one, pair_two in zip(one, two)
+               for a, b in zip(pair_one, pair_two))
 
 
 def test_inspect_reports_kv_bytes_per_token(tmp_path, capsys):
