@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", default="fp32,int8,int4",
                         help="the plans' candidate precisions; ';' separates sets, each planned at every budget "
                              "(e.g. 'fp32,int8,int4;fp32,int8,int4,int4@64,int4@128': per-unit block sizes)")
+    parser.add_argument("--plans", default=None, metavar="PLAN.json,...",
+                        help="compile these plan files (agentopt plan precision --out) instead of planning here")
     parser.add_argument("--block-sizes", default="32",
                         help="block sizes of uniform int4, ours and onnxruntime-genai's (the first is the baseline)")
     parser.add_argument("--work-dir", default="bench_out/precision")
@@ -139,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     costs = cached_cost_model(args.threads, log=log)
     log(f"cost model ({costs.source}): ps per byte "
         f"{', '.join(f'{p} {c * 1e12:.0f}' for p, c in costs.seconds_per_byte.items())}")
-    for candidates in candidate_sets:
+    for path in (args.plans.split(",") if args.plans else []):
+        plan = PrecisionPlan.load(path)
+        variants[f"planned max-kl {plan.budget.get('max_kl')} from {Path(path).name} (ours)"] = plan
+    for candidates in ([] if args.plans else candidate_sets):
         extra = "" if len(candidate_sets) == 1 else f", {'/'.join(candidates)}"
         for budget in map(float, args.budgets.split(",")):
             log(f"planning with --max-kl {budget}, candidates {','.join(candidates)}...")
