@@ -33,6 +33,13 @@ def add_parser(sub) -> None:
                    help="check up to N tokens drafted from the context per decode call: fewer calls when the model "
                         "copies from its context; greedy: the same tokens, sampling: the same distribution "
                         "(default 0: off)")
+    p.add_argument("--no-constrain", action="store_true",
+                   help="with --tools: decode tool calls freely (default: under a grammar from the tools' JSON "
+                        "schemas, so every call parses and fits its tool, and forced tokens are fed in one call)")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE.json",
+                       help="with --prompt: the output is JSON valid for this JSON schema (grammar-constrained)")
+    shape.add_argument("--regex", metavar="PATTERN", help="with --prompt: the output matches this regular expression")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="override the engine's device")
     p.add_argument("--threads", type=THREADS, default=None, help="CPU threads for the backend")
     p.set_defaults(handler=run)
@@ -41,10 +48,12 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..runtime.engine import load_engine
 
+    grammar = _output_grammar(args)
     engine = load_engine(args.engine, device=args.device, threads=args.threads)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                     stop_strings=args.stop, ignore_eos=args.ignore_eos, prompt_lookup=args.prompt_lookup)
     if args.prompt is not None:
+        sampling["grammar"] = grammar
         completion = engine.complete(args.prompt, max_new_tokens=args.max_new_tokens or 32, on_text=_write,
                                      **sampling)
         print()
@@ -55,7 +64,8 @@ def run(args) -> int:
     from ..runtime.agent import Agent, describe_event
     from ..runtime.tools import load_tool
 
-    agent = Agent(engine, tools=[load_tool(t) for t in args.tools], system=args.system, max_steps=args.max_steps)
+    agent = Agent(engine, tools=[load_tool(t) for t in args.tools], system=args.system, max_steps=args.max_steps,
+                  constrained=bool(args.tools) and not args.no_constrain)
     sampling["max_new_tokens"] = args.max_new_tokens or 256
 
     def show(event: dict) -> None:
@@ -79,10 +89,35 @@ def run(args) -> int:
         usage = result.usage
         drafts = (f", {usage['accepted_draft_tokens']} of {usage['drafted_tokens']} drafted tokens accepted"
                   if args.prompt_lookup else "")
+        drafts += f", {usage['forced_tokens']} forced by the tools' grammar" if agent.grammar else ""
         print(f"\n[{result.finish_reason}: {len(result.steps)} step(s), {usage['prefilled_tokens']} tokens "
               f"prefilled, {usage['reused_tokens']} reused from cache, {usage['generated_tokens']} generated"
               f"{drafts}]", file=sys.stderr, flush=True)
     return 0
+
+
+def _output_grammar(args):
+    """The --json-schema / --regex constraint of --prompt mode (None: free text)."""
+    import json
+    from pathlib import Path
+
+    from ..runtime.constraints import json_schema_grammar, regex_grammar
+
+    if (args.json_schema or args.regex) and args.prompt is None:
+        raise AgentOptError("--json-schema and --regex shape a --prompt's output; agent tasks (--task) are "
+                            "constrained by their tools' schemas (see --no-constrain)")
+    if args.regex:
+        return regex_grammar(args.regex, f"--regex {args.regex!r}")
+    if not args.json_schema:
+        return None
+    path = Path(args.json_schema)
+    try:
+        schema = json.loads(path.read_text())
+    except OSError as exc:
+        raise AgentOptError(f"cannot read --json-schema {path}: {exc.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AgentOptError(f"--json-schema {path} is not valid JSON: {exc}") from None
+    return json_schema_grammar(schema, f"--json-schema {path}")
 
 
 MAX_TASK_BYTES = 1 << 20  # one interactive line; longer ones are refused (and would not fit a context anyway)

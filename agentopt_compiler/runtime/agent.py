@@ -9,6 +9,11 @@ Each turn reuses the conversation's KV cache: only tokens not already cached are
 template's turn markers). With a shared ``PrefixCache``, a new agent over the same system prompt and tools starts
 from the cached KV of that prefix. Tool failures of any kind (malformed call, unknown tool, bad arguments, exception,
 timeout) become observations the model sees; the loop itself does not raise on them.
+
+With ``constrained=True`` (the default when tools are given) the model's tool calls are decoded under a grammar
+built from the tools' JSON schemas in its family's call syntax (constraints.py): text stays free until the call's
+opening tag; from there every call names a tool and has arguments its schema accepts, and the tokens the grammar
+forces (tags, keys, separators, a tool name once a prefix fixes it) are fed in one engine call each.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..errors import AgentOptError
 from .chat import render_chat
+from .constraints import call_syntax, check_grammar, tool_call_grammar
 from .generation import GenerationConfig, TextStream
 from .tools import Tool, ToolCall, parse_tool_calls, run_tool_call
 
@@ -29,6 +36,7 @@ class AgentStep:
     text: str  # the model's raw output for this step
     calls: list[ToolCall]
     observations: list[str]
+    engine_calls: int = 0  # decode calls the step took (its first token comes from the prompt's prefill)
 
 
 @dataclass
@@ -42,11 +50,26 @@ class AgentResult:
 class Agent:
     def __init__(self, engine, tools: list[Callable[..., Any] | Tool] = (), system: str | None = None,
                  max_steps: int = 6, tool_timeout_s: float = 30.0, generation: GenerationConfig | None = None,
-                 prefix_cache=None):
+                 prefix_cache=None, constrained: bool | None = None):
         self.engine = engine
         self.tools = {t.name: t for t in (t if isinstance(t, Tool) else Tool.from_function(t) for t in tools)}
         self.max_steps, self.tool_timeout_s = max_steps, tool_timeout_s
         self.generation = generation or GenerationConfig(max_new_tokens=256)
+        constrained = bool(self.tools) if constrained is None else constrained
+        if constrained and not self.tools:
+            raise AgentOptError("constrained=True constrains tool calls, and this agent has no tools")
+        if constrained and engine.tokenizer is None:
+            raise AgentOptError("constrained tool calls need the engine's tokenizer, and this engine has none")
+        # the tools' grammar (free text, then calls valid for their schemas); None: unconstrained
+        self.grammar = tool_call_grammar([t.schema() for t in self.tools.values()],
+                                         call_syntax(engine.tokenizer.chat_template), engine.tokenizer) \
+            if constrained else None
+        if self.grammar is not None:  # a schema llguidance cannot use fails here, not at the first step
+            try:
+                check_grammar(self.grammar, engine.tokenizer, engine.manifest["model"]["config"]["vocab_size"],
+                              engine.eos_token_ids)
+            except AgentOptError as exc:
+                raise AgentOptError(f"{exc} (constrained=False, or --no-constrain, decodes calls freely)") from None
         self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         self.conversation = engine.conversation(prefix_cache)
         self._prefix_remembered = False
@@ -83,17 +106,20 @@ class Agent:
     def _run(self, task: str, on_event, **generation) -> AgentResult:
         emit = on_event or (lambda _event: None)
         config = self.generation.with_options(**generation)
-        config = config.with_options(stop_strings=tuple(config.stop_strings) + TOOL_CALL_ENDS)
+        config = config.with_options(stop_strings=tuple(config.stop_strings) + TOOL_CALL_ENDS,
+                                     grammar=config.grammar or self.grammar)
         self.messages.append({"role": "user", "content": task})
         result = AgentResult(None, "step_limit")
         conversation = self.conversation
         start = (conversation.prefilled_tokens, conversation.reused_tokens, conversation.drafted_tokens,
-                 conversation.accepted_draft_tokens)
+                 conversation.accepted_draft_tokens, conversation.forced_tokens, conversation.decode_calls)
         generated = 0
         for _ in range(self.max_steps):
             logits = self.conversation.prefill_to(self._prompt_ids())
             self._remember_system_prefix()
+            calls_before = conversation.decode_calls
             text, reason, count = self._generate(logits, config, emit)
+            engine_calls = conversation.decode_calls - calls_before
             generated += count
             if reason in TOOL_CALL_ENDS:
                 text += reason  # the stop string is the end of a call: keep it for parsing
@@ -101,7 +127,7 @@ class Agent:
             if not parsed.calls and not parsed.errors:
                 self.messages.append({"role": "assistant", "content": text})
                 result.answer, result.finish_reason = text.strip(), "answer" if reason != "context" else "context"
-                result.steps.append(AgentStep(text, [], []))
+                result.steps.append(AgentStep(text, [], [], engine_calls))
                 emit({"type": "final", "text": text.strip()})
                 break
             self.messages.append({"role": "assistant", "content": parsed.content, "tool_calls": [
@@ -118,7 +144,7 @@ class Agent:
                 observations.append(outcome.text)
             for observation in observations:
                 self.messages.append({"role": "tool", "content": observation})
-            result.steps.append(AgentStep(text, parsed.calls, observations))
+            result.steps.append(AgentStep(text, parsed.calls, observations, engine_calls))
             if reason == "context":
                 result.finish_reason = "context"
                 break
@@ -126,7 +152,9 @@ class Agent:
                         "reused_tokens": conversation.reused_tokens - start[1],
                         "generated_tokens": generated,
                         "drafted_tokens": conversation.drafted_tokens - start[2],  # prompt lookup (0 when off)
-                        "accepted_draft_tokens": conversation.accepted_draft_tokens - start[3]}
+                        "accepted_draft_tokens": conversation.accepted_draft_tokens - start[3],
+                        "forced_tokens": conversation.forced_tokens - start[4],  # by the grammar (0 when off)
+                        "decode_calls": conversation.decode_calls - start[5]}  # engine calls while generating
         return result
 
     def _generate(self, logits, config: GenerationConfig, emit) -> tuple[str, str, int]:

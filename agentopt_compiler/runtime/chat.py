@@ -54,7 +54,16 @@ def render_chat(tokenizer, messages: list[dict[str, Any]], tools: list[dict] | N
     if tokenizer is None or not tokenizer.chat_template:
         raise EngineError("this engine's tokenizer has no chat template; chat and agent use need one (add "
                           "chat_template to tokenizer_config.json of the checkpoint and recompile)")
+    from jinja2 import TemplateError
+
     template = _compile(tokenizer.chat_template)
-    return template.render(messages=messages, tools=tools, documents=None, add_generation_prompt=add_generation_prompt,
-                           bos_token=_special(tokenizer.config, "bos_token"),
-                           eos_token=_special(tokenizer.config, "eos_token"), **variables)
+    try:
+        return template.render(messages=messages, tools=tools, documents=None,
+                               add_generation_prompt=add_generation_prompt,
+                               bos_token=_special(tokenizer.config, "bos_token"),
+                               eos_token=_special(tokenizer.config, "eos_token"), **variables)
+    except ChatTemplateError:
+        raise
+    except (TemplateError, TypeError, ValueError, AttributeError, KeyError) as exc:  # a value of a type it did not expect
+        raise ChatTemplateError(f"the chat template could not render this conversation ({type(exc).__name__}: "
+                                f"{exc}); check the messages' shape and any template variables") from None

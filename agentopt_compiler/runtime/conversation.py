@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import AgentOptError, ContextOverflowError
-from .generation import GenerationConfig, TokenPicker
+from .generation import GenerationConfig
 
 
 class Conversation:
@@ -43,6 +43,8 @@ class Conversation:
         self.reused_tokens = 0
         self.drafted_tokens = 0  # prompt-lookup draft tokens checked, and those the model agreed with
         self.accepted_draft_tokens = 0
+        self.forced_tokens = 0  # tokens a grammar forced (fed without a choice, several per call)
+        self.decode_calls = 0  # engine calls while generating (the first token comes from the prefill's logits)
 
     def release(self) -> None:
         """Forget this conversation's cache (e.g. when a client disconnects)."""
@@ -125,24 +127,29 @@ class Conversation:
 
         With ``config.prompt_lookup`` > 0, each call also checks up to that many drafted tokens (prompt_lookup.py)
         and keeps them up to the first the model does not choose: greedy, the same tokens; sampled, the same
-        distribution (generation.py)."""
+        distribution (generation.py). With ``config.grammar``, only tokens the grammar accepts are chosen, and the
+        tokens it forces are fed in one call (constraints.py)."""
         if config.prompt_lookup:
             check_prompt_lookup(self.engine.session, config.prompt_lookup)
-        picker = TokenPicker(config, self.engine.eos_token_ids, self.engine.context_length)
+        picker = self.engine.token_picker(config)
         rows, draft = logits[0, -1:], []  # (L, V): the first row gives the next token; the rest check the draft
-        while picker.finish is None:
-            new, kept = picker.pick(rows, draft, self.tokens)
-            self.cached += kept
-            self.drafted_tokens += len(draft)
-            self.accepted_draft_tokens += kept
-            yield from new
-            if picker.finish is not None:
-                break
-            draft = picker.next_draft(self.tokens)
-            fed = [self.tokens[-1], *draft]
-            rows = self.feed(fed, self.cached, picks=len(fed))[0]  # (1 + len(draft), V)
-            self.cached += 1
-        return picker.finish
+        try:
+            while picker.finish is None:
+                new, kept = picker.pick(rows, draft, self.tokens)
+                self.cached += kept
+                yield from new
+                if picker.finish is not None:
+                    break
+                draft = picker.next_draft(self.tokens)
+                fed = [self.tokens[-1], *draft]
+                rows = self.feed(fed, self.cached, picks=len(fed))[0]  # (1 + len(draft), V)
+                self.cached += 1
+                self.decode_calls += 1
+            return picker.finish
+        finally:  # also when the caller stops early (a stop string)
+            self.drafted_tokens += picker.drafted
+            self.accepted_draft_tokens += picker.accepted
+            self.forced_tokens += picker.forced
 
     # -- persistence ----------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:

@@ -22,7 +22,7 @@ from typing import Iterator, Sequence
 from ..backends import get_backend
 from ..errors import AgentOptError, EngineError
 from .conversation import Conversation
-from .generation import Completion, GenerationConfig, TextStream
+from .generation import Completion, GenerationConfig, TextStream, TokenPicker
 from .manifest import read_manifest
 from .slots import SlotPool
 from .tokenizer import Tokenizer
@@ -51,6 +51,11 @@ class Engine:
         if self.tokenizer is not None:
             ids += [i for i in self.tokenizer.eos_token_ids if i not in ids]
         return tuple(ids)
+
+    def token_picker(self, config: GenerationConfig) -> TokenPicker:
+        """The token choices of one sequence generated with ``config`` on this engine (generation.py)."""
+        return TokenPicker(config, self.eos_token_ids, self.context_length, self.tokenizer,
+                           self.manifest["model"]["config"]["vocab_size"])
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -137,7 +142,6 @@ class Engine:
         if not rows:
             raise AgentOptError("generate_batch needs at least one prompt")
         scheduler = Scheduler(self, prefill_chunk=max(map(len, rows)), max_waiting=len(rows))
-        texts: list[list[str]] = [[] for _ in rows]
         outputs: list[list[int]] = [[] for _ in rows]
         results: list[dict] = [{} for _ in rows]
 
@@ -145,9 +149,7 @@ class Engine:
             def on_event(event: dict) -> None:
                 if event.get("token") is not None:
                     outputs[index].append(event["token"])
-                if event.get("text"):
-                    texts[index].append(event["text"])
-                if "done" in event or "error" in event:
+                if "done" in event or "error" in event:  # "done" carries the whole text
                     results[index] = event
             return on_event
 
@@ -168,7 +170,7 @@ class Engine:
             ttft = (request.first_token_at or request.finished_at) - start
             decode_s = request.finished_at - (request.first_token_at or request.finished_at)
             rate = (len(outputs[b]) - 1) / decode_s if len(outputs[b]) > 1 and decode_s > 0 else 0.0
-            completions.append(Completion("".join(texts[b]), outputs[b], len(rows[b]), results[b]["done"], ttft,
+            completions.append(Completion(results[b]["text"], outputs[b], len(rows[b]), results[b]["done"], ttft,
                                           rate))
         return completions
 

@@ -1,8 +1,9 @@
 """Generation, written once: what every loop that turns a call's logits into tokens and text shares (no torch).
 
-    GenerationConfig   sampling, stop tokens and strings, limits, prompt lookup
-    TokenPicker        one sequence's tokens from one call's logits: sampled or greedy, prompt-lookup drafts checked
-                       and kept, stop tokens, the new-token and context limits; the next draft
+    GenerationConfig   sampling, stop tokens and strings, limits, prompt lookup, a grammar
+    TokenPicker        one sequence's tokens from one call's logits: sampled or greedy within the grammar's mask,
+                       prompt-lookup drafts checked and kept, stop tokens, the new-token and context limits; the
+                       next call's draft: the tokens the grammar forces, then prompt-lookup tokens it accepts
     TextStream         token ids -> text deltas (tokenizers' DecodeStream: constant work per token), cut at the first
                        stop string, never showing text that may still turn out to be the start of one
     Completion         what a finished generation reports
@@ -16,6 +17,10 @@ A call feeds a sequence's pending token and its draft ``d`` (prompt lookup) and 
     fed:     pending  d[0]  d[1]        row i predicts the token after fed[i]: d[i] is kept when the row chooses it
     rows:    r[0]     r[1]  r[2]        (check_draft: greedy, the argmax; sampled, with the probability p(d[i]))
              -> d[0]? -> d[1]? -> new   the first token that is not the draft ends the call's tokens
+
+With a grammar (constraints.py) the draft starts with the tokens the grammar forces (fast-forward: fed in this one
+call, kept without a check, as decoding them one per call would choose them), then prompt-lookup tokens cut where
+the grammar rejects one; every other row is masked to the tokens the grammar accepts before the choice.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import AgentOptError
+from .constraints import Grammar, Matcher
 from .prompt_lookup import DraftIndex
 from .sampling import check_draft, sample
 
@@ -42,6 +48,8 @@ class GenerationConfig:
     ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks, parity tests)
     prompt_lookup: int = 0  # > 0: check up to this many tokens drafted from the context per call (same tokens
     # when greedy, the same distribution when sampling)
+    grammar: Grammar | None = None  # constrained decoding: only what the grammar accepts (constraints.py)
+    fast_forward: bool = True  # feed the tokens the grammar forces in one call (False: one per call, same tokens)
 
     def __post_init__(self):
         if self.max_new_tokens < 0:
@@ -84,52 +92,105 @@ class TokenPicker:
 
     ``finish`` is None while the sequence goes on, then "stop", "length" or "context"."""
 
-    def __init__(self, config: GenerationConfig, eos_token_ids: Sequence[int], capacity: int):
+    def __init__(self, config: GenerationConfig, eos_token_ids: Sequence[int], capacity: int, tokenizer=None,
+                 vocab_size: int | None = None):
         self.config, self.capacity = config, capacity
         self.stops = set() if config.ignore_eos else set(
             config.stop_token_ids if config.stop_token_ids is not None else eos_token_ids)
         self.rng = np.random.default_rng(config.seed)
         self.sampling = (config.temperature, config.top_k, config.top_p)
         self.generated = 0
-        self.drafted = self.accepted = 0  # draft tokens checked, and those the model agreed with
+        self.drafted = self.accepted = 0  # prompt-lookup tokens checked, and those the model agreed with
+        self.forced = 0  # tokens the grammar forced (fed without a choice)
         self.finish: str | None = None if config.max_new_tokens else "length"
         self._drafts = DraftIndex()
+        self.matcher: Matcher | None = None
+        if config.grammar is not None:
+            if tokenizer is None or vocab_size is None:
+                raise AgentOptError("constrained decoding needs the engine's tokenizer (this engine has none)")
+            self.matcher = Matcher(config.grammar, tokenizer, vocab_size, sorted(self.stops))
+        self._forced_in_draft = 0  # the current draft's leading tokens that the grammar forced
 
     def pick(self, rows: np.ndarray, draft: Sequence[int], tokens: list[int]) -> tuple[list[int], int]:
         """Choose tokens from the logits ``rows`` (L, V) of a call that fed a pending token and ``draft``, appending
-        them to ``tokens`` (the sequence so far). Returns (new tokens, how many of them are drafts the model kept:
-        their keys and values are already cached)."""
-        new, kept = [], 0
-        for index, row in enumerate(rows[:1 + len(draft)]):
-            drafted = index < len(draft)
-            token = check_draft(row, draft[index], self.rng, *self.sampling) if drafted else \
+        them to ``tokens`` (the sequence so far). Returns (new tokens, how many of them are drafts the model kept or
+        the grammar forced: their keys and values are already cached)."""
+        new: list[int] = []
+        forced, self._forced_in_draft = self._forced_in_draft, 0
+        for index, token in enumerate(draft[:forced]):  # the grammar allows nothing else (consumed when drafted)
+            self._append(token, tokens, new, grammar_caught_up=index == forced - 1)
+            self.forced += 1
+            if self.finish:
+                return new, len(new)
+        lookup = draft[forced:]
+        # a row per fed token (the forced ones' rows predict forced tokens: unused), or, from an engine that returns
+        # one row per call (no prompt lookup there), the last fed token's row
+        rows = rows[forced:] if len(rows) > forced else rows[-1:]
+        kept = forced
+        for index, row in enumerate(rows[:1 + len(lookup)]):
+            drafted = index < len(lookup)
+            if self.matcher is not None:
+                row = self.matcher.masked(row)
+            token = check_draft(row, lookup[index], self.rng, *self.sampling) if drafted else \
                 sample(row, self.rng, *self.sampling)
             if token in self.stops:
                 self.finish = "stop"
                 break
-            tokens.append(token)
-            new.append(token)
-            self.generated += 1
-            kept_draft = drafted and token == draft[index]
+            if self.matcher is not None:
+                self.matcher.consume(token)
+            self._append(token, tokens, new)
+            kept_draft = drafted and token == lookup[index]
             kept += kept_draft
-            if self.generated == self.config.max_new_tokens:
-                self.finish = "length"
-            elif len(tokens) > self.capacity:  # no position left to feed it at
-                self.finish = "context"
+            self.accepted += kept_draft
             if self.finish or not kept_draft:
                 break  # the next call feeds the last token (its KV is computed there)
-        self.drafted += len(draft)
-        self.accepted += kept
+        self.drafted += len(lookup)
         return new, kept
 
-    def next_draft(self, tokens: Sequence[int], limit: int | None = None) -> list[int]:
-        """Up to ``config.prompt_lookup`` tokens (at most ``limit``) drafted from ``tokens`` for the next call;
-        never more than the new-token limit or the context leaves room for."""
-        if not self.config.prompt_lookup:
+    def take_forced(self, tokens: list[int]) -> list[int]:
+        """The tokens the grammar forces next, appended to ``tokens`` without an engine call: for a caller whose
+        next call cannot check a draft (several rows on GroupQueryAttention), which feeds them later as it feeds
+        prompt tokens, on the sequence's row alone."""
+        if self.matcher is None or self.finish is not None:
             return []
-        room = min(self.config.prompt_lookup, self.config.max_new_tokens - self.generated - 1,
-                   self.capacity - len(tokens), self.config.prompt_lookup if limit is None else limit)
-        return self._drafts.draft(tokens, room)
+        forced = self.matcher.forced(min(self.config.max_new_tokens - self.generated,
+                                         self.capacity + 1 - len(tokens)))
+        new: list[int] = []
+        for index, token in enumerate(forced):
+            self._append(token, tokens, new, grammar_caught_up=index == len(forced) - 1)
+            self.forced += 1
+            if self.finish:
+                break
+        return new
+
+    def _append(self, token: int, tokens: list[int], new: list[int], grammar_caught_up: bool = True) -> None:
+        """Add a chosen token; ``grammar_caught_up``: the matcher has consumed nothing past it."""
+        tokens.append(token)
+        new.append(token)
+        self.generated += 1
+        if self.generated == self.config.max_new_tokens:
+            self.finish = "length"
+        elif len(tokens) > self.capacity:  # no position left to feed it at
+            self.finish = "context"
+        elif self.matcher is not None and grammar_caught_up and self.matcher.done:
+            self.finish = "stop"  # the grammar is complete: nothing may follow
+
+    def next_draft(self, tokens: Sequence[int], limit: int | None = None) -> list[int]:
+        """The tokens the next call checks after the pending one (at most ``limit``, never more than the new-token
+        limit or the context leaves room for): those the grammar forces, then up to ``config.prompt_lookup`` drafted
+        from ``tokens`` that the grammar accepts."""
+        room = min(self.config.max_new_tokens - self.generated - 1, self.capacity - len(tokens),
+                   self.capacity if limit is None else limit)
+        forced = []
+        if self.matcher is not None and room > 0:
+            forced = self.matcher.forced(room if self.config.fast_forward else 1)
+        self._forced_in_draft = len(forced)
+        lookup = []
+        if self.config.prompt_lookup and room > len(forced):
+            lookup = self._drafts.draft([*tokens, *forced], min(self.config.prompt_lookup, room - len(forced)))
+            if self.matcher is not None:
+                lookup = lookup[:self.matcher.valid_prefix(lookup)]
+        return forced + lookup
 
 
 class TextStream:

@@ -196,7 +196,12 @@ class Scheduler:
                 conversation.busy = False
                 self._finish(request, None, exc)
                 continue
-            request.picker = TokenPicker(request.config, self.engine.eos_token_ids, self.engine.context_length)
+            try:
+                request.picker = self.engine.token_picker(request.config)
+            except AgentOptError as exc:  # a grammar llguidance cannot compile
+                conversation.busy = False
+                self._finish(request, None, exc)
+                continue
             if self.engine.tokenizer is not None:
                 request.text = TextStream(self.engine.tokenizer, request.config.stop_strings)
             self._running.append(request)
@@ -277,18 +282,24 @@ class Scheduler:
         generated_before = self.stats["generated_tokens"]
         for request in ready:
             self._take_tokens(request, logits[request.conversation.slot - lo if session.row_subsets else 0],
-                              drafts[request])
+                              drafts[request], drafts_fit=several)
         now = time.perf_counter()
         self._recent.append((now, self.stats["generated_tokens"] - generated_before))
         while now - self._recent[0][0] > 60:
             self._recent.popleft()
 
-    def _take_tokens(self, request: Request, rows: np.ndarray, draft: list[int]) -> None:
+    def _take_tokens(self, request: Request, rows: np.ndarray, draft: list[int], drafts_fit: bool) -> None:
         conversation = request.conversation
-        new, kept = request.picker.pick(rows, draft, conversation.tokens)
+        picker = request.picker
+        before = picker.drafted, picker.accepted, picker.forced
+        new, kept = picker.pick(rows, draft, conversation.tokens)
         conversation.cached += 1 + kept
-        conversation.drafted_tokens += len(draft)
-        conversation.accepted_draft_tokens += kept
+        if not drafts_fit:  # tokens the grammar forces next: fed as a prefill chunk on the row alone, not a step each
+            new += picker.take_forced(conversation.tokens)
+        conversation.drafted_tokens += picker.drafted - before[0]
+        conversation.accepted_draft_tokens += picker.accepted - before[1]
+        conversation.forced_tokens += picker.forced - before[2]
+        conversation.decode_calls += 1
         request.first_token_at = request.first_token_at or time.perf_counter()
         self.stats["generated_tokens"] += len(new)
         for token in new:

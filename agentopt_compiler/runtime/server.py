@@ -32,15 +32,13 @@ from starlette.requests import Request  # route signatures are resolved at modul
 
 from ..errors import AgentOptError
 from .chat import ChatTemplateError, render_chat
+from .constraints import Grammar, call_syntax, check_grammar, json_schema_grammar, tool_call_grammar
 from .conversation import check_prompt_lookup
 from .generation import GenerationConfig
 from .prefix_cache import PrefixCache
 from .scheduler import MIN_SHARED_PREFIX, QueueFullError, Scheduler
 from .server_api import ApiError, ChatRequest, parse_chat_request
 from .tools import parse_tool_calls
-
-TOOL_CALL_OPEN = "<tool_call>"
-
 
 @dataclass
 class PreparedChat:
@@ -49,9 +47,9 @@ class PreparedChat:
     request: ChatRequest
     ids: list[int]
     shared_prefix: int  # tokens of the system turn (system prompt and tools): what other sessions likely share
-    forced: str  # text the answer starts with (tool_choice), already in the prompt
     config: GenerationConfig
     tools_offered: bool
+    call_open: str  # the model family's tool-call opening tag (streamed text from it on is held back)
 
 
 class ChatService:
@@ -71,6 +69,10 @@ class ChatService:
         if prompt_lookup:  # refuse at start, not at every request
             check_prompt_lookup(engine.session, GenerationConfig(prompt_lookup=prompt_lookup).prompt_lookup)
         self.created = int(time.time())
+        template = engine.tokenizer.chat_template
+        self.call_syntax = call_syntax(template)
+        self.reasoning = ("<think>", "</think>") if template and "<think>" in template else None
+        self.vocab_size = engine.manifest["model"]["config"]["vocab_size"]
 
     def start(self) -> "ChatService":
         self.scheduler.start()
@@ -93,30 +95,23 @@ class ChatService:
         tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
         choice = request.tool_choice or ("auto" if tools else "none")
         offered = tools if choice != "none" else None
-        # tool_choice is honoured by starting the answer for the model: "required" opens a call, a named function
-        # opens a call to it, and a named function that takes no arguments is called outright
-        forced, call_is_complete = "", False
         if choice == "required" and not tools:
             raise ApiError(HTTPStatus.BAD_REQUEST, "tool_choice 'required' needs tools", "invalid_value",
                            "tool_choice")
-        if tools and choice == "required":
-            forced = TOOL_CALL_OPEN
-        elif not isinstance(choice, str):
-            name = choice.function.name
-            chosen = next((t["function"] for t in tools or () if t["function"]["name"] == name), None)
-            if chosen is None:
-                raise ApiError(HTTPStatus.BAD_REQUEST, f"tool_choice names '{name}', which is not among the tools",
-                               "invalid_value", "tool_choice")
-            forced = TOOL_CALL_OPEN + '{"name": ' + json.dumps(name) + ', "arguments": '
-            if not (chosen.get("parameters") or {}).get("properties"):
-                forced, call_is_complete = forced + "{}}</tool_call>", True
+        if not isinstance(choice, str) and not any(t["function"]["name"] == choice.function.name
+                                                   for t in tools or ()):
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"tool_choice names '{choice.function.name}', which is not "
+                                                   "among the tools", "invalid_value", "tool_choice")
+        grammar = self._grammar(request, offered, choice if isinstance(choice, str) else choice.function.name)
         messages = [_template_message(m, i) for i, m in enumerate(request.messages)]
         # the system turn (with the tool schemas) is what sessions share: the prefix cache holds its KV
         system = next((i for i, m in enumerate(messages) if m["role"] not in ("system", "developer")), len(messages))
         tokenizer = self.engine.tokenizer
         try:
-            prompt = render_chat(tokenizer, messages, offered) + forced
-            head = render_chat(tokenizer, messages[:system], offered, add_generation_prompt=False) if system else ""
+            variables = request.chat_template_kwargs or {}
+            prompt = render_chat(tokenizer, messages, offered, **variables)
+            head = render_chat(tokenizer, messages[:system], offered, add_generation_prompt=False,
+                               **variables) if system else ""
         except ChatTemplateError as exc:
             raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), "invalid_value", "messages") from None
         ids = tokenizer.encode(prompt, add_special_tokens=False)
@@ -130,12 +125,45 @@ class ChatService:
         max_tokens = request.max_completion_tokens or request.max_tokens or self.engine.context_length
         stop = request.stop or ()
         config = GenerationConfig(
-            max_new_tokens=0 if call_is_complete else max_tokens,
+            max_new_tokens=max_tokens, grammar=grammar,
             temperature=1.0 if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p, seed=request.seed,
             stop_strings=(stop,) if isinstance(stop, str) else tuple(stop), prompt_lookup=self.prompt_lookup,
             ignore_eos=request.ignore_eos)
-        return PreparedChat(request, ids, shared, forced, config, bool(offered))
+        return PreparedChat(request, ids, shared, config, bool(offered), self.call_syntax.open)
+
+    def _grammar(self, request: ChatRequest, tools: list[dict] | None, choice: str) -> Grammar | None:
+        """What constrains the answer: response_format json_object / json_schema; tool_choice required or named
+        (a call first); tools with ``strict: true`` (free text, then calls valid for their schemas, the other
+        tools' arguments any JSON object). None: free text, as OpenAI's default non-strict tools. A grammar
+        llguidance cannot build (an unsatisfiable schema, a malformed regex) is a 400 naming the field."""
+        form = request.response_format
+        strict = tools is not None and any(t["function"].get("strict") for t in tools)
+        constrains_calls = tools is not None and (choice != "auto" or strict)
+        if form is not None and form.type != "text" and constrains_calls:
+            raise ApiError(HTTPStatus.BAD_REQUEST, "response_format json_object/json_schema together with "
+                                                   "tool_choice 'required', a named tool or strict tools is not "
+                                                   "supported yet; send one of them", "invalid_value",
+                           "response_format")
+        if form is not None and form.type == "json_schema":
+            grammar, param = json_schema_grammar(form.json_schema.schema_, "response_format.json_schema.schema"), \
+                "response_format.json_schema.schema"
+        elif form is not None and form.type == "json_object":
+            grammar, param = json_schema_grammar({"type": "object"}, "response_format json_object"), \
+                "response_format"
+        elif constrains_calls:
+            functions = [t if t["function"].get("strict") or not strict else
+                         {**t, "function": {**t["function"], "parameters": {"type": "object"}}} for t in tools]
+            grammar = tool_call_grammar(functions, self.call_syntax, self.engine.tokenizer, choice,
+                                        reasoning=self.reasoning)
+            param = "tools"
+        else:
+            return None
+        try:
+            check_grammar(grammar, self.engine.tokenizer, self.vocab_size, self.engine.eos_token_ids)
+        except AgentOptError as exc:
+            raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), "invalid_value", param) from None
+        return grammar
 
     def submit(self, prepared: PreparedChat, on_event):
         """Queue ``prepared`` on the scheduler; a full queue is a 429."""
@@ -148,7 +176,6 @@ class ChatService:
     @staticmethod
     def final_message(prepared: PreparedChat, text: str, reason: str) -> tuple[dict, str]:
         """The assistant message (tool calls parsed out when tools were offered) and the OpenAI finish reason."""
-        text = prepared.forced + text
         message: dict[str, Any] = {"role": "assistant", "content": text}
         finish = "length" if reason in ("length", "context") else "stop"
         if prepared.tools_offered:
@@ -199,14 +226,14 @@ def _template_message(message, index: int) -> dict:
     return out
 
 
-def split_visible(text: str) -> tuple[str, str]:
-    """Split streamed text into what can be shown now and what must be held back: everything from a
-    ``<tool_call>`` marker on, or a trailing piece that may be the start of one."""
-    at = text.find(TOOL_CALL_OPEN)
+def split_visible(text: str, call_open: str = "<tool_call>") -> tuple[str, str]:
+    """Split streamed text into what can be shown now and what must be held back: everything from a tool call's
+    opening tag on, or a trailing piece that may be the start of one."""
+    at = text.find(call_open)
     if at >= 0:
         return text[:at], text[at:]
-    for keep in range(min(len(TOOL_CALL_OPEN) - 1, len(text)), 0, -1):
-        if TOOL_CALL_OPEN.startswith(text[-keep:]):
+    for keep in range(min(len(call_open) - 1, len(text)), 0, -1):
+        if call_open.startswith(text[-keep:]):
             return text[:-keep], text[-keep:]
     return text, ""
 
@@ -227,7 +254,7 @@ async def chat_events(service: ChatService, request: ChatRequest) -> AsyncIterat
     finished = False
     try:
         yield {"accepted": True}
-        held = prepared.forced
+        held = ""
         while True:
             event = await events.get()
             if "error" in event:
@@ -242,7 +269,7 @@ async def chat_events(service: ChatService, request: ChatRequest) -> AsyncIterat
                                  "held": held}}
                 return
             held += event["text"]
-            send, held = split_visible(held) if prepared.tools_offered else (held, "")
+            send, held = split_visible(held, prepared.call_open) if prepared.tools_offered else (held, "")
             if send:
                 yield {"delta": send}
     finally:

@@ -11,7 +11,7 @@ import json
 from http import HTTPStatus
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator, model_validator
 
 Number = Annotated[float, Field(allow_inf_nan=False, strict=True)]  # ints are numbers too; strings, NaN are not
 
@@ -81,8 +81,24 @@ class StreamOptions(_Strict):
     include_usage: StrictBool = False
 
 
+class JsonSchemaFormat(_Strict):
+    name: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: StrictStr | None = None
+    schema_: Annotated[dict[str, Any], Field(alias="schema")] = {}  # "schema" would shadow BaseModel's method
+    strict: StrictBool | None = None
+
+
 class ResponseFormat(_Strict):
-    type: Literal["text"]
+    """text (free), json_object (any JSON object) or json_schema (JSON valid for the schema): the last two are
+    decoded under a grammar (constraints.py), so the answer always parses and validates."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object: {\"name\": ..., \"schema\": {...}}")
+        return self
 
 
 class ChatRequest(_Strict):
@@ -108,6 +124,19 @@ class ChatRequest(_Strict):
     metadata: dict[str, StrictStr] | None = None
     store: Literal[False] | None = None
     ignore_eos: StrictBool = False  # vLLM's extension: generate max_tokens tokens whatever the model ends with
+    # vLLM's / SGLang's extension: extra chat-template variables, e.g. {"enable_thinking": false} for Qwen3
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables_do_not_replace_the_conversation(cls, value):
+        taken = sorted(set(value or ()) & RESERVED_TEMPLATE_VARIABLES)
+        if taken:
+            raise ValueError(f"chat_template_kwargs cannot set {', '.join(taken)}: the request's own fields do")
+        return value
+
+
+RESERVED_TEMPLATE_VARIABLES = {"messages", "tools", "documents", "add_generation_prompt", "bos_token", "eos_token"}
 
 
 def parse_chat_request(raw: bytes) -> ChatRequest:
@@ -160,7 +189,8 @@ _UNSUPPORTED = {
     "presence_penalty": "penalties are not implemented (only 0)",
     "frequency_penalty": "penalties are not implemented (only 0)",
     "logprobs": "log probabilities are not implemented",
-    "response_format": "only {\"type\": \"text\"} is supported yet",
+    "response_format": "use {\"type\": \"text\"}, {\"type\": \"json_object\"} or {\"type\": \"json_schema\", "
+                       "\"json_schema\": {\"name\": ..., \"schema\": {...}}}",
     "store": "stored completions are not supported",
 }
 
@@ -178,4 +208,4 @@ def _field_path(location: tuple) -> str:
 
 _FIELD_NAMES = {name for model in (ChatRequest, Message, ToolDefinition, FunctionDefinition, ToolCall,
                                    CalledFunction, ContentPart, NamedToolChoice, NamedFunction, StreamOptions,
-                                   ResponseFormat) for name in model.model_fields}
+                                   ResponseFormat, JsonSchemaFormat) for name in model.model_fields} | {"schema"}

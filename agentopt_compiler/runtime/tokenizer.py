@@ -17,6 +17,7 @@ class Tokenizer:
             self._tok = HFTokenizer.from_file(str(path))
         except Exception as exc:
             raise EngineError(f"cannot read {path}: {exc}") from None
+        self._json: str | None = None
         config_path = folder / "tokenizer_config.json"
         self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         template_path = folder / "chat_template.jinja"
@@ -42,6 +43,12 @@ class Tokenizer:
 
         stream = DecodeStream(skip_special_tokens=True)
         return lambda token_id: stream.step(self._tok, token_id)
+
+    def to_json(self) -> str:
+        """The tokenizer.json text (what llguidance reads to know each token's bytes)."""
+        if self._json is None:
+            self._json = self._tok.to_str()
+        return self._json
 
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

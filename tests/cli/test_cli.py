@@ -150,6 +150,31 @@ def test_run_with_prompt_lookup_prints_the_same_text_and_the_drafts(chat_engine,
     assert "drafted tokens accepted" in capsys.readouterr().err
 
 
+def test_run_constrains_tool_calls_unless_told_not_to_and_shapes_prompt_output(chat_engine, capsys, monkeypatch,
+                                                                              tmp_path):
+    (tmp_path / "mytools.py").write_text("def shout(text: str) -> str:\n    '''Upper-case text.'''\n"
+                                         "    return text.upper()\n")
+    monkeypatch.chdir(tmp_path)
+    base = ["run", str(chat_engine.folder), "--task", "Shout hello", "--tools", "mytools:shout",
+            "--max-new-tokens", "8", "--max-steps", "1"]
+    assert main(base) == 0
+    assert "forced by the tools' grammar" in capsys.readouterr().err
+    assert main(base + ["--no-constrain"]) == 0
+    assert "grammar" not in capsys.readouterr().err
+    (tmp_path / "answer.json").write_text('{"type": "object", "properties": {"ok": {"type": "boolean"}}, '
+                                          '"required": ["ok"], "additionalProperties": false}')
+    prompt = ["run", str(chat_engine.folder), "--prompt", "Answer:", "--max-new-tokens", "40"]
+    assert main(prompt + ["--json-schema", "answer.json", "--temperature", "1", "--seed", "2"]) == 0
+    assert json.loads(capsys.readouterr().out) in ({"ok": True}, {"ok": False})
+    assert main(prompt + ["--regex", "(yes|no)"]) == 0
+    assert capsys.readouterr().out.strip() in ("yes", "no")
+    assert "cannot read --json-schema" in cli_error_line(capsys, prompt + ["--json-schema", "missing.json"])
+    (tmp_path / "broken.json").write_text("{not json")
+    assert "is not valid JSON" in cli_error_line(capsys, prompt + ["--json-schema", "broken.json"])
+    assert "cannot constrain decoding" in cli_error_line(capsys, prompt + ["--regex", "(unclosed"])
+    assert "shape a --prompt" in cli_error_line(capsys, base + ["--regex", "x"])
+
+
 def test_bad_tool_spec(chat_engine, capsys):
     line = cli_error_line(capsys, ["run", str(chat_engine.folder), "--task", "x", "--tools", "no_such_module:f"])
     assert "cannot load tool 'no_such_module:f'" in line

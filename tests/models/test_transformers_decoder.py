@@ -123,6 +123,25 @@ def test_family_matches_transformers_through_the_engine(name, tmp_path):
         assert fused.stats["softcapped"] == layers and {layer["softcap"] for layer in attention["layers"]} == {2.0}
 
 
+@pytest.mark.parametrize("name", ["qwen3-yarn", "gemma3"])
+def test_per_head_views_get_dynamic_rows_and_batched_sessions_keep_their_tokens(name, tmp_path):
+    # transformers' QK-norm head views spell the batch as a constant; the lowering reads it from the input instead
+    hf = _checkpoint(name, tmp_path / "ckpt")
+    engine = ao.compile(tmp_path / "ckpt", out=tmp_path / "engine", context_length=CONTEXT, batch_size=2)
+    assert engine.manifest["engine"]["rows"] == "dynamic"
+    assert engine.compile_report.lowering_rules["rows_copied_in_reshapes"] == 4 * SMALL["num_hidden_layers"]
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, SMALL["vocab_size"], (PROMPT - i,), generator=generator).tolist() for i in range(3)]
+    slotted = ao.load_engine(tmp_path / "engine", slots=3)  # three sessions on three rows, decoding together
+    batch = slotted.generate_batch(prompts, max_new_tokens=STEPS, ignore_eos=True)
+    with torch.no_grad():
+        for prompt, completion in zip(prompts, batch):
+            expected = list(prompt)
+            for _ in range(STEPS):
+                expected.append(int(hf(torch.tensor([expected])).logits[0, -1].argmax()))
+            assert completion.token_ids == expected[len(prompt):]
+
+
 @pytest.mark.parametrize("name, context, reason", [
     ("phi3-longrope", 100, "RoPE 'longrope' changes its frequencies with the sequence length.*--context-length 64"),
     ("llama-dynamic", 200, "RoPE 'dynamic' changes its frequencies with the sequence length.*--context-length 128"),

@@ -26,8 +26,10 @@ def test_manifest_describes_the_engine(tiny_engine_dir):
     assert manifest["engine"]["cache_update"] == "in_place"
     # 2 layers x 2 norms, less the first; one packed q/k/v per layer
     # tiny-random's RoPE tables are small enough for the exporter's own folding: nothing left for constant_slices
-    # dynamic_rows 1: the batch dimension is symbolic, and running it proved rows independent
-    assert manifest["engine"]["lowering_rules"] == {"skip_rms_norm": 3, "packed_qkv": 2, "constant_slices": 0,
+    # dynamic_rows 1: the batch dimension is symbolic, and running it proved rows independent; the reference module
+    # writes no batch-sized head shapes (rows_copied_in_reshapes: 0)
+    assert manifest["engine"]["lowering_rules"] == {"rows_copied_in_reshapes": 0, "skip_rms_norm": 3,
+                                                  "packed_qkv": 2, "constant_slices": 0,
                                                   "shared_subexpressions": 0, "dynamic_rows": 1}
     assert manifest["engine"]["rows"] == "dynamic"
     assert set(manifest["files"]) == {p.name for p in tiny_engine_dir.iterdir()} - {"manifest.json"}

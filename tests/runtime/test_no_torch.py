@@ -33,10 +33,13 @@ def test_engine_loads_and_generates_without_torch(tiny_engine_dir, tiny_engine):
         engine = ao.load_engine({str(tiny_engine_dir)!r})
         print(engine.generate_ids([1, 2, 3, 4], max_new_tokens=12, ignore_eos=True))
         print(repr(engine.generate("Hello", max_new_tokens=4)))
+        from agentopt_compiler.runtime.constraints import regex_grammar
+        print(repr(engine.generate("Hello", max_new_tokens=8, grammar=regex_grammar("(yes|no)"))))  # llguidance
         assert "torch" not in sys.modules
     """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == str(expected)
+    assert result.stdout.splitlines()[2] in ("'yes'", "'no'")
 
 
 def test_cli_run_and_inspect_without_torch(tiny_engine_dir):

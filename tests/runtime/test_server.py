@@ -84,13 +84,14 @@ def test_streaming_gives_the_same_text_and_usage(client):
 
 def test_tool_call_round_trip(client):
     # a model with random weights never writes a tool call by itself; tool_choice naming a function that takes no
-    # arguments makes the server call it outright, which exercises the whole tool-call path of the API
+    # arguments leaves the grammar one call to write (all forced), which exercises the whole tool-call path of the API
     choice = {"type": "function", "function": {"name": "get_time"}}
-    first = _ask(client, "What time is it?", tools=TOOLS, tool_choice=choice)
+    first = _ask(client, "What time is it?", max_tokens=64, tools=TOOLS, tool_choice=choice)
+    assert first.usage.completion_tokens > 1  # the call's tokens are the answer's (fed in a few engine calls)
     assert first.choices[0].finish_reason == "tool_calls"
     call = first.choices[0].message.tool_calls[0]
     assert call.function.name == "get_time" and json.loads(call.function.arguments) == {} and call.id
-    streamed = list(_ask(client, "What time is it?", tools=TOOLS, tool_choice=choice, stream=True))
+    streamed = list(_ask(client, "What time is it?", max_tokens=64, tools=TOOLS, tool_choice=choice, stream=True))
     deltas = [c.choices[0].delta for c in streamed if c.choices]
     assert [d.tool_calls[0].function.name for d in deltas if d.tool_calls] == ["get_time"]
     assert [c.choices[0].finish_reason for c in streamed if c.choices][-1] == "tool_calls"
@@ -101,6 +102,66 @@ def test_tool_call_round_trip(client):
                                             max_tokens=8)
     assert second.choices[0].finish_reason in ("length", "stop", "tool_calls")
     assert second.usage.prompt_tokens_details.cached_tokens > 0  # it continued the first conversation's cache
+
+
+ANSWER_SCHEMA = {  # nested objects, enums, bounded numbers, arrays, optional keys
+    "type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["C", "F"]},
+        "readings": {"type": "array", "items": {"type": "number", "minimum": -50, "maximum": 60}, "maxItems": 3},
+        "station": {"type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999},
+                                                     "open": {"type": "boolean"}}, "required": ["id", "open"],
+                    "additionalProperties": False},
+        "note": {"type": "string", "maxLength": 5}},
+    "required": ["city", "unit", "readings", "station"], "additionalProperties": False}  # closed: a random model
+# would otherwise add keys of its own until max_tokens (valid JSON, but never finished)
+
+
+def test_response_format_json_schema_answers_always_validate(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    form = {"type": "json_schema", "json_schema": {"name": "weather", "schema": ANSWER_SCHEMA}}
+    for seed in range(4):  # random weights sampled at temperature 1: only the grammar makes these valid
+        reply = client.chat.completions.create(
+            model="tiny-random", messages=[{"role": "user", "content": "Weather?"}], temperature=1.0, seed=seed,
+            max_tokens=400, response_format=form)
+        assert reply.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(reply.choices[0].message.content), ANSWER_SCHEMA)
+    reply = client.chat.completions.create(model="tiny-random", messages=[{"role": "user", "content": "JSON!"}],
+                                           temperature=1.0, seed=9, max_tokens=200,
+                                           response_format={"type": "json_object"})
+    assert isinstance(json.loads(reply.choices[0].message.content), dict)
+
+
+def test_strict_tools_and_required_tool_choice_give_calls_that_fit_the_schema(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    params = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                               "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+              "required": ["city", "days"]}
+    tools = [*TOOLS, {"type": "function", "function": {"name": "forecast", "strict": True, "parameters": params}}]
+    for seed in range(3):
+        reply = client.chat.completions.create(
+            model="tiny-random", messages=[{"role": "user", "content": "Forecast for Oslo?"}], temperature=1.0,
+            seed=seed, max_tokens=200, tools=tools, tool_choice="required")
+        assert reply.choices[0].finish_reason == "tool_calls"
+        call = reply.choices[0].message.tool_calls[0]
+        assert call.function.name in ("get_time", "forecast")
+        if call.function.name == "forecast":
+            jsonschema.validate(json.loads(call.function.arguments), params)
+
+
+def test_chat_template_kwargs_reach_the_template(server, slotted_chat):
+    from agentopt_compiler.runtime.chat import render_chat
+
+    template = slotted_chat.tokenizer.chat_template
+    slotted_chat.tokenizer.chat_template = template + "{% if greeting %}{{ greeting }}{% endif %}"
+    try:
+        request = {**GOOD, "max_tokens": 1, "chat_template_kwargs": {"greeting": "Hi!"}}
+        status, body, _ = _post(server.url, request)
+        assert status == 200
+        with_greeting = render_chat(slotted_chat.tokenizer, GOOD["messages"], greeting="Hi!")
+        assert body["usage"]["prompt_tokens"] == len(slotted_chat.tokenizer.encode(with_greeting,
+                                                                                   add_special_tokens=False))
+    finally:
+        slotted_chat.tokenizer.chat_template = template
 
 
 def test_multi_turn_requests_reuse_the_cache(client):
@@ -159,7 +220,15 @@ MALFORMED = [  # (field changes, the param the error must name)
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"), ({"stop": 5}, "stop"), ({"stop": ["a"] * 5}, "stop"),
     ({"n": 2}, "n"), ({"presence_penalty": 1.0}, "presence_penalty"), ({"logprobs": True}, "logprobs"),
-    ({"response_format": {"type": "json_object"}}, "response_format.type"), ({"unknown_field": 1}, "unknown_field"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type"), ({"unknown_field": 1}, "unknown_field"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+        "type": "integer", "minimum": 5, "maximum": 1}}}}, "response_format.json_schema.schema"),  # unsatisfiable
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "blob"}}}},
+     "response_format.json_schema.schema"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
+        "type": "object", "properties": {"a": {"type": "string", "minLength": 3, "maxLength": 1}},
+        "required": ["a"]}}}]}, "tools"),
     ({"messages": []}, "messages"), ({"messages": "hi"}, "messages"), ({"messages": [{"content": "x"}]},
                                                                      "messages[0].role"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
@@ -170,6 +239,8 @@ MALFORMED = [  # (field changes, the param the error must name)
         "name": "f", "arguments": "{not json"}}]}]}, "messages[0].tool_calls"),
     ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
     ({"model": 5}, "model"), ({"model": None}, "model"),
+    ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"), ({"chat_template_kwargs": 3},
+                                                                          "chat_template_kwargs"),
 ]
 
 

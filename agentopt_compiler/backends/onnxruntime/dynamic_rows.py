@@ -39,6 +39,56 @@ def make_rows_symbolic(model: ir.Model, batch: int) -> int:
     return changed
 
 
+def copy_rows_in_reshapes(model: ir.Model, batch: int) -> int:
+    """Reshape targets that spell the batch as a constant read it from their input instead; returns how many.
+
+        view(*hidden.shape[:-1], -1, head_dim)   exported at batch 2:   Reshape(x, Concat([2], [s], [-1, 16]))
+     -> Reshape(x, Concat(Shape(x)[0:1], [s], [-1, 16]))                any number of rows
+
+    transformers' attention modules (Qwen3, Gemma 3: the per-head QK-norm views) build their head shapes so; without
+    this the graph holds a batch-sized constant and its rows stay static. (Not a 0 in the shape: the exporter's
+    Reshapes set allowzero, where 0 means an empty dimension.)"""
+    changed = 0
+    for concat in list(model.graph):
+        if concat.op_type != "Concat" or not concat.inputs or _int_constant(concat.inputs[0]) != [batch]:
+            continue
+        users = [use.node for use in concat.outputs[0].uses()]
+        if not users or not all(_reshape_of_rows(user, concat.outputs[0], batch) for user in users):
+            continue
+        rows = ir.node("Shape", [users[0].inputs[0]], attributes={"start": 0, "end": 1},
+                       name=f"{concat.name}_rows")  # all users reshape values with the batch first
+        model.graph.insert_before(concat, rows)
+        concat.replace_input_with(0, rows.outputs[0])
+        changed += 1
+    if changed:
+        model.graph.sort()  # a Shape node may read a value computed after the Concat it feeds
+    return changed
+
+
+def _int_constant(value: ir.Value | None) -> list[int] | None:
+    if value is None:
+        return None
+    tensor = value.const_value
+    producer = value.producer()
+    if tensor is None and producer is not None and producer.op_type == "Constant":
+        if "value_ints" in producer.attributes:  # the exporter writes small shape pieces so
+            return list(producer.attributes["value_ints"].value)
+        attribute = producer.attributes.get("value")
+        tensor = attribute.value if attribute is not None else None
+    if tensor is None:
+        return None
+    array = tensor.numpy()
+    return array.tolist() if array.dtype == np.int64 and array.ndim == 1 else None
+
+
+def _reshape_of_rows(node: ir.Node, shape: ir.Value, batch: int) -> bool:
+    """``node`` reshapes a value whose first dimension is the batch, with ``shape`` as its target (0 copies)."""
+    if node.op_type != "Reshape" or len(node.inputs) < 2 or node.inputs[1] is not shape:
+        return False
+    data = node.inputs[0].shape if node.inputs[0] is not None else None
+    return data is not None and len(data) > 0 and data[0] == batch
+
+
 def rows_are_independent(path: Path, caches: list[dict], logits: str) -> bool:
     """Run the saved graph on 1 and on 2 rows (row 1 other tokens); True when row 0's logits agree. (Prefills from
     position 0: GroupQueryAttention takes several tokens per row after cached ones only at batch size 1.)

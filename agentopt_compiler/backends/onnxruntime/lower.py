@@ -24,7 +24,7 @@ import torch
 from ...errors import AgentOptError, UnsupportedOpError
 from ..ring_caches import ring_spare_slots
 from .constant_slices import fold_constant_slices
-from .dynamic_rows import make_rows_static, make_rows_symbolic, rows_are_independent
+from .dynamic_rows import copy_rows_in_reshapes, make_rows_static, make_rows_symbolic, rows_are_independent
 from .packed_qkv import feed_packed_qkv
 from .shared_subexpressions import share_common_subexpressions
 from .skip_rms_norm import fuse_skip_rms_norm
@@ -291,6 +291,7 @@ def lower_to_onnx(program, folder: Path, attention_impl: str = "gqa", device: st
     user_outputs[0].name = "logits"
     trim_unused_trailing_outputs(graph)
     # before the optimizer folds shape computations into constants: a folded batch size would tie the graph to it
+    lowering_rules = {"rows_copied_in_reshapes": copy_rows_in_reshapes(onnx_program.model, program.batch_size)}
     make_rows_symbolic(onnx_program.model, program.batch_size)
     onnx_program.optimize()
     layer_impls = check_attention_patterns(onnx_program.model.graph, fused_nodes)
@@ -298,7 +299,6 @@ def lower_to_onnx(program, folder: Path, attention_impl: str = "gqa", device: st
     if device == "cuda":
         check_cuda_kernels(onnx_program.model.graph)
     # ORT contrib-op rules, unless the engine must stay standard ONNX (what --attention-impl standard is for)
-    lowering_rules = {}
     if attention_impl == "gqa":
         lowering_rules["skip_rms_norm"] = fuse_skip_rms_norm(onnx_program.model)
         lowering_rules["packed_qkv"] = feed_packed_qkv(onnx_program.model)

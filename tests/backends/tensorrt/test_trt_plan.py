@@ -23,7 +23,8 @@ def test_plan_from_a_compiled_engine_manifest(manifest):
     assert engine["backend"] == "tensorrt" and engine["device"] == "cuda" and engine["plan_file"] == "model.plan"
     # no ORT contrib-op rule ran (standard ONNX only); constant folding and shared subexpressions are standard too
     assert engine["attention"]["impl"] == "standard"
-    assert set(engine["lowering_rules"]) == {"constant_slices", "shared_subexpressions", "dynamic_rows"}
+    assert set(engine["lowering_rules"]) == {"rows_copied_in_reshapes", "constant_slices", "shared_subexpressions",
+                                             "dynamic_rows"}
     plan = TensorRTBuildPlan.from_manifest(engine)
     assert (plan.batch_size, plan.context_length, plan.precision, plan.typing) == (1, TINY_CONTEXT, "fp32", "strong")
     assert plan.cache_shapes == {c["input"]: c["shape"] for c in engine["caches"]}

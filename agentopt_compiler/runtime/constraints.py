@@ -1,0 +1,224 @@
+"""Grammar-constrained decoding: tool calls that always parse and fit their schemas, JSON-schema and regex outputs.
+
+    grammar = tool_call_grammar(tools, call_syntax(tokenizer.chat_template))        # free text, then valid calls
+    grammar = json_schema_grammar({"type": "object", ...}, what="response_format")  # the whole answer is JSON
+    config = GenerationConfig(grammar=grammar)             # TokenPicker masks logits and fast-forwards
+
+The grammars are compiled and matched by llguidance (Microsoft's Rust grammar engine behind guidance, used by vLLM,
+SGLang, llama.cpp and onnxruntime-genai; no runtime dependencies, reads our tokenizer.json). It was chosen over
+xgrammar (needs torch for its masks: our deploy side is torch-free), outlines-core (JSON schema and regex only: no
+lazily activated grammars inside free text) and llama.cpp's GBNF (not a Python library).
+
+A sequence's ``Matcher`` follows the tokens chosen so far and, before each choice, sets the logits of tokens the
+grammar cannot accept next to -inf (greedy and sampled decoding alike). Where the grammar leaves one way to go (the
+``<tool_call>{"name": "`` of a call, a tool's name once a prefix fixes it, ``", "arguments": {"``, key names,
+closing braces), ``forced()`` returns those tokens and the generation loop feeds them in one engine call, the way
+prompt-lookup drafts are fed (generation.py), instead of one call per token.
+
+Tool calls are activated lazily: text is free until the model writes the family's opening tag, from which on only
+a call to one of the tools, with arguments valid for its JSON schema, can follow:
+
+    Sure, let me compute that. <tool_call>{"name": "calculator", "arguments": {"expression": "17 * 23"}}</tool_call>
+    ^ free text                ^ from here on: one of the tools' schemas, keys in schema order, then the closing tag
+
+JSON is written as ``json.dumps`` and the chat templates write it (", " and ": ", no other whitespace), so the
+keys, separators and braces are forced. Arguments objects allow no properties beyond the schema's unless the schema
+says ``additionalProperties``: a call the tool would refuse (tools.py checks unknown arguments) is not valid.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import AgentOptError
+
+_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+@dataclass(frozen=True)
+class CallSyntax:
+    """How a model family writes tool calls (tools.py parses the same syntaxes)."""
+
+    open: str
+    close: str  # "" where the call ends with the message
+    list_of_calls: bool  # the block holds a JSON list of call objects
+    arguments_key: str  # "arguments", or Llama's "parameters"
+    after_open: str = ""  # what the template writes between the tag and the JSON (Qwen: a newline)
+    before_close: str = ""
+
+
+CALL_SYNTAXES = {
+    "hermes": CallSyntax("<tool_call>", "</tool_call>", False, "arguments"),  # Qwen 2.5/3, Hermes, SmolLM3, ours
+    "phi4": CallSyntax("<|tool_call|>", "<|/tool_call|>", True, "arguments"),  # Phi-4-mini
+    "mistral": CallSyntax("[TOOL_CALLS]", "", True, "arguments"),
+    "llama3": CallSyntax("<|python_tag|>", "", False, "parameters"),
+}
+
+
+def call_syntax(chat_template: str | None) -> CallSyntax:
+    """The syntax whose opening tag the chat template writes (Hermes-style ``<tool_call>`` when it names none), with
+    the newlines it puts around the JSON (Qwen 2.5/3 write ``<tool_call>\n{...}\n</tool_call>``): the grammar asks
+    for the layout the model was trained on."""
+    template = chat_template or ""
+    syntax = next((s for s in CALL_SYNTAXES.values() if s.open in template and s is not CALL_SYNTAXES["hermes"]),
+                  CALL_SYNTAXES["hermes"])
+    return replace(syntax, after_open="\n" if syntax.open + "\n" in template else "",
+                   before_close="\n" if syntax.close and "\n" + syntax.close in template else "")
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """An llguidance grammar and what it stands for (named in errors)."""
+
+    text: str
+    what: str
+
+
+def json_schema_grammar(schema: dict[str, Any], what: str = "the JSON schema") -> Grammar:
+    """The whole output is one JSON value valid for ``schema``."""
+    if not isinstance(schema, dict):
+        raise AgentOptError(f"{what} must be a JSON schema object, got {type(schema).__name__}")
+    return Grammar(_lark("start: " + _json_rule(schema)), what)
+
+
+def regex_grammar(pattern: str, what: str = "the regex") -> Grammar:
+    return Grammar(_lark("start: " + _regex_rule(pattern)), what)
+
+
+def tool_call_grammar(tools: Sequence[dict[str, Any]], syntax: CallSyntax, tokenizer=None, choice: str = "auto",
+                      reasoning: tuple[str, str] | None = None) -> Grammar:
+    """Calls to ``tools`` (OpenAI-style entries, as ``Tool.schema()`` gives) in ``syntax``.
+
+    ``choice``: "auto" (free text, and any number of valid calls from the opening tag on), "required" (a call
+    first) or a tool's name (a call to that tool first). ``reasoning`` = (open, close) lets a reasoning block come
+    first (Qwen3's ``<think>``...``</think>``). With ``tokenizer``, an opening tag that is one token of its vocabulary
+    is matched as that token (the model writes it so); otherwise as text."""
+    functions = [t.get("function", t) for t in tools]
+    if not functions:
+        raise AgentOptError("a tool-call grammar needs at least one tool")
+    if choice not in ("auto", "required"):
+        functions = [f for f in functions if f["name"] == choice]
+        if not functions:
+            raise AgentOptError(f"tool_choice names '{choice}', which is not among the tools")
+    calls = [{"type": "object", "properties": {"name": {"const": f["name"]},
+                                               syntax.arguments_key: _strict_object(f.get("parameters"))},
+              "required": ["name", syntax.arguments_key], "additionalProperties": False} for f in functions]
+    body: dict[str, Any] = {"anyOf": calls} if len(calls) > 1 else calls[0]
+    if syntax.list_of_calls:
+        body = {"type": "array", "items": body, "minItems": 1}
+    open_tag = _literal(syntax.open, tokenizer) + (" " + json.dumps(syntax.after_open) if syntax.after_open else "")
+    close = (" " + json.dumps(syntax.before_close) if syntax.before_close else "") + \
+        (" " + _literal(syntax.close, tokenizer) if syntax.close else "")
+    if choice == "auto":  # text up to the opening tag: a special token ends a text lexeme, a text tag lazily
+        trigger = (f"call_open: TEXT? {open_tag}" if _is_token(syntax.open, tokenizer)
+                   else f"call_open[lazy]: BEFORE_CALL {open_tag}")
+        return Grammar(_lark("start: call* TEXT?", trigger, f"call: call_open {_json_rule(body)}{close}",
+                             r"TEXT: /(.|\n)+/", r"BEFORE_CALL: /(.|\n)*/"), "the tools' schemas")
+    rules = [f"start: {'think? ' if reasoning else ''}{open_tag} {_json_rule(body)}{close}"]
+    if reasoning:  # a reasoning block may come first: free text up to its closing tag, then a call
+        rules += [f"think: {_literal(reasoning[0], tokenizer)} think_body /[ \n]*/",
+                  f"think_body[lazy]: /(.|\n)*/ {_literal(reasoning[1], tokenizer)}"]
+    return Grammar(_lark(*rules), "the tools' schemas")
+
+
+def _strict_object(parameters: dict[str, Any] | None) -> dict[str, Any]:
+    """A tool's arguments schema, closed to properties it does not name unless it says otherwise."""
+    schema = dict(parameters or {"type": "object", "properties": {}})
+    if schema.get("type", "object") == "object" and "additionalProperties" not in schema:
+        schema["additionalProperties"] = False
+    return schema
+
+
+def _lark(*rules: str) -> str:
+    return "%llguidance {}\n" + "\n".join(rules) + "\n"
+
+
+def _json_rule(schema: dict[str, Any]) -> str:
+    return "%json " + json.dumps({**schema, "x-guidance": {**_JSON_STYLE, **schema.get("x-guidance", {})}})
+
+
+def _regex_rule(pattern: str) -> str:
+    return "/" + pattern.replace("/", "\\/") + "/"
+
+
+def _is_token(text: str, tokenizer) -> bool:
+    return tokenizer is not None and tokenizer.token_id(text) is not None
+
+
+def _literal(text: str, tokenizer) -> str:
+    """A tag as llguidance matches it: ``<tag>`` when it is one token of the vocabulary, else its text."""
+    return text if _is_token(text, tokenizer) and text.startswith("<") and text.endswith(">") else json.dumps(text)
+
+
+# -- matching ---------------------------------------------------------------------------------------------------------
+@lru_cache(maxsize=8)
+def _grammar_tokenizer(tokenizer_json: str, vocab_size: int, stop_ids: tuple[int, ...]):
+    from llguidance import LLTokenizer
+
+    return LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=list(stop_ids))
+
+
+def check_grammar(grammar: Grammar, tokenizer, vocab_size: int, stop_ids: Sequence[int]) -> None:
+    """Raise an AgentOptError naming ``grammar.what`` when llguidance cannot compile it (malformed, unsupported or
+    unsatisfiable: a minimum above its maximum, a required property no value fits, ...)."""
+    from llguidance import LLMatcher
+
+    is_error, messages = LLMatcher.validate_grammar_with_warnings(
+        grammar.text, _grammar_tokenizer(tokenizer.to_json(), vocab_size, tuple(sorted(stop_ids))))
+    if is_error:
+        raise AgentOptError(f"{grammar.what} cannot constrain decoding: {messages[0]}")
+
+
+class Matcher:
+    """One sequence's position in a grammar: the mask for its next token, and the tokens it forces."""
+
+    def __init__(self, grammar: Grammar, tokenizer, vocab_size: int, stop_ids: Sequence[int]):
+        from llguidance import LLMatcher
+
+        check_grammar(grammar, tokenizer, vocab_size, stop_ids)
+        self.grammar, self.vocab_size = grammar, vocab_size
+        self._stops = np.array(sorted(stop_ids), dtype=np.int64)
+        self._matcher = LLMatcher(_grammar_tokenizer(tokenizer.to_json(), vocab_size, tuple(sorted(stop_ids))),
+                                  grammar.text, log_level=0)
+        self._raise_on_error()
+
+    @property
+    def done(self) -> bool:
+        """The grammar is complete and nothing may follow (a JSON answer's last brace): generation stops."""
+        return self._matcher.is_stopped()
+
+    def allowed(self) -> np.ndarray:
+        """(V,) bool: the tokens the grammar accepts next (stop tokens only where it may end)."""
+        bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
+        allowed = np.unpackbits(bits, bitorder="little")[:self.vocab_size].astype(bool)
+        allowed[self._stops] = self._matcher.is_accepting()
+        return allowed
+
+    def masked(self, row: np.ndarray) -> np.ndarray:
+        """A copy of the logits ``row`` with every token the grammar rejects at -inf."""
+        return np.where(self.allowed(), row, np.float32(-np.inf))
+
+    def consume(self, token: int) -> None:
+        self._matcher.consume_token(int(token))
+        self._raise_on_error()
+
+    def forced(self, limit: int) -> list[int]:
+        """Up to ``limit`` tokens the grammar forces next, consumed: the caller appends them."""
+        tokens = self._matcher.compute_ff_tokens()[:max(limit, 0)]
+        if tokens:
+            self._matcher.consume_tokens(tokens)
+            self._raise_on_error()
+        return tokens
+
+    def valid_prefix(self, tokens: Sequence[int]) -> int:
+        """How many of ``tokens`` (a prompt-lookup draft) the grammar accepts from here, not consuming them."""
+        return self._matcher.validate_tokens([int(t) for t in tokens]) if len(tokens) else 0
+
+    def _raise_on_error(self) -> None:
+        if self._matcher.is_error():
+            raise AgentOptError(f"constrained decoding with {self.grammar.what} failed: {self._matcher.get_error()}")

@@ -1,0 +1,190 @@
+"""Grammar-constrained decoding (constraints.py + generation.py) on agent-tiny's engine: outputs always parse and
+validate, a grammar that allows everything changes nothing, fast-forwarded tokens are the tokens one-by-one
+decoding chooses, in fewer engine calls, and prompt-lookup drafts are cut where the grammar rejects them."""
+
+import json
+
+import pytest
+
+import agentopt_compiler as ao
+from agentopt_compiler.errors import AgentOptError
+from agentopt_compiler.runtime.agent import Agent
+from agentopt_compiler.runtime.constraints import (CALL_SYNTAXES, Grammar, Matcher, call_syntax, json_schema_grammar,
+                                                   regex_grammar, tool_call_grammar)
+from agentopt_compiler.runtime.generation import GenerationConfig
+from agentopt_compiler.runtime.tools import parse_tool_calls
+
+jsonschema = pytest.importorskip("jsonschema")
+
+SCHEMAS = [  # the kinds of schema tools and answers use: nested objects, enums, numbers, arrays, optional keys
+    {"type": "object", "properties": {"expression": {"type": "string", "maxLength": 12}},
+     "required": ["expression"], "additionalProperties": False},
+    {"type": "object", "properties": {"value": {"type": "number"}, "from_unit": {"enum": ["km", "mi", "kg", "lb"]},
+                                      "to_unit": {"enum": ["km", "mi", "kg", "lb"]}},
+     "required": ["value", "from_unit", "to_unit"], "additionalProperties": False},
+    {"type": "object", "properties": {"n": {"type": "integer", "minimum": -5, "maximum": 500},
+                                      "flags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 4}},
+     "required": ["n"], "additionalProperties": False},
+    {"type": "object", "properties": {"user": {"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 6}, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+        "required": ["name", "age"], "additionalProperties": False},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "minItems": 1, "maxItems": 3}},
+     "required": ["user", "tags"], "additionalProperties": False},
+    {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 100}, "maxItems": 5},  # (a sampled
+    # number may run on with digits until max_new_tokens: valid so far, never finished)
+    {"enum": ["yes", "no", 3, None]},
+]
+PROMPT = ("<|im_start|>user\nWhat is 17 * 23 + 5? Then convert 40 km to miles.<|im_end|>\n"
+          "<|im_start|>assistant\n")
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    return ao.compile("agent-tiny", out=tmp_path_factory.mktemp("engines") / "agent-tiny")
+
+
+@pytest.fixture(scope="module")
+def tools():
+    from agentopt_compiler.models.agent_tools import calculator, convert_units
+
+    return [calculator, convert_units]
+
+
+def test_sampled_outputs_always_validate_against_their_schema(engine):
+    for index, schema in enumerate(SCHEMAS):
+        for seed in range(3):  # sampled at temperature 1.5: the model alone would rarely write these
+            completion = engine.complete(PROMPT, max_new_tokens=200, temperature=1.5, seed=seed,
+                                         grammar=json_schema_grammar(schema))
+            assert completion.finish_reason == "stop", (index, seed, completion.text)
+            jsonschema.validate(json.loads(completion.text), schema)
+
+
+def test_tool_calls_always_parse_and_fit_their_tool(engine):
+    functions = [{"type": "function", "function": {"name": f"tool_{i}", "parameters": s}}
+                 for i, s in enumerate(SCHEMAS[:4])]
+    syntax = call_syntax(engine.tokenizer.chat_template)
+    for choice in ("required", "tool_2"):
+        grammar = tool_call_grammar(functions, syntax, engine.tokenizer, choice)
+        for seed in range(3):
+            completion = engine.complete(PROMPT, max_new_tokens=200, temperature=1.5, seed=seed, grammar=grammar)
+            parsed = parse_tool_calls(completion.text)
+            assert completion.finish_reason == "stop" and len(parsed.calls) == 1 and not parsed.errors
+            call = parsed.calls[0]
+            assert choice == "required" or call.name == choice
+            jsonschema.validate(call.arguments, SCHEMAS[int(call.name.split("_")[1])])
+
+
+def _anything(engine) -> Grammar:
+    """A grammar every output of this model satisfies: any text, and the special tokens it writes."""
+    specials = " | ".join(t for t in ("<tool_call>", "</tool_call>", "<|im_start|>")
+                          if engine.tokenizer.token_id(t) is not None)
+    return Grammar("%llguidance {}\nstart: (TEXT | " + specials + ")*\nTEXT: /(.|\\n)+/\n", "anything")
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.9, "seed": 3}, {"temperature": 1.3, "seed": 11,
+                                                                           "top_k": 40}])
+def test_a_grammar_that_allows_everything_changes_nothing(engine, sampling):
+    free = engine.complete(PROMPT, max_new_tokens=60, **sampling)
+    constrained = engine.complete(PROMPT, max_new_tokens=60, grammar=_anything(engine), **sampling)
+    assert constrained.token_ids == free.token_ids and free.token_ids
+
+
+def _decode(engine, grammar, **options):
+    conversation = engine.conversation()
+    try:
+        logits = conversation.prefill_to(engine.encode(PROMPT))
+        tokens = list(conversation.generate(logits, GenerationConfig(max_new_tokens=120, grammar=grammar,
+                                                                     **options)))
+        return tokens, conversation.decode_calls, conversation.forced_tokens
+    finally:
+        conversation.release()
+
+
+def test_fast_forward_feeds_forced_tokens_in_one_call_and_keeps_the_sequence(engine, tools):
+    grammar = tool_call_grammar([ao_tool.schema() for ao_tool in _tools(tools)],
+                                call_syntax(engine.tokenizer.chat_template), engine.tokenizer, "required")
+    fast, fast_calls, forced = _decode(engine, grammar)
+    slow, slow_calls, _ = _decode(engine, grammar, fast_forward=False)  # a forced token per call
+    free, free_calls, _ = _decode(engine, None)
+    assert fast == slow and forced > 10  # the tags, keys, separators, braces, the tool's name
+    assert fast_calls < slow_calls < free_calls
+    assert parse_tool_calls(engine.tokenizer.decode(fast, skip_special_tokens=False)).calls
+
+
+def test_prompt_lookup_drafts_stop_where_the_grammar_rejects_them(engine):
+    schema = {"type": "object", "properties": {"expression": {"type": "string", "maxLength": 20}},
+              "required": ["expression"], "additionalProperties": False}
+    grammar = json_schema_grammar(schema)
+    plain, _, _ = _decode(engine, grammar)
+    looked_up, _, _ = _decode(engine, grammar, prompt_lookup=4)  # the prompt holds "17 * 23 + 5": drafts
+    assert looked_up == plain  # greedy: the same tokens, drafts or not
+    jsonschema.validate(json.loads(engine.tokenizer.decode(plain)), schema)
+
+
+def test_the_scheduler_decodes_constrained_rows_like_a_lone_conversation(engine, tools):
+    grammar = json_schema_grammar(SCHEMAS[1])
+    alone = engine.complete(PROMPT, max_new_tokens=80, grammar=grammar).token_ids
+    slotted = ao.load_engine(engine.folder, slots=3)
+    batch = slotted.generate_batch([PROMPT, PROMPT.replace("40", "65"), PROMPT], max_new_tokens=80, grammar=grammar)
+    assert batch[0].token_ids == alone == batch[2].token_ids
+    for completion in batch:
+        jsonschema.validate(json.loads(completion.text), SCHEMAS[1])
+    # three rows on GroupQueryAttention check no drafts: forced tokens are fed as a chunk on their row instead
+    from agentopt_compiler.runtime.scheduler import Scheduler
+
+    scheduler = Scheduler(slotted, prefill_chunk=64, max_waiting=3)
+    requests = [scheduler.submit(slotted.encode(PROMPT), GenerationConfig(max_new_tokens=80, grammar=grammar),
+                                 lambda event: None) for _ in range(3)]
+    scheduler.run(requests)
+    assert scheduler.stats["decode_steps"] < len(alone) // 2
+
+
+def _tools(functions):
+    from agentopt_compiler.runtime.tools import Tool
+
+    return [Tool.from_function(f) for f in functions]
+
+
+def test_constrained_agent_calls_parse_and_take_fewer_engine_calls(engine, tools):
+    tasks = ["What is 17 * 23 + 5?", "Convert 40 km to miles.", "what's 348 plus 519"]
+    for task in tasks:
+        free = Agent(engine, tools=tools, constrained=False, max_steps=3).run(task)
+        constrained = Agent(engine, tools=tools, max_steps=3).run(task)  # constrained by default with tools
+        for step in constrained.steps:
+            assert not parse_tool_calls(step.text + "</tool_call>" * ("<tool_call>" in step.text)).errors
+        if free.steps and free.steps[0].calls:  # the same first call, decoded in fewer engine calls
+            assert constrained.steps[0].calls == free.steps[0].calls
+        assert constrained.usage["forced_tokens"] > 0
+        assert constrained.usage["decode_calls"] < free.usage["decode_calls"]
+
+
+def test_bad_constraints_are_clear_errors(engine):
+    matcher_args = (engine.tokenizer, 512, engine.eos_token_ids)
+    with pytest.raises(AgentOptError, match="response_format.*minimum"):
+        Matcher(json_schema_grammar({"type": "integer", "minimum": 5, "maximum": 1}, "response_format"),
+                *matcher_args)
+    with pytest.raises(AgentOptError, match="the regex cannot constrain"):
+        Matcher(regex_grammar("(unclosed"), *matcher_args)
+    with pytest.raises(AgentOptError, match="not among the tools"):
+        tool_call_grammar([{"type": "function", "function": {"name": "a"}}], CALL_SYNTAXES["hermes"], None, "b")
+    with pytest.raises(AgentOptError, match="has no tools"):
+        Agent(engine, tools=[], constrained=True)
+    with pytest.raises(AgentOptError, match="must be a JSON schema object"):
+        json_schema_grammar(["not", "a", "schema"])
+
+
+def test_call_syntax_follows_the_chat_template(engine):
+    assert call_syntax(None).open == "<tool_call>"
+    qwen = call_syntax('{{- "<tool_call>\\n{\\"name\\": " }}...{{- "}\\n</tool_call>" }}'.replace("\\n", "\n"))
+    assert (qwen.after_open, qwen.before_close) == ("\n", "\n")
+    ours = call_syntax(engine.tokenizer.chat_template)
+    assert (ours.open, ours.after_open, ours.before_close) == ("<tool_call>", "", "")
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    matcher = Matcher(tool_call_grammar([tool], qwen, engine.tokenizer, "required"), engine.tokenizer, 512,
+                      engine.eos_token_ids)
+    for token in engine.encode('<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'):
+        matcher.consume(token)  # raises on a token the grammar rejects
+    assert matcher.done
+    assert call_syntax("{{ '<|tool_call|>' }}{{ tools | tojson }}").open == "<|tool_call|>"
+    assert call_syntax("[TOOL_CALLS]").list_of_calls
+    assert call_syntax("<|python_tag|>").arguments_key == "parameters"
