@@ -524,7 +524,9 @@ def plan_precision(model, batches: list[torch.Tensor], max_kl: float | None = No
     measurements["uniform"] = uniform
     measurements["choice"] = "mixed"
     if target_bits is None:  # cost-minimizing budgets: never slower than a uniform plan at an equal or lower KL
-        within = [u for u in uniform if u["checked_kl"] <= checked[0] and (max_kl is None or u["checked_kl"] <= max_kl)
+        # compared as recorded (4 significant digits): a uniform plan equal to the mixed one must qualify
+        within = [u for u in uniform if u["checked_kl"] <= _significant(checked[0])
+                  and (max_kl is None or u["checked_kl"] <= max_kl)
                   and (min_top1 is None or u["checked_top1"] >= min_top1)]
         best = min(within, key=lambda u: (u["decode_matmul_seconds"], u["checked_kl"]), default=None)
         mixed_cost = plan.predicted["decode_matmul_seconds"]
@@ -533,9 +535,9 @@ def plan_precision(model, batches: list[torch.Tensor], max_kl: float | None = No
             plan = plan_from_choice(chosen, block, budget, symmetric)
             plan.predicted["checked_kl"], plan.predicted["checked_top1"] = best["checked_kl"], best["checked_top1"]
             measurements["choice"] = (
-                f"uniform {best['precision']}: at checked KL {best['checked_kl']:.3g} (mixed plan: {checked[0]:.3g}) "
-                f"it is predicted {mixed_cost / best['decode_matmul_seconds']:.3f}x the mixed plan's speed, not "
-                f"{1 / (1 - margin):.3f}x slower or more")
+                f"uniform {best['precision']}: at its checked KL {best['checked_kl']:.3g} (the mixed plan's: "
+                f"{checked[0]:.3g}) the mixed plan is predicted {best['decode_matmul_seconds'] / mixed_cost:.3f}x its "
+                f"speed, not the {1 / (1 - margin):.3f}x a mixed plan must gain")
             log(f"choosing {measurements['choice']}")
     for row in uniform:
         del row["_picks"]
