@@ -64,7 +64,10 @@ class CompileReport:
             out.append("lowering: " + ", ".join(f"{k}={v}" for k, v in self.lowering_rules.items()))
         if self.fidelity:
             out.append(f"precision fidelity: KL {self.fidelity['kl']:.2e}, top-1 {self.fidelity['top1']:.3f} on "
-                       f"{self.fidelity['tokens']} held-out tokens")
+                       f"{self.fidelity['tokens']} held-out tokens"
+                       + (f"; decode {self.fidelity['decode_tokens_per_s']:.1f} tokens/s (runs "
+                          f"{', '.join(map(str, self.fidelity['decode_runs']))})"
+                          if "decode_tokens_per_s" in self.fidelity else ""))
         out.append("files:")
         for name, size in self.files.items():
             out.append(f"  {name:24s} {_human_bytes(size)}")
@@ -117,6 +120,7 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
             device: str = "cpu", context_length: int | None = None, skip_passes: Iterable[str] = (),
             debug_dump: str | Path | None = None, overwrite: bool = False, attention_impl: str | None = None,
             batch_size: int = 1, sparse_attention=None, precision_plan=None, kv_cache_dtype: str | None = None,
+            kv_calib: str | Path | None = None,
             progress: Callable[[str], None] | None = None, capture: str = "auto"):
     """Compile ``model`` into an engine folder at ``out`` and return the loaded ``Engine``.
 
@@ -130,7 +134,9 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
     ``"window=1024,sinks=4,layers=2-7"`` or a JSON plan file; layers it does not name stay dense.
     ``precision_plan`` is a ``PrecisionPlan`` or its JSON file (``agentopt plan precision`` makes one).
     ``kv_cache_dtype`` ``fp16`` stores the KV caches in half precision and runs attention in it (half the cache
-    memory; what ONNX Runtime's CUDA GroupQueryAttention needs); default fp32.
+    memory; what ONNX Runtime's CUDA GroupQueryAttention needs); ``int8`` stores int8 codes with static scales
+    (K per head after RoPE, V per channel) calibrated on ``kv_calib`` (a text file; default: seeded random tokens,
+    with about twice the headroom), attention in fp32 (a quarter of fp32's cache memory); default fp32.
     ``capture`` picks the module that is captured: ``reference`` (our decoder: Llama, Qwen2, Mistral),
     ``transformers`` (the checkpoint's unmodified transformers module: Qwen3, Gemma 3, Phi-3, SmolLM3, ...), or
     ``auto`` (default): the reference module where it implements the checkpoint, else transformers. Attention the
@@ -150,6 +156,8 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
     log = progress or (lambda _msg: None)
     out = Path(out)
     check_sizes(context_length, batch_size)
+    if kv_calib is not None and kv_cache_dtype != "int8":
+        raise AgentOptError("--kv-calib calibrates int8 KV caches; add --kv-cache-dtype int8, or drop --kv-calib")
     entry = backends.get_backend(backend, device)
     attention_impl = attention_impl or entry.default_attention_impl(device)
     backends.check_attention_impl(entry, attention_impl)
@@ -175,6 +183,19 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
     config = loaded.config
     report.capture = loaded.capture + (f" ({loaded.capture_note})" if loaded.capture_note else "")
     context = min(config.max_position_embeddings, 4096) if context_length is None else context_length
+    if kv_cache_dtype == "int8":
+        with stage("calibrate int8 KV scales"):
+            from .analysis.calibration import calibration_batches
+            from .analysis.kv_quantization import kv_cache_scales
+
+            from .analysis.kv_quantization import RANDOM_TOKEN_PEAK_LEVEL, TEXT_PEAK_LEVEL
+
+            batches = calibration_batches(loaded, kv_calib, sequences=4, length=min(128, context), seed=77)
+            level = TEXT_PEAK_LEVEL if kv_calib else RANDOM_TOKEN_PEAK_LEVEL
+            next(p for p in pipeline.passes if p.name == "set_kv_cache_dtype").scales = kv_cache_scales(
+                loaded.model, batches, config.num_kv_heads, level)
+            log(f"int8 KV scales from {kv_calib or 'seeded random tokens'} ({sum(b.numel() for b in batches)} "
+                f"tokens), their peaks at level {level} of 127")
     check_memory(config, context, batch_size)
     if precision:
         precision.check_units(config.num_layers)
@@ -245,6 +266,12 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
     engine.compile_report = report
     if precision and precision.budget:
         report.fidelity = _check_precision_fidelity(engine, loaded, precision, log)
+        report.fidelity.update(measure_decode_speed(engine))
+        predicted = precision.predicted.get("decode_matmul_seconds")
+        log(f"decode speed of the built engine: {report.fidelity['decode_tokens_per_s']:.1f} tokens/s (median of "
+            f"{len(report.fidelity['decode_runs'])} runs, {min(report.fidelity['decode_runs']):.1f}-"
+            f"{max(report.fidelity['decode_runs']):.1f}); the plan predicted "
+            + (f"{predicted * 1e3:.2f} ms of matmuls per step" if predicted else "no decode time"))
         engine.manifest["precision_plan"]["measured"] = report.fidelity
         _rewrite_manifest(out, engine.manifest)
     return engine
@@ -298,6 +325,28 @@ def _rewrite_manifest(folder: Path, manifest: dict) -> None:
         temporary.unlink(missing_ok=True)
         raise OutputPathError(f"the engine at '{folder}' is complete, but recording its measured precision "
                               f"fidelity failed: {exc.strerror or exc}") from None
+
+
+def measure_decode_speed(engine, prompt: int = 16, steps: int = 32, repeats: int = 3) -> dict:
+    """Decode tokens per second of a built engine: a ``prompt``-token prefill, then ``steps`` one-token steps,
+    timed; the median of ``repeats`` runs (every run's rate is kept: one run on a shared machine says little)."""
+    import numpy as np
+
+    session = engine.session
+    steps = max(1, min(steps, engine.context_length - prompt - 1))
+    vocab = engine.manifest["model"]["config"]["vocab_size"]
+    tokens = (np.arange(prompt + steps, dtype=np.int64) * 7 + 1) % vocab  # any ids the vocabulary has
+    rates = []
+    for _ in range(repeats):
+        session.reset()
+        session.run(tokens[None, :prompt], np.arange(prompt))
+        start = time.perf_counter()
+        for position in range(prompt, prompt + steps):
+            session.run(tokens[None, position:position + 1], np.array([position]))
+        rates.append(round(steps / (time.perf_counter() - start), 2))
+    session.reset()
+    return {"decode_tokens_per_s": sorted(rates)[len(rates) // 2], "decode_runs": rates,
+            "decode_steps": steps}
 
 
 def _check_precision_fidelity(engine, loaded, plan, log) -> dict:

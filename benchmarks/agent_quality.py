@@ -19,6 +19,7 @@ runtime Agent, and the real tools; ``--set handwritten`` or ``unseen_tools`` for
     int8               every linear int8 weight-only (MatMulNBits)
     int4               every linear int4 weight-only, block 32
     planned            agentopt plan precision with --max-kl (default 0.05) on held-out-free calibration episodes
+    kv-fp16, kv-int8   fp32 weights, KV caches in fp16 / int8 (static scales calibrated at compile; --kv-cache-dtype)
 Long-context tasks put the needed fact far back among filler, so windows show their cost there.
 Not a test: run it by hand. Markdown to stdout, ``--json`` for the numbers.
 """
@@ -41,6 +42,8 @@ VARIANTS = {
     "int8": {"precision": "int8"},
     "int4": {"precision": "int4"},
     "planned": {"planned": True},
+    "kv-fp16": {"kv_cache_dtype": "fp16"},
+    "kv-int8": {"kv_cache_dtype": "int8"},
 }
 
 
@@ -59,7 +62,7 @@ def compile_variant(name: str, options: dict, work: Path, max_kl: float):
     import agentopt_compiler as ao
     from agentopt_compiler.passes.precision_plan import PrecisionPlan
 
-    kwargs = {"sparse_attention": options.get("sparse_attention")}
+    kwargs = {"sparse_attention": options.get("sparse_attention"), "kv_cache_dtype": options.get("kv_cache_dtype")}
     config = json.loads((Path(ao.__file__).parent / "models" / "agent_tiny" / "config.json").read_text())
     if "precision" in options:
         kwargs["precision_plan"] = PrecisionPlan.uniform(options["precision"], config["num_layers"])

@@ -35,15 +35,19 @@ from decode import (build_ort_genai, close_systems, compile_ours, environment, l
                     measure, ort_genai_system, ours_system, paired_ratio, system)
 
 
-def plan_for(model: str, max_kl: float, work: Path, costs: dict[str, float], candidates: list[str]):
+def plan_for(model: str, max_kl: float, work: Path, candidates: list[str], threads: int):
+    """What ``agentopt plan precision`` does (4 x 128 seeded calibration tokens, this machine's cached cost model)."""
     from agentopt_compiler.analysis.calibration import calibration_batches
     from agentopt_compiler.analysis.precision import plan_precision
     from agentopt_compiler.models.registry import load_model
 
-    loaded = load_model(model)
-    plan, _ = plan_precision(loaded.model, calibration_batches(loaded, None, sequences=2, length=128), max_kl=max_kl,
-                             candidates=candidates, costs=costs)
+    loaded = load_model(model, capture="reference")
+    plan, _ = plan_precision(loaded.model, calibration_batches(loaded, None, sequences=4, length=128), max_kl=max_kl,
+                             candidates=candidates, threads=threads, log=log)
     plan.save(work / f"plan-kl{max_kl}-{'-'.join(candidates)}.json")
+    m = plan.measurements
+    log(f"planned in {m['planning_seconds']:.0f}s ({m['choice']}): checked KL {plan.predicted['checked_kl']:.3g}; "
+        f"{json.dumps(plan.units)}")
     return plan
 
 
@@ -106,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", default="fp32,int8,int4",
                         help="the plans' candidate precisions; ';' separates sets, each planned at every budget "
                              "(e.g. 'fp32,int8,int4;fp32,int8,int4,int4@64,int4@128': per-unit block sizes)")
+    parser.add_argument("--plans", default=None, metavar="PLAN.json,...",
+                        help="compile these plan files (agentopt plan precision --out) instead of planning here")
     parser.add_argument("--block-sizes", default="32",
                         help="block sizes of uniform int4, ours and onnxruntime-genai's (the first is the baseline)")
     parser.add_argument("--work-dir", default="bench_out/precision")
@@ -128,18 +134,22 @@ def main(argv: list[str] | None = None) -> int:
                 "int4 uniform asymmetric (ours)": PrecisionPlan.uniform("int4", layers, blocks[0], symmetric=False)}
     for block in blocks[1:]:
         variants[f"int4 uniform block {block} (ours)"] = PrecisionPlan.uniform("int4", layers, block)
-    from agentopt_compiler.analysis.precision import measure_backend_costs
+    from agentopt_compiler.analysis.cost_model import cached_cost_model
 
     candidate_sets = [[c.strip() for c in group.split(",")] for group in args.candidates.split(";")]
-    every_candidate = list(dict.fromkeys(c for group in candidate_sets for c in group))
-    # once: every budget plans against the same cost model
-    costs = measure_backend_costs(threads=args.threads, candidates=every_candidate)
-    log(f"cost model (ps per weight): {', '.join(f'{p} {c * 1e12:.0f}' for p, c in costs.items())}")
-    for candidates in candidate_sets:
+    # measured once per machine and cached: every plan here (and every agentopt plan precision) uses the same one
+    costs = cached_cost_model(args.threads, log=log)
+    log(f"cost model ({costs.source}): ps per byte "
+        f"{', '.join(f'{p} {c * 1e12:.0f}' for p, c in costs.seconds_per_byte.items())}")
+    for path in (args.plans.split(",") if args.plans else []):
+        plan = PrecisionPlan.load(path)
+        variants[f"planned max-kl {plan.budget.get('max_kl')} from {Path(path).name} (ours)"] = plan
+    for candidates in ([] if args.plans else candidate_sets):
         extra = "" if len(candidate_sets) == 1 else f", {'/'.join(candidates)}"
         for budget in map(float, args.budgets.split(",")):
             log(f"planning with --max-kl {budget}, candidates {','.join(candidates)}...")
-            variants[f"planned max-kl {budget}{extra} (ours)"] = plan_for(args.model, budget, work, costs, candidates)
+            variants[f"planned max-kl {budget}{extra} (ours)"] = plan_for(args.model, budget, work, candidates,
+                                                                           args.threads)
     for name, plan in variants.items():
         log(f"compiling {name}...")
         builds[name] = compile_with_plan(args.model, work / re.sub(r"[^\w.]+", "-", name.split(" (")[0]), context, plan)

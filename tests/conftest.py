@@ -22,6 +22,30 @@ def eager_greedy(model, prompt_ids: list[int], steps: int, capacity: int) -> lis
     return tokens
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fixed_cost_model(tmp_path_factory):
+    """The planner's per-machine cost model, fixed and cached in a temporary folder: no test times kernels unless it
+    asks to (analysis/cost_model.py), and none writes to ~/.cache."""
+    import json
+    import os
+
+    from agentopt_compiler.analysis.cost_model import CACHE_FILE, machine_key
+
+    folder = tmp_path_factory.mktemp("agentopt-cache")
+    constants = {"seconds_per_byte": {"fp32": 1e-10, "int8": 1.5e-10, "int4": 2e-10}, "noise": {}, "machine": {},
+                 "measured_at": "fixed by tests/conftest.py"}
+    entries = {json.dumps(machine_key(threads, symmetric), sort_keys=True): constants
+               for threads in (None, 1, 2) for symmetric in (True, False)}
+    (folder / CACHE_FILE).write_text(json.dumps(entries))
+    saved = os.environ.get("AGENTOPT_CACHE_DIR")
+    os.environ["AGENTOPT_CACHE_DIR"] = str(folder)
+    yield folder
+    if saved is None:
+        os.environ.pop("AGENTOPT_CACHE_DIR", None)
+    else:
+        os.environ["AGENTOPT_CACHE_DIR"] = saved
+
+
 @pytest.fixture(scope="session")
 def tiny_engine_dir(tmp_path_factory):
     import agentopt_compiler as ao

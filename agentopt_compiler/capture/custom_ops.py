@@ -26,7 +26,9 @@ reference semantics every lowering is checked against.
 RoPE tables narrower than D (R < D columns: Phi-3's partial rotary) rotate the first R dims of each head only.
 Passes and lowerings read the arguments by name through ``CachedAttentionArgs`` (never by position).
 The caches' dtype is the attention's: with fp16 caches (``set_kv_cache_dtype``), q/k/v and the RoPE tables are cast
-to fp16, RoPE, the cache write and attention run in fp16, and the output is cast back to q's dtype.
+to fp16, RoPE, the cache write and attention run in fp16, and the output is cast back to q's dtype. With int8 caches
+(``k_scale``/``v_scale`` (Hkv*D,) per-channel scales) the new K (after RoPE) and V are stored as round(x / scale)
+and attention runs in q's dtype on codes * scale.
 """
 
 from __future__ import annotations
@@ -104,12 +106,16 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
                      v_cache: torch.Tensor, positions: torch.Tensor, cos: Optional[torch.Tensor],
                      sin: Optional[torch.Tensor], num_heads: int, kv_num_heads: int, window: int = -1,
                      scale: float = 0.0, rotary: bool = False, sinks: int = 0, stride: int = 0,
-                     ring: bool = False, dense_kv_heads: Optional[list[int]] = None, softcap: float = 0.0
+                     ring: bool = False, dense_kv_heads: Optional[list[int]] = None, softcap: float = 0.0,
+                     k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, s, _ = q.shape
     d, capacity = k_cache.shape[-1], k_cache.shape[2]
     out_dtype = q.dtype
-    if k_cache.dtype != q.dtype:  # half-precision caches: attention runs in the cache dtype
+    quantized = k_cache.dtype == torch.int8  # int8 caches: attention runs in q's dtype on the dequantized caches
+    if quantized and (k_scale is None or v_scale is None or ring):
+        raise ValueError("int8 KV caches need k_scale and v_scale (set_kv_cache_dtype gives them), and no ring")
+    if k_cache.dtype != q.dtype and not quantized:  # half-precision caches: attention runs in the cache dtype
         q, k, v = q.to(k_cache.dtype), k.to(k_cache.dtype), v.to(k_cache.dtype)
         cos, sin = (None if t is None else t.to(k_cache.dtype) for t in (cos, sin))
     positions = positions.expand(b, s)  # (B, S)
@@ -125,8 +131,14 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
                                                 softcap)
         return out.transpose(1, 2).reshape(b, s, num_heads * d).to(out_dtype), k_cache, v_cache
     index = positions[:, None, :, None].expand(b, kv_num_heads, s, d)  # (B, Hkv, S, D)
-    k_cache = k_cache.scatter(2, index, k)  # (B, Hkv, T, D)
-    v_cache = v_cache.scatter(2, index, v)
+    if quantized:  # K after RoPE and V stored as int8 codes, read back through their scales
+        k_cache = k_cache.scatter(2, index, quantize_kv(k, k_scale))  # (B, Hkv, T, D) int8
+        v_cache = v_cache.scatter(2, index, quantize_kv(v, v_scale))
+        keys, values = dequantize_kv(k_cache, k_scale, q.dtype), dequantize_kv(v_cache, v_scale, q.dtype)
+    else:
+        k_cache = k_cache.scatter(2, index, k)  # (B, Hkv, T, D)
+        v_cache = v_cache.scatter(2, index, v)
+        keys, values = k_cache, v_cache
     key_pos = torch.arange(capacity, device=q.device)  # (T,)
     query_pos = positions[:, None, :, None]  # (B, 1, S, 1)
     mask = key_pos <= query_pos  # (B, 1, S, T)
@@ -141,14 +153,25 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
             dense = torch.isin(kv_head, torch.tensor(dense_kv_heads, device=q.device))
             visible = visible | dense[None, :, None, None]
         mask = mask & visible  # (B, 1 or Hq, S, T)
-    out = _attend(q, k_cache.repeat_interleave(repeats, 1), v_cache.repeat_interleave(repeats, 1), mask, scale,
+    out = _attend(q, keys.repeat_interleave(repeats, 1), values.repeat_interleave(repeats, 1), mask, scale,
                   softcap)  # (B, Hq, S, D)
     return out.transpose(1, 2).reshape(b, s, num_heads * d).to(out_dtype), k_cache, v_cache
 
 
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (B, Hkv, S, D) -> int8 codes round(x / scale) clipped to [-128, 127], ``scale`` (Hkv*D,) per channel: what
+    ORT's GroupQueryAttention computes with k_quant_type / v_quant_type PER_CHANNEL (both round half to even)."""
+    step = scale.view(1, x.shape[1], 1, x.shape[3])
+    return torch.clamp(torch.round(x / step), -128, 127).to(torch.int8)
+
+
+def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return codes.to(dtype) * scale.view(1, codes.shape[1], 1, codes.shape[3]).to(dtype)
+
+
 @cached_attention.register_fake
 def _(q, k, v, k_cache, v_cache, positions, cos, sin, num_heads, kv_num_heads, window=-1, scale=0.0,
-      rotary=False, sinks=0, stride=0, ring=False, dense_kv_heads=None, softcap=0.0):
+      rotary=False, sinks=0, stride=0, ring=False, dense_kv_heads=None, softcap=0.0, k_scale=None, v_scale=None):
     return torch.empty_like(q), torch.empty_like(k_cache), torch.empty_like(v_cache)
 
 
@@ -182,6 +205,8 @@ class CachedAttentionArgs:
     ring: bool = False
     dense_kv_heads: Optional[list[int]] = None
     softcap: float = 0.0
+    k_scale: Any = None  # int8 caches: per-channel scales (Hkv*D,) of K (after RoPE) and V (set_kv_cache_dtype)
+    v_scale: Any = None
 
     @classmethod
     def of(cls, node: torch.fx.Node) -> "CachedAttentionArgs":
@@ -189,7 +214,8 @@ class CachedAttentionArgs:
         names = [a.name for a in _SCHEMA.arguments]
         values = dict(zip(names, node.args))
         values.update(node.kwargs)
-        return cls(**{k: v for k, v in values.items() if v is not None or k in ("cos", "sin", "dense_kv_heads")})
+        return cls(**{k: v for k, v in values.items()
+                      if v is not None or k in ("cos", "sin", "dense_kv_heads", "k_scale", "v_scale")})
 
     def to_args(self) -> tuple:
         return tuple(getattr(self, a.name) for a in _SCHEMA.arguments)

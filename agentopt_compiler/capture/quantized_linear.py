@@ -59,10 +59,14 @@ def _symmetric_scales(blocks: torch.Tensor, bits: int) -> torch.Tensor:
     base = extreme / -middle
     base = torch.where(base.abs() < 1e-12, torch.full_like(base, 1e-12), base)  # all-zero blocks
     best, best_error = base, None
+    work = torch.empty_like(blocks)  # one buffer, updated in place: the search is most of a quantization's time
     for ratio in CLIP_RATIOS:
         scale = base * ratio
-        q = torch.clamp(torch.round(blocks / scale[..., None]) + middle, 0, levels)
-        error = ((q - middle) * scale[..., None] - blocks).square().sum(-1)
+        step = scale[..., None]
+        # ((clamp(round(x / s) + m, 0, L) - m) * s - x)^2, with the clamp shifted by m (exact on integers)
+        torch.div(blocks, step, out=work)
+        work.round_().clamp_(-middle, levels - middle).mul_(step).sub_(blocks).square_()
+        error = work.sum(-1)
         if best_error is None:
             best, best_error = scale, error
         else:

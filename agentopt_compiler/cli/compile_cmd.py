@@ -40,9 +40,12 @@ def add_parser(sub) -> None:
     p.add_argument("--precision-plan", metavar="PLAN.json", default=None,
                    help="per-layer precision plan (int8/int4 weight-only units), made by agentopt plan precision "
                         "or by hand; fp16/bf16 units run as typed regions on GPU targets")
-    p.add_argument("--kv-cache-dtype", choices=["fp32", "fp16"], default=None,
+    p.add_argument("--kv-cache-dtype", choices=["fp32", "fp16", "int8"], default=None,
                    help="KV cache precision (default fp32); fp16 halves cache memory and runs attention in fp16 (what "
-                        "ONNX Runtime's CUDA GroupQueryAttention needs)")
+                        "ONNX Runtime's CUDA GroupQueryAttention needs); int8 quarters it: int8 codes with static "
+                        "scales (K per head, V per channel) calibrated at compile, attention in fp32")
+    p.add_argument("--kv-calib", default=None, metavar="FILE",
+                   help="text to calibrate int8 KV scales on (default: seeded random tokens, with about 2x headroom)")
     p.add_argument("--skip-pass", action="append", default=[], metavar="NAME",
                    help="skip a pass of the pipeline (repeatable)")
     p.add_argument("--debug-dump", metavar="DIR", help="write the graph after each pass into DIR")
@@ -58,6 +61,7 @@ def run(args) -> int:
                      context_length=args.context_length, skip_passes=args.skip_pass, debug_dump=args.debug_dump,
                      overwrite=args.overwrite, attention_impl=args.attention_impl, batch_size=args.batch_size,
                      sparse_attention=args.sparse_attention, precision_plan=args.precision_plan,
-                     kv_cache_dtype=args.kv_cache_dtype, progress=ProgressLog(args.quiet), capture=args.capture)
+                     kv_cache_dtype=args.kv_cache_dtype, kv_calib=args.kv_calib,
+                     progress=ProgressLog(args.quiet), capture=args.capture)
     print("\n".join(engine.compile_report.lines()))
     return 0

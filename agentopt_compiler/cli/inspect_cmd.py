@@ -28,6 +28,13 @@ def op_histogram(graph_path: Path) -> Counter | None:
     return Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in model.graph.node)
 
 
+def kv_bytes_per_token(caches: list[dict]) -> tuple[int, list[str]]:
+    """Bytes one more cached token takes in one row, over all cache tensors (B, Hkv, T, D): Hkv * D * itemsize each;
+    and the caches' dtypes."""
+    dtypes = sorted({c.get("dtype", "float32") for c in caches})
+    return sum(c["shape"][1] * c["shape"][3] * np.dtype(c.get("dtype", "float32")).itemsize for c in caches), dtypes
+
+
 def run(args) -> int:
     from ..runtime.manifest import describe_attention_layers, read_manifest
 
@@ -55,6 +62,10 @@ def run(args) -> int:
     limit = f"; calls of up to {attention['ring_call_tokens']} tokens (longer ones are split)" \
         if attention.get("ring_call_tokens") else ""
     print(f"kv cache {kv_bytes / 2**20:.2f} MiB, {'/'.join(map(str, slots))} slots per cache tensor{limit}")
+    per_token, dtypes = kv_bytes_per_token(engine["caches"])
+    print(f"kv/token {per_token} bytes per token per row ({'+'.join(dtypes)} caches"
+          + (", plus fixed per-channel scales" if "int8" in dtypes else "")
+          + (": ring layers stop growing at their ring" if attention.get("ring_call_tokens") else "") + ")")
     print("passes")
     for record in manifest.get("passes", []):
         stats = "skipped" if record["skipped"] else (

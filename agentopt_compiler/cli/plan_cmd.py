@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from .arg_types import float_in, int_in
@@ -42,6 +43,17 @@ def add_parser(sub) -> None:
     q.add_argument("--sequences", type=SEQUENCES, default=4, help="calibration sequences")
     q.add_argument("--length", type=int_in(2, MAX_CONTEXT_LENGTH), default=128,
                    help="tokens per calibration sequence")
+    q.add_argument("--sensitivity", choices=["scaled", "exact"], default="scaled",
+                   help="scaled (default): each layer unit's most lossy int8/int4 candidate is propagated through the "
+                        "model, the others scaled by their output error (within 8%% of exact on ref-60m, 3x faster); "
+                        "exact: every unit and candidate propagated")
+    q.add_argument("--threads", type=int_in(1, 1024), default=None,
+                   help="intra-op threads the engine will run with, for the decode cost model (default: ONNX "
+                        "Runtime's, as engines load)")
+    q.add_argument("--refresh-cost-model", action="store_true",
+                   help="measure this machine's decode cost model again (it is measured once per machine and "
+                        "threads, and cached in $AGENTOPT_CACHE_DIR or ~/.cache/agentopt, so two plans on one "
+                        "machine use the same numbers)")
     q.add_argument("--out", required=True, help="plan JSON to write")
     q.add_argument("--report", default=None, metavar="DIR", help="write report.md, sensitivity.json and "
                                                                  "sensitivity.png here")
@@ -80,6 +92,21 @@ def add_parser(sub) -> None:
     s.set_defaults(handler=run_sparse)
 
 
+class _Progress:
+    """A bar with the measurements done, the time taken and an estimate of the time left (from the mean time per
+    measurement so far)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def __call__(self, done: int, total: int, what: str) -> None:
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / done * (total - done) if done else 0.0
+        bar = "#" * (30 * done // total)
+        print(f"\r  measuring [{bar:<30}] {done}/{total} {elapsed:5.0f}s, ~{left:4.0f}s left {what:<28}",
+              end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+
 def _progress(done: int, total: int, what: str) -> None:
     bar = "#" * (30 * done // total)
     print(f"\r  calibrating [{bar:<30}] {done}/{total} {what:<28}", end="" if done < total else "\n",
@@ -111,15 +138,36 @@ def run(args) -> int:
     from ..analysis.calibration import calibration_batches
     from ..analysis.precision import options_to_json, plan_precision, report_rows
     from ..models.registry import load_model
+    from ..passes.precision_plan import parse_precision
 
     _check_outputs(args)
+    from ..analysis.cost_model import cached_cost_model
+    from .progress import ProgressLog
+
+    log = ProgressLog()
+    candidates = [c.strip() for c in args.candidates.split(",")]
+    for candidate in candidates:
+        parse_precision(candidate)  # a typo fails before the model loads
     loaded = load_model(args.model, capture="reference")  # the planners measure our reference module
     batches = calibration_batches(loaded, args.calib, args.sequences, args.length)
-    print(f"measuring {args.model}: {len(batches)} x {args.length} calibration tokens", file=sys.stderr)
+    cost_model = cached_cost_model(args.threads, not args.asymmetric, refresh=args.refresh_cost_model, log=log)
+    constants = ", ".join(f"{k} {v * 1e12:.0f}" for k, v in cost_model.seconds_per_byte.items())
+    log(f"cost model ({cost_model.source}): ps per byte {constants}; noise "
+        f"{max(cost_model.noise.values(), default=0):.1%}")
+    log(f"measuring {args.model}: {len(batches)} x {args.length} calibration tokens "
+        f"({args.calib or 'seeded random tokens'})")
     plan, options = plan_precision(loaded.model, batches, args.max_kl, args.target_bits, args.min_top1,
-                                   [c.strip() for c in args.candidates.split(",")], args.block_size,
-                                   progress=_progress, symmetric=not args.asymmetric)
+                                   candidates, args.block_size, progress=_Progress(),
+                                   symmetric=not args.asymmetric, cost_model=cost_model, log=log,
+                                   method=args.sensitivity)
+    plan.measurements["calibration"] = str(args.calib or "seeded random tokens")
     plan.save(args.out)
+    m = plan.measurements
+    for row in m["uniform"]:
+        log(f"uniform {row['precision']}: checked KL {row['checked_kl']:.3g}, predicted decode matmuls "
+            f"{row['decode_matmul_seconds'] * 1e3:.2f} ms")
+    log(f"plan ({m['choice']}): checked KL {plan.predicted['checked_kl']:.3g}, predicted decode matmuls "
+        f"{plan.predicted['decode_matmul_seconds'] * 1e3:.2f} ms; planned in {m['planning_seconds']:.0f}s")
     rows = report_rows(options, plan)
     table = _markdown(rows)
     print(table)

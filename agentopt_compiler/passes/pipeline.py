@@ -7,7 +7,8 @@ Phase 2, fuse: replace op patterns with one op of ours that backends lower to th
     pack_qkv_projections the three projections feeding a fused attention -> one matmul + split
 Phase 3, change the math where the user asked for it (each pass does nothing without its plan):
     insert_sparse_attention  per-layer window / sinks / strided patterns on the fused attention
-    set_kv_cache_dtype       fp16 KV caches (attention in fp16) where --kv-cache-dtype asks for it
+    set_kv_cache_dtype       fp16 KV caches (attention in fp16) or int8 ones (per-channel scales) where
+                             --kv-cache-dtype asks for it
     assign_layer_precision   int8 / int4 weight-only linears where a precision plan says so; fp16 / bf16
                              regions (explicit casts) where the target has native half kernels
 """
@@ -26,7 +27,7 @@ from .set_kv_cache_dtype import SetKVCacheDtype
 
 def default_pipeline(sparse_attention: SparseAttentionPlan | None = None,
                      precision: PrecisionPlan | None = None, half_precision: bool = False,
-                     kv_cache_dtype: str | None = None) -> PassPipeline:
+                     kv_cache_dtype: str | None = None, kv_scales=None) -> PassPipeline:
     return PassPipeline([
         # phase 1: canonicalize
         RemoveNoopOps(),
@@ -35,6 +36,6 @@ def default_pipeline(sparse_attention: SparseAttentionPlan | None = None,
         PackQKVProjections(),
         # phase 3: user-requested changes to the math
         InsertSparseAttention(sparse_attention),
-        SetKVCacheDtype(kv_cache_dtype),
+        SetKVCacheDtype(kv_cache_dtype, kv_scales),
         AssignLayerPrecision(precision, half_precision),
     ])

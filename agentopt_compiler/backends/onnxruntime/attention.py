@@ -30,7 +30,7 @@ from onnxscript import opset23 as op
 
 from .contrib_schemas import register_ort_contrib_schema
 
-INT32, FLOAT = 6, 1  # onnx.TensorProto.INT32, FLOAT
+INT32, FLOAT, INT8 = 6, 1, 3  # onnx.TensorProto.INT32, FLOAT, INT8
 _INT64_MAX = 2**63 - 1
 msft = onnxscript.values.Opset("com.microsoft", 1)
 
@@ -39,7 +39,7 @@ def _in_cache_dtype(k_cache, *values):
     """Half-precision caches (set_kv_cache_dtype): attention runs in the caches' dtype, so cast its fp32 inputs.
     Returns (cast values..., whether the output must be cast back to fp32)."""
     dtype = k_cache.dtype
-    if dtype is None or dtype.name == "FLOAT":
+    if dtype is None or dtype.name in ("FLOAT", "INT8"):  # int8 caches: attention runs in fp32 on scaled codes
         return (*values, False)
     return (*(None if v is None else op.Cast(v, to=dtype.value) for v in values), True)
 
@@ -51,12 +51,17 @@ def _static_dim(value, axis: int) -> int:
     return dim
 
 
+def _is_int8(cache) -> bool:
+    return cache.dtype is not None and cache.dtype.name == "INT8"
+
+
 def cached_attention_to_gqa(q, k, v, k_cache, v_cache, positions, cos=None, sin=None, num_heads=1, kv_num_heads=1,
                             window=-1, scale=0.0, rotary=False, sinks=0, stride=0, ring=False, dense_kv_heads=None,
-                            softcap=0.0):
+                            softcap=0.0, k_scale=None, v_scale=None):
     if sinks > 0 or stride > 0 or ring or dense_kv_heads:  # not expressible with GQA: standard-op lowering
         return cached_attention_to_standard(q, k, v, k_cache, v_cache, positions, cos, sin, num_heads, kv_num_heads,
-                                            window, scale, rotary, sinks, stride, ring, dense_kv_heads, softcap)
+                                            window, scale, rotary, sinks, stride, ring, dense_kv_heads, softcap,
+                                            k_scale, v_scale)
     capacity, head_dim = _static_dim(k_cache, 2), _static_dim(k_cache, 3)
     rotary_dim = _static_dim(cos, 1) if rotary else 0  # R = D, or fewer for partial rotary (the first R dims)
     if rotary and (rotary_dim // 2) % 8:  # ORT's kernel takes R/2 in multiples of 8 only: rotate before the op
@@ -82,9 +87,13 @@ def cached_attention_to_gqa(q, k, v, k_cache, v_cache, positions, cos=None, sin=
         attributes["scale"] = scale
     if softcap:
         attributes["softcap"] = softcap
+    scales = ()
+    if _is_int8(k_cache):  # ORT >= 1.2x CPU: int8 caches, quantized on write and read with per-channel scales
+        attributes.update(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
+        scales = (None, None, None, k_scale, v_scale)  # position_ids, attention_bias, head_sink, k_scale, v_scale
     # the tracer materializes all four schema outputs; the unused output_qk is trimmed after export
     outputs = msft.GroupQueryAttention(q, k, v, k_cache, v_cache, seqlens_k, total, cos if rotary else None,
-                                       sin if rotary else None, **attributes)
+                                       sin if rotary else None, *scales, **attributes)
     out = op.Cast(outputs[0], to=FLOAT) if cast_back else outputs[0]
     return out, outputs[1], outputs[2]
 
@@ -161,7 +170,7 @@ def _dense_heads(num_heads: int, kv_num_heads: int, dense_kv_heads):
 
 def cached_attention_to_standard(q, k, v, k_cache, v_cache, positions, cos=None, sin=None, num_heads=1,
                                  kv_num_heads=1, window=-1, scale=0.0, rotary=False, sinks=0, stride=0, ring=False,
-                                 dense_kv_heads=None, softcap=0.0):
+                                 dense_kv_heads=None, softcap=0.0, k_scale=None, v_scale=None):
     head_dim, capacity = _static_dim(k_cache, 3), _static_dim(k_cache, 2)
     rotary_dim = _static_dim(cos, 1) if rotary else head_dim  # (before a cast hides the tables' shape)
     q, k, v, cos, sin, cast_back = _in_cache_dtype(k_cache, q, k, v, cos, sin)
@@ -185,8 +194,17 @@ def cached_attention_to_standard(q, k, v, k_cache, v_cache, positions, cos=None,
         out = op.Reshape(op.Transpose(out4, perm=[0, 2, 1, 3]), [0, 0, num_heads * head_dim])
         return (op.Cast(out, to=FLOAT) if cast_back else out), new_k, new_v
     indices = _scatter_indices(k4, _rows_positions(positions))
-    new_k = op.ScatterND(k_cache, indices, k4)
-    new_v = op.ScatterND(v_cache, indices, v4)
+    if _is_int8(k_cache):  # store codes, attend over codes * scale (what GroupQueryAttention does inside)
+        if ring:
+            raise ValueError("int8 KV caches are not available with ring caches")
+        k_step, v_step = (op.Reshape(t, [1, kv_num_heads, 1, head_dim]) for t in (k_scale, v_scale))
+        new_k = op.ScatterND(k_cache, indices, _quantize(k4, k_step))
+        new_v = op.ScatterND(v_cache, indices, _quantize(v4, v_step))
+        keys_read, values_read = op.Mul(op.Cast(new_k, to=FLOAT), k_step), op.Mul(op.Cast(new_v, to=FLOAT), v_step)
+    else:
+        new_k = op.ScatterND(k_cache, indices, k4)
+        new_v = op.ScatterND(v_cache, indices, v4)
+        keys_read, values_read = new_k, new_v
     keys = op.Range(0, capacity, 1)  # (T,)
     queries = op.Unsqueeze(_rows_positions(positions), [3])  # (B or 1, 1, S, 1)
     mask = op.LessOrEqual(keys, queries)  # (B or 1, 1, S, T)
@@ -199,9 +217,15 @@ def cached_attention_to_standard(q, k, v, k_cache, v_cache, positions, cos=None,
         if dense_kv_heads:
             visible = op.Or(visible, _dense_heads(num_heads, kv_num_heads, dense_kv_heads))  # (B, Hq, S, T)
         mask = op.And(mask, visible)
-    out4 = op.Attention(q4, new_k, new_v, mask, **attributes)[0]  # (B, Hq, S, D); GQA from the head counts
+    out4 = op.Attention(q4, keys_read, values_read, mask, **attributes)[0]  # (B, Hq, S, D); GQA from head counts
     out = op.Reshape(op.Transpose(out4, perm=[0, 2, 1, 3]), [0, 0, num_heads * head_dim])
     return (op.Cast(out, to=FLOAT) if cast_back else out), new_k, new_v
+
+
+def _quantize(x4, step):
+    """int8 codes round(x / step) clipped to [-128, 127] (Round: half to even, as torch.round and ORT's GQA)."""
+    return op.Cast(op.Clip(op.Round(op.Div(x4, step)), op.Constant(value_float=-128.0),
+                           op.Constant(value_float=127.0)), to=INT8)
 
 
 def translation_table(attention_impl: str) -> dict:

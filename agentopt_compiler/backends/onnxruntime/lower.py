@@ -250,7 +250,7 @@ def check_cuda_kernels(graph) -> None:
                 "(the default for --device cuda)")
 
 
-_NUMPY_DTYPES = {"FLOAT": "float32", "FLOAT16": "float16", "BFLOAT16": "bfloat16"}
+_NUMPY_DTYPES = {"FLOAT": "float32", "FLOAT16": "float16", "BFLOAT16": "bfloat16", "INT8": "int8"}
 
 
 def _ring_call_tokens(layers: list[dict], caches: list[dict]) -> dict:
