@@ -377,14 +377,9 @@ def ort_genai_system(model_dir: Path, threads: int, context: int, stop_sentinel:
 
 # -- the run ----------------------------------------------------------------------------------------------------------
 def environment(threads: int) -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from agentopt_compiler.analysis.cost_model import cpu_name
+
+    cpu = cpu_name()
     versions = {"python": platform.python_version()}
     for name in ("agentopt-compiler", "torch", "onnxruntime", "onnxruntime-genai", "transformers", "numpy"):
         try:

@@ -64,18 +64,21 @@ def unit_bytes(elements: int, precision: str, block: int, symmetric: bool = True
     return elements * (2 if precision in ("fp16", "bf16") else 4)
 
 
-def machine_key(threads: int | None, symmetric: bool) -> dict:
-    import onnxruntime as ort
-
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what platform knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads or 0, "onnxruntime": ort.__version__,
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_key(threads: int | None, symmetric: bool) -> dict:
+    import onnxruntime as ort
+
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads or 0, "onnxruntime": ort.__version__,
             "symmetric": symmetric}
 
 
