@@ -180,12 +180,12 @@ class Matcher:
     def __init__(self, grammar: Grammar, tokenizer, vocab_size: int, stop_ids: Sequence[int]):
         from llguidance import LLMatcher
 
-        check_grammar(grammar, tokenizer, vocab_size, stop_ids)
         self.grammar, self.vocab_size = grammar, vocab_size
         self._stops = np.array(sorted(stop_ids), dtype=np.int64)
         self._matcher = LLMatcher(_grammar_tokenizer(tokenizer.to_json(), vocab_size, tuple(sorted(stop_ids))),
                                   grammar.text, log_level=0)
-        self._raise_on_error()
+        if self._matcher.is_error():  # compiled once here: a grammar llguidance cannot build is this one error
+            raise AgentOptError(f"{grammar.what} cannot constrain decoding: {self._matcher.get_error()}")
 
     @property
     def done(self) -> bool:

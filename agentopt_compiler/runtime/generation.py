@@ -117,11 +117,9 @@ class TokenPicker:
         the grammar forced: their keys and values are already cached)."""
         new: list[int] = []
         forced, self._forced_in_draft = self._forced_in_draft, 0
-        for index, token in enumerate(draft[:forced]):  # the grammar allows nothing else (consumed when drafted)
-            self._append(token, tokens, new, grammar_caught_up=index == forced - 1)
-            self.forced += 1
-            if self.finish:
-                return new, len(new)
+        self._append_forced(draft[:forced], tokens, new)  # the grammar allows nothing else (consumed when drafted)
+        if self.finish:
+            return new, len(new)
         lookup = draft[forced:]
         # a row per fed token (the forced ones' rows predict forced tokens: unused), or, from an engine that returns
         # one row per call (no prompt lookup there), the last fed token's row
@@ -153,15 +151,18 @@ class TokenPicker:
         prompt tokens, on the sequence's row alone."""
         if self.matcher is None or self.finish is not None:
             return []
-        forced = self.matcher.forced(min(self.config.max_new_tokens - self.generated,
-                                         self.capacity + 1 - len(tokens)))
         new: list[int] = []
+        self._append_forced(self.matcher.forced(min(self.config.max_new_tokens - self.generated,
+                                                    self.capacity + 1 - len(tokens))), tokens, new)
+        return new
+
+    def _append_forced(self, forced: Sequence[int], tokens: list[int], new: list[int]) -> None:
+        """Add tokens the matcher forced and has already consumed, up to a limit that ends the sequence."""
         for index, token in enumerate(forced):
             self._append(token, tokens, new, grammar_caught_up=index == len(forced) - 1)
             self.forced += 1
             if self.finish:
                 break
-        return new
 
     def _append(self, token: int, tokens: list[int], new: list[int], grammar_caught_up: bool = True) -> None:
         """Add a chosen token; ``grammar_caught_up``: the matcher has consumed nothing past it."""

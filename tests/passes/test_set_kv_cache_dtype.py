@@ -20,6 +20,21 @@ def _logits(module, ids, start):
         return module(torch.from_numpy(ids), positions, torch.tensor([[ids.shape[1] - 1]])).numpy()
 
 
+def _worst_relative_error(session, module, sizes) -> tuple[float, int]:
+    """Feed random calls of ``sizes`` tokens (chunked prefill, then decode steps) to a fresh ``session``; the worst
+    logits error relative to ``module`` run on the same calls, and the tokens fed."""
+    session.reset()
+    rng = np.random.default_rng(1)
+    start, worst = 0, 0.0
+    for size in sizes:
+        ids = rng.integers(0, 300, size=(1, size))
+        expected = _logits(module, ids, start)
+        logits = session.run(ids, np.arange(start, start + size))
+        worst = max(worst, float(np.abs(logits - expected).max() / np.abs(expected).max()))
+        start += size
+    return worst, start
+
+
 def test_half_caches_change_only_the_cache_dtype_and_the_attention_precision(tiny_model):
     full, _ = default_pipeline().run(capture(tiny_model, CONTEXT))
     half, records = default_pipeline(kv_cache_dtype="fp16").run(capture(tiny_model, CONTEXT))
@@ -55,15 +70,7 @@ def test_half_cache_engine_tracks_its_eager_reference_over_prefill_and_decode(im
     reference, _ = default_pipeline(SparseAttentionPlan.load(sparse), kv_cache_dtype="fp16").run(
         capture(load_model("tiny-random").model, context))
     session = engine.session
-    session.reset()
-    rng = np.random.default_rng(1)
-    start, worst = 0, 0.0
-    for size in (12, 60 if sparse else 1, 1, 7, 1, 1):  # chunked prefill, then decode steps
-        ids = rng.integers(0, 300, size=(1, size))
-        expected = _logits(reference.module, ids, start)
-        logits = session.run(ids, np.arange(start, start + size))
-        worst = max(worst, float(np.abs(logits - expected).max() / np.abs(expected).max()))
-        start += size
+    worst, start = _worst_relative_error(session, reference.module, (12, 60 if sparse else 1, 1, 7, 1, 1))
     assert worst <= 1e-2
     if not sparse:  # (ring caches hold sinks + window + spare slots)
         rows = session.read_cache(start)
@@ -142,15 +149,7 @@ def test_int8_cache_engine_matches_its_eager_reference(impl, op, tmp_path):
     reference, _ = default_pipeline(kv_cache_dtype="int8", kv_scales=_int8_scales()).run(
         capture(load_model("tiny-random").model, CONTEXT))
     session = engine.session
-    session.reset()
-    rng = np.random.default_rng(1)
-    start, worst = 0, 0.0
-    for size in (12, 1, 1, 7, 1, 1):  # chunked prefill, then decode steps
-        ids = rng.integers(0, 300, size=(1, size))
-        expected = _logits(reference.module, ids, start)
-        logits = session.run(ids, np.arange(start, start + size))
-        worst = max(worst, float(np.abs(logits - expected).max() / np.abs(expected).max()))
-        start += size
+    worst, start = _worst_relative_error(session, reference.module, (12, 1, 1, 7, 1, 1))
     assert worst <= 1e-5
     rows = session.read_cache(start)
     assert all(a.dtype == np.int8 and a.shape[2] == start for a in rows.values())
