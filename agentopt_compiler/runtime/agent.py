@@ -91,7 +91,7 @@ class Agent:
     def _prompt_ids(self) -> list[int]:
         text = render_chat(self.engine.tokenizer, self.messages, [t.schema() for t in self.tools.values()],
                            add_generation_prompt=True)
-        return self.engine.tokenizer.encode(text, add_special_tokens=False)
+        return self.engine.encode(text, add_special_tokens=False)
 
     def _remember_system_prefix(self) -> None:
         """Share the KV of the system prompt + tool schemas with later agents (once per agent)."""
@@ -103,7 +103,7 @@ class Agent:
             return
         head = render_chat(self.engine.tokenizer, head_messages or [{"role": "system", "content": ""}],
                            [t.schema() for t in self.tools.values()], add_generation_prompt=False)
-        head_ids = self.engine.tokenizer.encode(head, add_special_tokens=False)
+        head_ids = self.engine.encode(head, add_special_tokens=False)
         if self.conversation.tokens[:len(head_ids)] == head_ids:  # the template renders the head as a prefix
             self.conversation.remember_prefix(len(head_ids))
 

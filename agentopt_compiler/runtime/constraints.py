@@ -96,7 +96,7 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], syntax: CallSyntax, token
 
     ``choice``: "auto" (free text, and any number of valid calls from the opening tag on), "required" (a call
     first) or a tool's name (a call to that tool first). ``reasoning`` = (open, close) lets a reasoning block come
-    first (Qwen3's ``<think>``...``</think>``). With ``tokenizer``, an opening tag that is one token of its vocabulary
+    first (Qwen3's ``<think>``...``</think>``; ``reasoning_left`` says what the prompt leaves of it). With ``tokenizer``, an opening tag that is one token of its vocabulary
     is matched as that token (the model writes it so); otherwise as text."""
     functions = [t.get("function", t) for t in tools]
     if not functions:
@@ -119,11 +119,27 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], syntax: CallSyntax, token
                    else f"call_open[lazy]: BEFORE_CALL {open_tag}")
         return Grammar(_lark("start: call* TEXT?", trigger, f"call: call_open {_json_rule(body)}{close}",
                              r"TEXT: /(.|\n)+/", r"BEFORE_CALL: /(.|\n)*/"), "the tools' schemas")
-    rules = [f"start: {'think? ' if reasoning else ''}{open_tag} {_json_rule(body)}{close}"]
-    if reasoning:  # a reasoning block may come first: free text up to its closing tag, then a call
-        rules += [f"think: {_literal(reasoning[0], tokenizer)} think_body /[ \n]*/",
-                  f"think_body[lazy]: /(.|\n)*/ {_literal(reasoning[1], tokenizer)}"]
+    # a reasoning block may come first: free text up to its closing tag, then a call; it must be closed first when
+    # the prompt opened it (reasoning[0] == "")
+    think = "" if not reasoning else "think? " if reasoning[0] else "think "
+    rules = [f"start: {think}{open_tag} {_json_rule(body)}{close}"]
+    if reasoning:
+        think_open, think_close = (_literal(tag, tokenizer) if tag else "" for tag in reasoning)
+        if _is_special_tag(reasoning[1], tokenizer):  # (Qwen3's tokenizer) a special token ends a text lexeme
+            rules += [f"think: {think_open} TEXT? {think_close} /[ \n]*/", r"TEXT: /(.|\n)+/"]
+        else:  # a text tag ends a lazy match
+            rules += [f"think: {think_open} think_body /[ \n]*/", f"think_body[lazy]: /(.|\n)*/ {think_close}"]
     return Grammar(_lark(*rules), "the tools' schemas")
+
+
+def reasoning_left(prompt: str, reasoning: tuple[str, str] | None) -> tuple[str, str] | None:
+    """The part of a reasoning block (open, close) still to come after ``prompt``: None when the prompt closed one
+    (Qwen3 with ``enable_thinking=False`` renders an empty ``<think>\\n\\n</think>``), ("", close) when it opened
+    one, else both."""
+    tail = prompt.rstrip()
+    if reasoning is None or tail.endswith(reasoning[1]):
+        return None
+    return ("", reasoning[1]) if tail.endswith(reasoning[0]) else reasoning
 
 
 def _strict_object(parameters: dict[str, Any] | None) -> dict[str, Any]:
@@ -150,17 +166,29 @@ def _is_token(text: str, tokenizer) -> bool:
     return tokenizer is not None and tokenizer.token_id(text) is not None
 
 
+def _is_special_tag(text: str, tokenizer) -> bool:
+    """Whether llguidance matches ``text`` as one token by name (``<tag>``): it is one token of the vocabulary."""
+    return _is_token(text, tokenizer) and text.startswith("<") and text.endswith(">")
+
+
 def _literal(text: str, tokenizer) -> str:
     """A tag as llguidance matches it: ``<tag>`` when it is one token of the vocabulary, else its text."""
-    return text if _is_token(text, tokenizer) and text.startswith("<") and text.endswith(">") else json.dumps(text)
+    return text if _is_special_tag(text, tokenizer) else json.dumps(text)
 
 
 # -- matching ---------------------------------------------------------------------------------------------------------
+def _grammar_tokenizer(tokenizer, vocab_size: int, stop_ids: Sequence[int]):
+    """llguidance's view of the tokenizer, over the larger of the model's and the tokenizer's vocabularies (Gemma 3's
+    tokenizer has one token more than its text model, Qwen3's model 267 rows more than its tokenizer); masks are cut
+    to the model's."""
+    return _cached_grammar_tokenizer(tokenizer.to_json(), max(vocab_size, tokenizer.size), tuple(sorted(stop_ids)))
+
+
 @lru_cache(maxsize=8)
-def _grammar_tokenizer(tokenizer_json: str, vocab_size: int, stop_ids: tuple[int, ...]):
+def _cached_grammar_tokenizer(tokenizer_json: str, n_vocab: int, stop_ids: tuple[int, ...]):
     from llguidance import LLTokenizer
 
-    return LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=list(stop_ids))
+    return LLTokenizer(tokenizer_json, n_vocab=n_vocab, eos_token=list(stop_ids))
 
 
 def check_grammar(grammar: Grammar, tokenizer, vocab_size: int, stop_ids: Sequence[int]) -> None:
@@ -169,7 +197,7 @@ def check_grammar(grammar: Grammar, tokenizer, vocab_size: int, stop_ids: Sequen
     from llguidance import LLMatcher
 
     is_error, messages = LLMatcher.validate_grammar_with_warnings(
-        grammar.text, _grammar_tokenizer(tokenizer.to_json(), vocab_size, tuple(sorted(stop_ids))))
+        grammar.text, _grammar_tokenizer(tokenizer, vocab_size, stop_ids))
     if is_error:
         raise AgentOptError(f"{grammar.what} cannot constrain decoding: {messages[0]}")
 
@@ -182,8 +210,7 @@ class Matcher:
 
         self.grammar, self.vocab_size = grammar, vocab_size
         self._stops = np.array(sorted(stop_ids), dtype=np.int64)
-        self._matcher = LLMatcher(_grammar_tokenizer(tokenizer.to_json(), vocab_size, tuple(sorted(stop_ids))),
-                                  grammar.text, log_level=0)
+        self._matcher = LLMatcher(_grammar_tokenizer(tokenizer, vocab_size, stop_ids), grammar.text, log_level=0)
         if self._matcher.is_error():  # compiled once here: a grammar llguidance cannot build is this one error
             raise AgentOptError(f"{grammar.what} cannot constrain decoding: {self._matcher.get_error()}")
 
@@ -210,6 +237,9 @@ class Matcher:
     def forced(self, limit: int) -> list[int]:
         """Up to ``limit`` tokens the grammar forces next, consumed: the caller appends them."""
         tokens = self._matcher.compute_ff_tokens()[:max(limit, 0)]
+        if any(t >= self.vocab_size for t in tokens):
+            raise AgentOptError(f"{self.grammar.what} forces a token the model cannot write (ids {tokens}; its "
+                                f"vocabulary ends at {self.vocab_size - 1}); write that text differently")
         if tokens:
             self._matcher.consume_tokens(tokens)
             self._raise_on_error()

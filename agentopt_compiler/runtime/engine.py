@@ -57,14 +57,22 @@ class Engine:
         return TokenPicker(config, self.eos_token_ids, self.context_length, self.tokenizer,
                            self.manifest["model"]["config"]["vocab_size"])
 
-    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+    def encode(self, prompt: str | Sequence[int], add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a text (``add_special_tokens=False`` for a rendered chat, whose template wrote them) or the
+        ids given, checked against the model's vocabulary."""
+        vocab = self.manifest["model"]["config"]["vocab_size"]
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise EngineError(f"engine '{self.folder}' has no tokenizer (its checkpoint had no tokenizer.json); "
                                   "pass token ids instead of text")
-            return self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+            bad = next((t for t in ids if t >= vocab), None)
+            if bad is not None:  # e.g. Gemma 3's <image_soft_token> (262144) beside a 262144-row text embedding
+                raise AgentOptError(f"the text holds the token {self.tokenizer.decode([bad], False)!r} (id {bad}), "
+                                    f"which this model cannot read: its vocabulary ends at id {vocab - 1} (the "
+                                    "tokenizer knows more tokens than the model); remove it from the text")
+            return ids
         ids = [int(t) for t in prompt]
-        vocab = self.manifest["model"]["config"]["vocab_size"]
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise AgentOptError(f"token id {bad} is outside this model's vocabulary (0 to {vocab - 1})")

@@ -32,7 +32,7 @@ from starlette.requests import Request  # route signatures are resolved at modul
 
 from ..errors import AgentOptError
 from .chat import ChatTemplateError, render_chat
-from .constraints import Grammar, call_syntax, check_grammar, json_schema_grammar, tool_call_grammar
+from .constraints import Grammar, call_syntax, check_grammar, json_schema_grammar, reasoning_left, tool_call_grammar
 from .conversation import check_prompt_lookup
 from .generation import GenerationConfig
 from .prefix_cache import PrefixCache
@@ -102,7 +102,6 @@ class ChatService:
                                                    for t in tools or ()):
             raise ApiError(HTTPStatus.BAD_REQUEST, f"tool_choice names '{choice.function.name}', which is not "
                                                    "among the tools", "invalid_value", "tool_choice")
-        grammar = self._grammar(request, offered, choice if isinstance(choice, str) else choice.function.name)
         messages = [_template_message(m, i) for i, m in enumerate(request.messages)]
         # the system turn (with the tool schemas) is what sessions share: the prefix cache holds its KV
         system = next((i for i, m in enumerate(messages) if m["role"] not in ("system", "developer")), len(messages))
@@ -114,13 +113,18 @@ class ChatService:
                                **variables) if system else ""
         except ChatTemplateError as exc:
             raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), "invalid_value", "messages") from None
-        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        grammar = self._grammar(request, offered, choice if isinstance(choice, str) else choice.function.name,
+                                reasoning_left(prompt, self.reasoning))
+        try:
+            ids = self.engine.encode(prompt, add_special_tokens=False)
+        except AgentOptError as exc:
+            raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), "invalid_value", "messages") from None
         if len(ids) >= self.engine.context_length:
             raise ApiError(HTTPStatus.BAD_REQUEST, f"the conversation is {len(ids)} tokens and this engine's context "
                                                    f"holds {self.engine.context_length} (prompt plus at least one "
                                                    "new token); shorten the messages", "context_length_exceeded",
                            "messages")
-        head_ids = tokenizer.encode(head, add_special_tokens=False) if head else []
+        head_ids = self.engine.encode(head, add_special_tokens=False) if head else []
         shared = len(head_ids) if len(head_ids) >= MIN_SHARED_PREFIX and ids[:len(head_ids)] == head_ids else 0
         max_tokens = request.max_completion_tokens or request.max_tokens or self.engine.context_length
         stop = request.stop or ()
@@ -132,7 +136,8 @@ class ChatService:
             ignore_eos=request.ignore_eos)
         return PreparedChat(request, ids, shared, config, bool(offered), self.call_syntax.open)
 
-    def _grammar(self, request: ChatRequest, tools: list[dict] | None, choice: str) -> Grammar | None:
+    def _grammar(self, request: ChatRequest, tools: list[dict] | None, choice: str,
+                 reasoning: tuple[str, str] | None) -> Grammar | None:
         """What constrains the answer: response_format json_object / json_schema; tool_choice required or named
         (a call first); tools with ``strict: true`` (free text, then calls valid for their schemas, the other
         tools' arguments any JSON object). None: free text, as OpenAI's default non-strict tools. A grammar
@@ -154,8 +159,7 @@ class ChatService:
         elif constrains_calls:
             functions = [t if t["function"].get("strict") or not strict else
                          {**t, "function": {**t["function"], "parameters": {"type": "object"}}} for t in tools]
-            grammar = tool_call_grammar(functions, self.call_syntax, self.engine.tokenizer, choice,
-                                        reasoning=self.reasoning)
+            grammar = tool_call_grammar(functions, self.call_syntax, self.engine.tokenizer, choice, reasoning)
             param = "tools"
         else:
             return None

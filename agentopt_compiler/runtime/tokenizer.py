@@ -50,6 +50,11 @@ class Tokenizer:
             self._json = self._tok.to_str()
         return self._json
 
+    @property
+    def size(self) -> int:
+        """Tokens it knows, added ones included (may differ from the model's vocabulary either way)."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 

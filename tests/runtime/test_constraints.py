@@ -188,3 +188,52 @@ def test_call_syntax_follows_the_chat_template(engine):
     assert call_syntax("{{ '<|tool_call|>' }}{{ tools | tojson }}").open == "<|tool_call|>"
     assert call_syntax("[TOOL_CALLS]").list_of_calls
     assert call_syntax("<|python_tag|>").arguments_key == "parameters"
+
+
+def _tokenizer_with(folder, special):
+    """The built-in byte-level tokenizer (261 tokens) with ``special`` tokens added after its own."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from agentopt_compiler.models.builtin_tokenizer import write_builtin_tokenizer
+    from agentopt_compiler.runtime.tokenizer import Tokenizer
+
+    write_builtin_tokenizer(folder)
+    tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    tok.save(str(folder / "tokenizer.json"))
+    return Tokenizer(folder)
+
+
+def test_a_reasoning_block_closed_by_a_special_token_comes_first_only_where_the_prompt_left_it(tmp_path):
+    from agentopt_compiler.runtime.constraints import reasoning_left
+
+    tok = _tokenizer_with(tmp_path, ["<think>", "</think>"])  # special tokens, as in Qwen3's tokenizer
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    tags = ("<think>", "</think>")
+    think, call = (tok.encode(text, add_special_tokens=False) for text in
+                   ("<think>the user wants f</think>\n\n", '<tool_call>{"name": "f", "arguments": {}}</tool_call>'))
+
+    def accepted(prompt, tokens):
+        grammar = tool_call_grammar([tool], call_syntax(None), tok, "required", reasoning_left(prompt, tags))
+        return Matcher(grammar, tok, tok.size, [tok.token_id("<|im_end|>")]).valid_prefix(tokens)
+
+    assert accepted("<|im_start|>assistant\n", think + call) == len(think + call)  # may reason, then call
+    assert accepted("<|im_start|>assistant\n", call) == len(call)
+    closed = "<|im_start|>assistant\n<think>\n\n</think>\n\n"  # Qwen3 with enable_thinking=False
+    assert accepted(closed, think) == 0 and accepted(closed, call) == len(call)
+    opened = "<|im_start|>assistant\n<think>\n"  # a template that opens the block itself: it must be closed first
+    assert accepted(opened, call) == 0 and accepted(opened, think[1:] + call) == len(think) - 1 + len(call)
+
+
+def test_a_tokenizer_with_more_tokens_than_the_model_constrains_and_refuses_them_in_text(tiny_engine_dir, tmp_path):
+    engine = ao.load_engine(tiny_engine_dir)
+    vocab = engine.manifest["model"]["config"]["vocab_size"]  # 320 rows; the tokenizer's 261 tokens, then ours:
+    # <image> one past the embedding (Gemma 3's tokenizer has one token its text model lacks)
+    engine.tokenizer = _tokenizer_with(tmp_path, [f"<unused{i}>" for i in range(vocab - 261)] + ["<image>"])
+    assert engine.tokenizer.size == vocab + 1
+    config = GenerationConfig(max_new_tokens=40, temperature=1.0, seed=0,
+                              grammar=json_schema_grammar(SCHEMAS[0], "response_format"))
+    jsonschema.validate(json.loads(engine.generate("say it as JSON", config)), SCHEMAS[0])
+    with pytest.raises(AgentOptError, match=r"'<image>' \(id 320\), which this model cannot read"):
+        engine.encode("look: <image>")

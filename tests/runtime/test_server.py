@@ -14,32 +14,11 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 import agentopt_compiler as ao  # noqa: E402
-from agentopt_compiler.runtime.server import ChatService, HttpServer, LocalBackend, make_app  # noqa: E402
+from agentopt_compiler.runtime.server import ChatService  # noqa: E402
+from tests.helpers import API_KEY, Running  # noqa: E402
 
-API_KEY = "test-key"
 TOOLS = [{"type": "function", "function": {"name": "get_time", "description": "Current time.",
                                            "parameters": {"type": "object", "properties": {}, "required": []}}}]
-
-
-class Running:
-    def __init__(self, engine, **options):
-        app_options = {k: options.pop(k) for k in ("max_body_bytes", "read_timeout_s") if k in options}
-        self.service = ChatService(engine, **options)
-        self.http = HttpServer(make_app(LocalBackend(self.service), api_key=API_KEY, **app_options), "127.0.0.1", 0)
-        self.port = self.http.start()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-
-    def client(self, **options):
-        return openai.OpenAI(base_url=self.url, api_key=API_KEY, max_retries=0, timeout=60, **options)
-
-    def idle(self) -> bool:
-        """Wait (up to 10 s) until nothing is generating."""
-        for _ in range(200):
-            metrics = self.service.metrics()
-            if metrics["busy_slots"] == 0 and metrics["active_requests"] == 0 and metrics["queue_depth"] == 0:
-                return True
-            time.sleep(0.05)
-        return False
 
 
 @pytest.fixture(scope="module")
