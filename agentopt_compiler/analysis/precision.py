@@ -317,7 +317,7 @@ def measure_sensitivity(model, batches: list[torch.Tensor], candidates: Iterable
     if method not in SENSITIVITY_METHODS:
         raise AgentOptError(f"unknown sensitivity method {method!r}; use one of {', '.join(SENSITIVITY_METHODS)}")
     units = unit_linears(model)
-    missing = set(units_of_model(model.config.num_layers)) - set(units)
+    missing = set(units_of_model(len(model.decoder_layers))) - set(units)
     if missing:
         raise AgentOptError(f"model has no linear layers for units {sorted(missing)[:3]}")
     candidates = list(candidates)

@@ -148,7 +148,7 @@ def run(args) -> int:
     candidates = [c.strip() for c in args.candidates.split(",")]
     for candidate in candidates:
         parse_precision(candidate)  # a typo fails before the model loads
-    loaded = load_model(args.model, capture="reference")  # the planners measure our reference module
+    loaded = load_model(args.model)  # the module the compile captures (reference, else transformers)
     batches = calibration_batches(loaded, args.calib, args.sequences, args.length)
     cost_model = cached_cost_model(args.threads, not args.asymmetric, refresh=args.refresh_cost_model, log=log)
     constants = ", ".join(f"{k} {v * 1e12:.0f}" for k, v in cost_model.seconds_per_byte.items())
@@ -225,14 +225,19 @@ def _held_out(loaded, args) -> list:
 def run_sparse(args) -> int:
     from ..analysis.calibration import calibration_batches, chat_calibration
     from ..analysis.sparse import check_length, measure_fidelity, plan_sparse
-    from ..errors import AgentOptError
+    from ..errors import AgentOptError, UnsupportedModelError
     from ..models.registry import load_model
     from ..passes.insert_sparse_attention import SparsePattern
 
     pattern = SparsePattern(args.window, args.sinks, args.stride)
     check_length(args.length, pattern)
     _check_outputs(args)
-    loaded = load_model(args.model, capture="reference")  # the planners measure our reference module
+    try:
+        loaded = load_model(args.model, capture="reference")
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(f"agentopt plan sparse measures the reference module (Llama, Qwen2, Mistral) "
+                                    f"only: {exc}; give the compile a pattern by hand instead (--sparse-attention "
+                                    "window=W,sinks=S,layers=A-B)") from None
     positions = held_out_positions = None
     if args.calib_chat:
         if args.holdout:

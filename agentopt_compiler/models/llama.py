@@ -163,6 +163,11 @@ class LlamaDecoder(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self._set_rope_tables(config.max_position_embeddings)
 
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        """The decoder layers, as TransformersDecoder names them too (what the planners walk)."""
+        return self.layers
+
     def _set_rope_tables(self, length: int) -> None:
         cos, sin = rope_tables(self.config, length)
         self.register_buffer("rope_cos", cos, persistent=False)  # (L, D)

@@ -34,7 +34,7 @@ FORMAT = "agentopt-precision-plan"
 _UNIT_OF_MODULE = (
     (re.compile(r"^(layers\.\d+)\.self_attn\.(?:q|k|v|qkv)_proj$"), r"\1.attn_qkv"),
     (re.compile(r"^(layers\.\d+)\.self_attn\.o_proj$"), r"\1.attn_o"),
-    (re.compile(r"^(layers\.\d+)\.mlp\.(?:gate|up)_proj$"), r"\1.mlp_gate_up"),
+    (re.compile(r"^(layers\.\d+)\.mlp\.(?:gate|up|gate_up)_proj$"), r"\1.mlp_gate_up"),
     (re.compile(r"^(layers\.\d+)\.mlp\.down_proj$"), r"\1.mlp_down"),
     (re.compile(r"^lm_head$"), "lm_head"),
 )

@@ -176,10 +176,48 @@ def test_reference_capture_refuses_what_only_transformers_implements(tmp_path):
         ao.compile(tmp_path / "ckpt", out=tmp_path / "engine", capture="reference")
 
 
-def test_planners_refuse_what_only_transformers_implements(tmp_path, capsys):
+def test_the_precision_planner_measures_the_transformers_module_and_the_engine_computes_its_plan(tmp_path, capsys):
+    """Phi-3's fused qkv and gate_up projections are planned units; the engine built from the plan gives the logits
+    of the eager transformers module with the same units quantized."""
+    from agentopt_compiler.analysis.precision import unit_at_precision, unit_linears
+    from agentopt_compiler.cli.main import main
+    from agentopt_compiler.models.registry import load_model
+    from agentopt_compiler.passes.precision_plan import PrecisionPlan, units_of_model
+
+    _checkpoint("phi3-longrope", tmp_path / "ckpt")
+    assert main(["plan", "precision", "--model", str(tmp_path / "ckpt"), "--max-kl", "0.05", "--sequences", "2",
+                 "--length", "16", "--candidates", "fp32,int8,int4", "--block-size", "16",
+                 "--out", str(tmp_path / "plan.json")]) == 0
+    table = capsys.readouterr().out  # one row per measured unit
+    assert all(f"| {unit} |" in table for unit in units_of_model(SMALL["num_hidden_layers"]))
+    assert json.loads((tmp_path / "plan.json").read_text())["measurements"]["sensitivity"] == "exact, whole forwards"
+    # a mixed plan (the fixed test costs make the planner pick a uniform one), compiled and run
+    plan = PrecisionPlan({"layers.0.attn_qkv": "int8", "layers.0.mlp_gate_up": "int4", "layers.1.mlp_down": "int4",
+                          "lm_head": "int8"}, block_size=16)
+    engine = ao.compile(tmp_path / "ckpt", out=tmp_path / "engine", context_length=CONTEXT, precision_plan=plan)
+    stats = next(r for r in engine.compile_report.passes if r.name == "assign_layer_precision").stats
+    assert (stats["int8_linears"], stats["int4_linears"]) == (2, 2)  # qkv_proj + lm_head, gate_up_proj + down_proj
+    loaded = load_model(tmp_path / "ckpt")
+    units = unit_linears(loaded.model)
+    prompt = torch.randint(3, SMALL["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), unit_at_precision(units["layers.0.attn_qkv"], "int8", 16), \
+            unit_at_precision(units["layers.0.mlp_gate_up"], "int4", 16), \
+            unit_at_precision(units["layers.1.mlp_down"], "int4", 16), unit_at_precision(units["lm_head"], "int8", 16):
+        expected = loaded.model(prompt)[0].numpy()
+    with torch.no_grad():
+        full = loaded.model(prompt)[0].numpy()
+    logits = engine.session.run(prompt.numpy(), np.arange(12)[None], np.arange(12)[None])[0]
+    # MatMulNBits at accuracy level 4 also quantizes activations per block: the engine moves away from fp32 the
+    # way the plan's weights move the eager module (the two shifts point the same way), and stays close to it
+    shift, planned = (logits - full).ravel(), (expected - full).ravel()
+    assert shift @ planned / (np.linalg.norm(shift) * np.linalg.norm(planned)) > 0.8
+    assert np.abs(logits - expected).max() <= 1e-2 * np.abs(expected).max()
+
+
+def test_the_sparse_planner_says_it_measures_the_reference_module_only(tmp_path, capsys):
     from tests.helpers import cli_error_line
 
-    _checkpoint("smollm3", tmp_path / "ckpt")  # the planners measure the reference module
-    line = cli_error_line(capsys, ["plan", "precision", "--model", str(tmp_path / "ckpt"), "--max-kl", "0.01",
-                                   "--out", str(tmp_path / "plan.json")])
-    assert "SmolLM3ForCausalLM' is not supported" in line
+    _checkpoint("smollm3", tmp_path / "ckpt")
+    line = cli_error_line(capsys, ["plan", "sparse", "--model", str(tmp_path / "ckpt"), "--window", "8",
+                                   "--max-kl", "0.01", "--out", str(tmp_path / "plan.json")])
+    assert "agentopt plan sparse measures the reference module" in line and "--sparse-attention" in line
