@@ -112,17 +112,102 @@ def visible(pattern: SparsePattern, query_pos: torch.Tensor, key_pos: torch.Tens
     return keep
 
 
-@contextlib.contextmanager
-def _without_caches(model):
-    """Measure without KV caches (causal attention over the given tokens); put them back afterwards."""
-    saved = [layer.self_attn.kv_cache for layer in model.layers]
-    try:
-        for layer in model.layers:
-            layer.self_attn.kv_cache = None
+class _ReferenceAttention:
+    """Hooks on models/llama.py's attention: ``Attention.forward(x, positions, cos, sin, mask)``, mask (B, 1, S, T)
+    bool; the softmax is recomputed from its q/k projections (SDPA does not return it)."""
+
+    def __init__(self, model):
+        self.model, self.layers = model, model.layers
+
+    @contextlib.contextmanager
+    def without_caches(self):
+        """Measure without KV caches (causal attention over the given tokens); put them back afterwards."""
+        saved = [layer.self_attn.kv_cache for layer in self.layers]
+        try:
+            for layer in self.layers:
+                layer.self_attn.kv_cache = None
+            yield
+        finally:
+            for layer, cache in zip(self.layers, saved):
+                layer.self_attn.kv_cache = cache
+
+    def restrict(self, index: int, pattern: SparsePattern):
+        def hook(module, args):
+            x, positions, cos, sin, mask = _attention_inputs(args)
+            if module.kv_cache is not None:
+                raise AgentOptError("sparse planning measures the cache-free forward; remove the KV caches")
+            keep = visible(pattern, positions[:, None, :, None], positions[:, None, None, :])  # (B, 1, S, S)
+            return x, positions, cos, sin, mask & keep
+        return self.layers[index].self_attn.register_forward_pre_hook(hook)
+
+    @contextlib.contextmanager
+    def probabilities(self):
         yield
-    finally:
-        for layer, cache in zip(model.layers, saved):
-            layer.self_attn.kv_cache = cache
+
+    def watch_mass(self, index: int, pattern: SparsePattern, record: Callable[[torch.Tensor, int], None]):
+        def hook(module, args):
+            record(*_mass_outside(module, args, pattern))
+        return self.layers[index].self_attn.register_forward_pre_hook(hook)
+
+
+class _TransformersAttention:
+    """Hooks on an unmodified transformers module's attention (``TransformersDecoder``): its ``attention_mask``
+    keyword, (B, 1, S, T) bool for SDPA or additive for eager attention; attention probabilities from transformers'
+    eager attention, which returns them (switched on while the dense reference is measured)."""
+
+    def __init__(self, model):
+        self.model, self.layers = model, model.decoder_layers
+
+    @contextlib.contextmanager
+    def without_caches(self):
+        capacity = self.model.capacity  # 0: the module attends causally over the given tokens only
+        self.model.capacity = 0
+        try:
+            yield
+        finally:
+            self.model.capacity = capacity
+
+    def restrict(self, index: int, pattern: SparsePattern):
+        def hook(module, args, kwargs):
+            mask = kwargs["attention_mask"]
+            positions = torch.arange(mask.shape[-1], device=mask.device)  # cache-free: keys are the queries' tokens
+            keep = visible(pattern, positions[:, None], positions[None, :])  # (S, S)
+            mask = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, torch.finfo(mask.dtype).min)
+            return args, {**kwargs, "attention_mask": mask}
+        return self.layers[index].self_attn.register_forward_pre_hook(hook, with_kwargs=True)
+
+    @contextlib.contextmanager
+    def probabilities(self):
+        hf, implementation = self.model.hf, self.model.config._attn_implementation
+        hf.set_attn_implementation("eager")
+        try:
+            yield
+        finally:
+            hf.set_attn_implementation(implementation)
+
+    def watch_mass(self, index: int, pattern: SparsePattern, record: Callable[[torch.Tensor, int], None]):
+        def hook(module, args, output):
+            probs = output[1]  # (B, Hq, S, S), eager attention's softmax (0 where the mask hides a key)
+            positions = torch.arange(probs.shape[-1], device=probs.device)
+            query_pos, key_pos = positions[:, None], positions[None, :]
+            hidden = (key_pos <= query_pos) & ~visible(pattern, query_pos, key_pos)  # (S, S)
+            beyond = positions >= pattern.window  # (S,)
+            record(((probs * hidden).sum(-1) * beyond).sum((0, 2)), int(beyond.sum()) * probs.shape[0])
+        return self.layers[index].self_attn.register_forward_hook(hook)
+
+
+def _attention_of(model):
+    """How to reach ``model``'s attention: our reference decoder's or a transformers module's."""
+    return _TransformersAttention(model) if hasattr(model, "hf") else _ReferenceAttention(model)
+
+
+def _model_config(model):
+    """The ModelConfig of the engine ``model`` compiles to (heads, KV heads, head size: the KV bytes)."""
+    if hasattr(model, "hf"):
+        from ..models.transformers_decoder import model_config
+
+        return model_config(model.config, model.windows)
+    return model.config
 
 
 def _attention_inputs(args: tuple) -> tuple:
@@ -134,25 +219,16 @@ def _attention_inputs(args: tuple) -> tuple:
 @contextlib.contextmanager
 def sparse_layers(model, layers: dict[int, SparsePattern]):
     """Eager model with ``layers`` (index -> pattern) sparse: each named layer's attention mask is ANDed with its
-    pattern (a forward pre-hook on that layer's ``self_attn``); other layers keep the model's own mask. Meant for
-    the cache-free forward (key positions = query positions = the given tokens')."""
+    pattern (a forward pre-hook on that layer's attention); other layers keep the model's own mask. Meant for the
+    cache-free forward (key positions = query positions = the given tokens')."""
+    attention = _attention_of(model)
     handles = []
-
-    def hook_for(pattern: SparsePattern):
-        def hook(module, args):
-            x, positions, cos, sin, mask = _attention_inputs(args)
-            if module.kv_cache is not None:
-                raise AgentOptError("sparse planning measures the cache-free forward; remove the KV caches")
-            keep = visible(pattern, positions[:, None, :, None], positions[:, None, None, :])  # (B, 1, S, S)
-            return x, positions, cos, sin, mask & keep
-        return hook
-
     try:
         for index, pattern in layers.items():
-            if not 0 <= index < len(model.layers):
+            if not 0 <= index < len(attention.layers):
                 raise AgentOptError(f"sparse plan names layer {index}, but the model has layers "
-                                    f"0-{len(model.layers) - 1}")
-            handles.append(model.layers[index].self_attn.register_forward_pre_hook(hook_for(pattern)))
+                                    f"0-{len(attention.layers) - 1}")
+            handles.append(attention.restrict(index, pattern))
         yield model
     finally:
         for handle in handles:
@@ -192,26 +268,28 @@ def measure_sparse_costs(model, batches: list[torch.Tensor], pattern: SparsePatt
                          positions: list[torch.Tensor] | None = None) -> SparseMeasurement:
     """Per layer: KL and top-1 of that layer alone sparse (over ``positions`` if given: one (B, S) bool mask per
     batch); per (layer, head): attention mass outside the pattern."""
-    config = model.config
+    config = _model_config(model)
     context = context_length or min(config.max_position_embeddings, 4096)
-    layers = len(model.layers)
+    attention = _attention_of(model)
+    layers = len(attention.layers)
+    narrowed = _check_native_windows(config, layers, pattern)
     total, done = layers + 1, 0
-    with _without_caches(model), torch.no_grad():
+    with attention.without_caches(), torch.no_grad():
         sums = torch.zeros(layers, config.num_heads, dtype=torch.float64)
         counts = [0] * layers
         handles = []
 
-        def mass_hook(index):
-            def hook(module, args):
-                mass, count = _mass_outside(module, args, pattern)
+        def recorder(index):
+            def record(mass: torch.Tensor, count: int) -> None:
                 sums[index] += mass.double()
                 counts[index] += count
-            return hook
+            return record
 
         try:
-            for index, layer in enumerate(model.layers):
-                handles.append(layer.self_attn.register_forward_pre_hook(mass_hook(index)))
-            reference = _log_probs(model, batches)
+            with attention.probabilities():
+                for index in range(layers):
+                    handles.append(attention.watch_mass(index, pattern, recorder(index)))
+                reference = _log_probs(model, batches)
         finally:
             for handle in handles:
                 handle.remove()
@@ -225,11 +303,30 @@ def measure_sparse_costs(model, batches: list[torch.Tensor], pattern: SparsePatt
                 kl, top1 = _compare(reference, _log_probs(model, batches), positions)
             unit = f"layers.{index}"
             options.append(LayerOption(unit, index, "dense", 0.0, 1.0, kv_bytes(config, context, None)))
-            options.append(LayerOption(unit, index, "sparse", max(kl, 0.0), top1, kv_bytes(config, context, pattern)))
+            sparse_bytes = kv_bytes(config, context, pattern if index not in narrowed else None)
+            options.append(LayerOption(unit, index, "sparse", max(kl, 0.0), top1, sparse_bytes))
             done += 1
             if progress:
                 progress(done, total, f"layers.{index} {pattern.describe()}")
     return SparseMeasurement(pattern, options, mass, context, sum(b.shape[1] for b in batches), counts[0])
+
+
+def _check_native_windows(config, layers: int, pattern: SparsePattern) -> set[int]:
+    """The layers that keep their own sliding window under ``pattern`` (it sees no fewer keys: the engine leaves
+    them as they are, and the measured masks, the window's AND the pattern's, are the window's). A pattern that
+    narrows a windowed layer must be a plain window (insert_sparse_attention refuses sinks or strides there)."""
+    kept = set()
+    for index in range(layers):
+        own = config.window_of(index)
+        if own is None:
+            continue
+        if pattern.window >= own:
+            kept.add(index)
+        elif pattern.sinks or pattern.stride or pattern.kv_heads:
+            raise AgentOptError(f"layer {index} attends to a sliding window of {own} already; {pattern.describe()} "
+                                f"would show it keys it never saw; plan a plain window below {own}, or a window of "
+                                f"at least {own} (the windowed layers then keep their own)")
+    return kept
 
 
 def check_length(length: int, pattern: SparsePattern) -> None:
@@ -277,9 +374,10 @@ def measure_fidelity(model, plan: SparseAttentionPlan, batches: list[torch.Tenso
     """The eager model with *all* of the plan's layers sparse against the dense model on (held-out) tokens: mean
     KL(dense || sparse) per token and top-1 agreement (over ``positions`` if given, as the plan was measured), to
     set beside the plan's additive prediction."""
-    with _without_caches(model), torch.no_grad():
+    attention = _attention_of(model)
+    with attention.without_caches(), torch.no_grad():
         reference = _log_probs(model, batches)
-        with sparse_layers(model, plan.resolve(len(model.layers))):
+        with sparse_layers(model, plan.resolve(len(attention.layers))):
             kl, top1 = _compare(reference, _log_probs(model, batches), positions)
     tokens = sum(b.shape[1] for b in batches) if positions is None else int(sum(p.sum() for p in positions))
     return {"kl": round(max(kl, 0.0), 8), "top1": round(top1, 4), "tokens": tokens,

@@ -225,19 +225,14 @@ def _held_out(loaded, args) -> list:
 def run_sparse(args) -> int:
     from ..analysis.calibration import calibration_batches, chat_calibration
     from ..analysis.sparse import check_length, measure_fidelity, plan_sparse
-    from ..errors import AgentOptError, UnsupportedModelError
+    from ..errors import AgentOptError
     from ..models.registry import load_model
     from ..passes.insert_sparse_attention import SparsePattern
 
     pattern = SparsePattern(args.window, args.sinks, args.stride)
     check_length(args.length, pattern)
     _check_outputs(args)
-    try:
-        loaded = load_model(args.model, capture="reference")
-    except UnsupportedModelError as exc:
-        raise UnsupportedModelError(f"agentopt plan sparse measures the reference module (Llama, Qwen2, Mistral) "
-                                    f"only: {exc}; give the compile a pattern by hand instead (--sparse-attention "
-                                    "window=W,sinks=S,layers=A-B)") from None
+    loaded = load_model(args.model)  # the module the compile captures (reference, else transformers)
     positions = held_out_positions = None
     if args.calib_chat:
         if args.holdout:

@@ -199,9 +199,20 @@ class InsertSparseAttention(GraphPass):
             raise AgentOptError(f"sparse attention plan names layer(s) {missing} that have no fused attention; "
                                 "fuse_kv_cache must run first (do not skip it with a sparse plan)")
         stats: dict[str, int] = {}
+        notes = []
         for layer, pattern in sorted(wanted.items()):
             node = attention[layer]
             args = CachedAttentionArgs.of(node)
+            if args.window > 0:  # the model's own sliding window: a pattern may only narrow what the layer sees
+                if pattern.window >= args.window:  # the pattern's keys include the window's: the window decides
+                    notes.append(f"layer {layer}: keeps its own window of {args.window} (the plan's "
+                                 f"{pattern.describe()} sees no fewer keys)")
+                    continue
+                if pattern.sinks or pattern.stride or pattern.kv_heads:
+                    raise AgentOptError(
+                        f"sparse attention plan gives layer {layer} {pattern.describe()}, but that layer attends to "
+                        f"a sliding window of {args.window} already: sinks, strides or per-head patterns would show "
+                        f"it keys it never saw; give it a plain window below {args.window} or leave it out")
             args.window, args.sinks, args.stride = pattern.window, pattern.sinks, pattern.stride
             kv_num_heads = args.kv_num_heads
             if any(h >= kv_num_heads for h in pattern.kv_heads):
@@ -219,7 +230,8 @@ class InsertSparseAttention(GraphPass):
             args.ring = bool(slots)
             args.write_to(node)
             stats[pattern.describe()] = stats.get(pattern.describe(), 0) + 1
-        return PassResult(True, stats, tuple(f"layer {k}: {v.describe()}" for k, v in sorted(wanted.items())))
+            notes.append(f"layer {layer}: {pattern.describe()}")
+        return PassResult(bool(stats), stats, tuple(notes))
 
 
 def _buffer(gm: torch.nn.Module, node: torch.fx.Node) -> torch.Tensor:

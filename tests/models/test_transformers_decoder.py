@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import agentopt_compiler as ao
-from agentopt_compiler.errors import UnsupportedModelError
+from agentopt_compiler.errors import AgentOptError, UnsupportedModelError
 
 transformers = pytest.importorskip("transformers")
 ort = pytest.importorskip("onnxruntime")
@@ -52,8 +52,12 @@ FAMILIES = {
 
 def _checkpoint(name, folder):
     config_class, extra = FAMILIES[name]
+    return _save(config_class(**{**SMALL, **extra}), folder)
+
+
+def _save(config, folder):
     torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(config_class(**{**SMALL, **extra})).eval()
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # larger than transformers' init so that differences show
         for p in hf.parameters():
             p.normal_(0.0, 0.2)
@@ -214,10 +218,59 @@ def test_the_precision_planner_measures_the_transformers_module_and_the_engine_c
     assert np.abs(logits - expected).max() <= 1e-2 * np.abs(expected).max()
 
 
-def test_the_sparse_planner_says_it_measures_the_reference_module_only(tmp_path, capsys):
+def test_the_sparse_planner_measures_a_transformers_module_as_it_measures_the_reference_one(tmp_path):
+    """A Llama checkpoint through both modules: the same per-layer KL and per-head attention mass outside the
+    pattern (transformers' eager attention probabilities against the reference's recomputed softmax)."""
+    from agentopt_compiler.analysis.sparse import measure_sparse_costs
+    from agentopt_compiler.models.registry import load_model
+    from agentopt_compiler.passes.insert_sparse_attention import SparsePattern
+
+    _save(transformers.LlamaConfig(**SMALL), tmp_path / "ckpt")
+    batches = [torch.randint(3, SMALL["vocab_size"], (1, 24), generator=torch.Generator().manual_seed(i))
+               for i in range(2)]
+    pattern = SparsePattern(6, sinks=2)
+    measured = [measure_sparse_costs(load_model(tmp_path / "ckpt", capture=capture).model, batches, pattern,
+                                     context_length=CONTEXT) for capture in ("reference", "transformers")]
+    reference, ours = (m.to_dict()["layers"] for m in measured)
+    for a, b in zip(reference, ours):
+        assert abs(a["kl"] - b["kl"]) <= 1e-6 and a["kl"] > 1e-4  # the pattern changes the outputs
+        assert np.allclose(a["head_mass_outside"], b["head_mass_outside"], atol=1e-5)
+        assert max(a["head_mass_outside"]) > 0.01
+    assert measured[0].queries_beyond_window == measured[1].queries_beyond_window
+
+
+def test_a_sparse_plan_of_a_transformers_module_compiles_to_what_the_planner_measured(tmp_path, capsys):
+    """Gemma 3 (windowed and global layers) planned by the CLI, compiled with the plan: the engine's logits over a
+    prompt longer than the window equal the eager module's with the plan's masks; a pattern that cannot narrow a
+    windowed layer exactly is refused."""
+    from agentopt_compiler.analysis.sparse import sparse_layers
+    from agentopt_compiler.cli.main import main
+    from agentopt_compiler.models.registry import load_model
+    from agentopt_compiler.passes.insert_sparse_attention import SparseAttentionPlan
+
     from tests.helpers import cli_error_line
 
-    _checkpoint("smollm3", tmp_path / "ckpt")
-    line = cli_error_line(capsys, ["plan", "sparse", "--model", str(tmp_path / "ckpt"), "--window", "8",
-                                   "--max-kl", "0.01", "--out", str(tmp_path / "plan.json")])
-    assert "agentopt plan sparse measures the reference module" in line and "--sparse-attention" in line
+    _checkpoint("gemma3", tmp_path / "ckpt")  # layer 0 slides over 6 keys, layer 1 is global
+    plan_sparse = ["plan", "sparse", "--model", str(tmp_path / "ckpt"), "--sinks", "1", "--max-kl", "10",
+                   "--sequences", "2", "--length", "24", "--context-length", str(CONTEXT),
+                   "--out", str(tmp_path / "plan.json")]
+    # sinks inside a narrower window than the layer's own would show layer 0 keys it never saw
+    assert "sliding window of 6 already" in cli_error_line(capsys, plan_sparse + ["--window", "4"])
+    assert main(plan_sparse + ["--window", "8"]) == 0
+    plan = SparseAttentionPlan.load(tmp_path / "plan.json")
+    assert sorted(plan.layers) == [0, 1]  # a budget this loose takes every layer (layer 0 measured at KL 0)
+    engine = ao.compile(tmp_path / "ckpt", out=tmp_path / "engine", context_length=CONTEXT, sparse_attention=plan)
+    inserted = next(r for r in engine.compile_report.passes if r.name == "insert_sparse_attention")
+    assert inserted.stats["window8+sinks1"] == 1 and "layer 0: keeps its own window of 6" in inserted.notes[0]
+    with pytest.raises(AgentOptError, match="sliding window of 6 already"):  # the same pattern given by hand
+        ao.compile(tmp_path / "ckpt", out=tmp_path / "refused", context_length=CONTEXT,
+                   sparse_attention="window=4,sinks=1,layers=0")
+    assert not (tmp_path / "refused").exists()
+    model = load_model(tmp_path / "ckpt").model
+    prompt = torch.randint(3, SMALL["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), sparse_layers(model, plan.resolve(SMALL["num_hidden_layers"])):
+        expected = model(prompt)[0].numpy()
+    with torch.no_grad():
+        dense = model(prompt)[0].numpy()
+    logits = engine.session.run(prompt.numpy(), np.arange(20)[None], np.arange(20)[None])[0]
+    assert np.abs(logits - expected).max() <= 1e-4 < np.abs(logits - dense).max()
