@@ -10,46 +10,46 @@ Why: ``pack_qkv_projections`` already makes one matmul per layer; GroupQueryAtte
 (key and value omitted: ``query`` holds Hq + 2 * Hkv heads) and splits it while it applies RoPE, so the Split node
 and its three copies of the projection disappear from every decode step (what onnxruntime-genai's builder emits).
 
-Fires only when the three GQA inputs are, in order, the only uses of the three outputs of one last-axis Split whose
-sizes are the q, k and v widths. Not with fp16 caches (casts sit between the Split and GQA) and not for standard
-ONNX engines (GroupQueryAttention is an ORT contrib op).
+Written in onnxscript's pattern / check / rewrite form (its own ``PackedQKVForGQAFusion`` matches three Slices and
+a GroupQueryAttention without windows or soft-capping; ours are one Split and carry every attribute over). Fires only
+when the three GQA inputs are, in order, the only uses of the three outputs of one last-axis Split whose sizes are
+the q, k and v widths. Not with fp16 caches (casts sit between the Split and GQA) and not for standard ONNX engines
+(GroupQueryAttention is an ORT contrib op).
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
+from onnxscript.rewriter import pattern
 
 
-def _split_sizes(split: ir.Node) -> list[int] | None:
-    if len(split.inputs) > 1 and split.inputs[1] is not None and split.inputs[1].const_value is not None:
-        return [int(s) for s in split.inputs[1].const_value.numpy().tolist()]
-    return None
+class PackedQkv(pattern.RewriteRuleClassBase):
+    def pattern(self, op, packed, sizes):
+        q, k, v = op.Split(packed, sizes, _allow_other_attributes=True, _outputs=["q", "k", "v"])
+        return op.GroupQueryAttention(q, k, v, _domain="com.microsoft", _allow_other_inputs=True,
+                                      _allow_other_attributes=True, _outputs=["out", "present_k", "present_v"])
+
+    def check(self, context, packed, sizes, q, k, v, out, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if any(len(value.uses()) != 1 for value in (q, k, v)):
+            return result.fail("a slice has other uses than the attention", [q, k, v])
+        split = q.producer()
+        rank = len(packed.shape) if packed.shape is not None else None
+        if rank is None or split.attributes.get_int("axis", 0) not in (-1, rank - 1):
+            return result.fail("the split is not over the last axis", packed)
+        attention = out.producer()
+        heads, kv_heads = attention.attributes.get_int("num_heads"), attention.attributes.get_int("kv_num_heads")
+        widths = sizes.const_value.numpy().tolist() if sizes.const_value is not None else None
+        if widths is None or len(widths) != 3 or widths[1] != widths[2] or widths[0] * kv_heads != widths[1] * heads:
+            return result.fail(f"split sizes {widths} are not the q, k and v widths", sizes)
+        return result
+
+    def rewrite(self, op, packed, out, **_):
+        attention = out.producer()
+        return op.GroupQueryAttention(packed, None, None, *attention.inputs[3:], _domain="com.microsoft",
+                                      _outputs=3, **{name: attr for name, attr in attention.attributes.items()})
 
 
 def feed_packed_qkv(model: ir.Model) -> int:
-    graph = model.graph
-    rewritten = 0
-    for node in list(graph):
-        if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft" or len(node.inputs) < 3:
-            continue
-        q, k, v = node.inputs[:3]
-        split = q.producer() if q is not None else None
-        if split is None or split.op_type != "Split" or list(split.outputs) != [q, k, v]:
-            continue
-        if any(len(value.uses()) != 1 for value in (q, k, v)):
-            continue
-        packed = split.inputs[0]
-        rank = len(packed.shape) if packed.shape is not None else None
-        axis = split.attributes.get("axis")
-        if rank is None or axis is None or axis.value not in (-1, rank - 1):
-            continue
-        heads, kv_heads = node.attributes["num_heads"].value, node.attributes["kv_num_heads"].value
-        sizes = _split_sizes(split)
-        if sizes is None or len(sizes) != 3 or sizes[1] != sizes[2] or sizes[0] * kv_heads != sizes[1] * heads:
-            continue
-        node.replace_input_with(0, packed)
-        node.replace_input_with(1, None)
-        node.replace_input_with(2, None)
-        graph.remove(split, safe=True)
-        rewritten += 1
-    return rewritten
+    """Rewrite every matching Split + GroupQueryAttention in ``model``; how many."""
+    return PackedQkv.rule().apply_to_model(model)

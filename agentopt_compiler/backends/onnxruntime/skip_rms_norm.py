@@ -9,46 +9,43 @@ the hidden state (and ORT's own optimizer does not fuse the opset-23 ``RMSNormal
 saves two kernel launches per layer. Runs on the ONNX graph because it is specific to ORT's contrib ops; it is
 skipped for ``--attention-impl standard``, whose point is standard ONNX only.
 
-Fires only on a last-axis RMSNormalization of an Add whose two inputs have the same shape (no broadcasting).
+Written in onnxscript's pattern / check / rewrite form (its own ``SkipRmsNormFusion`` matches ORT's
+``SimplifiedLayerNormalization``, not the standard op we emit). Fires only on a last-axis RMSNormalization of an Add
+whose two inputs have the same shape (no broadcasting: the contrib op adds equal shapes only).
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
+from onnxscript.rewriter import pattern
 
 
-def _same_shape(a: ir.Value, b: ir.Value) -> bool:
-    return a.shape is not None and b.shape is not None and list(a.shape) == list(b.shape)
+class SkipRmsNorm(pattern.RewriteRuleClassBase):
+    def pattern(self, op, x, skip, weight):
+        residual = op.Add(x, skip, _outputs=["residual"])
+        return op.RMSNormalization(residual, weight, _allow_other_attributes=True, _outputs=["normalized"]), residual
+
+    def check(self, context, x, skip, residual, normalized, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if x.shape is None or skip.shape is None or list(x.shape) != list(skip.shape):
+            return result.fail("the add broadcasts (or its shapes are unknown)", [x, skip])
+        axis = normalized.producer().attributes.get_int("axis", -1)
+        if axis not in (-1, len(residual.shape or ()) - 1):
+            return result.fail(f"normalizes over axis {axis}, not the last one", normalized)
+        return result
+
+    def rewrite(self, op, x, skip, weight, residual, normalized, **_):
+        epsilon = normalized.producer().attributes.get_float("epsilon", 1e-5)
+        out, _mean, _inv_std, summed = op.SkipSimplifiedLayerNormalization(
+            x, skip, weight, epsilon=epsilon, _domain="com.microsoft", _outputs=4)
+        for new, old in ((out, normalized), (summed, residual)):
+            new.shape, new.type = old.shape, old.type  # later matches (the next layer's add) check shapes
+        return out, summed
 
 
 def fuse_skip_rms_norm(model: ir.Model) -> int:
-    graph = model.graph
-    fused = 0
-    for norm in list(graph):
-        if norm.op_type != "RMSNormalization" or norm.domain not in ("", "ai.onnx"):
-            continue
-        add = norm.inputs[0].producer() if norm.inputs[0] is not None else None
-        if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(norm.inputs) < 2:
-            continue
-        axis = norm.attributes.get("axis")
-        if axis is not None and axis.value not in (-1, len(norm.inputs[0].shape or ()) - 1):
-            continue
-        x, skip = add.inputs
-        if not _same_shape(x, skip):
-            continue
-        epsilon = norm.attributes.get("epsilon")
-        attributes = [ir.AttrFloat32("epsilon", epsilon.value if epsilon is not None else 1e-5)]
-        fused_node = ir.Node("com.microsoft", "SkipSimplifiedLayerNormalization", [x, skip, norm.inputs[1]],
-                             attributes, num_outputs=4, name=f"{norm.name}_skip")
-        graph.insert_before(add, fused_node)
-        out, _mean, _inv_std, residual = fused_node.outputs
-        out.name, residual.name = f"{norm.outputs[0].name}_fused", f"{add.outputs[0].name}_fused"
-        for new, old in ((out, norm.outputs[0]), (residual, add.outputs[0])):
-            new.shape, new.type = old.shape, old.type  # later matches (the next layer's add) check shapes
-        norm.outputs[0].replace_all_uses_with(out)
-        add.outputs[0].replace_all_uses_with(residual)
-        graph.remove([norm, add], safe=True)
-        fused += 1
+    """Rewrite every matching pair in ``model``; how many."""
+    fused = SkipRmsNorm.rule().apply_to_model(model)
     if fused:
         model.opset_imports.setdefault("com.microsoft", 1)
     return fused
