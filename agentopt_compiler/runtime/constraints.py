@@ -96,8 +96,9 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], syntax: CallSyntax, token
 
     ``choice``: "auto" (free text, and any number of valid calls from the opening tag on), "required" (a call
     first) or a tool's name (a call to that tool first). ``reasoning`` = (open, close) lets a reasoning block come
-    first (Qwen3's ``<think>``...``</think>``; ``reasoning_left`` says what the prompt leaves of it). With ``tokenizer``, an opening tag that is one token of its vocabulary
-    is matched as that token (the model writes it so); otherwise as text."""
+    first (Qwen3's ``<think>``...``</think>``; ``reasoning_left`` says what the prompt leaves of it). With
+    ``tokenizer``, a tag that is one of its added tokens is matched as that token (the model writes it so);
+    otherwise as text."""
     functions = [t.get("function", t) for t in tools]
     if not functions:
         raise AgentOptError("a tool-call grammar needs at least one tool")
@@ -115,7 +116,7 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], syntax: CallSyntax, token
     close = (" " + json.dumps(syntax.before_close) if syntax.before_close else "") + \
         (" " + _literal(syntax.close, tokenizer) if syntax.close else "")
     if choice == "auto":  # text up to the opening tag: a special token ends a text lexeme, a text tag lazily
-        trigger = (f"call_open: TEXT? {open_tag}" if _is_token(syntax.open, tokenizer)
+        trigger = (f"call_open: TEXT? {open_tag}" if _added_token(syntax.open, tokenizer) is not None
                    else f"call_open[lazy]: BEFORE_CALL {open_tag}")
         return Grammar(_lark("start: call* TEXT?", trigger, f"call: call_open {_json_rule(body)}{close}",
                              r"TEXT: /(.|\n)+/", r"BEFORE_CALL: /(.|\n)*/"), "the tools' schemas")
@@ -125,7 +126,7 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], syntax: CallSyntax, token
     rules = [f"start: {think}{open_tag} {_json_rule(body)}{close}"]
     if reasoning:
         think_open, think_close = (_literal(tag, tokenizer) if tag else "" for tag in reasoning)
-        if _is_special_tag(reasoning[1], tokenizer):  # (Qwen3's tokenizer) a special token ends a text lexeme
+        if _added_token(reasoning[1], tokenizer) is not None:  # (Qwen3) an added token ends a text lexeme
             rules += [f"think: {think_open} TEXT? {think_close} /[ \n]*/", r"TEXT: /(.|\n)+/"]
         else:  # a text tag ends a lazy match
             rules += [f"think: {think_open} think_body /[ \n]*/", f"think_body[lazy]: /(.|\n)*/ {think_close}"]
@@ -162,18 +163,16 @@ def _regex_rule(pattern: str) -> str:
     return "/" + pattern.replace("/", "\\/") + "/"
 
 
-def _is_token(text: str, tokenizer) -> bool:
-    return tokenizer is not None and tokenizer.token_id(text) is not None
-
-
-def _is_special_tag(text: str, tokenizer) -> bool:
-    """Whether llguidance matches ``text`` as one token by name (``<tag>``): it is one token of the vocabulary."""
-    return _is_token(text, tokenizer) and text.startswith("<") and text.endswith(">")
+def _added_token(text: str, tokenizer) -> int | None:
+    """The id of ``text`` when it is one added token of the vocabulary (a tag: ``<tool_call>``, ``</think>``,
+    Mistral's ``[TOOL_CALLS]``): the model writes it as that token, and text lexemes never contain it."""
+    return tokenizer.added_token_id(text) if tokenizer is not None else None
 
 
 def _literal(text: str, tokenizer) -> str:
-    """A tag as llguidance matches it: ``<tag>`` when it is one token of the vocabulary, else its text."""
-    return text if _is_special_tag(text, tokenizer) else json.dumps(text)
+    """A tag as llguidance matches it: the token by id (``<[9]>``) when it is an added token, else its text."""
+    token = _added_token(text, tokenizer)
+    return f"<[{token}]>" if token is not None else json.dumps(text)
 
 
 # -- matching ---------------------------------------------------------------------------------------------------------

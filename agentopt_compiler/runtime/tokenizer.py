@@ -18,6 +18,7 @@ class Tokenizer:
         except Exception as exc:
             raise EngineError(f"cannot read {path}: {exc}") from None
         self._json: str | None = None
+        self._added: dict[str, int] | None = None
         config_path = folder / "tokenizer_config.json"
         self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         template_path = folder / "chat_template.jinja"
@@ -54,6 +55,13 @@ class Tokenizer:
     def size(self) -> int:
         """Tokens it knows, added ones included (may differ from the model's vocabulary either way)."""
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def added_token_id(self, token: str) -> int | None:
+        """The id of ``token`` when it is one of the tokenizer's added tokens (chat and tool tags such as
+        ``<tool_call>``, ``</think>``, ``[TOOL_CALLS]``: one token, never split from text)."""
+        if self._added is None:
+            self._added = {added.content: i for i, added in self._tok.get_added_tokens_decoder().items()}
+        return self._added.get(token)
 
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

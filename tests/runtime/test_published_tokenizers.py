@@ -1,4 +1,4 @@
-"""Real published tokenizers (Qwen3, Gemma 3, Llama 3; tests/published_tokenizers.py) with random-weight models of
+"""Real published tokenizers (Qwen3, Gemma 3, Llama 3, Mistral Nemo; tests/published_tokenizers.py) with random-weight models of
 their family: the published chat templates render and tokenize as transformers does, and a Qwen3 / Gemma 3 engine
 compiled with its tokenizer chats, calls tools and answers in JSON through `agentopt serve` and the openai client."""
 
@@ -9,6 +9,7 @@ import pytest
 
 from agentopt_compiler.runtime.chat import ChatTemplateError, render_chat
 from agentopt_compiler.runtime.tokenizer import Tokenizer
+from agentopt_compiler.runtime.tools import parse_tool_calls
 from tests.published_tokenizers import published_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -28,8 +29,15 @@ QWEN3_TOOLS = [{"role": "system", "content": "You are terse."}, {"role": "user",
                {"role": "assistant", "content": "<think>\nThe user wants weather.\n</think>\n\n", "tool_calls": [CALL]},
                {"role": "tool", "tool_call_id": "call_1", "content": "{\"celsius\": 4}"},
                {"role": "assistant", "content": "4 °C."}, {"role": "user", "content": "And in °F?"}]
+# Mistral Nemo: [AVAILABLE_TOOLS] before the last user turn, [TOOL_CALLS] with 9-character call ids, [TOOL_RESULTS]
+MISTRAL_CALL = {**CALL, "id": "call00001"}
+MISTRAL_TOOLS = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Weather in Oslo?"},
+                 {"role": "assistant", "tool_calls": [MISTRAL_CALL]},
+                 {"role": "tool", "tool_call_id": "call00001", "content": "{\"celsius\": 4}"},
+                 {"role": "assistant", "content": "4 °C."}, {"role": "user", "content": "And in °F?"}]
 CASES = [("qwen3", QWEN3_TOOLS, [WEATHER], {}), ("qwen3", QWEN3_TOOLS, [WEATHER], {"enable_thinking": False}),
-         ("qwen3", CHAT, None, {}), ("gemma3", CHAT, None, {}), ("llama3", CHAT, None, {})]
+         ("qwen3", CHAT, None, {}), ("gemma3", CHAT, None, {}), ("llama3", CHAT, None, {}),
+         ("mistral_nemo", MISTRAL_TOOLS, [WEATHER], {})]
 
 
 def _hf_tokenizer(family):
@@ -37,7 +45,8 @@ def _hf_tokenizer(family):
 
 
 @pytest.mark.parametrize("family,messages,tools,variables", CASES,
-                         ids=["qwen3-tools", "qwen3-no-thinking", "qwen3-chat", "gemma3-chat", "llama3-chat"])
+                         ids=["qwen3-tools", "qwen3-no-thinking", "qwen3-chat", "gemma3-chat", "llama3-chat",
+                              "mistral-nemo-tools"])
 def test_published_templates_render_and_tokenize_as_transformers_does(family, messages, tools, variables):
     ours = Tokenizer(published_tokenizer(family))
     hf = _hf_tokenizer(family)
@@ -47,6 +56,17 @@ def test_published_templates_render_and_tokenize_as_transformers_does(family, me
     ids = ours.encode(text, add_special_tokens=False)
     assert ids == hf(text, add_special_tokens=False)["input_ids"]
     assert ours.decode(ids, skip_special_tokens=False) == hf.decode(ids, skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("family,messages,turn", [("qwen3", QWEN3_TOOLS, "<|im_start|>assistant\n"),
+                                                  ("mistral_nemo", MISTRAL_TOOLS, "[/INST]")])
+def test_a_call_written_in_a_published_template_s_syntax_parses_back(family, messages, turn):
+    """What the template writes for an assistant's call (after the user turn's end) is what a model of that family
+    writes: it must parse into the same OpenAI-style call."""
+    text = render_chat(Tokenizer(published_tokenizer(family)), messages[:3], [WEATHER], add_generation_prompt=False)
+    parsed = parse_tool_calls(text[text.rindex(turn) + len(turn):])
+    assert [(c.name, c.arguments) for c in parsed.calls] == [("get_weather", CALL["function"]["arguments"])]
+    assert not parsed.errors
 
 
 def test_a_published_template_that_refuses_a_conversation_is_a_clear_error():
@@ -64,6 +84,8 @@ def _checkpoint(family, folder):
                  num_key_value_heads=1, head_dim=16, max_position_embeddings=1024, tie_word_embeddings=True)
     if family == "qwen3":  # Qwen3-0.6B's vocabulary size and special ids
         config = transformers.Qwen3Config(vocab_size=151936, bos_token_id=151643, eos_token_id=151645, **small)
+    elif family == "mistral_nemo":  # Mistral Nemo's (<s> 1, </s> 2); our reference module captures it
+        config = transformers.MistralConfig(vocab_size=131072, bos_token_id=1, eos_token_id=2, **small)
     else:  # Gemma 3 1B's: <bos> 2, <eos> 1 and <end_of_turn> 106 end a turn
         config = transformers.Gemma3TextConfig(vocab_size=262144, bos_token_id=2, eos_token_id=[1, 106],
                                                pad_token_id=0, query_pre_attn_scalar=16, sliding_window=8,
@@ -78,12 +100,13 @@ def _checkpoint(family, folder):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """Qwen3 and Gemma 3 engines compiled from checkpoints with their published tokenizers, each behind a server."""
+    """Qwen3, Gemma 3 and Mistral Nemo engines compiled from checkpoints with their published tokenizers, each behind
+    a server."""
     import agentopt_compiler as ao
     from tests.helpers import Running
 
     running = {}
-    for family in ("qwen3", "gemma3"):
+    for family in ("qwen3", "gemma3", "mistral_nemo"):
         folder = tmp_path_factory.mktemp(family)
         model = _checkpoint(family, folder / "ckpt")
         engine = ao.load_engine(ao.compile(folder / "ckpt", out=folder / "engine", context_length=512).folder,
@@ -94,7 +117,7 @@ def served(tmp_path_factory):
         server.http.stop()
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen3", "gemma3", "mistral_nemo"])
 def test_the_engine_gives_transformers_greedy_tokens_on_a_chat_prompt(served, family):
     import torch
 
@@ -145,3 +168,19 @@ def test_gemma3_answers_json_that_fits_the_schema_with_its_byte_fallback_vocabul
         response_format={"type": "json_schema", "json_schema": {"name": "weather", "schema": schema}})
     assert answer.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(answer.choices[0].message.content), schema)
+
+
+def test_mistral_calls_in_its_list_syntax_with_the_call_ids_its_template_accepts(served):
+    _model, engine, server = served["mistral_nemo"]
+    client, name = server.client(), engine.manifest["model"]["name"]
+    messages = [{"role": "user", "content": "Weather in Oslo for 3 days?"}]
+    answer = client.chat.completions.create(model=name, messages=messages, tools=[WEATHER], tool_choice="required",
+                                            max_tokens=60)
+    calls = answer.choices[0].message.tool_calls  # one list, one or more calls (random weights write several)
+    for call in calls:
+        assert len(call.id) == 9 and call.id.isalnum()  # else the template refuses the next turn
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    messages += [answer.choices[0].message.model_dump(exclude_none=True)] + [
+        {"role": "tool", "tool_call_id": call.id, "content": "{\"celsius\": 4}"} for call in calls]
+    follow_up = client.chat.completions.create(model=name, messages=messages, tools=[WEATHER], max_tokens=4)
+    assert follow_up.choices[0].finish_reason in ("stop", "length", "tool_calls")
