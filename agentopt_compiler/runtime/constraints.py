@@ -249,5 +249,8 @@ class Matcher:
         return self._matcher.validate_tokens([int(t) for t in tokens]) if len(tokens) else 0
 
     def _raise_on_error(self) -> None:
-        if self._matcher.is_error():
-            raise AgentOptError(f"constrained decoding with {self.grammar.what} failed: {self._matcher.get_error()}")
+        if self._matcher.is_error():  # llguidance's report ends with its whole parser state and grammar: the
+            # line that says what failed is enough
+            lines = self._matcher.get_error().splitlines() or [""]
+            reason = next((line for line in lines if line.startswith("Error:")), lines[0])
+            raise AgentOptError(f"constrained decoding with {self.grammar.what} failed: {reason.strip()}")
