@@ -237,3 +237,11 @@ def test_a_tokenizer_with_more_tokens_than_the_model_constrains_and_refuses_them
     jsonschema.validate(json.loads(engine.generate("say it as JSON", config)), SCHEMAS[0])
     with pytest.raises(AgentOptError, match=r"'<image>' \(id 320\), which this model cannot read"):
         engine.encode("look: <image>")
+
+
+def test_a_token_the_grammar_rejects_is_a_one_line_error(tmp_path):
+    tok = _tokenizer_with(tmp_path, [])
+    matcher = Matcher(regex_grammar("ab"), tok, tok.size, [tok.token_id("<|im_end|>")])
+    with pytest.raises(AgentOptError) as error:
+        matcher.consume(tok.encode("x", add_special_tokens=False)[0])
+    assert "\n" not in str(error.value) and "the regex failed" in str(error.value) and "fails parse" in str(error.value)
