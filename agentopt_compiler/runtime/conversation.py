@@ -141,6 +141,10 @@ class Conversation:
                 if picker.finish is not None:
                     break
                 draft = picker.next_draft(self.tokens)
+                if picker.ends_at_draft:  # the grammar's last tokens end the sequence: appended, not fed
+                    new, _ = picker.pick(rows[:0], draft, self.tokens)
+                    yield from new
+                    break
                 fed = [self.tokens[-1], *draft]
                 rows = self.feed(fed, self.cached, picks=len(fed))[0]  # (1 + len(draft), V)
                 self.cached += 1

@@ -110,6 +110,8 @@ class TokenPicker:
                 raise AgentOptError("constrained decoding needs the engine's tokenizer (this engine has none)")
             self.matcher = Matcher(config.grammar, tokenizer, vocab_size, sorted(self.stops))
         self._forced_in_draft = 0  # the current draft's leading tokens that the grammar forced
+        self._tokenizer = tokenizer
+        self.ends_at_draft = False  # the current draft's forced tokens end the sequence: no call needs to feed them
 
     def pick(self, rows: np.ndarray, draft: Sequence[int], tokens: list[int]) -> tuple[list[int], int]:
         """Choose tokens from the logits ``rows`` (L, V) of a call that fed a pending token and ``draft``, appending
@@ -118,6 +120,8 @@ class TokenPicker:
         new: list[int] = []
         forced, self._forced_in_draft = self._forced_in_draft, 0
         self._append_forced(draft[:forced], tokens, new)  # the grammar allows nothing else (consumed when drafted)
+        if self.ends_at_draft:
+            self.finish, self.ends_at_draft = self.finish or "stop", False
         if self.finish:
             return new, len(new)
         lookup = draft[forced:]
@@ -186,12 +190,31 @@ class TokenPicker:
         if self.matcher is not None and room > 0:
             forced = self.matcher.forced(room if self.config.fast_forward else 1)
         self._forced_in_draft = len(forced)
+        self.ends_at_draft = bool(forced) and self._forced_end(tokens, forced)
+        if self.ends_at_draft:
+            return forced
         lookup = []
         if self.config.prompt_lookup and room > len(forced):
             lookup = self._drafts.draft([*tokens, *forced], min(self.config.prompt_lookup, room - len(forced)))
             if self.matcher is not None:
                 lookup = lookup[:self.matcher.valid_prefix(lookup)]
         return forced + lookup
+
+
+    def _forced_end(self, tokens: Sequence[int], forced: list[int]) -> bool:
+        """Whether the sequence ends with ``forced`` (already consumed by the matcher): the grammar is complete, or
+        their text completes a stop string (an agent step's ``</tool_call>``). Then ``pick`` can take them from an
+        empty call: the logits after them would choose a token nobody reads."""
+        if self.matcher.done:
+            return True
+        if not self.config.stop_strings or self._tokenizer is None:
+            return False
+        recent = list(tokens[-8:])
+        before = self._tokenizer.decode(recent, skip_special_tokens=False)
+        after = self._tokenizer.decode(recent + forced, skip_special_tokens=False)
+        if not after.startswith(before):
+            return False
+        return any(stop in after[max(len(before) - len(stop) + 1, 0):] for stop in self.config.stop_strings)
 
 
 class TextStream:

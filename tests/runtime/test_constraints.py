@@ -245,3 +245,14 @@ def test_a_token_the_grammar_rejects_is_a_one_line_error(tmp_path):
     with pytest.raises(AgentOptError) as error:
         matcher.consume(tok.encode("x", add_special_tokens=False)[0])
     assert "\n" not in str(error.value) and "the regex failed" in str(error.value) and "fails parse" in str(error.value)
+
+
+def test_tokens_forced_at_the_end_are_appended_without_an_engine_call(engine):
+    """After the first token everything is forced: when the forced tokens complete the grammar, or their text a stop
+    string (an agent step's ``</tool_call>``), no call computes the logits after them (nobody would read them)."""
+    done, calls, forced = _decode(engine, regex_grammar("hello world"))
+    assert engine.tokenizer.decode(done) == "hello world" and forced > 0 and calls == 0
+    stopped, calls, _ = _decode(engine, regex_grammar("hello world( again)*"), stop_strings=("world",))
+    assert engine.tokenizer.decode(stopped) == "hello world" and calls == 0
+    going_on, calls, _ = _decode(engine, regex_grammar("hello world( again)*"))  # the model chooses what follows
+    assert engine.tokenizer.decode(going_on).startswith("hello world") and calls >= 1
