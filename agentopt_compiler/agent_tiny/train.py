@@ -66,15 +66,10 @@ CURRICULUM = [
 # Stage 2 (issue 29): fine-tuning the stage-1 weights on everyday phrasings and generated tools (everyday.py), with
 # the last curriculum phase replayed at about 40% of the episodes so the generator's held-out split does not regress.
 _REPLAY = CURRICULUM[-1][1]
-_EVERYDAY = {"say_calc": 1.3, "say_convert": 1.0, "say_lookup": 1.0, "say_calc>convert": 0.6, "say_lookup>calc": 0.8,
-             "say_lookup>convert": 0.6, "new_tool": 1.5, "say_mixed": 0.6}
-STAGE2_MIX = {**{k: round(0.55 * w, 3) for k, w in _REPLAY.items()}, **_EVERYDAY}
-# A short anneal after stage 2 with the replay at about 77% of the episodes: a 13M-token stage 2 learned everyday
-# requests (36% -> 53% hand-written) but its generator split fell from 85% to 72% (operators confused in chains:
-# "multiplied by 96" -> "/ 96"), so the last tokens lean back on the generator's phrasings.
-STAGE2_ANNEAL_MIX = {**{k: round(1.4 * w, 3) for k, w in _REPLAY.items()},
-                     **{k: round(0.5 * w, 3) for k, w in _EVERYDAY.items()}}
-MIXES = {"curriculum": None, "stage2": STAGE2_MIX, "stage2-anneal": STAGE2_ANNEAL_MIX}
+STAGE2_MIX = {**{k: round(0.55 * w, 3) for k, w in _REPLAY.items()},
+              "say_calc": 1.3, "say_convert": 1.0, "say_lookup": 1.0, "say_calc>convert": 0.6, "say_lookup>calc": 0.8,
+              "say_lookup>convert": 0.6, "new_tool": 1.5, "say_mixed": 0.6}
+MIXES = {"curriculum": None, "stage2": STAGE2_MIX}
 
 
 def agent_model_config(vocab_size: int, tiny: bool = False, eos_token_ids: tuple[int, ...] = ()) -> ModelConfig:
@@ -333,8 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--mix", choices=sorted(MIXES), default="curriculum",
                    help="episode kinds: the stage-1 curriculum (single tools, chains, long contexts, recovery), or "
                         "stage2 (everyday phrasings and generated tools with a replay of the last curriculum phase; "
-                        "for fine-tuning with --init-from), or stage2-anneal (the same kinds, the replay at ~77%%: "
-                        "a short last run after stage2)")
+                        "for fine-tuning with --init-from)")
     p.add_argument("--max-steps", type=int, default=0,
                    help="train this many steps, the learning-rate schedule and curriculum running over steps instead "
                         "of the wall clock, so the run does not depend on the machine's speed (the --minutes budget "
