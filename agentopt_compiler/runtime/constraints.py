@@ -91,7 +91,7 @@ def regex_grammar(pattern: str, what: str = "the regex") -> Grammar:
 
 
 def tool_call_grammar(tools: Sequence[dict[str, Any]], syntax: CallSyntax, tokenizer=None, choice: str = "auto",
-                      reasoning: tuple[str, str] | None = None) -> Grammar:
+                      reasoning: tuple[str, str] | None = None, parallel: bool = True) -> Grammar:
     """Calls to ``tools`` (OpenAI-style entries, as ``Tool.schema()`` gives) in ``syntax``.
 
     ``choice``: "auto" (free text, and any number of valid calls from the opening tag on), "required" (a call
@@ -110,15 +110,15 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], syntax: CallSyntax, token
                                                syntax.arguments_key: _strict_object(f.get("parameters"))},
               "required": ["name", syntax.arguments_key], "additionalProperties": False} for f in functions]
     body: dict[str, Any] = {"anyOf": calls} if len(calls) > 1 else calls[0]
-    if syntax.list_of_calls:
-        body = {"type": "array", "items": body, "minItems": 1}
+    if syntax.list_of_calls:  # (``parallel`` False: OpenAI's parallel_tool_calls=false, one call at most)
+        body = {"type": "array", "items": body, "minItems": 1, **({} if parallel else {"maxItems": 1})}
     open_tag = _literal(syntax.open, tokenizer) + (" " + json.dumps(syntax.after_open) if syntax.after_open else "")
     close = (" " + json.dumps(syntax.before_close) if syntax.before_close else "") + \
         (" " + _literal(syntax.close, tokenizer) if syntax.close else "")
     if choice == "auto":  # text up to the opening tag: a special token ends a text lexeme, a text tag lazily
         trigger = (f"call_open: TEXT? {open_tag}" if _added_token(syntax.open, tokenizer) is not None
                    else f"call_open[lazy]: BEFORE_CALL {open_tag}")
-        return Grammar(_lark("start: call* TEXT?", trigger, f"call: call_open {_json_rule(body)}{close}",
+        return Grammar(_lark(f"start: call{'*' if parallel else '?'} TEXT?", trigger, f"call: call_open {_json_rule(body)}{close}",
                              r"TEXT: /(.|\n)+/", r"BEFORE_CALL: /(.|\n)*/"), "the tools' schemas")
     # a reasoning block may come first: free text up to its closing tag, then a call; it must be closed first when
     # the prompt opened it (reasoning[0] == "")

@@ -51,6 +51,7 @@ class PreparedChat:
     tools_offered: bool
     call_open: str  # the model family's tool-call opening tag (streamed text from it on is held back)
     call_id_length: int = 24  # hex digits after "call_"; 9 alphanumerics when the template demands (Mistral)
+    parallel_calls: bool = True  # False (parallel_tool_calls=false): one call at most
 
 
 class ChatService:
@@ -137,7 +138,8 @@ class ChatService:
             top_p=1.0 if request.top_p is None else request.top_p, seed=request.seed,
             stop_strings=(stop,) if isinstance(stop, str) else tuple(stop), prompt_lookup=self.prompt_lookup,
             ignore_eos=request.ignore_eos)
-        return PreparedChat(request, ids, shared, config, bool(offered), self.call_syntax.open, self.call_id_length)
+        return PreparedChat(request, ids, shared, config, bool(offered), self.call_syntax.open, self.call_id_length,
+                            request.parallel_tool_calls is not False)
 
     def _grammar(self, request: ChatRequest, tools: list[dict] | None, choice: str,
                  reasoning: tuple[str, str] | None) -> Grammar | None:
@@ -162,7 +164,8 @@ class ChatService:
         elif constrains_calls:
             functions = [t if t["function"].get("strict") or not strict else
                          {**t, "function": {**t["function"], "parameters": {"type": "object"}}} for t in tools]
-            grammar = tool_call_grammar(functions, self.call_syntax, self.engine.tokenizer, choice, reasoning)
+            grammar = tool_call_grammar(functions, self.call_syntax, self.engine.tokenizer, choice, reasoning,
+                                        parallel=request.parallel_tool_calls is not False)
             param = "tools"
         else:
             return None
@@ -190,7 +193,8 @@ class ChatService:
             if parsed.calls:
                 message = {"role": "assistant", "content": parsed.content or None, "tool_calls": [
                     {"id": _call_id(prepared.call_id_length), "type": "function",
-                     "function": {"name": c.name, "arguments": json.dumps(c.arguments)}} for c in parsed.calls]}
+                     "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
+                    for c in (parsed.calls if prepared.parallel_calls else parsed.calls[:1])]}
                 finish = "tool_calls"
         return message, finish
 

@@ -141,7 +141,7 @@ def test_qwen3_calls_a_tool_in_its_own_syntax_and_reads_the_result(served, think
     # a reasoning block may come before the call unless the prompt closed it (enable_thinking=False)
     answer = client.chat.completions.create(
         model=engine.manifest["model"]["name"], messages=messages, tools=[WEATHER], tool_choice="required",
-        max_tokens=200, extra_body={"chat_template_kwargs": {"enable_thinking": thinking}})
+        max_tokens=200, seed=1, extra_body={"chat_template_kwargs": {"enable_thinking": thinking}})
     choice = answer.choices[0]
     if thinking and choice.finish_reason == "length":  # random weights may reason past the limit: still no bad call
         assert not choice.message.tool_calls and choice.message.content.startswith("<think>")
@@ -174,9 +174,11 @@ def test_mistral_calls_in_its_list_syntax_with_the_call_ids_its_template_accepts
     _model, engine, server = served["mistral_nemo"]
     client, name = server.client(), engine.manifest["model"]["name"]
     messages = [{"role": "user", "content": "Weather in Oslo for 3 days?"}]
+    # random weights would write calls into the list until the token limit: one call, as OpenAI's field asks
     answer = client.chat.completions.create(model=name, messages=messages, tools=[WEATHER], tool_choice="required",
-                                            max_tokens=60)
-    calls = answer.choices[0].message.tool_calls  # one list, one or more calls (random weights write several)
+                                            parallel_tool_calls=False, max_tokens=100, seed=1)
+    assert answer.choices[0].finish_reason == "tool_calls"
+    (call,) = calls = answer.choices[0].message.tool_calls
     for call in calls:
         assert len(call.id) == 9 and call.id.isalnum()  # else the template refuses the next turn
         jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
