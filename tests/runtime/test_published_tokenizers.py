@@ -1,6 +1,7 @@
-"""Real published tokenizers (Qwen3, Gemma 3, Llama 3, Mistral Nemo; tests/published_tokenizers.py) with random-weight models of
-their family: the published chat templates render and tokenize as transformers does, and a Qwen3 / Gemma 3 engine
-compiled with its tokenizer chats, calls tools and answers in JSON through `agentopt serve` and the openai client."""
+"""Real published tokenizers (Qwen3, Gemma 3, Llama 3, Mistral Nemo; tests/published_tokenizers.py) with
+random-weight models of their family: the published chat templates render and tokenize as transformers does, calls
+they write parse back, and Qwen3 / Gemma 3 / Mistral engines compiled with their tokenizers chat, call tools in their
+own syntax and answer JSON through `agentopt serve` and the openai client."""
 
 import json
 import shutil
@@ -21,7 +22,8 @@ WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city for the next days.",
     "parameters": {"type": "object", "required": ["city", "days"], "properties": {
         "city": {"type": "string", "maxLength": 16}, "days": {"type": "integer", "minimum": 1, "maximum": 7}}}}}
-CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}}
+CALL = {"id": "call_1", "type": "function",
+        "function": {"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}}
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Weather in Oslo?"},
         {"role": "assistant", "content": "Cold, 4 °C."}, {"role": "user", "content": "And in Zürich, 明天?"}]
 # Qwen3: tools, an assistant turn that reasoned and called, the tool's result, a follow-up question
