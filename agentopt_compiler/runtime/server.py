@@ -50,8 +50,7 @@ class PreparedChat:
     config: GenerationConfig
     tools_offered: bool
     call_open: str  # the model family's tool-call opening tag (streamed text from it on is held back)
-    call_id_length: int = 24  # hex digits after "call_"; 9 alphanumerics when the template demands (Mistral)
-    parallel_calls: bool = True  # False (parallel_tool_calls=false): one call at most
+    short_call_ids: bool = False  # ids of 9 alphanumerics, as Mistral's templates demand (else call_ + 24 hex)
 
 
 class ChatService:
@@ -75,7 +74,7 @@ class ChatService:
         self.call_syntax = call_syntax(template)
         self.reasoning = ("<think>", "</think>") if template and "<think>" in template else None
         # Mistral's templates refuse a conversation whose tool call ids are not 9 alphanumerics
-        self.call_id_length = 9 if template and "|length != 9" in template else 24
+        self.short_call_ids = bool(template) and "|length != 9" in template
         self.vocab_size = engine.manifest["model"]["config"]["vocab_size"]
 
     def start(self) -> "ChatService":
@@ -138,8 +137,7 @@ class ChatService:
             top_p=1.0 if request.top_p is None else request.top_p, seed=request.seed,
             stop_strings=(stop,) if isinstance(stop, str) else tuple(stop), prompt_lookup=self.prompt_lookup,
             ignore_eos=request.ignore_eos)
-        return PreparedChat(request, ids, shared, config, bool(offered), self.call_syntax.open, self.call_id_length,
-                            request.parallel_tool_calls is not False)
+        return PreparedChat(request, ids, shared, config, bool(offered), self.call_syntax.open, self.short_call_ids)
 
     def _grammar(self, request: ChatRequest, tools: list[dict] | None, choice: str,
                  reasoning: tuple[str, str] | None) -> Grammar | None:
@@ -192,9 +190,9 @@ class ChatService:
             parsed = parse_tool_calls(text)
             if parsed.calls:
                 message = {"role": "assistant", "content": parsed.content or None, "tool_calls": [
-                    {"id": _call_id(prepared.call_id_length), "type": "function",
-                     "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
-                    for c in (parsed.calls if prepared.parallel_calls else parsed.calls[:1])]}
+                    {"id": uuid.uuid4().hex[:9] if prepared.short_call_ids else f"call_{uuid.uuid4().hex[:24]}",
+                     "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
+                    for c in (parsed.calls[:1] if prepared.request.parallel_tool_calls is False else parsed.calls)]}
                 finish = "tool_calls"
         return message, finish
 
@@ -214,11 +212,6 @@ class ChatService:
                 "prefix_cache_bytes": self.prefix_cache.bytes_used if self.prefix_cache else 0,
                 "evicted_host_bytes": slots.host_bytes_used, **scheduler.stats,
                 "evictions": slots.evictions, "dropped_sessions": slots.drops}
-
-
-def _call_id(length: int) -> str:
-    """A new tool call id: ``call_`` and 24 hex digits, or the 9 bare alphanumerics Mistral's templates require."""
-    return uuid.uuid4().hex[:9] if length == 9 else f"call_{uuid.uuid4().hex[:length]}"
 
 
 def _template_message(message, index: int) -> dict:
