@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     print("building tokenizer, model and batches ...", file=sys.stderr, flush=True)
     tok = train_tokenizer([episode_text(t)[0] for t in generate_tasks(1500, "train", 10_000)], 512)
     eos = tuple(tok.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>"))
-    base = build_model(T.agent_model_config(tok.get_vocab_size(), False, eos), 0)
+    base = build_model(T.agent_model_config(tok.get_vocab_size(), "small", eos), 0)
     T.init_for_training(base, 0)
     stream = T.EpisodeStream(tok, 0, 1024, 6144)
     batches = [stream.next_batch(T.mix_at(0.6)) for _ in range(args.steps + 8)]

@@ -28,12 +28,15 @@ import json
 import random
 import re
 
+from .tool_families import family_tools, family_value
 from .tasks import _OTHER_UNIT, _UNIT_RANGES, CITIES, DAYS, NAMES, Task, _chain_answer, _Gen, chain_plan
 from .tools import (TOOLS, calculator, convert_units, fmt_num, format_tool_call, normalize_key, run_tool,
                     system_prompt)
 
 EVERYDAY_KINDS = ("say_calc", "say_convert", "say_lookup", "say_calc>convert", "say_lookup>calc",
                   "say_lookup>convert", "new_tool", "say_mixed")
+# share of new_tool episodes whose tool comes from a procedural family (tool_families.py) among its siblings
+FAMILY_SHARE = 0.6
 # names of the tools in the hand-written held-out set (agent_tiny/data/heldout_unseen_tools.jsonl): never generated
 HELDOUT_TOOL_NAMES = frozenset({"add", "multiply", "get_exchange_rate", "word_count", "reverse_text",
                                 "days_between", "bmi", "stock_price", "flight_status", "shipping_cost",
@@ -285,7 +288,11 @@ CALC_CONVERT = (("{a} {fu} plus {b} {fu} in {tu}", "+"), ("I did {a} {fu} and th
                 ("{a}{fu} + {b}{fu} in {tu}", "+"), ("add {a} {fu} and {b} {fu}, answer in {tu}", "+"),
                 ("{a} {fu} minus {b} {fu}, in {tu}?", "-"), ("{b} laps of {a} {fu}, how far in {tu}", "*r"),
                 ("total of {a} {fu} and {b} {fu} in {tu}", "+"), ("{a} {fu} divided by {b}, in {tu}", "/"),
-                ("{a} {fu} x {b} in {tu}", "*"), ("what's {a} {fu} plus {b} {fu} in {tu}", "+"))
+                ("{a} {fu} x {b} in {tu}", "*"), ("what's {a} {fu} plus {b} {fu} in {tu}", "+"),
+                ("{b} boxes of {a} {fu} each, total in {tu}?", "*r"), ("{a} {fu} per day for {b} days, in {tu}", "*"),
+                ("each trip is {a} {fu}, {b} trips, how many {tu}", "*"), ("{a} {fu} times {b}, in {tu} please", "*"))
+# 6 forms add, 8 multiply: with 6 adding and 4 multiplying, a 13M-token fine-tune read the generator's products as sums
+# ("Each box is 24 miles. How many km do 38 boxes make?" -> 24 + 38; calc>convert 48.9% -> 4.4%, MODEL_CARD.md)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -599,20 +606,26 @@ _NOTES = ("Here are some notes.", "Please remember the following.", "some stuff 
 
 def _new_tool_task(r: random.Random) -> Task:
     """One request for a generated tool, among 0-3 other generated tools and (sometimes) the built-in three."""
-    tool = make_tool(r)
-    while tool["name"] in HELDOUT_TOOL_NAMES:
+    if r.random() < FAMILY_SHARE:  # a family tool next to its siblings: the names decide (tool_families.py)
+        tool, *others = family_tools(r, HELDOUT_TOOL_NAMES, r.randint(1, 3))
+        avoid = set(HELDOUT_TOOL_NAMES) | {t["name"] for t in [tool, *others, *TOOLS]}
+        others += _extra_tools(r, r.randint(0, 1), avoid)
+        args = {p: family_value(r, vkind) for p, _, vkind in tool["_params"]}
+    else:
         tool = make_tool(r)
-    avoid = set(HELDOUT_TOOL_NAMES) | {tool["name"]} | {t["name"] for t in TOOLS}
-    others = [t for t in _extra_tools(r, r.randint(0, 3), avoid) if t["_concept"] != tool["_concept"]]
+        while tool["name"] in HELDOUT_TOOL_NAMES:
+            tool = make_tool(r)
+        avoid = set(HELDOUT_TOOL_NAMES) | {tool["name"]} | {t["name"] for t in TOOLS}
+        others = [t for t in _extra_tools(r, r.randint(0, 3), avoid) if t["_concept"] != tool["_concept"]]
+        args = {p: _value(r, vkind) for p, _, vkind in tool["_params"]}
     tools = [tool] + others + (list(TOOLS) if r.random() < 0.35 else [])
     r.shuffle(tools)
-    args = {p: _value(r, vkind) for p, _, vkind in tool["_params"]}
     for p, jtype, _ in tool["_params"]:
         if jtype == "string":
             args[p] = str(args[p])
     # dressed before the values go in: a typo or a case change never touches an argument the call copies
     request = dress(r, r.choice(tool["_asks"]), keep_case=True).format(*args.values())
-    result = _result(r, tool["_result"])
+    result = tool["_result"](args) if callable(tool["_result"]) else _result(r, tool["_result"])
     observation = render_observation(result)
     answer = observation
     final = r.choice(("The answer is {r}.", "Result: {r}.", "{r}.", "Here you go: {r}.", "It says {r}.")).format(

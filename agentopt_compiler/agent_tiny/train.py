@@ -25,6 +25,7 @@ stored as its own copy), ``config.json`` (``ModelConfig.to_dict()`` plus ``"form
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -69,17 +70,32 @@ _REPLAY = CURRICULUM[-1][1]
 STAGE2_MIX = {**{k: round(0.55 * w, 3) for k, w in _REPLAY.items()},
               "say_calc": 1.3, "say_convert": 1.0, "say_lookup": 1.0, "say_calc>convert": 0.6, "say_lookup>calc": 0.8,
               "say_lookup>convert": 0.6, "new_tool": 1.5, "say_mixed": 0.6}
-MIXES = {"curriculum": None, "stage2": STAGE2_MIX}
+# "full": both stages in one run from scratch, the curriculum compressed into the first FULL_CURRICULUM_SHARE of the
+# tokens, then the stage-2 mix (for a machine that trains far more tokens than stage 1's 49.6M, e.g. a GPU)
+FULL_CURRICULUM_SHARE = 0.5
+MIXES = ("curriculum", "stage2", "full")
 
 
-def agent_model_config(vocab_size: int, tiny: bool = False, eos_token_ids: tuple[int, ...] = ()) -> ModelConfig:
-    if tiny:  # for smoke tests
-        return ModelConfig(family="llama", vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
-                           num_heads=4, num_kv_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
-                           eos_token_ids=eos_token_ids)
-    return ModelConfig(family="llama", vocab_size=vocab_size, hidden_size=256, intermediate_size=704, num_layers=6,
-                       num_heads=8, num_kv_heads=4, max_position_embeddings=1024, rope_theta=10000.0,
-                       tie_word_embeddings=True, eos_token_ids=eos_token_ids)
+def mix_for(mix: str, frac: float) -> dict[str, float]:
+    """Episode kinds and weights of ``mix`` at ``frac`` (0-1) of the run."""
+    if mix == "stage2":
+        return STAGE2_MIX
+    if mix == "full":
+        return mix_at(frac / FULL_CURRICULUM_SHARE) if frac < FULL_CURRICULUM_SHARE else STAGE2_MIX
+    return mix_at(frac)
+
+
+# model sizes: (hidden, intermediate, layers, heads, kv heads); head_dim 32 in both real sizes
+SIZES = {"tiny": (64, 128, 2, 4, 2),  # for smoke tests
+         "small": (256, 704, 6, 8, 4),  # 4.7M parameters: agent-tiny as shipped, 18.8 MB in fp32
+         "medium": (320, 864, 8, 10, 5)}  # 9.3M parameters: 18.7 MB in fp16 (--save-dtype float16)
+
+
+def agent_model_config(vocab_size: int, size: str = "small", eos_token_ids: tuple[int, ...] = ()) -> ModelConfig:
+    hidden, inter, layers, heads, kv_heads = SIZES[size]
+    return ModelConfig(family="llama", vocab_size=vocab_size, hidden_size=hidden, intermediate_size=inter,
+                       num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, max_position_embeddings=1024,
+                       rope_theta=10000.0, tie_word_embeddings=True, eos_token_ids=eos_token_ids)
 
 
 def init_for_training(model, seed: int) -> None:
@@ -148,64 +164,113 @@ def batch_loss(model, ids, targets, mask, attn: str = "sdpa"):
     return F.cross_entropy(logits, targets[mask])
 
 
-class EpisodeStream:
-    """Generates, tokenizes and batches training episodes chunk by chunk, following the curriculum."""
+def chunk_batches(tok, seed: int, max_len: int, batch_tokens: int, chunk: int, pack_len: int, start: int,
+                  mix: dict[str, float] | None) -> list[list[tuple[list[int], list[bool]]]]:
+    """Tasks ``start .. start+chunk`` of the train split, packed into conversations, tokenized and batched (rows of
+    similar length, at most ``batch_tokens`` per batch), in an order shuffled by (seed, start): the same chunk
+    whichever process makes it."""
+    tasks = generate_tasks(chunk, "train", seed, mix=mix, start=start)
+    rows = []
+    for group in _pack(tok, tasks, pack_len):
+        messages, no_loss = list(group[0].episode), set(group[0].no_loss)
+        for t in group[1:]:  # later tasks continue the same conversation (one system prompt)
+            no_loss |= {i - 1 + len(messages) for i in t.no_loss}
+            messages += t.episode[1:]
+        text, spans = render_with_loss_spans(messages, no_loss)
+        ids, flags = tokenize_episode(tok, text, spans)
+        if len(ids) <= max_len:
+            rows.append((ids, flags))
+    rows.sort(key=lambda r: len(r[0]))
+    batches, cur = [], []
+    for r in rows:
+        if cur and (len(cur) + 1) * len(r[0]) > batch_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(r)
+    if cur:
+        batches.append(cur)
+    random.Random(f"{seed}/{start}").shuffle(batches)
+    return batches
 
-    def __init__(self, tok, seed: int, max_len: int, batch_tokens: int, chunk: int = 384, pack_len: int = 640):
+
+def _pack(tok, tasks, pack_len: int):
+    """Group consecutive tasks into one multi-turn conversation of at most ~``pack_len`` tokens: the system prompt
+    is paid once per row instead of once per task (it is a third of a short episode). Only tasks with the same
+    system prompt (the same tools) share a row."""
+    groups, cur, cur_len = [], [], 0
+    for t in tasks:
+        n = len(tok.encode(episode_text(t)[0]).ids)
+        sys_len = len(tok.encode(render_chat(t.episode[:1])).ids)
+        extra = n if not cur else n - sys_len
+        if cur and (cur_len + extra > pack_len or t.episode[0] != cur[0].episode[0]):
+            groups.append(cur)
+            cur, cur_len, extra = [], 0, n
+        cur.append(t)
+        cur_len += extra
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+_WORKER_TOKENIZER = None
+
+
+def _init_worker(tokenizer_json: str) -> None:
+    global _WORKER_TOKENIZER
+    from tokenizers import Tokenizer
+
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    _WORKER_TOKENIZER = Tokenizer.from_str(tokenizer_json)
+
+
+def _worker_chunk(*args):
+    return chunk_batches(_WORKER_TOKENIZER, *args)
+
+
+class EpisodeStream:
+    """Generates, tokenizes and batches training episodes chunk by chunk, in this process or in ``workers`` data
+    processes (for a GPU, which one Python process cannot feed: about 200k tokens/s of episodes per process).
+
+    With workers, up to ``2 * workers`` chunks are made ahead with the mix of the moment they were asked for: a
+    curriculum phase starts that many chunks (about 100k tokens each) late, nothing else changes."""
+
+    def __init__(self, tok, seed: int, max_len: int, batch_tokens: int, chunk: int = 384, pack_len: int = 640,
+                 workers: int = 0):
         self.tok, self.seed, self.max_len, self.batch_tokens, self.chunk = tok, seed, max_len, batch_tokens, chunk
-        self.pack_len = pack_len
+        self.pack_len, self.workers = pack_len, workers
         self.next_index = 0
         self.pad = tok.token_to_id("<|endoftext|>")
         self.batches: list = []
-        self.rng = random.Random(seed)
+        self.pending: collections.deque = collections.deque()
+        self.pool = None
+        if workers:
+            import multiprocessing
+
+            # spawn: forking a process that already runs torch's thread pools can deadlock the children
+            self.pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tok.to_str(),))
+
+    def _next_chunk_args(self, mix):
+        args = (self.seed, self.max_len, self.batch_tokens, self.chunk, self.pack_len, self.next_index, mix)
+        self.next_index += self.chunk
+        return args
 
     def _refill(self, mix: dict[str, float]) -> None:
-        tasks = generate_tasks(self.chunk, "train", self.seed, mix=mix, start=self.next_index)
-        self.next_index += self.chunk
-        rows = []
-        for group in self._pack(tasks):
-            messages, no_loss = list(group[0].episode), set(group[0].no_loss)
-            for t in group[1:]:  # later tasks continue the same conversation (one system prompt)
-                no_loss |= {i - 1 + len(messages) for i in t.no_loss}
-                messages += t.episode[1:]
-            text, spans = render_with_loss_spans(messages, no_loss)
-            ids, flags = tokenize_episode(self.tok, text, spans)
-            if len(ids) <= self.max_len:
-                rows.append((ids, flags))
-        rows.sort(key=lambda r: len(r[0]))
-        batches, cur = [], []
-        for r in rows:
-            if cur and (len(cur) + 1) * len(r[0]) > self.batch_tokens:
-                batches.append(cur)
-                cur = []
-            cur.append(r)
-        if cur:
-            batches.append(cur)
-        self.rng.shuffle(batches)
-        self.batches = batches
+        if self.pool is None:
+            self.batches = chunk_batches(self.tok, *self._next_chunk_args(mix))
+            return
+        while len(self.pending) < 2 * self.workers:
+            self.pending.append(self.pool.apply_async(_worker_chunk, self._next_chunk_args(mix)))
+        self.batches = self.pending.popleft().get()
 
-    def _pack(self, tasks):
-        """Group consecutive tasks into one multi-turn conversation of at most ~``pack_len`` tokens: the system prompt
-        is paid once per row instead of once per task (it is a third of a short episode). Only tasks with the same
-        system prompt (the same tools) share a row."""
-        groups, cur, cur_len = [], [], 0
-        for t in tasks:
-            n = len(self.tok.encode(episode_text(t)[0]).ids)
-            sys_len = len(self.tok.encode(render_chat(t.episode[:1])).ids)
-            extra = n if not cur else n - sys_len
-            if cur and (cur_len + extra > self.pack_len or t.episode[0] != cur[0].episode[0]):
-                groups.append(cur)
-                cur, cur_len, extra = [], 0, n
-            cur.append(t)
-            cur_len += extra
-        if cur:
-            groups.append(cur)
-        return groups
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool = None
 
     def next_batch(self, mix: dict[str, float]):
         import torch
 
-        if not self.batches:
+        while not self.batches:
             self._refill(mix)
         rows = self.batches.pop()
         length = max(len(r[0]) for r in rows)
@@ -251,16 +316,17 @@ def mix_at(frac: float) -> dict[str, float]:
     return mix
 
 
-def save_checkpoint(model, out: Path) -> None:
+def save_checkpoint(model, out: Path, dtype: str = "float32") -> None:
+    import torch
     from safetensors.torch import save_file
 
-    state = {k: v.detach().to("cpu").float().contiguous().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu", getattr(torch, dtype)).contiguous().clone() for k, v in model.state_dict().items()}
     tmp = out / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt", "dtype": "float32"})
+    save_file(state, str(tmp), metadata={"format": "pt", "dtype": dtype})
     os.replace(tmp, out / "model.safetensors")
     cfg = model.config.to_dict()
     cfg["format"] = FORMAT
-    cfg["torch_dtype"] = "float32"
+    cfg["torch_dtype"] = dtype
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
@@ -325,17 +391,24 @@ def main(argv: list[str] | None = None) -> dict:
                    help="train on this many tokens (e.g. 8e6), the learning-rate schedule and curriculum running over "
                         "tokens, so the run does not depend on the machine's speed (the --minutes budget still stops "
                         "it); 0: steps or the wall clock")
-    p.add_argument("--mix", choices=sorted(MIXES), default="curriculum",
+    p.add_argument("--mix", choices=MIXES, default="curriculum",
                    help="episode kinds: the stage-1 curriculum (single tools, chains, long contexts, recovery), or "
                         "stage2 (everyday phrasings and generated tools with a replay of the last curriculum phase; "
-                        "for fine-tuning with --init-from)")
+                        "for fine-tuning with --init-from), or full (the curriculum over the first half of the "
+                        "tokens, then stage2: both stages from scratch in one run)")
     p.add_argument("--max-steps", type=int, default=0,
                    help="train this many steps, the learning-rate schedule and curriculum running over steps instead "
                         "of the wall clock, so the run does not depend on the machine's speed (the --minutes budget "
                         "still stops it); 0: the wall-clock budget alone")
     p.add_argument("--device", default="cpu",
                    help="torch device to train on (cpu, cuda, ...); evaluation and checkpoints run on the CPU")
-    p.add_argument("--tiny", action="store_true", help="tiny model for smoke tests")
+    p.add_argument("--size", choices=sorted(SIZES), default="small",
+                   help="model size when starting from scratch: small is agent-tiny as shipped (4.7M parameters), "
+                        "medium 9.3M (ships in fp16 to stay under 20 MB), tiny for smoke tests")
+    p.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="dtype of the saved weights (they load into an fp32 model either way)")
+    p.add_argument("--data-workers", type=int, default=0,
+                   help="processes that generate and tokenize episodes (0: this process); a GPU needs a few")
     p.add_argument("--attn", choices=["sdpa", "sdpa_gqa", "matmul"], default="sdpa")
     p.add_argument("--no-bf16", action="store_true",
                    help="train in fp32 (the default on CPUs without AVX-512, where bf16 is slow)")
@@ -376,7 +449,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.init_from:
         continued, tok = load_trained(args.init_from)
     else:
-        tok_tasks = generate_tasks(args.tokenizer_episodes, "train", args.seed + 10_000)
+        tok_tasks = generate_tasks(args.tokenizer_episodes, "train", args.seed + 10_000,
+                                   mix=STAGE2_MIX if args.mix == "full" else None)
         tok = train_tokenizer([episode_text(t)[0] for t in tok_tasks], args.vocab_size)
     save_tokenizer(tok, out)
     eos = tuple(tok.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>"))
@@ -389,7 +463,7 @@ def main(argv: list[str] | None = None) -> dict:
     if continued is not None:
         model, config = continued, continued.config
     else:
-        config = agent_model_config(vocab, args.tiny, eos)
+        config = agent_model_config(vocab, args.size, eos)
         model = build_model(config, args.seed)
         init_for_training(model, args.seed)
     device = torch.device(args.device)
@@ -403,7 +477,7 @@ def main(argv: list[str] | None = None) -> dict:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     stream = EpisodeStream(tok, args.seed, config.max_position_embeddings, args.batch_tokens,
-                           pack_len=args.pack_len)
+                           pack_len=args.pack_len, workers=args.data_workers)
     t_train = time.time()
     train_budget = max(budget - (t_train - t_start) - FINAL_RESERVE_S, 1.0)
 
@@ -434,7 +508,7 @@ def main(argv: list[str] | None = None) -> dict:
         if frac >= 1.0 or time_frac >= 1.0:
             break
         curriculum_frac = args.curriculum_from + (1 - args.curriculum_from) * frac
-        mix = MIXES[args.mix] or mix_at(curriculum_frac)
+        mix = mix_for(args.mix, curriculum_frac)
         x, y, m, n_loss, n_tok = stream.next_batch(mix)
         x, y, m = x.to(device), y.to(device), m.to(device)
         lr = lr_at(step, frac)
@@ -456,7 +530,8 @@ def main(argv: list[str] | None = None) -> dict:
         window_tokens += n_tok
         now = time.time()
         if now - t_window >= args.log_seconds or step == 1:
-            phase = sum(1 for s, _ in CURRICULUM if curriculum_frac >= s) if args.mix == "curriculum" else args.mix
+            phase = ("stage2" if mix is STAGE2_MIX else
+                     next(i + 1 for i, (_, m) in enumerate(CURRICULUM) if m is mix))
             tps = window_tokens / max(now - t_window, 1e-6)
             stolen = steal.since_last()
             log(f"step {step} | elapsed {now - t_start:.0f}s | phase {phase} | loss {window_loss / window_n:.4f} | "
@@ -469,15 +544,16 @@ def main(argv: list[str] | None = None) -> dict:
             model.eval()
             vl = val_loss(model, tok, args.seed, args.attn, bf16=use_bf16)
             model.train()
-            save_checkpoint(model, out)
+            save_checkpoint(model, out, args.save_dtype)
             log(f"checkpoint at step {step} ({now - t_start:.0f}s): held-out val loss {vl:.4f}",
                 event="checkpoint", step=step, val_loss=vl)
             last_ckpt = time.time()
 
+    stream.close()
     model.to("cpu").eval()
-    save_checkpoint(model, out)
+    save_checkpoint(model, out, args.save_dtype)
     train_seconds = time.time() - t_train
-    vl = val_loss(model, tok, args.seed, args.attn, n=16 if args.tiny else 48, bf16=use_bf16)
+    vl = val_loss(model, tok, args.seed, args.attn, n=16 if args.size == "tiny" else 48, bf16=use_bf16)
     size_mb = (out / "model.safetensors").stat().st_size / 1e6
     summary = {"steps": step, "train_seconds": round(train_seconds, 1), "tokens": seen_tokens,
                "tokens_per_s": round(seen_tokens / max(train_seconds, 1e-6), 1), "val_loss": vl,

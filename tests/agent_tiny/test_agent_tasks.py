@@ -342,7 +342,7 @@ def test_training_smoke_run_lowers_the_loss(tmp_path):
 
     threads = torch.get_num_threads()
     try:
-        summary = main(["--out", str(tmp_path), "--tiny", "--max-steps", "20", "--threads", "1", "--lr", "3e-3",
+        summary = main(["--out", str(tmp_path), "--size", "tiny", "--max-steps", "20", "--threads", "1", "--lr", "3e-3",
                         "--warmup-steps", "2", "--tokenizer-episodes", "200", "--batch-tokens", "2048",
                         "--eval-tasks", "0", "--log-seconds", "60", "--minutes", "2"])
     finally:
@@ -381,7 +381,7 @@ def test_compiled_training_step_has_the_eager_loss_and_gradients():
     from agentopt_compiler.models.registry import build_model
     from agentopt_compiler.agent_tiny.train import agent_model_config, batch_loss
 
-    model = build_model(agent_model_config(512, tiny=True), seed=0).train()
+    model = build_model(agent_model_config(512, "tiny"), seed=0).train()
     compiled = torch.compile(batch_loss, dynamic=True)
     gen = torch.Generator().manual_seed(0)
     for rows, length in ((2, 48), (3, 80)):
