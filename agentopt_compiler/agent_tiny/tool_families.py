@@ -14,6 +14,9 @@ the request's words against the tool names and parameter names the system prompt
     attribute    "the <noun> of <thing>" for ~60 nouns over six kinds of thing (``get_mayor(city)``,
                  ``currency_of(country)``, ``lookup_warranty(item)``, ...), offered next to tools of other nouns
                  of the same thing, so the noun in the request picks the tool.
+    composed     ``<verb>_<object>`` from 40 verbs and 50 objects (``track_parcel``, ``cancel_booking``,
+                 ``count_vowels``, ...: 2000 names, too many to remember), offered next to tools that share the verb
+                 or the object, and asked for with both words in the request: the name is matched word by word.
 
 No generated name holds a held-out tool name (everyday.HELDOUT_TOOL_NAMES) as whole words: ``sum_numbers`` is
 generated, ``add_numbers`` never is, so the hand-written unseen-tool set stays unseen.
@@ -87,6 +90,23 @@ ATTRIBUTE_NAMES = ("get_{n}", "{n}_of", "lookup_{n}", "{n}", "find_{n}", "{k}_{n
 ATTRIBUTE_ASKS = ("what's the {n} of {0}?", "{n} of {0}", "what is {0}'s {n}", "tell me the {n} for {0}",
                   "look up the {n} of {0}", "{0} {n}?", "find the {n} of {0} please", "do you know the {n} of {0}",
                   "I need the {n} for {0}", "get me {0}'s {n}")
+COMPOSED_VERBS = ("count", "reverse", "check", "find", "send", "book", "cancel", "track", "list", "update",
+                  "delete", "create", "summarize", "estimate", "measure", "compare", "rate", "validate", "encode",
+                  "decode", "format", "sort", "rank", "search", "fetch", "schedule", "compute", "start", "stop",
+                  "open", "close", "share", "print", "play", "pause", "archive", "restore", "verify", "renew", "split")
+COMPOSED_OBJECTS = ("words", "letters", "order", "flight", "invoice", "ticket", "playlist", "song", "meeting",
+                    "password", "file", "photo", "recipe", "budget", "route", "parcel", "score", "balance",
+                    "message", "reminder", "alarm", "document", "payment", "account", "review", "booking", "refund",
+                    "vowels", "deadline", "timer", "subscription", "coupon", "lesson", "shift", "report", "backup",
+                    "server", "sentence", "url", "license", "vote", "poll", "survey", "badge", "locker", "bill",
+                    "list", "draft", "queue", "label")
+COMPOSED_PARAMS = ("text", "name", "id", "query", "value", "ref", "target", "input", "code", "key")
+COMPOSED_VALUES = ("A-1042", "blue sky", "ZX81", "monday plan", "hello world", "x7k2", "Q3 notes", "room 12",
+                   "alpha", "order 5521", "the red one", "TK-330", "my notes", "kitchen", "P-77", "orbit")
+COMPOSED_ASKS = ("{verb} the {obj} {0}", "can you {verb} {obj} {0}", "please {verb} my {obj}: {0}",
+                 "I need to {verb} the {obj} for {0}", "{verb} {obj} {0} please", "{obj} {0} - {verb} it",
+                 "could you {verb} the {obj} called {0}?", "{verb} {obj} {0}", "time to {verb} {obj} {0}")
+COMPOSED_RESULTS = ("done", "ok", "3", "17", "none found", "true", "false", "queued", "42", "updated")
 _WORD_RESULTS = ("north", "blue", "Ana", "level 3", "B-12", "ok", "UTC+1", "green and white", "fiction", "2019-04-02")
 
 
@@ -146,9 +166,18 @@ def attribute_tool(r: random.Random, kind: str | None = None, avoid_nouns: froze
     return _tool(name, [(r.choice(pnames), "string", f"attr:{kind}")], asks, result, ("attr", noun))
 
 
+def composed_tool(r: random.Random, verb: str, obj: str) -> dict:
+    param = r.choice(COMPOSED_PARAMS)
+    asks = tuple(a.replace("{verb}", verb).replace("{obj}", obj) for a in COMPOSED_ASKS)
+    return _tool(f"{verb}_{obj}", [(param, "string", "composed")], asks,
+                 lambda args, _r=random.Random(f"{verb}_{obj}"): _r.choice(COMPOSED_RESULTS), ("composed", verb, obj))
+
+
 def family_value(r: random.Random, vkind: str):
     """A value for a family tool's parameter of value kind ``vkind`` (``arith:<op>:<position>`` or ``attr:<kind>``)."""
     family, *rest = vkind.split(":")
+    if family == "composed":
+        return r.choice(COMPOSED_VALUES)
     if family == "arith":
         return arithmetic_value(r, rest[0], int(rest[1]))
     return r.choice(ATTRIBUTES[rest[0]][1])
@@ -157,7 +186,16 @@ def family_value(r: random.Random, vkind: str):
 def family_tools(r: random.Random, heldout: frozenset[str], siblings: int) -> list[dict]:
     """One family tool (first) and ``siblings`` other tools of its family with other names and concepts."""
     while True:
-        if r.random() < 0.5:
+        pick = r.random()
+        if pick < 0.4:  # siblings share the verb or the object
+            verb, obj = r.choice(COMPOSED_VERBS), r.choice(COMPOSED_OBJECTS)
+            pairs = [(verb, obj)]
+            while len(pairs) < 1 + siblings:
+                q = (verb, r.choice(COMPOSED_OBJECTS)) if r.random() < 0.5 else (r.choice(COMPOSED_VERBS), obj)
+                if q not in pairs:
+                    pairs.append(q)
+            tools = [composed_tool(r, v, o) for v, o in pairs]
+        elif pick < 0.7:
             pair = r.choice(PARAM_PAIRS)
             ops = r.sample(sorted(ARITHMETIC), 1 + min(siblings, len(ARITHMETIC) - 1))
             tools = [arithmetic_tool(r, op, pair if r.random() < 0.7 else None) for op in ops]

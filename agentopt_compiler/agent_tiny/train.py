@@ -69,7 +69,7 @@ CURRICULUM = [
 _REPLAY = CURRICULUM[-1][1]
 STAGE2_MIX = {**{k: round(0.55 * w, 3) for k, w in _REPLAY.items()},
               "say_calc": 1.3, "say_convert": 1.0, "say_lookup": 1.0, "say_calc>convert": 0.6, "say_lookup>calc": 0.8,
-              "say_lookup>convert": 0.6, "new_tool": 1.5, "say_mixed": 0.6}
+              "say_lookup>convert": 0.6, "new_tool": 2.5, "say_mixed": 0.6}
 # "full": both stages in one run from scratch, the curriculum compressed into the first FULL_CURRICULUM_SHARE of the
 # tokens, then the stage-2 mix (for a machine that trains far more tokens than stage 1's 49.6M, e.g. a GPU)
 FULL_CURRICULUM_SHARE = 0.5
