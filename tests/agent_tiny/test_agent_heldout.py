@@ -10,6 +10,7 @@ from agentopt_compiler.agent_tiny import heldout_tools
 from agentopt_compiler.agent_tiny.eval import HANDWRITTEN, UNSEEN_TOOLS, load_task_file
 from agentopt_compiler.agent_tiny.everyday import (EVERYDAY_KINDS, HELDOUT_TOOL_NAMES, make_everyday_task,
                                                    normalize_request)
+from agentopt_compiler.agent_tiny.tool_families import holds_name
 from agentopt_compiler.agent_tiny.tasks import answer_matches, generate_tasks
 from agentopt_compiler.agent_tiny.tools import fmt_num, run_tool
 from agentopt_compiler.agent_tiny.train import CURRICULUM, STAGE2_MIX
@@ -80,6 +81,7 @@ def test_held_out_tools_never_appear_in_training(unseen):
         system = task.messages[0]["content"]
         names = {json.loads(line)["name"] for line in system.splitlines() if line.startswith('{"name"')}
         assert not names & HELDOUT_TOOL_NAMES, names
+        assert not any(holds_name(n, HELDOUT_TOOL_NAMES) for n in names), names  # nor add_numbers, multiply_by
 
 
 def test_normalized_requests_ignore_numbers_case_and_punctuation():

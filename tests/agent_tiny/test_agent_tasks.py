@@ -410,3 +410,43 @@ def test_cpu_steal_is_the_share_of_stolen_time_between_calls(tmp_path):
     assert steal.since_last() == pytest.approx(0.4)
     assert steal.since_last() is None  # no time passed
     assert CpuSteal(str(tmp_path / "missing")).since_last() is None
+
+
+def test_data_workers_make_the_same_batches_as_this_process(tokenizer):
+    torch = pytest.importorskip("torch")
+    from agentopt_compiler.agent_tiny.train import STAGE2_MIX, EpisodeStream
+
+    here = EpisodeStream(tokenizer, 3, 1024, 2048, chunk=24)
+    there = EpisodeStream(tokenizer, 3, 1024, 2048, chunk=24, workers=1)
+    try:
+        n = 0
+        while here.next_index <= 2 * 24:  # into the third chunk
+            a, b = here.next_batch(STAGE2_MIX), there.next_batch(STAGE2_MIX)
+            assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3])) and a[3:] == b[3:]
+            n += 1
+        assert n > 3
+    finally:
+        there.close()
+
+
+def test_full_mix_runs_the_curriculum_then_stage_two():
+    from agentopt_compiler.agent_tiny.train import CURRICULUM, FULL_CURRICULUM_SHARE, STAGE2_MIX, mix_for
+
+    assert mix_for("full", 0.0) is CURRICULUM[0][1] and mix_for("curriculum", 0.0) is CURRICULUM[0][1]
+    assert mix_for("full", 0.99 * FULL_CURRICULUM_SHARE) is CURRICULUM[-1][1]
+    assert mix_for("full", FULL_CURRICULUM_SHARE) is STAGE2_MIX and mix_for("stage2", 0.0) is STAGE2_MIX
+    assert mix_for("curriculum", 0.99) is CURRICULUM[-1][1]
+
+
+def test_half_precision_checkpoints_load_into_the_fp32_model(tmp_path):
+    torch = pytest.importorskip("torch")
+    from agentopt_compiler.agent_tiny.train import agent_model_config, load_trained, save_checkpoint
+    from agentopt_compiler.models.registry import build_model
+
+    model = build_model(agent_model_config(512, "tiny"), seed=0)
+    (tmp_path / "tokenizer.json").write_text(at.train_tokenizer(["a b c"], 300).to_str())
+    save_checkpoint(model, tmp_path, "float16")
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "float16"
+    loaded, _ = load_trained(tmp_path)
+    for (name, p), q in zip(model.named_parameters(), loaded.parameters()):
+        assert q.dtype == torch.float32 and torch.equal(q, p.detach().half().float()), name

@@ -3,6 +3,7 @@ validate, a grammar that allows everything changes nothing, fast-forwarded token
 decoding chooses, in fewer engine calls, and prompt-lookup drafts are cut where the grammar rejects them."""
 
 import json
+import re
 
 import pytest
 
@@ -30,8 +31,7 @@ SCHEMAS = [  # the kinds of schema tools and answers use: nested objects, enums,
         "required": ["name", "age"], "additionalProperties": False},
         "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "minItems": 1, "maxItems": 3}},
      "required": ["user", "tags"], "additionalProperties": False},
-    {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 100}, "maxItems": 5},  # (a sampled
-    # number may run on with digits until max_new_tokens: valid so far, never finished)
+    {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 100}, "maxItems": 5},
     {"enum": ["yes", "no", 3, None]},
 ]
 PROMPT = ("<|im_start|>user\nWhat is 17 * 23 + 5? Then convert 40 km to miles.<|im_end|>\n"
@@ -52,11 +52,19 @@ def tools():
 
 def test_sampled_outputs_always_validate_against_their_schema(engine):
     for index, schema in enumerate(SCHEMAS):
+        finished = 0
         for seed in range(3):  # sampled at temperature 1.5: the model alone would rarely write these
             completion = engine.complete(PROMPT, max_new_tokens=200, temperature=1.5, seed=seed,
                                          grammar=json_schema_grammar(schema))
+            if completion.finish_reason == "length":
+                # JSON numbers have no length bound (fraction and exponent digits): a sampled one may run on until
+                # max_new_tokens, valid so far and never finished; anything else unfinished is a failure
+                assert re.search(r"[0-9.eE+-]{40}$", completion.text), (index, seed, completion.text)
+                continue
             assert completion.finish_reason == "stop", (index, seed, completion.text)
             jsonschema.validate(json.loads(completion.text), schema)
+            finished += 1
+        assert finished >= 2, (index, finished)
 
 
 def test_tool_calls_always_parse_and_fit_their_tool(engine):
