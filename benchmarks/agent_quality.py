@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default="bench_out/agent_quality")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; variants: {', '.join(VARIANTS)}")
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     rows = []
