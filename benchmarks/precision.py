@@ -134,13 +134,14 @@ def main(argv: list[str] | None = None) -> int:
                 "int4 uniform asymmetric (ours)": PrecisionPlan.uniform("int4", layers, blocks[0], symmetric=False)}
     for block in blocks[1:]:
         variants[f"int4 uniform block {block} (ours)"] = PrecisionPlan.uniform("int4", layers, block)
-    from agentopt_compiler.analysis.cost_model import cached_cost_model
+    from agentopt_compiler.analysis.cost_model import cached_cost_model, format_of
 
     candidate_sets = [[c.strip() for c in group.split(",")] for group in args.candidates.split(";")]
     # measured once per machine and cached: every plan here (and every agentopt plan precision) uses the same one
-    costs = cached_cost_model(args.threads, log=log)
-    log(f"cost model ({costs.source}): ps per byte "
-        f"{', '.join(f'{p} {c * 1e12:.0f}' for p, c in costs.seconds_per_byte.items())}")
+    formats = sorted({"fp32"} | {format_of(c, blocks[0]) for group in candidate_sets for c in group})
+    costs = cached_cost_model(args.threads, log=log, formats=formats)
+    log(f"cost model ({costs.source}): ps per weight "
+        f"{', '.join(f'{p} {c * 1e12:.0f}' for p, c in costs.seconds_per_weight.items())}")
     for path in (args.plans.split(",") if args.plans else []):
         plan = PrecisionPlan.load(path)
         variants[f"planned max-kl {plan.budget.get('max_kl')} from {Path(path).name} (ours)"] = plan

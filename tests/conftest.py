@@ -32,7 +32,10 @@ def fixed_cost_model(tmp_path_factory):
     from agentopt_compiler.analysis.cost_model import CACHE_FILE, machine_key
 
     folder = tmp_path_factory.mktemp("agentopt-cache")
-    constants = {"seconds_per_byte": {"fp32": 1e-10, "int8": 1.5e-10, "int4": 2e-10}, "noise": {}, "machine": {},
+    # per weight, ordered by bytes (as a bytes model would): tests about choices need a strict order, not a host's
+    constants = {"seconds_per_weight": {"fp32": 4e-10, "int8@32": 1.7e-10, "int8@64": 1.6e-10, "int8@128": 1.55e-10,
+                                        "int4@32": 1.2e-10, "int4@64": 1.1e-10, "int4@128": 1.05e-10},
+                 "noise": {}, "machine": {},
                  "measured_at": "fixed by tests/conftest.py"}
     entries = {json.dumps(machine_key(threads, symmetric), sort_keys=True): constants
                for threads in (None, 1, 2) for symmetric in (True, False)}

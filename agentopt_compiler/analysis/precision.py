@@ -7,9 +7,9 @@
    input through the rest of the model: mean KL(fp32 || quantized) of the next-token distributions, and top-1
    agreement. A unit in layer i costs the layers i.. and the head, not a whole forward; the KL is computed in float32
    without cancelling (``_Reference``) rather than through a float64 log-softmax over the vocabulary.
-2. Cost: bytes each unit's weights read per decode step at each precision, times seconds per byte of the kernel
-   that runs them, three constants measured once per machine and cached (analysis/cost_model.py): the same plan
-   every run on a machine, block sizes ordered by their bytes alone.
+2. Cost: each unit's weights times the decode seconds per weight of the kernel format that runs them (``int4@32``,
+   ``int4@128``, ``int8@32``, fp32), one constant per format measured once per machine and cached
+   (analysis/cost_model.py): the same plan every run on a machine; formats the host cannot tell apart cost the same.
 3. Choose: minimize total cost subject to the budget (sum of per-unit KL <= max_kl; or average bits <= target_bits,
    minimizing KL; or sum of top-1 losses <= 1 - min_top1). The choice is a multiple-choice knapsack solved exactly
    by dynamic programming over a discretized budget (``choose``), which beats the greedy upgrade heuristic
@@ -281,8 +281,8 @@ def _significant(value: float, digits: int = 4) -> float:
 
 def _cost_function(costs, cost_model, block: int, symmetric: bool, candidates: list[str], threads, log):
     """(elements, precision) -> decode seconds, and what it came from (recorded in the plan). ``costs``: fixed
-    seconds per weight per candidate (tests, or a benchmark's own timing); else the machine's cached bytes model."""
-    from .cost_model import cached_cost_model
+    seconds per weight per candidate (tests, or a benchmark's own timing); else the machine's cached per-format model."""
+    from .cost_model import cached_cost_model, format_of
 
     if costs is not None:
         missing = [c for c in candidates if parse_precision(c)[0] in BITS and c not in costs]
@@ -290,7 +290,12 @@ def _cost_function(costs, cost_model, block: int, symmetric: bool, candidates: l
             raise AgentOptError(f"the cost model has no time for {missing}; measure it with "
                                 "a CostModel (analysis/cost_model.py) instead")
         return (lambda n, p: n * costs.get(p, costs["fp32"])), {"kind": "given", "seconds_per_weight": dict(costs)}
-    model = cost_model or cached_cost_model(threads, symmetric, log=log)
+    formats = sorted({"fp32"} | {format_of(c, block) for c in candidates})
+    model = cost_model or cached_cost_model(threads, symmetric, log=log, formats=formats)
+    missing = [f for f in formats if f not in model.seconds_per_weight]
+    if missing:
+        raise AgentOptError(f"the cost model has no time for {missing}; measure it: "
+                            f"cached_cost_model(formats={formats}) (analysis/cost_model.py)")
     return (lambda n, p: model.seconds(n, p, block, symmetric)), model.to_dict()
 
 

@@ -141,7 +141,7 @@ def run(args) -> int:
     from ..passes.precision_plan import parse_precision
 
     _check_outputs(args)
-    from ..analysis.cost_model import cached_cost_model
+    from ..analysis.cost_model import cached_cost_model, format_of
     from .progress import ProgressLog
 
     log = ProgressLog()
@@ -150,9 +150,11 @@ def run(args) -> int:
         parse_precision(candidate)  # a typo fails before the model loads
     loaded = load_model(args.model)  # the module the compile captures (reference, else transformers)
     batches = calibration_batches(loaded, args.calib, args.sequences, args.length)
-    cost_model = cached_cost_model(args.threads, not args.asymmetric, refresh=args.refresh_cost_model, log=log)
-    constants = ", ".join(f"{k} {v * 1e12:.0f}" for k, v in cost_model.seconds_per_byte.items())
-    log(f"cost model ({cost_model.source}): ps per byte {constants}; noise "
+    formats = sorted({"fp32"} | {format_of(c, args.block_size) for c in candidates})
+    cost_model = cached_cost_model(args.threads, not args.asymmetric, refresh=args.refresh_cost_model, log=log,
+                                   formats=formats)
+    constants = ", ".join(f"{k} {v * 1e12:.0f}" for k, v in cost_model.seconds_per_weight.items())
+    log(f"cost model ({cost_model.source}): ps per weight {constants}; noise "
         f"{max(cost_model.noise.values(), default=0):.1%}")
     log(f"measuring {args.model}: {len(batches)} x {args.length} calibration tokens "
         f"({args.calib or 'seeded random tokens'})")

@@ -173,9 +173,10 @@ def test_cost_model_times_every_kernel_in_ort(symmetric):
     # shape); what the times are is the benchmark's business, not a test's
     from agentopt_compiler.analysis.cost_model import measure_cost_model
 
-    model = measure_cost_model(1, symmetric, weights_mib=2, shape=(256, 512), repeats=4, attempts=2)
-    assert set(model.seconds_per_byte) == {"fp32", "int8", "int4"} and all(c > 0 for c in
-                                                                         model.seconds_per_byte.values())
+    model = measure_cost_model(1, symmetric, ("fp32", "int8@32", "int4@32", "int4@128"), weights_mib=2,
+                               shape=(256, 512), repeats=4, attempts=2)
+    assert set(model.seconds_per_weight) == {"fp32", "int8@32", "int4@32", "int4@128"}
+    assert all(c > 0 for c in model.seconds_per_weight.values())
     assert model.machine["symmetric"] is symmetric
 
 
@@ -243,7 +244,8 @@ def test_plan_records_its_measurements_and_is_the_same_twice():
 
     loaded = load_model("tiny-random")
     batches = calibration_batches(loaded, None, sequences=2, length=32)
-    model = CostModel({"fp32": 1e-10, "int8": 1.5e-10, "int4": 2e-10}, {"fp32": 0.01}, {"cpu": "test"}, "now")
+    model = CostModel({"fp32": 4e-10, "int8@32": 1.7e-10, "int4@32": 1.2e-10, "int4@64": 1.1e-10}, {"fp32": 0.01},
+                      {"cpu": "test"}, "now")
     plans = [plan_precision(loaded.model, batches, max_kl=0.002, candidates=("fp32", "int8", "int4", "int4@64"),
                             cost_model=model, margin=0.0)[0] for _ in range(2)]
     first, second = (p.to_dict() for p in plans)
@@ -252,13 +254,15 @@ def test_plan_records_its_measurements_and_is_the_same_twice():
             d["measurements"].pop(key)
     assert first == second
     m = plans[0].measurements
-    assert m["cost_model"]["seconds_per_byte"] == model.seconds_per_byte and m["cost_model"]["kind"] == "bytes-moved"
+    assert m["cost_model"]["seconds_per_weight"] == model.seconds_per_weight and m["cost_model"]["kind"] == "per-format"
     assert [u["precision"] for u in m["uniform"]] == ["int8", "int4", "int4@64"]
     assert plans[0].predicted["checked_kl"] <= 0.002  # checked end to end, within the budget
     assert m["sensitivity"] == "scaled, from cached layer inputs" and m["calibration_tokens"] == 64
-    # the bytes model orders block sizes by their bytes alone: int4@64 reads fewer than int4 (at 32)
+    # each format costs what the model measured for it: int4@64 was given less time per weight than int4 (at 32)
     by = {u["precision"]: u for u in m["uniform"]}
     assert by["int4@64"]["decode_matmul_seconds"] < by["int4"]["decode_matmul_seconds"]
+    with pytest.raises(AgentOptError, match=r"no time for \['int4@128'\]"):  # a format the model never timed
+        plan_precision(loaded.model, batches, max_kl=0.002, candidates=("fp32", "int4@128"), cost_model=model)
 
 
 def test_a_mixed_plan_no_faster_than_a_uniform_one_gives_way_to_it():
@@ -288,12 +292,33 @@ def test_cost_model_is_measured_once_and_cached(tmp_path):
     from agentopt_compiler.analysis.cost_model import cached_cost_model
 
     path = tmp_path / "cost_model.json"
-    first = cached_cost_model(1, path=path, weights_mib=2, shape=(256, 256), repeats=4, attempts=2)
-    assert first.source == "measured" and set(first.seconds_per_byte) == {"fp32", "int8", "int4"}
-    assert all(v > 0 for v in first.seconds_per_byte.values()) and set(first.noise) == {"fp32", "int8", "int4"}
-    again = cached_cost_model(1, path=path)
-    assert again.source.startswith("cached") and again.seconds_per_byte == first.seconds_per_byte
+    small = dict(weights_mib=2, shape=(256, 256), repeats=4, attempts=2)
+    first = cached_cost_model(1, path=path, formats=("fp32", "int4@32"), **small)
+    assert first.source == "measured" and set(first.seconds_per_weight) == set(first.noise) == {"fp32", "int4@32"}
+    assert all(v > 0 for v in first.seconds_per_weight.values())
+    again = cached_cost_model(1, path=path, formats=("int4@32",))
+    assert again.source.startswith("cached") and again.seconds_per_weight == first.seconds_per_weight
+    # a format the cache lacks is measured with the cached ones and the entry rewritten
+    more = cached_cost_model(1, path=path, formats=("int4@64",), **small)
+    assert more.source == "measured" and set(more.seconds_per_weight) == {"fp32", "int4@32", "int4@64"}
+    assert cached_cost_model(1, path=path, formats=("int4@64", "fp32")).source.startswith("cached")
     path.write_text("not json")  # a broken cache is measured again, not an error
-    assert cached_cost_model(1, path=path, weights_mib=2, shape=(256, 256), repeats=4, attempts=2).source == "measured"
+    assert cached_cost_model(1, path=path, **small).source == "measured"
     with pytest.raises(AgentOptError, match="at least 4 repeats"):
         cached_cost_model(1, path=tmp_path / "other.json", refresh=True, repeats=2)
+
+
+def test_formats_the_host_cannot_tell_apart_cost_the_same():
+    from agentopt_compiler.analysis.cost_model import _tie_within, format_of
+
+    measured = {"fp32": 4.3e-10, "int4@32": 1.04e-10, "int4@64": 0.93e-10, "int4@128": 1.21e-10, "int8@32": 1.6e-10}
+    tied = _tie_within(dict.fromkeys(measured, 0.15), measured)
+    assert tied["int4@32"] == tied["int4@64"] == pytest.approx((1.04e-10 + 0.93e-10) / 2)  # within 15% of the fastest
+    assert tied["int4@128"] == 1.21e-10 and tied["fp32"] == 4.3e-10 and tied["int8@32"] == 1.6e-10
+    noisy = _tie_within({**dict.fromkeys(measured, 0.1), "int4@128": 0.35}, measured)  # 30% apart, noise 35%
+    assert noisy["int4@32"] == noisy["int4@64"] == noisy["int4@128"] == pytest.approx(1.04e-10)
+    assert format_of("int4", 32) == "int4@32" and format_of("int4@128", 32) == "int4@128"
+    assert format_of("fp16", 32) == format_of("fp32", 32) == "fp32"
+    with pytest.raises(AgentOptError, match="int8@B or int4@B"):
+        from agentopt_compiler.analysis.cost_model import measure_cost_model
+        measure_cost_model(1, formats=("int4",))
