@@ -405,9 +405,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "still stops it); 0: the wall-clock budget alone")
     p.add_argument("--device", default="cpu",
                    help="torch device to train on (cpu, cuda, ...); evaluation and checkpoints run on the CPU")
-    p.add_argument("--size", choices=sorted(SIZES), default="small",
-                   help="model size when starting from scratch: small is agent-tiny as shipped (4.7M parameters), "
-                        "medium 9.3M (ships in fp16 to stay under 20 MB), tiny for smoke tests")
+    p.add_argument("--size", choices=sorted(SIZES), default=None,
+                   help="model size when starting from scratch (default small): small is agent-tiny as shipped "
+                        "(4.7M parameters), medium 9.3M (ships in fp16 to stay under 20 MB), tiny for smoke tests")
     p.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="dtype of the saved weights (they load into an fp32 model either way)")
     p.add_argument("--data-workers", type=int, default=0,
@@ -427,6 +427,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--curriculum-from", type=float, default=0.0,
                    help="start the curriculum this far in (0-1), e.g. when continuing a run")
     args = p.parse_args(argv)
+    if args.init_from and args.size:
+        p.error(f"--size {args.size} with --init-from: the model continued from {args.init_from} keeps its own size; "
+                "drop one of them")
+    if args.data_workers < 0:
+        p.error(f"--data-workers must be 0 (episodes made in this process) or more, got {args.data_workers}")
+    args.size = args.size or "small"
+    if args.init_from:
+        missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json")
+                   if not (Path(args.init_from) / f).is_file()]
+        if missing:
+            p.error(f"--init-from {args.init_from}: no {', '.join(missing)} there; give a folder this script wrote "
+                    "(or agentopt_compiler/models/agent_tiny)")
 
     t_start = time.time()  # before importing torch: the budget counts the whole process
     if args.threads == 1:
@@ -436,6 +448,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        raise SystemExit(f"train.py: error: --device {args.device}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"train.py: error: --device {args.device}, but this torch ({torch.__version__}) sees no CUDA "
+                         "GPU; train with --device cpu")
     budget = args.minutes * 60.0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -469,7 +488,6 @@ def main(argv: list[str] | None = None) -> dict:
         config = agent_model_config(vocab, args.size, eos)
         model = build_model(config, args.seed)
         init_for_training(model, args.seed)
-    device = torch.device(args.device)
     model.to(device).train()
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M params, vocab {vocab}, config {json.dumps(config.to_dict())}",

@@ -450,3 +450,17 @@ def test_half_precision_checkpoints_load_into_the_fp32_model(tmp_path):
     loaded, _ = load_trained(tmp_path)
     for (name, p), q in zip(model.named_parameters(), loaded.parameters()):
         assert q.dtype == torch.float32 and torch.equal(q, p.detach().half().float()), name
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--init-from", "agentopt_compiler/models/agent_tiny", "--size", "medium"], "keeps its own size"),
+    (["--data-workers", "-1"], "--data-workers must be 0"),
+    (["--init-from", "no/such/folder"], "no config.json, model.safetensors, tokenizer.json there"),
+])
+def test_training_arguments_that_cannot_work_are_refused_before_training(tmp_path, capsys, argv, message):
+    from agentopt_compiler.agent_tiny.train import main
+
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "run"), *argv])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
