@@ -11,7 +11,7 @@ the request's words against the tool names and parameter names the system prompt
                  as a symbol, and the siblings offered are the other operations.
                  Before: ``add`` and ``multiply`` offered, the model calls ``multiply`` for "add 348 and 519".
                  After (the intent): the tool whose name says sum is called with (348, 519).
-    attribute    "the <noun> of <thing>" for ~60 nouns over six kinds of thing (``get_mayor(city)``,
+    attribute    "the <noun> of <thing>" for 55 nouns over six kinds of thing (``get_mayor(city)``,
                  ``currency_of(country)``, ``lookup_warranty(item)``, ...), offered next to tools of other nouns
                  of the same thing, so the noun in the request picks the tool.
     composed     ``<verb>_<object>`` from 40 verbs and 50 objects (``track_parcel``, ``cancel_booking``,
@@ -49,7 +49,8 @@ ARITHMETIC = {
               ("{0} to the power of {1}", "{0} ** {1}", "{0}^{1}", "raise {0} to the {1}", "{0} to the {1}th power"),
               lambda x, y: x ** y),
     "remainder": (("remainder", "mod", "modulo"),
-                  ("{0} mod {1}", "remainder of {0} divided by {1}", "{0} % {1}", "what's left over when {1} divides {0}"),
+                  ("{0} mod {1}", "remainder of {0} divided by {1}", "{0} % {1}",
+                   "what's left over when {1} divides {0}"),
                   lambda x, y: x % y),
 }
 PARAM_PAIRS = (("a", "b"), ("x", "y"), ("first", "second"), ("num1", "num2"), ("left", "right"), ("m", "n"),
@@ -174,7 +175,8 @@ def composed_tool(r: random.Random, verb: str, obj: str) -> dict:
 
 
 def family_value(r: random.Random, vkind: str):
-    """A value for a family tool's parameter of value kind ``vkind`` (``arith:<op>:<position>`` or ``attr:<kind>``)."""
+    """A value for a family tool's parameter of value kind ``vkind`` (``arith:<op>:<position>``, ``attr:<kind>`` or
+    ``composed``)."""
     family, *rest = vkind.split(":")
     if family == "composed":
         return r.choice(COMPOSED_VALUES)

@@ -16,13 +16,15 @@ with loss on assistant tokens only (AdamW, warmup + cosine over ``--tokens`` tok
 wall-clock budget; a token bound gives the same run on a slower host); bf16 autocast on CUDA and AVX-512 CPUs, fp32 on
 others or with ``--no-bf16``), through a curriculum (single tool, then chains and error recovery, then long contexts)
 or the stage-2 mix (``--mix stage2``: everyday phrasings and generated tools, everyday.py, with the last curriculum
-phase replayed), or both in one run (``--mix full``); log every ~30 s; checkpoint every 10 minutes and at the end; then compile the folder and run the
-agent-loop evaluation (eval.py, the runtime Agent) on held-out generator tasks and print it. ``--compile`` runs the
-training step through ``torch.compile`` (about 1.15x the tokens/s on 2 cores after ~3 minutes of compiling).
+phase replayed), or both in one run (``--mix full``); log every ~30 s; checkpoint every 10 minutes and at the end;
+then compile the folder and run the agent-loop evaluation (eval.py, the runtime Agent) on held-out generator tasks
+and print it. ``--compile`` runs the training step through ``torch.compile`` (about 1.15x the tokens/s on 2 cores
+after ~3 minutes of compiling).
 
-DIR receives ``model.safetensors`` (fp32 or ``--save-dtype``, names exactly as ``LlamaDecoder.state_dict()``, the tied ``lm_head.weight``
-stored as its own copy), ``config.json`` (``ModelConfig.to_dict()`` plus ``"format": "agentopt-builtin"``),
-``tokenizer.json``, ``tokenizer_config.json`` (with the chat template), ``train_log.jsonl`` and ``eval.json``.
+DIR receives ``model.safetensors`` (fp32 or ``--save-dtype``, names exactly as ``LlamaDecoder.state_dict()``, the
+tied ``lm_head.weight`` stored as its own copy), ``config.json`` (``ModelConfig.to_dict()`` plus ``"format":
+"agentopt-builtin"``), ``tokenizer.json``, ``tokenizer_config.json`` (with the chat template), ``train_log.jsonl``
+and ``eval.json``.
 """
 
 from __future__ import annotations

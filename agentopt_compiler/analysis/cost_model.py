@@ -18,11 +18,12 @@ int4@128 predicted 1.14x faster than uniform int4 decoded at 0.98x of it (docs/b
 Timing each format once let one lucky run make a block size look cheaper than it is (issue 32), so: each constant is
 the first quartile of interleaved rounds, measured until two attempts agree (``measure_cost_model``), how well they
 agreed is recorded as its noise, and formats of one kernel within ``max_noise`` (or their measured noise, if larger)
-of the kernel's fastest are given one value (their median): a difference the host cannot reproduce does not decide a plan, the KL does. The constants are
-cached per machine (CPU model, cores, threads, ONNX Runtime version, symmetric or not) in
-``$AGENTOPT_CACHE_DIR/cost_model.json`` (default ``~/.cache/agentopt``), so every later plan on that machine uses
-the same numbers and two runs give the same plan; each plan records the constants it used. A format a plan needs
-that the cache lacks (another block size) is measured then, with the cached ones, and the entry rewritten.
+of the kernel's fastest are given one value (their median): a difference the host cannot reproduce does not decide
+a plan, the KL does. The constants are cached per machine (CPU model, cores, threads, ONNX Runtime version,
+symmetric or not) in ``$AGENTOPT_CACHE_DIR/cost_model.json`` (default ``~/.cache/agentopt``), so every later plan
+on that machine uses the same numbers and two runs give the same plan; each plan records the constants it used.
+A format a plan needs that the cache lacks (another block size) is measured then, with the cached ones, and the
+entry rewritten.
 """
 
 from __future__ import annotations

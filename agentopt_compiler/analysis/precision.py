@@ -281,7 +281,8 @@ def _significant(value: float, digits: int = 4) -> float:
 
 def _cost_function(costs, cost_model, block: int, symmetric: bool, candidates: list[str], threads, log):
     """(elements, precision) -> decode seconds, and what it came from (recorded in the plan). ``costs``: fixed
-    seconds per weight per candidate (tests, or a benchmark's own timing); else the machine's cached per-format model."""
+    seconds per weight per candidate (tests, or a benchmark's own timing); else the machine's cached per-format
+    model."""
     from .cost_model import cached_cost_model, format_of
 
     if costs is not None:
