@@ -368,6 +368,8 @@ def val_loss(model, tok, seed: int, attn: str, n: int = 48, bf16: bool = True) -
         for t in tasks:
             text, spans = episode_text(t)
             ids, flags = tokenize_episode(tok, text, spans)
+            if len(ids) > model.config.max_position_embeddings:
+                continue  # longer than the model's positions (training drops such rows too)
             x = torch.tensor([ids], device=device)
             m = torch.tensor([flags], device=device)[:, 1:]
             loss = batch_loss(model, x[:, :-1], x[:, 1:], m, attn)

@@ -1,3 +1,4 @@
+import math
 import json
 import random
 import re
@@ -464,3 +465,15 @@ def test_training_arguments_that_cannot_work_are_refused_before_training(tmp_pat
         main(["--out", str(tmp_path / "run"), *argv])
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_validation_loss_passes_over_episodes_longer_than_the_model():
+    # a held-out episode of 1047 tokens crashed the final validation of a run with --seed 9 (1024 positions)
+    torch = pytest.importorskip("torch")
+    from agentopt_compiler.agent_tiny.train import load_trained, val_loss
+
+    model, tok = load_trained("agentopt_compiler/models/agent_tiny")
+    import dataclasses
+
+    model.config = dataclasses.replace(model.config, max_position_embeddings=300)  # most episodes are longer
+    assert math.isfinite(val_loss(model, tok, 9, "sdpa", n=6, bf16=False))
