@@ -91,8 +91,9 @@ def _n(r: random.Random, lo: int = 2, hi: int = 999) -> int:
 
 
 def _amount(r: random.Random) -> int | float:
-    """An operand as people write them: two to five digits, now and then with decimals. Operands up to 999 only
-    left the model miscopying four-digit numbers ("4523 + 1789" -> ``452 + 178``, issue 29)."""
+    """An operand as people write them: two to five digits, now and then with decimals. Trained on operands up to
+    999 only, the model miscopied four-digit ones ("4523 + 1789" -> ``452 + 178``, issue 29); whether this range
+    fixes that is not measured yet (no shipped run saw it)."""
     digits = r.choices([2, 3, 4, 5], [0.3, 0.35, 0.28, 0.07])[0]
     n = r.randint(2 if digits == 2 else 10 ** (digits - 1), 10 ** digits - 1)
     if r.random() < 0.08:
@@ -302,7 +303,9 @@ CALC_CONVERT = (("{a} {fu} plus {b} {fu} in {tu}", "+"), ("I did {a} {fu} and th
                 ("{b} boxes of {a} {fu} each, total in {tu}?", "*r"), ("{a} {fu} per day for {b} days, in {tu}", "*"),
                 ("each trip is {a} {fu}, {b} trips, how many {tu}", "*"), ("{a} {fu} times {b}, in {tu} please", "*"))
 # 6 forms add, 8 multiply: with 6 adding and 4 multiplying, a 13M-token fine-tune read the generator's products as sums
-# ("Each box is 24 miles. How many km do 38 boxes make?" -> 24 + 38; calc>convert 48.9% -> 4.4%, MODEL_CARD.md)
+# ("Each box is 24 miles. How many km do 38 boxes make?" -> 24 + 38; calc>convert 48.9% -> 4.4%, MODEL_CARD.md), the
+# likely cause; the fine-tunes with these forms still lost calc>convert (17/45 at 51.8M tokens), the run from scratch
+# kept it (39/45)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
