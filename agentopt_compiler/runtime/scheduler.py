@@ -86,6 +86,7 @@ class Scheduler:
         self.conversations: list[Conversation] = []  # the pool requests continue from, most recently used last
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # admitted, in admission order
+        self._unfinished = 0  # submitted and not finished: waiting, being admitted, or running
         self._heads_in_flight: dict[tuple[int, ...], Request] = {}  # shared prefixes being prefilled
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -106,6 +107,7 @@ class Scheduler:
                 self.stats["rejected"] += 1
                 raise QueueFullError(f"{len(self._waiting)} requests are waiting for a KV slot; retry shortly")
             self._waiting.append(request)
+            self._unfinished += 1
             self.stats["requests"] += 1
             self._wake.notify()
         return request
@@ -133,7 +135,10 @@ class Scheduler:
 
     @property
     def active(self) -> int:
-        return len(self._running)
+        """Requests out of the queue and not finished, counted from the moment they leave it: a request being
+        admitted (its grammar compiling, its conversation bound) is in neither the queue nor the running list."""
+        with self._wake:
+            return self._unfinished - len(self._waiting)
 
     def recent_tokens_per_second(self, window_s: float = 10.0) -> float:
         """Tokens generated per second over the last ``window_s`` seconds."""
@@ -313,6 +318,8 @@ class Scheduler:
 
     # -- helpers ---------------------------------------------------------------------------------------------------
     def _finish(self, request: Request, reason: str | None, error: AgentOptError | None = None) -> None:
+        with self._wake:
+            self._unfinished -= request.finished_at is None
         request.finished_at = time.perf_counter()
         if request in self._running:
             self._running.remove(request)
