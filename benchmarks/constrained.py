@@ -16,8 +16,9 @@ Measured per system over each of agent-tiny's eval sets (``agentopt eval --set``
 the requests written by hand, the tasks with tools no training episode had), run by ``agentopt eval``'s runner:
 - tool-call validity: every call a step writes parses, names one of the tools and has arguments its JSON schema
   accepts (jsonschema); a malformed call counts as one invalid call, and those cut by the step's token limit
-  (``max_new_tokens``, 96 as ``agentopt eval``) before they closed are also counted apart: no grammar can finish
-  a call the limit cuts;
+  (``max_new_tokens``, as ``agentopt eval``) or the end of the context before they closed are also counted apart;
+  under the grammar a call the limit would cut is closed in the tokens left instead (generation.py: a string
+  argument cut short, valid for the schema, and the step ends there): those are counted as "closed at the limit";
 - task success: the expected tool use and the expected value in the final answer (``agentopt eval``'s check);
 - engine calls per tool call: decode calls of the steps that wrote calls (prefills excluded: each system prefills
   the same prompts) over the calls written; and tokens generated per tool call.
@@ -25,7 +26,8 @@ Then the mask cost, for agent-tiny (512-token vocabulary) and for ref-60m (57M p
 32,000-token byte-level BPE tokenizer trained here on English and code text (a vocabulary of the size real models
 have: the mask walks the token trie, so its cost grows with the vocabulary): the time to compute and apply one mask
 (over a constrained JSON answer, and in the free text before a tool call) against the median decode call of the same
-engine at the same context.
+engine at the same context; and the check each token gets within ``CLOSE_WINDOW`` tokens of a limit (whether what
+it leaves open can still be closed: ``Matcher.closing``), over the JSON answer.
 
 Not a test: run it by hand on an otherwise idle machine. Progress to stderr, markdown to stdout, ``--json PATH``.
 """
@@ -60,13 +62,12 @@ def run_task(engine, task, system: str, drafts: int) -> dict:
                         constrained=system.startswith("constrained"))
     tools = [t if isinstance(t, Tool) else Tool.from_function(t) for t in task_tools(task)]
     schemas = {tool.name: tool.parameters for tool in tools}
-    calls = valid = truncated = engine_calls = call_tokens = 0
+    calls = valid = truncated = engine_calls = call_tokens = 0  # (truncated: cut by a limit before they closed)
     for step in outcome["steps"]:
         malformed = sum(o.startswith("error: malformed") for o in step.observations)
         if not step.calls and not malformed:
             continue  # the final answer
         calls += len(step.calls) + malformed
-        # a call cut by the step's token limit (max_new_tokens) before it closed: no grammar can finish it
         truncated += malformed if not step.text.rstrip().endswith(("</tool_call>", "<|/tool_call|>")) else 0
         for call in step.calls:
             try:
@@ -78,18 +79,19 @@ def run_task(engine, task, system: str, drafts: int) -> dict:
         call_tokens += len(engine.tokenizer.encode(step.text, add_special_tokens=False))
     return {"calls": calls, "valid": valid, "truncated": truncated, "success": outcome["success"],
             "engine_calls": engine_calls,
-            "call_tokens": call_tokens, "forced": outcome["usage"].get("forced_tokens", 0)}
+            "call_tokens": call_tokens, "forced": outcome["usage"].get("forced_tokens", 0),
+            "closed_at_limit": outcome["usage"].get("closed_at_limit", 0)}
 
 
 def agent_rows(engine, tasks, drafts: int) -> dict:
     totals = {s: {"tasks": 0, "success": 0, "calls": 0, "valid": 0, "truncated": 0, "engine_calls": 0,
-                  "call_tokens": 0, "forced": 0} for s in SYSTEMS}
+                  "call_tokens": 0, "forced": 0, "closed_at_limit": 0} for s in SYSTEMS}
     for index, task in enumerate(tasks):
         for system in SYSTEMS:  # the systems take turns task by task
             outcome = run_task(engine, task, system, drafts)
             row = totals[system]
             row["tasks"] += 1
-            for key in ("calls", "valid", "truncated", "engine_calls", "call_tokens", "forced"):
+            for key in ("calls", "valid", "truncated", "engine_calls", "call_tokens", "forced", "closed_at_limit"):
                 row[key] += outcome[key]
             row["success"] += outcome["success"]
         if (index + 1) % 10 == 0:
@@ -124,6 +126,7 @@ def mask_cost(engine, label: str, repeats: int = 3) -> dict:
     import numpy as np
 
     from agentopt_compiler.runtime.constraints import Matcher, call_syntax, json_schema_grammar, tool_call_grammar
+    from agentopt_compiler.runtime.generation import CLOSE_WINDOW
 
     tokenizer, vocab = engine.tokenizer, engine.manifest["model"]["config"]["vocab_size"]
     prompt = engine.encode("Background: " + "the station logs readings every hour and " * 30)[:300]
@@ -150,17 +153,22 @@ def mask_cost(engine, label: str, repeats: int = 3) -> dict:
     result = {"model": label, "vocab": vocab, "decode_call_ms": decode_s * 1e3}
     for phase, grammar in phases.items():
         ids = tokenizer.encode(text[phase], add_special_tokens=False)
-        times = []
+        times, closing_times = [], []
         for _ in range(repeats):
-            matcher = Matcher(grammar, tokenizer, vocab, engine.eos_token_ids)
+            matcher, hint = Matcher(grammar, tokenizer, vocab, engine.eos_token_ids), []
             for token in ids:
                 start = time.perf_counter()
                 matcher.masked(row)  # the mask, computed and applied to one row of logits
                 times.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                # the check each token gets near a limit (TokenPicker._fit_before_limit: the last closing as hint)
+                hint = matcher.closing(CLOSE_WINDOW, after=token, hint=hint) or hint
+                closing_times.append(time.perf_counter() - start)
                 matcher.consume(token)
         result[phase] = {"mask_ms": statistics.median(times) * 1e3, "mask_ms_p90": sorted(times)[
-            int(0.9 * len(times))] * 1e3, "tokens": len(ids)}
+            int(0.9 * len(times))] * 1e3, "tokens": len(ids), "closing_ms": statistics.median(closing_times) * 1e3}
         result[phase]["share_of_decode_call"] = statistics.median(times) / decode_s
+        result[phase]["closing_share_of_decode_call"] = statistics.median(closing_times) / decode_s
     return result
 
 
@@ -214,14 +222,15 @@ def main() -> None:
     for name, totals in report["sets"].items():
         print(f"## Constrained tool calls: agent-tiny, {name} tasks ({next(iter(totals.values()))['tasks']}), "
               f"{args.threads} threads, greedy\n")
-        print("| system | task success | tool calls | valid (parse + schema) | cut by the token limit | "
+        print("| system | task success | tool calls | valid (parse + schema) | cut by a limit | closed at the limit | "
               "valid of those closed | engine calls per call | tokens per call | forced tokens |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for system, row in totals.items():
             calls = max(row["calls"], 1)
             closed = max(row["calls"] - row["truncated"], 1)
             print(f"| {system} | {row['success']}/{row['tasks']} ({100 * row['success'] / row['tasks']:.1f}%) | "
                   f"{row['calls']} | {row['valid']} ({100 * row['valid'] / calls:.1f}%) | {row['truncated']} | "
+                  f"{row['closed_at_limit']} | "
                   f"{100 * row['valid'] / closed:.1f}% | {row['engine_calls'] / calls:.2f} | "
                   f"{row['call_tokens'] / calls:.1f} | {row['forced']} |")
         base = totals["free"]["engine_calls"] / max(totals["free"]["calls"], 1)
@@ -231,13 +240,14 @@ def main() -> None:
         print("\n")
     if report["mask"]:
         print("| model | vocab | decode call (ms, median) | mask, JSON answer (ms) | share | "
-              "mask, free text (ms) | share |")
-        print("|---|---|---|---|---|---|---|")
+              "mask, free text (ms) | share | closing check near a limit, JSON answer (ms) | share |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for row in report["mask"]:
             json_phase, text_phase = row["JSON answer"], row["free text before a call"]
             print(f"| {row['model']} | {row['vocab']} | {row['decode_call_ms']:.2f} | {json_phase['mask_ms']:.3f} | "
                   f"{100 * json_phase['share_of_decode_call']:.1f}% | {text_phase['mask_ms']:.3f} | "
-                  f"{100 * text_phase['share_of_decode_call']:.1f}% |")
+                  f"{100 * text_phase['share_of_decode_call']:.1f}% | {json_phase['closing_ms']:.3f} | "
+                  f"{100 * json_phase['closing_share_of_decode_call']:.1f}% |")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 

@@ -102,6 +102,7 @@ def run(args) -> int:
         drafts = (f", {usage['accepted_draft_tokens']} of {usage['drafted_tokens']} drafted tokens accepted"
                   if args.prompt_lookup else "")
         drafts += f", {usage['forced_tokens']} forced by the tools' grammar" if agent.grammar else ""
+        drafts += f", {usage['closed_at_limit']} call(s) closed early at a token limit" if usage["closed_at_limit"] else ""
         print(f"\n[{result.finish_reason}: {len(result.steps)} step(s), {usage['prefilled_tokens']} tokens "
               f"prefilled, {usage['reused_tokens']} reused from cache, {usage['generated_tokens']} generated"
               f"{drafts}]", file=sys.stderr, flush=True)

@@ -126,7 +126,8 @@ class Agent:
         result = AgentResult(None, "step_limit")
         conversation = self.conversation
         start = (conversation.prefilled_tokens, conversation.reused_tokens, conversation.drafted_tokens,
-                 conversation.accepted_draft_tokens, conversation.forced_tokens, conversation.decode_calls)
+                 conversation.accepted_draft_tokens, conversation.forced_tokens, conversation.decode_calls,
+                 conversation.closed_at_limit)
         generated = 0
         failures: dict[tuple[str, str], int] = {}  # (tool, arguments) -> how often that exact call failed
         for _ in range(self.max_steps):
@@ -184,7 +185,9 @@ class Agent:
                         "drafted_tokens": conversation.drafted_tokens - start[2],  # prompt lookup (0 when off)
                         "accepted_draft_tokens": conversation.accepted_draft_tokens - start[3],
                         "forced_tokens": conversation.forced_tokens - start[4],  # by the grammar (0 when off)
-                        "decode_calls": conversation.decode_calls - start[5]}  # engine calls while generating
+                        "decode_calls": conversation.decode_calls - start[5],  # engine calls while generating
+                        # steps whose call the grammar closed early, the step's token limit or the context being near
+                        "closed_at_limit": conversation.closed_at_limit - start[6]}
         return result
 
     def _generate(self, logits, config: GenerationConfig, emit) -> tuple[str, str, int]:

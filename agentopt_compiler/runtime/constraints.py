@@ -191,6 +191,25 @@ def _cached_grammar_tokenizer(tokenizer_json: str, n_vocab: int, stop_ids: tuple
     return LLTokenizer(tokenizer_json, n_vocab=n_vocab, eos_token=list(stop_ids))
 
 
+# What a short completion of an open JSON value prefers, in this order: end the string, close the containers, go
+# on to the next required property, then the shortest values. One character each: a longer closer such as '"}' would
+# open a string where a value starts, and the search would write "}" into it.
+_CLOSERS = ('"', '}', ']', ',', '0', 'false', 'null')
+
+
+@lru_cache(maxsize=8)
+def _closing_tables(grammar_tokenizer, vocab_size: int) -> tuple[np.ndarray, list[int]]:
+    """(V,) byte length of each token's text (0-byte special tokens: never preferred) and the ids of the tokens that
+    are exactly one of ``_CLOSERS``, in that order."""
+    lengths = np.array([len(grammar_tokenizer.decode_bytes([t])) or 1 << 20 for t in range(vocab_size)])
+    closers = []
+    for text in _CLOSERS:
+        ids = grammar_tokenizer.tokenize_str(text)
+        if len(ids) == 1 and ids[0] < vocab_size:
+            closers.append(ids[0])
+    return lengths, closers
+
+
 def check_grammar(grammar: Grammar, tokenizer, vocab_size: int, stop_ids: Sequence[int]) -> None:
     """Raise an AgentOptError naming ``grammar.what`` when llguidance cannot compile it (malformed, unsupported or
     unsatisfiable: a minimum above its maximum, a required property no value fits, ...)."""
@@ -210,7 +229,8 @@ class Matcher:
 
         self.grammar, self.vocab_size = grammar, vocab_size
         self._stops = np.array(sorted(stop_ids), dtype=np.int64)
-        self._matcher = LLMatcher(_grammar_tokenizer(tokenizer, vocab_size, stop_ids), grammar.text, log_level=0)
+        self._grammar_tokenizer = _grammar_tokenizer(tokenizer, vocab_size, stop_ids)
+        self._matcher = LLMatcher(self._grammar_tokenizer, grammar.text, log_level=0)
         if self._matcher.is_error():  # compiled once here: a grammar llguidance cannot build is this one error
             raise AgentOptError(f"{grammar.what} cannot constrain decoding: {self._matcher.get_error()}")
 
@@ -244,6 +264,51 @@ class Matcher:
             self._matcher.consume_tokens(tokens)
             self._raise_on_error()
         return tokens
+
+    @property
+    def open(self) -> bool:
+        """Something the grammar started must still be finished (a call, a JSON value) before it may end here."""
+        return not self._matcher.is_accepting() and not self._matcher.is_stopped()
+
+    def closing(self, limit: int, after: int | None = None, hint: Sequence[int] = ()) -> list[int] | None:
+        """A short way to finish what is open (after ``token``, when given), not consumed: the tokens that end the
+        string being written, close the arguments and the call with its tag, giving each required property still
+        missing its shortest value (greedily: forced tokens, then ``_CLOSERS`` in order, else the shortest token the
+        grammar accepts). [] when nothing is open, None when no way was found within ``limit`` tokens.
+
+        ``hint``: a closing found before (one token ago, say); when it still closes from here within ``limit`` it is
+        the answer, without the walk (a token inside a string leaves the closing as it was)."""
+        probe, path = self._matcher.deep_copy(), []
+        if after is not None and (probe.try_consume_tokens([int(after)]) != 1 or probe.is_error()):
+            return None
+        if probe.is_accepting() or probe.is_stopped():
+            return []
+        if hint and len(hint) <= limit:
+            trial = probe.deep_copy()
+            if trial.try_consume_tokens(list(hint)) == len(hint) and not trial.is_error() and \
+                    (trial.is_accepting() or trial.is_stopped()):
+                return list(hint)
+        lengths, closers = _closing_tables(self._grammar_tokenizer, self.vocab_size)
+        while len(path) < limit:
+            forced = probe.compute_ff_tokens()[:limit - len(path)]
+            if not forced:
+                bits = np.frombuffer(probe.compute_bitmask(), dtype=np.uint8)
+                allowed = np.unpackbits(bits, bitorder="little")[:self.vocab_size].astype(bool)
+                allowed[self._stops] = False
+                if not allowed.any():
+                    return None
+                preferred = [t for t in closers if allowed[t]]
+                forced = [preferred[0] if preferred else int(np.argmin(np.where(allowed, lengths, 1 << 30)))]
+            if probe.try_consume_tokens(forced) != len(forced) or probe.is_error():
+                return None
+            path += forced
+            if probe.is_accepting() or probe.is_stopped():
+                return path
+        return None
+
+    def consume_all(self, tokens: Sequence[int]) -> None:
+        for token in tokens:
+            self.consume(token)
 
     def valid_prefix(self, tokens: Sequence[int]) -> int:
         """How many of ``tokens`` (a prompt-lookup draft) the grammar accepts from here, not consuming them."""

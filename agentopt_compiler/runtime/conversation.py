@@ -44,6 +44,7 @@ class Conversation:
         self.drafted_tokens = 0  # prompt-lookup draft tokens checked, and those the model agreed with
         self.accepted_draft_tokens = 0
         self.forced_tokens = 0  # tokens a grammar forced (fed without a choice, several per call)
+        self.closed_at_limit = 0  # generations whose call (or JSON value) a grammar closed early, a limit being near
         self.decode_calls = 0  # engine calls while generating (the first token comes from the prefill's logits)
 
     def release(self) -> None:
@@ -154,6 +155,7 @@ class Conversation:
             self.drafted_tokens += picker.drafted
             self.accepted_draft_tokens += picker.accepted
             self.forced_tokens += picker.forced
+            self.closed_at_limit += picker.closed_at_limit
 
     # -- persistence ----------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:

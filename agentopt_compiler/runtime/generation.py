@@ -35,6 +35,11 @@ from .constraints import Grammar, Matcher
 from .prompt_lookup import DraftIndex
 from .sampling import check_draft, sample
 
+# Within this many tokens of a limit (max_new_tokens, the end of the context), each token chosen under a grammar is
+# checked: it is kept only if what it leaves open (a call, a JSON value) can still be closed in the tokens left
+# (constraints.Matcher.closing); otherwise what is open is closed instead, and the sequence ends.
+CLOSE_WINDOW = 48
+
 
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -112,6 +117,8 @@ class TokenPicker:
         self._forced_in_draft = 0  # the current draft's leading tokens that the grammar forced
         self._tokenizer = tokenizer
         self.ends_at_draft = False  # the current draft's forced tokens end the sequence: no call needs to feed them
+        self.closed_at_limit = False  # a call (or JSON value) was closed early, the limit being too near to go on
+        self._closing_hint: list[int] = []  # the last closing found near a limit: often still the closing a token on
 
     def pick(self, rows: np.ndarray, draft: Sequence[int], tokens: list[int]) -> tuple[list[int], int]:
         """Choose tokens from the logits ``rows`` (L, V) of a call that fed a pending token and ``draft``, appending
@@ -138,6 +145,11 @@ class TokenPicker:
             if token in self.stops:
                 self.finish = "stop"
                 break
+            instead = None if drafted else self._fit_before_limit(token, tokens)
+            if instead is not None:
+                self._append_forced(instead, tokens, new)
+                self.finish, self.closed_at_limit = self._limit_reason(tokens), bool(instead)
+                break
             if self.matcher is not None:
                 self.matcher.consume(token)
             self._append(token, tokens, new)
@@ -148,6 +160,30 @@ class TokenPicker:
                 break  # the next call feeds the last token (its KV is computed there)
         self.drafted += len(lookup)
         return new, kept
+
+    def _fit_before_limit(self, token: int, tokens: list[int]) -> list[int] | None:
+        """Near a limit: None to keep ``token``, when what it leaves open can still be closed in the tokens left
+        after it (or nothing can be closed in time anyway); else what to write instead, after which the sequence
+        ends with the limit's reason: the tokens that close what is open now (consumed), or none, when ``token``
+        would open a call (or value) that cannot close before the limit. A call cut by a limit cannot be parsed and
+        is lost; one closed early is valid for its schema (a string cut short, a missing required property given
+        its shortest value)."""
+        left = min(self.config.max_new_tokens - self.generated, self.capacity + 1 - len(tokens))
+        if self.matcher is None or left > CLOSE_WINDOW:
+            return None
+        after = self.matcher.closing(left - 1, after=token, hint=self._closing_hint)
+        if after is not None:
+            self._closing_hint = after
+            return None
+        closing = self.matcher.closing(left, hint=self._closing_hint)
+        if closing is None:
+            return None  # what is open cannot be closed in time either (a limit below its shortest closing)
+        self.matcher.consume_all(closing)
+        return closing
+
+    def _limit_reason(self, tokens: list[int]) -> str:
+        return "length" if self.config.max_new_tokens - self.generated <= self.capacity + 1 - len(tokens) else \
+            "context"
 
     def take_forced(self, tokens: list[int]) -> list[int]:
         """The tokens the grammar forces next, appended to ``tokens`` without an engine call: for a caller whose
@@ -194,6 +230,8 @@ class TokenPicker:
         if self.ends_at_draft:
             return forced
         lookup = []
+        if self.matcher is not None:  # drafts stop short of the limit's window, where each token is checked
+            room = min(room, max(len(forced), room - CLOSE_WINDOW))
         if self.config.prompt_lookup and room > len(forced):
             lookup = self._drafts.draft([*tokens, *forced], min(self.config.prompt_lookup, room - len(forced)))
             if self.matcher is not None:

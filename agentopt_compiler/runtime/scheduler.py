@@ -304,6 +304,7 @@ class Scheduler:
         conversation.drafted_tokens += picker.drafted - before[0]
         conversation.accepted_draft_tokens += picker.accepted - before[1]
         conversation.forced_tokens += picker.forced - before[2]
+        conversation.closed_at_limit += picker.closed_at_limit  # (set once, with the finish)
         conversation.decode_calls += 1
         request.first_token_at = request.first_token_at or time.perf_counter()
         self.stats["generated_tokens"] += len(new)

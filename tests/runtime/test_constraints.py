@@ -51,20 +51,17 @@ def tools():
 
 
 def test_sampled_outputs_always_validate_against_their_schema(engine):
+    closed_at_limit = 0
     for index, schema in enumerate(SCHEMAS):
-        finished = 0
         for seed in range(3):  # sampled at temperature 1.5: the model alone would rarely write these
-            completion = engine.complete(PROMPT, max_new_tokens=200, temperature=1.5, seed=seed,
-                                         grammar=json_schema_grammar(schema))
-            if completion.finish_reason == "length":
-                # JSON numbers have no length bound (fraction and exponent digits): a sampled one may run on until
-                # max_new_tokens, valid so far and never finished; anything else unfinished is a failure
-                assert re.search(r"[0-9.eE+-]{40}$", completion.text), (index, seed, completion.text)
-                continue
-            assert completion.finish_reason == "stop", (index, seed, completion.text)
-            jsonschema.validate(json.loads(completion.text), schema)
-            finished += 1
-        assert finished >= 2, (index, finished)
+            for budget in (40, 200):  # 40: more than each schema's shortest value needs, less than many outputs
+                completion = engine.complete(PROMPT, max_new_tokens=budget, temperature=1.5, seed=seed,
+                                             grammar=json_schema_grammar(schema))
+                # a value still open near the limit (a JSON number has no length bound) is closed in the tokens left
+                assert completion.finish_reason in ("stop", "length"), (index, seed, completion.text)
+                jsonschema.validate(json.loads(completion.text), schema)
+                closed_at_limit += completion.finish_reason == "length"
+    assert closed_at_limit >= 5  # the limit did cut values: the closing was exercised
 
 
 def test_tool_calls_always_parse_and_fit_their_tool(engine):
@@ -264,3 +261,72 @@ def test_tokens_forced_at_the_end_are_appended_without_an_engine_call(engine):
     assert engine.tokenizer.decode(stopped) == "hello world" and calls == 0
     going_on, calls, _ = _decode(engine, regex_grammar("hello world( again)*"))  # the model chooses what follows
     assert engine.tokenizer.decode(going_on).startswith("hello world") and calls >= 1
+
+
+def _greedy_call(engine, tools, limit):
+    grammar = tool_call_grammar(_tool_entries(tools), call_syntax(engine.tokenizer.chat_template), engine.tokenizer,
+                                "required")
+    return engine.complete(PROMPT, max_new_tokens=limit, grammar=grammar)
+
+
+def _tool_entries(tools):
+    return [t.schema() for t in _tools(tools)]
+
+
+def test_a_call_the_new_token_limit_would_cut_is_closed_in_the_tokens_left(engine, tools):
+    whole = _greedy_call(engine, tools, 200)
+    calls = parse_tool_calls(whole.text).calls
+    assert whole.finish_reason == "stop" and len(calls) == 1
+    expression, n = calls[0].arguments["expression"], len(whole.token_ids)
+    # room to spare: nothing changes, the tokens are the model's
+    assert _greedy_call(engine, tools, n + 10).token_ids == whole.token_ids
+    kept = []
+    for limit in range(n - 1, n - 7, -1):  # each would leave the call unclosed: closed in the tokens left instead
+        cut = _greedy_call(engine, tools, limit)
+        parsed = parse_tool_calls(cut.text)
+        assert cut.finish_reason == "length" and len(cut.token_ids) == limit, cut.text
+        assert len(parsed.calls) == 1 and not parsed.errors and parsed.calls[0].name == calls[0].name
+        cut_expression = parsed.calls[0].arguments["expression"]
+        assert expression.startswith(cut_expression)  # the model's own string, cut where the closing had to begin
+        kept.append(len(cut_expression))
+    assert kept == sorted(kept, reverse=True) and kept[0] > kept[-1]  # one token less, one token less of the string
+
+
+def test_a_call_the_end_of_the_context_would_cut_is_closed_with_reason_context(engine, tools):
+    filler = engine.encode("<|im_start|>user\n" + "note this down. " * 400)
+    prompt = engine.encode(PROMPT)
+    room = len(_greedy_call(engine, tools, 200).token_ids) - 4  # the context leaves fewer tokens than the call takes
+    grammar = tool_call_grammar(_tool_entries(tools), call_syntax(engine.tokenizer.chat_template), engine.tokenizer,
+                                "required")
+    cut = engine.complete(filler[:engine.context_length - room - len(prompt)] + prompt, max_new_tokens=200,
+                          grammar=grammar)
+    parsed = parse_tool_calls(cut.text)
+    assert cut.finish_reason == "context" and len(parsed.calls) == 1 and not parsed.errors
+
+
+def test_rows_decoded_together_close_their_calls_before_the_limit(engine, tools):
+    """Three rows on GroupQueryAttention check no drafts: the closing is appended as forced tokens (take_forced)."""
+    slotted = ao.load_engine(engine.folder, slots=3)
+    grammar = tool_call_grammar(_tool_entries(tools), call_syntax(engine.tokenizer.chat_template), engine.tokenizer,
+                                "required")
+    n = len(_greedy_call(engine, tools, 200).token_ids)
+    batch = slotted.generate_batch([PROMPT, PROMPT.replace("40", "65"), PROMPT.replace("17", "1234")],
+                                   max_new_tokens=n - 4, grammar=grammar, temperature=1.2, seed=5)
+    for completion in batch:
+        parsed = parse_tool_calls(completion.text)
+        assert len(parsed.calls) == 1 and not parsed.errors, completion.text
+    assert any(c.finish_reason == "length" for c in batch)
+
+
+def test_a_call_that_could_not_close_before_the_limit_is_not_begun(engine, tools):
+    """Under the lazy grammar (free text, then calls), a limit too near for a whole call ends the text before the
+    opening tag rather than leaving a call that cannot be parsed."""
+    grammar = tool_call_grammar(_tool_entries(tools), call_syntax(engine.tokenizer.chat_template), engine.tokenizer)
+    free = engine.complete(PROMPT, max_new_tokens=200)
+    opens = free.text.index("<tool_call>")  # the model writes some text, then a call
+    n = len(engine.encode(free.text[:opens], add_special_tokens=False))
+    early = engine.complete(PROMPT, max_new_tokens=n + 6, grammar=grammar)  # the call needs far more than 6 tokens
+    assert "<tool_call>" not in early.text and early.finish_reason == "length"
+    assert early.token_ids == free.token_ids[:len(early.token_ids)]  # the model's text, up to where the call began
+    whole = engine.complete(PROMPT, max_new_tokens=200, grammar=grammar, stop_strings=("</tool_call>",))
+    assert "<tool_call>" in whole.text and whole.finish_reason == "stop"
