@@ -198,16 +198,18 @@ _CLOSERS = ('"', '}', ']', ',', '0', 'false', 'null')
 
 
 @lru_cache(maxsize=8)
-def _closing_tables(grammar_tokenizer, vocab_size: int) -> tuple[np.ndarray, list[int]]:
-    """(V,) byte length of each token's text (0-byte special tokens: never preferred) and the ids of the tokens that
-    are exactly one of ``_CLOSERS``, in that order."""
+def _closing_tables(grammar_tokenizer, vocab_size: int) -> tuple[np.ndarray, list[int], np.ndarray]:
+    """(V,) byte length of each token's text (0-byte special tokens: never preferred), the ids of the tokens that
+    are exactly one of ``_CLOSERS``, in that order, and the ids of the special tokens: a tag such as ``</think>``
+    or ``</tool_call>`` that the grammar accepts ends the part it closes, so a closing prefers it."""
     lengths = np.array([len(grammar_tokenizer.decode_bytes([t])) or 1 << 20 for t in range(vocab_size)])
     closers = []
     for text in _CLOSERS:
         ids = grammar_tokenizer.tokenize_str(text)
         if len(ids) == 1 and ids[0] < vocab_size:
             closers.append(ids[0])
-    return lengths, closers
+    specials = np.array([t for t in range(vocab_size) if grammar_tokenizer.is_special_token(t)], dtype=np.int64)
+    return lengths, closers, specials
 
 
 def check_grammar(grammar: Grammar, tokenizer, vocab_size: int, stop_ids: Sequence[int]) -> None:
@@ -271,10 +273,12 @@ class Matcher:
         return not self._matcher.is_accepting() and not self._matcher.is_stopped()
 
     def closing(self, limit: int, after: int | None = None, hint: Sequence[int] = ()) -> list[int] | None:
-        """A short way to finish what is open (after ``token``, when given), not consumed: the tokens that end the
-        string being written, close the arguments and the call with its tag, giving each required property still
-        missing its shortest value (greedily: forced tokens, then ``_CLOSERS`` in order, else the shortest token the
-        grammar accepts). [] when nothing is open, None when no way was found within ``limit`` tokens.
+        """A short way to finish what is open (after the token ``after``, if given), not consumed: the tokens that end
+        the string being written, close the arguments and the call with its tag, giving each required property still
+        missing its shortest value (greedily: forced tokens, then a special token such as ``</think>``, then
+        ``_CLOSERS`` in order, else the shortest token the grammar accepts). [] when nothing is open, None when no way
+        was found within ``limit`` tokens (a text tag that ends free text, such as a ``</think>`` that is not one
+        token, is not found: the walk never writes it).
 
         ``hint``: a closing found before (one token ago, say); when it still closes from here within ``limit`` it is
         the answer, without the walk (a token inside a string leaves the closing as it was)."""
@@ -288,7 +292,7 @@ class Matcher:
             if trial.try_consume_tokens(list(hint)) == len(hint) and not trial.is_error() and \
                     (trial.is_accepting() or trial.is_stopped()):
                 return list(hint)
-        lengths, closers = _closing_tables(self._grammar_tokenizer, self.vocab_size)
+        lengths, closers, specials = _closing_tables(self._grammar_tokenizer, self.vocab_size)
         while len(path) < limit:
             forced = probe.compute_ff_tokens()[:limit - len(path)]
             if not forced:
@@ -297,7 +301,7 @@ class Matcher:
                 allowed[self._stops] = False
                 if not allowed.any():
                     return None
-                preferred = [t for t in closers if allowed[t]]
+                preferred = [*specials[allowed[specials]].tolist(), *(t for t in closers if allowed[t])]
                 forced = [preferred[0] if preferred else int(np.argmin(np.where(allowed, lengths, 1 << 30)))]
             if probe.try_consume_tokens(forced) != len(forced) or probe.is_error():
                 return None

@@ -39,6 +39,7 @@ from .sampling import check_draft, sample
 # checked: it is kept only if what it leaves open (a call, a JSON value) can still be closed in the tokens left
 # (constraints.Matcher.closing); otherwise what is open is closed instead, and the sequence ends.
 CLOSE_WINDOW = 48
+SHORTEST_OUTPUT_SEARCH = 256  # tokens: how far the check that a limit leaves room for a whole output looks
 
 
 @dataclass(frozen=True)
@@ -114,11 +115,25 @@ class TokenPicker:
             if tokenizer is None or vocab_size is None:
                 raise AgentOptError("constrained decoding needs the engine's tokenizer (this engine has none)")
             self.matcher = Matcher(config.grammar, tokenizer, vocab_size, sorted(self.stops))
+            self._check_room_for_an_output()
         self._forced_in_draft = 0  # the current draft's leading tokens that the grammar forced
         self._tokenizer = tokenizer
         self.ends_at_draft = False  # the current draft's forced tokens end the sequence: no call needs to feed them
         self.closed_at_limit = False  # a call (or JSON value) was closed early, the limit being too near to go on
         self._closing_hint: list[int] = []  # the last closing found near a limit: often still the closing a token on
+
+    def _check_room_for_an_output(self) -> None:
+        """A grammar that asks for something from the start (a required call, a JSON answer) under a new-token limit
+        too small for it would only ever give a cut, unparseable output: refuse the request instead, saying so."""
+        limit = self.config.max_new_tokens
+        if not limit or not self.matcher.open:
+            return
+        shortest = self.matcher.closing(SHORTEST_OUTPUT_SEARCH)
+        if shortest is None or len(shortest) <= limit:
+            return  # it fits; or no way was found (free text ended by a text tag): no proof, left to the model
+        raise AgentOptError(
+            f"a limit of {limit} new tokens (max_tokens) is too small for {self.config.grammar.what}: the shortest "
+            f"output found takes {len(shortest)} tokens; raise the limit")
 
     def pick(self, rows: np.ndarray, draft: Sequence[int], tokens: list[int]) -> tuple[list[int], int]:
         """Choose tokens from the logits ``rows`` (L, V) of a call that fed a pending token and ``draft``, appending

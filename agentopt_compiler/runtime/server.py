@@ -137,6 +137,12 @@ class ChatService:
             top_p=1.0 if request.top_p is None else request.top_p, seed=request.seed,
             stop_strings=(stop,) if isinstance(stop, str) else tuple(stop), prompt_lookup=self.prompt_lookup,
             ignore_eos=request.ignore_eos)
+        if grammar is not None:  # a required call or JSON answer that max_tokens leaves no room for: say so now
+            try:
+                self.engine.token_picker(config)
+            except AgentOptError as exc:
+                raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), "invalid_value", "max_completion_tokens"
+                               if request.max_completion_tokens else "max_tokens") from None
         return PreparedChat(request, ids, shared, config, bool(offered), self.call_syntax.open, self.short_call_ids)
 
     def _grammar(self, request: ChatRequest, tools: list[dict] | None, choice: str,

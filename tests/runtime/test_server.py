@@ -127,6 +127,23 @@ def test_strict_tools_and_required_tool_choice_give_calls_that_fit_the_schema(cl
             jsonschema.validate(json.loads(call.function.arguments), params)
 
 
+def test_a_required_call_is_whole_at_any_max_tokens_that_fits_one_and_refused_below(client, server):
+    jsonschema = pytest.importorskip("jsonschema")
+    params = {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+              "required": ["city", "days"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "forecast", "strict": True, "parameters": params}}]
+    request = {**GOOD, "tools": tools, "tool_choice": "required", "temperature": 1.0}
+    status, body, _ = _post(server.url, {**request, "max_tokens": 5})
+    assert status == 400 and body["error"]["param"] == "max_tokens" and "too small" in body["error"]["message"]
+    shortest = int(body["error"]["message"].split("takes ")[1].split()[0])
+    for seed, max_tokens in enumerate((shortest, shortest + 3, shortest + 12)):  # a random model's string runs on:
+        reply = client.chat.completions.create(  # the limit cuts it, and the call is closed in the tokens left
+            model="tiny-random", messages=request["messages"], temperature=1.0, seed=seed, max_tokens=max_tokens,
+            tools=tools, tool_choice="required")
+        assert reply.choices[0].finish_reason == "tool_calls" and reply.usage.completion_tokens <= max_tokens
+        jsonschema.validate(json.loads(reply.choices[0].message.tool_calls[0].function.arguments), params)
+
+
 def test_chat_template_kwargs_reach_the_template(server, slotted_chat):
     from agentopt_compiler.runtime.chat import render_chat
 
