@@ -97,11 +97,13 @@ class Scheduler:
 
     # -- outside the scheduler's thread ---------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], config: GenerationConfig, on_event: Callable[[dict], None],
-               conversation: Conversation | None = None, shared_prefix: int = 0) -> Request:
-        """Queue a request; raises QueueFullError when ``max_waiting`` requests already wait."""
+               conversation: Conversation | None = None, shared_prefix: int = 0,
+               picker: TokenPicker | None = None) -> Request:
+        """Queue a request; raises QueueFullError when ``max_waiting`` requests already wait. ``picker``: one made
+        for ``config`` already (the server checks a grammar's room that way), else it is made on admission."""
         if config.prompt_lookup:
             check_prompt_lookup(self.engine.session, config.prompt_lookup)
-        request = Request(list(prompt_ids), config, on_event, conversation, shared_prefix)
+        request = Request(list(prompt_ids), config, on_event, conversation, shared_prefix, picker=picker)
         with self._wake:
             if len(self._waiting) >= self.max_waiting:
                 self.stats["rejected"] += 1
@@ -202,7 +204,7 @@ class Scheduler:
                 self._finish(request, None, exc)
                 continue
             try:
-                request.picker = self.engine.token_picker(request.config)
+                request.picker = request.picker or self.engine.token_picker(request.config)
             except AgentOptError as exc:  # a grammar llguidance cannot compile
                 conversation.busy = False
                 self._finish(request, None, exc)

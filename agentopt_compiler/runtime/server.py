@@ -34,7 +34,7 @@ from ..errors import AgentOptError
 from .chat import ChatTemplateError, render_chat
 from .constraints import Grammar, call_syntax, check_grammar, json_schema_grammar, reasoning_left, tool_call_grammar
 from .conversation import check_prompt_lookup
-from .generation import GenerationConfig
+from .generation import GenerationConfig, TokenPicker
 from .prefix_cache import PrefixCache
 from .scheduler import MIN_SHARED_PREFIX, QueueFullError, Scheduler
 from .server_api import ApiError, ChatRequest, parse_chat_request
@@ -51,6 +51,7 @@ class PreparedChat:
     tools_offered: bool
     call_open: str  # the model family's tool-call opening tag (streamed text from it on is held back)
     short_call_ids: bool = False  # ids of 9 alphanumerics, as Mistral's templates demand (else call_ + 24 hex)
+    picker: TokenPicker | None = None  # built here when a grammar constrains it (the scheduler uses it as it is)
 
 
 class ChatService:
@@ -137,13 +138,15 @@ class ChatService:
             top_p=1.0 if request.top_p is None else request.top_p, seed=request.seed,
             stop_strings=(stop,) if isinstance(stop, str) else tuple(stop), prompt_lookup=self.prompt_lookup,
             ignore_eos=request.ignore_eos)
+        picker = None
         if grammar is not None:  # a required call or JSON answer that max_tokens leaves no room for: say so now
             try:
-                self.engine.token_picker(config)
+                picker = self.engine.token_picker(config)
             except AgentOptError as exc:
                 raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), "invalid_value", "max_completion_tokens"
                                if request.max_completion_tokens else "max_tokens") from None
-        return PreparedChat(request, ids, shared, config, bool(offered), self.call_syntax.open, self.short_call_ids)
+        return PreparedChat(request, ids, shared, config, bool(offered), self.call_syntax.open, self.short_call_ids,
+                            picker)
 
     def _grammar(self, request: ChatRequest, tools: list[dict] | None, choice: str,
                  reasoning: tuple[str, str] | None) -> Grammar | None:
@@ -183,7 +186,7 @@ class ChatService:
         """Queue ``prepared`` on the scheduler; a full queue is a 429."""
         try:
             return self.scheduler.submit(prepared.ids, prepared.config, on_event,
-                                         shared_prefix=prepared.shared_prefix)
+                                         shared_prefix=prepared.shared_prefix, picker=prepared.picker)
         except QueueFullError as exc:
             raise ApiError(HTTPStatus.TOO_MANY_REQUESTS, str(exc), "rate_limit_exceeded") from None
 
