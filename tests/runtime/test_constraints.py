@@ -330,3 +330,28 @@ def test_a_call_that_could_not_close_before_the_limit_is_not_begun(engine, tools
     assert early.token_ids == free.token_ids[:len(early.token_ids)]  # the model's text, up to where the call began
     whole = engine.complete(PROMPT, max_new_tokens=200, grammar=grammar, stop_strings=("</tool_call>",))
     assert "<tool_call>" in whole.text and whole.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("family", sorted(CALL_SYNTAXES))
+def test_the_closing_of_a_cut_call_parses_in_each_family_syntax(engine, family):
+    """Matcher.closing finishes a call cut anywhere (in a key, in a string, between properties, in a nested list)
+    into one that parses and fits its schema, in every call syntax the grammar writes."""
+    schema = SCHEMAS[3]  # nested object, enum list, required keys
+    tool = {"type": "function", "function": {"name": "profile", "parameters": schema}}
+    syntax = CALL_SYNTAXES[family]
+    whole = (syntax.open + ("[" if syntax.list_of_calls else "") + json.dumps(
+        {"name": "profile", syntax.arguments_key: {"user": {"name": "ada", "age": 36}, "tags": ["a", "c"]}})
+        + ("]" if syntax.list_of_calls else "") + syntax.close)
+    grammar = tool_call_grammar([tool], syntax, engine.tokenizer, "required")
+    ids = engine.tokenizer.encode(whole, add_special_tokens=False)
+    for cut in range(len(ids) // 3, len(ids) - 1, 3):
+        matcher = Matcher(grammar, engine.tokenizer, 512, engine.eos_token_ids)
+        matcher.consume_all(ids[:cut])
+        closing = matcher.closing(64)
+        assert closing is not None, engine.tokenizer.decode(ids[:cut])
+        matcher.consume_all(closing)
+        assert not matcher.open
+        text = engine.tokenizer.decode(ids[:cut] + closing, skip_special_tokens=False)
+        parsed = parse_tool_calls(text)
+        assert len(parsed.calls) == 1 and not parsed.errors, text
+        jsonschema.validate(parsed.calls[0].arguments, schema)
