@@ -365,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     import agentopt_compiler as ao
 
     counts = [int(n) for n in args.sessions.split(",")]
+    if 1 not in counts:  # every ratio in the report is against one session (found missing only after the runs)
+        parser.error(f"--sessions {args.sessions}: include 1, the single session the report compares against")
     settings = {k: getattr(args, k) for k in ("turns", "system_tokens", "observation_tokens", "new_tokens",
                                                "threads", "prefill_chunk", "repeats")}
     env = environment(args.threads)
