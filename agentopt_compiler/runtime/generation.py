@@ -132,8 +132,9 @@ class TokenPicker:
         if shortest is None or len(shortest) <= limit:
             return  # it fits; or no way was found (free text ended by a text tag): no proof, left to the model
         raise AgentOptError(
-            f"a limit of {limit} new tokens (max_tokens) is too small for {self.config.grammar.what}: the shortest "
-            f"output found takes {len(shortest)} tokens; raise the limit")
+            f"a limit of {limit} new tokens is too small for {self.config.grammar.what}: the shortest output found "
+            f"takes {len(shortest)} tokens; raise the limit (max_new_tokens; --max-new-tokens in the CLI, max_tokens "
+            "in the server's API)")
 
     def pick(self, rows: np.ndarray, draft: Sequence[int], tokens: list[int]) -> tuple[list[int], int]:
         """Choose tokens from the logits ``rows`` (L, V) of a call that fed a pending token and ``draft``, appending

@@ -216,6 +216,9 @@ def test_run_constrains_tool_calls_unless_told_not_to_and_shapes_prompt_output(c
     (tmp_path / "broken.json").write_text("{not json")
     assert "is not valid JSON" in cli_error_line(capsys, prompt + ["--json-schema", "broken.json"])
     assert "cannot constrain decoding" in cli_error_line(capsys, prompt + ["--regex", "(unclosed"])
+    too_short = ["run", str(chat_engine.folder), "--prompt", "Answer:", "--max-new-tokens", "2", "--json-schema",
+                 "answer.json"]
+    assert "--max-new-tokens" in cli_error_line(capsys, too_short)  # no whole answer fits: said, not cut
     assert "shape a --prompt" in cli_error_line(capsys, base + ["--regex", "x"])
 
 
