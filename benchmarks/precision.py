@@ -134,11 +134,11 @@ def main(argv: list[str] | None = None) -> int:
                 "int4 uniform asymmetric (ours)": PrecisionPlan.uniform("int4", layers, blocks[0], symmetric=False)}
     for block in blocks[1:]:
         variants[f"int4 uniform block {block} (ours)"] = PrecisionPlan.uniform("int4", layers, block)
-    from agentopt_compiler.analysis.cost_model import cached_cost_model, format_of
+    from agentopt_compiler.analysis.cost_model import cached_cost_model, formats_for
 
     candidate_sets = [[c.strip() for c in group.split(",")] for group in args.candidates.split(";")]
     # measured once per machine and cached: every plan here (and every agentopt plan precision) uses the same one
-    formats = sorted({"fp32"} | {format_of(c, blocks[0]) for group in candidate_sets for c in group})
+    formats = formats_for([c for group in candidate_sets for c in group], blocks[0])
     costs = cached_cost_model(args.threads, log=log, formats=formats)
     log(f"cost model ({costs.source}): ps per weight "
         f"{', '.join(f'{p} {c * 1e12:.0f}' for p, c in costs.seconds_per_weight.items())}")

@@ -50,6 +50,11 @@ def format_of(precision: str, block: int) -> str:
     return f"{bare}@{own_block or block}" if bare in BITS else "fp32"  # fp16/bf16: fp32 on ORT CPU
 
 
+def formats_for(candidates, block: int) -> list[str]:
+    """The formats a plan over ``candidates`` needs timed: each candidate's, and fp32 (what units left alone run)."""
+    return sorted({"fp32"} | {format_of(c, block) for c in candidates})
+
+
 @dataclass
 class CostModel:
     seconds_per_weight: dict[str, float]  # format -> decode seconds per weight, e.g. {"int4@32": 1.1e-10, ...}

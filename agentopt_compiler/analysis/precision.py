@@ -283,7 +283,7 @@ def _cost_function(costs, cost_model, block: int, symmetric: bool, candidates: l
     """(elements, precision) -> decode seconds, and what it came from (recorded in the plan). ``costs``: fixed
     seconds per weight per candidate (tests, or a benchmark's own timing); else the machine's cached per-format
     model."""
-    from .cost_model import cached_cost_model, format_of
+    from .cost_model import cached_cost_model, formats_for
 
     if costs is not None:
         missing = [c for c in candidates if parse_precision(c)[0] in BITS and c not in costs]
@@ -291,7 +291,7 @@ def _cost_function(costs, cost_model, block: int, symmetric: bool, candidates: l
             raise AgentOptError(f"the cost model has no time for {missing}; measure it with "
                                 "a CostModel (analysis/cost_model.py) instead")
         return (lambda n, p: n * costs.get(p, costs["fp32"])), {"kind": "given", "seconds_per_weight": dict(costs)}
-    formats = sorted({"fp32"} | {format_of(c, block) for c in candidates})
+    formats = formats_for(candidates, block)
     model = cost_model or cached_cost_model(threads, symmetric, log=log, formats=formats)
     missing = [f for f in formats if f not in model.seconds_per_weight]
     if missing:

@@ -141,7 +141,7 @@ def run(args) -> int:
     from ..passes.precision_plan import parse_precision
 
     _check_outputs(args)
-    from ..analysis.cost_model import cached_cost_model, format_of
+    from ..analysis.cost_model import cached_cost_model, formats_for
     from .progress import ProgressLog
 
     log = ProgressLog()
@@ -150,7 +150,7 @@ def run(args) -> int:
         parse_precision(candidate)  # a typo fails before the model loads
     loaded = load_model(args.model)  # the module the compile captures (reference, else transformers)
     batches = calibration_batches(loaded, args.calib, args.sequences, args.length)
-    formats = sorted({"fp32"} | {format_of(c, args.block_size) for c in candidates})
+    formats = formats_for(candidates, args.block_size)
     cost_model = cached_cost_model(args.threads, not args.asymmetric, refresh=args.refresh_cost_model, log=log,
                                    formats=formats)
     constants = ", ".join(f"{k} {v * 1e12:.0f}" for k, v in cost_model.seconds_per_weight.items())

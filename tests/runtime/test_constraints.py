@@ -3,7 +3,6 @@ validate, a grammar that allows everything changes nothing, fast-forwarded token
 decoding chooses, in fewer engine calls, and prompt-lookup drafts are cut where the grammar rejects them."""
 
 import json
-import re
 
 import pytest
 
