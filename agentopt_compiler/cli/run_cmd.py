@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..errors import AgentOptError
+from ..errors import AgentOptError, ContextOverflowError
 from .arg_types import PROMPT_LOOKUP, SEED, THREADS, float_in, int_in
 
 
@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
                         "key -> value, e.g. {\"locker code\": \"4821\"}")
     p.add_argument("--continue", dest="keep_history", action="store_true",
                    help="interactive mode: each task continues the conversation of the ones before (default: each "
-                        "task starts afresh)")
+                        "task starts afresh); type /reset to start afresh")
     p.add_argument("--max-steps", type=int_in(1, 1000), default=6, help="tool-call rounds per task")
     p.add_argument("--max-new-tokens", type=int_in(1), default=None,
                    help="per generation (default 32 for --prompt, 256 per agent step)")
@@ -51,9 +51,13 @@ def add_parser(sub) -> None:
     p.set_defaults(handler=run)
 
 
+RESET_COMMAND = "/reset"  # interactive mode: forget the conversation kept by --continue
+
+
 def run(args) -> int:
     from ..runtime.engine import load_engine
 
+    _check_mode_options(args)
     grammar = _output_grammar(args)
     engine = load_engine(args.engine, device=args.device, threads=args.threads)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -86,6 +90,10 @@ def run(args) -> int:
 
     tasks = [args.task] if args.task is not None else _interactive_tasks()
     for task in tasks:
+        if args.task is None and task.strip() == RESET_COMMAND:
+            del agent.messages[fresh:]
+            print("(the conversation starts afresh)", file=sys.stderr, flush=True)
+            continue
         if not args.keep_history:
             del agent.messages[fresh:]  # a new task starts afresh (the cached system prompt is reused)
         before = len(agent.messages)
@@ -96,7 +104,11 @@ def run(args) -> int:
                 raise
             # interactive: this task fails (e.g. it does not fit the context), the session goes on without it
             del agent.messages[before:]
-            print(f"\nerror: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
+            hint = ""
+            if isinstance(exc, ContextOverflowError) and before > fresh:
+                hint = (f" (the conversation kept by --continue has grown to {before - fresh} messages: type "
+                        f"{RESET_COMMAND} to start afresh)")
+            print(f"\nerror: {' '.join(str(exc).split())}{hint}", file=sys.stderr, flush=True)
             continue
         usage = result.usage
         drafts = (f", {usage['accepted_draft_tokens']} of {usage['drafted_tokens']} drafted tokens accepted"
@@ -107,6 +119,19 @@ def run(args) -> int:
               f"prefilled, {usage['reused_tokens']} reused from cache, {usage['generated_tokens']} generated"
               f"{drafts}]", file=sys.stderr, flush=True)
     return 0
+
+
+def _check_mode_options(args) -> None:
+    """Options of the agent modes given with --prompt (a raw completion, no chat template), where nothing reads them,
+    are refused rather than ignored."""
+    if args.prompt is None:
+        return
+    given = [flag for flag, value in (("--tools", args.tools), ("--system", args.system), ("--memory", args.memory),
+                                      ("--continue", args.keep_history), ("--no-constrain", args.no_constrain))
+             if value]
+    if given:
+        raise AgentOptError(f"{', '.join(given)} belong(s) to agent tasks (--task, or interactive mode without "
+                            "--prompt); --prompt is a raw completion without chat template or tools")
 
 
 def _output_grammar(args):

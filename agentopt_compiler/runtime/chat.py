@@ -40,6 +40,19 @@ def _compile(template: str):
     return env.from_string(template)
 
 
+def check_template(template, source) -> None:
+    """Raise EngineError naming ``source`` when ``template`` is not a jinja template that compiles."""
+    from jinja2 import TemplateSyntaxError
+
+    if not isinstance(template, str):
+        raise EngineError(f"the chat template in {source} is a {type(template).__name__}, not a template string")
+    try:
+        _compile(template)
+    except TemplateSyntaxError as exc:
+        raise EngineError(f"the chat template in {source} does not parse (template line {exc.lineno}: "
+                          f"{exc.message}); fix it in the checkpoint and recompile") from None
+
+
 def _special(config: dict, key: str) -> str:
     value = config.get(key)
     if isinstance(value, dict):

@@ -77,17 +77,19 @@ class Grammar:
 
     text: str
     what: str
+    whole_output: bool = False  # it shapes the output from its first token to its last (a JSON answer, a regex):
+    # a stop string could only cut it, so the two are refused together (GenerationConfig)
 
 
 def json_schema_grammar(schema: dict[str, Any], what: str = "the JSON schema") -> Grammar:
     """The whole output is one JSON value valid for ``schema``."""
     if not isinstance(schema, dict):
         raise AgentOptError(f"{what} must be a JSON schema object, got {type(schema).__name__}")
-    return Grammar(_lark("start: " + _json_rule(schema)), what)
+    return Grammar(_lark("start: " + _json_rule(schema)), what, whole_output=True)
 
 
 def regex_grammar(pattern: str, what: str = "the regex") -> Grammar:
-    return Grammar(_lark("start: " + _regex_rule(pattern)), what)
+    return Grammar(_lark("start: " + _regex_rule(pattern)), what, whole_output=True)
 
 
 def tool_call_grammar(tools: Sequence[dict[str, Any]], syntax: CallSyntax, tokenizer=None, choice: str = "auto",

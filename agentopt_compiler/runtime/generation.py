@@ -5,7 +5,8 @@
                        prompt-lookup drafts checked and kept, stop tokens, the new-token and context limits; the
                        next call's draft: the tokens the grammar forces, then prompt-lookup tokens it accepts
     TextStream         token ids -> text deltas (tokenizers' DecodeStream: constant work per token), cut at the first
-                       stop string, never showing text that may still turn out to be the start of one
+                       stop string outside a tool call, never showing text that may still turn out to be the start
+                       of one
     Completion         what a finished generation reports
 
 Loops that use them: ``Conversation.generate`` (one sequence: ``engine.complete``/``stream``, ``Agent``,
@@ -31,7 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import AgentOptError
-from .constraints import Grammar, Matcher
+from .constraints import CALL_SYNTAXES, Grammar, Matcher
 from .prompt_lookup import DraftIndex
 from .sampling import check_draft, sample
 
@@ -70,6 +71,10 @@ class GenerationConfig:
             raise AgentOptError(f"seed must be >= 0, got {self.seed}")
         if self.prompt_lookup < 0:
             raise AgentOptError(f"prompt_lookup must be >= 0 (0: off), got {self.prompt_lookup}")
+        if self.grammar is not None and self.grammar.whole_output and any(self.stop_strings):
+            raise AgentOptError(f"stop strings cannot be combined with {self.grammar.what}: it shapes the whole "
+                                "output, which a stop string could only cut short of parsing; drop the stop strings "
+                                "(stop in the server's API, --stop in the CLI)")
 
     def with_options(self, **overrides) -> "GenerationConfig":
         """A copy with ``overrides`` (names checked: an unknown option is an error naming the known ones)."""
@@ -257,22 +262,24 @@ class TokenPicker:
 
     def _forced_end(self, tokens: Sequence[int], forced: list[int]) -> bool:
         """Whether the sequence ends with ``forced`` (already consumed by the matcher): the grammar is complete, or
-        their text completes a stop string (an agent step's ``</tool_call>``). Then ``pick`` can take them from an
-        empty call: the logits after them would choose a token nobody reads."""
+        their text completes a stop string outside a tool call (an agent step's ``</tool_call>``). Then ``pick`` can
+        take them from an empty call: the logits after them would choose a token nobody reads."""
         if self.matcher.done:
             return True
         if not self.config.stop_strings or self._tokenizer is None:
             return False
-        recent = list(tokens[-8:])
-        before = self._tokenizer.decode(recent, skip_special_tokens=False)
-        after = self._tokenizer.decode(recent + forced, skip_special_tokens=False)
+        generated = list(tokens[len(tokens) - self.generated:]) if self.generated else []
+        before = self._tokenizer.decode(generated, skip_special_tokens=False)
+        after = self._tokenizer.decode(generated + forced, skip_special_tokens=False)
         if not after.startswith(before):
             return False
-        return any(stop in after[max(len(before) - len(stop) + 1, 0):] for stop in self.config.stop_strings)
+        longest = max(len(stop) for stop in self.config.stop_strings)
+        hit = find_stop(after, self.config.stop_strings, max(len(before) - longest + 1, 0))
+        return hit is not None and hit[2]
 
 
 class TextStream:
-    """Text deltas of a growing token sequence, cut at the first stop string.
+    """Text deltas of a growing token sequence, cut at the first stop string outside a tool call (``find_stop``).
 
     ``push(token)`` returns the text that can be shown now; text that could be the beginning of a stop string is held
     back until the next tokens decide it, so a client never sees part of a stop string. ``stop`` is the stop string
@@ -295,13 +302,12 @@ class TextStream:
             return ""
         self.text += self._step(token) or ""
         longest = max((len(s) for s in self.stop_strings), default=0)
-        search_from = max(0, self.shown - longest + 1)
-        hits = [(self.text.find(s, search_from), s) for s in self.stop_strings]
-        hits = [(at, s) for at, s in hits if at >= 0]
-        if hits:
-            at, self.stop = min(hits)
+        hit = find_stop(self.text, self.stop_strings, max(0, self.shown - longest + 1))
+        if hit is not None and hit[2]:
+            at, self.stop, _ = hit
             return self._show(at)
-        return self._show(len(self.text) - _held_back(self.text, self.stop_strings))
+        end = len(self.text) - _held_back(self.text, self.stop_strings)
+        return self._show(end if hit is None else min(end, hit[0]))  # an undecided one: held back from there
 
     def flush(self) -> str:
         return "" if self.stop is not None else self._show(len(self.text))
@@ -310,6 +316,44 @@ class TextStream:
         delta = self.text[self.shown:end] if end > self.shown else ""
         self.shown = max(self.shown, end)
         return delta
+
+
+# A stop string does not cut a tool call: a call cut short cannot be parsed, and the text a call copies (a name, an
+# argument) is not the answer a stop string is meant to end. From a call's opening tag to the start of its closing tag
+# (to the end of the text in syntaxes without one), and within a tag, stop strings are not matched; a stop string at
+# a tag's first character is (an agent ends its step at ``</tool_call>``). Where the text ends in the first
+# characters of a tag, a stop string begun there is undecided until the tag is whole or turns out not to be one.
+_CALL_TAGS = tuple(dict.fromkeys((syntax.open, syntax.close) for syntax in CALL_SYNTAXES.values()))
+_TAGS = tuple(dict.fromkeys(tag for pair in _CALL_TAGS for tag in pair if tag))
+
+
+def find_stop(text: str, stop_strings: Sequence[str], start: int = 0) -> tuple[int, str, bool] | None:
+    """(position, stop string, decided) of the first stop string in ``text[start:]`` outside a tool call, or None;
+    ``decided`` False: it begins inside what may yet become a tag (the text ends before that is known)."""
+    best = None
+    for stop in stop_strings:
+        at = text.find(stop, start) if stop else -1
+        while at >= 0 and (place := _place(text, at)) == "inside":
+            at = text.find(stop, at + 1)
+        if at >= 0 and (best is None or at < best[0]):
+            best = (at, stop, place == "outside")
+    return best
+
+
+def _place(text: str, at: int) -> str:
+    """Where ``text[at:]`` begins: "inside" a call or a tag, "outside", or "undecided" (in the unfinished first
+    characters of a possible tag at the end of the text)."""
+    for tag in _TAGS:
+        for begin in range(max(0, at - len(tag) + 1), at):
+            if text.startswith(tag, begin):
+                return "inside"
+            if len(text) - begin < len(tag) and tag.startswith(text[begin:]):
+                return "undecided"
+    for open_tag, close_tag in _CALL_TAGS:
+        opened = text.rfind(open_tag, 0, at)
+        if opened >= 0 and (not close_tag or text.find(close_tag, opened + len(open_tag), at + len(close_tag)) < 0):
+            return "inside"
+    return "outside"
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:

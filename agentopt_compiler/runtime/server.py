@@ -37,7 +37,7 @@ from .conversation import check_prompt_lookup
 from .generation import GenerationConfig, TokenPicker
 from .prefix_cache import PrefixCache
 from .scheduler import MIN_SHARED_PREFIX, QueueFullError, Scheduler
-from .server_api import ApiError, ChatRequest, parse_chat_request
+from .server_api import ApiError, ChatRequest, load_json, parse_chat_request
 from .tools import parse_tool_calls
 
 @dataclass
@@ -132,12 +132,15 @@ class ChatService:
         shared = len(head_ids) if len(head_ids) >= MIN_SHARED_PREFIX and ids[:len(head_ids)] == head_ids else 0
         max_tokens = request.max_completion_tokens or request.max_tokens or self.engine.context_length
         stop = request.stop or ()
-        config = GenerationConfig(
-            max_new_tokens=max_tokens, grammar=grammar,
-            temperature=1.0 if request.temperature is None else request.temperature,
-            top_p=1.0 if request.top_p is None else request.top_p, seed=request.seed,
-            stop_strings=(stop,) if isinstance(stop, str) else tuple(stop), prompt_lookup=self.prompt_lookup,
-            ignore_eos=request.ignore_eos)
+        try:  # (every field is range-checked already: what is left is stop strings against a JSON answer)
+            config = GenerationConfig(
+                max_new_tokens=max_tokens, grammar=grammar,
+                temperature=1.0 if request.temperature is None else request.temperature,
+                top_p=1.0 if request.top_p is None else request.top_p, seed=request.seed,
+                stop_strings=(stop,) if isinstance(stop, str) else tuple(stop), prompt_lookup=self.prompt_lookup,
+                ignore_eos=bool(request.ignore_eos))
+        except AgentOptError as exc:
+            raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), "invalid_value", "stop") from None
         picker = None
         if grammar is not None:  # a required call or JSON answer that max_tokens leaves no room for: say so now
             try:
@@ -192,7 +195,9 @@ class ChatService:
 
     @staticmethod
     def final_message(prepared: PreparedChat, text: str, reason: str) -> tuple[dict, str]:
-        """The assistant message (tool calls parsed out when tools were offered) and the OpenAI finish reason."""
+        """The assistant message (tool calls parsed out when tools were offered) and the OpenAI finish reason:
+        ``tool_calls`` when the message ended after its calls, ``length`` when a limit ended it (a call the grammar
+        closed early at the limit is valid, but its arguments may be cut short: the client must be able to tell)."""
         message: dict[str, Any] = {"role": "assistant", "content": text}
         finish = "length" if reason in ("length", "context") else "stop"
         if prepared.tools_offered:
@@ -202,7 +207,7 @@ class ChatService:
                     {"id": uuid.uuid4().hex[:9] if prepared.short_call_ids else f"call_{uuid.uuid4().hex[:24]}",
                      "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
                     for c in (parsed.calls[:1] if prepared.request.parallel_tool_calls is False else parsed.calls)]}
-                finish = "tool_calls"
+                finish = "tool_calls" if finish == "stop" else finish
         return message, finish
 
     @staticmethod
@@ -233,11 +238,15 @@ def _template_message(message, index: int) -> dict:
         function = dict(call["function"])
         if isinstance(function["arguments"], str):
             try:
-                function["arguments"] = json.loads(function["arguments"] or "{}")
-            except json.JSONDecodeError:
+                function["arguments"] = load_json(function["arguments"] or "{}")
+            except ValueError as exc:
                 raise ApiError(HTTPStatus.BAD_REQUEST, f"messages[{index}]: tool call {call.get('id') or ''} has "
-                                                       "arguments that are not valid JSON", "invalid_value",
+                                                       f"arguments that are not valid JSON ({exc})", "invalid_value",
                                f"messages[{index}].tool_calls") from None
+        if not isinstance(function["arguments"], dict):
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"messages[{index}]: tool call {call.get('id') or ''} has "
+                                                   "arguments that are not a JSON object", "invalid_value",
+                           f"messages[{index}].tool_calls")
         calls.append({**call, "function": function})
     if calls:
         out["tool_calls"] = calls
@@ -430,8 +439,13 @@ async def _read_body(request, limit: int, timeout_s: float) -> bytes:
                                "body_too_large")
             chunks.append(chunk)
 
+    from starlette.requests import ClientDisconnect
+
     try:
         await asyncio.wait_for(collect(), timeout_s)
+    except ClientDisconnect:  # nobody will read the answer; said so rather than logged as a traceback
+        raise ApiError(HTTPStatus.BAD_REQUEST, "the client went away before its request body arrived",
+                       "client_disconnected") from None
     except asyncio.TimeoutError:
         raise ApiError(HTTPStatus.REQUEST_TIMEOUT, f"the request body did not arrive within {timeout_s:g}s",
                        "timeout") from None

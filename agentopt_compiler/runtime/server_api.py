@@ -33,8 +33,25 @@ class _Strict(BaseModel):
 class FunctionDefinition(_Strict):
     name: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     description: StrictStr | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of an object; absent: the function takes no arguments
     strict: StrictBool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _an_object_schema(cls, value):
+        """The parts of the schema chat templates and the call grammar read must have their JSON-schema types (a
+        schema without ``properties``, or a property without ``type``, is fine: templates show it as it is)."""
+        if value is None:
+            return value
+        if "type" in value and value["type"] != "object":
+            raise ValueError(f"a function's parameters are a JSON schema of type 'object', not {value['type']!r}")
+        properties = value.get("properties", {})
+        if not isinstance(properties, dict) or not all(isinstance(v, (dict, bool)) for v in properties.values()):
+            raise ValueError("'properties' must be an object mapping each parameter name to its JSON schema")
+        required = value.get("required", [])
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            raise ValueError("'required' must be a list of parameter names")
+        return value
 
 
 class ToolDefinition(_Strict):
@@ -107,7 +124,7 @@ class ChatRequest(_Strict):
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None
-    stream: StrictBool = False
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
@@ -123,7 +140,7 @@ class ChatRequest(_Strict):
     user: StrictStr | None = None
     metadata: dict[str, StrictStr] | None = None
     store: Literal[False] | None = None
-    ignore_eos: StrictBool = False  # vLLM's extension: generate max_tokens tokens whatever the model ends with
+    ignore_eos: StrictBool | None = False  # vLLM's extension: generate max_tokens tokens whatever the model ends with
     # vLLM's / SGLang's extension: extra chat-template variables, e.g. {"enable_thinking": false} for Qwen3
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -142,22 +159,79 @@ RESERVED_TEMPLATE_VARIABLES = {"messages", "tools", "documents", "add_generation
 def parse_chat_request(raw: bytes) -> ChatRequest:
     """The request body as a ChatRequest, or an ApiError naming the first problem (its field as ``param``)."""
     try:
-        data = json.loads(raw, parse_constant=_no_constants)
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"invalid JSON body: {exc}", "invalid_json") from None
+        data = load_json(raw)
+    except ValueError as exc:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"invalid JSON body: {exc}", "invalid_json",
+                       getattr(exc, "path", None)) from None
     if not isinstance(data, dict):
         raise ApiError(HTTPStatus.BAD_REQUEST, "the request body must be a JSON object", "invalid_json")
     try:
         request = ChatRequest.model_validate(data)
     except ValidationError as exc:
         raise _validation_error(exc) from None
+    if request.stream_options is not None and not request.stream:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "stream_options is only allowed with stream: true", "invalid_value",
+                       "stream_options")
+    names = [tool.function.name for tool in request.tools or ()]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"tools: each tool needs its own name; {', '.join(repeated)} is given "
+                                               "more than once", "invalid_value", "tools")
     for index, message in enumerate(request.messages):
+        if message.role == "tool" and message.tool_call_id is None:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"messages[{index}]: a tool message needs the tool_call_id of the "
+                                                   "call it answers", "missing_required_parameter",
+                           f"messages[{index}].tool_call_id")
         for part in message.content if isinstance(message.content, list) else ():
             if part.type != "text" or part.text is None:
                 raise ApiError(HTTPStatus.BAD_REQUEST, f"messages[{index}].content: only text parts are supported, "
                                                        f"got a '{part.type}' part", "invalid_value",
                                f"messages[{index}].content")
     return request
+
+
+MAX_JSON_DEPTH = 64  # nesting of objects and lists: deeper is refused (it would only exhaust Python's stack later)
+
+
+class JsonValueError(ValueError):
+    def __init__(self, message: str, path: str | None = None):
+        super().__init__(message)
+        self.path = path
+
+
+def load_json(text: str | bytes) -> Any:
+    """``json.loads`` for what clients send: no NaN/Infinity, nesting at most MAX_JSON_DEPTH, and no lone UTF-16
+    surrogates in strings (``"\\ud800"`` parses, but no tokenizer or UTF-8 encoder takes it). Raises ValueError
+    (JsonValueError with ``path``, the offending field, where one is known)."""
+    try:
+        value = json.loads(text, parse_constant=_no_constants)
+    except RecursionError:
+        raise JsonValueError(f"nested more than {MAX_JSON_DEPTH} levels deep") from None
+    _check_json_value(value)
+    return value
+
+
+def _check_json_value(value: Any, path: str = "", depth: int = 0) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise JsonValueError(f"{path or 'a string'} holds a lone UTF-16 surrogate (\\ud800-\\udfff without its "
+                                 "pair), which is not text", path or None) from None
+        return
+    if not isinstance(value, (dict, list)):
+        return
+    if depth >= MAX_JSON_DEPTH:
+        raise JsonValueError(f"{path or 'the value'} is nested more than {MAX_JSON_DEPTH} levels deep", path or None)
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in items:
+        if isinstance(key, str):
+            _check_json_value(key, path or "a key", depth + 1)
+        if depth < 4:  # errors name the field a few levels down (messages[0].content), not a 64-level path
+            item_path = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key
+        else:
+            item_path = path
+        _check_json_value(item, item_path, depth + 1)
 
 
 def _no_constants(name: str):

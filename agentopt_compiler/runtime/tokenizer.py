@@ -20,10 +20,20 @@ class Tokenizer:
         self._json: str | None = None
         self._added: dict[str, int] | None = None
         config_path = folder / "tokenizer_config.json"
-        self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        try:
+            self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise EngineError(f"cannot read {config_path}: {exc}") from None
         template_path = folder / "chat_template.jinja"
         self.chat_template = (template_path.read_text() if template_path.is_file()
                               else self.config.get("chat_template"))
+        if isinstance(self.chat_template, list):  # transformers' named templates: the default one, as it renders
+            self.chat_template = next((t.get("template") for t in self.chat_template
+                                       if isinstance(t, dict) and t.get("name") == "default"), None)
+        if self.chat_template:  # a template that does not parse fails here, not at every request
+            from .chat import check_template
+
+            check_template(self.chat_template, template_path if template_path.is_file() else config_path)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids

@@ -4,6 +4,7 @@ import random
 import re
 
 import pytest
+from pathlib import Path
 
 from agentopt_compiler.agent_tiny import tasks as at
 from agentopt_compiler.agent_tiny import tools as agent_tools
@@ -290,6 +291,27 @@ def test_runtime_agent_form_renders_the_training_text(tasks, tokenizer, tmp_path
     text = runtime_render(rt, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
                           [Tool.from_function(f).schema() for f in agent_tools.runtime_tools()])
     assert text.startswith("<|im_start|>system\nBe brief.\n\nYou are a helpful assistant with tools.")
+
+
+def test_the_template_takes_every_tool_schema_openai_accepts():
+    """A function without parameters, parameters without properties, a property without a type (anyOf, $ref, an
+    enum alone, a boolean schema): shown as {} / "any", where the template once failed on the missing key."""
+    from agentopt_compiler.runtime.chat import render_chat as runtime_render
+    from agentopt_compiler.runtime.tokenizer import Tokenizer
+
+    rt = Tokenizer(Path(at.__file__).parent.parent / "models" / "agent_tiny")
+    assert rt.chat_template == CHAT_TEMPLATE  # the shipped files hold the template as the code writes it
+    user = [{"role": "user", "content": "hi"}]
+    for function, shown in (
+            ({"name": "f"}, '{"name": "f", "parameters": {}}'),
+            ({"name": "f", "parameters": {}}, '{"name": "f", "parameters": {}}'),
+            ({"name": "f", "parameters": {"type": "object"}}, '{"name": "f", "parameters": {}}'),
+            ({"name": "f", "parameters": {"type": "object", "properties": {
+                "a": {"anyOf": [{"type": "string"}, {"type": "null"}]}, "b": {"$ref": "#/$defs/B"},
+                "c": {"enum": [1, 2]}, "d": True, "e": {"type": ["string", "null"]}}}},
+             '{"name": "f", "parameters": {"a": "any", "b": "any", "c": "any", "d": "any", "e": ["string", "null"]}}')):
+        text = runtime_render(rt, user, [{"type": "function", "function": function}])
+        assert "\n" + shown + "<|im_end|>" in text, text
 
 
 def test_tokenizer_round_trips_and_keeps_digits_single(tasks, tokenizer, tmp_path):

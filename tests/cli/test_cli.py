@@ -156,6 +156,33 @@ def test_interactive_tasks_start_afresh_unless_asked_to_continue(chat_engine, ca
     capsys.readouterr()
 
 
+def test_a_continued_conversation_that_outgrows_the_context_says_so_and_resets(chat_engine, capsys, monkeypatch):
+    """With --continue each task adds to the history until it no longer fits: the error says why and how to start
+    afresh (/reset), and after /reset tasks run again."""
+    from agentopt_compiler.runtime.agent import Agent
+
+    seen, run = [], Agent.run
+
+    def recording_run(self, task, *a, **kw):
+        seen.append(len(self.messages))
+        return run(self, task, *a, **kw)
+
+    monkeypatch.setattr(Agent, "run", recording_run)
+    lines = ["a" * 900, "b" * 900, "c" * 900, "/reset", "short task"]  # the byte tokenizer, a 2048-token context
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("\n".join(lines) + "\n"))
+    assert main(["run", str(chat_engine.folder), "--continue", "--max-new-tokens", "2", "--max-steps", "1"]) == 0
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error: " in line]
+    assert len(errors) == 1 and "grown to 4 messages" in errors[0] and "/reset" in errors[0], err
+    assert "starts afresh" in err and seen == [0, 2, 4, 0] and err.count("step(s)") == 3
+
+
+def test_prompt_mode_refuses_the_options_of_agent_tasks(chat_engine, capsys):
+    for flags in (["--tools", "agentopt_compiler.tools:calculator"], ["--system", "Be brief."], ["--continue"]):
+        line = cli_error_line(capsys, ["run", str(chat_engine.folder), "--prompt", "hi", *flags])
+        assert flags[0] in line and "--prompt is a raw completion" in line
+
+
 def test_run_memory_file_errors_say_what_to_fix(chat_engine, capsys, tmp_path):
     base = ["run", str(chat_engine.folder), "--task", "x", "--tools", "agentopt_compiler.tools:memory_lookup"]
     line = cli_error_line(capsys, base + ["--memory", str(tmp_path / "none.json")])

@@ -5,6 +5,7 @@ decoding chooses, in fewer engine calls, and prompt-lookup drafts are cut where 
 import json
 
 import pytest
+from dataclasses import replace
 
 import agentopt_compiler as ao
 from agentopt_compiler.errors import AgentOptError
@@ -256,10 +257,28 @@ def test_tokens_forced_at_the_end_are_appended_without_an_engine_call(engine):
     string (an agent step's ``</tool_call>``), no call computes the logits after them (nobody would read them)."""
     done, calls, forced = _decode(engine, regex_grammar("hello world"))
     assert engine.tokenizer.decode(done) == "hello world" and forced > 0 and calls == 0
-    stopped, calls, _ = _decode(engine, regex_grammar("hello world( again)*"), stop_strings=("world",))
+    open_ended = replace(regex_grammar("hello world( again)*"), whole_output=False)  # (a regex refuses stop strings)
+    stopped, calls, _ = _decode(engine, open_ended, stop_strings=("world",))
     assert engine.tokenizer.decode(stopped) == "hello world" and calls == 0
     going_on, calls, _ = _decode(engine, regex_grammar("hello world( again)*"))  # the model chooses what follows
     assert engine.tokenizer.decode(going_on).startswith("hello world") and calls >= 1
+
+
+def test_stop_strings_do_not_cut_a_tool_call_and_are_refused_with_a_json_answer(engine, tools):
+    """A stop string met inside a call (here in the forced tool name and in the arguments) is passed over: the call
+    is the one written without stop strings, and it parses; the call's closing tag still ends an agent's step. A
+    JSON answer is shaped whole, so stop strings are refused with it (they could only cut it short of parsing)."""
+    grammar = tool_call_grammar(_tool_entries(tools), call_syntax(engine.tokenizer.chat_template), engine.tokenizer,
+                                "required")
+    whole = engine.complete(PROMPT, max_new_tokens=120, grammar=grammar)
+    call = parse_tool_calls(whole.text).calls[0]
+    stops = (call.name[:3], '"', "{")
+    with_stops = engine.complete(PROMPT, max_new_tokens=120, grammar=grammar, stop_strings=stops)
+    assert with_stops.text == whole.text and parse_tool_calls(with_stops.text).calls == [call]
+    step = engine.complete(PROMPT, max_new_tokens=120, grammar=grammar, stop_strings=stops + ("</tool_call>",))
+    assert step.finish_reason == "stop" and whole.text.startswith(step.text) and step.text.endswith("}")
+    with pytest.raises(AgentOptError, match="stop strings cannot be combined with the JSON schema"):
+        GenerationConfig(grammar=json_schema_grammar({"type": "object"}), stop_strings=("}",))
 
 
 def _greedy_call(engine, tools, limit):
