@@ -120,3 +120,44 @@ def test_a_stray_file_or_folder_in_the_engine_is_refused(tiny_engine_dir, tmp_pa
 
 def test_a_file_given_as_the_engine_folder(tiny_engine_dir, capsys):
     assert "is a file" in cli_error_line(capsys, ["inspect", str(tiny_engine_dir / "model.onnx")])
+
+
+def _with_sha256(manifest: dict, folder: Path, name: str) -> dict:
+    import hashlib
+
+    data = (folder / name).read_bytes()
+    manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    return manifest
+
+
+def test_a_manifest_that_does_not_describe_its_graph_is_refused_at_load(tiny_engine_dir, tmp_path, capsys):
+    """Well-typed values that the graph contradicts (manifest.json is not covered by a sha256): one EngineError
+    naming the mismatch at load, not an ONNX Runtime error (or an internal error) at the first call."""
+    valid = json.loads((tiny_engine_dir / "manifest.json").read_text())
+    engine = valid["engine"]
+    cases = {"logits": ("engine", "logits", "nologits"), "no caches": ("engine", "caches", []),
+             "inputs": ("engine", "inputs", ["foo"]),
+             "context": ("engine", "context_length", engine["caches"][0]["shape"][2] + 1),
+             "cache shape": ("engine", "caches", [{**c, "shape": [*c["shape"][:3], c["shape"][3] + 1]}
+                                                  for c in engine["caches"]]),
+             "cache update": ("engine", "cache_update", "sometimes")}
+    for index, (label, (*path, value)) in enumerate(cases.items()):
+        folder = _engine_with(tiny_engine_dir, tmp_path / f"e{index}", _replaced(valid, tuple(path), value))
+        line = cli_error_line(capsys, ["run", str(folder), "--prompt", "hi", "--max-new-tokens", "2"])
+        assert "manifest" in line and ("recompile" in line or "cache_update" in line), (label, line)
+
+
+def test_a_chat_template_that_does_not_parse_fails_at_load(chat_engine, tmp_path, capsys):
+    manifest = json.loads((chat_engine.folder / "manifest.json").read_text())
+    folder = tmp_path / "e"
+    folder.mkdir()
+    for path in chat_engine.folder.iterdir():
+        if path.name not in ("manifest.json", "tokenizer_config.json"):
+            os.link(path, folder / path.name)
+    config = json.loads((chat_engine.folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{% for m in messages %}"}))
+    (folder / "manifest.json").write_text(json.dumps(_with_sha256(manifest, folder, "tokenizer_config.json")))
+    line = cli_error_line(capsys, ["run", str(folder), "--task", "hi"])
+    assert "tokenizer_config.json" in line and "does not parse" in line
+    with pytest.raises(EngineError, match="chat template"):
+        ao.load_engine(folder)

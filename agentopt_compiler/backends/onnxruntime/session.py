@@ -60,12 +60,43 @@ def create_inference_session(model_path: Path, device: str, threads: int | None 
     return session
 
 
+def _check_manifest_matches_graph(engine: dict, session, graph_path: Path) -> None:
+    """The manifest's names and shapes are the graph's: a hand-edited or mismatched manifest.json (which no sha256
+    covers) is one EngineError here, not an ONNX Runtime error at the first call."""
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    outputs = {o.name for o in session.get_outputs()}
+
+    def wrong(what: str) -> EngineError:
+        return EngineError(f"manifest.json does not describe {graph_path}: {what}; the manifest was edited or comes "
+                           "from another engine: recompile with agentopt compile")
+
+    if engine["logits"] not in outputs:
+        raise wrong(f"engine.logits names '{engine['logits']}', and the graph's outputs are {', '.join(sorted(outputs))}")
+    if set(engine["inputs"]) != set(inputs):
+        raise wrong(f"engine.inputs lists {', '.join(engine['inputs']) or 'nothing'}, and the graph takes "
+                    f"{', '.join(inputs)}")
+    if not engine["caches"]:
+        raise wrong("engine.caches is empty")
+    rings = ring_spare_slots(engine) is not None
+    for cache in engine["caches"]:
+        if cache["input"] not in inputs or cache["output"] not in outputs:
+            raise wrong(f"the cache {cache['input']} -> {cache['output']} is not among the graph's inputs and outputs")
+        static = inputs[cache["input"]]
+        if any(isinstance(d, int) and d != want for d, want in zip(static[1:], cache["shape"][1:])):
+            raise wrong(f"the cache {cache['input']} has shape {cache['shape']} in the manifest and {static} in the "
+                        "graph")
+        if not rings and cache["shape"][2] < engine["context_length"]:
+            raise wrong(f"engine.context_length is {engine['context_length']}, and the cache {cache['input']} holds "
+                        f"{cache['shape'][2]} positions")
+
+
 class OrtSession:
     """The session protocol over an ORT InferenceSession; ``slots`` rows of caches (default: the compiled batch)."""
 
     def __init__(self, folder: Path, engine: dict, device: str = "cpu", threads: int | None = None,
                  optimize: bool = True, slots: int | None = None):
         self.session = create_inference_session(folder / engine["graph"], device, threads, optimize)
+        _check_manifest_matches_graph(engine, self.session, folder / engine["graph"])
         self.device = device
         self.capacity = int(engine["context_length"])
         compiled = int(engine["batch_size"])
