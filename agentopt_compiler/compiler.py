@@ -60,6 +60,7 @@ class CompileReport:
                 continue
             stats = ", ".join(f"{k}={v}" for k, v in record.stats.items()) or "no change"
             out.append(f"  {record.name:24s} {stats}  ({record.ops_before} -> {record.ops_after} ops)")
+            out.extend(f"    WARNING: not applied: {request}" for request in record.unmet)
         if self.lowering_rules:
             out.append("lowering: " + ", ".join(f"{k}={v}" for k, v in self.lowering_rules.items()))
         if self.fidelity:
@@ -240,6 +241,8 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
                 "regions": regions,
                 "tokenizer": {"files": tokenizer_files},
             })
+        if precision and precision.budget:  # measured before the engine takes its place: a failure leaves nothing
+            report.fidelity = _measure_planned_engine(staging, device, loaded, precision, manifest, log)
         _replace_folder(staging, out)
     except OSError as exc:  # a full disk, a quota, a folder removed under us: nothing half-written stays
         shutil.rmtree(staging, ignore_errors=True)
@@ -258,23 +261,32 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
         report.not_loaded = (f"{exc} The engine folder is complete: run it on a machine with that device, or here "
                              f"with load_engine(folder, device='cpu') / --device cpu.")
         log(f"engine written; not loaded here: {exc}")
-        if precision and precision.budget:
-            log("the precision plan's fidelity was not measured: that needs the engine running")
         engine = unloaded_engine(out, ProviderUnavailableError(report.not_loaded))
         engine.compile_report = report
         return engine
     engine.compile_report = report
-    if precision and precision.budget:
-        report.fidelity = _check_precision_fidelity(engine, loaded, precision, log)
-        report.fidelity.update(measure_decode_speed(engine))
-        predicted = precision.predicted.get("decode_matmul_seconds")
-        log(f"decode speed of the built engine: {report.fidelity['decode_tokens_per_s']:.1f} tokens/s (median of "
-            f"{len(report.fidelity['decode_runs'])} runs, {min(report.fidelity['decode_runs']):.1f}-"
-            f"{max(report.fidelity['decode_runs']):.1f}); the plan predicted "
-            + (f"{predicted * 1e3:.2f} ms of matmuls per step" if predicted else "no decode time"))
-        engine.manifest["precision_plan"]["measured"] = report.fidelity
-        _rewrite_manifest(out, engine.manifest)
     return engine
+
+
+def _measure_planned_engine(folder: Path, device: str, loaded, plan, manifest: dict, log) -> dict | None:
+    """KL, top-1 and decode speed of the engine a precision plan built (in its staging ``folder``), next to the
+    plan's prediction, recorded in its manifest; None when this machine cannot run it (another device)."""
+    from .runtime.engine import load_engine
+
+    try:
+        engine = load_engine(folder, device=device)
+    except ProviderUnavailableError:
+        log("the precision plan's fidelity was not measured: that needs the engine running on its device")
+        return None
+    measured = _check_precision_fidelity(engine, loaded, plan, log)
+    measured.update(measure_decode_speed(engine))
+    predicted = plan.predicted.get("decode_matmul_seconds")
+    log(f"decode speed of the built engine: {measured['decode_tokens_per_s']:.1f} tokens/s (median of "
+        f"{len(measured['decode_runs'])} runs, {min(measured['decode_runs']):.1f}-{max(measured['decode_runs']):.1f});"
+        " the plan predicted " + (f"{predicted * 1e3:.2f} ms of matmuls per step" if predicted else "no decode time"))
+    manifest["precision_plan"]["measured"] = measured
+    _rewrite_manifest(folder, manifest)
+    return measured
 
 
 def check_attention_fused(program, records) -> None:
@@ -354,8 +366,7 @@ def _check_precision_fidelity(engine, loaded, plan, log) -> dict:
     from .analysis.calibration import calibration_batches
     from .analysis.precision import measure_fidelity
 
-    for layer in loaded.model.layers:
-        layer.self_attn.kv_cache = None
+    loaded.model.drop_cache()  # the eager reference runs without the capture's caches
     held_out = calibration_batches(loaded, None, sequences=2, length=min(64, engine.context_length - 1), seed=1234)
     measured = measure_fidelity(engine, loaded.model, held_out)
     log(f"precision fidelity on held-out tokens: KL {measured['kl']:.2e} (plan predicted "

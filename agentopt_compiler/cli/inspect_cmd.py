@@ -71,6 +71,8 @@ def run(args) -> int:
         stats = "skipped" if record["skipped"] else (
             ", ".join(f"{k}={v}" for k, v in record["stats"].items()) or "no change")
         print(f"  {record['name']:24s} {stats}")
+        for request in record.get("unmet", []):
+            print(f"    not applied: {request}")
     print("ops" if histogram is not None else "ops      (install onnx to see the op histogram)")
     for op, count in sorted((histogram or {}).items(), key=lambda kv: (-kv[1], kv[0])):
         print(f"  {count:6d}  {op}")

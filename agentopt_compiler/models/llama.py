@@ -187,6 +187,12 @@ class LlamaDecoder(nn.Module):
         if capacity > self.rope_cos.shape[0]:
             self._set_rope_tables(capacity)
 
+    def drop_cache(self) -> None:
+        """Back to attending causally over the given tokens only (the eager reference a built engine is checked
+        against)."""
+        for layer in self.layers:
+            layer.self_attn.kv_cache = None
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 logits_index: torch.Tensor | None = None) -> torch.Tensor:
         b, s = input_ids.shape

@@ -131,6 +131,13 @@ class TransformersDecoder(nn.Module):
         self._tabulate_rope(capacity)
         self.capacity = capacity
 
+    def drop_cache(self) -> None:
+        """Back to attending causally over the given tokens only (the eager reference a built engine is checked
+        against)."""
+        for layer in self.decoder_layers:
+            layer.self_attn.kv_cache = None
+        self.capacity = 0
+
     def _tabulate_rope(self, capacity: int) -> None:
         for path, module in list(self.hf.named_modules()):
             if type(module).__name__.endswith("RotaryEmbedding") or isinstance(module, RotaryTable):

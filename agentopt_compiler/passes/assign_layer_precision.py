@@ -84,7 +84,7 @@ class AssignLayerPrecision(GraphPass):
         from ..capture import quantized_linear  # noqa: F401  (registers torch.ops.agentopt.weight_only_linear)
 
         changed: Counter = Counter()
-        notes: list[str] = []
+        unmet: list[str] = []  # the plan's units that stay fp32, and why
         graph = gm.graph
         for node in [n for n in graph.nodes if n.target == aten.linear.default]:
             weight_node = node.args[1]
@@ -95,7 +95,7 @@ class AssignLayerPrecision(GraphPass):
             precision = self.plan.precision_of(unit)
             if precision in HALF_DTYPES:
                 if not self.half_precision:
-                    notes.append(f"{unit}: {precision} gives no speed on ONNX Runtime CPU; kept fp32")
+                    unmet.append(f"{unit}: {precision} (it gives no speed on ONNX Runtime CPU; kept fp32)")
                     continue
                 _make_half_region(gm, node, HALF_DTYPES[precision])
                 changed[precision] += 1
@@ -107,7 +107,8 @@ class AssignLayerPrecision(GraphPass):
             n_out, k_in = weight.shape
             block = self.plan.block_of(unit)
             if k_in % block:
-                notes.append(f"{unit}: in_features {k_in} is not a multiple of block {block}; fp32")
+                unmet.append(f"{unit}: {precision}@{block} (in_features {k_in} is not a multiple of block {block}; "
+                             f"kept fp32: give it a block that divides {k_in}, e.g. {precision}@16)")
                 continue
             bits = BITS[precision]
             qweight, scales, zero_points = quantize_blockwise(weight, bits, block, self.plan.symmetric)
@@ -129,4 +130,5 @@ class AssignLayerPrecision(GraphPass):
                 graph.erase_node(weight_node)
                 delattr(owner, leaf)
             changed[precision] += 1
-        return PassResult(bool(changed), {f"{p}_linears": c for p, c in changed.items()}, tuple(notes))
+        return PassResult(bool(changed), {f"{p}_linears": c for p, c in changed.items()}, tuple(unmet),
+                          tuple(unmet))

@@ -28,6 +28,9 @@ class PassResult:
     modified: bool
     stats: dict[str, int] = field(default_factory=dict)  # rewrite kind -> how many times it fired
     notes: tuple[str, ...] = ()  # why candidates were not rewritten, for the report
+    # what the user asked of this pass (a plan's unit, a layer's pattern) that it did not do, and why: the compile
+    # prints these as warnings (a request silently left undone would look like it was applied)
+    unmet: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -39,10 +42,12 @@ class PassRecord:
     seconds: float
     ops_before: int
     ops_after: int
+    unmet: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return {"name": self.name, "skipped": self.skipped, "stats": self.stats, "notes": list(self.notes),
-                "seconds": round(self.seconds, 3), "ops_before": self.ops_before, "ops_after": self.ops_after}
+                "unmet": list(self.unmet), "seconds": round(self.seconds, 3), "ops_before": self.ops_before,
+                "ops_after": self.ops_after}
 
 
 class GraphPass:
@@ -119,9 +124,11 @@ class PassPipeline:
             ops_after = sum(op_histogram(gm).values())
             modified |= result.modified
             records.append(PassRecord(graph_pass.name, False, dict(result.stats), result.notes, seconds,
-                                      ops_before, ops_after))
+                                      ops_before, ops_after, result.unmet))
             summary = ", ".join(f"{k}={v}" for k, v in result.stats.items()) or "no change"
             log(f"pass {graph_pass.name}: {summary} ({ops_before} -> {ops_after} ops, {seconds:.2f}s)")
+            for request in result.unmet:
+                log(f"WARNING: {graph_pass.name} did not apply {request}")
             _dump(debug_dump, index, graph_pass.name, gm)
         if modified:
             program = program.recapture(gm)

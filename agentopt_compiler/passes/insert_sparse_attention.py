@@ -195,18 +195,22 @@ class InsertSparseAttention(GraphPass):
                      if n.target == torch.ops.agentopt.cached_attention.default}
         wanted = self.plan.resolve(len([k for k in attention if k is not None]))
         missing = sorted(set(wanted) - set(attention))
-        if missing or not attention:
+        if not attention:
+            raise AgentOptError("a sparse attention plan needs the fused attention of fuse_kv_cache, and the graph "
+                                "has none: do not skip fuse_kv_cache with a sparse plan")
+        if missing:
             raise AgentOptError(f"sparse attention plan names layer(s) {missing} that have no fused attention; "
                                 "fuse_kv_cache must run first (do not skip it with a sparse plan)")
         stats: dict[str, int] = {}
-        notes = []
+        notes, unmet = [], []
         for layer, pattern in sorted(wanted.items()):
             node = attention[layer]
             args = CachedAttentionArgs.of(node)
             if args.window > 0:  # the model's own sliding window: a pattern may only narrow what the layer sees
                 if pattern.window >= args.window:  # the pattern's keys include the window's: the window decides
-                    notes.append(f"layer {layer}: keeps its own window of {args.window} (the plan's "
-                                 f"{pattern.describe()} sees no fewer keys)")
+                    unmet.append(f"layer {layer}: {pattern.describe()} (the layer keeps its own window of "
+                                 f"{args.window}, and the pattern sees no fewer keys)")
+                    notes.append(unmet[-1])
                     continue
                 if pattern.sinks or pattern.stride or pattern.kv_heads:
                     raise AgentOptError(
@@ -231,7 +235,7 @@ class InsertSparseAttention(GraphPass):
             args.write_to(node)
             stats[pattern.describe()] = stats.get(pattern.describe(), 0) + 1
             notes.append(f"layer {layer}: {pattern.describe()}")
-        return PassResult(bool(stats), stats, tuple(notes))
+        return PassResult(bool(stats), stats, tuple(notes), tuple(unmet))
 
 
 def _buffer(gm: torch.nn.Module, node: torch.fx.Node) -> torch.Tensor:

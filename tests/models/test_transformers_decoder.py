@@ -195,6 +195,11 @@ def test_the_precision_planner_measures_the_transformers_module_and_the_engine_c
     table = capsys.readouterr().out  # one row per measured unit
     assert all(f"| {unit} |" in table for unit in units_of_model(SMALL["num_hidden_layers"]))
     assert json.loads((tmp_path / "plan.json").read_text())["measurements"]["sensitivity"] == "exact, whole forwards"
+    # the planner's own plan (with its budget) compiles, and the built engine is measured against it
+    assert main(["compile", "--model", str(tmp_path / "ckpt"), "--precision-plan", str(tmp_path / "plan.json"),
+                 "--context-length", str(CONTEXT), "--out", str(tmp_path / "planned"), "--quiet"]) == 0
+    measured = json.loads((tmp_path / "planned" / "manifest.json").read_text())["precision_plan"]["measured"]
+    assert measured["kl"] >= 0 and measured["decode_tokens_per_s"] > 0
     # a mixed plan (the fixed test costs make the planner pick a uniform one), compiled and run
     plan = PrecisionPlan({"layers.0.attn_qkv": "int8", "layers.0.mlp_gate_up": "int4", "layers.1.mlp_down": "int4",
                           "lm_head": "int8"}, block_size=16)
@@ -261,7 +266,9 @@ def test_a_sparse_plan_of_a_transformers_module_compiles_to_what_the_planner_mea
     assert sorted(plan.layers) == [0, 1]  # a budget this loose takes every layer (layer 0 measured at KL 0)
     engine = ao.compile(tmp_path / "ckpt", out=tmp_path / "engine", context_length=CONTEXT, sparse_attention=plan)
     inserted = next(r for r in engine.compile_report.passes if r.name == "insert_sparse_attention")
-    assert inserted.stats["window8+sinks1"] == 1 and "layer 0: keeps its own window of 6" in inserted.notes[0]
+    assert inserted.stats["window8+sinks1"] == 1 and "keeps its own window of 6" in inserted.unmet[0]
+    assert inserted.unmet[0].startswith("layer 0: ")  # and the compile says so, as a warning
+    assert any("WARNING: not applied: layer 0" in line for line in engine.compile_report.lines())
     with pytest.raises(AgentOptError, match="sliding window of 6 already"):  # the same pattern given by hand
         ao.compile(tmp_path / "ckpt", out=tmp_path / "refused", context_length=CONTEXT,
                    sparse_attention="window=4,sinks=1,layers=0")

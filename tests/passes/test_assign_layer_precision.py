@@ -103,7 +103,7 @@ def test_applies_the_plan_unit_by_unit(tiny_model):
     assert result.stats == {"int4_linears": 1, "int8_linears": 1}
     assert before["aten.linear.default"] - after["aten.linear.default"] == 2
     assert after["agentopt.weight_only_linear.default"] == 2
-    assert any("fp16 gives no speed" in note for note in result.notes)
+    assert any("fp16 (it gives no speed" in request for request in result.unmet)
     assert not AssignLayerPrecision(None)(program.module).modified
 
 
@@ -156,7 +156,8 @@ def test_a_unit_can_have_its_own_block_size(tmp_path):
     gm = program.module
     result = AssignLayerPrecision(plan)(gm)
     assert result.stats == {"int4_linears": 2}
-    assert any("layers.0.attn_qkv: in_features 64 is not a multiple of block 128" in n for n in result.notes)
+    assert result.unmet == ("layers.0.attn_qkv: int4@128 (in_features 64 is not a multiple of block 128; kept "
+                            "fp32: give it a block that divides 64, e.g. int4@16)",)
     blocks = sorted(n.args[5] for n in gm.graph.nodes if str(n.target) == "agentopt.weight_only_linear.default")
     assert blocks == [32, 128]
 

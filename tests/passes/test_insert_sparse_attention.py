@@ -69,7 +69,7 @@ def test_no_plan_changes_nothing_and_a_plan_needs_fused_attention(tiny_model):
     gm = _fused(tiny_model)
     assert not InsertSparseAttention(None)(gm).modified
     unfused = capture(tiny_model, 32).module
-    with pytest.raises(AgentOptError, match="fuse_kv_cache must run first"):
+    with pytest.raises(AgentOptError, match="do not skip fuse_kv_cache"):
         InsertSparseAttention(SparseAttentionPlan.parse("window=4"))(unfused)
 
 
