@@ -46,6 +46,7 @@ class CompileReport:
     not_loaded: str = ""  # why the engine could not be opened on this machine (a device it lacks), if so
     capture: str = ""  # which module was captured: "reference" (models/llama.py) or "transformers"
     weights: str = ""  # the checkpoint's weights as stored and the engine's, in dtype and bytes
+    warnings: list = field(default_factory=list)  # what the engine lacks that a user would expect (said at the end)
 
     def lines(self) -> list[str]:
         out = [f"compiled {self.model} for {self.backend}/{self.device} in {self.total_seconds:.1f}s -> {self.out}"]
@@ -73,6 +74,7 @@ class CompileReport:
         for name, size in self.files.items():
             out.append(f"  {name:24s} {_human_bytes(size)}")
         out.append("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items()))
+        out.extend(f"WARNING: {warning}" for warning in self.warnings)
         if self.not_loaded:
             out.append(f"not loaded here: {self.not_loaded}")
         return out
@@ -226,6 +228,11 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
                 if (loaded.tokenizer_dir / name).is_file():
                     shutil.copy2(loaded.tokenizer_dir / name, staging / name)
                     tokenizer_files.append(name)
+        if "tokenizer.json" not in tokenizer_files:
+            report.warnings.append(f"{loaded.source} has no tokenizer.json: the engine takes token ids only "
+                                   "(agentopt run and serve need text); put the checkpoint's tokenizer.json there "
+                                   "and recompile")
+            log(f"WARNING: {report.warnings[-1]}")
         with stage("manifest"):
             manifest = write_manifest(staging, {
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

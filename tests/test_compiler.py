@@ -141,6 +141,11 @@ def test_a_bf16_checkpoint_compiles_and_the_report_says_what_the_engine_holds(tm
     assert weights.startswith("checkpoint bfloat16, ") and "-> engine float32, " in weights and "upcast" in weights
     assert f"weights: {weights}" in engine.compile_report.lines()
     assert engine.manifest["model"]["weights"] == weights and engine.manifest["model"]["capture"] == "reference"
+    # this checkpoint has no tokenizer: the report says what that means, and text in says how to fix it
+    assert any("WARNING:" in line and "no tokenizer.json" in line for line in engine.compile_report.lines())
+    with pytest.raises(AgentOptError, match="recompile"):
+        engine.complete("hi", max_new_tokens=1)
+    assert engine.complete([1, 2], max_new_tokens=1).token_ids
 
 
 def test_attention_the_passes_left_unfused_is_refused_unless_the_pass_was_skipped():

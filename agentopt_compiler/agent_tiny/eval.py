@@ -284,6 +284,9 @@ def evaluate(engine, tasks: list[AgentTask], time_budget_s: float | None = None,
         "counts_by_category": {k: len(v) for k, v in sorted(by_cat.items())},
         "tool_call_json_valid": round(valid / attempts, 4) if attempts else None,
         "top_failures": Counter(r["failure"] for r in results if r["failure"]).most_common(8),
+        # tasks that ended in an error (a prompt the context cannot hold, ...): what it said, not only that it failed
+        "errors": Counter(r["finish_reason"].removeprefix("error: ") for r in results
+                          if r["finish_reason"].startswith("error:")).most_common(3),
         "generated_tokens": usage["generated_tokens"], "prefilled_tokens": usage["prefilled_tokens"],
         "reused_tokens": usage["reused_tokens"], "drafted_tokens": usage["drafted_tokens"],
         "accepted_draft_tokens": usage["accepted_draft_tokens"],
@@ -320,6 +323,7 @@ def format_report(report: dict, name: str = "") -> str:
         "  by kind: " + ", ".join(f"{k} {pct(v)}" for k, v in report["success_by_kind"].items()),
         "  top failures: " + (", ".join(f"{k} x{n}" for k, n in report["top_failures"]) or "none"),
     ]
+    lines += [f"  error in {n} task(s): {message}" for message, n in report.get("errors", [])]
     return "\n".join(lines)
 
 

@@ -128,13 +128,19 @@ def with_generation_stop_tokens(config: ModelConfig, folder: Path) -> ModelConfi
     path = folder / "generation_config.json"
     if not path.is_file():
         return config
-    try:
-        eos = json.loads(path.read_text()).get("eos_token_id")
-    except (json.JSONDecodeError, AttributeError, OSError):
-        return config  # not ours to validate; transformers ignores a broken file too
-    eos = eos if isinstance(eos, list) else [eos]
-    extra = [i for i in eos if isinstance(i, int) and not isinstance(i, bool) and i >= 0
-             and i not in config.eos_token_ids]
+    # a broken file would silently lose the ids where chat turns end (and be copied into the engine as it is)
+    fix = "fix it or remove it (its eos_token_id lists where the model's turns end)"
+    document = read_json(path, "generation config", fix, ModelNotFoundError)
+    if not isinstance(document, dict):
+        raise ModelNotFoundError(f"generation config '{path}' holds a JSON {type(document).__name__}, not an object; "
+                                 f"{fix}")
+    eos = document.get("eos_token_id")
+    eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    bad = [i for i in eos if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < config.vocab_size]
+    if bad:
+        raise ModelNotFoundError(f"generation config '{path}': eos_token_id {bad[0]!r} is not a token id of this "
+                                 f"model (0 to {config.vocab_size - 1}); {fix}")
+    extra = [i for i in eos if i not in config.eos_token_ids]
     return dataclasses.replace(config, eos_token_ids=config.eos_token_ids + tuple(extra)) if extra else config
 
 

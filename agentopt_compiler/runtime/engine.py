@@ -63,8 +63,10 @@ class Engine:
         vocab = self.manifest["model"]["config"]["vocab_size"]
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise EngineError(f"engine '{self.folder}' has no tokenizer (its checkpoint had no tokenizer.json); "
-                                  "pass token ids instead of text")
+                raise EngineError(f"engine '{self.folder}' has no tokenizer (its checkpoint had no tokenizer.json), "
+                                  "so it takes token ids, not text: put the checkpoint's tokenizer.json (and "
+                                  "tokenizer_config.json) in its folder and recompile, or pass ids from Python "
+                                  "(engine.complete([ids...]))")
             ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
             bad = next((t for t in ids if t >= vocab), None)
             if bad is not None:  # e.g. Gemma 3's <image_soft_token> (262144) beside a 262144-row text embedding

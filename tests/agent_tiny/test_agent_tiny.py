@@ -64,3 +64,14 @@ def test_prompt_lookup_gives_the_same_transcripts(engine):
 
     for task in task_set("generator", 4, seed=3):
         assert run_task(engine, task, prompt_lookup=4)["messages"] == run_task(engine, task)["messages"]
+
+
+def test_eval_says_what_error_ended_tasks(tmp_path):
+    """A context too small for the tasks' prompts: the summary names the error, not only 0% success."""
+    from agentopt_compiler.agent_tiny.eval import evaluate, format_report, task_set
+
+    small = ao.compile("agent-tiny", out=tmp_path / "small", context_length=64)
+    report = evaluate(small, task_set("generator", 2, seed=3))
+    text = format_report(report)
+    assert report["success"] == 0 and sum(n for _, n in report["errors"]) == 2
+    assert "task(s): the prompt has" in text and "context holds 64" in text, text

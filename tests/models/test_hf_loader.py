@@ -136,6 +136,14 @@ def test_end_of_turn_ids_from_generation_config_are_stop_tokens(tmp_path):
     hf.save_pretrained(tmp_path)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, 7], "bos_token_id": 1}))
     assert load_model(tmp_path).config.eos_token_ids == (3, 7)
+    # a file that cannot say where turns end is refused, naming it, rather than dropped (and copied into the engine)
+    for text, says in (("garbage{", "is not valid JSON"), ("[3]", "not an object"),
+                       (json.dumps({"eos_token_id": [3, 99999]}), "eos_token_id 99999 is not a token id"),
+                       (json.dumps({"eos_token_id": "3"}), "eos_token_id '3' is not a token id")):
+        (tmp_path / "generation_config.json").write_text(text)
+        with pytest.raises(ModelNotFoundError, match=says) as error:
+            load_model(tmp_path)
+        assert "generation_config.json" in str(error.value) and "remove it" in str(error.value)
 
 
 def test_leftover_rotary_inv_freq_tensors_are_ignored(tmp_path):
