@@ -186,6 +186,11 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
     config = loaded.config
     report.capture = loaded.capture + (f" ({loaded.capture_note})" if loaded.capture_note else "")
     context = min(config.max_position_embeddings, 4096) if context_length is None else context_length
+    if context > config.max_position_embeddings:  # allowed (RoPE extends), but the model never saw those positions
+        report.warnings.append(f"--context-length {context} goes past the {config.max_position_embeddings} "
+                               "positions the model was trained for (max_position_embeddings): its output beyond "
+                               "them is untested")
+        log(f"WARNING: {report.warnings[-1]}")
     if kv_cache_dtype == "int8":
         with stage("calibrate int8 KV scales"):
             from .analysis.calibration import calibration_batches
@@ -320,7 +325,8 @@ def describe_weights(loaded, program) -> str:
               if isinstance(t, torch.Tensor)}  # tied weights (embedding = lm_head) are stored once
     tensors = list(shared.values())
     size = sum(t.numel() * t.element_size() for t in tensors)
-    dtypes = "+".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t.is_floating_point()}))
+    dtypes = "+".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t.is_floating_point()})
+                      + (["int8/int4 blocks"] if any(t.dtype == torch.uint8 for t in tensors) else []))
     engine = f"engine {dtypes}, {_human_bytes(size)}"
     if not loaded.checkpoint_bytes:
         return engine

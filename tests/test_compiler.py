@@ -159,3 +159,11 @@ def test_attention_the_passes_left_unfused_is_refused_unless_the_pass_was_skippe
     with pytest.raises(AgentOptError, match="2 attention layer.*could not be fused.*not causal.*--skip-pass"):
         check_attention_fused(program, [ran])
     check_attention_fused(program, [PassRecord("fuse_kv_cache", True, {}, (), 0.0, 1, 1)])  # asked for: allowed
+
+
+def test_a_context_past_the_trained_positions_is_built_with_a_warning(tmp_path):
+    engine = ao.compile("tiny-random", out=tmp_path / "long", context_length=300)  # tiny-random: 256 positions
+    assert engine.context_length == 300
+    assert any(line.startswith("WARNING: --context-length 300 goes past the 256 positions")
+               for line in engine.compile_report.lines())
+    assert not ao.compile("tiny-random", out=tmp_path / "short", context_length=256).compile_report.warnings

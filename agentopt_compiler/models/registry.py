@@ -137,7 +137,9 @@ def _load_hf_folder_as(folder: Path, capture: str) -> LoadedModel:
         return _load_hf_folder(folder)
     except UnsupportedModelError as reason:
         if capture == "reference":
-            raise
+            raise UnsupportedModelError(f"{reason} (by the reference module, which --capture reference asks for); "
+                                        "capture it from its transformers module instead: --capture transformers, "
+                                        "or --capture auto") from None
         try:
             import transformers  # noqa: F401
         except ImportError:

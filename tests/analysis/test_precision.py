@@ -69,6 +69,7 @@ def test_compiled_engine_keeps_the_budget_its_plan_claims(tiny_plan, tmp_path):
     plan, _ = tiny_plan
     engine = ao.compile("tiny-random", out=tmp_path / "q", context_length=96, precision_plan=plan)
     measured = engine.compile_report.fidelity
+    assert "+int8/int4 blocks, " in engine.compile_report.weights  # what the engine holds, said
     assert measured["kl"] <= plan.budget["max_kl"], (measured, plan.predicted)
     assert ao.load_engine(tmp_path / "q").manifest["precision_plan"]["measured"] == measured  # recorded
     # ... next to the built engine's decode speed, every run kept
