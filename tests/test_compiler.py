@@ -146,6 +146,10 @@ def test_a_bf16_checkpoint_compiles_and_the_report_says_what_the_engine_holds(tm
     with pytest.raises(AgentOptError, match="recompile"):
         engine.complete("hi", max_new_tokens=1)
     assert engine.complete([1, 2], max_new_tokens=1).token_ids
+    from agentopt_compiler.runtime.agent import Agent
+
+    with pytest.raises(AgentOptError, match="has no tokenizer"):
+        Agent(engine).run("hi")
 
 
 def test_attention_the_passes_left_unfused_is_refused_unless_the_pass_was_skipped():

@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--continue", dest="keep_history", action="store_true",
                    help="interactive mode: each task continues the conversation of the ones before (default: each "
                         "task starts afresh); type /reset to start afresh")
-    p.add_argument("--max-steps", type=int_in(1, 1000), default=6, help="tool-call rounds per task")
+    p.add_argument("--max-steps", type=int_in(1, 1000), default=None, help="tool-call rounds per task (default 6)")
     p.add_argument("--max-new-tokens", type=int_in(1), default=None,
                    help="per generation (default 32 for --prompt, 256 per agent step)")
     p.add_argument("--temperature", type=float_in(0.0), default=0.0, help="0 = greedy (default)")
@@ -51,6 +51,7 @@ def add_parser(sub) -> None:
     p.set_defaults(handler=run)
 
 
+DEFAULT_MAX_STEPS = 6
 RESET_COMMAND = "/reset"  # interactive mode: forget the conversation kept by --continue
 
 
@@ -77,7 +78,7 @@ def run(args) -> int:
     tools = [load_tool(t) for t in args.tools]
     if args.memory is not None:
         tools = _with_memory(tools, _read_memory(args.memory))
-    agent = Agent(engine, tools=tools, system=args.system, max_steps=args.max_steps,
+    agent = Agent(engine, tools=tools, system=args.system, max_steps=args.max_steps or DEFAULT_MAX_STEPS,
                   constrained=bool(tools) and not args.no_constrain)
     fresh = len(agent.messages)  # the system message, if any
     sampling["max_new_tokens"] = args.max_new_tokens or 256
@@ -110,12 +111,13 @@ def run(args) -> int:
                         f"{RESET_COMMAND} to start afresh)")
             print(f"\nerror: {' '.join(str(exc).split())}{hint}", file=sys.stderr, flush=True)
             continue
+        print(flush=True)  # the answer's line ends (piped output: the next task's prompt starts on its own line)
         usage = result.usage
         drafts = (f", {usage['accepted_draft_tokens']} of {usage['drafted_tokens']} drafted tokens accepted"
                   if args.prompt_lookup else "")
         drafts += f", {usage['forced_tokens']} forced by the tools' grammar" if agent.grammar else ""
         drafts += f", {usage['closed_at_limit']} call(s) closed early at a token limit" if usage["closed_at_limit"] else ""
-        print(f"\n[{result.finish_reason}: {len(result.steps)} step(s), {usage['prefilled_tokens']} tokens "
+        print(f"[{result.finish_reason}: {len(result.steps)} step(s), {usage['prefilled_tokens']} tokens "
               f"prefilled, {usage['reused_tokens']} reused from cache, {usage['generated_tokens']} generated"
               f"{drafts}]", file=sys.stderr, flush=True)
     return 0
@@ -127,7 +129,8 @@ def _check_mode_options(args) -> None:
     if args.prompt is None:
         return
     given = [flag for flag, value in (("--tools", args.tools), ("--system", args.system), ("--memory", args.memory),
-                                      ("--continue", args.keep_history), ("--no-constrain", args.no_constrain))
+                                      ("--continue", args.keep_history), ("--no-constrain", args.no_constrain),
+                                      ("--max-steps", args.max_steps))
              if value]
     if given:
         raise AgentOptError(f"{', '.join(given)} belong(s) to agent tasks (--task, or interactive mode without "

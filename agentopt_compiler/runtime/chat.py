@@ -64,7 +64,11 @@ def render_chat(tokenizer, messages: list[dict[str, Any]], tools: list[dict] | N
                 add_generation_prompt: bool = True, **variables: Any) -> str:
     """Prompt text for ``messages``; ``tools`` are OpenAI-style tool schemas offered to the model; ``variables``
     are extra template variables (e.g. ``enable_thinking=False`` for Qwen3)."""
-    if tokenizer is None or not tokenizer.chat_template:
+    if tokenizer is None:
+        raise EngineError("this engine has no tokenizer (its checkpoint had no tokenizer.json); chat and agent use "
+                          "need one: put the checkpoint's tokenizer.json and tokenizer_config.json in its folder and "
+                          "recompile")
+    if not tokenizer.chat_template:
         raise EngineError("this engine's tokenizer has no chat template; chat and agent use need one (add "
                           "chat_template to tokenizer_config.json of the checkpoint and recompile)")
     from jinja2 import TemplateError

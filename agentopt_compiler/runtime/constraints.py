@@ -108,12 +108,24 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], syntax: CallSyntax, token
         functions = [f for f in functions if f["name"] == choice]
         if not functions:
             raise AgentOptError(f"tool_choice names '{choice}', which is not among the tools")
-    calls = [{"type": "object", "properties": {"name": {"const": f["name"]},
-                                               syntax.arguments_key: _strict_object(f.get("parameters"))},
-              "required": ["name", syntax.arguments_key], "additionalProperties": False} for f in functions]
+    # a schema with references ("#/$defs/X", "#/properties/a": pydantic writes them) keeps them pointing into itself
+    # from under the call's root: it moves to the root's $defs and its references are rebased there
+    moved: dict[str, Any] = {}
+    arguments = []
+    for index, f in enumerate(functions):
+        schema = _strict_object(f.get("parameters"))
+        if _has_local_ref(schema):
+            moved[f"tool{index}"] = _rebased(schema, f"#/$defs/tool{index}")
+            schema = {"$ref": f"#/$defs/tool{index}"}
+        arguments.append(schema)
+    calls = [{"type": "object", "properties": {"name": {"const": f["name"]}, syntax.arguments_key: schema},
+              "required": ["name", syntax.arguments_key], "additionalProperties": False}
+             for f, schema in zip(functions, arguments)]
     body: dict[str, Any] = {"anyOf": calls} if len(calls) > 1 else calls[0]
     if syntax.list_of_calls:  # (``parallel`` False: OpenAI's parallel_tool_calls=false, one call at most)
         body = {"type": "array", "items": body, "minItems": 1, **({} if parallel else {"maxItems": 1})}
+    if moved:
+        body = {**body, "$defs": moved}
     open_tag = _literal(syntax.open, tokenizer) + (" " + json.dumps(syntax.after_open) if syntax.after_open else "")
     close = (" " + json.dumps(syntax.before_close) if syntax.before_close else "") + \
         (" " + _literal(syntax.close, tokenizer) if syntax.close else "")
@@ -152,6 +164,23 @@ def _strict_object(parameters: dict[str, Any] | None) -> dict[str, Any]:
     if schema.get("type", "object") == "object" and "additionalProperties" not in schema:
         schema["additionalProperties"] = False
     return schema
+
+
+def _has_local_ref(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any((k == "$ref" and isinstance(v, str) and v.startswith("#")) or _has_local_ref(v)
+                   for k, v in value.items())
+    return isinstance(value, list) and any(_has_local_ref(v) for v in value)
+
+
+def _rebased(value: Any, root: str) -> Any:
+    """``value`` with its references into itself ("#...") made references into ``root`` ("#/$defs/tool0...")."""
+    if isinstance(value, dict):
+        return {k: root + v[1:] if k == "$ref" and isinstance(v, str) and v.startswith("#") else _rebased(v, root)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rebased(v, root) for v in value]
+    return value
 
 
 def _lark(*rules: str) -> str:

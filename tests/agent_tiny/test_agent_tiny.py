@@ -36,7 +36,7 @@ def _printed(events) -> str:
             out.append(e["text"])
         elif e["type"] != "final":
             out.append(describe_event(e) + "\n")
-    return "".join(out)
+    return "".join(out) + "\n"  # the answer's line ends
 
 
 def test_eval_and_run_give_the_same_transcript(engine, tmp_path, capsys):

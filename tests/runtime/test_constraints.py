@@ -64,11 +64,19 @@ def test_sampled_outputs_always_validate_against_their_schema(engine):
     assert closed_at_limit >= 5  # the limit did cut values: the closing was exercised
 
 
+# references into the schema itself, as pydantic writes them: they must still resolve under the call's root
+REF_SCHEMA = {"type": "object", "properties": {"user": {"$ref": "#/$defs/User"}, "again": {"$ref": "#/properties/user"}},
+              "$defs": {"User": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6}},
+                                 "required": ["name"], "additionalProperties": False}},
+              "required": ["user"], "additionalProperties": False}
+
+
 def test_tool_calls_always_parse_and_fit_their_tool(engine):
+    tool_schemas = [*SCHEMAS[:4], REF_SCHEMA]
     functions = [{"type": "function", "function": {"name": f"tool_{i}", "parameters": s}}
-                 for i, s in enumerate(SCHEMAS[:4])]
+                 for i, s in enumerate(tool_schemas)]
     syntax = call_syntax(engine.tokenizer.chat_template)
-    for choice in ("required", "tool_2"):
+    for choice in ("required", "tool_2", "tool_4"):
         grammar = tool_call_grammar(functions, syntax, engine.tokenizer, choice)
         for seed in range(3):
             completion = engine.complete(PROMPT, max_new_tokens=200, temperature=1.5, seed=seed, grammar=grammar)
@@ -76,7 +84,7 @@ def test_tool_calls_always_parse_and_fit_their_tool(engine):
             assert completion.finish_reason == "stop" and len(parsed.calls) == 1 and not parsed.errors
             call = parsed.calls[0]
             assert choice == "required" or call.name == choice
-            jsonschema.validate(call.arguments, SCHEMAS[int(call.name.split("_")[1])])
+            jsonschema.validate(call.arguments, tool_schemas[int(call.name.split("_")[1])])
 
 
 def _anything(engine) -> Grammar:

@@ -136,6 +136,8 @@ def test_a_manifest_that_does_not_describe_its_graph_is_refused_at_load(tiny_eng
     valid = json.loads((tiny_engine_dir / "manifest.json").read_text())
     engine = valid["engine"]
     cases = {"logits": ("engine", "logits", "nologits"), "no caches": ("engine", "caches", []),
+             "a cache output as logits": ("engine", "logits", engine["caches"][0]["output"]),
+             "caches left out": ("engine", "caches", engine["caches"][:1]),
              "inputs": ("engine", "inputs", ["foo"]),
              "context": ("engine", "context_length", engine["caches"][0]["shape"][2] + 1),
              "cache shape": ("engine", "caches", [{**c, "shape": [*c["shape"][:3], c["shape"][3] + 1]}

@@ -60,6 +60,9 @@ def create_inference_session(model_path: Path, device: str, threads: int | None 
     return session
 
 
+CALL_FEEDS = {"input_ids", "positions", "logits_index"}  # what each call feeds besides the caches
+
+
 def _check_manifest_matches_graph(engine: dict, session, graph_path: Path) -> None:
     """The manifest's names and shapes are the graph's: a hand-edited or mismatched manifest.json (which no sha256
     covers) is one EngineError here, not an ONNX Runtime error at the first call."""
@@ -77,6 +80,12 @@ def _check_manifest_matches_graph(engine: dict, session, graph_path: Path) -> No
                     f"{', '.join(inputs)}")
     if not engine["caches"]:
         raise wrong("engine.caches is empty")
+    unlisted = set(inputs) - CALL_FEEDS - {cache["input"] for cache in engine["caches"]}
+    if unlisted:
+        raise wrong(f"the graph takes {', '.join(sorted(unlisted))}, which engine.caches does not list")
+    logits_rank = len(next(o.shape for o in session.get_outputs() if o.name == engine["logits"]))
+    if logits_rank not in (2, 3) or engine["logits"] in {cache["output"] for cache in engine["caches"]}:
+        raise wrong(f"engine.logits names '{engine['logits']}', which is not the graph's logits output")
     rings = ring_spare_slots(engine) is not None
     for cache in engine["caches"]:
         if cache["input"] not in inputs or cache["output"] not in outputs:
