@@ -29,6 +29,7 @@ says ``additionalProperties``: a call the tool would refuse (tools.py checks unk
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any, Sequence
@@ -90,6 +91,13 @@ def json_schema_grammar(schema: dict[str, Any], what: str = "the JSON schema") -
 
 def regex_grammar(pattern: str, what: str = "the regex") -> Grammar:
     return Grammar(_lark("start: " + _regex_rule(pattern)), what, whole_output=True)
+
+
+def no_call_grammar(syntax: CallSyntax) -> Grammar:
+    """Text without a tool call (OpenAI's tool_choice "none"): the call's opening tag is never written (a tag that is
+    an added token lies outside text anyway; a text tag is cut out of the text lexeme)."""
+    tag = re.escape(syntax.open).replace("/", "\\/")
+    return Grammar(_lark("start: TEXT?", rf"TEXT: /(.|\n)+/ & ~/(.|\n)*{tag}(.|\n)*/"), "tool_choice none")
 
 
 def tool_call_grammar(tools: Sequence[dict[str, Any]], syntax: CallSyntax, tokenizer=None, choice: str = "auto",

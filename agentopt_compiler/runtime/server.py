@@ -32,7 +32,8 @@ from starlette.requests import Request  # route signatures are resolved at modul
 
 from ..errors import AgentOptError
 from .chat import ChatTemplateError, render_chat
-from .constraints import Grammar, call_syntax, check_grammar, json_schema_grammar, reasoning_left, tool_call_grammar
+from .constraints import (Grammar, call_syntax, check_grammar, json_schema_grammar, no_call_grammar, reasoning_left,
+                          tool_call_grammar)
 from .conversation import check_prompt_lookup
 from .generation import GenerationConfig, TokenPicker
 from .prefix_cache import PrefixCache
@@ -155,7 +156,8 @@ class ChatService:
                  reasoning: tuple[str, str] | None) -> Grammar | None:
         """What constrains the answer: response_format json_object / json_schema; tool_choice required or named
         (a call first); tools with ``strict: true`` (free text, then calls valid for their schemas, the other
-        tools' arguments any JSON object). None: free text, as OpenAI's default non-strict tools. A grammar
+        tools' arguments any JSON object); tool_choice none with tools (text, no call). None: free text, as OpenAI's
+        default non-strict tools. A grammar
         llguidance cannot build (an unsatisfiable schema, a malformed regex) is a 400 naming the field."""
         form = request.response_format
         strict = tools is not None and any(t["function"].get("strict") for t in tools)
@@ -171,6 +173,8 @@ class ChatService:
         elif form is not None and form.type == "json_object":
             grammar, param = json_schema_grammar({"type": "object"}, "response_format json_object"), \
                 "response_format"
+        elif choice == "none" and request.tools:  # the tools are not shown, and no call may be written either
+            grammar, param = no_call_grammar(self.call_syntax), "tool_choice"
         elif constrains_calls:
             functions = [t if t["function"].get("strict") or not strict else
                          {**t, "function": {**t["function"], "parameters": {"type": "object"}}} for t in tools]

@@ -11,7 +11,7 @@ import agentopt_compiler as ao
 from agentopt_compiler.errors import AgentOptError
 from agentopt_compiler.runtime.agent import Agent
 from agentopt_compiler.runtime.constraints import (CALL_SYNTAXES, Grammar, Matcher, call_syntax, json_schema_grammar,
-                                                   regex_grammar, tool_call_grammar)
+                                                   no_call_grammar, regex_grammar, tool_call_grammar)
 from agentopt_compiler.runtime.generation import GenerationConfig
 from agentopt_compiler.runtime.tools import parse_tool_calls
 
@@ -270,6 +270,31 @@ def test_tokens_forced_at_the_end_are_appended_without_an_engine_call(engine):
     assert engine.tokenizer.decode(stopped) == "hello world" and calls == 0
     going_on, calls, _ = _decode(engine, regex_grammar("hello world( again)*"))  # the model chooses what follows
     assert engine.tokenizer.decode(going_on).startswith("hello world") and calls >= 1
+
+
+def test_tool_choice_none_keeps_a_call_out_of_the_text(engine):
+    """agent-tiny answers PROMPT with a call; under the no-call grammar it writes text only, in every call syntax."""
+    assert "<tool_call>" in engine.complete(PROMPT, max_new_tokens=60).text
+    for syntax in CALL_SYNTAXES.values():  # the other families' tags are text to this tokenizer
+        text = engine.complete(PROMPT, max_new_tokens=60, temperature=1.0, seed=1,
+                               grammar=no_call_grammar(syntax)).text
+        assert text and syntax.open not in text, (syntax, text)
+
+
+def test_tool_choice_none_cuts_a_text_tag_out_of_the_text(tmp_path):
+    """Where the opening tag is plain text (a byte tokenizer), the text may hold anything but the tag."""
+    tok = _tokenizer_with(tmp_path, [])
+    eos = tok.token_id("<|im_end|>")
+    for syntax in CALL_SYNTAXES.values():
+        for text, allowed in (("hi <tool there [TOOL", True), (f"hi {syntax.open}", False)):
+            matcher = Matcher(no_call_grammar(syntax), tok, tok.size, [eos])
+            try:
+                for token in tok.encode(text, add_special_tokens=False):
+                    matcher.consume(token)
+                accepted = True
+            except AgentOptError:
+                accepted = False
+            assert accepted == allowed, (syntax.open, text)
 
 
 def test_stop_strings_do_not_cut_a_tool_call_and_are_refused_with_a_json_answer(engine, tools):

@@ -146,6 +146,16 @@ def test_a_required_call_is_whole_at_any_max_tokens_that_fits_one_and_refused_be
         jsonschema.validate(json.loads(reply.choices[0].message.tool_calls[0].function.arguments), params)
 
 
+def test_tool_choice_none_answers_in_text(client, server):
+    for stream in (False, True):
+        status, body, _ = _post(server.url, {**GOOD, "max_tokens": 12, "tools": TOOLS, "tool_choice": "none",
+                                             "stream": stream, "stop": ["zz"]})
+        assert status == 200, body
+    reply = client.chat.completions.create(model="tiny-random", messages=GOOD["messages"], max_tokens=12,
+                                           tools=TOOLS, tool_choice="none")
+    assert reply.choices[0].message.tool_calls is None and "<tool_call>" not in reply.choices[0].message.content
+
+
 def test_chat_template_kwargs_reach_the_template(server, slotted_chat):
     from agentopt_compiler.runtime.chat import render_chat
 
