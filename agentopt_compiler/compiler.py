@@ -205,6 +205,11 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
             log(f"int8 KV scales from {kv_calib or 'seeded random tokens'} ({sum(b.numel() for b in batches)} "
                 f"tokens), their peaks at level {level} of 127")
     check_memory(config, context, batch_size)
+    for plan, kind in ((precision, "precision"), (sparse_plan, "sparse attention")):
+        if plan and plan.model and plan.model != loaded.name:
+            raise AgentOptError(f"the {kind} plan was measured on '{plan.model}', and this compile is of "
+                                f"'{loaded.name}': plan this model (agentopt plan {kind.split()[0]} --model "
+                                f"{model}), or compile the planned one (--model {plan.model})")
     if precision:
         precision.check_units(config.num_layers)
     if sparse_plan:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -23,7 +24,8 @@ def add_parser(sub) -> None:
     q = kinds.add_parser("precision", help="per-layer int8/int4 plan from measured sensitivity",
                          description="Quantize each unit alone, measure KL and top-1 against fp32 on calibration "
                                      "tokens, and pick the cheapest assignment that meets the budget.")
-    q.add_argument("--model", default="tiny-random", help="built-in model name or Hugging Face folder")
+    q.add_argument("--model", default="agent-tiny", help="built-in model name or Hugging Face folder (default: "
+                   "agent-tiny, as agentopt compile)")
     q.add_argument("--calib", default=None, help="calibration text file (default: seeded random tokens)")
     budget = q.add_mutually_exclusive_group(required=True)
     budget.add_argument("--max-kl", type=KL, help="total KL(fp32 || plan) per token allowed (>= 0)")
@@ -63,7 +65,8 @@ def add_parser(sub) -> None:
                          description="Give each layer alone the attention pattern, measure KL and top-1 against the "
                                      "dense model on calibration tokens (and each head's attention mass outside the "
                                      "pattern), and make as many layers sparse as the KL budget allows.")
-    s.add_argument("--model", default="tiny-random", help="built-in model name or Hugging Face folder")
+    s.add_argument("--model", default="agent-tiny", help="built-in model name or Hugging Face folder (default: "
+                   "agent-tiny, as agentopt compile)")
     source = s.add_mutually_exclusive_group()
     source.add_argument("--calib", default=None, help="calibration text file (default: seeded random tokens)")
     source.add_argument("--calib-chat", default=None, metavar="FILE.jsonl",
@@ -163,6 +166,7 @@ def run(args) -> int:
                                    symmetric=not args.asymmetric, cost_model=cost_model, log=log,
                                    method=args.sensitivity)
     plan.measurements["calibration"] = str(args.calib or "seeded random tokens")
+    plan.model = loaded.name  # the compile refuses it for another model
     plan.save(args.out)
     m = plan.measurements
     for row in m["uniform"]:
@@ -264,6 +268,7 @@ def run_sparse(args) -> int:
               if args.calib_chat else
               "no held-out rows (the calibration file has no text beyond the calibration rows): give --holdout "
               "FILE to check the plan", file=sys.stderr)
+    result.plan = dataclasses.replace(result.plan, model=loaded.name)  # the compile refuses it for another model
     result.save(args.out)
     rows = _sparse_rows(result)
     table = _sparse_markdown(rows)

@@ -81,6 +81,7 @@ class SparsePattern:
 @dataclass(frozen=True)
 class SparseAttentionPlan:
     layers: dict[int, SparsePattern] = field(default_factory=dict)  # layer index -> pattern; others dense
+    model: str = ""  # the model a plan file was measured on (agentopt plan records it; the compile checks it)
 
     @classmethod
     def parse(cls, spec: str) -> "SparseAttentionPlan":
@@ -127,7 +128,7 @@ class SparseAttentionPlan:
             source = read_json(Path(str(source)), "sparse attention plan", _FIX)
         data = check(source, PLAN_FILE, source=where, fix=_FIX)
         return cls({_layer_key(k): SparsePattern(**{**v, "kv_heads": tuple(v.get("kv_heads", ()))})
-                    for k, v in data["layers"].items()})
+                    for k, v in data["layers"].items()}, data.get("model", ""))
 
     def resolve(self, num_layers: int) -> dict[int, SparsePattern]:
         resolved = {i: self.layers["all"] for i in range(num_layers)} if "all" in self.layers else {}
@@ -140,7 +141,8 @@ class SparseAttentionPlan:
 
     def to_dict(self) -> dict:
         return {"layers": {str(k): {**asdict(v), "kv_heads": list(v.kv_heads)}
-                           for k, v in sorted(self.layers.items(), key=lambda kv: str(kv[0]))}}
+                           for k, v in sorted(self.layers.items(), key=lambda kv: str(kv[0]))},
+                **({"model": self.model} if self.model else {})}
 
 
 def _layer_key_problem(key: str) -> str | None:
@@ -154,7 +156,7 @@ _PATTERN = record({"window": integer(minimum=1), "sinks": integer(minimum=0), "s
 PLAN_FILE = record({
     "format": string(choices=(PLAN_FORMAT,)), "layers": map_of(_PATTERN, key=_layer_key_problem),
     "pattern": anything_object(), "budget": anything_object(), "predicted": anything_object(),
-    "fidelity": optional(anything_object()),
+    "fidelity": optional(anything_object()), "model": string(),
 }, required=("layers",))
 
 

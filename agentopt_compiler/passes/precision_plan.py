@@ -79,6 +79,7 @@ class PrecisionPlan:
     # what the planner measured to choose it: the cost model's constants, the end-to-end checks of this plan and of
     # the uniform alternatives, and why it is mixed or uniform (analysis/precision.py plan_precision)
     measurements: dict = field(default_factory=dict)
+    model: str = ""  # the model it was measured on (agentopt plan records it; the compile refuses another model)
 
     def __post_init__(self):
         for unit, value in self.units.items():
@@ -108,7 +109,8 @@ class PrecisionPlan:
     def to_dict(self) -> dict:
         return {"format": FORMAT, "version": 1, "block_size": self.block_size, "symmetric": self.symmetric,
                 "units": dict(self.units), "budget": self.budget, "predicted": self.predicted,
-                **({"measurements": self.measurements} if self.measurements else {})}
+                **({"measurements": self.measurements} if self.measurements else {}),
+                **({"model": self.model} if self.model else {})}
 
     def save(self, path: str | Path) -> None:
         write_text_atomically(Path(path), json.dumps(self.to_dict(), indent=2) + "\n", "the precision plan")
@@ -126,7 +128,7 @@ class PrecisionPlan:
             source = read_json(Path(source), "precision plan", _FIX)
         data = check(source, PLAN_FILE, source=where, fix=_FIX)
         return cls(data["units"], data.get("block_size", 32), data.get("budget", {}), data.get("predicted", {}),
-                   data.get("symmetric", True), data.get("measurements", {}))
+                   data.get("symmetric", True), data.get("measurements", {}), data.get("model", ""))
 
     def check_units(self, num_layers: int) -> None:
         """Refuse units the model does not have (a plan for another model, or a typo): they would stay fp32
@@ -167,5 +169,5 @@ PLAN_FILE = record({
     "format": string(choices=(FORMAT,)), "version": integer(minimum=1, maximum=1), "block_size":
     integer(choices=BLOCK_SIZES), "symmetric": boolean(), "units": map_of(_PrecisionName()),
     "budget": anything_object(), "predicted": anything_object(), "measured": anything_object(),
-    "measurements": anything_object(),
+    "measurements": anything_object(), "model": string(),
 }, required=("format", "units"))

@@ -76,14 +76,20 @@ class RayBackend:
         return self._models
 
     async def chat(self, request: ChatRequest) -> AsyncIterator[dict]:
+        # by_alias: fields named differently in Python (response_format's "schema") go under their wire names
         routed = RoutedChat([{"content": _text(m.content)} for m in request.messages],
-                            request.model_dump(mode="json", exclude_unset=True))
+                            request.model_dump(mode="json", exclude_unset=True, by_alias=True))
         response = self.handle.options(stream=True).chat.remote(routed)
         finished = False
         try:
             async for event in response:
                 finished = finished or "final" in event or "error" in event
                 yield event
+        except Exception as exc:  # a replica failed (RayTaskError, a dead actor): one line, not Ray's traceback
+            finished = True
+            cause = getattr(exc, "cause", None) or exc
+            message = f"internal error in a replica: {type(cause).__name__}: {str(cause).strip().splitlines()[-1]}"
+            yield {"error": {"status": 500, "body": ApiError(500, message).body()}}
         finally:
             if not finished:
                 response.cancel()  # the client went away: the replica's generator is cancelled, freeing its slot

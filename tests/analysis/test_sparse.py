@@ -149,7 +149,7 @@ def test_cli_plan_compiles_and_the_engine_matches_the_eager_sparse_model(tmp_pat
     chosen = doc["predicted"]["sparse_layers"]
     assert chosen == [1] and doc["predicted"]["dense_layers"] == [0]
     plan = SparseAttentionPlan.load(out)
-    assert plan == SparseAttentionPlan({1: PATTERN})
+    assert plan == SparseAttentionPlan({1: PATTERN}, model="tiny-random")  # the model it was measured on, recorded
     assert (report / "heatmap.png").stat().st_size > 1000
     assert "per layer, not per head" in (report / "report.md").read_text()
     assert len(json.loads((report / "sensitivity.json").read_text())["layers"]) == 2

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import agentopt_compiler as ao
 from agentopt_compiler.cli.main import main
+from agentopt_compiler.errors import AgentOptError
 from tests.helpers import cli_error_line
 
 
@@ -263,3 +265,22 @@ def test_kv_cache_dtype_and_per_head_sparse_flags_reach_the_engine(tmp_path, cap
     engine = json.loads((out / "manifest.json").read_text())["engine"]
     assert {cache["dtype"] for cache in engine["caches"]} == {"float16"}
     assert [layer.get("dense_kv_heads") for layer in engine["attention"]["layers"]] == [None, [0]]
+
+
+def test_a_plan_is_refused_for_a_model_it_was_not_measured_on(tmp_path, capsys):
+    """Plans record their model; plan and compile default to the same one (agent-tiny), and a plan made for one
+    model is refused by the compile of another instead of being applied to it."""
+    from agentopt_compiler.passes.precision_plan import PrecisionPlan
+
+    plan = tmp_path / "sparse.json"
+    assert main(["plan", "sparse", "--model", "tiny-random", "--window", "8", "--max-kl", "1", "--sequences", "1",
+                 "--length", "32", "--context-length", "64", "--out", str(plan)]) == 0
+    assert json.loads(plan.read_text())["model"] == "tiny-random"
+    line = cli_error_line(capsys, ["compile", "--sparse-attention", str(plan), "--context-length", "64",
+                                   "--out", str(tmp_path / "e1")])
+    assert "measured on 'tiny-random'" in line and "'agent-tiny'" in line and not (tmp_path / "e1").exists()
+    assert main(["compile", "--model", "tiny-random", "--sparse-attention", str(plan), "--context-length", "64",
+                 "--out", str(tmp_path / "e2"), "--quiet"]) == 0
+    with pytest.raises(AgentOptError, match="measured on 'tiny-random'"):
+        ao.compile("agent-tiny", out=tmp_path / "e3",
+                   precision_plan=PrecisionPlan({"lm_head": "int8"}, model="tiny-random"))

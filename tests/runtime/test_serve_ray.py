@@ -79,3 +79,9 @@ def test_tools_and_errors_through_the_replicas(ray_server):
                                            extra_body={"seed": "five"})
     with pytest.raises(openai.BadRequestError, match="context"):
         ray_server.chat.completions.create(model="tiny-random", messages=[{"role": "user", "content": "x" * 5000}])
+    # a field whose Python name differs from its wire name (response_format's "schema") reaches the replica intact
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    reply = ray_server.chat.completions.create(
+        model="tiny-random", messages=[{"role": "user", "content": "x"}], max_tokens=20, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+    assert set(json.loads(reply.choices[0].message.content)) == {"ok"}
