@@ -61,12 +61,39 @@ class AgentResult:
     usage: dict[str, int] = field(default_factory=dict)
 
 
+def _check_agent_options(engine, tools, system, max_steps, tool_timeout_s, generation) -> None:
+    from .engine import Engine
+
+    problems = [
+        (not isinstance(engine, Engine), f"engine must be an Engine (agentopt_compiler.load_engine), got "
+                                         f"{type(engine).__name__}"),
+        (isinstance(tools, (str, bytes)) or not isinstance(tools, (list, tuple)),
+         f"tools must be a list of functions or Tools, got {type(tools).__name__}"),
+        (system is not None and not isinstance(system, str), f"system must be text, got {type(system).__name__}"),
+        (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1,
+         f"max_steps must be an integer of at least 1, got {max_steps!r}"),
+        (isinstance(tool_timeout_s, bool) or not isinstance(tool_timeout_s, (int, float)) or not tool_timeout_s > 0,
+         f"tool_timeout_s must be a number of seconds above 0, got {tool_timeout_s!r}"),
+        (generation is not None and not isinstance(generation, GenerationConfig),
+         f"generation must be a GenerationConfig, got {type(generation).__name__}"),
+    ]
+    wrong = next((message for bad, message in problems if bad), None)
+    if wrong:
+        raise AgentOptError(wrong)
+
+
 class Agent:
     def __init__(self, engine, tools: list[Callable[..., Any] | Tool] = (), system: str | None = None,
                  max_steps: int = 6, tool_timeout_s: float = 30.0, generation: GenerationConfig | None = None,
                  prefix_cache=None, constrained: bool | None = None):
+        _check_agent_options(engine, tools, system, max_steps, tool_timeout_s, generation)
         self.engine = engine
-        self.tools = {t.name: t for t in (t if isinstance(t, Tool) else Tool.from_function(t) for t in tools)}
+        made = [t if isinstance(t, Tool) else Tool.from_function(t) for t in tools]
+        self.tools = {t.name: t for t in made}
+        if len(self.tools) < len(made):
+            names = [t.name for t in made]
+            raise AgentOptError(f"each tool needs its own name; {sorted({n for n in names if names.count(n) > 1})} "
+                                "is given more than once")
         self.max_steps, self.tool_timeout_s = max_steps, tool_timeout_s
         self.generation = generation or GenerationConfig(max_new_tokens=256)
         constrained = bool(self.tools) if constrained is None else constrained
@@ -110,6 +137,8 @@ class Agent:
     def run(self, task: str, on_event: Callable[[dict], None] | None = None, **generation) -> AgentResult:
         """Run ``task`` to a final answer or the step limit. If it raises (e.g. the conversation outgrew the
         context), the history is left as it was before the task."""
+        if not isinstance(task, str) or not task.strip():
+            raise AgentOptError(f"a task is non-empty text, got {task!r}")
         kept = len(self.messages)
         try:
             return self._run(task, on_event, **generation)

@@ -19,6 +19,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
+
 from ..backends import get_backend
 from ..errors import AgentOptError, EngineError
 from .conversation import Conversation
@@ -74,6 +76,9 @@ class Engine:
                                     f"which this model cannot read: its vocabulary ends at id {vocab - 1} (the "
                                     "tokenizer knows more tokens than the model); remove it from the text")
             return ids
+        if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, (list, tuple, range, np.ndarray)) \
+                or not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+            raise AgentOptError(f"a prompt is text (str) or a list of token ids (ints), got {_shown(prompt)}")
         ids = [int(t) for t in prompt]
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
@@ -116,7 +121,7 @@ class Engine:
     def complete(self, prompt: str | Sequence[int], config: GenerationConfig | None = None,
                  on_text=None, **overrides) -> Completion:
         """Generate and return everything about it. ``on_text(delta)`` receives text as it is produced."""
-        config = (config or GenerationConfig()).with_options(**overrides)
+        config = _config(config, overrides)
         prompt_ids = self.encode(prompt)
         new_ids, pieces = [], []
         start = time.perf_counter()
@@ -147,10 +152,15 @@ class Engine:
         the slots wait for one. Each prompt has its own length and sampling stream (seed + its index)."""
         from .scheduler import Scheduler
 
-        config = (config or GenerationConfig()).with_options(**overrides)
+        config = _config(config, overrides)
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
+            raise AgentOptError(f"generate_batch takes a list of prompts, got {_shown(prompts)}")
         rows = [self.encode(p) for p in prompts]
         if not rows:
             raise AgentOptError("generate_batch needs at least one prompt")
+        empty = next((index for index, row in enumerate(rows) if not row), None)
+        if empty is not None:
+            raise AgentOptError(f"prompt {empty} is empty; give at least one token")
         scheduler = Scheduler(self, prefill_chunk=max(map(len, rows)), max_waiting=len(rows))
         outputs: list[list[int]] = [[] for _ in rows]
         results: list[dict] = [{} for _ in rows]
@@ -196,10 +206,22 @@ class Engine:
         """Yield text pieces as tokens are generated."""
         if self.tokenizer is None:
             raise EngineError(f"engine '{self.folder}' has no tokenizer; use stream_ids with token ids")
-        config = (config or GenerationConfig()).with_options(**overrides)
+        config = _config(config, overrides)
         for _token, delta in self.stream_events(self.encode(prompt), config):
             if delta:
                 yield delta
+
+
+def _config(config, overrides: dict) -> GenerationConfig:
+    if config is not None and not isinstance(config, GenerationConfig):
+        raise AgentOptError(f"config must be a GenerationConfig (or None, with options as keywords), got "
+                            f"{_shown(config)}")
+    return (config or GenerationConfig()).with_options(**overrides)
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
 class _UnavailableSession:
@@ -224,6 +246,9 @@ def load_engine(folder: str | Path, device: str | None = None, threads: int | No
                 verify_hashes: bool = True, slots: int | None = None) -> Engine:
     """Open an engine folder written by ``compile``. ``device`` overrides the one it was compiled for; ``slots``
     the number of KV slots (cache rows; default the compiled batch size), for engines with dynamic rows."""
+    for name, value in (("slots", slots), ("threads", threads)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise AgentOptError(f"{name} must be a whole number of at least 1 (or None), got {value!r}")
     folder = Path(folder)
     manifest = read_manifest(folder, verify_hashes=verify_hashes)
     engine_section = manifest["engine"]

@@ -59,6 +59,13 @@ class GenerationConfig:
     fast_forward: bool = True  # feed the tokens the grammar forces in one call (False: one per call, same tokens)
 
     def __post_init__(self):
+        for key in ("stop_token_ids", "stop_strings"):  # lists become tuples; one stop string is not its characters
+            value = getattr(self, key)
+            if isinstance(value, str):
+                object.__setattr__(self, key, (value,))
+            elif isinstance(value, list):
+                object.__setattr__(self, key, tuple(value))
+        _check_types(self)
         if self.max_new_tokens < 0:
             raise AgentOptError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if not 0.0 < self.top_p <= 1.0:
@@ -82,10 +89,34 @@ class GenerationConfig:
         if unknown:
             raise AgentOptError(f"unknown generation option(s): {', '.join(sorted(unknown))}; "
                                 f"options: {', '.join(sorted(GenerationConfig.__dataclass_fields__))}")
-        for key in ("stop_token_ids", "stop_strings"):
-            if overrides.get(key) is not None:
-                overrides[key] = tuple(overrides[key])
         return replace(self, **overrides) if overrides else self
+
+
+def _check_types(config: GenerationConfig) -> None:
+    """Each option of the type it must have (an AgentOptError naming it, not a TypeError deep in sampling): 2.5 new
+    tokens, a string temperature or a bool seed would otherwise pass or fail far from where they were given."""
+    def integer(value) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+    wrong = [(name, kind) for name, kind, ok in (
+        ("max_new_tokens", "an integer", integer(config.max_new_tokens)),
+        ("temperature", "a number", number(config.temperature)), ("top_p", "a number", number(config.top_p)),
+        ("top_k", "an integer", integer(config.top_k)), ("prompt_lookup", "an integer", integer(config.prompt_lookup)),
+        ("seed", "an integer or None", config.seed is None or integer(config.seed)),
+        ("stop_token_ids", "a list of token ids or None", config.stop_token_ids is None or (
+            isinstance(config.stop_token_ids, tuple) and all(integer(t) for t in config.stop_token_ids))),
+        ("stop_strings", "a list of strings", isinstance(config.stop_strings, tuple)
+         and all(isinstance(t, str) for t in config.stop_strings)),
+        ("ignore_eos", "True or False", isinstance(config.ignore_eos, bool)),
+        ("fast_forward", "True or False", isinstance(config.fast_forward, bool)),
+        ("grammar", "a Grammar (constraints.py) or None", config.grammar is None or isinstance(config.grammar, Grammar)),
+    ) if not ok]
+    if wrong:
+        name, kind = wrong[0]
+        raise AgentOptError(f"{name} must be {kind}, got {getattr(config, name)!r}")
 
 
 @dataclass

@@ -4,6 +4,7 @@ with it. End-to-end behaviour with a trained model is measured by ``agentopt eva
 
 import pytest
 
+from agentopt_compiler.errors import AgentOptError
 from agentopt_compiler.runtime.agent import Agent
 from agentopt_compiler.runtime.prefix_cache import PrefixCache
 
@@ -114,3 +115,16 @@ def test_a_stray_closing_tag_is_a_parse_error_not_the_answer(chat_engine, script
     result = agent.run("add")
     assert result.answer == "The answer is 5." and len(result.steps) == 2
     assert "without an opening <tool_call>" in result.steps[0].observations[0]
+
+
+def test_agent_options_of_the_wrong_kind_are_refused(chat_engine):
+    for options, says in [({"max_steps": 0}, "max_steps"), ({"max_steps": "3"}, "max_steps"),
+                          ({"tool_timeout_s": 0}, "tool_timeout_s"), ({"system": 123}, "system must be text"),
+                          ({"tools": add}, "tools must be a list"), ({"tools": [add, add]}, "its own name"),
+                          ({"generation": {"max_new_tokens": 4}}, "generation must be")]:
+        with pytest.raises(AgentOptError, match=says):
+            Agent(chat_engine, **options)
+    with pytest.raises(AgentOptError, match="engine must be an Engine"):
+        Agent("engine-folder")
+    with pytest.raises(AgentOptError, match="a task is non-empty text"):
+        Agent(chat_engine).run(None)

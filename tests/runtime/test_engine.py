@@ -98,3 +98,31 @@ def test_batch_rows_of_different_lengths_equal_single_row_eager(impl, tmp_path):
     assert engine.manifest["engine"]["rows"] == "dynamic" and engine.slots.count == 3
     four = engine.generate_batch(prompts + [[5, 6, 7]], max_new_tokens=8, ignore_eos=True)
     assert [c.token_ids for c in four] == [eager_greedy(model, p, 8, TINY_CONTEXT) for p in prompts + [[5, 6, 7]]]
+
+
+def test_python_api_misuse_is_one_clear_error(tiny_engine, tiny_engine_dir):
+    """Wrong types are AgentOptErrors naming the argument (not a TypeError deep in sampling, nor silently taken:
+    bytes read as ids, 2.5 new tokens running to the context, a string of prompts split into characters)."""
+    import agentopt_compiler as ao
+    from agentopt_compiler.errors import AgentOptError
+
+    cases = [(lambda: tiny_engine.complete(b"hi"), "a prompt is text"),
+             (lambda: tiny_engine.complete([1.5]), "a prompt is text"),
+             (lambda: tiny_engine.complete("hi", max_new_tokens=2.5), "max_new_tokens must be an integer"),
+             (lambda: tiny_engine.complete("hi", max_new_tokens=True), "max_new_tokens must be an integer"),
+             (lambda: tiny_engine.complete("hi", temperature="x"), "temperature must be a number"),
+             (lambda: tiny_engine.complete("hi", seed=1.5), "seed must be an integer"),
+             (lambda: tiny_engine.complete("hi", stop_token_ids=5), "stop_token_ids must be"),
+             (lambda: tiny_engine.complete("hi", config={"max_new_tokens": 2}), "config must be a GenerationConfig"),
+             (lambda: tiny_engine.generate_batch("abc"), "a list of prompts"),
+             (lambda: tiny_engine.generate_batch([[]]), "prompt 0 is empty"),
+             (lambda: ao.load_engine(tiny_engine_dir, slots="2"), "slots must be"),
+             (lambda: ao.load_engine(tiny_engine_dir, threads=0), "threads must be")]
+    for call, says in cases:
+        with pytest.raises(AgentOptError, match=says):
+            call()
+    # one stop string is one stop string, not its characters
+    assert tiny_engine.complete("Hi", max_new_tokens=2, stop_strings="ab").finish_reason in ("length", "stop")
+    from agentopt_compiler.runtime.generation import GenerationConfig
+
+    assert GenerationConfig(stop_strings="ab").stop_strings == ("ab",)
