@@ -171,6 +171,8 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
     precision = PrecisionPlan.load(precision_plan)
     pipeline = default_pipeline(sparse_plan, precision, half_precision=device in entry.half_precision_devices,
                                 kv_cache_dtype=kv_cache_dtype)
+    if isinstance(skip_passes, str):  # one pass name, not its letters
+        skip_passes = (skip_passes,)
     unknown = set(skip_passes) - set(pipeline.names)
     if unknown:
         raise AgentOptError(f"unknown pass to skip: {', '.join(sorted(unknown))}; passes are: "

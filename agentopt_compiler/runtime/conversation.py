@@ -106,7 +106,7 @@ class Conversation:
 
     def prefill_to(self, prompt_ids: list[int]) -> np.ndarray:
         """Make the cache hold ``prompt_ids``; return the logits (1, 1, V) after its last token."""
-        keep = self.begin_turn(prompt_ids)
+        keep = self.begin_turn(self.engine.encode(prompt_ids))  # ids checked against the vocabulary
         logits = self.feed(self.tokens[keep:], keep)
         self.cached = len(self.tokens)
         return logits

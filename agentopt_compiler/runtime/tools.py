@@ -20,9 +20,11 @@ hangs never stops the loop, later calls or the process's exit.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import json
+import math
 import os
 import re
 import sys
@@ -84,22 +86,30 @@ class Tool:
     def from_function(cls, function: Callable[..., Any], name: str | None = None) -> "Tool":
         """The tool's schema from ``function``'s signature, type hints and docstring. A signature that cannot be
         read (a builtin without one, a hint naming a type that is not defined) is an AgentOptError."""
-        label = name or getattr(function, "__name__", repr(function))
+        # what holds the hints and the docstring: a partial's function, a callable object's __call__
+        target = function.func if isinstance(function, functools.partial) else function
+        if not (inspect.isfunction(target) or inspect.ismethod(target) or inspect.isbuiltin(target)) \
+                and callable(target):
+            target = type(target).__call__
+        label = name or getattr(target, "__name__", None) or type(function).__name__
+        if label == "__call__":
+            label = type(function).__name__
         try:
             signature = inspect.signature(function)
         except (TypeError, ValueError) as exc:
             raise AgentOptError(f"tool '{label}': its signature cannot be read ({exc}); wrap it in a Python "
                                 "function with named parameters") from None
         try:
-            hints = typing.get_type_hints(function)
+            hints = typing.get_type_hints(target)
         except Exception as exc:  # noqa: BLE001  NameError for an undefined type, TypeError for a malformed hint
             raise AgentOptError(f"tool '{label}': a type hint cannot be resolved ({type(exc).__name__}: {exc}); "
                                 "import that type in the tool's module, or drop the hint") from None
-        doc = getattr(function, "__doc__", None)
+        doc = getattr(target, "__doc__", None) or getattr(function, "__doc__", None)
         summary, described = _docstring_parts(doc if isinstance(doc, str) else "")
-        properties, required = {}, []
+        properties, required, open_ended = {}, [], False
         for pname, param in signature.parameters.items():
             if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                open_ended |= param.kind == param.VAR_KEYWORD  # **kwargs: arguments beyond the named ones are taken
                 continue
             schema = _json_type(hints.get(pname, str))
             if pname in described:
@@ -109,8 +119,9 @@ class Tool:
             else:
                 schema["default"] = param.default
             properties[pname] = schema
-        parameters = {"type": "object", "properties": properties, "required": required}
-        return cls(name or function.__name__, summary or function.__name__, parameters, function)
+        parameters = {"type": "object", "properties": properties, "required": required,
+                      **({"additionalProperties": True} if open_ended else {})}
+        return cls(label, summary or label, parameters, function)
 
     def schema(self) -> dict[str, Any]:
         """OpenAI-style tool entry: {"type": "function", "function": {name, description, parameters}}."""
@@ -250,10 +261,23 @@ def _check_arguments(tool: Tool, arguments: dict[str, Any]) -> str | None:
     if missing:
         return f"{tool.name} is missing required argument(s): {', '.join(missing)}"
     unknown = [a for a in arguments if a not in schema.get("properties", {})]
-    if unknown:
+    if unknown and schema.get("additionalProperties") is not True:
         return (f"{tool.name} got unknown argument(s): {', '.join(unknown)}; it takes: "
                 f"{', '.join(schema.get('properties', {})) or 'none'}")
+    for argument, value in arguments.items():  # the JSON type each parameter's hint asks for (calls not decoded
+        kind = schema.get("properties", {}).get(argument, {}).get("type")  # under the grammar may differ)
+        if isinstance(kind, str) and kind in _JSON_VALUE_CHECKS and not _JSON_VALUE_CHECKS[kind](value):
+            return f"{tool.name}: argument '{argument}' must be {_ARTICLE.get(kind, 'a')} {kind}, got {json.dumps(value)}"
     return None
+
+
+_JSON_VALUE_CHECKS = {  # JSON-schema type -> whether a decoded JSON value is of that type
+    "string": lambda v: isinstance(v, str), "boolean": lambda v: isinstance(v, bool),
+    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer()),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "array": lambda v: isinstance(v, list), "object": lambda v: isinstance(v, dict),
+}
+_ARTICLE = {"integer": "an", "array": "an", "object": "an"}
 
 
 def run_tool_call(call: ToolCall, tools: dict[str, Tool], timeout_s: float = 30.0) -> ToolResult:
@@ -276,10 +300,20 @@ def run_tool_call(call: ToolCall, tools: dict[str, Tool], timeout_s: float = 30.
 def _as_text(value: Any) -> str:
     if isinstance(value, str):
         return value
-    try:
-        return json.dumps(value, default=str)
+    try:  # valid JSON: a NaN or infinity becomes its name as a string
+        return json.dumps(_finite(value), default=str, allow_nan=False)
     except ValueError:  # a circular structure
         return str(value)
+
+
+def _finite(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if depth < 32 and isinstance(value, dict):
+        return {k: _finite(v, depth + 1) for k, v in value.items()}
+    if depth < 32 and isinstance(value, (list, tuple)):
+        return [_finite(v, depth + 1) for v in value]
+    return value
 
 
 def load_tool(spec: str) -> Tool:

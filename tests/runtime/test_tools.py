@@ -73,3 +73,37 @@ def test_a_closing_tag_without_its_opening_is_a_parse_error():
         assert not parsed.calls and len(parsed.errors) == 1 and tag in parsed.errors[0]
         assert tag not in parsed.content
     assert parse_tool_calls("The answer is 42.").errors == []
+
+
+def test_partials_callable_objects_and_kwargs_make_tools():
+    import functools
+    import json
+
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    class Multiply:
+        def __call__(self, a: int, b: float) -> float:
+            """Multiply two numbers."""
+            return a * b
+
+    def echo(text: str, **extra) -> dict:
+        """Echo the text and whatever else is given."""
+        return {"text": text, **extra}
+
+    plus_one = Tool.from_function(functools.partial(add, b=1))
+    assert plus_one.name == "add" and plus_one.parameters["required"] == ["a"]
+    times = Tool.from_function(Multiply())
+    assert times.name == "Multiply" and times.description == "Multiply two numbers."
+    assert times.parameters["properties"] == {"a": {"type": "integer"}, "b": {"type": "number"}}
+    tools = {t.name: t for t in (Tool.from_function(add), times, Tool.from_function(echo))}
+    assert run_tool_call(ToolCall("echo", {"text": "hi", "n": 2}), tools).text == '{"text": "hi", "n": 2}'
+    # arguments of the wrong JSON type are an observation naming the argument (calls decoded without the grammar)
+    wrong = run_tool_call(ToolCall("add", {"a": "(1 + 2)", "b": 2}), tools)
+    assert wrong.error == "add: argument 'a' must be an integer, got \"(1 + 2)\""
+    assert run_tool_call(ToolCall("add", {"a": 3.0, "b": 2}), tools).text == "5.0"  # JSON 3.0 is an integer
+    assert run_tool_call(ToolCall("Multiply", {"a": 2, "b": 1.5}), tools).text == "3.0"
+    # results are valid JSON: a NaN or infinity is written by name
+    nan = Tool.from_function(lambda: {"v": float("nan"), "w": [float("inf")]}, name="nan")
+    assert json.loads(run_tool_call(ToolCall("nan", {}), {"nan": nan}).text) == {"v": "nan", "w": ["inf"]}
