@@ -88,8 +88,8 @@ class Tool:
         read (a builtin without one, a hint naming a type that is not defined) is an AgentOptError."""
         # what holds the hints and the docstring: a partial's function, a callable object's __call__
         target = function.func if isinstance(function, functools.partial) else function
-        if not (inspect.isfunction(target) or inspect.ismethod(target) or inspect.isbuiltin(target)) \
-                and callable(target):
+        if not (inspect.isfunction(target) or inspect.ismethod(target) or inspect.isbuiltin(target)
+                or inspect.isclass(target)) and callable(target):
             target = type(target).__call__
         label = name or getattr(target, "__name__", None) or type(function).__name__
         if label == "__call__":
@@ -300,7 +300,7 @@ def run_tool_call(call: ToolCall, tools: dict[str, Tool], timeout_s: float = 30.
 def _as_text(value: Any) -> str:
     if isinstance(value, str):
         return value
-    try:  # valid JSON: a NaN or infinity becomes its name as a string
+    try:  # valid JSON: a NaN or infinity becomes its name, as a string
         return json.dumps(_finite(value), default=str, allow_nan=False)
     except ValueError:  # a circular structure
         return str(value)
@@ -308,7 +308,7 @@ def _as_text(value: Any) -> str:
 
 def _finite(value: Any, depth: int = 0) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
+        return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"  # JavaScript's names
     if depth < 32 and isinstance(value, dict):
         return {k: _finite(v, depth + 1) for k, v in value.items()}
     if depth < 32 and isinstance(value, (list, tuple)):

@@ -106,4 +106,4 @@ def test_partials_callable_objects_and_kwargs_make_tools():
     assert run_tool_call(ToolCall("Multiply", {"a": 2, "b": 1.5}), tools).text == "3.0"
     # results are valid JSON: a NaN or infinity is written by name
     nan = Tool.from_function(lambda: {"v": float("nan"), "w": [float("inf")]}, name="nan")
-    assert json.loads(run_tool_call(ToolCall("nan", {}), {"nan": nan}).text) == {"v": "nan", "w": ["inf"]}
+    assert json.loads(run_tool_call(ToolCall("nan", {}), {"nan": nan}).text) == {"v": "NaN", "w": ["Infinity"]}
