@@ -187,6 +187,11 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
         loaded = load_model(model, capture)
     config = loaded.config
     report.capture = loaded.capture + (f" ({loaded.capture_note})" if loaded.capture_note else "")
+    for plan, kind in ((precision, "precision"), (sparse_plan, "sparse attention")):
+        if plan and plan.model and plan.model != loaded.name:
+            raise AgentOptError(f"the {kind} plan was measured on '{plan.model}', and this compile is of "
+                                f"'{loaded.name}': plan this model (agentopt plan {kind.split()[0]} --model "
+                                f"{model}), or compile the planned one (--model {plan.model})")
     context = min(config.max_position_embeddings, 4096) if context_length is None else context_length
     if context > config.max_position_embeddings:  # allowed (RoPE extends), but the model never saw those positions
         report.warnings.append(f"--context-length {context} goes past the {config.max_position_embeddings} "
@@ -207,11 +212,6 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
             log(f"int8 KV scales from {kv_calib or 'seeded random tokens'} ({sum(b.numel() for b in batches)} "
                 f"tokens), their peaks at level {level} of 127")
     check_memory(config, context, batch_size)
-    for plan, kind in ((precision, "precision"), (sparse_plan, "sparse attention")):
-        if plan and plan.model and plan.model != loaded.name:
-            raise AgentOptError(f"the {kind} plan was measured on '{plan.model}', and this compile is of "
-                                f"'{loaded.name}': plan this model (agentopt plan {kind.split()[0]} --model "
-                                f"{model}), or compile the planned one (--model {plan.model})")
     if precision:
         precision.check_units(config.num_layers)
     if sparse_plan:

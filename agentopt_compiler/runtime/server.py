@@ -157,8 +157,8 @@ class ChatService:
         """What constrains the answer: response_format json_object / json_schema; tool_choice required or named
         (a call first); tools with ``strict: true`` (free text, then calls valid for their schemas, the other
         tools' arguments any JSON object); tool_choice none with tools (text, no call). None: free text, as OpenAI's
-        default non-strict tools. A grammar
-        llguidance cannot build (an unsatisfiable schema, a malformed regex) is a 400 naming the field."""
+        default non-strict tools. A grammar llguidance cannot build (an unsatisfiable schema, a malformed regex) is
+        a 400 naming the field."""
         form = request.response_format
         strict = tools is not None and any(t["function"].get("strict") for t in tools)
         constrains_calls = tools is not None and (choice != "auto" or strict)
