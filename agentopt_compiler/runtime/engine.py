@@ -255,6 +255,10 @@ def load_engine(folder: str | Path, device: str | None = None, threads: int | No
     backend = get_backend(engine_section.get("backend", "?"), device or engine_section.get("device", "cpu"))
     device = device or engine_section.get("device", "cpu")
     options = {"slots": slots} if slots is not None else {}
-    session = backend.load("session")(folder, engine_section, device, threads, **options)
+    try:
+        session = backend.load("session")(folder, engine_section, device, threads, **options)
+    except MemoryError:
+        raise EngineError(f"not enough memory to open '{folder}' with {slots or engine_section['batch_size']} KV "
+                          "slot(s): give fewer slots (--slots), or recompile with a smaller --context-length") from None
     tokenizer = Tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
     return Engine(folder, manifest, session, tokenizer)

@@ -121,6 +121,10 @@ def test_python_api_misuse_is_one_clear_error(tiny_engine, tiny_engine_dir):
     for call, says in cases:
         with pytest.raises(AgentOptError, match=says):
             call()
+    engine = ao.load_engine(tiny_engine_dir)
+    if engine.session.row_subsets:  # more slots than memory holds: one clear error, not a MemoryError
+        with pytest.raises(AgentOptError, match="not enough memory"):
+            ao.load_engine(tiny_engine_dir, slots=10 ** 9)
     # one stop string is one stop string, not its characters
     assert tiny_engine.complete("Hi", max_new_tokens=2, stop_strings="ab").finish_reason in ("length", "stop")
     from agentopt_compiler.runtime.generation import GenerationConfig
