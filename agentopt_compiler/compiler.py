@@ -404,7 +404,8 @@ def check_sizes(context_length: int | None, batch_size: int) -> None:
         if value is None and option == "--context-length":  # the model's default
             continue
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise AgentOptError(f"{option} must be an integer from {low} to {high}, got {value!r}")
+            name = option.lstrip("-").replace("-", "_")  # as compile() spells it
+            raise AgentOptError(f"{option} ({name} in Python) must be an integer from {low} to {high}, got {value!r}")
 
 
 def physical_memory_bytes() -> int | None:

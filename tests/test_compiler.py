@@ -171,3 +171,10 @@ def test_a_context_past_the_trained_positions_is_built_with_a_warning(tmp_path):
     assert any(line.startswith("WARNING: --context-length 300 goes past the 256 positions")
                for line in engine.compile_report.lines())
     assert not ao.compile("tiny-random", out=tmp_path / "short", context_length=256).compile_report.warnings
+
+
+def test_size_errors_name_the_python_argument_too(tmp_path):
+    for options, says in (({"context_length": 1}, "context_length in Python"), ({"batch_size": 0}, "batch_size in Python")):
+        with pytest.raises(AgentOptError, match=says):
+            ao.compile("tiny-random", out=tmp_path / "e", **options)
+    assert not (tmp_path / "e").exists()

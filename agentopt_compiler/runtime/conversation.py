@@ -167,14 +167,23 @@ class Conversation:
             else:
                 rows = slots.saved_rows(self) or {}
         meta = {"tokens": self.tokens, "cached": self.cached if rows else 0, "engine": _engine_id(self.engine)}
-        np.savez(path, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-                 **{f"cache:{k}": v for k, v in rows.items()})
+        try:
+            np.savez(path, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+                     **{f"cache:{k}": v for k, v in rows.items()})
+        except OSError as exc:
+            raise AgentOptError(f"cannot save the conversation to '{path}': {exc.strerror or exc}") from None
 
     @classmethod
     def load(cls, engine, path: str | Path, prefix_cache=None) -> "Conversation":
-        with np.load(path) as data:
-            meta = json.loads(bytes(data["__meta__"]).decode())
-            rows = {k[len("cache:"):]: data[k] for k in data.files if k.startswith("cache:")}
+        try:
+            with np.load(path) as data:
+                meta = json.loads(bytes(data["__meta__"]).decode())
+                rows = {k[len("cache:"):]: data[k] for k in data.files if k.startswith("cache:")}
+        except OSError as exc:
+            raise AgentOptError(f"cannot read the conversation '{path}': {exc.strerror or exc}") from None
+        except (ValueError, KeyError, AttributeError, EOFError) as exc:  # not a file Conversation.save wrote
+            raise AgentOptError(f"'{path}' is not a saved conversation ({type(exc).__name__}: {exc}); give a file "
+                                "written by Conversation.save") from None
         if meta["engine"] != _engine_id(engine):
             raise AgentOptError(f"conversation '{path}' was saved from a different engine; it can only be loaded "
                                 "into the engine that made it")

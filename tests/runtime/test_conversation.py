@@ -57,6 +57,13 @@ def test_save_and_load(tiny_engine, tmp_path):
     history = conversation.tokens + [11, 12]
     assert _turn(loaded, history) == tiny_engine.generate_ids(history, GREEDY)
     assert loaded.reused_tokens == conversation.cached
+    # files that are not a saved conversation, and places that cannot be written: one AgentOptError each
+    (tmp_path / "garbage.npz").write_bytes(b"not a numpy archive")
+    for missing_or_bad, says in ((tmp_path / "none.npz", "cannot read"), (tmp_path / "garbage.npz", "is not a saved")):
+        with pytest.raises(AgentOptError, match=says):
+            type(conversation).load(tiny_engine, missing_or_bad)
+    with pytest.raises(AgentOptError, match="cannot save"):
+        conversation.save(tmp_path / "no-such-folder" / "c.npz")
 
 
 def test_prefix_cache_shares_a_common_prefix_across_conversations(tiny_engine):
