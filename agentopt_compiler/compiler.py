@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -303,8 +304,8 @@ def _measure_planned_engine(folder: Path, device: str, loaded, plan, manifest: d
     log(f"decode speed of the built engine: {measured['decode_tokens_per_s']:.1f} tokens/s (median of "
         f"{len(measured['decode_runs'])} runs, {min(measured['decode_runs']):.1f}-{max(measured['decode_runs']):.1f});"
         " the plan predicted " + (f"{predicted * 1e3:.2f} ms of matmuls per step" if predicted else "no decode time"))
-    manifest["precision_plan"]["measured"] = measured
-    _rewrite_manifest(folder, manifest)
+    manifest["precision_plan"]["measured"] = measured  # manifest.json is not among the hashed files
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return measured
 
 
@@ -342,21 +343,6 @@ def describe_weights(loaded, program) -> str:
         text += (f" (upcast from {loaded.checkpoint_dtype}: ONNX Runtime CPU computes in fp32; a --precision-plan "
                  "makes int8/int4 layers)")
     return text
-
-
-def _rewrite_manifest(folder: Path, manifest: dict) -> None:
-    """Replace manifest.json atomically (it is not among the hashed files, so the hashes stay valid). The temporary
-    file sits beside the folder, not in it: an engine folder holds only listed files."""
-    import json
-
-    temporary = folder.with_name(f".{folder.name}.manifest-{os.getpid()}.tmp")
-    try:
-        temporary.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(temporary, folder / MANIFEST)
-    except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        raise OutputPathError(f"the engine at '{folder}' is complete, but recording its measured precision "
-                              f"fidelity failed: {exc.strerror or exc}") from None
 
 
 def measure_decode_speed(engine, prompt: int = 16, steps: int = 32, repeats: int = 3) -> dict:
@@ -437,7 +423,8 @@ def make_staging_folder(out: Path, kind: str) -> Path:
 
 
 # What compiles and rebuilds of ``out`` create beside it, each name carrying the pid of the process that made it:
-# staging folders (tmp, rebuild), the engine being replaced (old), the writability probe, a manifest being rewritten.
+# staging folders (tmp, rebuild), the engine being replaced (old), the writability probe; and a manifest being
+# rewritten beside the engine, which earlier versions did after the engine took its place.
 STAGING_KINDS = ("tmp", "rebuild", "old", "probe", "manifest")
 
 

@@ -86,14 +86,13 @@ class Tool:
     def from_function(cls, function: Callable[..., Any], name: str | None = None) -> "Tool":
         """The tool's schema from ``function``'s signature, type hints and docstring. A signature that cannot be
         read (a builtin without one, a hint naming a type that is not defined) is an AgentOptError."""
-        # what holds the hints and the docstring: a partial's function, a callable object's __call__
+        # what holds the hints and the docstring, and names the tool: a partial's function; a callable object's
+        # __call__, named after its class
         target = function.func if isinstance(function, functools.partial) else function
+        label = name or getattr(target, "__name__", None) or type(target).__name__
         if not (inspect.isfunction(target) or inspect.ismethod(target) or inspect.isbuiltin(target)
-                or inspect.isclass(target)) and callable(target):
+                or inspect.isclass(target)):
             target = type(target).__call__
-        label = name or getattr(target, "__name__", None) or type(function).__name__
-        if label == "__call__":
-            label = type(function).__name__
         try:
             signature = inspect.signature(function)
         except (TypeError, ValueError) as exc:

@@ -73,8 +73,11 @@ def _check_manifest_matches_graph(engine: dict, session, graph_path: Path) -> No
         return EngineError(f"manifest.json does not describe {graph_path}: {what}; the manifest was edited or comes "
                            "from another engine: recompile with agentopt compile")
 
-    if engine["logits"] not in outputs:
-        raise wrong(f"engine.logits names '{engine['logits']}', and the graph's outputs are {', '.join(sorted(outputs))}")
+    logits = next((o for o in session.get_outputs() if o.name == engine["logits"]), None)
+    if logits is None or len(logits.shape) not in (2, 3) \
+            or engine["logits"] in {cache["output"] for cache in engine["caches"]}:  # (B, V) or (B, L, V)
+        raise wrong(f"engine.logits names '{engine['logits']}', which is not the graph's logits output (its "
+                    f"outputs: {', '.join(sorted(outputs))})")
     if set(engine["inputs"]) != set(inputs):
         raise wrong(f"engine.inputs lists {', '.join(engine['inputs']) or 'nothing'}, and the graph takes "
                     f"{', '.join(inputs)}")
@@ -83,9 +86,6 @@ def _check_manifest_matches_graph(engine: dict, session, graph_path: Path) -> No
     unlisted = set(inputs) - CALL_FEEDS - {cache["input"] for cache in engine["caches"]}
     if unlisted:
         raise wrong(f"the graph takes {', '.join(sorted(unlisted))}, which engine.caches does not list")
-    logits_rank = len(next(o.shape for o in session.get_outputs() if o.name == engine["logits"]))
-    if logits_rank not in (2, 3) or engine["logits"] in {cache["output"] for cache in engine["caches"]}:
-        raise wrong(f"engine.logits names '{engine['logits']}', which is not the graph's logits output")
     rings = ring_spare_slots(engine) is not None
     for cache in engine["caches"]:
         if cache["input"] not in inputs or cache["output"] not in outputs:
