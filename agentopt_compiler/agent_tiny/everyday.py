@@ -28,6 +28,7 @@ import json
 import random
 import re
 
+from .open_values import OPEN_SHARE, has_open_shape, open_value
 from .tool_families import family_tools, family_value, holds_name
 from .tasks import _OTHER_UNIT, _UNIT_RANGES, CITIES, DAYS, NAMES, Task, _chain_answer, _Gen, chain_plan
 from .tools import (TOOLS, calculator, convert_units, fmt_num, format_tool_call, normalize_key, run_tool,
@@ -435,6 +436,8 @@ _RESULTS = {
 
 
 def _value(r: random.Random, kind: str):
+    if has_open_shape(kind) and r.random() < OPEN_SHARE:
+        return open_value(r, kind)
     if kind in _VALUES:
         return r.choice(_VALUES[kind])
     if kind == "int":

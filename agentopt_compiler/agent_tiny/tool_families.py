@@ -15,8 +15,12 @@ the request's words against the tool names and parameter names the system prompt
                  ``currency_of(country)``, ``lookup_warranty(item)``, ...), offered next to tools of other nouns
                  of the same thing, so the noun in the request picks the tool.
     composed     ``<verb>_<object>`` from 40 verbs and 50 objects (``track_parcel``, ``cancel_booking``,
-                 ``count_vowels``, ...: 2000 names, too many to remember), offered next to tools that share the verb
-                 or the object, and asked for with both words in the request: the name is matched word by word.
+                 ``count_vowels``, ...: 2000 names, too many to remember), or from made-up words (``blick_tramf``),
+                 offered next to tools that share the verb or the object, and asked for with both words in the
+                 request: the name is matched word by word.
+
+Arguments are copied from the request: 60% of them are made-up values (open_values.py), so no list can stand in
+for copying.
 
 No generated name holds a held-out tool name (everyday.HELDOUT_TOOL_NAMES) as whole words: ``sum_numbers`` is
 generated, ``add_numbers`` never is, so the hand-written unseen-tool set stays unseen.
@@ -25,6 +29,8 @@ generated, ``add_numbers`` never is, so the hand-written unseen-tool set stays u
 from __future__ import annotations
 
 import random
+
+from .open_values import OPEN_SHARE, open_number, open_value, pseudo_word
 
 # operation -> (names, requests ({0}, {1}: the first and second parameter), result of (x, y))
 ARITHMETIC = {
@@ -53,6 +59,8 @@ ARITHMETIC = {
                    "what's left over when {1} divides {0}"),
                   lambda x, y: x % y),
 }
+# share of composed tools named from made-up verbs and objects (``blick_tramf``) instead of COMPOSED_VERBS/OBJECTS
+MADE_UP_SHARE = 0.35
 PARAM_PAIRS = (("a", "b"), ("x", "y"), ("first", "second"), ("num1", "num2"), ("left", "right"), ("m", "n"),
                ("value1", "value2"), ("lhs", "rhs"), ("n1", "n2"))
 
@@ -147,7 +155,7 @@ def arithmetic_value(r: random.Random, op: str, position: int) -> int:
         return r.randint(2, 12) if position == 0 else r.randint(2, 4)
     if op in ("quotient", "remainder") and position == 1:
         return r.randint(2, 40)
-    return r.randint(2, 999)
+    return open_number(r, decimals=False) if r.random() < OPEN_SHARE else r.randint(2, 999)
 
 
 def attribute_tool(r: random.Random, kind: str | None = None, avoid_nouns: frozenset[str] = frozenset()) -> dict:
@@ -178,11 +186,12 @@ def family_value(r: random.Random, vkind: str):
     """A value for a family tool's parameter of value kind ``vkind`` (``arith:<op>:<position>``, ``attr:<kind>`` or
     ``composed``)."""
     family, *rest = vkind.split(":")
-    if family == "composed":
-        return r.choice(COMPOSED_VALUES)
     if family == "arith":
         return arithmetic_value(r, rest[0], int(rest[1]))
-    return r.choice(ATTRIBUTES[rest[0]][1])
+    kind = "composed" if family == "composed" else rest[0]
+    if r.random() < OPEN_SHARE:
+        return open_value(r, kind)
+    return r.choice(COMPOSED_VALUES) if family == "composed" else r.choice(ATTRIBUTES[kind][1])
 
 
 def family_tools(r: random.Random, heldout: frozenset[str], siblings: int) -> list[dict]:
@@ -190,10 +199,13 @@ def family_tools(r: random.Random, heldout: frozenset[str], siblings: int) -> li
     while True:
         pick = r.random()
         if pick < 0.4:  # siblings share the verb or the object
-            verb, obj = r.choice(COMPOSED_VERBS), r.choice(COMPOSED_OBJECTS)
+            verbs, objects = COMPOSED_VERBS, COMPOSED_OBJECTS
+            if r.random() < MADE_UP_SHARE:  # words no request has used before: only matching them picks the tool
+                verbs, objects = tuple(pseudo_word(r) for _ in range(4)), tuple(pseudo_word(r) for _ in range(4))
+            verb, obj = r.choice(verbs), r.choice(objects)
             pairs = [(verb, obj)]
             while len(pairs) < 1 + siblings:
-                q = (verb, r.choice(COMPOSED_OBJECTS)) if r.random() < 0.5 else (r.choice(COMPOSED_VERBS), obj)
+                q = (verb, r.choice(objects)) if r.random() < 0.5 else (r.choice(verbs), obj)
                 if q not in pairs:
                     pairs.append(q)
             tools = [composed_tool(r, v, o) for v, o in pairs]
