@@ -244,11 +244,23 @@ STORY_CONVERT = {
 }
 
 
+def _convert_value(r: random.Random, unit: str) -> str:
+    """A quantity to convert, as written: mostly in the generator's ranges (below 1000), a third of the time (not for
+    temperatures) one to five digits, or below one. Trained on values below 1000 only, the model dropped a digit of
+    larger ones ("5280 ft" -> 528.0, issue 29)."""
+    lo, hi = _UNIT_RANGES[unit]
+    if unit not in ("C", "F") and r.random() < 0.33:
+        v = r.randint(1, 10 ** r.randint(1, 5) - 1)
+        if v < 10 and r.random() < 0.3:
+            return f"0.{v}"
+    else:
+        v = r.randint(lo, hi)
+    return str(v) if r.random() < 0.75 else f"{v}.{r.randint(1, 9)}"
+
+
 def convert_request(r: random.Random) -> tuple[str, float | int, str, str]:
     fu, tu = r.choice(list(_OTHER_UNIT.items()))
-    lo, hi = _UNIT_RANGES[fu]
-    v = r.randint(lo, hi)
-    vt = str(v) if r.random() < 0.75 else f"{v}.{r.randint(1, 9)}"
+    vt = _convert_value(r, fu)
     form = r.choice(STORY_CONVERT[fu]) if r.random() < 0.2 else r.choice(CONVERT_FORMS)
     fw, tw = r.choice(UNIT_WORDS[fu]), r.choice(UNIT_WORDS[tu])
     if "{v}{fu}" in form and len(fw) > 3:

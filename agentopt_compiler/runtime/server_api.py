@@ -121,7 +121,7 @@ class ResponseFormat(_Strict):
 class ChatRequest(_Strict):
     model: StrictStr
     messages: Annotated[list[Message], Field(min_length=1)]
-    tools: list[ToolDefinition] | None = None
+    tools: Annotated[list[ToolDefinition], Field(min_length=1)] | None = None  # [] is refused, as OpenAI does
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None
     stream: StrictBool | None = False

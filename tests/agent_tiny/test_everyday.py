@@ -10,8 +10,8 @@ import pytest
 
 from agentopt_compiler.agent_tiny.everyday import (CALC_CONVERT, EVERYDAY_KINDS, HELDOUT_TOOL_NAMES, calc_request,
                                                    make_everyday_task)
-from agentopt_compiler.agent_tiny.tool_families import (ARITHMETIC, arithmetic_tool, family_tools, family_value,
-                                                        holds_name)
+from agentopt_compiler.agent_tiny.tool_families import (ARITHMETIC, COMPOSED_VERBS, arithmetic_tool, family_tools,
+                                                        family_value, holds_name)
 from agentopt_compiler.agent_tiny.tools import calculator, parse_tool_call
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -84,3 +84,38 @@ def test_everyday_calculator_requests_state_the_expression_operands():
 def test_calc_convert_forms_multiply_as_often_as_they_add():
     ops = [op for _, op in CALC_CONVERT]
     assert sum(op in ("*", "*r") for op in ops) >= sum(op == "+" for op in ops)
+
+
+def test_generated_tool_arguments_are_copied_from_the_request_and_mostly_new():
+    """A call's argument values all stand in the request as written (the model can copy them), and most are drawn
+    from open generators, not lists a model could learn instead of copying (open_values.py)."""
+    from agentopt_compiler.agent_tiny.everyday import _VALUES
+    from agentopt_compiler.agent_tiny.tool_families import ATTRIBUTES, COMPOSED_VALUES
+
+    closed = {str(v) for vals in _VALUES.values() for v in vals} | set(COMPOSED_VALUES)
+    closed |= {v for _, vals, _ in ATTRIBUTES.values() for v in vals}
+    strings, numbers = [], []
+    for i in range(600):
+        task = make_everyday_task("new_tool", random.Random(f"copy/{i}"))
+        request = task.messages[-1]["content"]
+        for value in task.calls[0][1].values():
+            assert str(value) in request, (value, request)
+            (strings if isinstance(value, str) else numbers).append(value)
+    open_strings = [s for s in strings if s not in closed]
+    assert len(open_strings) > 0.4 * len(strings) and len(set(open_strings)) > 0.9 * len(open_strings)
+    assert max(numbers) >= 100_000 and min(numbers) < 10
+
+
+def test_made_up_composed_names_are_matched_from_the_request():
+    """Composed tools named from made-up words: the request holds the tool's verb and object, a sibling shares one."""
+    r = random.Random(1)
+    made_up = 0
+    for _ in range(600):
+        tools = family_tools(r, HELDOUT_TOOL_NAMES, 2)
+        if tools[0]["_concept"][0] != "composed" or tools[0]["_concept"][1] in COMPOSED_VERBS:
+            continue
+        made_up += 1
+        _, verb, obj = tools[0]["_concept"]
+        assert all(verb in ask and obj in ask for ask in tools[0]["_asks"])
+        assert all(t["_concept"][1] == verb or t["_concept"][2] == obj for t in tools[1:])
+    assert made_up > 50

@@ -261,6 +261,7 @@ MALFORMED = [  # (field changes, the param the error must name)
     ({"stop": "}", "response_format": {"type": "json_object"}}, "stop"),  # it could only cut the JSON short
     ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
     ({"tools": [*TOOLS, *TOOLS]}, "tools"),  # two tools of one name
+    ({"tools": []}, "tools"),  # no tools: leave the field out
     *[({"tools": [{"type": "function", "function": {"name": "f", "parameters": parameters}}]},
        "tools[0].function.parameters") for parameters in (
         {"type": "object", "properties": [1, 2]}, {"type": "object", "properties": {"a": 3}},
