@@ -80,6 +80,32 @@ class Grammar:
     what: str
     whole_output: bool = False  # it shapes the output from its first token to its last (a JSON answer, a regex):
     # a stop string could only cut it, so the two are refused together (GenerationConfig)
+    # a tool-call grammar's tool names and where a call starts: greedy decoding picks the name whole (generation.py)
+    names: tuple[str, ...] = ()
+    call_open: str = ""
+    list_of_calls: bool = False
+
+    def at_name(self, text: str) -> bool:
+        """Whether ``text`` (the output so far) ends where a call's tool name starts: right after ``{"name": "`` in
+        the call object itself (JSON depth 1 after the opening tag, 2 in a list of calls), not in its arguments."""
+        if not self.names or not text.endswith('{"name": "'):
+            return False
+        start = text.rfind(self.call_open)
+        if start < 0:
+            return False
+        depth, in_string, escaped = 0, False, False
+        for ch in text[start + len(self.call_open):-1]:  # up to the name's opening quote
+            if escaped:
+                escaped = False
+            elif in_string:
+                escaped, in_string = ch == "\\", ch != '"'
+            elif ch == '"':
+                in_string = True
+            elif ch in "{[":
+                depth += 1
+            elif ch in "}]":
+                depth -= 1
+        return not in_string and depth == (2 if self.list_of_calls else 1)
 
 
 def json_schema_grammar(schema: dict[str, Any], what: str = "the JSON schema") -> Grammar:
@@ -137,12 +163,14 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], syntax: CallSyntax, token
     open_tag = _literal(syntax.open, tokenizer) + (" " + json.dumps(syntax.after_open) if syntax.after_open else "")
     close = (" " + json.dumps(syntax.before_close) if syntax.before_close else "") + \
         (" " + _literal(syntax.close, tokenizer) if syntax.close else "")
+    names = {"names": tuple(f["name"] for f in functions), "call_open": syntax.open + syntax.after_open,
+             "list_of_calls": syntax.list_of_calls} if len(functions) > 1 else {}
     if choice == "auto":  # text up to the opening tag: a special token ends a text lexeme, a text tag lazily
         trigger = (f"call_open: TEXT? {open_tag}" if _added_token(syntax.open, tokenizer) is not None
                    else f"call_open[lazy]: BEFORE_CALL {open_tag}")
         calls = "call*" if parallel else "call?"
         return Grammar(_lark(f"start: {calls} TEXT?", trigger, f"call: call_open {_json_rule(body)}{close}",
-                             r"TEXT: /(.|\n)+/", r"BEFORE_CALL: /(.|\n)*/"), "the tools' schemas")
+                             r"TEXT: /(.|\n)+/", r"BEFORE_CALL: /(.|\n)*/"), "the tools' schemas", **names)
     # a reasoning block may come first: free text up to its closing tag, then a call; it must be closed first when
     # the prompt opened it (reasoning[0] == "")
     think = "" if not reasoning else "think? " if reasoning[0] else "think "
@@ -153,7 +181,7 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], syntax: CallSyntax, token
             rules += [f"think: {think_open} TEXT? {think_close} /[ \n]*/", r"TEXT: /(.|\n)+/"]
         else:  # a text tag ends a lazy match
             rules += [f"think: {think_open} think_body /[ \n]*/", f"think_body[lazy]: /(.|\n)*/ {think_close}"]
-    return Grammar(_lark(*rules), "the tools' schemas")
+    return Grammar(_lark(*rules), "the tools' schemas", **names)
 
 
 def reasoning_left(prompt: str, reasoning: tuple[str, str] | None) -> tuple[str, str] | None:
@@ -311,18 +339,21 @@ class Matcher:
         """Something the grammar started must still be finished (a call, a JSON value) before it may end here."""
         return not self._matcher.is_accepting() and not self._matcher.is_stopped()
 
-    def closing(self, limit: int, after: int | None = None, hint: Sequence[int] = ()) -> list[int] | None:
+    def closing(self, limit: int, after: int | Sequence[int] | None = None, hint: Sequence[int] = ()
+                ) -> list[int] | None:
         """A short way to finish what is open (after the token ``after``, if given), not consumed: the tokens that end
         the string being written, close the arguments and the call with its tag, giving each required property still
         missing its shortest value (greedily: forced tokens, then a special token such as ``</think>``, then
-        ``_CLOSERS`` in order, else the shortest token the grammar accepts). [] when nothing is open, None when no way
+        ``_CLOSERS`` in order, else the shortest token the grammar accepts; ``after``: a token or tokens). [] when nothing is open, None when no way
         was found within ``limit`` tokens (a text tag that ends free text, such as a ``</think>`` that is not one
         token, is not found: the walk never writes it).
 
         ``hint``: a closing found before (one token ago, say); when it still closes from here within ``limit`` it is
         the answer, without the walk (a token inside a string leaves the closing as it was)."""
         probe, path = self._matcher.deep_copy(), []
-        if after is not None and (probe.try_consume_tokens([int(after)]) != 1 or probe.is_error()):
+        if after is not None:
+            after = [int(after)] if isinstance(after, (int, np.integer)) else [int(t) for t in after]
+        if after and (probe.try_consume_tokens(after) != len(after) or probe.is_error()):
             return None
         if probe.is_accepting() or probe.is_stopped():
             return []

@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import AgentOptError, ContextOverflowError
-from .generation import GenerationConfig
+from .generation import GenerationConfig, choose_name
 
 
 class Conversation:
@@ -75,6 +75,25 @@ class Conversation:
             logits = engine.session.run(np.array([ids] * count, dtype=np.int64),
                                         np.arange(start, start + len(ids), dtype=np.int64), logits_index, rows)
         return logits[:1]
+
+    def choose_tool_name(self, picker) -> list[int]:
+        """The tool name ``picker`` stopped at (``picker.choice``; the cache holds every token so far), chosen whole
+        (generation.choose_name) and appended; its tokens but the last are fed. Returns its tokens."""
+        calls = sum(len(ids) > 1 for ids in picker.choice.values())
+        new = picker.take_choice(choose_name(picker, self._feed_rows, self.cached), self.tokens)
+        self.cached += len(new) - 1
+        self.decode_calls += calls
+        return new
+
+    def _feed_rows(self, ids: list[int], start: int, picks: int) -> np.ndarray:
+        """(picks, V) logits after the last ``picks`` of ``ids`` fed at ``start``: one call, or one per token on an
+        engine that returns one row per call."""
+        if picks == 1 or self.engine.session.multi_logits:
+            return self.feed(ids, start, picks)[0]
+        first = start + len(ids) - picks
+        if first > start:
+            self.feed(ids[:first - start], start)
+        return np.concatenate([self.feed([t], first + i)[0] for i, t in enumerate(ids[-picks:])])
 
     def begin_turn(self, prompt_ids: list[int]) -> int:
         """Make ``prompt_ids`` the conversation and bind it to a slot; return how many of its first tokens already
@@ -139,6 +158,8 @@ class Conversation:
                 new, kept = picker.pick(rows, draft, self.tokens)
                 self.cached += kept
                 yield from new
+                if picker.choice is not None:
+                    yield from self.choose_tool_name(picker)
                 if picker.finish is not None:
                     break
                 draft = picker.next_draft(self.tokens)

@@ -56,6 +56,8 @@ class Engine:
 
     def token_picker(self, config: GenerationConfig) -> TokenPicker:
         """The token choices of one sequence generated with ``config`` on this engine (generation.py)."""
+        if config.whole_tool_names and not self.session.rewindable:
+            config = config.with_options(whole_tool_names=False)  # scoring names writes past a ring cache's end
         return TokenPicker(config, self.eos_token_ids, self.context_length, self.tokenizer,
                            self.manifest["model"]["config"]["vocab_size"])
 

@@ -57,6 +57,8 @@ class GenerationConfig:
     # when greedy, the same distribution when sampling)
     grammar: Grammar | None = None  # constrained decoding: only what the grammar accepts (constraints.py)
     fast_forward: bool = True  # feed the tokens the grammar forces in one call (False: one per call, same tokens)
+    whole_tool_names: bool = True  # greedy under a tool-call grammar: a call's tool name is the offered name of the
+    # highest probability over all its tokens (False: token by token, each the most likely the grammar allows)
 
     def __post_init__(self):
         for key in ("stop_token_ids", "stop_strings"):  # lists become tuples; one stop string is not its characters
@@ -157,6 +159,11 @@ class TokenPicker:
         self.ends_at_draft = False  # the current draft's forced tokens end the sequence: no call needs to feed them
         self.closed_at_limit = False  # a call (or JSON value) was closed early, the limit being too near to go on
         self._closing_hint: list[int] = []  # the last closing found near a limit: often still the closing a token on
+        # a call's tool name to choose whole (set by ``pick`` at the name's start under greedy decoding): name -> its
+        # tokens with the closing quote, and the logits row that predicts their first token
+        self.choice: dict[str, list[int]] | None = None
+        self.choice_row: np.ndarray | None = None
+        self._forced_pending = False  # take_forced appended the sequence's last tokens
 
     def _check_room_for_an_output(self) -> None:
         """A grammar that asks for something from the start (a required call, a JSON answer) under a new-token limit
@@ -187,6 +194,13 @@ class TokenPicker:
         # a row per fed token (the forced ones' rows predict forced tokens: unused), or, from an engine that returns
         # one row per call (no prompt lookup there), the last fed token's row
         rows = rows[forced:] if len(rows) > forced else rows[-1:]
+        # a name starts only after forced tokens: fed in this call, or appended by take_forced and fed since
+        after_forced, self._forced_pending = forced > 0 or self._forced_pending, False
+        self.choice = self._names_at(tokens) if after_forced else None
+        if self.choice is not None:  # the caller scores the names (choose_name), then ``take_choice``
+            self.choice_row = rows[0]
+            self.drafted += len(lookup)
+            return new, forced
         kept = forced
         for index, row in enumerate(rows[:1 + len(lookup)]):
             drafted = index < len(lookup)
@@ -212,6 +226,45 @@ class TokenPicker:
                 break  # the next call feeds the last token (its KV is computed there)
         self.drafted += len(lookup)
         return new, kept
+
+    def _names_at(self, tokens: list[int]) -> dict[str, list[int]] | None:
+        """At the start of a call's tool name under greedy decoding: each offered name's tokens (with the closing
+        quote). Chosen token by token, the name's first token decides alone, and the names sharing the likeliest
+        first token take all the mass: agent-tiny wrote ``multiply`` for "please add 348 and 519" with ``add``
+        offered, while ``add`` is the likelier whole name (MODEL_CARD.md). Near a limit, only the names after which
+        the call can still close in time. None elsewhere, or where the grammar does not take a name's own tokens."""
+        grammar = self.config.grammar
+        if not grammar.names or self.config.temperature > 0 or not self.config.whole_tool_names \
+                or self._tokenizer is None:
+            return None
+        generated = tokens[len(tokens) - self.generated:]
+        if not grammar.at_name(self._tokenizer.decode(generated, skip_special_tokens=False)):
+            return None
+        names = {name: self._name_tokens(name) for name in grammar.names}
+        if any(self.matcher.valid_prefix(ids) != len(ids) for ids in names.values()):
+            return None
+        left = min(self.config.max_new_tokens - self.generated, self.capacity + 1 - len(tokens))
+        if left <= CLOSE_WINDOW + max(map(len, names.values())):  # near a limit: the names after which the call
+            # can still be closed in the tokens left (the limit's check, _fit_before_limit, for a whole name)
+            names = {name: ids for name, ids in names.items()
+                     if len(ids) < left and self.matcher.closing(left - len(ids), after=ids) is not None}
+        return names or None
+
+    def _name_tokens(self, name: str) -> list[int]:
+        """The tokens that write ``name`` and its closing quote as the model's text has them: the tokenizer's own
+        split of the name followed by what the grammar writes next (``", "``), up to the token holding the quote
+        (``add", "`` -> ``ad``, ``d``, ``",``; a lone ``"`` would be a split the model never saw)."""
+        ids, offsets = self._tokenizer.encode_with_offsets(name + '", "')
+        return [token for token, (start, _) in zip(ids, offsets) if start <= len(name)]
+
+    def take_choice(self, name: str, tokens: list[int]) -> list[int]:
+        """Append the chosen name's tokens (``choice[name]``) to ``tokens``; returns them."""
+        ids, self.choice, self.choice_row = self.choice[name], None, None
+        self.matcher.consume_all(ids)
+        new: list[int] = []
+        for index, token in enumerate(ids):
+            self._append(token, tokens, new, grammar_caught_up=index == len(ids) - 1)
+        return new
 
     def _fit_before_limit(self, token: int, tokens: list[int]) -> list[int] | None:
         """Near a limit: None to keep ``token``, when what it leaves open can still be closed in the tokens left
@@ -246,6 +299,7 @@ class TokenPicker:
         new: list[int] = []
         self._append_forced(self.matcher.forced(min(self.config.max_new_tokens - self.generated,
                                                     self.capacity + 1 - len(tokens))), tokens, new)
+        self._forced_pending = bool(new)
         return new
 
     def _append_forced(self, forced: Sequence[int], tokens: list[int], new: list[int]) -> None:
@@ -307,6 +361,31 @@ class TokenPicker:
         longest = max(len(stop) for stop in self.config.stop_strings)
         hit = find_stop(after, self.config.stop_strings, max(len(before) - longest + 1, 0))
         return hit is not None and hit[2]
+
+
+def choose_name(picker: TokenPicker, feed, start: int) -> str:
+    """The offered name (``picker.choice``) of the highest log-probability over all its tokens: the first token's from
+    ``picker.choice_row``, the others' from one call per name of two or more tokens, ``feed(ids, start, picks)`` ->
+    logits (picks, V), which feeds all its tokens but the last at ``start`` (the cache's end). Leaves the cache
+    holding the chosen name's tokens but its last, the sequence's pending token (one more call when another name
+    was fed last)."""
+    def log_probs(row: np.ndarray) -> np.ndarray:
+        row = row.astype(np.float64)
+        return row - (row.max() + np.log(np.exp(row - row.max()).sum()))
+
+    first = log_probs(picker.choice_row)
+    scores, fed_last = {}, None
+    for name, ids in picker.choice.items():
+        scores[name] = first[ids[0]]
+        if len(ids) > 1:
+            rows = feed(ids[:-1], start, len(ids) - 1)
+            scores[name] += sum(log_probs(row)[token] for row, token in zip(rows, ids[1:]))
+            fed_last = name
+    best = max(scores, key=scores.get)  # ties: the first offered
+    ids = picker.choice[best]
+    if len(ids) > 1 and fed_last != best:
+        feed(ids[:-1], start, 1)
+    return best
 
 
 class TextStream:

@@ -4,12 +4,14 @@ decoding chooses, in fewer engine calls, and prompt-lookup drafts are cut where 
 
 import json
 
+import numpy as np
 import pytest
 from dataclasses import replace
 
 import agentopt_compiler as ao
 from agentopt_compiler.errors import AgentOptError
 from agentopt_compiler.runtime.agent import Agent
+from agentopt_compiler.runtime.conversation import Conversation
 from agentopt_compiler.runtime.constraints import (CALL_SYNTAXES, Grammar, Matcher, call_syntax, json_schema_grammar,
                                                    no_call_grammar, regex_grammar, tool_call_grammar)
 from agentopt_compiler.runtime.generation import GenerationConfig
@@ -406,3 +408,83 @@ def test_the_closing_of_a_cut_call_parses_in_each_family_syntax(engine, family):
         parsed = parse_tool_calls(text)
         assert len(parsed.calls) == 1 and not parsed.errors, text
         jsonschema.validate(parsed.calls[0].arguments, schema)
+
+
+def test_at_name_finds_a_call_name_start_and_not_an_argument_named_name():
+    single = tool_call_grammar([{"name": "a", "parameters": {}}, {"name": "b", "parameters": {}}],
+                               CALL_SYNTAXES["hermes"])
+    listed = tool_call_grammar([{"name": "a", "parameters": {}}, {"name": "b", "parameters": {}}],
+                               CALL_SYNTAXES["mistral"])
+    assert single.names == ("a", "b") and single.at_name('I will. <tool_call>{"name": "')
+    assert single.at_name('<tool_call>{"name": "a", "arguments": {}}</tool_call> then <tool_call>{"name": "')
+    assert not single.at_name('<tool_call>{"name": "a", "arguments": {"name": "')  # an argument called name
+    assert not single.at_name('<tool_call>{"name": "a", "arguments": {"x": "{\\"name\\": \\"')  # inside a string
+    assert not single.at_name('{"name": "')  # no call opened
+    assert listed.at_name('[TOOL_CALLS][{"name": "') and listed.at_name('[TOOL_CALLS][{"name": "a", "arguments": '
+                                                                        '{"k": [1, {"x": "}"}]}}, {"name": "')
+    assert not listed.at_name('[TOOL_CALLS][{"name": "a", "arguments": {"items": [{"name": "')
+    one = tool_call_grammar([{"name": "a", "parameters": {}}], CALL_SYNTAXES["hermes"])
+    assert one.names == () and not one.at_name('<tool_call>{"name": "')  # one tool: its name is forced
+
+
+WORDED = ("<|im_start|>system\n{tools}<|im_end|>\n<|im_start|>user\n{request}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_greedy_calls_take_the_likeliest_whole_name_and_go_on_as_if_it_were_given(engine):
+    """With several tools offered, greedy decoding writes the tool name of the highest probability over all its
+    tokens (each name scored here by a fresh prefill, no cache reuse), and the rest of the output is what the model
+    writes after that name when it is the only choice (tool_choice naming it): the KV the scoring wrote is right."""
+    from agentopt_compiler.agent_tiny import heldout_tools
+    from agentopt_compiler.agent_tiny.tools import system_prompt
+
+    functions = _tools([heldout_tools.add, heldout_tools.multiply, heldout_tools.word_count])
+    specs = [{"name": t.name, "description": "", "parameters": t.parameters} for t in functions]
+    syntax = call_syntax(engine.tokenizer.chat_template)
+    differ = 0
+    for request in ("please add 348 and 519 using the tool", "12 boxes, 36 eggs in each box: how many in all",
+                    "how many words are in 'the quick brown fox'"):
+        prompt = WORDED.format(tools=system_prompt(specs), request=request)
+        grammar = tool_call_grammar([t.schema() for t in functions], syntax, engine.tokenizer, "required")
+        whole = engine.complete(prompt, max_new_tokens=80, grammar=grammar)
+        by_token = engine.complete(prompt, max_new_tokens=80, grammar=grammar, whole_tool_names=False)
+        name = parse_tool_calls(whole.text).calls[0].name
+        head = engine.encode(prompt + '<tool_call>{"name": "', add_special_tokens=False)
+
+        def score(candidate):
+            ids, offsets = engine.tokenizer.encode_with_offsets(candidate + '", "')  # up to the token with the quote
+            ids = [t for t, (start, _) in zip(ids, offsets) if start <= len(candidate)]
+            logits = Conversation(engine).feed(head + ids, 0, picks=len(ids) + 1)[0, :-1].astype(np.float64)
+            logits -= logits.max(-1, keepdims=True)
+            return sum(row[t] - np.log(np.exp(row).sum()) for row, t in zip(logits, ids))
+
+        assert name == max((t.name for t in functions), key=score), request
+        forced = engine.complete(prompt, max_new_tokens=80, grammar=tool_call_grammar(
+            [t.schema() for t in functions], syntax, engine.tokenizer, name))
+        assert forced.token_ids == whole.token_ids
+        differ += parse_tool_calls(by_token.text).calls[0].name != name
+    assert differ  # the whole-name choice changes at least one of these calls (agent-tiny: "add" -> multiply)
+
+
+def test_the_scheduler_chooses_names_whole_alone_and_in_a_batch(engine):
+    """Served by the scheduler, one request alone or two decoding together, the calls are the engine's own."""
+    from agentopt_compiler.agent_tiny import heldout_tools
+    from agentopt_compiler.agent_tiny.tools import system_prompt
+    from agentopt_compiler.runtime.scheduler import Scheduler
+
+    functions = _tools([heldout_tools.add, heldout_tools.multiply, heldout_tools.word_count])
+    specs = [{"name": t.name, "description": "", "parameters": t.parameters} for t in functions]
+    grammar = tool_call_grammar([t.schema() for t in functions], call_syntax(engine.tokenizer.chat_template),
+                                engine.tokenizer, "required")
+    config = GenerationConfig(max_new_tokens=60, grammar=grammar)
+    prompts = [engine.encode(WORDED.format(tools=system_prompt(specs), request=r), add_special_tokens=False)
+               for r in ("please add 348 and 519 using the tool", "12 boxes, 36 eggs in each box: how many in all")]
+    want = [engine.generate_ids(p, config) for p in prompts]
+    assert want != [engine.generate_ids(p, config.with_options(whole_tool_names=False)) for p in prompts]
+    slotted = ao.load_engine(engine.folder, slots=2)
+    for batch in ([prompts[0]], prompts):
+        scheduler = Scheduler(slotted, prefill_chunk=16)
+        outputs = [[] for _ in batch]
+        requests = [scheduler.submit(p, config, lambda e, i=i: e.get("token") is not None and outputs[i].append(
+            e["token"])) for i, p in enumerate(batch)]
+        scheduler.run(requests)
+        assert outputs == want[:len(batch)]
