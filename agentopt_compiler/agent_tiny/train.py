@@ -1,14 +1,18 @@
 """Train a tiny tool-using Llama-family model on procedural agent episodes (tasks.py, everyday.py), on CPU or GPU.
 
-agent-tiny's shipped weights come from one run of both stages from scratch (its MODEL_CARD.md names the commit and
-host; that run, at commit 6030301's data, was bounded by 7.5 minutes on an H200: ``--tokens`` reproduces it):
+agent-tiny's shipped weights are the midpoint (interpolate.py) of one run of both stages from scratch and its
+fine-tune on the stage-2 mix (its MODEL_CARD.md names the commits and hosts; the first run, at commit 6030301's data,
+was bounded by 7.5 minutes on an H200: ``--tokens`` reproduces it):
 
-    python -m agentopt_compiler.agent_tiny.train --out RUN --mix full --tokens 53.4e6 --seed 6 --minutes 600 \
+    python -m agentopt_compiler.agent_tiny.train --out BASE --mix full --tokens 53.4e6 --seed 6 --minutes 600 \
         --device cuda --data-workers 3 --eval-tasks 0     # about 5 hours with --device cpu --threads 2 on 2 cores
+    python -m agentopt_compiler.agent_tiny.train --out TUNED --init-from BASE --mix stage2 --tokens 12.5e6 \
+        --seed 10 --lr 2e-4 --warmup-steps 30 --minutes 600 --threads 2 --eval-tasks 0   # 72 minutes on 2 cores
+    python -m agentopt_compiler.agent_tiny.interpolate BASE TUNED --weight 0.5 --out RUN
 
 ``--mix curriculum`` is stage 1 alone (the previous weights: 49.6M tokens on CPU), ``--mix stage2`` the everyday
-phrasings and generated tools alone, for fine-tuning with ``--init-from`` (measured and not shipped: it trades the
-generator's multiplicative chains for everyday phrasing).
+phrasings and generated tools alone, for fine-tuning with ``--init-from`` (alone, a fine-tune trades the
+generator's multiplicative chains for everyday phrasing; the midpoint with the run it started from keeps both).
 
 Steps: train a 512-token byte-level BPE on generated episodes (or take the tokenizer of ``--init-from``); build the
 model with ``build_model`` (then re-initialise it for training: N(0, 0.02), residual projections scaled down); train
