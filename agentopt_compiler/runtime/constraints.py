@@ -341,12 +341,12 @@ class Matcher:
 
     def closing(self, limit: int, after: int | Sequence[int] | None = None, hint: Sequence[int] = ()
                 ) -> list[int] | None:
-        """A short way to finish what is open (after the token ``after``, if given), not consumed: the tokens that end
-        the string being written, close the arguments and the call with its tag, giving each required property still
-        missing its shortest value (greedily: forced tokens, then a special token such as ``</think>``, then
-        ``_CLOSERS`` in order, else the shortest token the grammar accepts; ``after``: a token or tokens). [] when nothing is open, None when no way
-        was found within ``limit`` tokens (a text tag that ends free text, such as a ``</think>`` that is not one
-        token, is not found: the walk never writes it).
+        """A short way to finish what is open (after ``after``, a token or tokens, if given), not consumed: the tokens
+        that end the string being written, close the arguments and the call with its tag, giving each required
+        property still missing its shortest value (greedily: forced tokens, then a special token such as
+        ``</think>``, then ``_CLOSERS`` in order, else the shortest token the grammar accepts). [] when nothing is
+        open, None when no way was found within ``limit`` tokens (a text tag that ends free text, such as a
+        ``</think>`` that is not one token, is not found: the walk never writes it).
 
         ``hint``: a closing found before (one token ago, say); when it still closes from here within ``limit`` it is
         the answer, without the walk (a token inside a string leaves the closing as it was)."""
