@@ -56,10 +56,13 @@ class Engine:
 
     def token_picker(self, config: GenerationConfig) -> TokenPicker:
         """The token choices of one sequence generated with ``config`` on this engine (generation.py)."""
+        vocab = self.manifest["model"]["config"]["vocab_size"]
+        outside = [t for t in config.stop_token_ids or () if not 0 <= t < vocab]
+        if outside:  # they could never be generated: the sequence would run on past where it was meant to stop
+            raise AgentOptError(f"stop_token_ids {outside} are not token ids of this model (0 to {vocab - 1})")
         if config.whole_tool_names and not self.session.rewindable:
             config = config.with_options(whole_tool_names=False)  # scoring names writes past a ring cache's end
-        return TokenPicker(config, self.eos_token_ids, self.context_length, self.tokenizer,
-                           self.manifest["model"]["config"]["vocab_size"])
+        return TokenPicker(config, self.eos_token_ids, self.context_length, self.tokenizer, vocab)
 
     def encode(self, prompt: str | Sequence[int], add_special_tokens: bool = True) -> list[int]:
         """Token ids of a text (``add_special_tokens=False`` for a rendered chat, whose template wrote them) or the

@@ -44,6 +44,10 @@ def test_stop_tokens_end_generation_before_the_stop_token(tiny_engine):
     completion = tiny_engine.complete(PROMPT, max_new_tokens=20, stop_token_ids=[stop])
     assert completion.token_ids == greedy[:cut] and completion.finish_reason == "stop"
     assert tiny_engine.complete(PROMPT, max_new_tokens=7, ignore_eos=True).finish_reason == "length"
+    vocab = tiny_engine.manifest["model"]["config"]["vocab_size"]
+    for outside in (vocab, -1):  # a stop id no token has would never stop anything: refused
+        with pytest.raises(AgentOptError, match=rf"stop_token_ids \[{outside}\] are not token ids"):
+            tiny_engine.complete(PROMPT, max_new_tokens=3, stop_token_ids=[stop, outside])
 
 
 def test_stop_strings_cut_the_text_and_streaming_matches(tiny_engine):
