@@ -36,7 +36,8 @@ _SHAPES = {"city": "name", "person": "name", "country": "name", "restaurant": "n
 
 
 def pseudo_word(r: random.Random, syllables: int | None = None) -> str:
-    """A pronounceable made-up word of 1-3 syllables (``dreskoo``, ``plam``)."""
+    """A pronounceable made-up word of 1-3 syllables (``dreskoo``, ``plam``): wider than tasks.py's
+    ``made_up_word`` (consonant clusters, vowel pairs, one syllable), which stays as stage 1's pinned data has it."""
     n = syllables or r.choice((1, 2, 2, 2, 3))
     return "".join(r.choice(_ONSETS) + r.choice(_VOWELS) + r.choice(_CODAS) for _ in range(n))
 

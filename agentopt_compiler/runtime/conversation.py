@@ -79,20 +79,21 @@ class Conversation:
     def choose_tool_name(self, picker) -> list[int]:
         """The tool name ``picker`` stopped at (``picker.choice``; the cache holds every token so far), chosen whole
         (generation.choose_name) and appended; its tokens but the last are fed. Returns its tokens."""
-        calls = sum(len(ids) > 1 for ids in picker.choice.values())
         new = picker.take_choice(choose_name(picker, self._feed_rows, self.cached), self.tokens)
         self.cached += len(new) - 1
-        self.decode_calls += calls
         return new
 
     def _feed_rows(self, ids: list[int], start: int, picks: int) -> np.ndarray:
         """(picks, V) logits after the last ``picks`` of ``ids`` fed at ``start``: one call, or one per token on an
-        engine that returns one row per call."""
+        engine that returns one row per call (each counted in ``decode_calls``)."""
         if picks == 1 or self.engine.session.multi_logits:
+            self.decode_calls += 1
             return self.feed(ids, start, picks)[0]
         first = start + len(ids) - picks
         if first > start:
+            self.decode_calls += 1
             self.feed(ids[:first - start], start)
+        self.decode_calls += picks
         return np.concatenate([self.feed([t], first + i)[0] for i, t in enumerate(ids[-picks:])])
 
     def begin_turn(self, prompt_ids: list[int]) -> int:

@@ -366,7 +366,9 @@ class TokenPicker:
 def choose_name(picker: TokenPicker, feed, start: int) -> str:
     """The offered name (``picker.choice``) of the highest log-probability over all its tokens: the first token's from
     ``picker.choice_row``, the others' from one call per name of two or more tokens, ``feed(ids, start, picks)`` ->
-    logits (picks, V), which feeds all its tokens but the last at ``start`` (the cache's end). Leaves the cache
+    logits (picks, V), which feeds all its tokens but the last at ``start`` (the cache's end). Names are tried in the
+    order of their first token's log-probability, which bounds the whole name's: once the next bound is below the
+    best score, no later name can win, so with many tools only the few likely ones cost a call. Leaves the cache
     holding the chosen name's tokens but its last, the sequence's pending token (one more call when another name
     was fed last)."""
     def log_probs(row: np.ndarray) -> np.ndarray:
@@ -374,14 +376,19 @@ def choose_name(picker: TokenPicker, feed, start: int) -> str:
         return row - (row.max() + np.log(np.exp(row - row.max()).sum()))
 
     first = log_probs(picker.choice_row)
-    scores, fed_last = {}, None
-    for name, ids in picker.choice.items():
-        scores[name] = first[ids[0]]
+    order = sorted(picker.choice, key=lambda name: -first[picker.choice[name][0]])  # stable: ties keep tool order
+    best, best_score, fed_last = None, -np.inf, None
+    for name in order:
+        ids = picker.choice[name]
+        score = first[ids[0]]
+        if score <= best_score:
+            break  # this bound and every later one: no better name is left
         if len(ids) > 1:
             rows = feed(ids[:-1], start, len(ids) - 1)
-            scores[name] += sum(log_probs(row)[token] for row, token in zip(rows, ids[1:]))
+            score += sum(log_probs(row)[token] for row, token in zip(rows, ids[1:]))
             fed_last = name
-    best = max(scores, key=scores.get)  # ties: the first offered
+        if score > best_score:
+            best, best_score = name, score
     ids = picker.choice[best]
     if len(ids) > 1 and fed_last != best:
         feed(ids[:-1], start, 1)

@@ -493,3 +493,37 @@ def test_the_scheduler_chooses_names_whole_alone_and_in_a_batch(engine):
             e["token"])) for i, p in enumerate(batch)]
         scheduler.run(requests)
         assert outputs == want[:len(batch)]
+
+
+def test_choose_name_scores_only_the_names_that_can_still_win():
+    """Names are tried by their first token's log-probability, an upper bound of the whole name's: the choice equals
+    scoring every name in full, and names the bound rules out cost no call."""
+    from types import SimpleNamespace
+
+    from agentopt_compiler.runtime.generation import choose_name
+
+    def log_probs(row):
+        return row - row.max() - np.log(np.exp(row - row.max()).sum())
+
+    rng = np.random.default_rng(0)
+    vocab, calls, multi_token_names = 50, 0, 0
+    for _ in range(200):
+        names = {f"n{i}": [int(t) for t in rng.choice(vocab, size=rng.integers(1, 4), replace=False)]
+                 for i in range(12)}
+        first_row = rng.normal(0, 3, vocab)
+        rows = {tuple(ids[:-1]): rng.normal(0, 3, (len(ids) - 1, vocab)) for ids in names.values() if len(ids) > 1}
+        fed = []
+
+        def feed(ids, start, picks):
+            fed.append(tuple(ids))
+            return rows[tuple(ids)][-picks:]
+
+        best = choose_name(SimpleNamespace(choice=names, choice_row=first_row), feed, 0)
+        whole = {name: log_probs(first_row)[ids[0]] + sum(log_probs(row)[t] for row, t in zip(
+            rows.get(tuple(ids[:-1]), []), ids[1:])) for name, ids in names.items()}
+        assert best == max(whole, key=whole.get)
+        if len(names[best]) > 1:
+            assert fed[-1] == tuple(names[best][:-1])  # the cache ends with the chosen name's tokens
+        calls += len(fed)
+        multi_token_names += sum(len(ids) > 1 for ids in names.values())
+    assert calls < multi_token_names / 2  # most names never needed a call
