@@ -238,8 +238,9 @@ class TokenPicker:
                 or self._tokenizer is None:
             return None
         generated = tokens[len(tokens) - self.generated:]
-        if not grammar.at_name(self._tokenizer.decode(generated, skip_special_tokens=False)):
-            return None
+        decode = lambda ids: self._tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+        if not decode(generated[-10:]).endswith('{"name": "') or not grammar.at_name(decode(generated)):
+            return None  # (the last 10 tokens hold those 10 characters: the whole output is read only then)
         names = {name: self._name_tokens(name) for name in grammar.names}
         if any(self.matcher.valid_prefix(ids) != len(ids) for ids in names.values()):
             return None
