@@ -150,7 +150,7 @@ def agent_for_task(engine, task: AgentTask, max_steps: int = MAX_STEPS, tools: l
 
 def run_task(engine, task: AgentTask, max_steps: int = MAX_STEPS, max_new_tokens: int = MAX_NEW_TOKENS,
              on_event: Callable[[dict], None] | None = None, prompt_lookup: int = 0, temperature: float = 0.0,
-             constrained: bool | None = None, whole_tool_names: bool = True) -> dict:
+             constrained: bool | None = None, whole_tool_names: bool = False) -> dict:
     """Run one task to its end; returns success, the failure kind, the calls, the events and the transcript."""
     from ..errors import AgentOptError
 
@@ -256,7 +256,7 @@ def same_arguments(name: str, got: dict, want: dict, memory: dict[str, str]) -> 
 
 def evaluate(engine, tasks: list[AgentTask], time_budget_s: float | None = None, prompt_lookup: int = 0,
              max_steps: int = MAX_STEPS, max_new_tokens: int = MAX_NEW_TOKENS, constrained: bool | None = None,
-             whole_tool_names: bool = True) -> dict:
+             whole_tool_names: bool = False) -> dict:
     """Run ``tasks`` (stopping early when ``time_budget_s`` runs out); success rates overall, by category and kind,
     tool-call validity, the top failures, generation counts and a few failed transcripts."""
     t0 = time.time()
@@ -343,8 +343,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--minutes", type=float, default=None, help="time cap per set")
     p.add_argument("--json", help="write the full reports here")
-    p.add_argument("--token-by-token-names", action="store_true",
-                   help="choose tool names token by token (GenerationConfig(whole_tool_names=False)), for comparison")
+    p.add_argument("--whole-tool-names", action="store_true",
+                   help="choose tool names whole (GenerationConfig(whole_tool_names=True)), for comparison")
     args = p.parse_args(argv)
     from ..runtime.engine import load_engine
 
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name in args.sets or ["generator", "handwritten", "unseen_tools"]:
             report = evaluate(engine, task_set(name, args.tasks, args.seed),
                               time_budget_s=None if args.minutes is None else args.minutes * 60,
-                              whole_tool_names=not args.token_by_token_names)
+                              whole_tool_names=args.whole_tool_names)
             print(format_report(report, name), flush=True)
             reports[name] = report
     if args.json:

@@ -57,8 +57,9 @@ class GenerationConfig:
     # when greedy, the same distribution when sampling)
     grammar: Grammar | None = None  # constrained decoding: only what the grammar accepts (constraints.py)
     fast_forward: bool = True  # feed the tokens the grammar forces in one call (False: one per call, same tokens)
-    whole_tool_names: bool = True  # greedy under a tool-call grammar: a call's tool name is the offered name of the
-    # highest probability over all its tokens (False: token by token, each the most likely the grammar allows)
+    whole_tool_names: bool = False  # greedy under a tool-call grammar: a call's tool name is the offered name of the
+    # highest probability over all its tokens (extra engine calls; off: token by token, each the likeliest allowed;
+    # on agent-tiny neither way picks the right tool more often: benchmarks/tool_choice.py)
 
     def __post_init__(self):
         for key in ("stop_token_ids", "stop_strings"):  # lists become tuples; one stop string is not its characters
@@ -228,11 +229,10 @@ class TokenPicker:
         return new, kept
 
     def _names_at(self, tokens: list[int]) -> dict[str, list[int]] | None:
-        """At the start of a call's tool name under greedy decoding: each offered name's tokens (with the closing
-        quote). Chosen token by token, the name's first token decides alone, and the names sharing the likeliest
-        first token take all the mass: agent-tiny wrote ``multiply`` for "please add 348 and 519" with ``add``
-        offered, while ``add`` is the likelier whole name (MODEL_CARD.md). Near a limit, only the names after which
-        the call can still close in time. None elsewhere, or where the grammar does not take a name's own tokens."""
+        """At the start of a call's tool name under greedy decoding with ``whole_tool_names``: each offered name's
+        tokens (with the closing quote). Chosen token by token, the name's first token decides alone; chosen whole,
+        the name of the highest probability is written. Near a limit, only the names after which the call can still
+        close in time. None elsewhere, or where the grammar does not take a name's own tokens."""
         grammar = self.config.grammar
         if not grammar.names or self.config.temperature > 0 or not self.config.whole_tool_names \
                 or self._tokenizer is None:

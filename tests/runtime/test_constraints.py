@@ -436,9 +436,10 @@ WORDED = ("<|im_start|>system\n{tools}<|im_end|>\n<|im_start|>user\n{request}<|i
 
 
 def test_greedy_calls_take_the_likeliest_whole_name_and_go_on_as_if_it_were_given(engine):
-    """With several tools offered, greedy decoding writes the tool name of the highest probability over all its
-    tokens (each name scored here by a fresh prefill, no cache reuse), and the rest of the output is what the model
-    writes after that name when it is the only choice (tool_choice naming it): the KV the scoring wrote is right."""
+    """With whole_tool_names and several tools offered, greedy decoding writes the tool name of the highest
+    probability over all its tokens (each name scored here by a fresh prefill, no cache reuse), and the rest of the
+    output is what the model writes after that name when it is the only choice (tool_choice naming it): the KV the
+    scoring wrote is right."""
     from agentopt_compiler.agent_tiny import heldout_tools
     from agentopt_compiler.agent_tiny.tools import system_prompt
 
@@ -450,8 +451,8 @@ def test_greedy_calls_take_the_likeliest_whole_name_and_go_on_as_if_it_were_give
                     "how many words are in 'the quick brown fox'"):
         prompt = WORDED.format(tools=system_prompt(specs), request=request)
         grammar = tool_call_grammar([t.schema() for t in functions], syntax, engine.tokenizer, "required")
-        whole = engine.complete(prompt, max_new_tokens=80, grammar=grammar)
-        by_token = engine.complete(prompt, max_new_tokens=80, grammar=grammar, whole_tool_names=False)
+        whole = engine.complete(prompt, max_new_tokens=80, grammar=grammar, whole_tool_names=True)
+        by_token = engine.complete(prompt, max_new_tokens=80, grammar=grammar)
         name = parse_tool_calls(whole.text).calls[0].name
         head = engine.encode(prompt + '<tool_call>{"name": "', add_special_tokens=False)
 
@@ -464,10 +465,10 @@ def test_greedy_calls_take_the_likeliest_whole_name_and_go_on_as_if_it_were_give
 
         assert name == max((t.name for t in functions), key=score), request
         forced = engine.complete(prompt, max_new_tokens=80, grammar=tool_call_grammar(
-            [t.schema() for t in functions], syntax, engine.tokenizer, name))
+            [t.schema() for t in functions], syntax, engine.tokenizer, name), whole_tool_names=True)
         assert forced.token_ids == whole.token_ids
         differ += parse_tool_calls(by_token.text).calls[0].name != name
-    assert differ  # the whole-name choice changes at least one of these calls (agent-tiny: "add" -> multiply)
+    assert differ  # the whole-name choice changes at least one of these calls
 
 
 def test_the_scheduler_chooses_names_whole_alone_and_in_a_batch(engine):
@@ -480,7 +481,7 @@ def test_the_scheduler_chooses_names_whole_alone_and_in_a_batch(engine):
     specs = [{"name": t.name, "description": "", "parameters": t.parameters} for t in functions]
     grammar = tool_call_grammar([t.schema() for t in functions], call_syntax(engine.tokenizer.chat_template),
                                 engine.tokenizer, "required")
-    config = GenerationConfig(max_new_tokens=60, grammar=grammar)
+    config = GenerationConfig(max_new_tokens=60, grammar=grammar, whole_tool_names=True)
     prompts = [engine.encode(WORDED.format(tools=system_prompt(specs), request=r), add_special_tokens=False)
                for r in ("please add 348 and 519 using the tool", "12 boxes, 36 eggs in each box: how many in all")]
     want = [engine.generate_ids(p, config) for p in prompts]
