@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import typing
 from typing import Any
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -220,6 +221,9 @@ def runtime_tools(memory: dict[str, str] | None = None) -> list:
         """Read a fact stored in memory by its key."""
         return run_tool("memory_lookup", {"key": key}, memory)
 
+    if memory:  # the stored keys are the only ones that can succeed: the schema says so (an enum), and constrained
+        # decoding then writes one of them; the prompt is unchanged (the chat template shows a parameter's type only)
+        memory_lookup.__annotations__["key"] = typing.Literal[tuple(memory)]
     return [calculator, convert_units, memory_lookup]
 
 

@@ -47,8 +47,10 @@ def _json_type(annotation) -> dict[str, Any]:
         return {"type": "array", **({"items": _json_type(args[0])} if args else {})}
     if origin is dict:
         return {"type": "object"}
-    if origin is typing.Literal:
-        return {"enum": list(typing.get_args(annotation))}
+    if origin is typing.Literal:  # with the values' JSON type when they share one, as pydantic writes it
+        values = list(typing.get_args(annotation))
+        types = {_JSON_TYPES.get(type(v)) for v in values}
+        return {"type": types.pop(), "enum": values} if len(types) == 1 and None not in types else {"enum": values}
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", ())):
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
         return _json_type(options[0]) if len(options) == 1 else {"anyOf": [_json_type(a) for a in options]}

@@ -59,6 +59,19 @@ def test_eval_and_run_give_the_same_transcript(engine, tmp_path, capsys):
         assert capsys.readouterr().out == _printed(evaluated["events"]), task.id
 
 
+def test_memory_lookups_name_a_stored_key(engine):
+    """With a memory, the key is one of its keys (the schema's enum under constrained decoding), where decoding freely
+    the model invents keys ("my fish number" for an employee ID) and reads nothing."""
+    from agentopt_compiler.agent_tiny.eval import run_task, task_set
+
+    lookups = [t for t in task_set("handwritten") if t.kind == "lookup"][:12]
+    keys = [(t, c[1]["key"]) for t in lookups for c in run_task(engine, t)["calls"] if c[0] == "memory_lookup"]
+    assert keys and all(key in task.memory for task, key in keys)
+    free = [(t, c[1]["key"]) for t in lookups for c in run_task(engine, t, constrained=False)["calls"]
+            if c[0] == "memory_lookup"]
+    assert any(key not in task.memory for task, key in free)
+
+
 def test_prompt_lookup_gives_the_same_transcripts(engine):
     from agentopt_compiler.agent_tiny.eval import run_task, task_set
 

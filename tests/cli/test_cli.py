@@ -208,6 +208,8 @@ def test_memory_lookup_reads_the_memory_file(tmp_path):
                           load_tool("agentopt_compiler.tools:memory_lookup")], _read_memory(str(tmp_path / "m.json")))
     assert [t.name for t in tools] == ["calculator", "memory_lookup"]
     assert tools[1].function(key="my locker code") == '{"key": "my locker code", "value": "4821"}'
+    # the stored keys are the schema's enum (constrained decoding writes one of them); the prompt's type stays string
+    assert tools[1].parameters["properties"]["key"] == {"type": "string", "enum": ["locker code", "wifi"]}
 
 
 def test_run_with_prompt_lookup_prints_the_same_text_and_the_drafts(chat_engine, capsys):
