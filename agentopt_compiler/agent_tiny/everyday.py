@@ -108,8 +108,11 @@ def calc_request(r: random.Random) -> tuple[str, str]:
     q = _n(r, 2, 60)
     d = r.randint(2, 25)
     exact = d * q  # a number that divides evenly by d
-    kind = r.choices(["add", "sub", "mul", "div", "pow", "three", "paren", "story", "symbol"],
-                     [1.0, 1.0, 1.0, 1.2, 0.6, 1.0, 0.6, 1.2, 0.5])[0]
+    kind = r.choices(["add", "sub", "mul", "div", "pow", "three", "paren", "story", "symbol", "steps", "constant",
+                      "many", "percent"],
+                     [1.0, 1.0, 1.0, 1.2, 0.6, 1.0, 0.6, 1.2, 0.5, 1.2, 0.8, 0.4, 0.4])[0]
+    if kind in ("steps", "constant", "many", "percent"):
+        return _calc_more(r, kind, a, b, c, s, d, exact)
     if kind == "add":
         t = r.choice(["{a} plus {b}", "add {a} and {b}", "add {a} to {b}", "sum of {a} and {b}", "{a} and {b} added",
                       "{a} + {b}", "the total of {a} and {b}", "what do {a} and {b} add up to", "{a} plus {b} equals",
@@ -195,6 +198,73 @@ def calc_request(r: random.Random) -> tuple[str, str]:
                      ("({a}+{b})*{c}", "({a} + {b}) * {c}"), ("{s}^2", "{s} ** 2")])
     vals = dict(a=a, b=b, c=c, s=s, d=d, x=exact)
     return t.format(**vals), e.format(**vals)
+
+
+# one operation as a step applied to a running value: (phrases with {x}, operator); "double it" and the like fix x
+_STEPS = {"+": ("add {x}", "plus {x}", "add {x} to that", "put {x} on top", "{x} more", "and add {x}"),
+          "-": ("take away {x}", "subtract {x}", "minus {x}", "take off {x}", "knock off {x}", "remove {x}"),
+          "*": ("multiply by {x}", "times {x}", "times that by {x}", "multiply it by {x}", "x {x}"),
+          "/": ("divide by {x}", "split it {x} ways", "divide that by {x}", "share that between {x}")}
+_FIXED_STEPS = (("double it", "*", 2), ("triple it", "*", 3), ("halve it", "/", 2), ("square it", "**", 2))
+_THEN = ("{a}, {s1}, then {s2}", "start with {a}, {s1} and then {s2}", "take {a}, {s1}, and after that {s2}",
+         "{a} {s1} and then {s2}", "begin at {a}. {s1}. {s2}.", "{a}; {s1}; then {s2} - what's the result",
+         "ok so {a}, {s1}, then {s2}", "{a} then {s1} then {s2}",
+         "first {a} {s1}, next {s2}")
+# how many of the small unit one big unit holds: (small, big, count)
+_CONSTANTS = (("minutes", "hours", 60), ("seconds", "minutes", 60), ("hours", "days", 24), ("days", "weeks", 7),
+              ("months", "years", 12), ("weeks", "years", 52), ("days", "years", 365), ("years", "decades", 10),
+              ("years", "centuries", 100), ("eggs", "dozen", 12), ("items", "dozen", 12), ("socks", "pairs", 2),
+              ("cents", "dollars", 100), ("grams", "kilograms", 1000), ("millimeters", "centimeters", 10),
+              ("centimeters", "meters", 100), ("meters", "kilometers", 1000))
+_PERIODS = (("day", "week", 7), ("week", "year", 52), ("month", "year", 12), ("hour", "day", 24), ("day", "year", 365))
+
+
+def _calc_more(r: random.Random, kind: str, a, b, c, s, d, exact) -> tuple[str, str]:
+    """Arithmetic people say in steps ("81 divided by 9, then add 3"), with a constant they do not spell out (hours
+    in a day, a dozen), as a long list of numbers, or as a percentage; the expression keeps the order they said."""
+    if kind == "steps":
+        ops = []
+        for _ in range(2):
+            if r.random() < 0.2:
+                phrase, op, x = r.choice(_FIXED_STEPS)
+            else:
+                op = r.choice("+-*/")
+                x = (d if not ops else r.randint(2, 12)) if op == "/" else _amount(r) if op in "+-" else \
+                    r.randint(2, 12) if r.random() < 0.6 else _n(r, 2, 99)
+                phrase = r.choice(_STEPS[op]).format(x=x)
+            ops.append((phrase, op, x))
+        start = exact if ops[0][1] == "/" else a
+        expr = f"{start} {ops[0][1]} {ops[0][2]}"
+        op2, x2 = ops[1][1], ops[1][2]
+        # the second step applies to the first one's result: brackets wherever precedence would say otherwise
+        expr = f"({expr}) {op2} {x2}" if op2 in ("*", "/", "**") or ops[0][1] == "**" else f"{expr} {op2} {x2}"
+        return r.choice(_THEN).format(a=start, s1=ops[0][0], s2=ops[1][0]), expr
+    if kind == "constant":
+        small, big, k = r.choice(_CONSTANTS)
+        n = r.randint(2, 40)
+        if r.random() < 0.3:  # the other way: a count of the small unit in the big one
+            t = r.choice(("{m} {small} is how many {big}", "how many {big} is {m} {small}", "turn {m} {small} into {big}"))
+            return t.format(m=n * k, small=small, big=big), f"{n * k} / {k}"
+        if r.random() < 0.5:
+            per, whole, k = r.choice(_PERIODS)
+            t = r.choice(("I spend {v} a {per}, how much is that per {whole}", "{v} per {per} comes to what in a {whole}",
+                          "if I make {v} every {per}, what's that over a {whole}", "{v} each {per}, so a {whole} is?",
+                          "what's {v} a {per} for a whole {whole}"))
+            v = _amount(r)
+            return t.format(v=v, per=per, whole=whole), f"{v} * {k}"
+        t = r.choice(("how many {small} does {n} {big} have", "{n} {big} is how many {small}", "{n} {big} in {small}",
+                      "how many {small} make {n} {big}", "count the {small} in {n} {big}"))
+        return t.format(n=n, small=small, big=big), f"{n} * {k}"
+    if kind == "many":
+        nums = [_amount(r) for _ in range(r.randint(4, 5))]
+        listed = ", ".join(map(str, nums[:-1])) + r.choice((" and ", ", ", " plus ", " & ")) + str(nums[-1])
+        t = r.choice(("add up {l}", "total of {l}", "sum {l}", "what do {l} come to together", "{l} all added",
+                      "add these: {l}"))
+        return t.format(l=listed), " + ".join(map(str, nums))
+    p = r.choice((5, 10, 12, 15, 18, 20, 25, 30, 40, 50, 75, r.randint(1, 99)))
+    t = r.choice(("{p} percent of {a}", "{p}% of {a}", "what is {p} percent of {a}", "take {p}% of {a}",
+                  "{p} per cent of {a}"))
+    return t.format(p=p, a=a), f"{a} * {p} / 100"
 
 
 _ORDINALS = {2: "half", 3: "third", 4: "quarter", 5: "fifth", 10: "tenth"}

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from agentopt_compiler.agent_tiny.everyday import (CALC_CONVERT, EVERYDAY_KINDS, HELDOUT_TOOL_NAMES, calc_request,
-                                                   make_everyday_task)
+from agentopt_compiler.agent_tiny.everyday import (_CONSTANTS, _PERIODS, CALC_CONVERT, EVERYDAY_KINDS,
+                                                   HELDOUT_TOOL_NAMES, calc_request, make_everyday_task)
 from agentopt_compiler.agent_tiny.tool_families import (ARITHMETIC, COMPOSED_VERBS, arithmetic_tool, family_tools,
                                                         family_value, holds_name)
 from agentopt_compiler.agent_tiny.tools import calculator, parse_tool_call
@@ -68,6 +68,11 @@ def test_arithmetic_tools_return_their_operation(op):
     assert tool["_result"](args) == expected
 
 
+UNSPOKEN = {}  # constant -> the unit words that imply it ("hours" and "days": 24)
+for small, big, k in _CONSTANTS + _PERIODS:
+    UNSPOKEN.setdefault(str(k), set()).update({small, big})
+
+
 def test_everyday_calculator_requests_state_the_expression_operands():
     r = random.Random(1)
     digits = set()
@@ -75,7 +80,9 @@ def test_everyday_calculator_requests_state_the_expression_operands():
         request, expression = calc_request(r)
         calculator(expression)  # a valid expression of the calculator
         for number in re.findall(r"\d+(?:\.\d+)?", expression):
-            if len(number) > 1 and number not in ("10", "100"):  # "double", "one tenth of": small ones as words
+            # "double", "one tenth of": small ones as words; hours in a day, a dozen: constants named by their units
+            if len(number) > 1 and number not in ("10", "100") and not any(
+                    word in request.split() for word in UNSPOKEN.get(number, ())):
                 assert number in request, (request, expression)
             digits.add(len(number.split(".")[0]))
     assert {2, 3, 4, 5} <= digits  # operands as people write them, not only up to 999
