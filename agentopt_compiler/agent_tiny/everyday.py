@@ -112,7 +112,7 @@ def calc_request(r: random.Random) -> tuple[str, str]:
                       "many", "percent"],
                      [1.0, 1.0, 1.0, 1.2, 0.6, 1.0, 0.6, 1.2, 0.5, 1.2, 0.8, 0.4, 0.4])[0]
     if kind in ("steps", "constant", "many", "percent"):
-        return _calc_more(r, kind, a, b, c, s, d, exact)
+        return _calc_more(r, kind, a, d, exact)
     if kind == "add":
         t = r.choice(["{a} plus {b}", "add {a} and {b}", "add {a} to {b}", "sum of {a} and {b}", "{a} and {b} added",
                       "{a} + {b}", "the total of {a} and {b}", "what do {a} and {b} add up to", "{a} plus {b} equals",
@@ -219,8 +219,8 @@ _CONSTANTS = (("minutes", "hours", 60), ("seconds", "minutes", 60), ("hours", "d
 _PERIODS = (("day", "week", 7), ("week", "year", 52), ("month", "year", 12), ("hour", "day", 24), ("day", "year", 365))
 
 
-def _calc_more(r: random.Random, kind: str, a, b, c, s, d, exact) -> tuple[str, str]:
-    """Arithmetic people say in steps ("81 divided by 9, then add 3"), with a constant they do not spell out (hours
+def _calc_more(r: random.Random, kind: str, a, d: int, exact: int) -> tuple[str, str]:
+    """Arithmetic people say in steps ("527, double it, then split it 6 ways"), with a constant they do not spell out (hours
     in a day, a dozen), as a long list of numbers, or as a percentage; the expression keeps the order they said."""
     if kind == "steps":
         ops = []
