@@ -150,7 +150,8 @@ def agent_for_task(engine, task: AgentTask, max_steps: int = MAX_STEPS, tools: l
 
 def run_task(engine, task: AgentTask, max_steps: int = MAX_STEPS, max_new_tokens: int = MAX_NEW_TOKENS,
              on_event: Callable[[dict], None] | None = None, prompt_lookup: int = 0, temperature: float = 0.0,
-             constrained: bool | None = None, whole_tool_names: bool = False) -> dict:
+             constrained: bool | None = None, whole_tool_names: bool = False,
+             whole_enum_values: bool = True) -> dict:
     """Run one task to its end; returns success, the failure kind, the calls, the events and the transcript."""
     from ..errors import AgentOptError
 
@@ -165,7 +166,7 @@ def run_task(engine, task: AgentTask, max_steps: int = MAX_STEPS, max_new_tokens
     try:
         result = agent.run(task.request, on_event=record, max_new_tokens=max_new_tokens, temperature=temperature,
                            prompt_lookup=prompt_lookup, whole_tool_names=whole_tool_names,
-                           **({"seed": 0} if temperature else {}))
+                           whole_enum_values=whole_enum_values, **({"seed": 0} if temperature else {}))
         answer, finish, usage, steps = result.answer, result.finish_reason, result.usage, result.steps
     except AgentOptError as exc:  # e.g. the conversation outgrew the context
         answer, finish, usage, steps = None, f"error: {exc}", {}, []
@@ -256,7 +257,7 @@ def same_arguments(name: str, got: dict, want: dict, memory: dict[str, str]) -> 
 
 def evaluate(engine, tasks: list[AgentTask], time_budget_s: float | None = None, prompt_lookup: int = 0,
              max_steps: int = MAX_STEPS, max_new_tokens: int = MAX_NEW_TOKENS, constrained: bool | None = None,
-             whole_tool_names: bool = False) -> dict:
+             whole_tool_names: bool = False, whole_enum_values: bool = True) -> dict:
     """Run ``tasks`` (stopping early when ``time_budget_s`` runs out); success rates overall, by category and kind,
     tool-call validity, the top failures, generation counts and a few failed transcripts."""
     t0 = time.time()
@@ -265,7 +266,8 @@ def evaluate(engine, tasks: list[AgentTask], time_budget_s: float | None = None,
         if time_budget_s is not None and time.time() - t0 > time_budget_s:
             break
         results.append(run_task(engine, task, max_steps, max_new_tokens, prompt_lookup=prompt_lookup,
-                                constrained=constrained, whole_tool_names=whole_tool_names))
+                                constrained=constrained, whole_tool_names=whole_tool_names,
+                                whole_enum_values=whole_enum_values))
     by_cat, by_kind = defaultdict(list), defaultdict(list)
     for r in results:
         by_cat[r["category"]].append(r["success"])
@@ -345,6 +347,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", help="write the full reports here")
     p.add_argument("--whole-tool-names", action="store_true",
                    help="choose tool names whole (GenerationConfig(whole_tool_names=True)), for comparison")
+    p.add_argument("--enum-values-by-token", action="store_true",
+                   help="choose enum values (memory keys) token by token, not whole "
+                        "(GenerationConfig(whole_enum_values=False)), for comparison")
     args = p.parse_args(argv)
     from ..runtime.engine import load_engine
 
@@ -361,7 +366,8 @@ def main(argv: list[str] | None = None) -> dict:
         for name in args.sets or ["generator", "handwritten", "unseen_tools"]:
             report = evaluate(engine, task_set(name, args.tasks, args.seed),
                               time_budget_s=None if args.minutes is None else args.minutes * 60,
-                              whole_tool_names=args.whole_tool_names)
+                              whole_tool_names=args.whole_tool_names,
+                              whole_enum_values=not args.enum_values_by_token)
             print(format_report(report, name), flush=True)
             reports[name] = report
     if args.json:

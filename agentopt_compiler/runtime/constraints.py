@@ -84,6 +84,9 @@ class Grammar:
     names: tuple[str, ...] = ()
     call_open: str = ""
     list_of_calls: bool = False
+    arguments_key: str = "arguments"  # a call's key for its arguments (where enum values are looked for)
+    # (tool, parameter, values) of each string argument whose schema is an enum of two or more: chosen whole
+    enums: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
 
     def at_name(self, text: str) -> bool:
         """Whether ``text`` (the output so far) ends where a call's tool name starts: right after ``{"name": "`` in
@@ -91,21 +94,44 @@ class Grammar:
         if not self.names or not text.endswith('{"name": "'):
             return False
         start = text.rfind(self.call_open)
-        if start < 0:
-            return False
-        depth, in_string, escaped = 0, False, False
-        for ch in text[start + len(self.call_open):-1]:  # up to the name's opening quote
-            if escaped:
-                escaped = False
-            elif in_string:
-                escaped, in_string = ch == "\\", ch != '"'
-            elif ch == '"':
-                in_string = True
-            elif ch in "{[":
-                depth += 1
-            elif ch in "}]":
-                depth -= 1
-        return not in_string and depth == (2 if self.list_of_calls else 1)
+        return start >= 0 and _depth(text[start + len(self.call_open):-1]) == (2 if self.list_of_calls else 1)
+
+    def enum_at(self, text: str) -> tuple[str, ...]:
+        """The values of the enum whose string ``text`` (the output so far) has just opened: ``text`` ends with
+        ``"param": "`` right in the arguments object of the call it is writing, and that tool's ``param`` is an
+        enum; () elsewhere."""
+        start = text.rfind(self.call_open)
+        if not self.enums or start < 0 or not text.endswith('": "'):
+            return ()
+        call = text[start + len(self.call_open):]
+        param = re.search(r'"([^"\\]+)": "$', call)
+        if param is None:
+            return ()
+        head = r'\{"name": "([^"\\]+)", "' + re.escape(self.arguments_key) + r'": \{'
+        for match in reversed(list(re.finditer(head, call))):  # the call being written: the last at call depth
+            if _depth(call[:match.start()]) == (1 if self.list_of_calls else 0):
+                if _depth(call[match.end():-1]) != 0:  # (up to the value's opening quote) not right in its arguments
+                    return ()
+                return next((values for tool, name, values in self.enums
+                             if tool == match.group(1) and name == param.group(1)), ())
+        return ()
+
+
+def _depth(text: str) -> int | None:
+    """How many JSON objects and arrays ``text`` leaves open; None when it ends inside a string."""
+    depth, in_string, escaped = 0, False, False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif in_string:
+            escaped, in_string = ch == "\\", ch != '"'
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+    return None if in_string else depth
 
 
 def json_schema_grammar(schema: dict[str, Any], what: str = "the JSON schema") -> Grammar:
@@ -163,14 +189,15 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], syntax: CallSyntax, token
     open_tag = _literal(syntax.open, tokenizer) + (" " + json.dumps(syntax.after_open) if syntax.after_open else "")
     close = (" " + json.dumps(syntax.before_close) if syntax.before_close else "") + \
         (" " + _literal(syntax.close, tokenizer) if syntax.close else "")
-    names = {"names": tuple(f["name"] for f in functions), "call_open": syntax.open + syntax.after_open,
-             "list_of_calls": syntax.list_of_calls} if len(functions) > 1 else {}
+    shape = {"names": tuple(f["name"] for f in functions) if len(functions) > 1 else (),
+             "call_open": syntax.open + syntax.after_open, "list_of_calls": syntax.list_of_calls,
+             "arguments_key": syntax.arguments_key, "enums": _string_enums(functions)}
     if choice == "auto":  # text up to the opening tag: a special token ends a text lexeme, a text tag lazily
         trigger = (f"call_open: TEXT? {open_tag}" if _added_token(syntax.open, tokenizer) is not None
                    else f"call_open[lazy]: BEFORE_CALL {open_tag}")
         calls = "call*" if parallel else "call?"
         return Grammar(_lark(f"start: {calls} TEXT?", trigger, f"call: call_open {_json_rule(body)}{close}",
-                             r"TEXT: /(.|\n)+/", r"BEFORE_CALL: /(.|\n)*/"), "the tools' schemas", **names)
+                             r"TEXT: /(.|\n)+/", r"BEFORE_CALL: /(.|\n)*/"), "the tools' schemas", **shape)
     # a reasoning block may come first: free text up to its closing tag, then a call; it must be closed first when
     # the prompt opened it (reasoning[0] == "")
     think = "" if not reasoning else "think? " if reasoning[0] else "think "
@@ -181,7 +208,18 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], syntax: CallSyntax, token
             rules += [f"think: {think_open} TEXT? {think_close} /[ \n]*/", r"TEXT: /(.|\n)+/"]
         else:  # a text tag ends a lazy match
             rules += [f"think: {think_open} think_body /[ \n]*/", f"think_body[lazy]: /(.|\n)*/ {think_close}"]
-    return Grammar(_lark(*rules), "the tools' schemas", **names)
+    return Grammar(_lark(*rules), "the tools' schemas", **shape)
+
+
+def _string_enums(functions: Sequence[dict[str, Any]]) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+    """(tool, parameter, values) for each top-level argument whose schema is an enum of two or more strings."""
+    found = []
+    for f in functions:
+        for name, schema in ((f.get("parameters") or {}).get("properties") or {}).items():
+            values = schema.get("enum") if isinstance(schema, dict) else None
+            if isinstance(values, list) and len(values) > 1 and all(isinstance(v, str) for v in values):
+                found.append((f["name"], name, tuple(values)))
+    return tuple(found)
 
 
 def reasoning_left(prompt: str, reasoning: tuple[str, str] | None) -> tuple[str, str] | None:

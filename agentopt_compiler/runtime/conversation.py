@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import AgentOptError, ContextOverflowError
-from .generation import GenerationConfig, choose_name
+from .generation import GenerationConfig, choose_whole
 
 
 class Conversation:
@@ -76,10 +76,10 @@ class Conversation:
                                         np.arange(start, start + len(ids), dtype=np.int64), logits_index, rows)
         return logits[:1]
 
-    def choose_tool_name(self, picker) -> list[int]:
-        """The tool name ``picker`` stopped at (``picker.choice``; the cache holds every token so far), chosen whole
-        (generation.choose_name) and appended; its tokens but the last are fed. Returns its tokens."""
-        new = picker.take_choice(choose_name(picker, self._feed_rows, self.cached), self.tokens)
+    def choose_whole(self, picker) -> list[int]:
+        """The tool name or enum value ``picker`` stopped at (``picker.choice``; the cache holds every token so far),
+        chosen whole (generation.choose_whole) and appended; its tokens but the last are fed. Returns its tokens."""
+        new = picker.take_choice(choose_whole(picker, self._feed_rows, self.cached), self.tokens)
         self.cached += len(new) - 1
         return new
 
@@ -160,7 +160,7 @@ class Conversation:
                 self.cached += kept
                 yield from new
                 if picker.choice is not None:
-                    yield from self.choose_tool_name(picker)
+                    yield from self.choose_whole(picker)
                 if picker.finish is not None:
                     break
                 draft = picker.next_draft(self.tokens)

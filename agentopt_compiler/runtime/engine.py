@@ -60,8 +60,9 @@ class Engine:
         outside = [t for t in config.stop_token_ids or () if not 0 <= t < vocab]
         if outside:  # they could never be generated: the sequence would run on past where it was meant to stop
             raise AgentOptError(f"stop_token_ids {outside} are not token ids of this model (0 to {vocab - 1})")
-        if config.whole_tool_names and not self.session.rewindable:
-            config = config.with_options(whole_tool_names=False)  # scoring names writes past a ring cache's end
+        if (config.whole_tool_names or config.whole_enum_values) and not self.session.rewindable:
+            # scoring names (values) writes past a ring cache's end
+            config = config.with_options(whole_tool_names=False, whole_enum_values=False)
         return TokenPicker(config, self.eos_token_ids, self.context_length, self.tokenizer, vocab)
 
     def encode(self, prompt: str | Sequence[int], add_special_tokens: bool = True) -> list[int]:

@@ -26,6 +26,7 @@ the grammar rejects one; every other row is masked to the tokens the grammar acc
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -60,6 +61,9 @@ class GenerationConfig:
     whole_tool_names: bool = False  # greedy under a tool-call grammar: a call's tool name is the offered name of the
     # highest probability over all its tokens (extra engine calls; off: token by token, each the likeliest allowed;
     # on agent-tiny neither way picks the right tool more often: benchmarks/tool_choice.py)
+    whole_enum_values: bool = True  # greedy under a tool-call grammar: a string argument whose schema is an enum is
+    # the value of the highest probability over all its tokens (extra engine calls; off: token by token, where the
+    # first tokens decide alone: on agent-tiny's long-context lookups 61% -> 89% solved, MODEL_CARD.md)
 
     def __post_init__(self):
         for key in ("stop_token_ids", "stop_strings"):  # lists become tuples; one stop string is not its characters
@@ -160,8 +164,8 @@ class TokenPicker:
         self.ends_at_draft = False  # the current draft's forced tokens end the sequence: no call needs to feed them
         self.closed_at_limit = False  # a call (or JSON value) was closed early, the limit being too near to go on
         self._closing_hint: list[int] = []  # the last closing found near a limit: often still the closing a token on
-        # a call's tool name to choose whole (set by ``pick`` at the name's start under greedy decoding): name -> its
-        # tokens with the closing quote, and the logits row that predicts their first token
+        # a call's tool name or an enum argument's value to choose whole (set by ``pick`` where one starts under greedy
+        # decoding): name (value) -> its tokens with the closing quote, and the logits row that predicts the first
         self.choice: dict[str, list[int]] | None = None
         self.choice_row: np.ndarray | None = None
         self._forced_pending = False  # take_forced appended the sequence's last tokens
@@ -195,10 +199,10 @@ class TokenPicker:
         # a row per fed token (the forced ones' rows predict forced tokens: unused), or, from an engine that returns
         # one row per call (no prompt lookup there), the last fed token's row
         rows = rows[forced:] if len(rows) > forced else rows[-1:]
-        # a name starts only after forced tokens: fed in this call, or appended by take_forced and fed since
+        # a name or value starts only after forced tokens: fed in this call, or appended by take_forced and fed since
         after_forced, self._forced_pending = forced > 0 or self._forced_pending, False
-        self.choice = self._names_at(tokens) if after_forced else None
-        if self.choice is not None:  # the caller scores the names (choose_name), then ``take_choice``
+        self.choice = self._whole_choice_at(tokens) if after_forced else None
+        if self.choice is not None:  # the caller scores the choices (choose_whole), then ``take_choice``
             self.choice_row = rows[0]
             self.drafted += len(lookup)
             return new, forced
@@ -228,38 +232,52 @@ class TokenPicker:
         self.drafted += len(lookup)
         return new, kept
 
-    def _names_at(self, tokens: list[int]) -> dict[str, list[int]] | None:
-        """At the start of a call's tool name under greedy decoding with ``whole_tool_names``: each offered name's
-        tokens (with the closing quote). Chosen token by token, the name's first token decides alone; chosen whole,
-        the name of the highest probability is written. Near a limit, only the names after which the call can still
-        close in time. None elsewhere, or where the grammar does not take a name's own tokens."""
+    def _whole_choice_at(self, tokens: list[int]) -> dict[str, list[int]] | None:
+        """At the start of a call's tool name (``whole_tool_names``) or of a string argument whose schema is an
+        ``enum`` (``whole_enum_values``), under greedy decoding: each offered name's or value's tokens (with the
+        closing quote). Chosen token by token, the first token decides alone; chosen whole, the name (value) of the
+        highest probability is written. Near a limit, only those after which the call can still close in time.
+        None elsewhere, or where the grammar does not take a choice's own tokens."""
         grammar = self.config.grammar
-        if not grammar.names or self.config.temperature > 0 or not self.config.whole_tool_names \
-                or self._tokenizer is None:
+        if self.config.temperature > 0 or self._tokenizer is None or not (
+                grammar.names and self.config.whole_tool_names or grammar.enums and self.config.whole_enum_values):
             return None
         generated = tokens[len(tokens) - self.generated:]
         decode = lambda ids: self._tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
-        if not decode(generated[-10:]).endswith('{"name": "') or not grammar.at_name(decode(generated)):
-            return None  # (the last 10 tokens hold those 10 characters: the whole output is read only then)
-        names = {name: self._name_tokens(name) for name in grammar.names}
-        if any(self.matcher.valid_prefix(ids) != len(ids) for ids in names.values()):
+        if not decode(generated[-10:]).endswith('": "'):
+            return None  # (the last 10 tokens hold those 4 characters: the whole output is read only then)
+        text = decode(generated)
+        if self.config.whole_tool_names and grammar.at_name(text):
+            choices = {name: self._choice_tokens(name, ('", "',)) for name in grammar.names}
+        elif self.config.whole_enum_values and (values := grammar.enum_at(text)):
+            choices = {value: self._choice_tokens(json.dumps(value, ensure_ascii=False)[1:-1], ('", "', '"}}', '"}'))
+                       for value in values}  # (a value as JSON writes it inside quotes)
+        else:
+            return None
+        if any(ids is None for ids in choices.values()):
             return None
         left = min(self.config.max_new_tokens - self.generated, self.capacity + 1 - len(tokens))
-        if left <= CLOSE_WINDOW + max(map(len, names.values())):  # near a limit: the names after which the call
-            # can still be closed in the tokens left (the limit's check, _fit_before_limit, for a whole name)
-            names = {name: ids for name, ids in names.items()
-                     if len(ids) < left and self.matcher.closing(left - len(ids), after=ids) is not None}
-        return names or None
+        if left <= CLOSE_WINDOW + max(map(len, choices.values())):  # near a limit: the choices after which the call
+            # can still be closed in the tokens left (the limit's check, _fit_before_limit, for a whole choice)
+            choices = {name: ids for name, ids in choices.items()
+                       if len(ids) < left and self.matcher.closing(left - len(ids), after=ids) is not None}
+        return choices or None
 
-    def _name_tokens(self, name: str) -> list[int]:
-        """The tokens that write ``name`` and its closing quote as the model's text has them: the tokenizer's own
-        split of the name followed by what the grammar writes next (``", "``), up to the token holding the quote
-        (``add", "`` -> ``ad``, ``d``, ``",``; a lone ``"`` would be a split the model never saw)."""
-        ids, offsets = self._tokenizer.encode_with_offsets(name + '", "')
-        return [token for token, (start, _) in zip(ids, offsets) if start <= len(name)]
+    def _choice_tokens(self, text: str, followers: tuple[str, ...]) -> list[int] | None:
+        """The tokens that write ``text`` and its closing quote as the model's text has them: the tokenizer's own
+        split of the text followed by what the grammar writes next (``", "`` after a name; after a value, ``", "``
+        before another argument, ``"}}`` where the value ends the call), up to the token holding the quote (``add",
+        "`` -> ``ad``, ``d``, ``",``; a lone ``"`` would be a split the model never saw). The first follower whose
+        tokens the grammar accepts; None if none."""
+        for follower in followers:
+            ids, offsets = self._tokenizer.encode_with_offsets(text + follower)
+            ids = [token for token, (start, _) in zip(ids, offsets) if start <= len(text)]
+            if self.matcher.valid_prefix(ids) == len(ids):
+                return ids
+        return None
 
     def take_choice(self, name: str, tokens: list[int]) -> list[int]:
-        """Append the chosen name's tokens (``choice[name]``) to ``tokens``; returns them."""
+        """Append the chosen name's (value's) tokens (``choice[name]``) to ``tokens``; returns them."""
         ids, self.choice, self.choice_row = self.choice[name], None, None
         self.matcher.consume_all(ids)
         new: list[int] = []
@@ -364,14 +382,14 @@ class TokenPicker:
         return hit is not None and hit[2]
 
 
-def choose_name(picker: TokenPicker, feed, start: int) -> str:
-    """The offered name (``picker.choice``) of the highest log-probability over all its tokens: the first token's from
-    ``picker.choice_row``, the others' from one call per name of two or more tokens, ``feed(ids, start, picks)`` ->
-    logits (picks, V), which feeds all its tokens but the last at ``start`` (the cache's end). Names are tried in the
-    order of their first token's log-probability, which bounds the whole name's: once the next bound is below the
-    best score, no later name can win, so with many tools only the few likely ones cost a call. Leaves the cache
-    holding the chosen name's tokens but its last, the sequence's pending token (one more call when another name
-    was fed last)."""
+def choose_whole(picker: TokenPicker, feed, start: int) -> str:
+    """The offered name or enum value (``picker.choice``) of the highest log-probability over all its tokens: the first
+    token's from ``picker.choice_row``, the others' from one call per name of two or more tokens, ``feed(ids, start,
+    picks)`` -> logits (picks, V), which feeds all its tokens but the last at ``start`` (the cache's end). Names are
+    tried in the order of their first token's log-probability, which bounds the whole name's: once the next bound is
+    below the best score, no later name can win, so with many tools (keys) only the few likely ones cost a call.
+    Leaves the cache holding the chosen name's tokens but its last, the sequence's pending token (one more call when
+    another name was fed last)."""
     def log_probs(row: np.ndarray) -> np.ndarray:
         row = row.astype(np.float64)
         return row - (row.max() + np.log(np.exp(row - row.max()).sum()))

@@ -301,8 +301,8 @@ class Scheduler:
         before = picker.drafted, picker.accepted, picker.forced
         new, kept = picker.pick(rows, draft, conversation.tokens)
         conversation.cached += 1 + kept
-        if picker.choice is not None:  # a tool name, chosen whole by calls on this row alone
-            new += conversation.choose_tool_name(picker)
+        if picker.choice is not None:  # a tool name or enum value, chosen whole by calls on this row alone
+            new += conversation.choose_whole(picker)
         if not drafts_fit:  # tokens the grammar forces next: fed as a prefill chunk on the row alone, not a step each
             new += picker.take_forced(conversation.tokens)
         conversation.drafted_tokens += picker.drafted - before[0]

@@ -496,12 +496,109 @@ def test_the_scheduler_chooses_names_whole_alone_and_in_a_batch(engine):
         assert outputs == want[:len(batch)]
 
 
-def test_choose_name_scores_only_the_names_that_can_still_win():
+def test_the_grammar_knows_where_an_enum_value_starts():
+    """A string argument whose schema is an enum is found right in its own tool's arguments object: not in another
+    tool's argument of the same name, not in a nested object, not inside a string, not in an earlier call of a list."""
+    look = {"name": "look", "parameters": {"type": "object", "properties": {
+        "key": {"type": "string", "enum": ["door code", "wifi"]}, "note": {"type": "string"},
+        "opts": {"type": "object", "properties": {"key": {"type": "string"}}}}}}
+    other = {"name": "other", "parameters": {"type": "object", "properties": {"key": {"type": "string"}}}}
+    grammar = tool_call_grammar([look, other], CALL_SYNTAXES["hermes"])
+    assert grammar.enums == (("look", "key", ("door code", "wifi")),)
+    keys = ("door code", "wifi")
+    assert grammar.enum_at('So: <tool_call>{"name": "look", "arguments": {"key": "') == keys
+    assert grammar.enum_at('<tool_call>{"name": "look", "arguments": {"note": "a {b", "key": "') == keys
+    assert grammar.enum_at('<tool_call>{"name": "look", "arguments": {"note": "') == ()  # not an enum
+    assert grammar.enum_at('<tool_call>{"name": "other", "arguments": {"key": "') == ()  # another tool's argument
+    assert grammar.enum_at('<tool_call>{"name": "look", "arguments": {"opts": {"key": "') == ()  # nested
+    assert grammar.enum_at('<tool_call>{"name": "look", "arguments": {"note": "\\"key\\": "') == ()  # in a string
+    assert grammar.enum_at('{"name": "look", "arguments": {"key": "') == ()  # no call opened
+    listed = tool_call_grammar([look, other], CALL_SYNTAXES["mistral"])
+    assert listed.enum_at('[TOOL_CALLS][{"name": "look", "arguments": {"key": "wifi"}}, {"name": "look", '
+                          '"arguments": {"key": "') == keys
+    assert listed.enum_at('[TOOL_CALLS][{"name": "look", "arguments": {"key": "wifi"}}, {"name": "other", '
+                          '"arguments": {"key": "') == ()
+    one_value = {"name": "look", "parameters": {"type": "object", "properties": {
+        "key": {"type": "string", "enum": ["wifi"]}}}}
+    assert tool_call_grammar([one_value], CALL_SYNTAXES["hermes"]).enums == ()  # forced: nothing to choose
+
+
+def _long_lookups(engine):
+    """(task, its tools' schemas, prompt) of the first long-context lookups of the generator's dev seed: the keys
+    of many stored facts, among which token-by-token decoding often takes a wrong person's (MODEL_CARD.md)."""
+    from agentopt_compiler.agent_tiny.eval import task_set, task_tools
+    from agentopt_compiler.runtime.chat import render_chat
+    from agentopt_compiler.runtime.tools import Tool
+
+    out = []
+    for task in [t for t in task_set("generator", 50, seed=1) if t.kind == "long_lookup"]:
+        schemas = [Tool.from_function(f).schema() for f in task_tools(task)]
+        messages = [{"role": "system", "content": task.system}] if task.system else []
+        messages += [*task.history, {"role": "user", "content": task.request}]
+        out.append((task, schemas, render_chat(engine.tokenizer, messages, schemas, add_generation_prompt=True)))
+    return out
+
+
+def test_greedy_calls_take_the_likeliest_whole_enum_value_and_keep_its_kv(engine):
+    """With whole_enum_values (the default), a memory key (the enum of a bound memory_lookup) is the stored key of the
+    highest probability over all its tokens (each scored here by a fresh prefill), and the conversation's cache then
+    holds that output's KV, not a scored candidate's (the next turn's logits equal a fresh prefill's). Token by
+    token, some calls name other keys."""
+    syntax = call_syntax(engine.tokenizer.chat_template)
+    differ = 0
+    for task, schemas, prompt in _long_lookups(engine):
+        config = GenerationConfig(max_new_tokens=60,
+                                  grammar=tool_call_grammar(schemas, syntax, engine.tokenizer, "memory_lookup"))
+        conversation = Conversation(engine)
+        tokens = list(conversation.generate(conversation.prefill_to(engine.encode(prompt, add_special_tokens=False)),
+                                            config))
+        key = parse_tool_calls(engine.tokenizer.decode(tokens, skip_special_tokens=False)).calls[0].arguments["key"]
+        head = engine.encode(prompt + '<tool_call>{"name": "memory_lookup", "arguments": {"key": "',
+                             add_special_tokens=False)
+
+        def score(candidate):
+            ids, offsets = engine.tokenizer.encode_with_offsets(candidate + '"}}')  # up to the token with the quote
+            ids = [t for t, (start, _) in zip(ids, offsets) if start <= len(candidate)]
+            logits = Conversation(engine).feed(head + ids, 0, picks=len(ids) + 1)[0, :-1].astype(np.float64)
+            logits -= logits.max(-1, keepdims=True)
+            return sum(row[t] - np.log(np.exp(row).sum()) for row, t in zip(logits, ids))
+
+        assert key == max(task.memory, key=score), task.request
+        next_turn = conversation.tokens + engine.encode("<|im_end|>\n", add_special_tokens=False)
+        np.testing.assert_allclose(conversation.prefill_to(next_turn), Conversation(engine).prefill_to(next_turn),
+                                   rtol=1e-4, atol=1e-4)
+        by_token = engine.complete(prompt, config, whole_enum_values=False)
+        differ += parse_tool_calls(by_token.text).calls[0].arguments["key"] != key
+    assert differ  # the whole-value choice changes at least one of these calls
+
+
+def test_the_scheduler_chooses_enum_values_whole_alone_and_in_a_batch(engine):
+    """Served by the scheduler, one request alone or two decoding together, the keys are the engine's own."""
+    from agentopt_compiler.runtime.scheduler import Scheduler
+
+    syntax = call_syntax(engine.tokenizer.chat_template)
+    cases = _long_lookups(engine)[:2]
+    configs = [GenerationConfig(max_new_tokens=60, grammar=tool_call_grammar(schemas, syntax, engine.tokenizer,
+                                                                             "memory_lookup"))
+               for _, schemas, _ in cases]
+    prompts = [engine.encode(prompt, add_special_tokens=False) for _, _, prompt in cases]
+    want = [engine.generate_ids(p, c) for p, c in zip(prompts, configs)]
+    slotted = ao.load_engine(engine.folder, slots=2)
+    for count in (1, 2):
+        scheduler = Scheduler(slotted, prefill_chunk=16)
+        outputs = [[] for _ in range(count)]
+        requests = [scheduler.submit(prompts[i], configs[i], lambda e, i=i: e.get("token") is not None and
+                                     outputs[i].append(e["token"])) for i in range(count)]
+        scheduler.run(requests)
+        assert outputs == want[:count]
+
+
+def test_choose_whole_scores_only_the_names_that_can_still_win():
     """Names are tried by their first token's log-probability, an upper bound of the whole name's: the choice equals
     scoring every name in full, and names the bound rules out cost no call."""
     from types import SimpleNamespace
 
-    from agentopt_compiler.runtime.generation import choose_name
+    from agentopt_compiler.runtime.generation import choose_whole
 
     def log_probs(row):
         return row - row.max() - np.log(np.exp(row - row.max()).sum())
@@ -519,7 +616,7 @@ def test_choose_name_scores_only_the_names_that_can_still_win():
             fed.append(tuple(ids))
             return rows[tuple(ids)][-picks:]
 
-        best = choose_name(SimpleNamespace(choice=names, choice_row=first_row), feed, 0)
+        best = choose_whole(SimpleNamespace(choice=names, choice_row=first_row), feed, 0)
         whole = {name: log_probs(first_row)[ids[0]] + sum(log_probs(row)[t] for row, t in zip(
             rows.get(tuple(ids[:-1]), []), ids[1:])) for name, ids in names.items()}
         assert best == max(whole, key=whole.get)
