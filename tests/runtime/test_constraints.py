@@ -572,6 +572,24 @@ def test_greedy_calls_take_the_likeliest_whole_enum_value_and_keep_its_kv(engine
     assert differ  # the whole-value choice changes at least one of these calls
 
 
+def test_enum_values_that_json_escapes_are_chosen_whole_or_left_to_the_grammar(engine):
+    """Values with quotes, backslashes, non-ASCII letters or one a prefix of another: the call parses and names one of
+    them, chosen whole or token by token alike (a value whose tokens the grammar does not take as written is left to
+    token-by-token choice, never refused)."""
+    values = ['say "hi"', "back\\slash", "naïve café", "door", "door code", ""]
+    tool = {"type": "function", "function": {"name": "pick", "parameters": {
+        "type": "object", "properties": {"what": {"type": "string", "enum": values}, "n": {"type": "integer"}},
+        "required": ["what", "n"]}}}
+    grammar = tool_call_grammar([tool], call_syntax(engine.tokenizer.chat_template), engine.tokenizer, "pick")
+    for request in ("which door?", "say hi", "cafe"):
+        prompt = WORDED.format(tools='{"name": "pick", "parameters": {"what": "string", "n": "integer"}}',
+                               request=request)
+        for whole in (True, False):
+            text = engine.complete(prompt, max_new_tokens=60, grammar=grammar, whole_enum_values=whole).text
+            call = parse_tool_calls(text).calls[0]
+            assert call.arguments["what"] in values and isinstance(call.arguments["n"], int), text
+
+
 def test_the_scheduler_chooses_enum_values_whole_alone_and_in_a_batch(engine):
     """Served by the scheduler, one request alone or two decoding together, the keys are the engine's own."""
     from agentopt_compiler.runtime.scheduler import Scheduler
