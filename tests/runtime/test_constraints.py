@@ -432,6 +432,16 @@ def test_at_name_finds_a_call_name_start_and_not_an_argument_named_name():
     assert one.names == () and not one.at_name('<tool_call>{"name": "')  # one tool: its name is forced
 
 
+def _scored(engine, head: list[int], candidate: str, follower: str) -> float:
+    """The log-probability of ``candidate`` after the tokens ``head``, by a fresh prefill: its tokens are the
+    tokenizer's split of ``candidate + follower`` up to the token holding the closing quote."""
+    ids, offsets = engine.tokenizer.encode_with_offsets(candidate + follower)
+    ids = [t for t, (start, _) in zip(ids, offsets) if start <= len(candidate)]
+    logits = Conversation(engine).feed(head + ids, 0, picks=len(ids) + 1)[0, :-1].astype(np.float64)
+    logits -= logits.max(-1, keepdims=True)
+    return sum(row[t] - np.log(np.exp(row).sum()) for row, t in zip(logits, ids))
+
+
 WORDED = ("<|im_start|>system\n{tools}<|im_end|>\n<|im_start|>user\n{request}<|im_end|>\n<|im_start|>assistant\n")
 
 
@@ -455,15 +465,7 @@ def test_greedy_calls_take_the_likeliest_whole_name_and_go_on_as_if_it_were_give
         by_token = engine.complete(prompt, max_new_tokens=80, grammar=grammar)
         name = parse_tool_calls(whole.text).calls[0].name
         head = engine.encode(prompt + '<tool_call>{"name": "', add_special_tokens=False)
-
-        def score(candidate):
-            ids, offsets = engine.tokenizer.encode_with_offsets(candidate + '", "')  # up to the token with the quote
-            ids = [t for t, (start, _) in zip(ids, offsets) if start <= len(candidate)]
-            logits = Conversation(engine).feed(head + ids, 0, picks=len(ids) + 1)[0, :-1].astype(np.float64)
-            logits -= logits.max(-1, keepdims=True)
-            return sum(row[t] - np.log(np.exp(row).sum()) for row, t in zip(logits, ids))
-
-        assert name == max((t.name for t in functions), key=score), request
+        assert name == max((t.name for t in functions), key=lambda n: _scored(engine, head, n, '", "')), request
         forced = engine.complete(prompt, max_new_tokens=80, grammar=tool_call_grammar(
             [t.schema() for t in functions], syntax, engine.tokenizer, name), whole_tool_names=True)
         assert forced.token_ids == whole.token_ids
@@ -555,15 +557,7 @@ def test_greedy_calls_take_the_likeliest_whole_enum_value_and_keep_its_kv(engine
         key = parse_tool_calls(engine.tokenizer.decode(tokens, skip_special_tokens=False)).calls[0].arguments["key"]
         head = engine.encode(prompt + '<tool_call>{"name": "memory_lookup", "arguments": {"key": "',
                              add_special_tokens=False)
-
-        def score(candidate):
-            ids, offsets = engine.tokenizer.encode_with_offsets(candidate + '"}}')  # up to the token with the quote
-            ids = [t for t, (start, _) in zip(ids, offsets) if start <= len(candidate)]
-            logits = Conversation(engine).feed(head + ids, 0, picks=len(ids) + 1)[0, :-1].astype(np.float64)
-            logits -= logits.max(-1, keepdims=True)
-            return sum(row[t] - np.log(np.exp(row).sum()) for row, t in zip(logits, ids))
-
-        assert key == max(task.memory, key=score), task.request
+        assert key == max(task.memory, key=lambda k: _scored(engine, head, k, '"}}')), task.request
         next_turn = conversation.tokens + engine.encode("<|im_end|>\n", add_special_tokens=False)
         np.testing.assert_allclose(conversation.prefill_to(next_turn), Conversation(engine).prefill_to(next_turn),
                                    rtol=1e-4, atol=1e-4)

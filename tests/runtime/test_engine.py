@@ -116,6 +116,7 @@ def test_python_api_misuse_is_one_clear_error(tiny_engine, tiny_engine_dir):
              (lambda: tiny_engine.complete("hi", max_new_tokens=True), "max_new_tokens must be an integer"),
              (lambda: tiny_engine.complete("hi", temperature="x"), "temperature must be a number"),
              (lambda: tiny_engine.complete("hi", seed=1.5), "seed must be an integer"),
+             (lambda: tiny_engine.complete("hi", whole_enum_values="no"), "whole_enum_values must be True or False"),
              (lambda: tiny_engine.complete("hi", stop_token_ids=5), "stop_token_ids must be"),
              (lambda: tiny_engine.complete("hi", config={"max_new_tokens": 2}), "config must be a GenerationConfig"),
              (lambda: tiny_engine.generate_batch("abc"), "a list of prompts"),
