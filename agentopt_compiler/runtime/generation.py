@@ -252,7 +252,7 @@ class TokenPicker:
         if self.config.whole_tool_names and grammar.at_name(text):
             choices = {name: self._choice_tokens(name, ('", "',)) for name in grammar.names}
         elif self.config.whole_enum_values and (values := grammar.enum_at(text)):
-            choices = {value: self._choice_tokens(json.dumps(value, ensure_ascii=False)[1:-1], ('", "', '"}}', '"}'))
+            choices = {value: self._choice_tokens(json.dumps(value, ensure_ascii=False)[1:-1], ('", "', '"}}'))
                        for value in values}  # (a value as JSON writes it inside quotes)
         else:
             return None
