@@ -9,6 +9,7 @@ m/ft, l/gal, 2 decimals) and ``memory_lookup`` (facts stated earlier in the conv
 from __future__ import annotations
 
 import ast
+import difflib
 import json
 import re
 import typing
@@ -47,7 +48,10 @@ def calculator(expression: str) -> int | float:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError:
         raise ToolError(f"cannot parse expression {expression!r}; write it like \"(12 + 3) * 4\"") from None
-    out = _eval_node(tree.body)
+    try:
+        out = _eval_node(tree.body)
+    except OverflowError:  # float arithmetic past ~1.8e308 on the way, e.g. (1.5 ** 64) ** 64
+        raise ToolError("result too large") from None
     if isinstance(out, float):
         out = round(out, _DIVISION_DECIMALS)
         return int(out) if out.is_integer() else out
@@ -115,6 +119,8 @@ def convert_units(value: float, from_unit: str, to_unit: str) -> float | int:
     """km<->miles, kg<->lb, C<->F, m<->ft, l<->gal (US), rounded to 2 decimals (an int when whole)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ToolError("value must be a number")
+    if not abs(value) < _MAX_ABS_RESULT:  # also NaN; an int too large for a float would overflow below
+        raise ToolError(f"value must be a finite number below {_MAX_ABS_RESULT:.0e} in size")
     a, b = canonical_unit(from_unit), canonical_unit(to_unit)
     if a == b:
         out = float(value)
@@ -141,6 +147,21 @@ def memory_lookup(key: str, memory: dict[str, str]) -> str:
     if nk not in table:
         raise ToolError(f"no memory for key {key!r}")
     return table[nk]
+
+
+_MAX_KEYS_LISTED = 20
+
+
+def _known_keys(key: Any, keys: list[str]) -> str:
+    """The end of a failed lookup's error: the stored keys (as training wrote them), or for a large memory the ones
+    closest to ``key``, so that one observation cannot fill the context."""
+    if not keys:
+        return "the memory is empty"
+    if len(keys) <= _MAX_KEYS_LISTED:
+        return f"known keys: {', '.join(keys)}"
+    closest = difflib.get_close_matches(normalize_key(key) if isinstance(key, str) else "",
+                                        keys, n=_MAX_KEYS_LISTED, cutoff=0.0)
+    return f"the {len(closest)} of {len(keys)} known keys closest to it: {', '.join(closest)}"
 
 
 def normalize_key(key: str) -> str:
@@ -196,7 +217,7 @@ def run_tool(name: str, arguments: dict, memory: dict[str, str] | None = None) -
         try:
             value = memory_lookup(arguments["key"], memory)
         except ToolError as exc:
-            raise ToolError(f"{exc}; known keys: {', '.join(memory)}") from None
+            raise ToolError(f"{exc}; {_known_keys(arguments['key'], list(memory))}") from None
         return json.dumps({"key": arguments["key"], "value": value})
     except ToolError as exc:
         return json.dumps({"error": str(exc)})

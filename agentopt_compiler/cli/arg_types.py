@@ -58,3 +58,14 @@ SEED = int_in(0, 2**63 - 1)  # numpy generators take no negative seeds; rows use
 THREADS = int_in(1, 1024)
 PROMPT_LOOKUP = int_in(0, 1024)
 TCP_PORT = int_in(0, 65535)  # 0: any free port
+
+
+def non_empty_text(text: str) -> str:
+    """Text of at least one character (an empty model name or stop string would mean nothing; a stop string may be
+    whitespace, e.g. a newline)."""
+    if not text:
+        raise argparse.ArgumentTypeError(f"must be non-empty text, got {text!r}")
+    return text
+
+
+non_empty_text.__name__ = "text"

@@ -23,8 +23,8 @@ def add_parser(sub) -> None:
     p.add_argument("engine", help="engine folder written by agentopt compile")
     p.add_argument("--set", dest="sets", action="append", choices=SETS,
                    help="task set (repeatable; default generator)")
-    p.add_argument("--tasks", type=int_in(1, 1_000_000), default=100,
-                   help="number of generator tasks (default 100)")
+    p.add_argument("--tasks", type=int_in(1, 1_000_000), default=None,
+                   help="number of generator tasks (default 100; the hand-written sets always run whole)")
     p.add_argument("--seed", type=SEED, default=0, help="generator task seed")
     p.add_argument("--minutes", type=float_in(0.0, low_open=True), default=None,
                    help="stop each set after this long (report how many ran)")
@@ -42,15 +42,20 @@ def run(args) -> int:
     from ..output_paths import check_writable_file, write_text_atomically
     from ..runtime.engine import load_engine
 
+    from ..errors import AgentOptError
+
+    sets = args.sets or ["generator"]
+    if args.tasks is not None and "generator" not in sets:
+        raise AgentOptError(f"--tasks counts generator tasks, and only {', '.join(sets)} is asked for (those sets "
+                            "always run whole); add --set generator or drop --tasks")
     if args.json:  # now, not after the evaluation
         check_writable_file(Path(args.json), "--json")
     engine = load_engine(args.engine, threads=args.threads)
     if engine.tokenizer is None:
-        from ..errors import AgentOptError
         raise AgentOptError(f"engine '{args.engine}' has no tokenizer; agent evaluation needs text")
     reports = {}
-    for name in args.sets or ["generator"]:
-        tasks = task_set(name, args.tasks, args.seed)
+    for name in sets:
+        tasks = task_set(name, args.tasks or 100, args.seed)
         print(f"evaluating {engine.manifest['model']['name']} on {len(tasks)} {name} tasks...", file=sys.stderr)
         report = evaluate(engine, tasks, time_budget_s=None if args.minutes is None else args.minutes * 60,
                           prompt_lookup=args.prompt_lookup, constrained=not args.no_constrain)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import AgentOptError, ContextOverflowError
-from .arg_types import PROMPT_LOOKUP, SEED, THREADS, float_in, int_in
+from .arg_types import PROMPT_LOOKUP, SEED, THREADS, float_in, int_in, non_empty_text
 
 
 def add_parser(sub) -> None:
@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
     p.add_argument("--top-p", type=float_in(0.0, 1.0, low_open=True), default=1.0,
                    help="sample from the likeliest tokens holding this much probability (1: off)")
     p.add_argument("--seed", type=SEED, default=None, help="seed for sampling")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", type=non_empty_text, default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     p.add_argument("--prompt-lookup", type=PROMPT_LOOKUP, default=0, metavar="N",
                    help="check up to N tokens drafted from the context per decode call: fewer calls when the model "
@@ -144,9 +144,11 @@ def _output_grammar(args):
 
     from ..runtime.constraints import json_schema_grammar, regex_grammar
 
-    if (args.json_schema or args.regex) and args.prompt is None:
+    if (args.json_schema or args.regex is not None) and args.prompt is None:
         raise AgentOptError("--json-schema and --regex shape a --prompt's output; agent tasks (--task) are "
                             "constrained by their tools' schemas (see --no-constrain)")
+    if args.regex == "":
+        raise AgentOptError("--regex '' would allow only an empty output; give a pattern, e.g. --regex '(yes|no)'")
     if args.regex:
         return regex_grammar(args.regex, f"--regex {args.regex!r}")
     if not args.json_schema:
@@ -179,6 +181,19 @@ def _read_memory(path: str) -> dict[str, str]:
     if not isinstance(data, dict):
         raise AgentOptError(f"--memory: '{path}' holds a JSON {type(data).__name__}; write an object of key -> value, "
                             'e.g. {"locker code": "4821"}')
+    from ..agent_tiny.tools import normalize_key
+
+    seen: dict[str, str] = {}
+    for key in data:
+        same = normalize_key(key)
+        if not same:
+            raise AgentOptError(f"--memory: '{path}' has the key {key!r}, which names nothing; give each fact a key "
+                                "such as \"locker code\"")
+        if same in seen:
+            raise AgentOptError(f"--memory: '{path}' has the keys {seen[same]!r} and {key!r}, which a lookup cannot "
+                                "tell apart (case, a leading 'the'/'my'/'our' and end punctuation are ignored); "
+                                "keep one of them")
+        seen[same] = key
     return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in data.items()}
 
 

@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..errors import AgentOptError
+from ..errors import AgentOptError, ContextOverflowError
 from .chat import render_chat
 from .constraints import call_syntax, check_grammar, tool_call_grammar
 from .generation import GenerationConfig, TextStream
@@ -32,6 +32,9 @@ TOOL_CALL_ENDS = ("</tool_call>", "<|/tool_call|>")  # Qwen/Hermes, Phi-4-mini: 
 # appended to the observation of a call that failed before with the same arguments; a third identical failure stops
 # the loop (finish_reason "repeated_failure") instead of repeating it to the step limit
 REPEATED_FAILURE_NOTE = " (this exact call already failed; change the arguments or answer without it)"
+# an observation may take at most this share of the engine's context: a tool that returns megabytes (or a memory
+# lookup listing thousands of keys) is cut, marked, instead of ending the task with a context overflow
+OBSERVATION_CONTEXT_SHARE = 0.25
 
 
 def _failed(outcome) -> bool:
@@ -55,8 +58,9 @@ class AgentStep:
 
 @dataclass
 class AgentResult:
-    answer: str | None  # the final answer, or None if the step limit was reached
-    finish_reason: str  # "answer", "step_limit", "context" or "repeated_failure"
+    answer: str | None  # the final answer (cut if finish_reason is "length" or "context"), or None without one
+    finish_reason: str  # "answer", "length" (the answer reached the step's token limit), "step_limit", "context"
+    # or "repeated_failure"
     steps: list[AgentStep] = field(default_factory=list)
     usage: dict[str, int] = field(default_factory=dict)
 
@@ -114,6 +118,41 @@ class Agent:
         self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         self.conversation = engine.conversation(prefix_cache)
         self._prefix_remembered = False
+        self._shortest_call: int | None = None  # tokens of the shortest call the grammar allows (found once)
+
+    def _fit(self, observation: str) -> str:
+        """The observation, cut to OBSERVATION_CONTEXT_SHARE of the context where it is longer (marked, with its
+        length), so that one tool result cannot end the task by overflowing the context."""
+        if self.engine.tokenizer is None:
+            return observation
+        limit = int(self.engine.context_length * OBSERVATION_CONTEXT_SHARE)
+        if len(observation) <= limit:  # a token holds at least one character
+            return observation
+        ids = self.engine.encode(observation, add_special_tokens=False)
+        if len(ids) <= limit:
+            return observation
+        note = f" ...[cut: the result has {len(ids)} tokens, the context holds {self.engine.context_length}]"
+        keep = max(limit - len(self.engine.encode(note, add_special_tokens=False)), 0)
+        return self.engine.tokenizer.decode(ids[:keep]) + note
+
+    def _check_room_for_a_call(self, config: GenerationConfig) -> None:
+        """Under the tools' grammar a call that cannot fit the step's token limit is never opened: the model would
+        answer without its tools, silently. A limit below the shortest call is refused instead."""
+        if self.grammar is None or not config.max_new_tokens or self._shortest_call == 0:
+            return
+        if self._shortest_call is None:
+            from .constraints import Matcher
+            from .generation import SHORTEST_OUTPUT_SEARCH
+
+            matcher = Matcher(self.grammar, self.engine.tokenizer,
+                              self.engine.manifest["model"]["config"]["vocab_size"], self.engine.eos_token_ids)
+            opening = self.engine.encode(self.grammar.call_open, add_special_tokens=False)
+            closing = matcher.closing(SHORTEST_OUTPUT_SEARCH, after=opening)
+            self._shortest_call = 0 if closing is None else len(opening) + len(closing)  # 0: none found, unchecked
+        if 0 < config.max_new_tokens < self._shortest_call:
+            raise AgentOptError(f"a limit of {config.max_new_tokens} new tokens per step is too small for a call of "
+                                f"the tools: the shortest call takes {self._shortest_call} tokens; raise the limit "
+                                "(max_new_tokens; --max-new-tokens in the CLI)")
 
     def _prompt_ids(self) -> list[int]:
         text = render_chat(self.engine.tokenizer, self.messages, [t.schema() for t in self.tools.values()],
@@ -138,7 +177,8 @@ class Agent:
         """Run ``task`` to a final answer or the step limit. If it raises (e.g. the conversation outgrew the
         context), the history is left as it was before the task."""
         if not isinstance(task, str) or not task.strip():
-            raise AgentOptError(f"a task is non-empty text, got {task!r}")
+            got = repr(task) if not isinstance(task, str) else f"{len(task)} whitespace characters" if task else "''"
+            raise AgentOptError(f"a task is non-empty text, got {got}")
         kept = len(self.messages)
         try:
             return self._run(task, on_event, **generation)
@@ -151,6 +191,8 @@ class Agent:
         config = self.generation.with_options(**generation)
         config = config.with_options(stop_strings=tuple(config.stop_strings) + TOOL_CALL_ENDS,
                                      grammar=config.grammar or self.grammar)
+        if config.grammar is self.grammar:
+            self._check_room_for_a_call(config)
         self.messages.append({"role": "user", "content": task})
         result = AgentResult(None, "step_limit")
         conversation = self.conversation
@@ -159,8 +201,16 @@ class Agent:
                  conversation.closed_at_limit)
         generated = 0
         failures: dict[tuple[str, str], int] = {}  # (tool, arguments) -> how often that exact call failed
-        for _ in range(self.max_steps):
-            logits = self.conversation.prefill_to(self._prompt_ids())
+        for step in range(self.max_steps):
+            try:
+                logits = self.conversation.prefill_to(self._prompt_ids())
+            except ContextOverflowError as exc:
+                if not step:
+                    raise
+                raise ContextOverflowError(
+                    f"the conversation outgrew the engine's context at step {step + 1} of the task: {exc}. The "
+                    "earlier steps' calls and results filled it; give fewer --max-steps, tools that return less, or "
+                    "recompile with a larger --context-length") from None
             self._remember_system_prefix()
             calls_before = conversation.decode_calls
             text, reason, count = self._generate(logits, config, emit)
@@ -171,7 +221,8 @@ class Agent:
             parsed = parse_tool_calls(text)
             if not parsed.calls and not parsed.errors:
                 self.messages.append({"role": "assistant", "content": text})
-                result.answer, result.finish_reason = text.strip(), "answer" if reason != "context" else "context"
+                result.answer = text.strip()
+                result.finish_reason = reason if reason in ("length", "context") else "answer"
                 result.steps.append(AgentStep(text, [], [], engine_calls))
                 emit({"type": "final", "text": text.strip()})
                 break
@@ -179,31 +230,41 @@ class Agent:
                 {"id": f"call_{len(self.messages)}_{i}", "type": "function",
                  "function": {"name": c.name, "arguments": c.arguments}} for i, c in enumerate(parsed.calls)]})
             observations = []
-            for error in parsed.errors:
-                emit({"type": "tool_error", "error": error})
-                observations.append(f"error: {error}")
             repeated = None
+
+            def seen(text_seen: str, key: tuple[str, str], what: str) -> str:
+                """The observation of a failed call: the same failure again is said so (a different observation);
+                a third time stops the loop."""
+                nonlocal repeated
+                failures[key] = failures.get(key, 0) + 1
+                if failures[key] == 2:
+                    return text_seen + REPEATED_FAILURE_NOTE
+                if failures[key] > 2:
+                    repeated = repeated or what
+                return text_seen
+
+            for error in parsed.errors:
+                observation = self._fit(seen(f"error: {error}", ("", error), "a malformed call"))
+                emit({"type": "tool_error", "error": error, "observation": observation})
+                observations.append(observation)
             for call in parsed.calls:
                 emit({"type": "tool_call", "name": call.name, "arguments": call.arguments})
                 outcome = run_tool_call(call, self.tools, self.tool_timeout_s)
-                emit({"type": "tool_result", "name": call.name, "output": outcome.output, "error": outcome.error})
-                text_seen = outcome.text
+                observation = outcome.text
                 if _failed(outcome):
-                    # the same failing call again: say so (a different observation); a third time stops the loop
-                    key = (call.name, json.dumps(call.arguments, sort_keys=True, default=str))
-                    failures[key] = failures.get(key, 0) + 1
-                    if failures[key] == 2:
-                        text_seen += REPEATED_FAILURE_NOTE
-                    elif failures[key] > 2:
-                        repeated = call
-                observations.append(text_seen)
+                    observation = seen(observation, (call.name, json.dumps(call.arguments, sort_keys=True,
+                                                                           default=str)),
+                                       f"the call {call.name}({json.dumps(call.arguments, default=str)})")
+                observation = self._fit(observation)
+                emit({"type": "tool_result", "name": call.name, "output": outcome.output, "error": outcome.error,
+                      "observation": observation})
+                observations.append(observation)
             for observation in observations:
                 self.messages.append({"role": "tool", "content": observation})
             result.steps.append(AgentStep(text, parsed.calls, observations, engine_calls))
             if repeated is not None:
                 result.finish_reason = "repeated_failure"
-                emit({"type": "stopped", "reason": f"the call {repeated.name}({json.dumps(repeated.arguments)}) "
-                                                   "failed three times with the same arguments"})
+                emit({"type": "stopped", "reason": f"{repeated} failed three times the same way"})
                 break
             if reason == "context":
                 result.finish_reason = "context"
@@ -247,10 +308,10 @@ def describe_event(event: dict) -> str:
     kind = event["type"]
     if kind == "tool_call":
         return f"\n→ {event['name']}({json.dumps(event['arguments'], ensure_ascii=False)})"
-    if kind == "tool_result":
-        return f"← {'error: ' + event['error'] if event['error'] else event['output']}"
-    if kind == "tool_error":
-        return f"← error: {event['error']}"
+    if kind == "tool_result":  # what the model sees (the result, cut or with a note), else the tool's own words
+        return f"← {event.get('observation') or ('error: ' + event['error'] if event['error'] else event['output'])}"
+    if kind == "tool_error":  # a malformed call: the model's streamed text ends without a newline
+        return f"\n← {event.get('observation') or 'error: ' + event['error']}"
     if kind == "stopped":
         return f"[stopped: {event['reason']}]"
     return event.get("text", "")

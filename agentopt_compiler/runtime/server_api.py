@@ -26,6 +26,9 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
+NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -84,6 +87,14 @@ class Message(_Strict):
     tool_call_id: StrictStr | None = None
     refusal: StrictStr | None = None  # echoed back by clients that replay assistant messages
 
+    @model_validator(mode="after")
+    def _says_something(self):
+        """Only an assistant message that makes tool calls may come without content (as in OpenAI's API)."""
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs its 'content'"
+                             + (" (or 'tool_calls')" if self.role == "assistant" else ""))
+        return self
+
 
 class NamedFunction(_Strict):
     name: StrictStr
@@ -131,7 +142,7 @@ class ChatRequest(_Strict):
     temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
     top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
     seed: Annotated[StrictInt, Field(ge=0, le=2**63 - 1)] | None = None
-    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
+    stop: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=4)] | None = None  # "" would stop nothing
     n: Annotated[StrictInt, Field(ge=1, le=1)] | None = None  # one choice per request
     presence_penalty: Annotated[Number, Field(ge=0, le=0)] | None = None  # not implemented: only the neutral 0
     frequency_penalty: Annotated[Number, Field(ge=0, le=0)] | None = None

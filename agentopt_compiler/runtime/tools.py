@@ -36,6 +36,7 @@ from ..errors import AgentOptError
 from .isolated_call import call_isolated
 
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", dict: "object", list: "array"}
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what OpenAI's API (and the server's) accepts as a function name
 
 
 def _json_type(annotation) -> dict[str, Any]:
@@ -122,6 +123,9 @@ class Tool:
             properties[pname] = schema
         parameters = {"type": "object", "properties": properties, "required": required,
                       **({"additionalProperties": True} if open_ended else {})}
+        if not TOOL_NAME.fullmatch(label):
+            raise AgentOptError(f"tool name {label!r} is not one a model can call: use 1-64 letters, digits, '_' or "
+                                "'-' (give a def function, or Tool.from_function(f, name=...))")
         return cls(label, summary or label, parameters, function)
 
     def schema(self) -> dict[str, Any]:
@@ -224,7 +228,7 @@ def _parse_call_json(raw: str, calls: list[ToolCall], errors: list[str]) -> None
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
-        errors.append(f"malformed tool call (invalid JSON: {exc.msg} at position {exc.pos}): {raw[:200]}")
+        errors.append(f"malformed tool call (invalid JSON: {exc}): {raw[:200]}")  # "...: line 1 column 2 (char 1)"
         return
     if isinstance(data, dict) and isinstance(data.get("function"), dict):
         data = {**data["function"], "id": data.get("id", "")}
@@ -324,6 +328,10 @@ def load_tool(spec: str) -> Tool:
     module_name, _, name = spec.partition(":")
     if not module_name or not name:
         raise AgentOptError(f"tool '{spec}' must be written MODULE:FUNCTION, e.g. mytools:search")
+    if "/" in module_name or "\\" in module_name or module_name.endswith(".py"):
+        stem = os.path.splitext(os.path.basename(module_name))[0]
+        raise AgentOptError(f"tool '{spec}' names a file; give the module's name instead ({stem}:{name}), run from "
+                            f"the folder that holds {stem}.py or with that folder on PYTHONPATH")
     # the current folder by its absolute name, and fresh finder caches: "." would share one cached directory
     # listing across chdir()s in a long-lived process
     sys.path.insert(0, os.getcwd())

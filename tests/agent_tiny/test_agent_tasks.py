@@ -50,7 +50,7 @@ def test_calculator_is_exact_arithmetic_with_division_and_powers():
 
 @pytest.mark.parametrize("expr", ["__import__('os').system('ls')", "7 // 2", "7 % 2", "a + 1", "open('x')",
                                   "1; 2", "(1).__class__", "12 x 4", "", "9" * 201, "1 / 0", "2 ** 9999",
-                                  "9 ** 9 ** 9", "2 ** 0.5"])
+                                  "9 ** 9 ** 9", "2 ** 0.5", "(1.5 ** 64) ** 64"])
 def test_calculator_rejects_anything_else(expr):
     with pytest.raises(ToolError):
         calculator(expr)
@@ -72,6 +72,10 @@ def test_convert_units():
     assert json.loads(run_tool("convert_units", {"value": 5, "from_unit": "km", "to_unit": "miles"})) == {
         "result": 3.11, "unit": "miles"}
     assert "error" in json.loads(run_tool("convert_units", {"value": "5", "from_unit": "km", "to_unit": "miles"}))
+    # sizes a float cannot hold, and NaN: an error the model reads, never an exception or a non-JSON Infinity
+    for value in (10 ** 400, 1e308, float("inf"), float("nan")):
+        assert "finite number" in json.loads(run_tool("convert_units", {"value": value, "from_unit": "miles",
+                                                                          "to_unit": "km"}))["error"]
 
 
 def test_memory_lookup_reads_the_episode_memory():
@@ -81,6 +85,14 @@ def test_memory_lookup_reads_the_episode_memory():
     assert "Maria's locker code" in err  # the error lists the known keys, so the model can retry
     assert "error" in json.loads(run_tool("nope", {}, memory))
     assert "error" in json.loads(run_tool("memory_lookup", {"key": "x", "extra": 1}, memory))
+    assert "the memory is empty" in json.loads(run_tool("memory_lookup", {"key": "x"}, {}))["error"]
+
+
+def test_a_failed_lookup_in_a_large_memory_lists_the_closest_keys_only():
+    memory = {f"room {i}": str(i) for i in range(2000)}
+    err = json.loads(run_tool("memory_lookup", {"key": "room 17b"}, memory))["error"]
+    listed = err.split("closest to it: ")[1].split(", ")
+    assert len(listed) == 20 and "room 17" in listed and "of 2000 known keys" in err
 
 
 # --- episodes ---------------------------------------------------------------------------------------------------------

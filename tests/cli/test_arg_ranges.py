@@ -43,6 +43,8 @@ OUT_OF_RANGE = [
     (["eval", "E"], "--seed", ["-1"]),
     (["serve", "E"], "--port", ["99999", "-1", "http"]),
     (["rebuild", "E"], "--workspace-gib", ["0", "-1", NAN]),
+    (["run", "E", "--prompt", "x"], "--stop", [""]),  # empty text (a stop string of "\n" is fine)
+    (["serve", "E"], "--model-name", [""]),
 ]
 
 
@@ -54,7 +56,14 @@ def test_numeric_options_out_of_range_are_usage_errors(tmp_path, capsys, monkeyp
             line = cli_error_line(capsys, prefix + [option, value])
             assert f"argument {option}:" in line and "--help" in line, line
             count += 1
-    assert count >= 70 and tree(tmp_path) == set()
+    assert count >= 72 and tree(tmp_path) == set()
+
+
+def test_options_that_would_mean_nothing_are_refused(tiny_engine_dir, capsys):
+    line = cli_error_line(capsys, ["run", str(tiny_engine_dir), "--prompt", "x", "--regex", ""])
+    assert "--regex '' would allow only an empty output" in line
+    line = cli_error_line(capsys, ["eval", str(tiny_engine_dir), "--set", "handwritten", "--tasks", "5"])
+    assert "--tasks counts generator tasks" in line and "add --set generator" in line
 
 
 def test_usage_errors_are_one_line(capsys):

@@ -130,7 +130,7 @@ def test_run_task_with_tools_and_interactive_mode(chat_engine, capsys, monkeypat
                                          "    return text.upper()\n")
     monkeypatch.chdir(tmp_path)
     assert main(["run", str(chat_engine.folder), "--task", "Shout hello", "--tools", "mytools:shout",
-                 "--max-new-tokens", "8", "--max-steps", "1"]) == 0
+                 "--max-new-tokens", "48", "--max-steps", "1"]) == 0
     err = capsys.readouterr().err
     assert "step(s)" in err and "tokens prefilled" in err
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("first task\nsecond task\n"))
@@ -193,6 +193,11 @@ def test_run_memory_file_errors_say_what_to_fix(chat_engine, capsys, tmp_path):
     assert "is not valid JSON" in cli_error_line(capsys, base + ["--memory", str(tmp_path / "bad.json")])
     (tmp_path / "list.json").write_text("[1, 2]")
     assert "holds a JSON list" in cli_error_line(capsys, base + ["--memory", str(tmp_path / "list.json")])
+    (tmp_path / "twice.json").write_text('{"Locker Code": "1", "my locker code?": "2"}')
+    line = cli_error_line(capsys, base + ["--memory", str(tmp_path / "twice.json")])
+    assert "'Locker Code' and 'my locker code?'" in line and "cannot tell apart" in line
+    (tmp_path / "blank.json").write_text('{" ": "1"}')
+    assert "names nothing" in cli_error_line(capsys, base + ["--memory", str(tmp_path / "blank.json")])
     (tmp_path / "ok.json").write_text('{"locker code": 4821}')
     line = cli_error_line(capsys, ["run", str(chat_engine.folder), "--task", "x", "--memory",
                                    str(tmp_path / "ok.json")])
@@ -230,8 +235,11 @@ def test_run_constrains_tool_calls_unless_told_not_to_and_shapes_prompt_output(c
     (tmp_path / "mytools.py").write_text("def shout(text: str) -> str:\n    '''Upper-case text.'''\n"
                                          "    return text.upper()\n")
     monkeypatch.chdir(tmp_path)
-    base = ["run", str(chat_engine.folder), "--task", "Shout hello", "--tools", "mytools:shout",
-            "--max-new-tokens", "8", "--max-steps", "1"]
+    base = ["run", str(chat_engine.folder), "--task", "Shout hello", "--tools", "mytools:shout", "--max-steps", "1"]
+    # a step's token limit below the shortest call would silently leave the tools unusable: refused
+    line = cli_error_line(capsys, base + ["--max-new-tokens", "8"])
+    assert "too small for a call" in line and "--max-new-tokens" in line
+    base += ["--max-new-tokens", "48"]
     assert main(base) == 0
     assert "forced by the tools' grammar" in capsys.readouterr().err
     assert main(base + ["--no-constrain"]) == 0

@@ -4,8 +4,8 @@ with it. End-to-end behaviour with a trained model is measured by ``agentopt eva
 
 import pytest
 
-from agentopt_compiler.errors import AgentOptError
-from agentopt_compiler.runtime.agent import Agent
+from agentopt_compiler.errors import AgentOptError, ContextOverflowError
+from agentopt_compiler.runtime.agent import Agent, describe_event
 from agentopt_compiler.runtime.prefix_cache import PrefixCache
 
 
@@ -115,6 +115,59 @@ def test_a_stray_closing_tag_is_a_parse_error_not_the_answer(chat_engine, script
     result = agent.run("add")
     assert result.answer == "The answer is 5." and len(result.steps) == 2
     assert "without an opening <tool_call>" in result.steps[0].observations[0]
+
+
+def test_an_answer_cut_at_the_token_limit_is_not_a_finished_answer(chat_engine, scripted, monkeypatch):
+    agent = Agent(chat_engine, tools=[add], max_steps=2)
+    scripted(agent, ["The answer is 4"])
+    generate = agent._generate
+    monkeypatch.setattr(agent, "_generate", lambda *a: (generate(*a)[0], "length", 1))
+    result = agent.run("add")
+    assert result.answer == "The answer is 4" and result.finish_reason == "length"
+
+
+def test_a_repeated_malformed_call_is_a_repeated_failure(chat_engine, scripted):
+    agent = Agent(chat_engine, tools=[add], max_steps=6)
+    scripted(agent, ['<tool_call>{"name": "add", "arguments": {"a": 2,}'] * 6)
+    events = []
+    result = agent.run("add", on_event=events.append)
+    observations = [o for step in result.steps for o in step.observations]
+    assert len(observations) == 3 and "already failed" in observations[1] and "already failed" not in observations[0]
+    assert result.finish_reason == "repeated_failure"
+    # the CLI shows what the model saw, on its own line after the streamed call
+    shown = [describe_event(e) for e in events if e["type"] == "tool_error"]
+    assert shown[1] == "\n← " + observations[1]
+
+
+def huge() -> str:
+    """Returns far more text than a context holds."""
+    return "word " * 50_000
+
+
+def test_a_tool_result_longer_than_a_quarter_of_the_context_is_cut_and_marked(chat_engine, scripted):
+    agent = Agent(chat_engine, tools=[huge], max_steps=2)
+    scripted(agent, ['<tool_call>{"name": "huge", "arguments": {}}', "Done."])
+    result = agent.run("call it")
+    observation = result.steps[0].observations[0]
+    limit = chat_engine.context_length // 4
+    assert observation.startswith("word word") and "[cut: the result has" in observation
+    assert len(chat_engine.encode(observation, add_special_tokens=False)) <= limit < 50_000
+    assert result.answer == "Done."
+
+
+def test_a_conversation_that_outgrows_the_context_names_the_step(chat_engine, scripted):
+    agent = Agent(chat_engine, tools=[huge], max_steps=8)
+    scripted(agent, ['<tool_call>{"name": "huge", "arguments": {}}'] * 8)
+    with pytest.raises(ContextOverflowError, match="outgrew the engine's context at step [2-8]"):
+        agent.run("call it until it overflows")
+    assert agent.messages == []  # the history is left as it was
+
+
+def test_a_step_limit_too_small_for_any_call_is_refused(chat_engine):
+    agent = Agent(chat_engine, tools=[add])
+    with pytest.raises(AgentOptError, match="too small for a call of the tools: the shortest call takes"):
+        agent.run("add 2 and 3", max_new_tokens=5)
+    Agent(chat_engine, tools=[add], constrained=False).run("add 2 and 3", max_new_tokens=5)  # free: not checked
 
 
 def test_agent_options_of_the_wrong_kind_are_refused(chat_engine):

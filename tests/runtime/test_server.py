@@ -270,6 +270,9 @@ MALFORMED = [  # (field changes, the param the error must name)
     ({"messages": [{"role": "assistant", "tool_calls": [{"id": "1", "type": "function", "function": {
         "name": "f", "arguments": "[1, 2]"}}]}]}, "messages[0].tool_calls"),  # JSON, but not an object
     ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content"),  # a lone surrogate
+    ({"messages": [{"role": "user"}]}, "messages[0]"), ({"messages": [{"role": "user", "content": None}]},
+                                                        "messages[0]"),  # a message that says nothing
+    ({"stop": ""}, "stop"), ({"stop": ["}", ""]}, "stop[1]"),  # a stop string of no text
     ({"chat_template_kwargs": {"deep": _nested(70)}}, "chat_template_kwargs.deep[0][0]"),  # over 64 levels
 ]
 

@@ -135,6 +135,13 @@ def test_tool_modules_that_cannot_load_are_one_clear_error(tmp_path, monkeypatch
     with pytest.raises(AgentOptError, match="signature cannot be read"):
         Tool.from_function(max)  # a builtin with no introspectable signature
     assert Tool.from_function(type(len)).name == "builtin_function_or_method"  # its __doc__ is not a string
+    # a name no model can call (a lambda's) is refused, and a file path is answered with the module's name
+    (tmp_path / "lambdas.py").write_text("f = lambda x: x\n")
+    with pytest.raises(AgentOptError, match="tool name '<lambda>' is not one a model can call"):
+        load_tool("lambdas:f")
+    assert Tool.from_function(lambda x: x, name="echo").name == "echo"
+    with pytest.raises(AgentOptError, match=r"names a file; give the module's name instead \(lambdas:f\)"):
+        load_tool(str(tmp_path / "lambdas.py") + ":f")
 
 
 def test_run_tools_errors_are_one_line(chat_engine, tmp_path, capsys, monkeypatch):
