@@ -202,15 +202,17 @@ class Agent:
         generated = 0
         failures: dict[tuple[str, str], int] = {}  # (tool, arguments) -> how often that exact call failed
         for step in range(self.max_steps):
+            prompt_ids = self._prompt_ids()
             try:
-                logits = self.conversation.prefill_to(self._prompt_ids())
-            except ContextOverflowError as exc:
+                logits = self.conversation.prefill_to(prompt_ids)
+            except ContextOverflowError:
                 if not step:
-                    raise
+                    raise  # the request itself does not fit: that error says so
                 raise ContextOverflowError(
-                    f"the conversation outgrew the engine's context at step {step + 1} of the task: {exc}. The "
-                    "earlier steps' calls and results filled it; give fewer --max-steps, tools that return less, or "
-                    "recompile with a larger --context-length") from None
+                    f"the conversation outgrew the engine's context at step {step + 1} of the task: it has "
+                    f"{len(prompt_ids)} tokens and the context holds {self.engine.context_length} (with at least one "
+                    "new token); the earlier steps' calls and results filled it. Allow fewer steps (--max-steps), "
+                    "give tools that return less, or recompile with a larger --context-length") from None
             self._remember_system_prefix()
             calls_before = conversation.decode_calls
             text, reason, count = self._generate(logits, config, emit)
