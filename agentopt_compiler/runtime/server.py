@@ -55,6 +55,11 @@ class PreparedChat:
     picker: TokenPicker | None = None  # built here when a grammar constrains it (the scheduler uses it as it is)
 
 
+# the arguments of a non-strict tool beside strict ones, or under tool_choice auto: any JSON object (a schema without
+# additionalProperties would be closed by the call grammar, constraints._strict_object)
+ANY_OBJECT = {"type": "object", "additionalProperties": True}
+
+
 class ChatService:
     """The request logic, independent of HTTP (the app below is a thin shell over it)."""
 
@@ -155,9 +160,10 @@ class ChatService:
     def _grammar(self, request: ChatRequest, tools: list[dict] | None, choice: str,
                  reasoning: tuple[str, str] | None) -> Grammar | None:
         """What constrains the answer: response_format json_object / json_schema; tool_choice required or named
-        (a call first); tools with ``strict: true`` (free text, then calls valid for their schemas, the other
-        tools' arguments any JSON object); tool_choice none with tools (text, no call). None: free text, as OpenAI's
-        default non-strict tools. A grammar llguidance cannot build (an unsatisfiable schema, a malformed regex) is
+        (a call first, valid for its schema); otherwise, with tools, free text and then calls that name one of
+        them, with arguments valid for the schema of a ``strict: true`` tool and any JSON object for the others
+        (OpenAI's non-strict tools promise no more, but never a tool that was not offered); tool_choice none with
+        tools (text, no call). None: free text (no tools). A grammar llguidance cannot build (an unsatisfiable schema, a malformed regex) is
         a 400 naming the field."""
         form = request.response_format
         strict = tools is not None and any(t["function"].get("strict") for t in tools)
@@ -175,9 +181,11 @@ class ChatService:
                 "response_format"
         elif choice == "none" and request.tools:  # the tools are not shown, and no call may be written either
             grammar, param = no_call_grammar(self.call_syntax), "tool_choice"
-        elif constrains_calls:
-            functions = [t if t["function"].get("strict") or not strict else
-                         {**t, "function": {**t["function"], "parameters": {"type": "object"}}} for t in tools]
+        elif tools is not None:  # calls name an offered tool; a strict tool's arguments fit its schema, another's
+            # are any JSON object (all schemas apply when a call is required and no tool is strict)
+            keep_all = constrains_calls and not strict
+            functions = [t if keep_all or t["function"].get("strict") else
+                         {**t, "function": {**t["function"], "parameters": ANY_OBJECT}} for t in tools]
             grammar = tool_call_grammar(functions, self.call_syntax, self.engine.tokenizer, choice, reasoning,
                                         parallel=request.parallel_tool_calls is not False)
             param = "tools"

@@ -127,6 +127,29 @@ def test_strict_tools_and_required_tool_choice_give_calls_that_fit_the_schema(cl
             jsonschema.validate(json.loads(call.function.arguments), params)
 
 
+def test_auto_calls_name_an_offered_tool_and_strict_ones_fit_their_schema(server):
+    """Under tool_choice auto, text is free and a call, once opened, names one of the offered tools (a small model
+    decoding freely invented names no client can dispatch); a non-strict tool's arguments are any JSON object."""
+    from agentopt_compiler.runtime.constraints import Matcher
+    from agentopt_compiler.runtime.server_api import ChatRequest
+
+    days = {"type": "object", "properties": {"days": {"type": "integer"}}, "required": ["days"]}
+    tools = [*TOOLS, {"type": "function", "function": {"name": "lookup", "parameters": days}}]
+    service, tok = server.service, server.service.engine.tokenizer
+
+    def accepts(tools, text):
+        grammar = service.prepare(ChatRequest.model_validate({**GOOD, "tools": tools})).config.grammar
+        ids = tok.encode(text, add_special_tokens=False)
+        return Matcher(grammar, tok, service.vocab_size, service.engine.eos_token_ids).valid_prefix(ids) == len(ids)
+
+    assert accepts(tools, 'Let me see. <tool_call>{"name": "lookup", "arguments": {"any": ["json"]}}</tool_call>')
+    assert accepts(tools, "No call at all.")
+    assert not accepts(tools, '<tool_call>{"name": "rack_of", "arguments": {}}</tool_call>')
+    strict = [*TOOLS, {"type": "function", "function": {"name": "lookup", "strict": True, "parameters": days}}]
+    assert accepts(strict, '<tool_call>{"name": "lookup", "arguments": {"days": 3}}</tool_call>')
+    assert not accepts(strict, '<tool_call>{"name": "lookup", "arguments": {"any": ["json"]}}</tool_call>')
+
+
 def test_a_required_call_is_whole_at_any_max_tokens_that_fits_one_and_refused_below(client, server):
     jsonschema = pytest.importorskip("jsonschema")
     params = {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
