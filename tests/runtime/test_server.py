@@ -120,8 +120,11 @@ def test_strict_tools_and_required_tool_choice_give_calls_that_fit_the_schema(cl
         reply = client.chat.completions.create(
             model="tiny-random", messages=[{"role": "user", "content": "Forecast for Oslo?"}], temperature=1.0,
             seed=seed, max_tokens=200, tools=tools, tool_choice="required")
-        assert reply.choices[0].finish_reason == "tool_calls"
+        # get_time is not strict: its arguments are any JSON object, which random weights may run on until the
+        # limit closes the call ("length"); the call parses either way
+        assert reply.choices[0].finish_reason in ("tool_calls", "length")
         call = reply.choices[0].message.tool_calls[0]
+        assert isinstance(json.loads(call.function.arguments), dict)
         assert call.function.name in ("get_time", "forecast")
         if call.function.name == "forecast":
             jsonschema.validate(json.loads(call.function.arguments), params)
