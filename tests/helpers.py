@@ -23,6 +23,17 @@ def cli_error_line(capsys, argv, status: int = 2) -> str:
     return errors[0]
 
 
+def run_task_cli(capsys, argv):
+    """Run ``agentopt run ... --task`` in-process; assert its exit status says whether the task ended with a
+    complete answer (0) or not (1: the bracketed line names the reason); return what it printed."""
+    from agentopt_compiler.cli.main import main
+
+    code = main(argv)
+    printed = capsys.readouterr()
+    assert code == (0 if "[answer:" in printed.err else 1), (argv, code, printed.err)
+    return printed
+
+
 def tree(folder: Path) -> set[str]:
     """Every path under ``folder`` (hidden ones included), relative: to assert a failed command left nothing."""
     return {str(p.relative_to(folder)) for p in Path(folder).rglob("*")}

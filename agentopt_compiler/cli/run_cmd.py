@@ -11,7 +11,10 @@ from .arg_types import PROMPT_LOOKUP, SEED, THREADS, float_in, int_in, non_empty
 def add_parser(sub) -> None:
     p = sub.add_parser("run", help="generate text or run an agent task with an engine folder",
                        description="Generate from a prompt (--prompt), run an agent task with tools (--task), or, "
-                                   "with neither, read tasks interactively from standard input.")
+                                   "with neither, read tasks interactively from standard input. Exit status: 0 "
+                                   "done; 1 a --task that ended without a complete answer (the step limit, a "
+                                   "repeated failing call, the token limit or the context: the bracketed line on "
+                                   "standard error says which); 2 bad input.")
     p.add_argument("engine", help="engine folder written by agentopt compile")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--prompt", help="raw prompt text (no chat template)")
@@ -26,6 +29,8 @@ def add_parser(sub) -> None:
                    help="interactive mode: each task continues the conversation of the ones before (default: each "
                         "task starts afresh); type /reset to start afresh")
     p.add_argument("--max-steps", type=int_in(1, 1000), default=None, help="tool-call rounds per task (default 6)")
+    p.add_argument("--tool-timeout", type=float_in(0.0, low_open=True), default=None, metavar="SECONDS",
+                   help="stop a tool call after this long; the model sees a timeout error (default 30)")
     p.add_argument("--max-new-tokens", type=int_in(1), default=None,
                    help="per generation (default 32 for --prompt, 256 per agent step)")
     p.add_argument("--temperature", type=float_in(0.0), default=0.0, help="0 = greedy (default)")
@@ -79,7 +84,7 @@ def run(args) -> int:
     if args.memory is not None:
         tools = _with_memory(tools, _read_memory(args.memory))
     agent = Agent(engine, tools=tools, system=args.system, max_steps=args.max_steps or DEFAULT_MAX_STEPS,
-                  constrained=bool(tools) and not args.no_constrain)
+                  tool_timeout_s=args.tool_timeout or 30.0, constrained=bool(tools) and not args.no_constrain)
     fresh = len(agent.messages)  # the system message, if any
     sampling["max_new_tokens"] = args.max_new_tokens or 256
 
@@ -90,6 +95,7 @@ def run(args) -> int:
             print(describe_event(event), flush=True)
 
     tasks = [args.task] if args.task is not None else _interactive_tasks()
+    status = 0
     for task in tasks:
         if args.task is None and task.strip() == RESET_COMMAND:
             del agent.messages[fresh:]
@@ -120,7 +126,9 @@ def run(args) -> int:
         print(f"[{result.finish_reason}: {len(result.steps)} step(s), {usage['prefilled_tokens']} tokens "
               f"prefilled, {usage['reused_tokens']} reused from cache, {usage['generated_tokens']} generated"
               f"{drafts}]", file=sys.stderr, flush=True)
-    return 0
+        if args.task is not None and result.finish_reason != "answer":
+            status = 1  # a script can tell that the task did not end with a complete answer
+    return status
 
 
 def _check_mode_options(args) -> None:
@@ -130,7 +138,7 @@ def _check_mode_options(args) -> None:
         return
     given = [flag for flag, value in (("--tools", args.tools), ("--system", args.system), ("--memory", args.memory),
                                       ("--continue", args.keep_history), ("--no-constrain", args.no_constrain),
-                                      ("--max-steps", args.max_steps))
+                                      ("--max-steps", args.max_steps), ("--tool-timeout", args.tool_timeout))
              if value]
     if given:
         raise AgentOptError(f"{', '.join(given)} belong(s) to agent tasks (--task, or interactive mode without "
@@ -219,9 +227,11 @@ def _interactive_tasks():
     reported on one ``error:`` line and skipped; the session goes on."""
     print("agent ready; type a task (Ctrl-D to quit)", file=sys.stderr)
     stdin = getattr(sys.stdin, "buffer", None)  # bytes, so that undecodable input is ours to report
+    typing = sys.stdin.isatty()
     number = 0
     while True:
-        print("> ", end="", flush=True)
+        if typing:  # a prompt for a person at a terminal; piped input gets none (it is not part of the output)
+            print("> ", end="", file=sys.stderr, flush=True)
         line = stdin.readline(MAX_TASK_BYTES + 1) if stdin is not None else sys.stdin.readline()
         if not line:
             print(file=sys.stderr)

@@ -107,7 +107,9 @@ class Scheduler:
         with self._wake:
             if len(self._waiting) >= self.max_waiting:
                 self.stats["rejected"] += 1
-                raise QueueFullError(f"{len(self._waiting)} requests are waiting for a KV slot; retry shortly")
+                waiting = len(self._waiting)
+                raise QueueFullError(f"{waiting} request{'s are' if waiting != 1 else ' is'} waiting for a KV slot "
+                                     "(the most this server queues); retry shortly")
             self._waiting.append(request)
             self._unfinished += 1
             self.stats["requests"] += 1

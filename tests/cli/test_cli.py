@@ -13,7 +13,7 @@ import torch
 import agentopt_compiler as ao
 from agentopt_compiler.cli.main import main
 from agentopt_compiler.errors import AgentOptError
-from tests.helpers import cli_error_line
+from tests.helpers import cli_error_line, run_task_cli
 
 
 def test_compile_run_inspect(tmp_path, capsys):
@@ -129,10 +129,12 @@ def test_run_task_with_tools_and_interactive_mode(chat_engine, capsys, monkeypat
     (tmp_path / "mytools.py").write_text("def shout(text: str) -> str:\n    '''Upper-case text.'''\n"
                                          "    return text.upper()\n")
     monkeypatch.chdir(tmp_path)
-    assert main(["run", str(chat_engine.folder), "--task", "Shout hello", "--tools", "mytools:shout",
-                 "--max-new-tokens", "48", "--max-steps", "1"]) == 0
-    err = capsys.readouterr().err
+    err = run_task_cli(capsys, ["run", str(chat_engine.folder), "--task", "Shout hello", "--tools", "mytools:shout",
+                                "--max-new-tokens", "48", "--max-steps", "1"]).err
     assert "step(s)" in err and "tokens prefilled" in err
+    # an answer cut by the token limit is not a complete one: exit status 1 (run_task_cli checks it)
+    assert "[length: " in run_task_cli(capsys, ["run", str(chat_engine.folder), "--task", "Shout hello",
+                                                "--max-new-tokens", "1", "--ignore-eos"]).err
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("first task\nsecond task\n"))
     assert main(["run", str(chat_engine.folder), "--max-new-tokens", "4"]) == 0
     err = capsys.readouterr().err
@@ -220,14 +222,12 @@ def test_memory_lookup_reads_the_memory_file(tmp_path):
 def test_run_with_prompt_lookup_prints_the_same_text_and_the_drafts(chat_engine, capsys):
     base = ["run", str(chat_engine.folder), "--task", "Say hello hello hello", "--max-new-tokens", "24",
             "--max-steps", "1"]
-    assert main(base) == 0
-    plain = capsys.readouterr()
-    assert main(base + ["--prompt-lookup", "4"]) == 0
-    looked_up = capsys.readouterr()
+    plain = run_task_cli(capsys, base)
+    looked_up = run_task_cli(capsys, base + ["--prompt-lookup", "4"])
     assert looked_up.out == plain.out
     assert "drafted tokens accepted" in looked_up.err and "drafted" not in plain.err
-    assert main(base + ["--prompt-lookup", "4", "--temperature", "0.8", "--seed", "1"]) == 0  # sampling drafts too
-    assert "drafted tokens accepted" in capsys.readouterr().err
+    sampled = run_task_cli(capsys, base + ["--prompt-lookup", "4", "--temperature", "0.8", "--seed", "1"])
+    assert "drafted tokens accepted" in sampled.err  # sampling drafts too
 
 
 def test_run_constrains_tool_calls_unless_told_not_to_and_shapes_prompt_output(chat_engine, capsys, monkeypatch,
@@ -240,10 +240,8 @@ def test_run_constrains_tool_calls_unless_told_not_to_and_shapes_prompt_output(c
     line = cli_error_line(capsys, base + ["--max-new-tokens", "8"])
     assert "too small for a call" in line and "--max-new-tokens" in line
     base += ["--max-new-tokens", "48"]
-    assert main(base) == 0
-    assert "forced by the tools' grammar" in capsys.readouterr().err
-    assert main(base + ["--no-constrain"]) == 0
-    assert "grammar" not in capsys.readouterr().err
+    assert "forced by the tools' grammar" in run_task_cli(capsys, base).err
+    assert "grammar" not in run_task_cli(capsys, base + ["--no-constrain"]).err
     (tmp_path / "answer.json").write_text('{"type": "object", "properties": {"ok": {"type": "boolean"}}, '
                                           '"required": ["ok"], "additionalProperties": false}')
     prompt = ["run", str(chat_engine.folder), "--prompt", "Answer:", "--max-new-tokens", "40"]
