@@ -258,7 +258,8 @@ def _validation_error(exc: ValidationError) -> ApiError:
     error = max(errors, key=lambda e: (len(e["loc"]), not e["type"].endswith("_type")))
     path = _field_path(error["loc"])
     if error["type"] == "extra_forbidden":
-        path = ".".join(str(p) for p in error["loc"])
+        parent, unknown = _field_path(error["loc"][:-1]), str(error["loc"][-1])  # the unknown name itself is kept
+        path = f"{parent}.{unknown}" if parent else unknown
         return ApiError(HTTPStatus.BAD_REQUEST, f"unrecognized request argument '{path}'", "unknown_parameter", path)
     if error["type"] == "missing":
         return ApiError(HTTPStatus.BAD_REQUEST, f"'{path}' is required", "missing_required_parameter", path)
