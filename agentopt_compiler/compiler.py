@@ -23,12 +23,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .errors import AgentOptError, OutputPathError, ProviderUnavailableError
+from .errors import AgentOptError, ModelNotFoundError, OutputPathError, ProviderUnavailableError
 from .output_paths import check_writable_folder, current_umask
 from .runtime.manifest import MANIFEST
 
 # Positions an engine may hold. RoPE tables and caches grow with it; the memory check below is the real bound.
 MAX_CONTEXT_LENGTH = 1 << 20
+# the fewest: torch.export cannot capture the dynamic token count of a 2-position engine (its range would be [2, 2])
+MIN_CONTEXT_LENGTH = 3
 MAX_BATCH_SIZE = 1 << 10
 
 
@@ -167,6 +169,9 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
     backends.check_attention_impl(entry, attention_impl)
     check_output_folder(out, overwrite)
     if debug_dump:
+        if Path(debug_dump).resolve().is_relative_to(out.resolve()):
+            raise OutputPathError(f"--debug-dump {debug_dump} is inside --out {out}, which the engine replaces as a "
+                                  "whole: the dump would be deleted; choose a folder outside it")
         check_writable_folder(Path(debug_dump), "--debug-dump")
     sparse_plan = SparseAttentionPlan.load(sparse_attention)
     precision = PrecisionPlan.load(precision_plan)
@@ -186,6 +191,7 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
 
     with stage("load"):
         loaded = load_model(model, capture)
+        _check_tokenizer(loaded)
     config = loaded.config
     report.capture = loaded.capture + (f" ({loaded.capture_note})" if loaded.capture_note else "")
     for plan, kind in ((precision, "precision"), (sparse_plan, "sparse attention")):
@@ -284,8 +290,25 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
         engine = unloaded_engine(out, ProviderUnavailableError(report.not_loaded))
         engine.compile_report = report
         return engine
+    except AgentOptError:  # an engine that does not load is not left as if it were one
+        shutil.rmtree(out, ignore_errors=True)
+        raise
     engine.compile_report = report
     return engine
+
+
+def _check_tokenizer(loaded) -> None:
+    """The checkpoint's tokenizer files (copied into the engine) are read now, as the runtime reads them: a broken
+    one is an error naming the checkpoint's file before anything is captured, not an engine that cannot run."""
+    from .runtime.tokenizer import Tokenizer
+
+    if loaded.tokenizer_dir is None or not (loaded.tokenizer_dir / "tokenizer.json").is_file():
+        return  # none: the engine takes token ids (a warning says so)
+    try:
+        Tokenizer(loaded.tokenizer_dir)
+    except AgentOptError as exc:
+        raise ModelNotFoundError(f"{exc}; the engine would carry this tokenizer: fix the file or re-save it with "
+                                 "tokenizer.save_pretrained") from None
 
 
 def _measure_planned_engine(folder: Path, device: str, loaded, plan, manifest: dict, log) -> dict | None:
@@ -385,7 +408,8 @@ def _check_precision_fidelity(engine, loaded, plan, log) -> dict:
 
 def check_sizes(context_length: int | None, batch_size: int) -> None:
     """Context and batch sizes as the Python API may pass them (the CLI's argument types say the same)."""
-    for option, value, low, high in (("--context-length", context_length, 2, MAX_CONTEXT_LENGTH),
+    for option, value, low, high in (("--context-length", context_length, MIN_CONTEXT_LENGTH,
+                                      MAX_CONTEXT_LENGTH),
                                      ("--batch-size", batch_size, 1, MAX_BATCH_SIZE)):
         if value is None and option == "--context-length":  # the model's default
             continue

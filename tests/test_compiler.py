@@ -178,3 +178,21 @@ def test_size_errors_name_the_python_argument_too(tmp_path):
         with pytest.raises(AgentOptError, match=says):
             ao.compile("tiny-random", out=tmp_path / "e", **options)
     assert not (tmp_path / "e").exists()
+
+
+def test_a_broken_tokenizer_is_refused_before_anything_is_written(tmp_path):
+    from agentopt_compiler.models.hf_loader import save_as_hf_folder
+    from agentopt_compiler.models.registry import load_model
+
+    loaded = load_model("tiny-random")
+    save_as_hf_folder(loaded.model, tmp_path / "ckpt", loaded.tokenizer_dir)
+    (tmp_path / "ckpt" / "tokenizer.json").write_text('{"broken": ')
+    with pytest.raises(AgentOptError, match=f"cannot read {tmp_path / 'ckpt' / 'tokenizer.json'}"):
+        ao.compile(tmp_path / "ckpt", out=tmp_path / "eng", context_length=32)
+    assert not (tmp_path / "eng").exists() and list(tmp_path.iterdir()) == [tmp_path / "ckpt"]
+
+
+def test_a_debug_dump_inside_the_output_folder_is_refused(tmp_path):
+    with pytest.raises(AgentOptError, match="inside --out.*would be deleted"):
+        ao.compile("tiny-random", out=tmp_path / "eng", debug_dump=tmp_path / "eng" / "dump", context_length=32)
+    assert list(tmp_path.iterdir()) == []

@@ -9,7 +9,7 @@ DEFAULT_MODEL = "agent-tiny"
 
 
 def add_parser(sub) -> None:
-    from ..compiler import MAX_BATCH_SIZE, MAX_CONTEXT_LENGTH
+    from ..compiler import MAX_BATCH_SIZE, MAX_CONTEXT_LENGTH, MIN_CONTEXT_LENGTH
 
     p = sub.add_parser("compile", help="compile a model into an engine folder",
                        description="Capture a model with torch.export, run the pass pipeline, lower it to a backend "
@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
                                                 "--overwrite)")
     p.add_argument("--backend", default="onnxruntime", help="backend (default: onnxruntime)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device the engine runs on")
-    p.add_argument("--context-length", type=int_in(2, MAX_CONTEXT_LENGTH), default=None,
+    p.add_argument("--context-length", type=int_in(MIN_CONTEXT_LENGTH, MAX_CONTEXT_LENGTH), default=None,
                    help="KV-cache capacity in tokens, prompt plus generation (default: the model's max positions, "
                         "at most 4096); the compile refuses one whose caches would not fit in memory")
     p.add_argument("--batch-size", type=int_in(1, MAX_BATCH_SIZE), default=1,

@@ -15,7 +15,7 @@ SEQUENCES = int_in(1, 10_000)
 
 
 def add_parser(sub) -> None:
-    from ..compiler import MAX_CONTEXT_LENGTH
+    from ..compiler import MAX_CONTEXT_LENGTH, MIN_CONTEXT_LENGTH
     from ..passes.precision_plan import BLOCK_SIZES
 
     p = sub.add_parser("plan", help="choose per-layer settings from measurements (precision, sparse)",
@@ -87,7 +87,7 @@ def add_parser(sub) -> None:
     s.add_argument("--sequences", type=SEQUENCES, default=4, help="calibration sequences")
     s.add_argument("--length", type=int_in(2, MAX_CONTEXT_LENGTH), default=256,
                    help="tokens per calibration sequence (must exceed --window)")
-    s.add_argument("--context-length", type=int_in(2, MAX_CONTEXT_LENGTH), default=None,
+    s.add_argument("--context-length", type=int_in(MIN_CONTEXT_LENGTH, MAX_CONTEXT_LENGTH), default=None,
                    help="engine context for the KV-bytes estimate (default: the model's, at most 4096)")
     s.add_argument("--out", required=True, help="plan JSON to write (agentopt compile --sparse-attention PLAN)")
     s.add_argument("--report", default=None, metavar="DIR", help="write report.md, sensitivity.json and "

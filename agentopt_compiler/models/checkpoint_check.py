@@ -88,11 +88,17 @@ def check_checkpoint(folder: Path, config: ModelConfig) -> None:
     from .hf_loader import hf_weight_name, is_leftover_tensor, safetensors_files
 
     found: dict[str, tuple[str, tuple[int, ...]]] = {}
+    where: dict[str, Path] = {}
     for path in safetensors_files(folder):
-        found.update({hf_weight_name(name): entry for name, entry in read_header(path).items()
-                      if not is_leftover_tensor(name)})
+        for name, entry in read_header(path).items():
+            if is_leftover_tensor(name):
+                continue
+            if hf_weight_name(name) in found:  # two shards with one tensor: which one holds the weight?
+                raise ModelNotFoundError(f"'{folder}': tensor '{name}' is in both {where[hf_weight_name(name)].name} "
+                                         f"and {path.name}; {_FIX}")
+            found[hf_weight_name(name)], where[hf_weight_name(name)] = entry, path
     if config.tie_word_embeddings:
-        found.pop("lm_head.weight", None)
+        found.pop("lm_head.weight", None)  # equal to the embedding, or refused when loaded (check_tied_head)
     expected = expected_shapes(config)
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
@@ -114,3 +120,27 @@ def check_checkpoint(folder: Path, config: ModelConfig) -> None:
         raise ModelNotFoundError(f"weights in '{folder}' are stored as {', '.join(not_float)}; only float weights "
                                  f"({', '.join(FLOAT_DTYPES)}) load (quantized checkpoints are not supported: "
                                  "quantize with agentopt plan precision instead)")
+
+
+def check_finite(named_tensors, folder: Path) -> None:
+    """Every weight is a finite number: a NaN or infinity would give NaN logits, so empty or garbage text, with no
+    error at all."""
+    import torch
+
+    for name, tensor in named_tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ModelNotFoundError(f"weights in '{folder}': tensor '{name}' holds {bad} NaN or infinite value(s) "
+                                     "(a diverged or damaged checkpoint); use a checkpoint saved before it diverged")
+
+
+def check_tied_head(state: dict, config: ModelConfig, folder: Path) -> None:
+    """A config that ties the output head to the embedding, with a different ``lm_head.weight`` in the file: which
+    one is meant? (transformers 4 ties and drops the tensor, transformers 5 keeps it untied.) Refused."""
+    import torch
+
+    head, embed = state.get("lm_head.weight"), state.get("embed_tokens.weight")
+    if config.tie_word_embeddings and head is not None and embed is not None and not torch.equal(head, embed):
+        raise ModelNotFoundError(f"'{folder}': config.json ties the output head to the embedding "
+                                 "(tie_word_embeddings: true), and the weights hold a different lm_head.weight; set "
+                                 "tie_word_embeddings to false to use it, or remove it from the weights")

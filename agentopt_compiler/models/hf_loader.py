@@ -145,6 +145,12 @@ def with_generation_stop_tokens(config: ModelConfig, folder: Path) -> ModelConfi
 
 
 def safetensors_files(folder: Path) -> list[Path]:
+    """The files that hold the weights, chosen as transformers chooses them: ``model.safetensors``, else the shards
+    ``model.safetensors.index.json`` names, else the folder's one ``*.safetensors`` file. Several other files and
+    neither of those is ambiguous (a backup beside the weights would otherwise overwrite them): refused."""
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(read_shard_index(index)))
@@ -157,6 +163,11 @@ def safetensors_files(folder: Path) -> list[Path]:
         hint = " (found PyTorch .bin weights: re-save with save_pretrained(safe_serialization=True))" if list(
             folder.glob("*.bin")) else ""
         raise ModelNotFoundError(f"'{folder}' has no *.safetensors weights{hint}")
+    if len(files) > 1:
+        raise ModelNotFoundError(f"'{folder}' has {len(files)} *.safetensors files ({', '.join(f.name for f in files[:4])}"
+                                 f"{', ...' if len(files) > 4 else ''}) and no model.safetensors or "
+                                 "model.safetensors.index.json saying which hold the weights; keep only the "
+                                 "checkpoint's files (save_pretrained writes the index for sharded weights)")
     return files
 
 
@@ -175,11 +186,14 @@ def load_hf_state_dict(folder: Path) -> dict[str, Any]:
     """Weights keyed by our parameter names (``hf_weight_name``), as fp32 tensors."""
     from safetensors.torch import load_file
 
+    from .checkpoint_check import check_finite
+
     state: dict[str, Any] = {}
     for path in safetensors_files(folder):
         for name, tensor in load_file(str(path)).items():
             if not is_leftover_tensor(name):
                 state[hf_weight_name(name)] = tensor.float()
+    check_finite(state.items(), folder)
     return state
 
 

@@ -201,13 +201,14 @@ def _load_shipped(name: str, folder: Path) -> LoadedModel:
 
 
 def _load_hf_folder(folder: Path) -> LoadedModel:
-    from .checkpoint_check import check_checkpoint
+    from .checkpoint_check import check_checkpoint, check_tied_head
     from .hf_loader import load_hf_state_dict, read_hf_config
     from .llama import LlamaDecoder
 
     config = read_hf_config(folder)
     check_checkpoint(folder, config)  # from the file headers: whole files, the config's shapes; nothing loaded yet
     state = load_hf_state_dict(folder)
+    check_tied_head(state, config, folder)
     model = LlamaDecoder(config)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)

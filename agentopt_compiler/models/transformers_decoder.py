@@ -247,17 +247,25 @@ def load_transformers_model(folder: Path):
         if isinstance(name, str) and name not in ACT2FN:
             raise UnsupportedModelError(f"{folder / 'config.json'}: {key} '{name}' is not an activation transformers "
                                         f"knows ({', '.join(sorted(k for k in ACT2FN if k.islower())[:8])}, ...)")
+    from .checkpoint_check import check_finite, read_header
     from .hf_loader import safetensors_files
 
-    safetensors_files(folder)  # the weights are there (else transformers would look for other formats)
+    for path in safetensors_files(folder):  # the weights are there (else transformers would look for other formats)
+        read_header(path)  # and whole: a truncated file is our one-line error, not safetensors' from deep inside
     model_class = transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     # SDPA where it serves the model; soft-capped attention scores (Gemma 2) only run in eager attention
     implementation = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
-    with _quiet_transformers(transformers):
-        hf, info = model_class.from_pretrained(folder, config=config, dtype=torch.float32,
-                                               attn_implementation=implementation, local_files_only=True,
-                                               output_loading_info=True)
+    try:
+        with _quiet_transformers(transformers):
+            hf, info = model_class.from_pretrained(folder, config=config, dtype=torch.float32,
+                                                   attn_implementation=implementation, local_files_only=True,
+                                                   output_loading_info=True)
+    except (RuntimeError, OSError, ValueError) as exc:  # e.g. a tensor whose shape the config does not give
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ModelNotFoundError(f"transformers cannot load the weights in '{folder}': {reason[:300]}; use the "
+                                 "config.json the weights were saved with") from None
     _check_loading_info(hf, info, folder)
+    check_finite(hf.named_parameters(), folder)
     layers = getattr(hf.base_model, "layers", None)
     if not isinstance(layers, nn.ModuleList) or not all(hasattr(layer, "self_attn") for layer in layers):
         raise UnsupportedModelError(f"{type(hf).__name__} keeps its decoder layers elsewhere than "

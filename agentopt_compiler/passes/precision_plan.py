@@ -24,7 +24,8 @@ from pathlib import Path
 
 from ..errors import AgentOptError
 from ..output_paths import write_text_atomically
-from ..validation import Invalid, Spec, anything_object, boolean, check, integer, map_of, read_json, record, string
+from ..validation import (Invalid, Spec, anything_object, boolean, check, integer, map_of, number, read_json, record,
+                          string)
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 BITS = {"int8": 8, "int4": 4}
@@ -168,6 +169,7 @@ _FIX = "fix the plan file or make a new one with agentopt plan precision"
 PLAN_FILE = record({
     "format": string(choices=(FORMAT,)), "version": integer(minimum=1, maximum=1), "block_size":
     integer(choices=BLOCK_SIZES), "symmetric": boolean(), "units": map_of(_PrecisionName()),
-    "budget": anything_object(), "predicted": anything_object(), "measured": anything_object(),
+    "budget": record({"max_kl": number(minimum=0.0), "target_bits": number(above=0.0), "min_top1": number(
+        minimum=0.0, maximum=1.0)}), "predicted": anything_object(), "measured": anything_object(),
     "measurements": anything_object(), "model": string(),
 }, required=("format", "units"))

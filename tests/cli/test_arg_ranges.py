@@ -16,7 +16,7 @@ from tests.helpers import cli_error_line, tree
 NAN, INF = "nan", "inf"
 # (command line before the option, option, values that must be refused)
 OUT_OF_RANGE = [
-    (["compile", "--out", "E"], "--context-length", ["0", "1", "-5", "abc", "2.5", str(2**21), "1e3"]),
+    (["compile", "--out", "E"], "--context-length", ["0", "1", "2", "-5", "abc", "2.5", str(2**21), "1e3"]),
     (["compile", "--out", "E"], "--batch-size", ["0", "-1", "100000", "x"]),
     (["plan", "precision", "--out", "P.json"], "--max-kl", ["-1", NAN, INF, "x"]),
     (["plan", "precision", "--out", "P.json"], "--target-bits", ["0", "-2", "33", NAN]),

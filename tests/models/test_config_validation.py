@@ -144,5 +144,6 @@ def test_broken_weights_are_refused_before_loading(checkpoint, tmp_path, capsys)
 def test_shard_index_of_the_wrong_shape(checkpoint, tmp_path, capsys):
     for index, text in enumerate(["{", '{"weight_map": []}', '{"weight_map": {"a": "../../etc/passwd"}}', "[]"]):
         model = _variant(checkpoint, tmp_path / f"s{index}")
+        (model / "model.safetensors").rename(model / "model-00001-of-00001.safetensors")  # else it holds the weights
         (model / "model.safetensors.index.json").write_text(text)
         assert "index.json" in _assert_refused(capsys, tmp_path, model)

@@ -159,3 +159,63 @@ def test_leftover_rotary_inv_freq_tensors_are_ignored(tmp_path):
     ids = torch.arange(10)[None]
     with torch.no_grad():
         assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_which_files_hold_the_weights_follows_transformers_and_ambiguity_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf = _hf_model(*CASES["llama"])
+    hf.save_pretrained(tmp_path)
+    ids = torch.arange(10)[None]
+    with torch.no_grad():
+        reference = hf(ids).logits
+    # a backup with other values beside model.safetensors: model.safetensors holds the weights, as in transformers
+    other = {name: torch.randn_like(t) for name, t in load_file(str(tmp_path / "model.safetensors")).items()}
+    save_file(other, str(tmp_path / "zz_backup.safetensors"))
+    with torch.no_grad():
+        assert (load_model(tmp_path).model(ids) - reference).abs().max().item() <= 1e-4
+    # without model.safetensors (or an index) two files are ambiguous
+    (tmp_path / "model.safetensors").rename(tmp_path / "a.safetensors")
+    with pytest.raises(ModelNotFoundError, match="2 \\*.safetensors files.*no model.safetensors or "
+                                                 "model.safetensors.index.json"):
+        load_model(tmp_path)
+
+
+def test_a_tensor_in_two_shards_is_refused(tmp_path):
+    import shutil
+
+    hf = _hf_model(*CASES["llama"])
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    shutil.copy(tmp_path / first, tmp_path / "copy.safetensors")  # the same tensors in a second shard the index lists
+    index["weight_map"]["extra.weight"] = "copy.safetensors"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelNotFoundError, match="is in both"):
+        load_model(tmp_path)
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _hf_model(*CASES["qwen2"]).save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    name = next(n for n in state if n.endswith("mlp.up_proj.weight"))
+    state[name][0, :3] = float("nan")
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelNotFoundError, match=f"'{name.removeprefix('model.')}' holds 3 NaN or infinite"):
+        load_model(tmp_path)
+
+
+def test_a_tied_config_with_a_different_output_head_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _hf_model(*CASES["qwen2"]).save_pretrained(tmp_path)  # tie_word_embeddings: true, no lm_head.weight saved
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    load_model(tmp_path)  # the same tensor twice: fine
+    state["lm_head.weight"] = torch.randn_like(state["lm_head.weight"])
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelNotFoundError, match="ties the output head.*different lm_head.weight"):
+        load_model(tmp_path)

@@ -174,6 +174,29 @@ def test_an_activation_transformers_does_not_know_is_refused_in_one_line(tmp_pat
     assert "hidden_act 'wiggle' is not an activation transformers knows" in line
 
 
+def test_weights_transformers_cannot_load_are_one_line_errors(tmp_path, capsys):
+    """A truncated file, a tensor of another shape, NaN weights: exit status 2 and what to fix, not an internal
+    error from inside safetensors or transformers."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.helpers import cli_error_line
+
+    _checkpoint("qwen3-yarn", tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    whole = weights.read_bytes()
+    compile_it = ["compile", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "engine")]
+    weights.write_bytes(whole[:len(whole) // 2])
+    assert "is truncated" in cli_error_line(capsys, compile_it)
+    weights.write_bytes(whole)
+    state = load_file(str(weights))
+    name = next(n for n in state if n.endswith("mlp.up_proj.weight"))
+    for broken, says in [(state[name][:-1].clone(), "transformers cannot load the weights"),
+                         (state[name].clone().fill_(float("inf")), "NaN or infinite")]:
+        save_file({**state, name: broken}, str(weights), metadata={"format": "pt"})
+        assert says in cli_error_line(capsys, compile_it)
+    assert not (tmp_path / "engine").exists()
+
+
 def test_reference_capture_refuses_what_only_transformers_implements(tmp_path):
     _checkpoint("smollm3", tmp_path / "ckpt")
     with pytest.raises(UnsupportedModelError, match="SmolLM3ForCausalLM' is not supported.*--capture transformers"):

@@ -24,7 +24,7 @@ def _precision_variants():
     for key, value in PRECISION_PLAN.items():
         for bad in WRONG_TYPES:
             if type(bad) is type(value) and isinstance(bad, (dict, bool)):
-                continue  # a valid value (budget and predicted are free-form records)
+                continue  # a valid value, or a record (budget: below; predicted: free-form)
             yield f"{key}={bad!r}", {**PRECISION_PLAN, key: bad}, key
     for bad in ("int3", "int4@48", "fp16@64", "int4@", "INT8", "", 8, None, ["int8"]):
         yield f"unit precision {bad!r}", {**PRECISION_PLAN, "units": {"lm_head": bad}}, "lm_head"
@@ -34,6 +34,10 @@ def _precision_variants():
     yield "no format", {k: v for k, v in PRECISION_PLAN.items() if k != "format"}, "format"
     yield "no units", {k: v for k, v in PRECISION_PLAN.items() if k != "units"}, "units"
     yield "newer version", {**PRECISION_PLAN, "version": 2}, "version"
+    for budget, says in [({"max_kl": "abc"}, "max_kl"), ({"max_kl": -1}, "max_kl"), ({"max_kl": math.nan}, "max_kl"),
+                         ({"min_top1": 1.5}, "min_top1"), ({"target_bits": 0}, "target_bits"),
+                         ({"max_kld": 0.1}, "unknown field")]:  # read after the compile measures the engine
+        yield f"budget {budget}", {**PRECISION_PLAN, "budget": budget}, says
 
 
 def _sparse_variants():
