@@ -44,6 +44,13 @@ def _relations(hf: dict[str, Any], _path: str) -> None:
     if isinstance(heads, int) and isinstance(hidden, int) and hf.get("head_dim") is None and hidden % heads:
         raise Invalid("hidden_size", f"({hidden}) must be a multiple of num_attention_heads ({heads}) when "
                                      "head_dim is not given")
+    vocab = hf.get("vocab_size")
+    for field in ("bos_token_id", "eos_token_id"):
+        ids = hf.get(field)
+        ids = ids if isinstance(ids, list) else [ids]
+        outside = [i for i in ids if isinstance(i, int) and isinstance(vocab, int) and not 0 <= i < vocab]
+        if outside:  # a stop token the model can never write: generation would never end on it
+            raise Invalid(field, f"({outside[0]}) is not a token id of this model (vocab_size {vocab})")
 
 
 HF_CONFIG = record({

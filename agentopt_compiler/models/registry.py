@@ -5,6 +5,7 @@ Built-in models have seeded random weights: they prove parity and measure speed,
 
 from __future__ import annotations
 
+import difflib
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -107,6 +108,9 @@ def load_model(spec: str | Path, capture: str = "auto") -> LoadedModel:
     if capture not in CAPTURES:
         raise AgentOptError(f"unknown capture '{capture}'; choose one of: {', '.join(CAPTURES)}")
     name = str(spec)
+    if not name.strip():
+        raise ModelNotFoundError(f"no model given; name a built-in ({', '.join(BUILTIN_MODELS)}) or a Hugging Face "
+                                 "checkpoint folder")
     if name in BUILTIN_MODELS and BUILTIN_MODELS[name].shipped:
         loaded = _load_shipped(name, SHIPPED_MODELS / BUILTIN_MODELS[name].shipped)
     elif name in BUILTIN_MODELS:
@@ -118,8 +122,10 @@ def load_model(spec: str | Path, capture: str = "auto") -> LoadedModel:
     else:
         path = Path(name).expanduser()
         if not path.exists():
+            near = difflib.get_close_matches(name.lower().replace("_", "-"), BUILTIN_MODELS, n=1, cutoff=0.75)
             raise ModelNotFoundError(
                 f"unknown model '{name}': not a built-in ({', '.join(BUILTIN_MODELS)}) and no such folder"
+                + (f"; did you mean '{near[0]}'?" if near else "")
             )
         if _is_trained_folder(path):  # a folder agent_tiny.train wrote: loaded as the shipped agent-tiny is
             loaded = _load_shipped(path.name, path)

@@ -268,8 +268,9 @@ def load_transformers_model(folder: Path):
     check_finite(hf.named_parameters(), folder)
     layers = getattr(hf.base_model, "layers", None)
     if not isinstance(layers, nn.ModuleList) or not all(hasattr(layer, "self_attn") for layer in layers):
-        raise UnsupportedModelError(f"{type(hf).__name__} keeps its decoder layers elsewhere than "
-                                    f"{hf.base_model_prefix}.layers[i].self_attn, the layout the capture reads")
+        raise UnsupportedModelError(f"{type(hf).__name__} is not supported: its decoder layers are not at "
+                                    f"{hf.base_model_prefix}.layers[i].self_attn, the layout of the decoders the "
+                                    "capture reads (Llama, Qwen, Mistral, Gemma, Phi-3, SmolLM3 and their kin)")
     model = TransformersDecoder(hf.eval(), layer_windows(hf))
     return model.eval(), model_config(config, model.windows)
 

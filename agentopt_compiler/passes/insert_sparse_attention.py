@@ -85,8 +85,9 @@ class SparseAttentionPlan:
 
     @classmethod
     def parse(cls, spec: str) -> "SparseAttentionPlan":
-        """``window=1024,sinks=4,layers=2-7`` (several groups separated by ``;``); no ``layers`` means all;
-        ``kv_heads=0-1`` limits the pattern to those KV heads."""
+        """``window=1024,sinks=4,layers=2-7`` (several groups separated by ``;``); no ``layers`` means all (a group
+        that names layers overrides it there); ``kv_heads=0-1`` limits the pattern to those KV heads. Two groups
+        naming one layer are refused: which pattern was meant?"""
         layers: dict[int | str, SparsePattern] = {}
         for group in filter(None, (g.strip() for g in spec.split(";"))):
             fields, key = {}, None
@@ -106,10 +107,15 @@ class SparseAttentionPlan:
                 pattern = SparsePattern(int(fields["window"]), int(fields.get("sinks", 0)),
                                         int(fields.get("stride", 0)), bool(int(fields.get("bounded", 1))),
                                         kv_heads)
-                for layer in _layer_list(fields.get("layers", "all")):
-                    layers[layer] = pattern
+                named = _layer_list(fields.get("layers", "all"))
             except ValueError:
                 raise AgentOptError(f"cannot read sparse attention '{group}': numbers expected") from None
+            for layer in named:
+                if layer in layers:
+                    where = "all layers" if layer == "all" else f"layer {layer}"
+                    raise AgentOptError(f"sparse attention '{spec}' gives {where} two patterns; name each layer in "
+                                        "one group (a group without layers= covers the layers no other names)")
+                layers[layer] = pattern
         if not layers:
             raise AgentOptError(f"sparse attention '{spec}' names no pattern; give e.g. window=1024,sinks=4 or a "
                                 "JSON plan file")

@@ -80,6 +80,10 @@ def _config_variants(valid: dict):
     yield "intermediate_size doubled", {**valid, "intermediate_size": 2 * valid["intermediate_size"]}, "shape"
     yield "one layer more", {**valid, "num_hidden_layers": valid["num_hidden_layers"] + 1}, "missing"
     yield "heads not dividing", {**valid, "num_key_value_heads": 3}, "num_key_value_heads"
+    # a stop token the model cannot write (generation_config.json's are checked the same way)
+    yield "eos outside the vocabulary", {**valid, "eos_token_id": valid["vocab_size"]}, "eos_token_id"
+    yield "eos list outside", {**valid, "eos_token_id": [1, valid["vocab_size"] + 5]}, "eos_token_id"
+    yield "bos outside", {**valid, "bos_token_id": valid["vocab_size"]}, "bos_token_id"
 
 
 def test_malformed_config_fields_are_one_clear_error(checkpoint, tmp_path, capsys):

@@ -90,8 +90,12 @@ def test_folder_without_config_json(tmp_path):
 
 
 def test_unknown_name_lists_the_builtins():
-    with pytest.raises(ModelNotFoundError, match="tiny-random, agent-tiny, ref-60m"):
+    with pytest.raises(ModelNotFoundError, match="tiny-random, agent-tiny, ref-60m\\) and no such folder$"):
         load_model("no-such-model")
+    with pytest.raises(ModelNotFoundError, match="did you mean 'agent-tiny'"):
+        load_model("agent_tiny")
+    with pytest.raises(ModelNotFoundError, match="no model given"):
+        load_model("")  # not the current folder
 
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):

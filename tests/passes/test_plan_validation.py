@@ -106,7 +106,9 @@ def test_binary_and_missing_plan_files(tmp_path, capsys):
 @pytest.mark.parametrize("spec, expected", [("window=0", "window"), ("", "names no pattern"), (" ; ", "no pattern"), ("window=x", "numbers"),
                                             ("window=4,layers=0-999999999", "range"), ("window=4,layers=3-1", "range"),
                                             ("sinks=4", "expected window"), ("window=4,colour=2", "expected window"),
-                                            ("window=4,layers=9", "layer")])
+                                            ("window=4,layers=9", "layer"),
+                                            ("window=8,layers=0-1;window=4,layers=1", "layer 1 two patterns"),
+                                            ("window=8;window=4", "all layers two patterns")])
 def test_malformed_sparse_specs(tmp_path, capsys, spec, expected):
     line = cli_error_line(capsys, ["compile", "--model", "tiny-random", "--out", str(tmp_path / "e"), "--quiet",
                                    "--context-length", "16", "--sparse-attention", spec])
