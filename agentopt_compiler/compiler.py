@@ -191,8 +191,13 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
 
     with stage("load"):
         loaded = load_model(model, capture)
-        _check_tokenizer(loaded)
+        tokenizer_size = _check_tokenizer(loaded)
     config = loaded.config
+    if tokenizer_size > config.vocab_size:
+        report.warnings.append(f"the tokenizer has {tokenizer_size} tokens and the model's vocabulary "
+                               f"{config.vocab_size}: text that encodes to ids from {config.vocab_size} on cannot "
+                               "be fed (the runtime refuses it); use the checkpoint's own tokenizer")
+        log(f"WARNING: {report.warnings[-1]}")
     report.capture = loaded.capture + (f" ({loaded.capture_note})" if loaded.capture_note else "")
     for plan, kind in ((precision, "precision"), (sparse_plan, "sparse attention")):
         if plan and plan.model and plan.model != loaded.name:
@@ -297,15 +302,16 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
     return engine
 
 
-def _check_tokenizer(loaded) -> None:
+def _check_tokenizer(loaded) -> int:
     """The checkpoint's tokenizer files (copied into the engine) are read now, as the runtime reads them: a broken
-    one is an error naming the checkpoint's file before anything is captured, not an engine that cannot run."""
+    one is an error naming the checkpoint's file before anything is captured, not an engine that cannot run.
+    Returns the tokenizer's size (0: none, the engine takes token ids; a warning says so)."""
     from .runtime.tokenizer import Tokenizer
 
     if loaded.tokenizer_dir is None or not (loaded.tokenizer_dir / "tokenizer.json").is_file():
-        return  # none: the engine takes token ids (a warning says so)
+        return 0
     try:
-        Tokenizer(loaded.tokenizer_dir)
+        return Tokenizer(loaded.tokenizer_dir).size
     except AgentOptError as exc:
         raise ModelNotFoundError(f"{exc}; the engine would carry this tokenizer: fix the file or re-save it with "
                                  "tokenizer.save_pretrained") from None

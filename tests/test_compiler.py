@@ -196,3 +196,19 @@ def test_a_debug_dump_inside_the_output_folder_is_refused(tmp_path):
     with pytest.raises(AgentOptError, match="inside --out.*would be deleted"):
         ao.compile("tiny-random", out=tmp_path / "eng", debug_dump=tmp_path / "eng" / "dump", context_length=32)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_gets_a_warning(tmp_path):
+    import shutil
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from agentopt_compiler.models.registry import load_model
+
+    config = transformers.Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    transformers.Qwen2ForCausalLM(config).to(torch.float32).save_pretrained(tmp_path / "ckpt")
+    builtin = load_model("tiny-random")  # its tokenizer folder lives as long as it does
+    shutil.copy(builtin.tokenizer_dir / "tokenizer.json", tmp_path / "ckpt")  # 300+ tokens
+    report = ao.compile(tmp_path / "ckpt", out=tmp_path / "eng", context_length=32).compile_report
+    assert any("the tokenizer has" in w and "vocabulary 96" in w for w in report.warnings), report.warnings
