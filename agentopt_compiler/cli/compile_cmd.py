@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import signal
+import threading
+
 from .arg_types import int_in
 from .progress import ProgressLog
 
@@ -57,11 +62,36 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..compiler import compile
 
-    engine = compile(model=args.model, out=args.out, backend=args.backend, device=args.device,
-                     context_length=args.context_length, skip_passes=args.skip_pass, debug_dump=args.debug_dump,
-                     overwrite=args.overwrite, attention_impl=args.attention_impl, batch_size=args.batch_size,
-                     sparse_attention=args.sparse_attention, precision_plan=args.precision_plan,
-                     kv_cache_dtype=args.kv_cache_dtype, kv_calib=args.kv_calib,
-                     progress=ProgressLog(args.quiet), capture=args.capture)
+    with _noticing_interrupts() as interrupted:
+        engine = compile(model=args.model, out=args.out, backend=args.backend, device=args.device,
+                         context_length=args.context_length, skip_passes=args.skip_pass, debug_dump=args.debug_dump,
+                         overwrite=args.overwrite, attention_impl=args.attention_impl, batch_size=args.batch_size,
+                         sparse_attention=args.sparse_attention, precision_plan=args.precision_plan,
+                         kv_cache_dtype=args.kv_cache_dtype, kv_calib=args.kv_calib,
+                         progress=ProgressLog(args.quiet), capture=args.capture)
+    if interrupted():  # Ctrl-C landed in a library's cleanup callback, which swallowed it: the compile went on
+        shutil.rmtree(engine.folder, ignore_errors=True)
+        raise KeyboardInterrupt
     print("\n".join(engine.compile_report.lines()))
     return 0
+
+
+@contextlib.contextmanager
+def _noticing_interrupts():
+    """Yields a function that says whether Ctrl-C was pressed meanwhile. Python raises KeyboardInterrupt wherever
+    the program is, and inside a weakref callback (torch's and onnx's caches run them) it is printed as "Exception
+    ignored" and lost: the compile would then finish and exit 0 as if it had not been interrupted."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    seen = []
+
+    def handler(signum, frame):
+        seen.append(signum)
+        signal.default_int_handler(signum, frame)  # KeyboardInterrupt, as without this handler
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(seen)
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -167,3 +167,25 @@ def test_help_and_version_still_exit_zero(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 0
+
+
+def test_ctrl_c_swallowed_inside_a_library_still_stops_the_compile(tmp_path, capsys, monkeypatch):
+    """Ctrl-C that lands in a weakref callback is printed as "Exception ignored" and lost, and the compile runs on to
+    the end: the command still ends as interrupted (130), and the engine it wrote is removed."""
+    import signal
+    import types
+
+    import agentopt_compiler.compiler as compiler
+
+    def compile_that_swallows_an_interrupt(**kwargs):
+        try:
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # what the process receives on Ctrl-C
+        except KeyboardInterrupt:
+            pass  # as a weakref callback's caller does
+        (tmp_path / "eng").mkdir()
+        return types.SimpleNamespace(folder=tmp_path / "eng")
+
+    monkeypatch.setattr(compiler, "compile", compile_that_swallows_an_interrupt)
+    assert main(["compile", "--out", str(tmp_path / "eng")]) == 130
+    assert "interrupted" in capsys.readouterr().err and not (tmp_path / "eng").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
