@@ -55,7 +55,7 @@ class PreparedChat:
     picker: TokenPicker | None = None  # built here when a grammar constrains it (the scheduler uses it as it is)
 
 
-# the arguments of a non-strict tool beside strict ones, or under tool_choice auto: any JSON object (a schema without
+# the arguments of a non-strict tool whose schema the call grammar cannot use: any JSON object (a schema without
 # additionalProperties would be closed by the call grammar, constraints._strict_object)
 ANY_OBJECT = {"type": "object", "additionalProperties": True}
 
@@ -72,6 +72,7 @@ class ChatService:
         self.prompt_lookup = prompt_lookup  # drafts per decode call, for every request
         # KV of system turns shared by sessions; 0 bytes: none (each session prefills its own)
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
+        self._usable_schemas: dict[str, bool] = {}  # a tool schema's JSON -> whether the call grammar can use it
         self.scheduler = Scheduler(engine, prefill_chunk=prefill_chunk, max_waiting=max_waiting,
                                    prefix_cache=self.prefix_cache)
         if prompt_lookup:  # refuse at start, not at every request
@@ -160,11 +161,11 @@ class ChatService:
     def _grammar(self, request: ChatRequest, tools: list[dict] | None, choice: str,
                  reasoning: tuple[str, str] | None) -> Grammar | None:
         """What constrains the answer: response_format json_object / json_schema; tool_choice required or named
-        (a call first, valid for its schema); otherwise, with tools, free text and then calls that name one of
-        them, with arguments valid for the schema of a ``strict: true`` tool and any JSON object for the others
-        (OpenAI's non-strict tools promise no more, but never a tool that was not offered); tool_choice none with
-        tools (text, no call). None: free text (no tools). A grammar llguidance cannot build (an unsatisfiable schema, a malformed regex) is
-        a 400 naming the field."""
+        (a call first); otherwise, with tools, free text and then calls that name one of them; tool_choice none with
+        tools (text, no call). None: free text (no tools). A call's arguments fit its tool's schema, as in
+        ``agentopt run``; a tool that is not ``strict`` and whose schema the grammar cannot use (``_schema_usable``)
+        takes any JSON object, as OpenAI's non-strict tools promise no more. A grammar llguidance cannot build (a
+        strict tool's unsatisfiable schema, a malformed regex) is a 400 naming the field."""
         form = request.response_format
         strict = tools is not None and any(t["function"].get("strict") for t in tools)
         constrains_calls = tools is not None and (choice != "auto" or strict)
@@ -181,10 +182,8 @@ class ChatService:
                 "response_format"
         elif choice == "none" and request.tools:  # the tools are not shown, and no call may be written either
             grammar, param = no_call_grammar(self.call_syntax), "tool_choice"
-        elif tools is not None:  # calls name an offered tool; a strict tool's arguments fit its schema, another's
-            # are any JSON object (all schemas apply when a call is required and no tool is strict)
-            keep_all = constrains_calls and not strict
-            functions = [t if keep_all or t["function"].get("strict") else
+        elif tools is not None:
+            functions = [t if t["function"].get("strict") or self._schema_usable(t) else
                          {**t, "function": {**t["function"], "parameters": ANY_OBJECT}} for t in tools]
             grammar = tool_call_grammar(functions, self.call_syntax, self.engine.tokenizer, choice, reasoning,
                                         parallel=request.parallel_tool_calls is not False)
@@ -196,6 +195,21 @@ class ChatService:
         except AgentOptError as exc:
             raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), "invalid_value", param) from None
         return grammar
+
+    def _schema_usable(self, tool: dict) -> bool:
+        """Whether the call grammar can use this tool's schema (remembered per schema: clients send the same tools
+        with every request)."""
+        key = json.dumps(tool["function"].get("parameters"), sort_keys=True, default=str)
+        if key not in self._usable_schemas:
+            if len(self._usable_schemas) >= 4096:  # bounded, whatever clients send
+                self._usable_schemas.clear()
+            try:
+                check_grammar(tool_call_grammar([tool], self.call_syntax, self.engine.tokenizer, "required"),
+                              self.engine.tokenizer, self.vocab_size, self.engine.eos_token_ids)
+                self._usable_schemas[key] = True
+            except AgentOptError:
+                self._usable_schemas[key] = False
+        return self._usable_schemas[key]
 
     def submit(self, prepared: PreparedChat, on_event):
         """Queue ``prepared`` on the scheduler; a full queue is a 429."""
