@@ -147,7 +147,8 @@ def test_auto_calls_name_an_offered_tool_with_arguments_that_fit_its_schema(serv
     assert accepts(tools, "No call at all.")
     assert not accepts(tools, '<tool_call>{"name": "rack_of", "arguments": {}}</tool_call>')
     assert not accepts(tools, '<tool_call>{"name": "lookup", "arguments": {"any": ["json"]}}</tool_call>')
-    unusable = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 5, "maximum": 1}}, "required": ["a"]}
+    unusable = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 5, "maximum": 1}},
+                "required": ["a"]}
     loose = [{"type": "function", "function": {"name": "odd", "parameters": unusable}}]
     assert accepts(loose, '<tool_call>{"name": "odd", "arguments": {"any": ["json"]}}</tool_call>')
     status, body, _ = _post(server.url, {**GOOD, "tools": [{"type": "function", "function": {
