@@ -324,8 +324,9 @@ def check_grammar(grammar: Grammar, tokenizer, vocab_size: int, stop_ids: Sequen
 
     is_error, messages = LLMatcher.validate_grammar_with_warnings(
         grammar.text, _grammar_tokenizer(tokenizer, vocab_size, stop_ids))
-    if is_error:
-        raise AgentOptError(f"{grammar.what} cannot constrain decoding: {messages[0]}")
+    if is_error:  # the first line says what failed; the rest is llguidance's listing of the whole grammar
+        reason = messages[0].splitlines()[0].removeprefix("at ").split(": ", 1)[-1] if messages[0] else "unknown"
+        raise AgentOptError(f"{grammar.what} cannot constrain decoding: {reason}")
 
 
 class Matcher:

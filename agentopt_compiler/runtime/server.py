@@ -193,6 +193,19 @@ class ChatService:
         try:
             check_grammar(grammar, self.engine.tokenizer, self.vocab_size, self.engine.eos_token_ids)
         except AgentOptError as exc:
+            if param == "tools":  # name the strict tool whose schema it is
+                for index, tool in enumerate(tools):
+                    function = tool["function"]
+                    if function.get("strict") and not self._schema_usable(tool):
+                        check = json_schema_grammar(function.get("parameters") or {"type": "object"},
+                                                    f"tools[{index}].function.parameters (tool "
+                                                    f"'{function['name']}')")
+                        try:
+                            check_grammar(check, self.engine.tokenizer, self.vocab_size, self.engine.eos_token_ids)
+                        except AgentOptError as named:
+                            exc = named
+                        raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), "invalid_value",
+                                       f"tools[{index}].function.parameters") from None
             raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), "invalid_value", param) from None
         return grammar
 

@@ -153,7 +153,8 @@ def test_auto_calls_name_an_offered_tool_with_arguments_that_fit_its_schema(serv
     assert accepts(loose, '<tool_call>{"name": "odd", "arguments": {"any": ["json"]}}</tool_call>')
     status, body, _ = _post(server.url, {**GOOD, "tools": [{"type": "function", "function": {
         "name": "odd", "strict": True, "parameters": unusable}}]})
-    assert status == 400 and body["error"]["param"] == "tools"  # strict: the schema or nothing
+    assert status == 400 and body["error"]["param"] == "tools[0].function.parameters"  # strict: the schema or none
+    assert "(tool 'odd') cannot constrain" in body["error"]["message"] and "property 'a'" in body["error"]["message"]
 
 
 def test_a_required_call_is_whole_at_any_max_tokens_that_fits_one_and_refused_below(client, server):
@@ -274,7 +275,7 @@ MALFORMED = [  # (field changes, the param the error must name)
      "response_format.json_schema.schema"),
     ({"tools": [{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
         "type": "object", "properties": {"a": {"type": "string", "minLength": 3, "maxLength": 1}},
-        "required": ["a"]}}}]}, "tools"),
+        "required": ["a"]}}}]}, "tools[0].function.parameters"),  # the strict tool's own schema is named
     ({"messages": []}, "messages"), ({"messages": "hi"}, "messages"), ({"messages": [{"content": "x"}]},
                                                                      "messages[0].role"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
