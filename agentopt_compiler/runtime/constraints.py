@@ -164,6 +164,8 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], syntax: CallSyntax, token
     functions = [t.get("function", t) for t in tools]
     if not functions:
         raise AgentOptError("a tool-call grammar needs at least one tool")
+    for f in functions:
+        check_writable(f.get("parameters"), tokenizer, f"the schema of tool '{f.get('name')}'")
     if choice not in ("auto", "required"):
         functions = [f for f in functions if f["name"] == choice]
         if not functions:
@@ -267,6 +269,34 @@ def _json_rule(schema: dict[str, Any]) -> str:
 
 def _regex_rule(pattern: str) -> str:
     return "/" + pattern.replace("/", "\\/") + "/"
+
+
+def check_writable(schema: Any, tokenizer, what: str) -> None:
+    """Refuse a schema that names text holding one of the tokenizer's added tokens (``</tool_call>`` in an enum
+    value, a const, a property name): the tokenizer writes that text only as the one token, which a JSON string
+    cannot hold, so the grammar could never write it (llguidance would fail mid-generation)."""
+    added = [t for t in getattr(tokenizer, "added_tokens", {}) if len(t) > 1]
+    if not added:
+        return
+
+    def texts(value):
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if key not in ("description", "title", "$comment"):  # words about the schema are never written
+                    yield key
+                    yield from texts(item)
+        elif isinstance(value, list):
+            for item in value:
+                yield from texts(item)
+
+    for text in texts(schema):
+        token = next((t for t in added if t in text), None)
+        if token is not None:
+            raise AgentOptError(f"{what} holds the text {text[:80]!r}, and {token!r} in it is a special token of "
+                                "this model's tokenizer: a JSON string cannot hold it, so no call or answer could "
+                                "write it; choose other text")
 
 
 def _added_token(text: str, tokenizer) -> int | None:

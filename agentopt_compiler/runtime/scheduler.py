@@ -165,11 +165,9 @@ class Scheduler:
             try:
                 with self.engine.lock:
                     self.step()
-            except Exception as exc:  # a bug or a backend failure: fail what runs, keep serving
-                error = AgentOptError(f"internal error in the scheduler: {type(exc).__name__}: {exc}")
-                for request in list(self._running):
-                    request.conversation.release()
-                    self._finish(request, None, error)
+            except Exception as exc:  # noqa: BLE001  a bug or a backend failure in a batched call: fail what runs,
+                for request in list(self._running):  # keep serving
+                    self._fail(request, exc)
 
     # -- one step (the engine's lock held) ------------------------------------------------------------------------
     def step(self) -> None:
@@ -290,8 +288,11 @@ class Scheduler:
         self.stats["decode_rows"] += len(ready)
         generated_before = self.stats["generated_tokens"]
         for request in ready:
-            self._take_tokens(request, logits[request.conversation.slot - lo if session.row_subsets else 0],
-                              drafts[request], drafts_fit=several)
+            try:
+                self._take_tokens(request, logits[request.conversation.slot - lo if session.row_subsets else 0],
+                                  drafts[request], drafts_fit=several)
+            except Exception as exc:  # noqa: BLE001  this request's own failure (its grammar, say): it alone ends
+                self._fail(request, exc)
         now = time.perf_counter()
         self._recent.append((now, self.stats["generated_tokens"] - generated_before))
         while now - self._recent[0][0] > 60:
@@ -324,6 +325,12 @@ class Scheduler:
             self._finish(request, request.picker.finish)
 
     # -- helpers ---------------------------------------------------------------------------------------------------
+    def _fail(self, request: Request, exc: Exception) -> None:
+        """End ``request`` with ``exc`` (an AgentOptError says what the request did wrong; anything else is ours)."""
+        request.conversation.release()
+        self._finish(request, None, exc if isinstance(exc, AgentOptError) else
+                     AgentOptError(f"internal error in the scheduler: {type(exc).__name__}: {exc}"))
+
     def _finish(self, request: Request, reason: str | None, error: AgentOptError | None = None) -> None:
         with self._wake:
             self._unfinished -= request.finished_at is None

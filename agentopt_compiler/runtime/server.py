@@ -32,8 +32,8 @@ from starlette.requests import Request  # route signatures are resolved at modul
 
 from ..errors import AgentOptError
 from .chat import ChatTemplateError, render_chat
-from .constraints import (Grammar, call_syntax, check_grammar, json_schema_grammar, no_call_grammar, reasoning_left,
-                          tool_call_grammar)
+from .constraints import (Grammar, call_syntax, check_grammar, check_writable, json_schema_grammar, no_call_grammar,
+                          reasoning_left, tool_call_grammar)
 from .conversation import check_prompt_lookup
 from .generation import GenerationConfig, TokenPicker
 from .prefix_cache import PrefixCache
@@ -175,6 +175,11 @@ class ChatService:
                                                    "supported yet; send one of them", "invalid_value",
                            "response_format")
         if form is not None and form.type == "json_schema":
+            try:
+                check_writable(form.json_schema.schema_, self.engine.tokenizer, "response_format.json_schema.schema")
+            except AgentOptError as exc:
+                raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), "invalid_value",
+                               "response_format.json_schema.schema") from None
             grammar, param = json_schema_grammar(form.json_schema.schema_, "response_format.json_schema.schema"), \
                 "response_format.json_schema.schema"
         elif form is not None and form.type == "json_object":
@@ -183,31 +188,41 @@ class ChatService:
         elif choice == "none" and request.tools:  # the tools are not shown, and no call may be written either
             grammar, param = no_call_grammar(self.call_syntax), "tool_choice"
         elif tools is not None:
+            self._refuse_unusable_strict_tools(tools)
             functions = [t if t["function"].get("strict") or self._schema_usable(t) else
                          {**t, "function": {**t["function"], "parameters": ANY_OBJECT}} for t in tools]
-            grammar = tool_call_grammar(functions, self.call_syntax, self.engine.tokenizer, choice, reasoning,
-                                        parallel=request.parallel_tool_calls is not False)
             param = "tools"
+            try:
+                grammar = tool_call_grammar(functions, self.call_syntax, self.engine.tokenizer, choice, reasoning,
+                                            parallel=request.parallel_tool_calls is not False)
+            except AgentOptError as exc:  # a strict tool's schema names text no call can write
+                raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), "invalid_value", param) from None
         else:
             return None
         try:
             check_grammar(grammar, self.engine.tokenizer, self.vocab_size, self.engine.eos_token_ids)
         except AgentOptError as exc:
-            if param == "tools":  # name the strict tool whose schema it is
-                for index, tool in enumerate(tools):
-                    function = tool["function"]
-                    if function.get("strict") and not self._schema_usable(tool):
-                        check = json_schema_grammar(function.get("parameters") or {"type": "object"},
-                                                    f"tools[{index}].function.parameters (tool "
-                                                    f"'{function['name']}')")
-                        try:
-                            check_grammar(check, self.engine.tokenizer, self.vocab_size, self.engine.eos_token_ids)
-                        except AgentOptError as named:
-                            exc = named
-                        raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), "invalid_value",
-                                       f"tools[{index}].function.parameters") from None
             raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), "invalid_value", param) from None
         return grammar
+
+    def _refuse_unusable_strict_tools(self, tools: list[dict]) -> None:
+        """A strict tool promises calls that fit its schema: one the grammar cannot use (unsatisfiable, or naming
+        text no call can write) is a 400 naming it, also beside other tools (among which it could never be
+        called)."""
+        for index, tool in enumerate(tools):
+            function = tool["function"]
+            if not function.get("strict") or self._schema_usable(tool):
+                continue
+            what = f"tools[{index}].function.parameters (tool '{function['name']}')"
+            reason = AgentOptError(f"{what} cannot constrain decoding")
+            try:
+                parameters = function.get("parameters") or {"type": "object"}
+                check_writable(parameters, self.engine.tokenizer, what)
+                check_grammar(json_schema_grammar(parameters, what), self.engine.tokenizer, self.vocab_size,
+                              self.engine.eos_token_ids)
+            except AgentOptError as exc:
+                reason = exc
+            raise ApiError(HTTPStatus.BAD_REQUEST, str(reason), "invalid_value", f"tools[{index}].function.parameters")
 
     def _schema_usable(self, tool: dict) -> bool:
         """Whether the call grammar can use this tool's schema (remembered per schema: clients send the same tools

@@ -69,9 +69,14 @@ class Tokenizer:
     def added_token_id(self, token: str) -> int | None:
         """The id of ``token`` when it is one of the tokenizer's added tokens (chat and tool tags such as
         ``<tool_call>``, ``</think>``, ``[TOOL_CALLS]``: one token, never split from text)."""
+        return self.added_tokens.get(token)
+
+    @property
+    def added_tokens(self) -> dict[str, int]:
+        """Added tokens' text -> id."""
         if self._added is None:
             self._added = {added.content: i for i, added in self._tok.get_added_tokens_decoder().items()}
-        return self._added.get(token)
+        return self._added
 
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

@@ -133,3 +133,35 @@ def test_a_shared_head_is_prefilled_once(slotted):
     assert [r.reused for r in requests] == [0, len(head), len(head)]
     assert scheduler.stats["prefilled_tokens"] == len(head) + 3 + 2 + 4
     assert outputs == [_serve(slotted, [p], GREEDY)[0][0] for p in prompts]
+
+
+def test_a_request_that_fails_on_its_own_ends_alone(slotted, monkeypatch):
+    """One request's failure while its tokens are picked (its grammar, say) ends that request with its error; the
+    others decoding in the same steps go on to the same tokens as alone."""
+    from agentopt_compiler.errors import AgentOptError
+    from agentopt_compiler.runtime.generation import TokenPicker
+
+    alone = [_serve(slotted, [p], GREEDY)[0][0] for p in PROMPTS[:3]]
+    pick = TokenPicker.pick
+
+    def failing_pick(self, rows, draft, tokens):
+        if tokens[:len(PROMPTS[1])] == PROMPTS[1] and len(tokens) > len(PROMPTS[1]) + 2:
+            raise AgentOptError("this request's grammar failed")
+        return pick(self, rows, draft, tokens)
+
+    monkeypatch.setattr(TokenPicker, "pick", failing_pick)
+    scheduler = Scheduler(slotted, prefill_chunk=4)
+    outputs, events = [[], [], []], [None, None, None]
+
+    def collect(index):
+        def on_event(event):
+            if event.get("token") is not None:
+                outputs[index].append(event["token"])
+            if "done" in event or "error" in event:
+                events[index] = event
+        return on_event
+
+    scheduler.run([scheduler.submit(p, GREEDY, collect(i)) for i, p in enumerate(PROMPTS[:3])])
+    assert "grammar failed" in str(events[1]["error"]) and not str(events[1]["error"]).startswith("internal")
+    assert [outputs[0], outputs[2]] == [alone[0], alone[2]] and events[0]["done"] == events[2]["done"] == "length"
+    assert not any(h is not None and h.busy for h in slotted.slots.holders)  # no slot stays taken

@@ -155,6 +155,22 @@ def test_auto_calls_name_an_offered_tool_with_arguments_that_fit_its_schema(serv
         "name": "odd", "strict": True, "parameters": unusable}}]})
     assert status == 400 and body["error"]["param"] == "tools[0].function.parameters"  # strict: the schema or none
     assert "(tool 'odd') cannot constrain" in body["error"]["message"] and "property 'a'" in body["error"]["message"]
+    strict_beside = [*TOOLS, {"type": "function", "function": {"name": "odd", "strict": True, "parameters": unusable}}]
+    status, body, _ = _post(server.url, {**GOOD, "tools": strict_beside})  # it could never be called: refused too
+    assert status == 400 and body["error"]["param"] == "tools[1].function.parameters"
+    # text holding the call's closing tag, a special token: no JSON string can hold it (it failed mid-generation,
+    # and took the requests decoding beside it down)
+    tagged = {"type": "object", "properties": {"code": {"enum": ["</tool_call> code", "7"]}}, "required": ["code"]}
+    for strict in (True, False):
+        tools = [{"type": "function", "function": {"name": "code", "strict": strict, "parameters": tagged}}]
+        if strict:
+            status, body, _ = _post(server.url, {**GOOD, "tools": tools})
+            assert status == 400 and "special token" in body["error"]["message"], body
+        else:  # not strict: any JSON object, as for a schema the grammar cannot use
+            assert accepts(tools, '<tool_call>{"name": "code", "arguments": {"other": 1}}</tool_call>')
+    form = {"type": "json_schema", "json_schema": {"name": "n", "schema": {"const": "<tool_call>"}}}
+    status, body, _ = _post(server.url, {**GOOD, "response_format": form})
+    assert status == 400 and body["error"]["param"] == "response_format.json_schema.schema"
 
 
 def test_a_required_call_is_whole_at_any_max_tokens_that_fits_one_and_refused_below(client, server):
