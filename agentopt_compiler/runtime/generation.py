@@ -85,6 +85,11 @@ class GenerationConfig:
             raise AgentOptError(f"seed must be >= 0, got {self.seed}")
         if self.prompt_lookup < 0:
             raise AgentOptError(f"prompt_lookup must be >= 0 (0: off), got {self.prompt_lookup}")
+        if self.grammar is not None and self.ignore_eos:
+            raise AgentOptError(f"ignore_eos cannot be combined with {self.grammar.what}: the grammar says where the "
+                                "output may end, and ignoring the end-of-sequence token would leave it nowhere to "
+                                "end; drop ignore_eos (--ignore-eos in the CLI), or for an agent task decode its calls freely "
+                                "(--no-constrain)")
         if self.grammar is not None and self.grammar.whole_output and any(self.stop_strings):
             raise AgentOptError(f"stop strings cannot be combined with {self.grammar.what}: it shapes the whole "
                                 "output, which a stop string could only cut short of parsing; drop the stop strings "

@@ -139,7 +139,8 @@ class ChatService:
         shared = len(head_ids) if len(head_ids) >= MIN_SHARED_PREFIX and ids[:len(head_ids)] == head_ids else 0
         max_tokens = request.max_completion_tokens or request.max_tokens or self.engine.context_length
         stop = request.stop or ()
-        try:  # (every field is range-checked already: what is left is stop strings against a JSON answer)
+        try:  # (every field is range-checked already: what is left is stop strings against a JSON answer, and
+            # ignore_eos against any grammar)
             config = GenerationConfig(
                 max_new_tokens=max_tokens, grammar=grammar,
                 temperature=1.0 if request.temperature is None else request.temperature,
@@ -147,7 +148,8 @@ class ChatService:
                 stop_strings=(stop,) if isinstance(stop, str) else tuple(stop), prompt_lookup=self.prompt_lookup,
                 ignore_eos=bool(request.ignore_eos))
         except AgentOptError as exc:
-            raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), "invalid_value", "stop") from None
+            raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), "invalid_value",
+                           "ignore_eos" if "ignore_eos" in str(exc) else "stop") from None
         picker = None
         if grammar is not None:  # a required call or JSON answer that max_tokens leaves no room for: say so now
             try:

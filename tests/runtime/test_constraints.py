@@ -319,6 +319,8 @@ def test_stop_strings_do_not_cut_a_tool_call_and_are_refused_with_a_json_answer(
     assert step.finish_reason == "stop" and whole.text.startswith(step.text) and step.text.endswith("}")
     with pytest.raises(AgentOptError, match="stop strings cannot be combined with the JSON schema"):
         GenerationConfig(grammar=json_schema_grammar({"type": "object"}), stop_strings=("}",))
+    with pytest.raises(AgentOptError, match="ignore_eos cannot be combined with the tools' schemas"):
+        engine.complete(PROMPT, max_new_tokens=8, grammar=grammar, ignore_eos=True)  # was a ValueError in llguidance
 
 
 def _greedy_call(engine, tools, limit):
