@@ -69,3 +69,13 @@ def non_empty_text(text: str) -> str:
 
 
 non_empty_text.__name__ = "text"
+
+
+def non_blank_text(text: str) -> str:
+    """Text with something besides whitespace (an API key or a model name of spaces would mean nothing)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must be non-blank text, got {text!r}")
+    return text
+
+
+non_blank_text.__name__ = "text"

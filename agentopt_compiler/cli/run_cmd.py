@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
                    help="interactive mode: each task continues the conversation of the ones before (default: each "
                         "task starts afresh); type /reset to start afresh")
     p.add_argument("--max-steps", type=int_in(1, 1000), default=None, help="tool-call rounds per task (default 6)")
-    p.add_argument("--tool-timeout", type=float_in(0.0, low_open=True), default=None, metavar="SECONDS",
+    p.add_argument("--tool-timeout", type=float_in(0.0, 86400.0, low_open=True), default=None, metavar="SECONDS",
                    help="stop a tool call after this long; the model sees a timeout error (default 30)")
     p.add_argument("--max-new-tokens", type=int_in(1), default=None,
                    help="per generation (default 32 for --prompt, 256 per agent step)")
@@ -91,6 +91,8 @@ def run(args) -> int:
     def show(event: dict) -> None:
         if event["type"] == "token":
             _write(event["text"])
+        elif event["type"] == "stopped":  # why the task ends: a status, beside the bracketed line
+            print(f"\n{describe_event(event)}", file=sys.stderr, flush=True)
         elif event["type"] != "final":
             print(describe_event(event), flush=True)
 
@@ -176,8 +178,15 @@ def _read_memory(path: str) -> dict[str, str]:
     fix."""
     import json
 
+    def refuse_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        twice = next((k for k in keys if keys.count(k) > 1), None)
+        if twice is not None:
+            raise AgentOptError(f"--memory: '{path}' has the key {twice!r} twice; keep one of them")
+        return dict(pairs)
+
     try:
-        data = json.loads(open(path, encoding="utf-8").read())
+        data = json.loads(open(path, encoding="utf-8").read(), object_pairs_hook=refuse_duplicates)
     except FileNotFoundError:
         raise AgentOptError(f"--memory: no such file '{path}'; give a JSON file such as "
                             '{"locker code": "4821"}') from None
@@ -199,7 +208,7 @@ def _read_memory(path: str) -> dict[str, str]:
                                 "such as \"locker code\"")
         if same in seen:
             raise AgentOptError(f"--memory: '{path}' has the keys {seen[same]!r} and {key!r}, which a lookup cannot "
-                                "tell apart (case, a leading 'the'/'my'/'our' and end punctuation are ignored); "
+                                "tell apart (case, a leading 'the'/'my'/'our' and a trailing ?, . or ! are ignored); "
                                 "keep one of them")
         seen[same] = key
     return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in data.items()}

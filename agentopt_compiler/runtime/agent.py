@@ -32,20 +32,22 @@ TOOL_CALL_ENDS = ("</tool_call>", "<|/tool_call|>")  # Qwen/Hermes, Phi-4-mini: 
 # appended to the observation of a call that failed before with the same arguments; a third identical failure stops
 # the loop (finish_reason "repeated_failure") instead of repeating it to the step limit
 REPEATED_FAILURE_NOTE = " (this exact call already failed; change the arguments or answer without it)"
+MAX_TOOL_TIMEOUT_S = 86400.0  # a day; far longer waits overflow the platform's timestamps
 # an observation may take at most this share of the engine's context: a tool that returns megabytes (or a memory
 # lookup listing thousands of keys) is cut, marked, instead of ending the task with a context overflow
 OBSERVATION_CONTEXT_SHARE = 0.25
 
 
 def _failed(outcome) -> bool:
-    """A call that failed: an error result, or a tool that reports failure as ``{"error": ...}`` text."""
+    """A call that failed: an error result, or a tool that reports failure as ``{"error": ...}`` text (an
+    ``"error": null`` or empty, as many APIs send on success, is no failure)."""
     if outcome.error:
         return True
     try:
         value = json.loads(outcome.output)
     except (TypeError, ValueError):
         return False
-    return isinstance(value, dict) and "error" in value
+    return isinstance(value, dict) and value.get("error") not in (None, "", False, [], {})
 
 
 @dataclass
@@ -76,8 +78,9 @@ def _check_agent_options(engine, tools, system, max_steps, tool_timeout_s, gener
         (system is not None and not isinstance(system, str), f"system must be text, got {type(system).__name__}"),
         (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1,
          f"max_steps must be an integer of at least 1, got {max_steps!r}"),
-        (isinstance(tool_timeout_s, bool) or not isinstance(tool_timeout_s, (int, float)) or not tool_timeout_s > 0,
-         f"tool_timeout_s must be a number of seconds above 0, got {tool_timeout_s!r}"),
+        (isinstance(tool_timeout_s, bool) or not isinstance(tool_timeout_s, (int, float))
+         or not 0 < tool_timeout_s <= MAX_TOOL_TIMEOUT_S,
+         f"tool_timeout_s must be a number of seconds above 0, at most {MAX_TOOL_TIMEOUT_S:g}, got {tool_timeout_s!r}"),
         (generation is not None and not isinstance(generation, GenerationConfig),
          f"generation must be a GenerationConfig, got {type(generation).__name__}"),
     ]
@@ -133,7 +136,7 @@ class Agent:
             return observation
         note = f" ...[cut: the result has {len(ids)} tokens, the context holds {self.engine.context_length}]"
         keep = max(limit - len(self.engine.encode(note, add_special_tokens=False)), 0)
-        return self.engine.tokenizer.decode(ids[:keep]) + note
+        return self.engine.tokenizer.decode(ids[:keep]).rstrip("\ufffd") + note  # not half a character
 
     def _check_room_for_a_call(self, config: GenerationConfig) -> None:
         """Under the tools' grammar a call that cannot fit the step's token limit is never opened: the model would
@@ -174,8 +177,9 @@ class Agent:
             self.conversation.remember_prefix(len(head_ids))
 
     def run(self, task: str, on_event: Callable[[dict], None] | None = None, **generation) -> AgentResult:
-        """Run ``task`` to a final answer or the step limit. If it raises (e.g. the conversation outgrew the
-        context), the history is left as it was before the task."""
+        """Run ``task`` to a final answer or another finish (``AgentResult.finish_reason``: a conversation that
+        outgrows the context during the task ends it with "context"). If it raises (e.g. the task's own prompt
+        does not fit), the history is left as it was before the task."""
         if not isinstance(task, str) or not task.strip():
             got = repr(task) if not isinstance(task, str) else f"{len(task)} whitespace characters" if task else "''"
             raise AgentOptError(f"a task is non-empty text, got {got}")
@@ -208,11 +212,13 @@ class Agent:
             except ContextOverflowError:
                 if not step:
                     raise  # the request itself does not fit: that error says so
-                raise ContextOverflowError(
+                result.finish_reason = "context"  # the task ran out of room: it ends, unanswered, saying why
+                emit({"type": "stopped", "reason": (
                     f"the conversation outgrew the engine's context at step {step + 1} of the task: it has "
                     f"{len(prompt_ids)} tokens and the context holds {self.engine.context_length} (with at least one "
                     "new token); the earlier steps' calls and results filled it. Allow fewer steps (--max-steps), "
-                    "give tools that return less, or recompile with a larger --context-length") from None
+                    "give tools that return less, or recompile with a larger --context-length")})
+                break
             self._remember_system_prefix()
             calls_before = conversation.decode_calls
             text, reason, count = self._generate(logits, config, emit)

@@ -354,9 +354,13 @@ def check_grammar(grammar: Grammar, tokenizer, vocab_size: int, stop_ids: Sequen
 
     is_error, messages = LLMatcher.validate_grammar_with_warnings(
         grammar.text, _grammar_tokenizer(tokenizer, vocab_size, stop_ids))
-    if is_error:  # the first line says what failed; the rest is llguidance's listing of the whole grammar
-        reason = messages[0].splitlines()[0].removeprefix("at ").split(": ", 1)[-1] if messages[0] else "unknown"
-        raise AgentOptError(f"{grammar.what} cannot constrain decoding: {reason}")
+    if is_error:  # the first line says what failed, and an "error:" line why (a regex's); the rest is
+        # llguidance's listing of the whole grammar
+        lines = [line.strip() for line in messages[0].splitlines() if line.strip()] or ["unknown"]
+        reason = lines[0].removeprefix("at ").split(": ", 1)[-1]
+        why = next((line for line in lines[1:] if line.startswith("error:")), None)
+        raise AgentOptError(f"{grammar.what} cannot constrain decoding: {reason}"
+                            + (f" {why.removeprefix('error:').strip()}" if why else ""))
 
 
 class Matcher:

@@ -90,8 +90,8 @@ class Message(_Strict):
     @model_validator(mode="after")
     def _says_something(self):
         """Only an assistant message that makes tool calls may come without content (as in OpenAI's API)."""
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError(f"a {self.role} message needs its 'content'"
+        if (self.content is None or self.content == []) and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"{'an' if self.role == 'assistant' else 'a'} {self.role} message needs its 'content'"
                              + (" (or 'tool_calls')" if self.role == "assistant" else ""))
         return self
 

@@ -34,7 +34,7 @@ def _printed(events) -> str:
     for e in events:
         if e["type"] == "token":
             out.append(e["text"])
-        elif e["type"] != "final":
+        elif e["type"] not in ("final", "stopped"):  # why a task stopped goes to standard error
             out.append(describe_event(e) + "\n")
     return "".join(out) + "\n"  # the answer's line ends
 

@@ -44,7 +44,9 @@ OUT_OF_RANGE = [
     (["serve", "E"], "--port", ["99999", "-1", "http"]),
     (["rebuild", "E"], "--workspace-gib", ["0", "-1", NAN]),
     (["run", "E", "--prompt", "x"], "--stop", [""]),  # empty text (a stop string of "\n" is fine)
-    (["serve", "E"], "--model-name", [""]),
+    (["serve", "E"], "--model-name", ["", "  "]),
+    (["serve", "E"], "--api-key", ["", " "]),  # "$UNSET_VAR" would otherwise turn authentication off
+    (["run", "E", "--task", "x"], "--tool-timeout", ["0", "-1", "1e10", NAN]),
 ]
 
 
@@ -56,7 +58,7 @@ def test_numeric_options_out_of_range_are_usage_errors(tmp_path, capsys, monkeyp
             line = cli_error_line(capsys, prefix + [option, value])
             assert f"argument {option}:" in line and "--help" in line, line
             count += 1
-    assert count >= 72 and tree(tmp_path) == set()
+    assert count >= 79 and tree(tmp_path) == set()
 
 
 def test_options_that_would_mean_nothing_are_refused(tiny_engine_dir, capsys):

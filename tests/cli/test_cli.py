@@ -198,6 +198,8 @@ def test_run_memory_file_errors_say_what_to_fix(chat_engine, capsys, tmp_path):
     (tmp_path / "twice.json").write_text('{"Locker Code": "1", "my locker code?": "2"}')
     line = cli_error_line(capsys, base + ["--memory", str(tmp_path / "twice.json")])
     assert "'Locker Code' and 'my locker code?'" in line and "cannot tell apart" in line
+    (tmp_path / "dup.json").write_text('{"wifi": "1", "wifi": "2"}')
+    assert "has the key 'wifi' twice" in cli_error_line(capsys, base + ["--memory", str(tmp_path / "dup.json")])
     (tmp_path / "blank.json").write_text('{" ": "1"}')
     assert "names nothing" in cli_error_line(capsys, base + ["--memory", str(tmp_path / "blank.json")])
     (tmp_path / "ok.json").write_text('{"locker code": 4821}')

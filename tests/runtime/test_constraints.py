@@ -12,8 +12,8 @@ import agentopt_compiler as ao
 from agentopt_compiler.errors import AgentOptError
 from agentopt_compiler.runtime.agent import Agent
 from agentopt_compiler.runtime.conversation import Conversation
-from agentopt_compiler.runtime.constraints import (CALL_SYNTAXES, Grammar, Matcher, call_syntax, json_schema_grammar,
-                                                   no_call_grammar, regex_grammar, tool_call_grammar)
+from agentopt_compiler.runtime.constraints import (CALL_SYNTAXES, Grammar, Matcher, call_syntax, check_grammar,
+                                                   json_schema_grammar, no_call_grammar, regex_grammar, tool_call_grammar)
 from agentopt_compiler.runtime.generation import GenerationConfig
 from agentopt_compiler.runtime.tools import parse_tool_calls
 
@@ -185,6 +185,8 @@ def test_bad_constraints_are_clear_errors(engine):
                 *matcher_args)
     with pytest.raises(AgentOptError, match="the regex cannot constrain"):
         Matcher(regex_grammar("(unclosed"), *matcher_args)
+    with pytest.raises(AgentOptError, match="look-around.*not supported"):  # the reason, not only "parse error:"
+        check_grammar(json_schema_grammar({"type": "string", "pattern": "^(?=a)b$"}, "the schema"), *matcher_args)
     with pytest.raises(AgentOptError, match="not among the tools"):
         tool_call_grammar([{"type": "function", "function": {"name": "a"}}], CALL_SYNTAXES["hermes"], None, "b")
     with pytest.raises(AgentOptError, match="has no tools"):

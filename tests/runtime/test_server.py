@@ -321,6 +321,7 @@ MALFORMED = [  # (field changes, the param the error must name)
     ({"messages": [{"role": "user", "content": "x", "extra": 1}]}, "messages[0].extra"),  # named like the others
     ({"ignore_eos": True, "tools": TOOLS}, "ignore_eos"),  # a grammar says where the answer ends
     ({"ignore_eos": True, "response_format": {"type": "json_object"}}, "ignore_eos"),
+    ({"messages": [{"role": "user", "content": []}]}, "messages[0]"),
     ({"stop": ""}, "stop"), ({"stop": ["}", ""]}, "stop[1]"),  # a stop string of no text
     ({"chat_template_kwargs": {"deep": _nested(70)}}, "chat_template_kwargs.deep[0][0]"),  # over 64 levels
 ]
