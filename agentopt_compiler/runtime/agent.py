@@ -227,6 +227,15 @@ class Agent:
             if reason in TOOL_CALL_ENDS:
                 text += reason  # the stop string is the end of a call: keep it for parsing
             parsed = parse_tool_calls(text)
+            if reason == "length" and parsed.errors and not parsed.calls:  # a call the token limit cut (decoded
+                # freely: the grammar closes calls before a limit): not a malformed call to tell the model about
+                self.messages.append({"role": "assistant", "content": text})
+                result.finish_reason = "length"
+                result.steps.append(AgentStep(text, [], [], engine_calls))
+                emit({"type": "stopped", "reason": f"a tool call was cut at the step's limit of "
+                                                   f"{config.max_new_tokens} new tokens; raise the limit "
+                                                   "(max_new_tokens; --max-new-tokens in the CLI)"})
+                break
             if not parsed.calls and not parsed.errors:
                 self.messages.append({"role": "assistant", "content": text})
                 result.answer = text.strip()

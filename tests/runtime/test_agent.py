@@ -126,6 +126,17 @@ def test_an_answer_cut_at_the_token_limit_is_not_a_finished_answer(chat_engine, 
     assert result.answer == "The answer is 4" and result.finish_reason == "length"
 
 
+def test_a_call_cut_by_the_token_limit_ends_the_task_with_length(chat_engine, scripted, monkeypatch):
+    agent = Agent(chat_engine, tools=[add], max_steps=3, constrained=False)
+    scripted(agent, ['<tool_call>{"name": "add", "argum'])
+    generate = agent._generate
+    monkeypatch.setattr(agent, "_generate", lambda *a: (generate(*a)[0], "length", 1))
+    events = []
+    result = agent.run("add", on_event=events.append)
+    assert result.finish_reason == "length" and len(result.steps) == 1 and result.steps[0].observations == []
+    assert any(e["type"] == "stopped" and "cut at the step's limit" in e["reason"] for e in events)
+
+
 def test_a_repeated_malformed_call_is_a_repeated_failure(chat_engine, scripted):
     agent = Agent(chat_engine, tools=[add], max_steps=6)
     scripted(agent, ['<tool_call>{"name": "add", "arguments": {"a": 2,}'] * 6)
