@@ -43,8 +43,8 @@ def add_parser(sub) -> None:
                    help="int8/int4 blocks with zero points (default: symmetric blocks, no zero points: a smaller "
                         "engine at about the same error)")
     q.add_argument("--sequences", type=SEQUENCES, default=4, help="calibration sequences")
-    q.add_argument("--length", type=int_in(2, MAX_CONTEXT_LENGTH), default=128,
-                   help="tokens per calibration sequence")
+    q.add_argument("--length", type=int_in(2, MAX_CONTEXT_LENGTH), default=None,
+                   help="tokens per calibration sequence (default 128, at most the model's max positions)")
     q.add_argument("--sensitivity", choices=["scaled", "exact"], default="scaled",
                    help="scaled (default): each layer unit's most lossy int8/int4 candidate is propagated through the "
                         "model, the others scaled by their output error (within 8%% of exact on ref-60m, 3x faster); "
@@ -85,8 +85,9 @@ def add_parser(sub) -> None:
     s.add_argument("--max-kl", type=KL, required=True,
                    help="total KL(dense || plan) per token allowed, summed over the sparse layers")
     s.add_argument("--sequences", type=SEQUENCES, default=4, help="calibration sequences")
-    s.add_argument("--length", type=int_in(2, MAX_CONTEXT_LENGTH), default=256,
-                   help="tokens per calibration sequence (must exceed --window)")
+    s.add_argument("--length", type=int_in(2, MAX_CONTEXT_LENGTH), default=None,
+                   help="tokens per calibration sequence, more than --window (default 256, at most the model's max "
+                        "positions)")
     s.add_argument("--context-length", type=int_in(MIN_CONTEXT_LENGTH, MAX_CONTEXT_LENGTH), default=None,
                    help="engine context for the KV-bytes estimate (default: the model's, at most 4096)")
     s.add_argument("--out", required=True, help="plan JSON to write (agentopt compile --sparse-attention PLAN)")
@@ -125,15 +126,30 @@ def _check_outputs(args) -> None:
         check_writable_folder(Path(args.report), "--report")
 
 
+def _set_length(args, loaded, default: int) -> None:
+    """--length, within the positions the model has (RoPE tables end there): the default shrinks to fit, a longer
+    --length given by hand is refused."""
+    from ..errors import AgentOptError
+
+    positions = loaded.config.max_position_embeddings
+    if args.length is None:
+        args.length = min(default, positions)
+    elif args.length > positions:
+        raise AgentOptError(f"--length {args.length} is longer than the {positions} positions of {args.model} "
+                            f"(max_position_embeddings); give --length {positions} or less")
+
+
 def _write_report(folder: Path, texts: dict[str, str]) -> None:
     from ..errors import OutputPathError
 
+    path = folder
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for name, text in texts.items():
-            (folder / name).write_text(text)
+            path = folder / name
+            path.write_text(text)
     except OSError as exc:
-        raise OutputPathError(f"cannot write --report '{folder}': {exc.strerror or exc}; choose another "
+        raise OutputPathError(f"cannot write --report '{path}': {exc.strerror or exc}; choose another "
                               "--report") from None
 
 
@@ -152,6 +168,7 @@ def run(args) -> int:
     for candidate in candidates:
         parse_precision(candidate)  # a typo fails before the model loads
     loaded = load_model(args.model)  # the module the compile captures (reference, else transformers)
+    _set_length(args, loaded, 128)
     batches = calibration_batches(loaded, args.calib, args.sequences, args.length)
     formats = formats_for(candidates, args.block_size)
     cost_model = cached_cost_model(args.threads, not args.asymmetric, refresh=args.refresh_cost_model, log=log,
@@ -167,7 +184,6 @@ def run(args) -> int:
                                    method=args.sensitivity)
     plan.measurements["calibration"] = str(args.calib or "seeded random tokens")
     plan.model = loaded.name  # the compile refuses it for another model
-    plan.save(args.out)
     m = plan.measurements
     for row in m["uniform"]:
         log(f"uniform {row['precision']}: checked KL {row['checked_kl']:.3g}, predicted decode matmuls "
@@ -184,15 +200,22 @@ def run(args) -> int:
                                             f"predicted: {plan.predicted}\n\n{table}\n",
                                "sensitivity.json": json.dumps(options_to_json(options), indent=2)})
         print(_plot(rows, folder / "sensitivity.png"), file=sys.stderr)
+    plan.save(args.out)  # last: a report that cannot be written leaves no plan behind
     return 0
 
 
+def _measured_precisions(rows: list[dict]) -> list[str]:
+    """Every precision measured on some unit, in order (a unit whose size a block does not divide has fewer)."""
+    return list(dict.fromkeys(k[3:] for row in rows for k in row if k.startswith("kl_")))
+
+
 def _markdown(rows: list[dict]) -> str:
-    precisions = [k[3:] for k in rows[0] if k.startswith("kl_")]
+    precisions = _measured_precisions(rows)
     head = "| unit | chosen | " + " | ".join(f"KL {p} | top-1 {p}" for p in precisions) + " |"
     lines = [head, "|" + "---|" * (2 + 2 * len(precisions))]
-    for row in rows:
-        cells = " | ".join(f"{row[f'kl_{p}']:.2e} | {row[f'top1_{p}']:.3f}" for p in precisions)
+    for row in rows:  # n/a: that unit cannot take that precision
+        cells = " | ".join(f"{row[f'kl_{p}']:.2e} | {row[f'top1_{p}']:.3f}" if f"kl_{p}" in row else "n/a | n/a"
+                           for p in precisions)
         lines.append(f"| {row['unit']} | {row['chosen']} | {cells} |")
     return "\n".join(lines)
 
@@ -205,10 +228,11 @@ def _plot(rows: list[dict], path: Path) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "no sensitivity.png: install matplotlib (pip install 'agentopt-compiler[plot]')"
-    precisions = [k[3:] for k in rows[0] if k.startswith("kl_") and k != "kl_fp32"]
+    precisions = [p for p in _measured_precisions(rows) if p != "fp32"]
     figure, axis = plt.subplots(figsize=(max(6, len(rows) * 0.35), 4))
-    for precision in precisions:
-        axis.plot(range(len(rows)), [max(r[f"kl_{precision}"], 1e-9) for r in rows], marker="o", label=precision)
+    for precision in precisions:  # a gap where a unit cannot take the precision
+        axis.plot(range(len(rows)), [max(r[f"kl_{precision}"], 1e-9) if f"kl_{precision}" in r else float("nan")
+                                     for r in rows], marker="o", label=precision)
     axis.set_yscale("log")
     axis.set_xticks(range(len(rows)), [r["unit"] for r in rows], rotation=90, fontsize=7)
     axis.set_ylabel("KL vs fp32 (unit quantized alone)")
@@ -236,9 +260,12 @@ def run_sparse(args) -> int:
     from ..passes.insert_sparse_attention import SparsePattern
 
     pattern = SparsePattern(args.window, args.sinks, args.stride)
-    check_length(args.length, pattern)
+    if args.length is not None:
+        check_length(args.length, pattern)  # before the model loads
     _check_outputs(args)
     loaded = load_model(args.model)  # the module the compile captures (reference, else transformers)
+    _set_length(args, loaded, 256)
+    check_length(args.length, pattern)
     positions = held_out_positions = None
     if args.calib_chat:
         if args.holdout:
@@ -252,6 +279,10 @@ def run_sparse(args) -> int:
         if not batches:
             raise AgentOptError(f"'{args.calib_chat}' has no conversation longer than the window of {pattern.window} "
                                 f"tokens, so the pattern hides nothing there")
+        if not any(p.any() for p in positions):
+            raise AgentOptError(f"in '{args.calib_chat}', cut to --length {args.length} tokens, no conversation "
+                                "reaches an assistant message, and only positions that predict assistant tokens are "
+                                "measured; give a larger --length, or conversations with assistant turns")
         what = (f"{len(batches)} conversations ({sum(b.shape[1] for b in batches)} tokens, "
                 f"{int(sum(p.sum() for p in positions))} predicting assistant tokens)")
     else:
@@ -269,7 +300,6 @@ def run_sparse(args) -> int:
               "no held-out rows (the calibration file has no text beyond the calibration rows): give --holdout "
               "FILE to check the plan", file=sys.stderr)
     result.plan = dataclasses.replace(result.plan, model=loaded.name)  # the compile refuses it for another model
-    result.save(args.out)
     rows = _sparse_rows(result)
     table = _sparse_markdown(rows)
     print(table)
@@ -297,6 +327,7 @@ def run_sparse(args) -> int:
             f"per-head plan would differ.\n")
         _write_report(folder, {"report.md": report, "sensitivity.json": json.dumps(m.to_dict(), indent=2)})
         print(_heatmap(rows, pattern.describe(), folder / "heatmap.png"), file=sys.stderr)
+    result.save(args.out)  # last: a report that cannot be written leaves no plan behind
     return 0
 
 

@@ -323,3 +323,14 @@ def test_formats_the_host_cannot_tell_apart_cost_the_same():
     with pytest.raises(AgentOptError, match="int8@B or int4@B"):
         from agentopt_compiler.analysis.cost_model import measure_cost_model
         measure_cost_model(1, formats=("int4",))
+
+
+def test_the_report_table_has_a_column_for_every_precision_any_unit_measured():
+    from agentopt_compiler.cli.plan_cmd import _markdown
+
+    rows = [{"unit": "layers.0.attn_qkv", "chosen": "fp32", "kl_fp32": 0.0, "top1_fp32": 1.0},  # 128 does not fit
+            {"unit": "layers.0.attn_o", "chosen": "int4", "kl_fp32": 0.0, "top1_fp32": 1.0, "kl_int4": 1e-3,
+             "top1_int4": 0.9}]
+    table = _markdown(rows).splitlines()
+    assert "KL int4 | top-1 int4" in table[0]
+    assert table[2].endswith("| n/a | n/a |") and table[3].endswith("| 1.00e-03 | 0.900 |")

@@ -1,6 +1,8 @@
 import json
 
 import pytest
+
+from tests.helpers import cli_error_line
 import torch
 
 import agentopt_compiler as ao
@@ -222,6 +224,17 @@ def test_cli_plans_over_assistant_positions_from_chat_calibration(tmp_path, caps
     assert "predict assistant tokens" in (tmp_path / "report" / "report.md").read_text()
     assert main(["plan", "sparse", "--calib", str(path), "--calib-chat", str(path), "--window", "8", "--max-kl",
                  "0.1", "--out", str(tmp_path / "x.json")]) == 2  # --calib and --calib-chat are alternatives
+    capsys.readouterr()
+    # conversations cut before their first assistant turn: said up front, naming --length
+    line = cli_error_line(capsys, ["plan", "sparse", "--model", "agent-tiny", "--calib-chat", str(path), "--window",
+                                   "8", "--max-kl", "0.05", "--length", "40", "--out", str(tmp_path / "short.json")])
+    assert "no conversation reaches an assistant message" in line and "--length" in line
+    # a --length past the model's positions (the RoPE tables end there), for either planner
+    for planner in (["sparse", "--window", "8"], ["precision"]):
+        line = cli_error_line(capsys, ["plan", *planner, "--model", "tiny-random", "--max-kl", "0.1", "--length",
+                                       "257", "--out", str(tmp_path / "long.json")])
+        assert "--length 257 is longer than the 256 positions" in line
+    assert not any((tmp_path / name).exists() for name in ("short.json", "long.json"))
 
 
 def test_chat_calibration_refuses_a_template_that_rewrites_earlier_turns(tmp_path, monkeypatch):
