@@ -521,8 +521,16 @@ def plan_precision(model, batches: list[torch.Tensor], max_kl: float | None = No
         checked = measure_plan(model, calibration, _units_of(chosen), block, symmetric)
     else:
         budget = {"target_bits": target_bits}
-        weights = sum(o.bytes for o in options if o.precision == "fp32") / 4
-        chosen = choose(options, target_bits * weights / 8, lambda o: o.bytes, lambda o: o.kl)
+        weights = sum(linear.weight.numel() for linears in unit_linears(model).values() for linear in linears)
+        fewest = sum(min(o.bytes for o in opts) for opts in _by_unit(options).values()) * 8 / weights
+        if target_bits < fewest:  # (int4 stores a fp32 scale per block beside the 4-bit codes)
+            raise AgentOptError(f"--target-bits {target_bits:g}: the fewest bits per weight these candidates reach "
+                                f"is {fewest:.3g} (every unit at its smallest, scales included); give --target-bits "
+                                f"{math.ceil(fewest * 100) / 100:g} or more, or smaller candidates")
+        try:
+            chosen = choose(options, target_bits * weights / 8, lambda o: o.bytes, lambda o: o.kl)
+        except AgentOptError:  # the DP rounds each unit's bytes up: at the very edge only the smallest plan is left
+            chosen = {unit: min(opts, key=lambda o: (o.bytes, o.kl)) for unit, opts in _by_unit(options).items()}
         checked = measure_plan(model, calibration, _units_of(chosen), block, symmetric)
     plan = plan_from_choice(chosen, block, budget, symmetric)
     plan.predicted["checked_kl"], plan.predicted["checked_top1"] = _significant(checked[0]), round(checked[1], 4)

@@ -63,6 +63,13 @@ def test_other_budgets():
     assert plan.predicted["top1_loss"] <= 0.05
     with pytest.raises(AgentOptError, match="exactly one budget"):
         plan_precision(loaded.model, batches, max_kl=0.1, min_top1=0.9, costs=FLAT_COSTS)
+    # without fp32 among the candidates (the weight count came from fp32's bytes: a zero budget), and at the edge
+    plan, _ = plan_precision(loaded.model, batches, target_bits=6.0, candidates=["int8", "int4"], costs=FLAT_COSTS)
+    assert plan.predicted["bytes"] * 8 <= 6.0 * weights
+    edge, _ = plan_precision(loaded.model, batches, target_bits=5.0, costs=FLAT_COSTS)  # int4 + scales: exactly 5
+    assert set(edge.units.values()) == {"int4"}
+    with pytest.raises(AgentOptError, match="the fewest bits per weight these candidates reach is 5 "):
+        plan_precision(loaded.model, batches, target_bits=4.0, costs=FLAT_COSTS)
 
 
 def test_compiled_engine_keeps_the_budget_its_plan_claims(tiny_plan, tmp_path):
