@@ -181,7 +181,12 @@ class Conversation:
 
     # -- persistence ----------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        """Write tokens and cached KV rows to ``path`` (.npz), tagged with the engine's graph hash."""
+        """Write tokens and cached KV rows to exactly ``path`` (npz format, whatever its suffix), tagged with the
+        engine's graph hash."""
+        if not isinstance(path, (str, Path)) or not str(path):
+            raise AgentOptError(f"path must be a file path, got {path!r}")
+        if Path(path).is_dir():
+            raise AgentOptError(f"cannot save the conversation to '{path}': it is a folder; give a file path")
         with self.engine.lock:
             slots = self.engine.slots
             if self.slot is not None:
@@ -190,8 +195,9 @@ class Conversation:
                 rows = slots.saved_rows(self) or {}
         meta = {"tokens": self.tokens, "cached": self.cached if rows else 0, "engine": _engine_id(self.engine)}
         try:
-            np.savez(path, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-                     **{f"cache:{k}": v for k, v in rows.items()})
+            with open(path, "wb") as file:  # a file object: np.savez would add ".npz" to a name without it
+                np.savez(file, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+                         **{f"cache:{k}": v for k, v in rows.items()})
         except OSError as exc:
             raise AgentOptError(f"cannot save the conversation to '{path}': {exc.strerror or exc}") from None
 
@@ -206,6 +212,9 @@ class Conversation:
         except (ValueError, KeyError, AttributeError, EOFError) as exc:  # not a file Conversation.save wrote
             raise AgentOptError(f"'{path}' is not a saved conversation ({type(exc).__name__}: {exc}); give a file "
                                 "written by Conversation.save") from None
+        if not isinstance(meta, dict) or not {"engine", "tokens", "cached"} <= set(meta):
+            raise AgentOptError(f"'{path}' is not a saved conversation (its metadata lacks engine, tokens or "
+                                "cached); give a file written by Conversation.save")
         if meta["engine"] != _engine_id(engine):
             raise AgentOptError(f"conversation '{path}' was saved from a different engine; it can only be loaded "
                                 "into the engine that made it")

@@ -64,6 +64,13 @@ def test_save_and_load(tiny_engine, tmp_path):
             type(conversation).load(tiny_engine, missing_or_bad)
     with pytest.raises(AgentOptError, match="cannot save"):
         conversation.save(tmp_path / "no-such-folder" / "c.npz")
+    with pytest.raises(AgentOptError, match="it is a folder"):
+        conversation.save(tmp_path)
+    conversation.save(tmp_path / "chat.state")  # exactly that name (numpy alone would write chat.state.npz)
+    assert type(conversation).load(tiny_engine, tmp_path / "chat.state").tokens == conversation.tokens
+    np.savez(tmp_path / "other.npz", __meta__=np.frombuffer(b'{"tokens": []}', dtype=np.uint8))
+    with pytest.raises(AgentOptError, match="lacks engine, tokens or cached"):
+        type(conversation).load(tiny_engine, tmp_path / "other.npz")
 
 
 def test_prefix_cache_shares_a_common_prefix_across_conversations(tiny_engine):
