@@ -57,6 +57,16 @@ def run(args) -> int:
     attention = engine.get("attention", {})
     if attention.get("layers"):
         print(f"attention {describe_attention_layers(attention['layers'])}")
+    plan = manifest.get("precision_plan")
+    if plan:  # weights the plan quantized: the backend line's dtype is the activations'
+        counts = {}
+        for precision in plan.get("units", {}).values():
+            counts[precision] = counts.get(precision, 0) + 1
+        measured = plan.get("measured") or {}
+        print(f"weights  precision plan: {', '.join(f'{n} x {p}' for p, n in sorted(counts.items()))} unit(s), "
+              f"budget {json.dumps(plan.get('budget', {}))}"
+              + (f"; measured KL {measured['kl']:.3g}, top-1 {measured['top1']:.3f}"
+                 if "kl" in measured and "top1" in measured else ""))
     kv_bytes = sum(math.prod(c["shape"]) * np.dtype(c.get("dtype", "float32")).itemsize for c in engine["caches"])
     slots = sorted({c["shape"][2] for c in engine["caches"]})
     limit = f"; calls of up to {attention['ring_call_tokens']} tokens (longer ones are split)" \

@@ -102,8 +102,10 @@ def describe_attention_layers(layers: list[dict]) -> str:
     groups: list[list] = []
     for layer in layers:
         window = layer.get("window", -1)
+        extra = f", stride {layer['stride']}" if layer.get("stride") else ""
+        extra += f", dense KV heads {layer['dense_kv_heads']}" if layer.get("dense_kv_heads") else ""
         desc = (f"{layer.get('op', '?')} (window {window if window and window > 0 else 'none'}, "
-                f"sinks {layer.get('sinks', 0)}, {'ring' if layer.get('ring') else 'full cache'})")
+                f"sinks {layer.get('sinks', 0)}{extra}, {'ring' if layer.get('ring') else 'full cache'})")
         if groups and groups[-1][1] == desc:
             groups[-1][0] += 1
         else:

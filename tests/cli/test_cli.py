@@ -39,6 +39,12 @@ def test_compile_run_inspect(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "2 × Attention (window 8, sinks 0, ring)" in text and "72 slots" in text  # window + 64 spare
     assert "calls of up to 65 tokens (longer ones are split)" in text
+    strided = tmp_path / "strided"
+    assert main(["compile", "--model", "tiny-random", "--out", str(strided), "--context-length", "32",
+                 "--sparse-attention", "window=8,stride=4,kv_heads=1"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(strided)]) == 0  # every part of the pattern, as --json has it
+    assert "(window 8, sinks 0, stride 4, dense KV heads [0], full cache)" in capsys.readouterr().out
 
 
 def test_console_script_help_does_not_import_torch():

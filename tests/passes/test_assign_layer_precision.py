@@ -122,13 +122,17 @@ def _engine_and_quantized_reference(engine, plan, seed: int):
     return logits, expected
 
 
-def test_engine_with_a_plan_tracks_its_quantized_eager_reference(tmp_path):
+def test_engine_with_a_plan_tracks_its_quantized_eager_reference(tmp_path, capsys):
     plan = PrecisionPlan.uniform("int4", 2, lm_head="int8")
     engine = ao.compile("tiny-random", out=tmp_path / "q", context_length=32, precision_plan=plan)
     ops = {layer["op"] for layer in engine.manifest["engine"]["attention"]["layers"]}
     assert ops == {"GroupQueryAttention"} and engine.manifest["precision_plan"]["units"]["lm_head"] == "int8"
     logits, expected = _engine_and_quantized_reference(engine, plan, seed=0)
     assert logits.argmax() == expected.argmax()
+    from agentopt_compiler.cli.main import main
+
+    assert main(["inspect", str(tmp_path / "q")]) == 0  # says what the weights are, not only "float32"
+    assert "weights  precision plan: 8 x int4, 1 x int8 unit(s)" in capsys.readouterr().out
 
 
 def test_symmetric_plan_engine_has_no_zero_points_and_tracks_its_reference(tmp_path):
