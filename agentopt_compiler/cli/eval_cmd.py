@@ -39,10 +39,9 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..agent_tiny.eval import evaluate, format_report, task_set
+    from ..errors import AgentOptError
     from ..output_paths import check_writable_file, write_text_atomically
     from ..runtime.engine import load_engine
-
-    from ..errors import AgentOptError
 
     sets = args.sets or ["generator"]
     if args.tasks is not None and "generator" not in sets:

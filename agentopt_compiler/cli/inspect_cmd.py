@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 from collections import Counter
@@ -59,9 +60,7 @@ def run(args) -> int:
         print(f"attention {describe_attention_layers(attention['layers'])}")
     plan = manifest.get("precision_plan")
     if plan:  # weights the plan quantized: the backend line's dtype is the activations'
-        counts = {}
-        for precision in plan.get("units", {}).values():
-            counts[precision] = counts.get(precision, 0) + 1
+        counts = collections.Counter(plan.get("units", {}).values())
         measured = plan.get("measured") or {}
         print(f"weights  precision plan: {', '.join(f'{n} x {p}' for p, n in sorted(counts.items()))} unit(s), "
               f"budget {json.dumps(plan.get('budget', {}))}"

@@ -38,7 +38,8 @@ def add_parser(sub) -> None:
     p.add_argument("--top-p", type=float_in(0.0, 1.0, low_open=True), default=1.0,
                    help="sample from the likeliest tokens holding this much probability (1: off)")
     p.add_argument("--seed", type=SEED, default=None, help="seed for sampling")
-    p.add_argument("--stop", action="append", type=non_empty_text, default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", type=non_empty_text, default=[], metavar="TEXT",
+                   help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     p.add_argument("--prompt-lookup", type=PROMPT_LOOKUP, default=0, metavar="N",
                    help="check up to N tokens drafted from the context per decode call: fewer calls when the model "

@@ -21,7 +21,8 @@ def add_parser(sub) -> None:
     p.add_argument("--port", type=TCP_PORT, default=8000, help="TCP port, 0 to 65535 (0: any free port)")
     p.add_argument("--api-key", type=non_blank_text, default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 requests")
-    p.add_argument("--model-name", type=non_blank_text, default=None, help="model id to serve (default: the engine's model name)")
+    p.add_argument("--model-name", type=non_blank_text, default=None,
+                   help="model id to serve (default: the engine's model name)")
     p.add_argument("--threads", type=THREADS, default=None, help="CPU threads for the backend (per replica)")
     p.add_argument("--verbose", action="store_true", help="log every request")
     p.add_argument("--prompt-lookup", type=PROMPT_LOOKUP, default=0, metavar="N",

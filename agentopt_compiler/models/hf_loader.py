@@ -164,10 +164,11 @@ def safetensors_files(folder: Path) -> list[Path]:
             folder.glob("*.bin")) else ""
         raise ModelNotFoundError(f"'{folder}' has no *.safetensors weights{hint}")
     if len(files) > 1:
-        raise ModelNotFoundError(f"'{folder}' has {len(files)} *.safetensors files ({', '.join(f.name for f in files[:4])}"
-                                 f"{', ...' if len(files) > 4 else ''}) and no model.safetensors or "
-                                 "model.safetensors.index.json saying which hold the weights; keep only the "
-                                 "checkpoint's files (save_pretrained writes the index for sharded weights)")
+        named = ", ".join(f.name for f in files[:4]) + (", ..." if len(files) > 4 else "")
+        raise ModelNotFoundError(f"'{folder}' has {len(files)} *.safetensors files ({named}) and no "
+                                 "model.safetensors or model.safetensors.index.json saying which hold the weights; "
+                                 "keep only the checkpoint's files (save_pretrained writes the index for sharded "
+                                 "weights)")
     return files
 
 
