@@ -24,8 +24,8 @@ from typing import Any, Callable
 
 from ..errors import AgentOptError, ContextOverflowError
 from .chat import render_chat
-from .constraints import call_syntax, check_grammar, tool_call_grammar
-from .generation import GenerationConfig, TextStream
+from .constraints import Matcher, call_syntax, check_grammar, tool_call_grammar
+from .generation import SHORTEST_OUTPUT_SEARCH, GenerationConfig, TextStream
 from .tools import Tool, ToolCall, parse_tool_calls, run_tool_call
 
 TOOL_CALL_ENDS = ("</tool_call>", "<|/tool_call|>")  # Qwen/Hermes, Phi-4-mini: a call ends the step
@@ -48,6 +48,13 @@ def _failed(outcome) -> bool:
     except (TypeError, ValueError):
         return False
     return isinstance(value, dict) and value.get("error") not in (None, "", False, [], {})
+
+
+def _seen_again(failures: dict[tuple[str, str], int], key: tuple[str, str], observation: str) -> tuple[str, bool]:
+    """A failed call's observation, counted in ``failures``: the second time the same failure is said so (a
+    different observation); True the third time (the loop stops)."""
+    failures[key] = failures.get(key, 0) + 1
+    return observation + (REPEATED_FAILURE_NOTE if failures[key] == 2 else ""), failures[key] > 2
 
 
 @dataclass
@@ -80,7 +87,8 @@ def _check_agent_options(engine, tools, system, max_steps, tool_timeout_s, gener
          f"max_steps must be an integer of at least 1, got {max_steps!r}"),
         (isinstance(tool_timeout_s, bool) or not isinstance(tool_timeout_s, (int, float))
          or not 0 < tool_timeout_s <= MAX_TOOL_TIMEOUT_S,
-         f"tool_timeout_s must be a number of seconds above 0, at most {MAX_TOOL_TIMEOUT_S:g}, got {tool_timeout_s!r}"),
+         f"tool_timeout_s must be a number of seconds above 0, at most {MAX_TOOL_TIMEOUT_S:g}, got "
+         f"{tool_timeout_s!r}"),
         (generation is not None and not isinstance(generation, GenerationConfig),
          f"generation must be a GenerationConfig, got {type(generation).__name__}"),
     ]
@@ -144,9 +152,6 @@ class Agent:
         if self.grammar is None or not config.max_new_tokens or self._shortest_call == 0:
             return
         if self._shortest_call is None:
-            from .constraints import Matcher
-            from .generation import SHORTEST_OUTPUT_SEARCH
-
             matcher = Matcher(self.grammar, self.engine.tokenizer,
                               self.engine.manifest["model"]["config"]["vocab_size"], self.engine.eos_token_ids)
             opening = self.engine.encode(self.grammar.call_open, add_special_tokens=False)
@@ -247,32 +252,20 @@ class Agent:
                 {"id": f"call_{len(self.messages)}_{i}", "type": "function",
                  "function": {"name": c.name, "arguments": c.arguments}} for i, c in enumerate(parsed.calls)]})
             observations = []
-            repeated = None
-
-            def seen(text_seen: str, key: tuple[str, str], what: str) -> str:
-                """The observation of a failed call: the same failure again is said so (a different observation);
-                a third time stops the loop."""
-                nonlocal repeated
-                failures[key] = failures.get(key, 0) + 1
-                if failures[key] == 2:
-                    return text_seen + REPEATED_FAILURE_NOTE
-                if failures[key] > 2:
-                    repeated = repeated or what
-                return text_seen
-
+            repeated = None  # what failed a third time the same way: the loop stops
             for error in parsed.errors:
-                observation = self._fit(seen(f"error: {error}", ("", error), "a malformed call"))
+                observation, again = _seen_again(failures, ("", error), self._fit(f"error: {error}"))
+                repeated = repeated or ("a malformed call" if again else None)
                 emit({"type": "tool_error", "error": error, "observation": observation})
                 observations.append(observation)
             for call in parsed.calls:
                 emit({"type": "tool_call", "name": call.name, "arguments": call.arguments})
                 outcome = run_tool_call(call, self.tools, self.tool_timeout_s)
-                observation = outcome.text
+                observation = self._fit(outcome.text)
                 if _failed(outcome):
-                    observation = seen(observation, (call.name, json.dumps(call.arguments, sort_keys=True,
-                                                                           default=str)),
-                                       f"the call {call.name}({json.dumps(call.arguments, default=str)})")
-                observation = self._fit(observation)
+                    arguments = json.dumps(call.arguments, sort_keys=True, default=str)
+                    observation, again = _seen_again(failures, (call.name, arguments), observation)
+                    repeated = repeated or (f"the call {call.name}({arguments})" if again else None)
                 emit({"type": "tool_result", "name": call.name, "output": outcome.output, "error": outcome.error,
                       "observation": observation})
                 observations.append(observation)
