@@ -139,8 +139,11 @@ class ChatService:
         shared = len(head_ids) if len(head_ids) >= MIN_SHARED_PREFIX and ids[:len(head_ids)] == head_ids else 0
         max_tokens = request.max_completion_tokens or request.max_tokens or self.engine.context_length
         stop = request.stop or ()
-        try:  # (every field is range-checked already: what is left is stop strings against a JSON answer, and
-            # ignore_eos against any grammar)
+        if request.ignore_eos and grammar is not None:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"ignore_eos cannot be combined with {grammar.what}: the grammar "
+                                                   "says where the answer ends; drop ignore_eos", "invalid_value",
+                           "ignore_eos")
+        try:  # (every field is range-checked already: what is left is stop strings against a JSON answer)
             config = GenerationConfig(
                 max_new_tokens=max_tokens, grammar=grammar,
                 temperature=1.0 if request.temperature is None else request.temperature,
@@ -148,8 +151,7 @@ class ChatService:
                 stop_strings=(stop,) if isinstance(stop, str) else tuple(stop), prompt_lookup=self.prompt_lookup,
                 ignore_eos=bool(request.ignore_eos))
         except AgentOptError as exc:
-            raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), "invalid_value",
-                           "ignore_eos" if "ignore_eos" in str(exc) else "stop") from None
+            raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), "invalid_value", "stop") from None
         picker = None
         if grammar is not None:  # a required call or JSON answer that max_tokens leaves no room for: say so now
             try:
@@ -194,11 +196,8 @@ class ChatService:
             functions = [t if t["function"].get("strict") or self._schema_usable(t) else
                          {**t, "function": {**t["function"], "parameters": ANY_OBJECT}} for t in tools]
             param = "tools"
-            try:
-                grammar = tool_call_grammar(functions, self.call_syntax, self.engine.tokenizer, choice, reasoning,
-                                            parallel=request.parallel_tool_calls is not False)
-            except AgentOptError as exc:  # a strict tool's schema names text no call can write
-                raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), "invalid_value", param) from None
+            grammar = tool_call_grammar(functions, self.call_syntax, self.engine.tokenizer, choice, reasoning,
+                                        parallel=request.parallel_tool_calls is not False)
         else:
             return None
         try:
