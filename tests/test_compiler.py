@@ -130,12 +130,17 @@ def test_compile_for_a_device_this_machine_lacks_writes_a_complete_engine(tmp_pa
     assert np.abs(here.session.run(ids, np.arange(9)) - expected).max() <= 1e-2 * np.abs(expected).max()
 
 
-def test_a_bf16_checkpoint_compiles_and_the_report_says_what_the_engine_holds(tmp_path):
+def _qwen2_checkpoint(folder, dtype: str) -> None:
+    """A one-layer Qwen2 of vocabulary 96 saved with transformers in ``dtype``, no tokenizer."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     config = transformers.Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    transformers.Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "ckpt")
+    transformers.Qwen2ForCausalLM(config).to(getattr(torch, dtype)).save_pretrained(folder)
+
+
+def test_a_bf16_checkpoint_compiles_and_the_report_says_what_the_engine_holds(tmp_path):
+    _qwen2_checkpoint(tmp_path / "ckpt", "bfloat16")
     engine = ao.compile(tmp_path / "ckpt", out=tmp_path / "eng", context_length=32)
     weights = engine.compile_report.weights
     assert weights.startswith("checkpoint bfloat16, ") and "-> engine float32, " in weights and "upcast" in weights
@@ -201,13 +206,9 @@ def test_a_debug_dump_inside_the_output_folder_is_refused(tmp_path):
 def test_a_tokenizer_larger_than_the_vocabulary_gets_a_warning(tmp_path):
     import shutil
 
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     from agentopt_compiler.models.registry import load_model
 
-    config = transformers.Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    transformers.Qwen2ForCausalLM(config).to(torch.float32).save_pretrained(tmp_path / "ckpt")
+    _qwen2_checkpoint(tmp_path / "ckpt", "float32")
     builtin = load_model("tiny-random")  # its tokenizer folder lives as long as it does
     shutil.copy(builtin.tokenizer_dir / "tokenizer.json", tmp_path / "ckpt")  # 300+ tokens
     report = ao.compile(tmp_path / "ckpt", out=tmp_path / "eng", context_length=32).compile_report
