@@ -159,6 +159,11 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
     from .runtime.engine import load_engine, unloaded_engine
     from .runtime.manifest import write_manifest
 
+    for name, value in (("out", out), ("debug_dump", debug_dump)):
+        if value is not None and (not isinstance(value, (str, Path)) or not str(value)):
+            raise AgentOptError(f"{name} must be a folder path, got {value!r}")
+    if progress is not None and not callable(progress):
+        raise AgentOptError(f"progress must be a function taking one line of text, got {progress!r}")
     log = progress or (lambda _msg: None)
     out = Path(out)
     check_sizes(context_length, batch_size)

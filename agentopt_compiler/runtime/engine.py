@@ -255,6 +255,8 @@ def load_engine(folder: str | Path, device: str | None = None, threads: int | No
     for name, value in (("slots", slots), ("threads", threads)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise AgentOptError(f"{name} must be a whole number of at least 1 (or None), got {value!r}")
+    if not isinstance(folder, (str, Path)) or not str(folder):
+        raise AgentOptError(f"folder must be the path of an engine folder, got {folder!r}")
     folder = Path(folder)
     manifest = read_manifest(folder, verify_hashes=verify_hashes)
     engine_section = manifest["engine"]

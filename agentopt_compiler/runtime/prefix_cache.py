@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import AgentOptError
+
 
 @dataclass
 class _Node:
@@ -25,6 +27,8 @@ class _Node:
 
 class PrefixCache:
     def __init__(self, max_bytes: int = 256 << 20):
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise AgentOptError(f"max_bytes must be a whole number of bytes, 0 or more, got {max_bytes!r}")
         self.max_bytes = max_bytes
         self._root = _Node()
         self._entries: OrderedDict[tuple[int, ...], dict[str, np.ndarray]] = OrderedDict()  # LRU order

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 import agentopt_compiler as ao
+from agentopt_compiler.runtime.prefix_cache import PrefixCache
 from agentopt_compiler.errors import AgentOptError, ContextOverflowError
 from tests.conftest import TINY_CONTEXT, eager_greedy
 
@@ -122,7 +123,11 @@ def test_python_api_misuse_is_one_clear_error(tiny_engine, tiny_engine_dir):
              (lambda: tiny_engine.generate_batch("abc"), "a list of prompts"),
              (lambda: tiny_engine.generate_batch([[]]), "prompt 0 is empty"),
              (lambda: ao.load_engine(tiny_engine_dir, slots="2"), "slots must be"),
-             (lambda: ao.load_engine(tiny_engine_dir, threads=0), "threads must be")]
+             (lambda: ao.load_engine(tiny_engine_dir, threads=0), "threads must be"),
+             (lambda: ao.load_engine(None), "folder must be the path"),
+             (lambda: ao.compile(out=5), "out must be a folder path"),
+             (lambda: ao.compile(out=tiny_engine_dir, progress=5), "progress must be a function"),
+             (lambda: tiny_engine.conversation(PrefixCache(max_bytes=-1)), "max_bytes must be")]
     for call, says in cases:
         with pytest.raises(AgentOptError, match=says):
             call()
