@@ -185,6 +185,8 @@ class Agent:
         """Run ``task`` to a final answer or another finish (``AgentResult.finish_reason``: a conversation that
         outgrows the context during the task ends it with "context"). If it raises (e.g. the task's own prompt
         does not fit), the history is left as it was before the task."""
+        if on_event is not None and not callable(on_event):
+            raise AgentOptError(f"on_event must be a function taking an event dict, got {on_event!r}")
         if not isinstance(task, str) or not task.strip():
             got = repr(task) if not isinstance(task, str) else f"{len(task)} whitespace characters" if task else "''"
             raise AgentOptError(f"a task is non-empty text, got {got}")

@@ -29,10 +29,13 @@ import numpy as np
 
 from ..errors import AgentOptError, ContextOverflowError
 from .generation import GenerationConfig, choose_whole
+from .prefix_cache import PrefixCache
 
 
 class Conversation:
     def __init__(self, engine, prefix_cache=None):
+        if prefix_cache is not None and not isinstance(prefix_cache, PrefixCache):
+            raise AgentOptError(f"prefix_cache must be a PrefixCache or None, got {type(prefix_cache).__name__}")
         self.engine = engine
         self.prefix_cache = prefix_cache
         self.tokens: list[int] = []  # the conversation so far
@@ -56,8 +59,8 @@ class Conversation:
     # -- feeding tokens ------------------------------------------------------------------------------------
     def rewind(self, length: int) -> None:
         """Keep only the first ``length`` tokens."""
-        if length < 0:
-            raise AgentOptError(f"cannot rewind to {length} tokens")
+        if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
+            raise AgentOptError(f"rewind takes a token count of 0 or more, got {length!r}")
         self.tokens = self.tokens[:length]
         if length < self.cached and not self.engine.session.rewindable:
             self.cached = 0  # a ring cache no longer holds the state at ``length``: the next prefill starts over

@@ -209,3 +209,5 @@ def test_agent_options_of_the_wrong_kind_are_refused(chat_engine):
         Agent("engine-folder")
     with pytest.raises(AgentOptError, match="a task is non-empty text"):
         Agent(chat_engine).run(None)
+    with pytest.raises(AgentOptError, match="on_event must be a function"):
+        Agent(chat_engine).run("hi", on_event=5)  # before any generation

@@ -127,7 +127,10 @@ def test_python_api_misuse_is_one_clear_error(tiny_engine, tiny_engine_dir):
              (lambda: ao.load_engine(None), "folder must be the path"),
              (lambda: ao.compile(out=5), "out must be a folder path"),
              (lambda: ao.compile(out=tiny_engine_dir, progress=5), "progress must be a function"),
-             (lambda: tiny_engine.conversation(PrefixCache(max_bytes=-1)), "max_bytes must be")]
+             (lambda: tiny_engine.conversation(PrefixCache(max_bytes=-1)), "max_bytes must be"),
+             (lambda: tiny_engine.conversation("cache"), "prefix_cache must be a PrefixCache"),
+             (lambda: tiny_engine.conversation().rewind("3"), "rewind takes a token count"),
+             (lambda: tiny_engine.conversation().rewind(True), "rewind takes a token count")]
     for call, says in cases:
         with pytest.raises(AgentOptError, match=says):
             call()
