@@ -197,17 +197,13 @@ def test_run_memory_file_errors_say_what_to_fix(chat_engine, capsys, tmp_path):
     base = ["run", str(chat_engine.folder), "--task", "x", "--tools", "agentopt_compiler.tools:memory_lookup"]
     line = cli_error_line(capsys, base + ["--memory", str(tmp_path / "none.json")])
     assert "--memory: no such file" in line and "locker code" in line
-    (tmp_path / "bad.json").write_text("{not json")
-    assert "is not valid JSON" in cli_error_line(capsys, base + ["--memory", str(tmp_path / "bad.json")])
-    (tmp_path / "list.json").write_text("[1, 2]")
-    assert "holds a JSON list" in cli_error_line(capsys, base + ["--memory", str(tmp_path / "list.json")])
-    (tmp_path / "twice.json").write_text('{"Locker Code": "1", "my locker code?": "2"}')
-    line = cli_error_line(capsys, base + ["--memory", str(tmp_path / "twice.json")])
-    assert "'Locker Code' and 'my locker code?'" in line and "cannot tell apart" in line
-    (tmp_path / "dup.json").write_text('{"wifi": "1", "wifi": "2"}')
-    assert "has the key 'wifi' twice" in cli_error_line(capsys, base + ["--memory", str(tmp_path / "dup.json")])
-    (tmp_path / "blank.json").write_text('{" ": "1"}')
-    assert "names nothing" in cli_error_line(capsys, base + ["--memory", str(tmp_path / "blank.json")])
+    for index, (text, says) in enumerate([
+            ("{not json", "is not valid JSON"), ("[1, 2]", "holds a JSON list"),
+            ('{"Locker Code": "1", "my locker code?": "2"}', "'Locker Code' and 'my locker code?', which a lookup "
+                                                             "cannot tell apart"),
+            ('{"wifi": "1", "wifi": "2"}', "has the key 'wifi' twice"), ('{" ": "1"}', "names nothing")]):
+        (tmp_path / f"m{index}.json").write_text(text)
+        assert says in cli_error_line(capsys, base + ["--memory", str(tmp_path / f"m{index}.json")]), text
     (tmp_path / "ok.json").write_text('{"locker code": 4821}')
     line = cli_error_line(capsys, ["run", str(chat_engine.folder), "--task", "x", "--memory",
                                    str(tmp_path / "ok.json")])

@@ -90,9 +90,12 @@ def test_second_agent_starts_from_the_shared_system_prefix(chat_engine, scripted
     assert cache.hits == 1 and result.usage["reused_tokens"] > 100  # the system turn with the tool schema
 
 
-def test_a_repeated_failing_call_gets_another_observation_then_stops_the_loop(chat_engine, scripted):
+@pytest.mark.parametrize("call, event", [('<tool_call>{"name": "add", "arguments": {"a": 1}}', "tool_result"),
+                                         ('<tool_call>{"name": "add", "arguments": {"a": 2,}', "tool_error")])
+def test_a_repeated_failing_call_gets_another_observation_then_stops_the_loop(chat_engine, scripted, call, event):
+    """A call that fails the same way twice (bad arguments, or malformed) is told so; a third time ends the task."""
     agent = Agent(chat_engine, tools=[add], max_steps=6)
-    scripted(agent, ['<tool_call>{"name": "add", "arguments": {"a": 1}}'] * 6)
+    scripted(agent, [call] * 6)
     events = []
     result = agent.run("add one", on_event=events.append)
     observations = [o for step in result.steps for o in step.observations]
@@ -100,6 +103,9 @@ def test_a_repeated_failing_call_gets_another_observation_then_stops_the_loop(ch
     assert "already failed" in observations[1] and observations[1].startswith(observations[0])
     assert result.answer is None and result.finish_reason == "repeated_failure"
     assert any(e["type"] == "stopped" and "three times" in e["reason"] for e in events)
+    # the CLI shows what the model saw (a malformed call's on its own line after the streamed call)
+    shown = [describe_event(e) for e in events if e["type"] == event]
+    assert shown[1] == ("\n← " if event == "tool_error" else "← ") + observations[1]
 
 
 def test_a_repeated_call_that_succeeds_is_not_a_repeated_failure(chat_engine, scripted):
@@ -135,19 +141,6 @@ def test_a_call_cut_by_the_token_limit_ends_the_task_with_length(chat_engine, sc
     result = agent.run("add", on_event=events.append)
     assert result.finish_reason == "length" and len(result.steps) == 1 and result.steps[0].observations == []
     assert any(e["type"] == "stopped" and "cut at the step's limit" in e["reason"] for e in events)
-
-
-def test_a_repeated_malformed_call_is_a_repeated_failure(chat_engine, scripted):
-    agent = Agent(chat_engine, tools=[add], max_steps=6)
-    scripted(agent, ['<tool_call>{"name": "add", "arguments": {"a": 2,}'] * 6)
-    events = []
-    result = agent.run("add", on_event=events.append)
-    observations = [o for step in result.steps for o in step.observations]
-    assert len(observations) == 3 and "already failed" in observations[1] and "already failed" not in observations[0]
-    assert result.finish_reason == "repeated_failure"
-    # the CLI shows what the model saw, on its own line after the streamed call
-    shown = [describe_event(e) for e in events if e["type"] == "tool_error"]
-    assert shown[1] == "\n← " + observations[1]
 
 
 def succeeds_with_error_null() -> str:
