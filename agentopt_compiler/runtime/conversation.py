@@ -153,6 +153,7 @@ class Conversation:
         and keeps them up to the first the model does not choose: greedy, the same tokens; sampled, the same
         distribution (generation.py). With ``config.grammar``, only tokens the grammar accepts are chosen, and the
         tokens it forces are fed in one call (constraints.py)."""
+        _check_generate_inputs(logits, config, self.engine.manifest["model"]["config"]["vocab_size"])
         if config.prompt_lookup:
             check_prompt_lookup(self.engine.session, config.prompt_lookup)
         picker = self.engine.token_picker(config)
@@ -227,6 +228,19 @@ class Conversation:
             with engine.lock:
                 engine.slots.keep_saved(conversation, rows)  # restored into a slot when it is next used
         return conversation
+
+
+def _check_generate_inputs(logits, config, vocab_size: int) -> None:
+    """``generate``'s arguments as ``prefill_to`` returns them (an AgentOptError naming the argument, not an
+    IndexError from inside sampling)."""
+    if not isinstance(config, GenerationConfig):
+        raise AgentOptError(f"config must be a GenerationConfig, got {type(config).__name__}")
+    shape = getattr(logits, "shape", None)
+    if not isinstance(logits, np.ndarray) or len(shape) != 3 or shape[0] != 1 or shape[1] < 1 \
+            or shape[2] != vocab_size or not np.issubdtype(logits.dtype, np.floating):
+        what = f"an array of shape {shape} and dtype {logits.dtype}" if isinstance(logits, np.ndarray) else \
+            type(logits).__name__
+        raise AgentOptError(f"logits must be what prefill_to returns, float (1, tokens, {vocab_size}), got {what}")
 
 
 def check_prompt_lookup(session, draft_tokens: int) -> None:

@@ -111,3 +111,18 @@ def test_a_gqa_batch_engine_continues_conversations(tmp_path, tiny_engine):
     for turn in range(2):
         assert _turn(ours, history) == _turn(reference, history)
         history = history + ours.tokens[len(history):] + [70 + turn, 80, 90]  # reply and a 3-token observation
+
+
+@pytest.mark.parametrize("bad", ["config", "list", "wrong_vocab", "no_rows", "integers"])
+def test_generate_refuses_logits_or_a_config_it_was_not_given_by_prefill_to(tiny_engine, bad):
+    conversation = tiny_engine.conversation()
+    logits = conversation.prefill_to([1, 2, 3])
+    config, message = GREEDY, "logits must be what prefill_to returns"
+    if bad == "config":
+        config, message = {"max_new_tokens": 4}, "config must be a GenerationConfig, got dict"
+    else:
+        logits = {"list": logits.tolist(), "wrong_vocab": logits[..., :-1], "no_rows": logits[:, :0],
+                  "integers": logits.astype(np.int64)}[bad]
+    with pytest.raises(AgentOptError, match=message):
+        next(conversation.generate(logits, config))
+    assert list(conversation.generate(conversation.prefill_to([1, 2, 3]), GREEDY))  # still usable
