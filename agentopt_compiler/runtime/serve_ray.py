@@ -17,7 +17,9 @@ every node needs this package and the engine folder at the same path.
 
 from __future__ import annotations
 
+import signal
 import sys
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -154,16 +156,21 @@ def serve_replicas(folder: str, replicas: int, address: str | None, host: str, p
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_application(folder, replicas, threads, slots, service_options, app_options),
               name="agentopt", route_prefix="/")
+    # SIGTERM (a service manager, `kill`) stops as Ctrl-C does; Ray's core worker would otherwise answer it with a
+    # native stack dump and exit without shutting Serve down
+    signal.signal(signal.SIGTERM, _interrupt)
     print(f"serving {folder} with {replicas} replica(s) behind Ray Serve on http://{host}:{port}/v1; Ctrl-C stops",
           file=sys.stderr, flush=True)
     try:
-        import time
-
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        pass
+        print("stopping the replicas", file=sys.stderr, flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt

@@ -2,7 +2,11 @@
 driven by the official openai client."""
 
 import json
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -41,6 +45,29 @@ def test_the_router_is_ray_serves_prefix_affinity_router():
     from ray.serve._private.request_router.request_router import RequestRouter
 
     assert issubclass(router, RequestRouter)
+
+
+def test_sigterm_stops_the_replicas_as_ctrl_c_does(chat_engine, tmp_path):
+    """A service manager stops the server with SIGTERM: Serve and Ray shut down and the exit is 0 (Ray's core worker
+    answered it with a native stack dump, leaving the local Ray instance running). Runs before ``ray_server`` starts
+    its own Ray instance in this process."""
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "agentopt_compiler.cli.main", "serve",
+                                    str(chat_engine.folder), "--replicas", "1", "--threads", "1",
+                                    "--port", str(_free_port())], stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 300
+        while "Ctrl-C stops" not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "Ctrl-C stops" in log.read_text(), log.read_text()[-2000:]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=180) == 0, log.read_text()[-2000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    err = log.read_text()
+    assert "stopping the replicas" in err and "SIGTERM received" not in err
 
 
 def test_replicas_serve_the_same_api_and_keep_a_conversation_on_its_replica(ray_server):
