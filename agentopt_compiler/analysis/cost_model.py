@@ -42,6 +42,7 @@ from ..passes.precision_plan import BITS, parse_precision
 
 DEFAULT_FORMATS = ("fp32", "int8@32", "int4@32", "int4@64", "int4@128")
 CACHE_FILE = "cost_model.json"
+COST_MODEL_NOISE = 0.1  # two attempts' quartiles agreeing within this end the timing; more is said as a warning
 
 
 def format_of(precision: str, block: int) -> str:
@@ -143,7 +144,7 @@ def cached_cost_model(threads: int | None = None, symmetric: bool = True, refres
 
 def measure_cost_model(threads: int | None = None, symmetric: bool = True, formats=DEFAULT_FORMATS,
                        weights_mib: int = 128, shape: tuple[int, int] = (1024, 1024), repeats: int = 21,
-                       max_noise: float = 0.1, attempts: int = 5) -> CostModel:
+                       max_noise: float = COST_MODEL_NOISE, attempts: int = 5) -> CostModel:
     """Seconds per weight of each format: decode-shaped products (1, K) x (K, N) over ``weights_mib`` of distinct
     matrices per format (more than a last-level cache), the formats timed in turns.
 

@@ -160,7 +160,7 @@ def run(args) -> int:
     from ..passes.precision_plan import parse_precision
 
     _check_outputs(args)
-    from ..analysis.cost_model import cached_cost_model, formats_for
+    from ..analysis.cost_model import COST_MODEL_NOISE, cached_cost_model, formats_for
     from .progress import ProgressLog
 
     log = ProgressLog()
@@ -174,8 +174,11 @@ def run(args) -> int:
     cost_model = cached_cost_model(args.threads, not args.asymmetric, refresh=args.refresh_cost_model, log=log,
                                    formats=formats)
     constants = ", ".join(f"{k} {v * 1e12:.0f}" for k, v in cost_model.seconds_per_weight.items())
-    log(f"cost model ({cost_model.source}): ps per weight {constants}; noise "
-        f"{max(cost_model.noise.values(), default=0):.1%}")
+    noise = max(cost_model.noise.values(), default=0)
+    log(f"cost model ({cost_model.source}): ps per weight {constants}; noise {noise:.1%}"
+        + (f" (over the {COST_MODEL_NOISE:.0%} its measurement aims for: other work was running while it was "
+           "timed, and plans chosen with it may differ from an idle machine's; measure it again on an idle "
+           "machine with --refresh-cost-model)" if noise > COST_MODEL_NOISE else ""))
     log(f"measuring {args.model}: {len(batches)} x {args.length} calibration tokens "
         f"({args.calib or 'seeded random tokens'})")
     plan, options = plan_precision(loaded.model, batches, args.max_kl, args.target_bits, args.min_top1,

@@ -113,6 +113,20 @@ def test_cli_writes_plan_report_and_plot(tmp_path, capsys):
                  str(out), "--quiet"]) == 0
 
 
+def test_a_cost_model_timed_on_a_busy_machine_is_said_to_be_noisy(tmp_path, capsys, monkeypatch, fixed_cost_model):
+    from agentopt_compiler.analysis.cost_model import CACHE_FILE
+
+    entries = json.loads((fixed_cost_model / CACHE_FILE).read_text())
+    for entry in entries.values():
+        entry["noise"] = {"fp32": 0.04, "int8@32": 0.23}
+    (tmp_path / CACHE_FILE).write_text(json.dumps(entries))
+    monkeypatch.setenv("AGENTOPT_CACHE_DIR", str(tmp_path))
+    assert main(["plan", "precision", "--model", "tiny-random", "--max-kl", "0.01", "--sequences", "1",
+                 "--length", "32", "--out", str(tmp_path / "plan.json")]) == 0
+    err = capsys.readouterr().err
+    assert "noise 23.0% (over the 10% its measurement aims for" in err and "--refresh-cost-model" in err
+
+
 def test_asymmetric_plans_measure_what_they_will_run(tmp_path):
     """--asymmetric: the plan says so, and sensitivity is measured with zero-point blocks (other errors, 1 more byte
     per block) rather than with the symmetric ones the default plan gets."""
