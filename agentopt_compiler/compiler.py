@@ -23,7 +23,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .errors import AgentOptError, ModelNotFoundError, OutputPathError, ProviderUnavailableError
+from .errors import (AgentOptError, ModelNotFoundError, OutputPathError, ProviderUnavailableError,
+                     require_compile_packages)
 from .output_paths import check_writable_folder, current_umask
 from .runtime.manifest import MANIFEST
 
@@ -148,6 +149,7 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
     ``auto`` (default): the reference module where it implements the checkpoint, else transformers. Attention the
     passes cannot fuse is refused (``--skip-pass fuse_kv_cache`` builds the slow unfused engine on purpose).
     """
+    require_compile_packages("compile")  # the deploy install has none of them: one error naming the install
     from . import backends
     from .capture.export import capture as capture_program
     from .models.hf_loader import TOKENIZER_FILES

@@ -36,3 +36,34 @@ class ProviderUnavailableError(AgentOptError):
 
 class OutputPathError(AgentOptError):
     """An output folder that cannot be written, or that holds something other than an engine."""
+
+
+# which install brings a package that a command may find missing (pyproject.toml's optional dependencies)
+EXTRA_OF_PACKAGE = {
+    **dict.fromkeys(("torch", "onnx", "onnxscript", "onnx_ir", "networkx", "safetensors"), "compile"),
+    **dict.fromkeys(("fastapi", "starlette", "uvicorn", "pydantic", "prometheus_client"), "serve"),
+    "ray": "ray", "transformers": "transformers", "tensorrt": "tensorrt", "matplotlib": "plot",
+}
+
+
+def missing_package_error(exc: ImportError, what: str) -> AgentOptError | None:
+    """The error for ``what`` (e.g. "agentopt compile") when ``exc`` is a package of an optional install that is
+    not installed: names the package and the install that brings it. None for any other import failure."""
+    package = (exc.name or "").split(".")[0]
+    extra = EXTRA_OF_PACKAGE.get(package)
+    if extra is None:
+        return None
+    hint = " (torch==2.13.0 first, for the CPU build)" if extra == "compile" else ""
+    return AgentOptError(f"{what} needs {package}, which is not installed: pip install "
+                         f"'agentopt-compiler[{extra}]'{hint}, or from a clone: pip install -e '.[{extra}]'")
+
+
+def require_compile_packages(what: str) -> None:
+    """Refuse ``what`` at once, naming the install, where the compile side's packages are missing (the deploy
+    install has none of them)."""
+    for package in ("torch", "onnx", "onnxscript", "onnx_ir", "networkx", "safetensors"):
+        try:
+            __import__(package)
+        except ImportError as exc:
+            exc.name = exc.name or package
+            raise missing_package_error(exc, what) from None

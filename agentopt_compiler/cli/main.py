@@ -3,6 +3,7 @@
 What reaches the user when something goes wrong, in one place:
     bad input (``AgentOptError``, a usage error)  one ``error: ...`` line that says what to do; exit status 2
     an OS error naming a file                     one ``error: ...`` line with the file and the reason; exit 2
+    a package of an optional install missing      one ``error: ...`` line naming the install (torch: [compile]); 2
     anything else (a bug)                         ``error: internal error ...`` and a pointer to ``--debug``, which
                                                   prints the traceback; exit status 1
     Ctrl-C                                        ``interrupted``; exit status 130
@@ -16,7 +17,7 @@ import os
 import sys
 import traceback
 
-from ..errors import AgentOptError
+from ..errors import AgentOptError, missing_package_error
 from . import compile_cmd, eval_cmd, inspect_cmd, plan_cmd, rebuild_cmd, run_cmd, serve_cmd
 
 SUBCOMMANDS = (compile_cmd, plan_cmd, run_cmd, serve_cmd, eval_cmd, inspect_cmd, rebuild_cmd)
@@ -73,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         if exc.filename is None:
             return _internal_error(exc, debug)
         _error(f"cannot use '{exc.filename}': {exc.strerror or exc}")
+        return 2
+    except ImportError as exc:  # a package of an optional install the command needs (torch on a deploy install)
+        missing = missing_package_error(exc, f"agentopt {argv[0] if argv else ''}".strip())
+        if missing is None:
+            return _internal_error(exc, debug)
+        _error(str(missing))
         return 2
     except MemoryError:
         _error("out of memory; use a smaller model, --context-length or --batch-size, or a machine with more memory")

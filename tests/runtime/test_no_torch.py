@@ -11,7 +11,7 @@ BLOCKER = textwrap.dedent("""
     class Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] in BLOCKED:
-                raise ImportError(f"{name} is blocked: the deploy side must not import it")
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
     sys.meta_path.insert(0, Block())
 """)
 
@@ -52,3 +52,23 @@ def test_cli_run_and_inspect_without_torch(tiny_engine_dir):
     assert result.returncode == 0, result.stderr
     assert "install onnx to see the op histogram" in result.stdout
     assert "prompt tokens" in result.stderr
+
+
+def test_compile_and_plan_without_torch_name_the_install(tmp_path):
+    result = _run(f"""
+        import agentopt_compiler as ao
+        from agentopt_compiler.cli.main import main
+        from agentopt_compiler.errors import AgentOptError
+        try:
+            ao.compile("tiny-random", out={str(tmp_path / "engine")!r})
+            raise SystemExit("compiled without torch")
+        except AgentOptError as exc:
+            print(exc)
+        assert main(["compile", "--model", "tiny-random", "--out", {str(tmp_path / "cli")!r}]) == 2
+        assert main(["plan", "precision", "--max-kl", "0.1", "--out", {str(tmp_path / "p.json")!r}]) == 2
+    """)
+    assert result.returncode == 0, result.stderr
+    assert "compile needs torch, which is not installed: pip install 'agentopt-compiler[compile]'" in result.stdout
+    assert result.stderr.count("error: compile needs torch") == 1
+    assert "error: agentopt plan needs torch" in result.stderr and "internal error" not in result.stderr
+    assert not (tmp_path / "engine").exists() and not (tmp_path / "cli").exists()
