@@ -109,7 +109,8 @@ class Engine:
                       ) -> Iterator[tuple[int | None, str]]:
         """Yield (token id, text delta) pairs, the text cut at the first stop string (text held back because it might
         have begun one comes last, with token None); returns the finish reason."""
-        text = TextStream(self.tokenizer, config.stop_strings) if self.tokenizer is not None else None
+        text = (TextStream(self.tokenizer, config.stop_strings, config.stops_skip_calls)
+                if self.tokenizer is not None else None)
         tokens = self.stream_ids(prompt_ids, config)
         while True:
             try:

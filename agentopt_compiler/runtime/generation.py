@@ -53,6 +53,8 @@ class GenerationConfig:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] | None = None  # None: the model's end-of-sequence tokens
     stop_strings: tuple[str, ...] = ()
+    stops_skip_calls: bool = True  # stop strings are not matched inside a tool call (False: text without tools,
+    # where a call's tags are only text)
     ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks, parity tests)
     prompt_lookup: int = 0  # > 0: check up to this many tokens drafted from the context per call (same tokens
     # when greedy, the same distribution when sampling)
@@ -124,6 +126,7 @@ def _check_types(config: GenerationConfig) -> None:
          and all(isinstance(t, str) for t in config.stop_strings)),
         ("ignore_eos", "True or False", isinstance(config.ignore_eos, bool)),
         ("fast_forward", "True or False", isinstance(config.fast_forward, bool)),
+        ("stops_skip_calls", "True or False", isinstance(config.stops_skip_calls, bool)),
         ("whole_tool_names", "True or False", isinstance(config.whole_tool_names, bool)),
         ("whole_enum_values", "True or False", isinstance(config.whole_enum_values, bool)),
         ("grammar", "a Grammar (constraints.py) or None", config.grammar is None or isinstance(config.grammar, Grammar)),
@@ -385,7 +388,8 @@ class TokenPicker:
         if not after.startswith(before):
             return False
         longest = max(len(stop) for stop in self.config.stop_strings)
-        hit = find_stop(after, self.config.stop_strings, max(len(before) - longest + 1, 0))
+        hit = find_stop(after, self.config.stop_strings, max(len(before) - longest + 1, 0),
+                        self.config.stops_skip_calls)
         return hit is not None and hit[2]
 
 
@@ -422,15 +426,17 @@ def choose_whole(picker: TokenPicker, feed, start: int) -> str:
 
 
 class TextStream:
-    """Text deltas of a growing token sequence, cut at the first stop string outside a tool call (``find_stop``).
+    """Text deltas of a growing token sequence, cut at the first stop string (outside a tool call unless
+    ``skip_calls`` is False: ``find_stop``).
 
     ``push(token)`` returns the text that can be shown now; text that could be the beginning of a stop string is held
     back until the next tokens decide it, so a client never sees part of a stop string. ``stop`` is the stop string
     found (the text ends before it); ``flush()`` returns what was held back when generation ends without one."""
 
-    def __init__(self, tokenizer, stop_strings: Sequence[str] = ()):
+    def __init__(self, tokenizer, stop_strings: Sequence[str] = (), skip_calls: bool = True):
         self._step = tokenizer.decode_stream()
         self.stop_strings = tuple(s for s in stop_strings if s)
+        self.skip_calls = skip_calls
         self.text = ""  # all text decoded so far
         self.shown = 0  # text[:shown] has been returned
         self.stop: str | None = None
@@ -445,7 +451,7 @@ class TextStream:
             return ""
         self.text += self._step(token) or ""
         longest = max((len(s) for s in self.stop_strings), default=0)
-        hit = find_stop(self.text, self.stop_strings, max(0, self.shown - longest + 1))
+        hit = find_stop(self.text, self.stop_strings, max(0, self.shown - longest + 1), self.skip_calls)
         if hit is not None and hit[2]:
             at, self.stop, _ = hit
             return self._show(at)
@@ -470,13 +476,15 @@ _CALL_TAGS = tuple(dict.fromkeys((syntax.open, syntax.close) for syntax in CALL_
 _TAGS = tuple(dict.fromkeys(tag for pair in _CALL_TAGS for tag in pair if tag))
 
 
-def find_stop(text: str, stop_strings: Sequence[str], start: int = 0) -> tuple[int, str, bool] | None:
-    """(position, stop string, decided) of the first stop string in ``text[start:]`` outside a tool call, or None;
-    ``decided`` False: it begins inside what may yet become a tag (the text ends before that is known)."""
+def find_stop(text: str, stop_strings: Sequence[str], start: int = 0,
+              skip_calls: bool = True) -> tuple[int, str, bool] | None:
+    """(position, stop string, decided) of the first stop string in ``text[start:]`` outside a tool call (anywhere
+    when not ``skip_calls``), or None; ``decided`` False: it begins inside what may yet become a tag (the text ends
+    before that is known)."""
     best = None
     for stop in stop_strings:
         at = text.find(stop, start) if stop else -1
-        while at >= 0 and (place := _place(text, at)) == "inside":
+        while at >= 0 and (place := _place(text, at) if skip_calls else "outside") == "inside":
             at = text.find(stop, at + 1)
         if at >= 0 and (best is None or at < best[0]):
             best = (at, stop, place == "outside")

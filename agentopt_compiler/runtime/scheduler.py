@@ -210,7 +210,8 @@ class Scheduler:
                 self._finish(request, None, exc)
                 continue
             if self.engine.tokenizer is not None:
-                request.text = TextStream(self.engine.tokenizer, request.config.stop_strings)
+                request.text = TextStream(self.engine.tokenizer, request.config.stop_strings,
+                                          request.config.stops_skip_calls)
             self._running.append(request)
             self.stats["reused_tokens"] += request.reused
             self.stats["prefilled_tokens"] += len(request.prompt_ids) - request.reused

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import threading
 import time
@@ -38,7 +39,7 @@ from .conversation import check_prompt_lookup
 from .generation import GenerationConfig, TokenPicker
 from .prefix_cache import PrefixCache
 from .scheduler import MIN_SHARED_PREFIX, QueueFullError, Scheduler
-from .server_api import ApiError, ChatRequest, load_json, parse_chat_request
+from .server_api import ApiError, ChatRequest, check_tool_history, load_json, parse_chat_request
 from .tools import parse_tool_calls
 
 @dataclass
@@ -114,13 +115,16 @@ class ChatService:
             raise ApiError(HTTPStatus.BAD_REQUEST, f"tool_choice names '{choice.function.name}', which is not "
                                                    "among the tools", "invalid_value", "tool_choice")
         messages = [_template_message(m, i) for i, m in enumerate(request.messages)]
+        check_tool_history(request.messages)
         # the system turn (with the tool schemas) is what sessions share: the prefix cache holds its KV
         system = next((i for i, m in enumerate(messages) if m["role"] not in ("system", "developer")), len(messages))
         tokenizer = self.engine.tokenizer
         try:
             variables = request.chat_template_kwargs or {}
-            prompt = render_chat(tokenizer, messages, offered, **variables)
-            head = render_chat(tokenizer, messages[:system], offered, add_generation_prompt=False,
+            # tool_choice none keeps the tools in the prompt (as OpenAI does): the model still reads them, and the
+            # conversation's cached prefix is the same as under auto; the grammar keeps calls out
+            prompt = render_chat(tokenizer, messages, tools, **variables)
+            head = render_chat(tokenizer, messages[:system], tools, add_generation_prompt=False,
                                **variables) if system else ""
         except ChatTemplateError as exc:
             raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), "invalid_value", "messages") from None
@@ -148,7 +152,8 @@ class ChatService:
                 max_new_tokens=max_tokens, grammar=grammar,
                 temperature=1.0 if request.temperature is None else request.temperature,
                 top_p=1.0 if request.top_p is None else request.top_p, seed=request.seed,
-                stop_strings=(stop,) if isinstance(stop, str) else tuple(stop), prompt_lookup=self.prompt_lookup,
+                stop_strings=(stop,) if isinstance(stop, str) else tuple(stop), stops_skip_calls=bool(offered),
+                prompt_lookup=self.prompt_lookup,
                 ignore_eos=bool(request.ignore_eos))
         except AgentOptError as exc:
             raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), "invalid_value", "stop") from None
@@ -433,7 +438,9 @@ def make_app(backend, api_key: str | None = None, max_body_bytes: int = 4 << 20,
         return error(500, ApiError(500, f"internal error: {type(exc).__name__}: {exc}").body())
 
     def authorize(request: Request) -> None:
-        if api_key and request.headers.get("authorization", "") != f"Bearer {api_key}":
+        scheme, _, key = request.headers.get("authorization", "").strip().partition(" ")
+        # the scheme is case-insensitive (RFC 7235); the key is compared in constant time
+        if api_key and (scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), api_key.encode())):
             raise ApiError(HTTPStatus.UNAUTHORIZED, "missing or wrong API key (Authorization: Bearer ...)",
                            "invalid_api_key")
 
@@ -507,18 +514,24 @@ async def _read_body(request, limit: int, timeout_s: float) -> bytes:
     return b"".join(chunks)
 
 
+DISCONNECT_CHECK_SECONDS = 0.25  # how often a non-streamed request asks whether its client is still there
+
+
 async def _respond(events: AsyncIterator[dict], model: str, request):
     """The whole answer as one JSON response; a client that goes away meanwhile cancels its request."""
     from fastapi.responses import JSONResponse
 
     pending = asyncio.ensure_future(anext(events))
+    checked = time.monotonic()
     try:
         while True:
-            done, _ = await asyncio.wait([pending], timeout=0.5)
-            if not done:
+            done, _ = await asyncio.wait([pending], timeout=DISCONNECT_CHECK_SECONDS)
+            if not done or time.monotonic() - checked >= DISCONNECT_CHECK_SECONDS:  # also while tokens flow
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     return JSONResponse({}, status_code=499)  # nobody reads it; closing ``events`` cancels
-                continue
+                if not done:
+                    continue
             event = pending.result()
             if "error" in event:
                 return JSONResponse(event["error"]["body"], status_code=event["error"]["status"])
@@ -542,11 +555,12 @@ async def _sse(events: AsyncIterator[dict], model: str, chat: ChatRequest):
     """Server-sent events in the OpenAI chunk format: a role chunk, content chunks, tool calls, the finish reason,
     usage when ``stream_options.include_usage``, then [DONE]."""
     chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    include_usage = chat.stream_options is not None and chat.stream_options.include_usage
 
     def sse(delta: dict | None, finish=None, usage=None) -> str:
         out = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
                "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        if usage is not None:
+        if include_usage:  # null on every chunk but the last, as OpenAI sends them
             out["usage"] = usage
         return f"data: {json.dumps(out)}\n\n"
 
@@ -566,7 +580,7 @@ async def _sse(events: AsyncIterator[dict], model: str, chat: ChatRequest):
                 elif final["held"]:
                     yield sse({"content": final["held"]})
                 yield sse({}, final["finish_reason"])
-                if chat.stream_options is not None and chat.stream_options.include_usage:
+                if include_usage:
                     yield sse(None, usage=final["usage"])
                 yield "data: [DONE]\n\n"
                 return

@@ -85,7 +85,13 @@ class Message(_Strict):
     name: StrictStr | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: StrictStr | None = None
-    refusal: StrictStr | None = None  # echoed back by clients that replay assistant messages
+    # what the openai client's ChatCompletionMessage.model_dump() carries back into the next request: accepted as
+    # it comes (null, or annotations: notes on the text that change nothing in the prompt); audio and the
+    # deprecated function_call are not implemented, so anything but null there is refused by name
+    refusal: StrictStr | None = None
+    annotations: list[dict[str, Any]] | None = None
+    audio: None = None
+    function_call: None = None
 
     @model_validator(mode="after")
     def _says_something(self):
@@ -199,6 +205,36 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
                                                        f"got a '{part.type}' part", "invalid_value",
                                f"messages[{index}].content")
     return request
+
+
+def check_tool_history(messages: list[Message]) -> None:
+    """Tool messages answer the calls of the assistant message right before them, each call once, and every call is
+    answered before the conversation goes on (OpenAI's rule: a prompt built from anything else shows the model a
+    history that never happened). Calls without ids are matched by count."""
+    calls_at, unanswered = None, []  # the assistant message whose calls are being answered, and its open call ids
+
+    def refuse(message: str, index: int):
+        raise ApiError(HTTPStatus.BAD_REQUEST, message, "invalid_value", f"messages[{index}]")
+
+    for index, message in enumerate(messages):
+        if message.role == "tool":
+            if calls_at is None:
+                refuse(f"messages[{index}]: a tool message must follow the assistant message whose tool call it "
+                       "answers (or that call's other results); none comes before it", index)
+            call = next((c for c in unanswered if c is None or c == message.tool_call_id), ...)
+            if call is ...:
+                refuse(f"messages[{index}]: tool_call_id '{message.tool_call_id}' answers none of the still "
+                       f"unanswered calls of messages[{calls_at}]"
+                       + (f" ({', '.join(map(str, unanswered))})" if unanswered else " (all are answered)"), index)
+            unanswered.remove(call)
+            continue
+        if unanswered:
+            break
+        calls_at, unanswered = (index, [c.id for c in message.tool_calls]) if message.tool_calls else (None, [])
+    if unanswered:
+        refuse(f"messages[{calls_at}] makes tool calls that no tool message answers "
+               f"({', '.join(map(str, unanswered))}); send each call's result as a tool message with its "
+               "tool_call_id right after it", calls_at)
 
 
 MAX_JSON_DEPTH = 64  # nesting of objects and lists: deeper is refused (it would only exhaust Python's stack later)

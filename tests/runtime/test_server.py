@@ -58,6 +58,7 @@ def test_streaming_gives_the_same_text_and_usage(client):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert all("usage" in c.model_fields_set and c.usage is None for c in chunks[:-1])  # null until the last, as OpenAI
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("length", "stop")
 
 
@@ -419,6 +420,33 @@ def test_client_disconnect_mid_stream_frees_its_slot(server):
     assert _post(server.url, {**GOOD, "messages": [{"role": "user", "content": "still there?"}]})[0] == 200
 
 
+def test_a_non_streamed_request_whose_client_left_is_cancelled_while_tokens_flow():
+    """Tokens arriving without pause must not keep the check for a gone client from running (it ran only after
+    0.5 s without an event: a long answer held its slot to the end)."""
+    import asyncio
+
+    from agentopt_compiler.runtime.server import _respond
+
+    closed = []
+
+    async def tokens():
+        try:
+            while True:
+                await asyncio.sleep(0.01)
+                yield {"delta": "x"}
+        finally:
+            closed.append(True)
+
+    class GoneClient:
+        async def is_disconnected(self):
+            return True
+
+    async def respond():
+        return await asyncio.wait_for(_respond(tokens(), "m", GoneClient()), timeout=5)
+
+    assert asyncio.run(respond()).status_code == 499 and closed == [True]
+
+
 def test_health_and_prometheus_metrics(server):
     history = [{"role": "user", "content": "count the requests"}]
     first = server.client().chat.completions.create(model="tiny-random", messages=history, max_tokens=3)
@@ -468,3 +496,55 @@ def test_server_threads_do_not_outlive_stop(slotted_chat):
     running.http.stop()
     time.sleep(0.2)
     assert threading.active_count() <= before
+
+
+def _call(call_id):
+    return {"id": call_id, "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
+
+
+ASKED = {"role": "user", "content": "time?"}
+CALLED = {"role": "assistant", "content": None, "tool_calls": [_call("a"), _call("b")]}
+HISTORIES_THAT_NEVER_HAPPENED = [  # (messages, the message the error names)
+    ([ASKED, {"role": "tool", "tool_call_id": "a", "content": "1"}], "messages[1]"),  # no call before it
+    ([ASKED, CALLED, {"role": "tool", "tool_call_id": "c", "content": "1"}], "messages[2]"),  # no call of that id
+    ([ASKED, CALLED, *[{"role": "tool", "tool_call_id": "a", "content": "1"}] * 2], "messages[3]"),  # answered twice
+    ([ASKED, CALLED, {"role": "tool", "tool_call_id": "a", "content": "1"}, ASKED], "messages[1]"),  # b unanswered
+    ([ASKED, CALLED], "messages[1]"),
+]
+
+
+def test_tool_histories_that_never_happened_are_refused_and_replayed_messages_accepted(server, client):
+    for messages, param in HISTORIES_THAT_NEVER_HAPPENED:
+        status, body, _ = _post(server.url, {**GOOD, "tools": TOOLS, "messages": messages})
+        assert status == 400 and body["error"]["param"] == param, (messages, body)
+    answered = [ASKED, CALLED, *[{"role": "tool", "tool_call_id": i, "content": "12:00"} for i in "ba"]]
+    reply = client.chat.completions.create(model="tiny-random", messages=answered, tools=TOOLS, max_tokens=4)
+    # the openai client's own message, dumped whole (refusal, annotations, audio, function_call: None) and replayed
+    replayed = [*answered, reply.choices[0].message.model_dump(), {"role": "user", "content": "and now?"}]
+    if reply.choices[0].message.tool_calls:
+        replayed[-1:-1] = [{"role": "tool", "tool_call_id": c.id, "content": "1"}
+                           for c in reply.choices[0].message.tool_calls]
+    assert _post(server.url, {**GOOD, "tools": TOOLS, "messages": replayed})[0] == 200
+    status, body, _ = _post(server.url, {**GOOD, "messages": [{**ASKED, "role": "assistant", "audio": {"id": "x"}}]})
+    assert status == 400 and body["error"]["param"] == "messages[0].audio"
+
+
+def test_the_api_key_scheme_is_case_insensitive_and_the_key_is_not(server):
+    for header, status in (("bearer test-key", 200), ("BEARER  test-key", 200), ("Bearer TEST-KEY", 401),
+                           ("Basic test-key", 401), ("test-key", 401)):
+        assert _post(server.url, GOOD, headers={"Authorization": header})[0] == status, header
+
+
+def test_tool_choice_none_keeps_the_tools_in_the_prompt_and_stops_cut_calls_only_without_tools(server):
+    from agentopt_compiler.runtime.generation import find_stop
+    from agentopt_compiler.runtime.server_api import ChatRequest
+
+    def prepared(**fields):
+        return server.service.prepare(ChatRequest.model_validate({**GOOD, "stop": "*", **fields}))
+
+    auto, none = prepared(tools=TOOLS), prepared(tools=TOOLS, tool_choice="none")
+    assert none.ids == auto.ids and len(auto.ids) > len(prepared().ids)  # the same prompt, tools and all
+    assert none.config.grammar is not None  # which keeps calls out
+    assert auto.config.stops_skip_calls and not prepared().config.stops_skip_calls
+    text = '<tool_call>{"name": "f", "arguments": {"x": "*"}}</tool_call>'
+    assert find_stop(text, ["*"]) is None and find_stop(text, ["*"], skip_calls=False)[:2] == (text.index("*"), "*")
