@@ -22,6 +22,8 @@ written into the ring's spare slots, which hold only positions already out of th
 from __future__ import annotations
 
 import json
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -207,27 +209,62 @@ class Conversation:
 
     @classmethod
     def load(cls, engine, path: str | Path, prefix_cache=None) -> "Conversation":
+        not_saved = "give a file written by Conversation.save"
         try:
-            with np.load(path) as data:
+            data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("a single array, not a saved conversation's archive")
+            with data:
                 meta = json.loads(bytes(data["__meta__"]).decode())
                 rows = {k[len("cache:"):]: data[k] for k in data.files if k.startswith("cache:")}
-        except OSError as exc:
+        except FileNotFoundError as exc:
             raise AgentOptError(f"cannot read the conversation '{path}': {exc.strerror or exc}") from None
-        except (ValueError, KeyError, AttributeError, EOFError) as exc:  # not a file Conversation.save wrote
-            raise AgentOptError(f"'{path}' is not a saved conversation ({type(exc).__name__}: {exc}); give a file "
-                                "written by Conversation.save") from None
+        except (OSError, ValueError, KeyError, AttributeError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            # truncated, corrupted or not an archive Conversation.save wrote
+            raise AgentOptError(f"'{path}' is not a saved conversation, or is damaged ({type(exc).__name__}: "
+                                f"{exc}); {not_saved}") from None
         if not isinstance(meta, dict) or not {"engine", "tokens", "cached"} <= set(meta):
             raise AgentOptError(f"'{path}' is not a saved conversation (its metadata lacks engine, tokens or "
-                                "cached); give a file written by Conversation.save")
+                                f"cached); {not_saved}")
         if meta["engine"] != _engine_id(engine):
             raise AgentOptError(f"conversation '{path}' was saved from a different engine; it can only be loaded "
                                 "into the engine that made it")
+        _check_saved(engine, path, meta["tokens"], meta["cached"], rows)
         conversation = cls(engine, prefix_cache)
-        conversation.tokens, conversation.cached = meta["tokens"], meta["cached"]
+        conversation.tokens, conversation.cached = [int(t) for t in meta["tokens"]], int(meta["cached"]) if rows else 0
         if rows:
             with engine.lock:
                 engine.slots.keep_saved(conversation, rows)  # restored into a slot when it is next used
         return conversation
+
+
+def _check_saved(engine, path, tokens, cached, rows: dict[str, np.ndarray]) -> None:
+    """A saved conversation's tokens and KV rows as this engine holds them: token ids in its vocabulary, at most
+    its context, ``cached`` of them with rows of exactly the names, shapes and dtypes the engine's caches read, and
+    finite values. Anything else (an edited or damaged file) would decode from a state that never existed."""
+    damaged = f"conversation '{path}' is damaged or was edited:"
+    vocab, capacity = engine.manifest["model"]["config"]["vocab_size"], engine.context_length
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                               for t in tokens):
+        raise AgentOptError(f"{damaged} its tokens are not a list of token ids below {vocab}")
+    if len(tokens) > capacity:
+        raise AgentOptError(f"{damaged} it holds {len(tokens)} tokens and this engine's context {capacity}")
+    if isinstance(cached, bool) or not isinstance(cached, int) or not 0 <= cached <= len(tokens):
+        raise AgentOptError(f"{damaged} its cached count {cached!r} is not a number of its {len(tokens)} tokens")
+    if not rows:
+        return
+    with engine.lock:
+        expected = engine.session.read_cache(cached, 0)  # names, shapes and dtypes of one row of that length
+    if set(rows) != set(expected):
+        raise AgentOptError(f"{damaged} its KV arrays ({', '.join(sorted(rows))}) are not this engine's caches "
+                            f"({', '.join(sorted(expected))})")
+    for name, row in rows.items():
+        want = expected[name]
+        if row.shape != want.shape or row.dtype != want.dtype:
+            raise AgentOptError(f"{damaged} KV array '{name}' is {row.dtype}{list(row.shape)}, where {cached} cached "
+                                f"tokens take {want.dtype}{list(want.shape)}")
+        if np.issubdtype(row.dtype, np.floating) and not np.isfinite(row).all():
+            raise AgentOptError(f"{damaged} KV array '{name}' holds NaN or infinite values")
 
 
 def _check_generate_inputs(logits, config, vocab_size: int) -> None:

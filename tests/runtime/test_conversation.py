@@ -73,6 +73,51 @@ def test_save_and_load(tiny_engine, tmp_path):
         type(conversation).load(tiny_engine, tmp_path / "other.npz")
 
 
+def _edited(path, out, meta=None, rows=None):
+    """A copy of the saved conversation at ``path`` with its metadata and KV arrays changed."""
+    import json
+
+    with np.load(path) as data:
+        saved = {k: data[k] for k in data.files}
+    info = {**json.loads(bytes(saved.pop("__meta__")).decode()), **(meta or {})}
+    arrays = rows(saved) if rows else saved
+    np.savez(out, __meta__=np.frombuffer(json.dumps(info).encode(), dtype=np.uint8), **arrays)
+    return out
+
+
+def test_a_damaged_or_edited_save_is_refused_and_leaves_the_engine_usable(tiny_engine, tmp_path):
+    conversation = tiny_engine.conversation()
+    _turn(conversation, [3, 4, 5, 6])
+    path = tmp_path / "conv.npz"
+    conversation.save(path)
+    first = sorted(k for k in np.load(path).files if k.startswith("cache:"))[0]
+    whole = path.read_bytes()
+    (tmp_path / "half.npz").write_bytes(whole[:len(whole) // 2])
+    (tmp_path / "last_byte.npz").write_bytes(whole[:-1])
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    cases = {
+        tmp_path / "half.npz": "is not a saved conversation, or is damaged",
+        tmp_path / "last_byte.npz": "is not a saved conversation, or is damaged",
+        tmp_path / "array.npy": "is not a saved conversation, or is damaged",
+        _edited(path, tmp_path / "cached.npz", {"cached": "7"}): "cached count '7'",
+        _edited(path, tmp_path / "tokens.npz", {"tokens": None}): "tokens are not a list of token ids",
+        _edited(path, tmp_path / "vocab.npz", {"tokens": [3, 4, 10**6, 6]}): "tokens are not a list of token ids",
+        _edited(path, tmp_path / "missing.npz", rows=lambda a: {k: v for k, v in a.items() if k != first}):
+            "are not this engine's caches",
+        _edited(path, tmp_path / "short.npz", rows=lambda a: {k: v[:, :, :3] for k, v in a.items()}):
+            "where .* cached tokens take",
+        _edited(path, tmp_path / "two_rows.npz", rows=lambda a: {k: np.concatenate([v, v]) for k, v in a.items()}):
+            "where .* cached tokens take",
+        _edited(path, tmp_path / "nan.npz", rows=lambda a: {k: np.full_like(v, np.nan) for k, v in a.items()}):
+            "NaN or infinite",
+    }
+    for bad, says in cases.items():
+        with pytest.raises(AgentOptError, match=says):
+            type(conversation).load(tiny_engine, bad)
+    history = conversation.tokens + [11, 12]
+    assert _turn(type(conversation).load(tiny_engine, path), history) == tiny_engine.generate_ids(history, GREEDY)
+
+
 def test_prefix_cache_shares_a_common_prefix_across_conversations(tiny_engine):
     cache = PrefixCache()
     system = list(range(100, 140))
