@@ -54,7 +54,8 @@ class ModelConfig:
         eos = self.eos_token_ids
         try:
             FIELDS.validate({**dataclasses.asdict(self), "eos_token_ids": list(eos) if isinstance(eos, tuple) else eos,
-                             "layer_types": None if self.layer_types is None else list(self.layer_types)}, "")
+                             "layer_types": list(self.layer_types) if isinstance(self.layer_types, (list, tuple))
+                             else self.layer_types}, "")
         except Invalid as problem:
             raise AgentOptError(f"model config: {problem}") from None
         if self.num_heads % self.num_kv_heads:

@@ -156,7 +156,7 @@ MANIFEST_SCHEMA = record({
         {k: string() if k == "family" else integer(minimum=1) for k in _CONFIG_SHOWN}, required=_CONFIG_SHOWN,
         extra="keep")}, required=("name", "source", "config"), extra="keep"),
     "engine": record({
-        "backend": string(), "device": string(), "dtype": string(),
+        "backend": string(), "device": string(), "dtype": _NumpyDtype(),
         "context_length": integer(minimum=1), "batch_size": integer(minimum=1),
         "graph": string(), "plan_file": string(), "opset": integer(minimum=1),
         "inputs": _NAMES, "outputs": _NAMES, "logits": string(), "multi_logits": boolean(),
@@ -164,7 +164,8 @@ MANIFEST_SCHEMA = record({
         "lowering_rules": map_of(integer(minimum=0)), "tensorrt": anything_object(),
         "rows": string(choices=("dynamic", "static")),
         "caches": list_of(record({"input": string(), "output": string(), "buffer": string(),
-                                  "shape": list_of(integer(minimum=0), length=4), "dtype": _NumpyDtype()},
+                                  "shape": list_of(integer(minimum=0), length=4), "dtype": _NumpyDtype(),
+                                  "layer": integer(minimum=0), "ring": boolean()},
                                  required=("input", "output", "shape"), extra="keep")),
         "attention": record({
             "fused_layers": integer(minimum=0), "impl": string(), "ring_call_tokens": integer(minimum=1),

@@ -64,6 +64,10 @@ def _variants(valid: dict):
     yield "cache shape rank 3", _replaced(valid, ("engine", "caches", 0, "shape"), [1, 2, 3])
     yield "cache dtype unknown", _replaced(valid, ("engine", "caches", 0, "dtype"), "float99")
     yield "config heads not dividing", _replaced(valid, ("model", "config", "num_kv_heads"), 3)
+    yield "config layer_types a number", _replaced(valid, ("model", "config", "layer_types"), 5)
+    yield "engine dtype unknown", _replaced(valid, ("engine", "dtype"), "x")
+    for key, bad in (("layer", []), ("layer", "x"), ("ring", "x")):
+        yield f"cache {key}={bad!r}", _replaced(valid, ("engine", "caches", 0, key), bad)
 
 
 def _replaced(valid, path, value):
@@ -142,7 +146,8 @@ def test_a_manifest_that_does_not_describe_its_graph_is_refused_at_load(tiny_eng
              "context": ("engine", "context_length", engine["caches"][0]["shape"][2] + 1),
              "cache shape": ("engine", "caches", [{**c, "shape": [*c["shape"][:3], c["shape"][3] + 1]}
                                                   for c in engine["caches"]]),
-             "cache update": ("engine", "cache_update", "sometimes")}
+             "cache update": ("engine", "cache_update", "sometimes"),
+             "cache dtype": ("engine", "caches", [{**c, "dtype": "int8"} for c in engine["caches"]])}
     for index, (label, (*path, value)) in enumerate(cases.items()):
         folder = _engine_with(tiny_engine_dir, tmp_path / f"e{index}", _replaced(valid, tuple(path), value))
         line = cli_error_line(capsys, ["run", str(folder), "--prompt", "hi", "--max-new-tokens", "2"])

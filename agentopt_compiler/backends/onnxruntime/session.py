@@ -67,6 +67,7 @@ def _check_manifest_matches_graph(engine: dict, session, graph_path: Path) -> No
     """The manifest's names and shapes are the graph's: a hand-edited or mismatched manifest.json (which no sha256
     covers) is one EngineError here, not an ONNX Runtime error at the first call."""
     inputs = {i.name: i.shape for i in session.get_inputs()}
+    input_types = {i.name: i.type for i in session.get_inputs()}  # "tensor(float)", "tensor(int8)", ...
     outputs = {o.name for o in session.get_outputs()}
 
     def wrong(what: str) -> EngineError:
@@ -94,9 +95,17 @@ def _check_manifest_matches_graph(engine: dict, session, graph_path: Path) -> No
         if any(isinstance(d, int) and d != want for d, want in zip(static[1:], cache["shape"][1:])):
             raise wrong(f"the cache {cache['input']} has shape {cache['shape']} in the manifest and {static} in the "
                         "graph")
+        dtype = np.dtype(cache.get("dtype", "float32"))
+        if input_types[cache["input"]] != ORT_TENSOR_TYPES.get(dtype.name):
+            raise wrong(f"the cache {cache['input']} is {dtype.name} in the manifest and "
+                        f"{input_types[cache['input']]} in the graph")
         if not rings and cache["shape"][2] < engine["context_length"]:
             raise wrong(f"engine.context_length is {engine['context_length']}, and the cache {cache['input']} holds "
                         f"{cache['shape'][2]} positions")
+
+
+ORT_TENSOR_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)",
+                    "int8": "tensor(int8)", "uint8": "tensor(uint8)"}  # numpy name -> ORT's input type
 
 
 class OrtSession:
