@@ -37,8 +37,9 @@ from .tools import (TOOL_CALL_CLOSE, UNIT_NAMES, UNIT_PAIRS, _num_value, _UNIT_A
 #   assistant call is the ``<tool_call>...</tool_call>`` text) -> exactly ``render_chat`` below;
 # * runtime Agent form: ``tools`` (OpenAI-style schemas) and assistant ``tool_calls`` -> the same text, because the
 #   template writes the tool prompt of ``system_prompt`` and the calls as ``format_tool_call`` does (with a JSON
-#   ``tojson`` that does not escape or sort, as runtime/chat.py installs). A system message given together with
-#   ``tools`` goes before the tool prompt (a form the model never saw in training).
+#   ``tojson`` that does not escape or sort, as runtime/chat.py installs). A first system message given together
+#   with ``tools`` goes before the tool prompt (a form the model never saw in training); later ones are turns of
+#   their own, as Qwen's templates show them.
 # Newlines never follow a ``%}`` directly, so jinja2's trim_blocks/lstrip_blocks settings do not change the output.
 CHAT_TEMPLATE = (
     "{% set nl = '\\n' %}"
@@ -59,7 +60,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "<|im_end|>{{ nl }}"
     "{% endif %}"
-    "{% if not (message['role'] == 'system' and tools) %}"
+    "{% if not (loop.first and message['role'] == 'system' and tools) %}"
     "<|im_start|>{{ message['role'] }}{{ nl }}{{ message['content'] or '' }}"
     "{% if message['tool_calls'] is defined and message['tool_calls'] %}{% for call in message['tool_calls'] %}"
     "{% set fn = call['function'] if call['function'] is defined else call %}"

@@ -116,6 +116,10 @@ class ChatService:
                                                    "among the tools", "invalid_value", "tool_choice")
         messages = [_template_message(m, i) for i, m in enumerate(request.messages)]
         check_tool_history(request.messages)
+        template = self.engine.tokenizer.chat_template if self.engine.tokenizer is not None else None
+        if template and "developer" not in template:
+            # OpenAI's newer name for system messages: a template that does not know it shows it as system
+            messages = [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
         # the system turn (with the tool schemas) is what sessions share: the prefix cache holds its KV
         system = next((i for i, m in enumerate(messages) if m["role"] not in ("system", "developer")), len(messages))
         tokenizer = self.engine.tokenizer
@@ -128,6 +132,7 @@ class ChatService:
                                **variables) if system else ""
         except ChatTemplateError as exc:
             raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), "invalid_value", "messages") from None
+        _check_all_shown(messages, prompt)
         grammar = self._grammar(request, offered, choice if isinstance(choice, str) else choice.function.name,
                                 reasoning_left(prompt, self.reasoning))
         try:
@@ -286,6 +291,19 @@ class ChatService:
                 "prefix_cache_bytes": self.prefix_cache.bytes_used if self.prefix_cache else 0,
                 "evicted_host_bytes": slots.host_bytes_used, **scheduler.stats,
                 "evictions": slots.evictions, "dropped_sessions": slots.drops}
+
+
+def _check_all_shown(messages: list[dict], prompt: str) -> None:
+    """Every system, developer and user message's text is in the prompt: a chat template that leaves one out (a
+    second system message, one after the first turn) would answer a conversation the client did not send."""
+    for index, message in enumerate(messages):
+        text = message["content"].strip()
+        if message["role"] in ("system", "developer", "user") and text and text not in prompt:
+            fix = ("give one system message, at the start of the conversation" if message["role"] != "user" else
+                   "check the order of the messages' roles")
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"messages[{index}]: this model's chat template leaves this "
+                                                   f"{message['role']} message out of the prompt; {fix}",
+                           "invalid_value", f"messages[{index}]")
 
 
 def _template_message(message, index: int) -> dict:

@@ -548,3 +548,27 @@ def test_tool_choice_none_keeps_the_tools_in_the_prompt_and_stops_cut_calls_only
     assert auto.config.stops_skip_calls and not prepared().config.stops_skip_calls
     text = '<tool_call>{"name": "f", "arguments": {"x": "*"}}</tool_call>'
     assert find_stop(text, ["*"]) is None and find_stop(text, ["*"], skip_calls=False)[:2] == (text.index("*"), "*")
+
+
+def test_no_system_or_user_message_is_left_out_of_the_prompt_silently(server):
+    from types import SimpleNamespace
+
+    from agentopt_compiler.agent_tiny.tasks import CHAT_TEMPLATE
+    from agentopt_compiler.runtime.chat import render_chat
+    from agentopt_compiler.runtime.server import _check_all_shown
+    from agentopt_compiler.runtime.server_api import ApiError, ChatRequest
+
+    def ids(*messages):
+        return server.service.prepare(ChatRequest.model_validate({**GOOD, "messages": list(messages)})).ids
+
+    # a developer message is a system message to a template that does not know the role
+    assert ids({"role": "developer", "content": "Be brief."}, ASKED) == ids({"role": "system", "content": "Be brief."},
+                                                                            ASKED)
+    status, body, _ = _post(server.url, {**GOOD, "messages": [ASKED, {"role": "developer", "content": "Be brief."}]})
+    assert status == 400 and "must come first" in body["error"]["message"]  # this template says so itself
+    late = [{"role": "system", "content": "Be brief."}, ASKED, {"role": "system", "content": "Now in French."}]
+    with pytest.raises(ApiError) as refused:  # a template that would drop one without a word
+        _check_all_shown(late, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\ntime?<|im_end|>\n")
+    assert refused.value.param == "messages[2]" and "leaves this system message out" in refused.value.message
+    agent_tiny = SimpleNamespace(chat_template=CHAT_TEMPLATE, config={})  # agent-tiny's own shows it, as Qwen's do
+    _check_all_shown(late, render_chat(agent_tiny, late, TOOLS))
