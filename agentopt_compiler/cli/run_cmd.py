@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     p.add_argument("--prompt-lookup", type=PROMPT_LOOKUP, default=0, metavar="N",
                    help="check up to N tokens drafted from the context per decode call: fewer calls when the model "
-                        "copies from its context; greedy: the same tokens, sampling: the same distribution "
+                        "copies from its context; the same tokens, greedy or sampled with a seed "
                         "(default 0: off)")
     p.add_argument("--no-constrain", action="store_true",
                    help="with --tools: decode tool calls freely (default: under a grammar from the tools' JSON "

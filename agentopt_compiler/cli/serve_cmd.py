@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--verbose", action="store_true", help="log every request")
     p.add_argument("--prompt-lookup", type=PROMPT_LOOKUP, default=0, metavar="N",
                    help="check up to N tokens drafted from the conversation per decode call: fewer calls, the same "
-                        "text for greedy requests and the same distribution for sampled ones (default 0: off)")
+                        "text, greedy or sampled with a seed (default 0: off)")
     p.add_argument("--slots", type=int_in(1, 1024), default=None, metavar="S",
                    help="KV slots: conversations held at once, decoded together (default: the engine's compiled "
                         "batch size; any S for engines with dynamic rows; 1 serves one request at a time)")

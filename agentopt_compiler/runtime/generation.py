@@ -16,7 +16,7 @@ Loops that use them: ``Conversation.generate`` (one sequence: ``engine.complete`
 A call feeds a sequence's pending token and its draft ``d`` (prompt lookup) and returns logits rows ``r``:
 
     fed:     pending  d[0]  d[1]        row i predicts the token after fed[i]: d[i] is kept when the row chooses it
-    rows:    r[0]     r[1]  r[2]        (check_draft: greedy, the argmax; sampled, with the probability p(d[i]))
+    rows:    r[0]     r[1]  r[2]        (sample: greedy, the argmax; sampled, with the probability p(d[i]))
              -> d[0]? -> d[1]? -> new   the first token that is not the draft ends the call's tokens
 
 With a grammar (constraints.py) the draft starts with the tokens the grammar forces (fast-forward: fed in this one
@@ -35,7 +35,7 @@ import numpy as np
 from ..errors import AgentOptError
 from .constraints import CALL_SYNTAXES, Grammar, Matcher
 from .prompt_lookup import DraftIndex
-from .sampling import check_draft, sample
+from .sampling import sample
 
 # Within this many tokens of a limit (max_new_tokens, the end of the context), each token chosen under a grammar is
 # checked: it is kept only if what it leaves open (a call, a JSON value) can still be closed in the tokens left
@@ -221,8 +221,7 @@ class TokenPicker:
             drafted = index < len(lookup)
             if self.matcher is not None:
                 row = self.matcher.masked(row)
-            token = check_draft(row, lookup[index], self.rng, *self.sampling) if drafted else \
-                sample(row, self.rng, *self.sampling)
+            token = sample(row, self.rng, *self.sampling)  # a draft is kept when it is the token sampled
             if token in self.stops:
                 self.finish = "stop"
                 break

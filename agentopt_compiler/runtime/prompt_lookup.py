@@ -10,11 +10,11 @@ occurred earlier, the tokens that followed that occurrence are a cheap draft of 
     seen earlier:  "figure out (372| + 386) * 36?"   ->  draft: " + 386) * 36" (up to N tokens)
 
 The decode loop (conversation.py) feeds the pending token and the draft in one call, gets the logits at every
-position, and keeps the draft up to the first token the model does not choose (sampling.check_draft), plus the
+position, and keeps the draft up to the first token the model does not choose (sampling.sample), plus the
 model's own token there. CPU decode is bound by reading the weights, and one call over a few tokens reads them once,
 so every accepted draft token is nearly free; a rejected draft costs the extra arithmetic of its rows. Greedy output
 is the plain greedy output, token for token (the rows are computed by a multi-token call rather than one token at a
-time, the same difference chunked prefill has); sampled output has exactly the distribution of plain sampling.
+time, the same difference chunked prefill has); sampled output is the plain sampled output for the same seed.
 """
 
 from __future__ import annotations

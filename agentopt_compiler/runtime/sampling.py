@@ -42,28 +42,21 @@ def distribution(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: 
 
 def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0) -> int:
-    """Sample one token id from 1-D ``logits``; temperature <= 0 means greedy."""
+    """Sample one token id from 1-D ``logits``; temperature <= 0 means greedy. One uniform draw u per token, turned
+    into a token by the inverse of the distribution's CDF (in vocabulary order).
+
+    This is also how a drafted token is checked (prompt lookup): the draft is kept when the token u picks is the
+    draft, which happens with probability p(draft), as speculative sampling keeps a point-mass draft; otherwise the
+    token is distributed as p without the draft, renormalized (u is uniform over the rest of the CDF). So sampled
+    tokens follow the model's distribution exactly, and a seed gives the same tokens whether a position's token was
+    drafted or not (under load, a session may decode with or without drafts)."""
     if temperature <= 0:
         return greedy(logits)
-    probs = distribution(logits, temperature, top_k, top_p)
-    return int(rng.choice(probs.shape[0], p=probs))
+    return _inverse_cdf(distribution(logits, temperature, top_k, top_p), rng.random())
 
 
-def check_draft(logits: np.ndarray, draft: int, rng: np.random.Generator, temperature: float = 1.0, top_k: int = 0,
-                top_p: float = 1.0) -> int:
-    """The token at a position where ``draft`` was drafted (prompt lookup): the draft when it is kept, otherwise
-    another token, such that the result is distributed exactly as ``sample``'s.
-
-    Greedy: the argmax (the draft is kept when it is the argmax). Sampling: the draft is a point mass, so
-    speculative sampling keeps it with probability min(1, p(draft) / 1) = p(draft) and otherwise draws from
-    max(0, p - point mass), renormalized, which is p without the draft. Then P(draft) = p(draft), and for any other
-    x, P(x) = (1 - p(draft)) * p(x) / (1 - p(draft)) = p(x). (Not the same tokens as ``sample`` for a seed: the
-    random stream is used differently.)"""
-    if temperature <= 0:
-        return greedy(logits)
-    probs = distribution(logits, temperature, top_k, top_p)
-    if rng.random() < probs[draft]:
-        return int(draft)
-    rest = probs.copy()
-    rest[draft] = 0.0  # reached only when p(draft) < 1, so something else has mass
-    return int(rng.choice(rest.shape[0], p=rest / rest.sum()))
+def _inverse_cdf(probs: np.ndarray, u: float) -> int:
+    """The token whose CDF interval holds ``u`` in [0, 1): never one of probability 0."""
+    cdf = np.cumsum(probs)
+    index = int(np.searchsorted(cdf, u * cdf[-1], side="right"))  # scaled: rounding leaves cdf[-1] a hair off 1
+    return index if index < probs.shape[0] else int(np.flatnonzero(probs)[-1])

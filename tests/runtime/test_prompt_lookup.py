@@ -131,6 +131,16 @@ def test_sampling_with_drafts(tiny_engine):
                          prompt_lookup=4) for seed in (5, 5, 6)]
     assert sampled[0][0] == sampled[1][0] and len(sampled[0][0]) == 30  # seeded: reproducible
     assert sum(c.accepted_draft_tokens for _, _, c in sampled) > 0
+    # and the same tokens as plain sampling with that seed, drafts kept or rejected
+    checked = kept = 0
+    for seed in range(5, 12):
+        plain = tiny_engine.generate_ids(prompt, GenerationConfig(max_new_tokens=30, ignore_eos=True,
+                                                                  temperature=0.05, seed=seed))
+        drafted, _, conversation = _generate(tiny_engine, prompt, max_new_tokens=30, ignore_eos=True,
+                                             temperature=0.05, seed=seed, prompt_lookup=4)
+        assert drafted == plain, seed
+        checked, kept = checked + conversation.drafted_tokens, kept + conversation.accepted_draft_tokens
+    assert 0 < kept < checked
 
 
 def test_batch_rows_draft_on_their_own_and_keep_their_tokens(tmp_path, monkeypatch):
