@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import (AgentOptError, ModelNotFoundError, OutputPathError, ProviderUnavailableError,
-                     require_compile_packages)
+                     UnsupportedOpError, require_compile_packages)
 from .output_paths import check_writable_folder, current_umask
 from .runtime.manifest import MANIFEST
 
@@ -305,8 +305,27 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
     except AgentOptError:  # an engine that does not load is not left as if it were one
         shutil.rmtree(out, ignore_errors=True)
         raise
+    try:
+        _run_once(engine)
+    except AgentOptError:  # nor one that does not run
+        shutil.rmtree(out, ignore_errors=True)
+        raise
     engine.compile_report = report
     return engine
+
+
+def _run_once(engine) -> None:
+    """Prefill two tokens and decode one: a lowering the backend accepts at load but cannot run (a contrib op given
+    inputs of a rank its kernel refuses) fails here, at compile, not at the user's first request."""
+    try:
+        engine.generate_ids([0, 1], max_new_tokens=2, ignore_eos=True)
+    except AgentOptError:
+        raise
+    except Exception as exc:  # the backend's own error (onnxruntime raises RuntimeError subclasses)
+        first_line = " ".join(str(exc).split())[:300]
+        raise UnsupportedOpError(f"the compiled engine fails when run ({type(exc).__name__}: {first_line}); this "
+                                 "is a lowering bug for this model: please report it; --attention-impl standard "
+                                 "(standard ONNX ops only) may avoid it") from None
 
 
 def _check_tokenizer(loaded) -> int:

@@ -213,3 +213,20 @@ def test_a_tokenizer_larger_than_the_vocabulary_gets_a_warning(tmp_path):
     shutil.copy(builtin.tokenizer_dir / "tokenizer.json", tmp_path / "ckpt")  # 300+ tokens
     report = ao.compile(tmp_path / "ckpt", out=tmp_path / "eng", context_length=32).compile_report
     assert any("the tokenizer has" in w and "vocabulary 96" in w for w in report.warnings), report.warnings
+
+
+def test_an_engine_that_loads_but_cannot_run_is_refused_and_removed(tmp_path, monkeypatch):
+    """A lowering the backend accepts at load but fails when run (as a contrib op fused onto inputs of a rank its
+    kernel refuses did for HunYuan): the compile runs the engine once and says so, leaving no engine behind."""
+    from agentopt_compiler.errors import UnsupportedOpError
+    from agentopt_compiler.runtime.engine import Engine
+
+    def fails(self, *args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running "
+                           "SkipSimplifiedLayerNormalization node: input is expected to have 3 or 2 dimensions")
+
+    monkeypatch.setattr(Engine, "generate_ids", fails)
+    with pytest.raises(UnsupportedOpError, match="fails when run .*SkipSimplifiedLayerNormalization.*"
+                                                 "--attention-impl standard"):
+        ao.compile("tiny-random", out=tmp_path / "engine", context_length=64)
+    assert not (tmp_path / "engine").exists()

@@ -11,7 +11,8 @@ skipped for ``--attention-impl standard``, whose point is standard ONNX only.
 
 Written in onnxscript's pattern / check / rewrite form (its own ``SkipRmsNormFusion`` matches ORT's
 ``SimplifiedLayerNormalization``, not the standard op we emit). Fires only on a last-axis RMSNormalization of an Add
-whose two inputs have the same shape (no broadcasting: the contrib op adds equal shapes only).
+whose two inputs have the same 2-D or 3-D shape (no broadcasting: the contrib op adds equal shapes only, of those
+ranks).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ class SkipRmsNorm(pattern.RewriteRuleClassBase):
         result = pattern.MatchResult()
         if x.shape is None or skip.shape is None or list(x.shape) != list(skip.shape):
             return result.fail("the add broadcasts (or its shapes are unknown)", [x, skip])
+        if len(x.shape) not in (2, 3):  # the kernel takes (tokens, hidden) or (batch, tokens, hidden): a 4-D add,
+            # e.g. RoPE's on (B, H, S, D) before a q/k norm (HunYuan), stays as it is
+            return result.fail(f"the add is {len(x.shape)}-D; the contrib op takes 2-D or 3-D inputs", [x, skip])
         axis = normalized.producer().attributes.get_int("axis", -1)
         if axis not in (-1, len(residual.shape or ()) - 1):
             return result.fail(f"normalizes over axis {axis}, not the last one", normalized)

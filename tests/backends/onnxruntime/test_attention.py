@@ -105,18 +105,31 @@ def test_packed_qkv_rule_needs_a_packed_split_feeding_gqa_directly(tmp_path, tin
     assert lower_to_onnx(half, tmp_path / "b", attention_impl="gqa")["lowering_rules"]["packed_qkv"] == 0
 
 
-def test_skip_rms_norm_rule_does_not_fire_on_a_broadcasting_add():
+@pytest.mark.parametrize("x_shape, skip_shape, fused", [
+    ([1, 3, 8], [8], 0),  # x + bias broadcasts: the contrib op adds equal shapes only
+    ([1, 2, 3, 8], [1, 2, 3, 8], 0),  # 4-D, e.g. RoPE's add on (B, H, S, D) before a q/k norm: its kernel refuses it
+    ([1, 3, 8], [1, 3, 8], 1),  # a residual add, as in every decoder layer
+])
+def test_skip_rms_norm_rule_fires_only_on_an_equal_shape_2d_or_3d_add(x_shape, skip_shape, fused):
     import onnx_ir as ir
+    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     from agentopt_compiler.backends.onnxruntime.skip_rms_norm import fuse_skip_rms_norm
 
     graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "bias"], ["h"]),
+        [helper.make_node("Add", ["x", "skip"], ["h"]),
          helper.make_node("RMSNormalization", ["h", "w"], ["y"], epsilon=1e-6)],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8]),
-              helper.make_tensor_value_info("bias", TensorProto.FLOAT, [8]),
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape),
+              helper.make_tensor_value_info("skip", TensorProto.FLOAT, skip_shape),
               helper.make_tensor_value_info("w", TensorProto.FLOAT, [8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8])])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, x_shape)])
     model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]))
-    assert fuse_skip_rms_norm(model) == 0  # x + bias broadcasts: the contrib op needs equal shapes
+    assert fuse_skip_rms_norm(model) == fused
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal(x_shape, dtype=np.float32), "skip": rng.standard_normal(skip_shape, np.float32),
+             "w": rng.standard_normal(8, dtype=np.float32)}
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    h = feeds["x"] + feeds["skip"]  # what is left runs, and computes the eager RMS norm
+    want = h / np.sqrt((h * h).mean(-1, keepdims=True) + 1e-6) * feeds["w"]
+    np.testing.assert_allclose(session.run(["y"], feeds)[0], want, rtol=1e-5, atol=1e-5)
