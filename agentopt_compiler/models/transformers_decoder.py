@@ -198,7 +198,8 @@ _REFUSALS = (
 
 def layer_windows(hf) -> list[int | None]:
     """Per layer, the window transformers gives it: the attention module's ``sliding_window`` where it has one
-    (Qwen2/3, Gemma 3, SmolLM3), else the config's (Mistral, Phi-3: every layer); checked against layer_types."""
+    (Qwen2/3, Gemma 3, SmolLM3; none where its ``is_sliding`` is False: EXAONE 4), else the config's (Mistral,
+    Phi-3: every layer); checked against layer_types."""
     config = hf.config
     kinds = getattr(config, "layer_types", None)
     unknown = sorted(set(kinds or ()) - {"full_attention", "sliding_attention"})
@@ -210,6 +211,8 @@ def layer_windows(hf) -> list[int | None]:
         attention = layer.self_attn
         window = attention.sliding_window if hasattr(attention, "sliding_window") else getattr(
             config, "sliding_window", None)
+        if getattr(attention, "is_sliding", True) is False:
+            window = None  # a module that keeps the window on every layer and uses it where is_sliding (EXAONE 4)
         if kinds is not None and (kinds[index] == "sliding_attention") != (window is not None) and (
                 kinds[index] == "sliding_attention" or hasattr(attention, "sliding_window")):
             raise UnsupportedModelError(f"layer {index} is {kinds[index]} but its attention has window {window}; "

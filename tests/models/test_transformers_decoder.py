@@ -44,6 +44,11 @@ FAMILIES = {
                                                attn_logit_softcapping=2.0, final_logit_softcapping=5.0)),
     "llama-dynamic": (transformers.LlamaConfig, dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0,
                                                                       "rope_theta": 10000.0})),
+    # a window on every layer's module, used only where is_sliding; full layers without RoPE
+    "exaone4-hybrid": (transformers.Exaone4Config, dict(sliding_window=6,
+                                                        layer_types=["sliding_attention", "full_attention"])),
+    # q/k RMS norms after RoPE, on (B, H, S, D): no residual-add fusion on them
+    "hunyuan-dense": (transformers.HunYuanDenseV1Config, dict(head_dim=16)),
     # Qwen2 windowed on layer 1 only (max_window_layers), through the reference module (auto picks it)
     "qwen2-window-layer-1": (transformers.Qwen2Config, dict(use_sliding_window=True, sliding_window=6,
                                                              max_window_layers=1)),
