@@ -16,9 +16,9 @@ from ..errors import ModelNotFoundError
 from ..validation import (Invalid, boolean, check, integer, list_of, map_of, number, one_of, optional,
                           read_json, record, string)
 
-# The eager reference builds RoPE tables for every position at load time (4 M positions x head dim 128 is 4 GiB);
-# engines use at most --context-length positions, so a larger value is refused rather than allocated.
-MAX_POSITIONS = 1 << 22
+# Beyond this many positions a config is not a real checkpoint's (Llama 4 Scout declares 10 M); the reference
+# builds its RoPE tables for at most models/llama.py's ROPE_TABLE_POSITIONS of them up front.
+MAX_POSITIONS = 1 << 31
 
 _COUNT = integer(minimum=1)
 _TOKEN_ID = integer(minimum=0)
@@ -73,7 +73,7 @@ HF_CONFIG = record({
     "attention_bias": boolean(),
     "mlp_bias": boolean(),
     "use_sliding_window": boolean(),
-    "sliding_window": optional(_COUNT),
+    "sliding_window": optional(integer(minimum=0)),  # 0: none (Qwen2-MoE writes it so without use_sliding_window)
     "max_window_layers": integer(minimum=0),
     "bos_token_id": optional(_TOKEN_ID),
     "eos_token_id": optional(one_of(_TOKEN_ID, list_of(_TOKEN_ID))),

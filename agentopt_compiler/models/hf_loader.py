@@ -71,7 +71,7 @@ def qwen_layer_types(hf: dict[str, Any]) -> tuple[str, ...]:
 
 def qwen2_config(hf: dict[str, Any]) -> ModelConfig:
     # Qwen2 always has q/k/v bias; its window exists only with use_sliding_window, on the layers layer_types names
-    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    window = (hf.get("sliding_window") or None) if hf.get("use_sliding_window") else None
     layer_types = qwen_layer_types(hf)
     if "sliding_attention" in layer_types and not window:
         raise UnsupportedModelError("config.json's layer_types names sliding_attention layers but use_sliding_window "
@@ -82,7 +82,7 @@ def qwen2_config(hf: dict[str, Any]) -> ModelConfig:
 
 
 def mistral_config(hf: dict[str, Any]) -> ModelConfig:
-    return ModelConfig(family="mistral", sliding_window=hf.get("sliding_window"), **_common_fields(hf))
+    return ModelConfig(family="mistral", sliding_window=hf.get("sliding_window") or None, **_common_fields(hf))
 
 
 # Hugging Face `architectures` / `model_type` -> config mapper. All three run on the same reference module.

@@ -20,6 +20,10 @@ from torch import nn
 
 from .config import ModelConfig
 
+# RoPE table rows built when the model is made (128 K x head dim 128 x fp32: 64 MiB each for cos and sin); a cache
+# of more positions extends them (setup_cache)
+ROPE_TABLE_POSITIONS = 1 << 17
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -161,7 +165,8 @@ class LlamaDecoder(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self._set_rope_tables(config.max_position_embeddings)
+        # (L, D) tables for the positions a model may use; beyond ROPE_TABLE_POSITIONS they grow with the cache
+        self._set_rope_tables(min(config.max_position_embeddings, ROPE_TABLE_POSITIONS))
 
     @property
     def decoder_layers(self) -> nn.ModuleList:

@@ -151,3 +151,17 @@ def test_shard_index_of_the_wrong_shape(checkpoint, tmp_path, capsys):
         (model / "model.safetensors").rename(model / "model-00001-of-00001.safetensors")  # else it holds the weights
         (model / "model.safetensors.index.json").write_text(text)
         assert "index.json" in _assert_refused(capsys, tmp_path, model)
+
+
+def test_fields_as_released_checkpoints_write_them_load(checkpoint, tmp_path):
+    """sliding_window 0 means no window (Qwen2-MoE's config writes it so); a declared 10 M positions (Llama 4 Scout)
+    is a fact about the model, not a table to build: both load."""
+    from agentopt_compiler.models.llama import ROPE_TABLE_POSITIONS
+    from agentopt_compiler.models.registry import load_model
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    folder = _variant(checkpoint, tmp_path / "m", {**config, "model_type": "mistral", "architectures": [
+        "MistralForCausalLM"], "sliding_window": 0, "max_position_embeddings": 10485760})
+    loaded = load_model(str(folder), "reference")
+    assert loaded.config.sliding_window is None and loaded.config.max_position_embeddings == 10485760
+    assert loaded.model.rope_cos.shape[0] == ROPE_TABLE_POSITIONS
