@@ -190,9 +190,24 @@ class TransformersDecoder(nn.Module):
 
 
 # What the capture cannot serve exactly: (config attribute, test, reason)
+def _experts(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+# what no engine here implements yet, read from the config before transformers builds the model (otherwise it fails
+# much later, in an op without a lowering or deep inside torch.export, naming nothing the user can act on)
+_MOE = ("is a mixture-of-experts model; its expert layers are not supported yet (dense decoders are: Llama, Qwen2/3, "
+        "Mistral, Gemma, Phi-3, ...)")
 _REFUSALS = (
     ("use_bidirectional_attention", bool, "attends bidirectionally (an encoder), not causally; it is not a decoder "
                                           "an engine can generate with"),
+    *((name, _experts, _MOE) for name in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")),
+    ("kv_lora_rank", _experts, "uses multi-head latent attention (DeepSeek's MLA: keys and values from a shared "
+                               "low-rank projection, head dims other than head_dim), which is not supported yet"),
+    ("clip_qkv", lambda v: v is not None, "clips q/k/v in place (OLMo's clip_qkv), which torch.export cannot "
+                                          "capture; a checkpoint trained with it needs the clipping kept"),
+    ("attention_chunk_size", _experts, "uses chunked attention (Llama 4's local layers), which is not supported "
+                                       "yet"),
 )
 
 

@@ -309,3 +309,17 @@ def test_a_sparse_plan_of_a_transformers_module_compiles_to_what_the_planner_mea
         dense = model(prompt)[0].numpy()
     logits = engine.session.run(prompt.numpy(), np.arange(20)[None], np.arange(20)[None])[0]
     assert np.abs(logits - expected).max() <= 1e-4 < np.abs(logits - dense).max()
+
+
+@pytest.mark.parametrize("config, says", [
+    (lambda: transformers.Qwen3MoeConfig(**SMALL, num_experts=4, num_experts_per_tok=2), "mixture-of-experts"),
+    (lambda: transformers.MixtralConfig(**SMALL, num_local_experts=4), "mixture-of-experts"),
+    (lambda: transformers.OlmoConfig(**SMALL, clip_qkv=8.0), "clips q/k/v in place"),
+])
+def test_what_no_engine_implements_yet_is_refused_by_name_before_the_model_is_built(config, says, tmp_path, capsys):
+    from tests.helpers import cli_error_line
+
+    config().save_pretrained(tmp_path / "ckpt")  # the config is enough: nothing else is read
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"")
+    line = cli_error_line(capsys, ["compile", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "engine")])
+    assert says in line and ("not supported yet" in line or "torch.export cannot capture" in line)
