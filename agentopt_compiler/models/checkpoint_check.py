@@ -115,6 +115,12 @@ def check_checkpoint(folder: Path, config: ModelConfig) -> None:
             f"{list(want)}{f' ({len(wrong)} tensors differ)' if len(wrong) > 1 else ''}; use the config.json the "
             "weights were saved with"
         )
+    check_float_weights(found, folder)
+
+
+def check_float_weights(found: dict[str, tuple[str, tuple[int, ...]]], folder: Path) -> None:
+    """Weights (name -> (dtype, shape), as ``read_header`` gives them) are floats: integer tensors are a quantized
+    checkpoint's, which a float model would load as garbage."""
     not_float = sorted({dtype for dtype, _ in found.values() if dtype not in FLOAT_DTYPES})
     if not_float:
         raise ModelNotFoundError(f"weights in '{folder}' are stored as {', '.join(not_float)}; only float weights "

@@ -265,19 +265,22 @@ def load_transformers_model(folder: Path):
         if isinstance(name, str) and name not in ACT2FN:
             raise UnsupportedModelError(f"{folder / 'config.json'}: {key} '{name}' is not an activation transformers "
                                         f"knows ({', '.join(sorted(k for k in ACT2FN if k.islower())[:8])}, ...)")
-    from .checkpoint_check import check_finite, read_header
+    from .checkpoint_check import check_finite, check_float_weights, read_header
     from .hf_loader import safetensors_files
 
     for path in safetensors_files(folder):  # the weights are there (else transformers would look for other formats)
-        read_header(path)  # and whole: a truncated file is our one-line error, not safetensors' from deep inside
+        # and whole (a truncated file is our one-line error, not safetensors' from deep inside), and floats
+        check_float_weights(read_header(path), folder)
     model_class = transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     # SDPA where it serves the model; soft-capped attention scores (Gemma 2) only run in eager attention
     implementation = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
     try:
         with _quiet_transformers(transformers):
+            # mismatched sizes are reported in ``info`` (named, with both shapes, below), not raised with a pointer
+            # to a report that the quiet logging hides
             hf, info = model_class.from_pretrained(folder, config=config, dtype=torch.float32,
                                                    attn_implementation=implementation, local_files_only=True,
-                                                   output_loading_info=True)
+                                                   output_loading_info=True, ignore_mismatched_sizes=True)
     except (RuntimeError, OSError, ValueError) as exc:  # e.g. a tensor whose shape the config does not give
         reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise ModelNotFoundError(f"transformers cannot load the weights in '{folder}': {reason[:300]}; use the "
@@ -319,7 +322,8 @@ def _check_loading_info(hf, info: dict, folder: Path) -> None:
     buffers = {name for name, _ in hf.named_buffers()}
     missing = sorted(set(info.get("missing_keys", ())) - buffers)
     unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not k.endswith(".inv_freq"))
-    mismatched = sorted(str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys", ()))
+    mismatched = sorted(f"{k[0]} {list(k[1])} where the config needs {list(k[2])}" if isinstance(k, tuple) and
+                        len(k) == 3 else str(k) for k in info.get("mismatched_keys", ()))
     if missing or unexpected or mismatched:
         raise ModelNotFoundError(f"weights in '{folder}' do not fit its config.json: missing {missing[:4]}, "
                                  f"unexpected {unexpected[:4]}, wrong shape {mismatched[:4]}; use the config.json the "

@@ -180,8 +180,9 @@ def test_an_activation_transformers_does_not_know_is_refused_in_one_line(tmp_pat
 
 
 def test_weights_transformers_cannot_load_are_one_line_errors(tmp_path, capsys):
-    """A truncated file, a tensor of another shape, NaN weights: exit status 2 and what to fix, not an internal
-    error from inside safetensors or transformers."""
+    """A truncated file, a tensor of another shape (named, with both shapes), NaN weights, integer weights (a quantized
+    checkpoint's, which transformers casts to garbage floats): exit status 2 and what to fix, not an internal error
+    from inside safetensors or transformers."""
     from safetensors.torch import load_file, save_file
 
     from tests.helpers import cli_error_line
@@ -195,8 +196,9 @@ def test_weights_transformers_cannot_load_are_one_line_errors(tmp_path, capsys):
     weights.write_bytes(whole)
     state = load_file(str(weights))
     name = next(n for n in state if n.endswith("mlp.up_proj.weight"))
-    for broken, says in [(state[name][:-1].clone(), "transformers cannot load the weights"),
-                         (state[name].clone().fill_(float("inf")), "NaN or infinite")]:
+    for broken, says in [(state[name][:-1].clone(), f"wrong shape ['{name} [95, 64] where the config needs [96, 64]'"),
+                         (state[name].clone().fill_(float("inf")), "NaN or infinite"),
+                         (state[name].to(torch.int32), "are stored as I32; only float weights")]:
         save_file({**state, name: broken}, str(weights), metadata={"format": "pt"})
         assert says in cli_error_line(capsys, compile_it)
     assert not (tmp_path / "engine").exists()
