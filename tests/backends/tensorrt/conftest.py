@@ -20,7 +20,9 @@ def trt_engine_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("engines") / "tiny-trt"
     patch = pytest.MonkeyPatch()
     patch.setattr(lower, "build_plan_file", fake_build)
-    patch.setattr(engine_module, "load_engine", lambda *args, **kwargs: SimpleNamespace())
+    # (the compile also runs the engine it loaded once: this stand-in generates nothing)
+    patch.setattr(engine_module, "load_engine", lambda *args, **kwargs: SimpleNamespace(
+        generate_ids=lambda *args, **kwargs: []))
     try:
         ao.compile("tiny-random", out=out, backend="tensorrt", device="cuda", attention_impl="standard",
                    context_length=TINY_CONTEXT)
