@@ -469,10 +469,11 @@ class TextStream:
 # A stop string does not cut a tool call: a call cut short cannot be parsed, and the text a call copies (a name, an
 # argument) is not the answer a stop string is meant to end. From a call's opening tag to the start of its closing tag
 # (to the end of the text in syntaxes without one), and within a tag, stop strings are not matched; a stop string at
-# a tag's first character is (an agent ends its step at ``</tool_call>``). Where the text ends in the first
+# a closing tag's first character is (an agent ends its step at ``</tool_call>``), at an opening tag's it is not. Where the text ends in the first
 # characters of a tag, a stop string begun there is undecided until the tag is whole or turns out not to be one.
 _CALL_TAGS = tuple(dict.fromkeys((syntax.open, syntax.close) for syntax in CALL_SYNTAXES.values()))
 _TAGS = tuple(dict.fromkeys(tag for pair in _CALL_TAGS for tag in pair if tag))
+_OPEN_TAGS = frozenset(open_tag for open_tag, _ in _CALL_TAGS) - {close for _, close in _CALL_TAGS}
 
 
 def find_stop(text: str, stop_strings: Sequence[str], start: int = 0,
@@ -494,7 +495,9 @@ def _place(text: str, at: int) -> str:
     """Where ``text[at:]`` begins: "inside" a call or a tag, "outside", or "undecided" (in the unfinished first
     characters of a possible tag at the end of the text)."""
     for tag in _TAGS:
-        for begin in range(max(0, at - len(tag) + 1), at):
+        # a stop string may end a step at a closing tag's first character, never at an opening tag's (with tools
+        # offered, stop "<" or "<tool_call>" would otherwise remove every call)
+        for begin in range(max(0, at - len(tag) + 1), at + (tag in _OPEN_TAGS)):
             if text.startswith(tag, begin):
                 return "inside"
             if len(text) - begin < len(tag) and tag.startswith(text[begin:]):

@@ -221,7 +221,8 @@ def check_tool_history(messages: list[Message]) -> None:
             if calls_at is None:
                 refuse(f"messages[{index}]: a tool message must follow the assistant message whose tool call it "
                        "answers (or that call's other results); none comes before it", index)
-            call = next((c for c in unanswered if c is None or c == message.tool_call_id), ...)
+            # its own call by id; else a call without an id (matched by count)
+            call = message.tool_call_id if message.tool_call_id in unanswered else None if None in unanswered else ...
             if call is ...:
                 refuse(f"messages[{index}]: tool_call_id '{message.tool_call_id}' answers none of the still "
                        f"unanswered calls of messages[{calls_at}]"

@@ -510,6 +510,8 @@ HISTORIES_THAT_NEVER_HAPPENED = [  # (messages, the message the error names)
     ([ASKED, CALLED, *[{"role": "tool", "tool_call_id": "a", "content": "1"}] * 2], "messages[3]"),  # answered twice
     ([ASKED, CALLED, {"role": "tool", "tool_call_id": "a", "content": "1"}, ASKED], "messages[1]"),  # b unanswered
     ([ASKED, CALLED], "messages[1]"),
+    ([ASKED, {**CALLED, "tool_calls": [{**_call("a"), "id": None}, _call("b")]},  # the id-less call answered twice
+      *[{"role": "tool", "tool_call_id": "x", "content": "1"}] * 2], "messages[3]"),
 ]
 
 
@@ -517,6 +519,10 @@ def test_tool_histories_that_never_happened_are_refused_and_replayed_messages_ac
     for messages, param in HISTORIES_THAT_NEVER_HAPPENED:
         status, body, _ = _post(server.url, {**GOOD, "tools": TOOLS, "messages": messages})
         assert status == 400 and body["error"]["param"] == param, (messages, body)
+    idless = {**CALLED, "tool_calls": [{**_call("a"), "id": None}, _call("b")]}
+    for order in ("bx", "xb"):  # a result answers its own call by id first, whatever the order
+        history = [ASKED, idless, *[{"role": "tool", "tool_call_id": i, "content": "1"} for i in order]]
+        assert _post(server.url, {**GOOD, "tools": TOOLS, "messages": history})[0] == 200, order
     answered = [ASKED, CALLED, *[{"role": "tool", "tool_call_id": i, "content": "12:00"} for i in "ba"]]
     reply = client.chat.completions.create(model="tiny-random", messages=answered, tools=TOOLS, max_tokens=4)
     # the openai client's own message, dumped whole (refusal, annotations, audio, function_call: None) and replayed
@@ -548,6 +554,11 @@ def test_tool_choice_none_keeps_the_tools_in_the_prompt_and_stops_cut_calls_only
     assert auto.config.stops_skip_calls and not prepared().config.stops_skip_calls
     text = '<tool_call>{"name": "f", "arguments": {"x": "*"}}</tool_call>'
     assert find_stop(text, ["*"]) is None and find_stop(text, ["*"], skip_calls=False)[:2] == (text.index("*"), "*")
+    # at an opening tag's first character a stop string would remove the call: not matched; at a closing tag's it
+    # ends the step after the call, as an agent's "</tool_call>" does
+    assert find_stop(text, ["<"])[:2] == (text.index("</tool_call>"), "<")
+    assert find_stop(text, ["<tool"]) is None and find_stop(text, ["<tool_call>"]) is None
+    assert find_stop("Sure. <tool", ["<tool"])[2] is False  # undecided until the tag is whole (or not one)
 
 
 def test_no_system_or_user_message_is_left_out_of_the_prompt_silently(server):
