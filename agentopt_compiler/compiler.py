@@ -26,7 +26,7 @@ from typing import Callable, Iterable
 from .errors import (AgentOptError, ModelNotFoundError, OutputPathError, ProviderUnavailableError,
                      UnsupportedOpError, require_compile_packages)
 from .output_paths import check_writable_folder, current_umask
-from .runtime.manifest import MANIFEST
+from .runtime.manifest import MANIFEST, sealed
 
 # Positions an engine may hold. RoPE tables and caches grow with it; the memory check below is the real bound.
 MAX_CONTEXT_LENGTH = 1 << 20
@@ -360,7 +360,7 @@ def _measure_planned_engine(folder: Path, device: str, loaded, plan, manifest: d
         f"{len(measured['decode_runs'])} runs, {min(measured['decode_runs']):.1f}-{max(measured['decode_runs']):.1f});"
         " the plan predicted " + (f"{predicted * 1e3:.2f} ms of matmuls per step" if predicted else "no decode time"))
     manifest["precision_plan"]["measured"] = measured  # manifest.json is not among the hashed files
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    (folder / MANIFEST).write_text(json.dumps(sealed(manifest), indent=2) + "\n")
     return measured
 
 

@@ -21,6 +21,7 @@ written into the ring's spare slots, which hold only positions already out of th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 import zlib
@@ -200,6 +201,7 @@ class Conversation:
             else:
                 rows = slots.saved_rows(self) or {}
         meta = {"tokens": self.tokens, "cached": self.cached if rows else 0, "engine": _engine_id(self.engine)}
+        meta["sha256"] = _saved_digest(meta, rows)
         try:
             with open(path, "wb") as file:  # a file object: np.savez would add ".npz" to a name without it
                 np.savez(file, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
@@ -216,6 +218,9 @@ class Conversation:
                 raise ValueError("a single array, not a saved conversation's archive")
             with data:
                 meta = json.loads(bytes(data["__meta__"]).decode())
+                foreign = [k for k in data.files if k != "__meta__" and not k.startswith("cache:")]
+                if foreign:
+                    raise ValueError(f"it holds {foreign[0]!r}, which Conversation.save does not write")
                 rows = {k[len("cache:"):]: data[k] for k in data.files if k.startswith("cache:")}
         except FileNotFoundError as exc:
             raise AgentOptError(f"cannot read the conversation '{path}': {exc.strerror or exc}") from None
@@ -230,12 +235,25 @@ class Conversation:
             raise AgentOptError(f"conversation '{path}' was saved from a different engine; it can only be loaded "
                                 "into the engine that made it")
         _check_saved(engine, path, meta["tokens"], meta["cached"], rows)
+        if "sha256" in meta and meta["sha256"] != _saved_digest(meta, rows):  # (saves from before it: unchecked)
+            raise AgentOptError(f"conversation '{path}' is damaged or was edited: its tokens or KV arrays do not "
+                                f"match the sha256 it was saved with; {not_saved}")
         conversation = cls(engine, prefix_cache)
         conversation.tokens, conversation.cached = [int(t) for t in meta["tokens"]], int(meta["cached"]) if rows else 0
         if rows:
             with engine.lock:
                 engine.slots.keep_saved(conversation, rows)  # restored into a slot when it is next used
         return conversation
+
+
+def _saved_digest(meta: dict, rows: dict[str, np.ndarray]) -> str:
+    """sha256 over a save's tokens, cached count and KV arrays (names, dtypes, shapes and bytes)."""
+    digest = hashlib.sha256(json.dumps([meta["tokens"], meta["cached"]]).encode())
+    for name in sorted(rows):
+        row = np.ascontiguousarray(rows[name])
+        digest.update(f"{name}:{row.dtype.str}:{row.shape}".encode())
+        digest.update(row.tobytes())
+    return digest.hexdigest()
 
 
 def _check_saved(engine, path, tokens, cached, rows: dict[str, np.ndarray]) -> None:

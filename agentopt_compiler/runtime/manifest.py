@@ -2,8 +2,9 @@
 
 Written last by the compiler (inside a temporary folder that is renamed into place), read first by ``load_engine``,
 which refuses a folder that is not an engine, was made by a newer format, has a manifest of the wrong shape (checked
-against ``MANIFEST_SCHEMA``, so code that reads a manifest meets only the types it expects), holds a file the
-manifest does not list, or whose files do not match their sizes and hashes.
+against ``MANIFEST_SCHEMA``, so code that reads a manifest meets only the types it expects) or one edited after it
+was written (its own sha256, ``manifest_sha256``), holds a file the manifest does not list, or whose files do not
+match their sizes and hashes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ..errors import EngineError
 from ..validation import Spec, anything_object, boolean, check, integer, list_of, map_of, optional, record, string
 
 MANIFEST = "manifest.json"
+SELF_HASH = "manifest_sha256"
 FORMAT = "agentopt-engine"
 FORMAT_VERSION = 1
 
@@ -36,9 +38,22 @@ def describe_files(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def write_manifest(folder: Path, body: dict[str, Any]) -> dict[str, Any]:
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **body, "files": describe_files(folder)}
+    manifest = sealed({"format": FORMAT, "format_version": FORMAT_VERSION, **body, "files": describe_files(folder)})
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return manifest
+
+
+def sealed(manifest: dict[str, Any]) -> dict[str, Any]:
+    """``manifest`` with its own sha256 (``manifest_sha256``, over everything else in it): the files' hashes cover
+    the files, this covers the description of them, so an edited manifest (cache names swapped, a window changed)
+    is refused at load instead of running a graph it no longer describes."""
+    body = json.loads(json.dumps({k: v for k, v in manifest.items() if k != SELF_HASH}))  # as read back
+    return {**body, SELF_HASH: _digest(body)}
+
+
+def _digest(body: dict[str, Any]) -> str:
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def read_manifest(folder: Path, verify_hashes: bool = True) -> dict[str, Any]:
@@ -64,6 +79,11 @@ def read_manifest(folder: Path, verify_hashes: bool = True) -> dict[str, Any]:
                           f"({FORMAT_VERSION}); upgrade agentopt-compiler")
     manifest = check(manifest, MANIFEST_SCHEMA, source=str(path), error=EngineError,
                      fix="recompile the engine (agentopt compile)")
+    recorded = manifest.get(SELF_HASH)  # (absent from engines written before it was: their manifests are taken as is)
+    if recorded is not None and recorded != _digest({k: v for k, v in manifest.items() if k != SELF_HASH}):
+        raise EngineError(f"'{path}' was edited after the engine was written (its {SELF_HASH} does not match its "
+                          "content), so it may no longer describe the engine's graph; restore it, or recompile the "
+                          "engine")
     _check_config(manifest["model"]["config"], path)
     files = manifest["files"]
     for key in ("graph", "plan_file"):
@@ -182,4 +202,5 @@ MANIFEST_SCHEMA = record({
     "tokenizer": record({"files": _NAMES}, extra="keep"),
     "files": map_of(record({"sha256": _Sha256(), "bytes": integer(minimum=0)}, required=("sha256", "bytes")),
                     key=_file_name_problem, min_length=1),
+    SELF_HASH: _Sha256(),
 }, required=("engine", "model", "files"), extra="keep")

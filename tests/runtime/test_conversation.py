@@ -110,6 +110,12 @@ def test_a_damaged_or_edited_save_is_refused_and_leaves_the_engine_usable(tiny_e
             "where .* cached tokens take",
         _edited(path, tmp_path / "nan.npz", rows=lambda a: {k: np.full_like(v, np.nan) for k, v in a.items()}):
             "NaN or infinite",
+        _edited(path, tmp_path / "token.npz", {"tokens": [3, 4, 9, 6, *conversation.tokens[4:]]}):
+            "do not match the sha256",  # a valid id, but not the token the KV was computed for
+        _edited(path, tmp_path / "value.npz", rows=lambda a: {k: v + (k == first) * 1e3 for k, v in a.items()}):
+            "do not match the sha256",
+        _edited(path, tmp_path / "foreign.npz", rows=lambda a: {**a, "foreign": np.zeros(2)}):
+            "'foreign', which Conversation.save does not write",
     }
     for bad, says in cases.items():
         with pytest.raises(AgentOptError, match=says):

@@ -14,6 +14,7 @@ import pytest
 
 import agentopt_compiler as ao
 from agentopt_compiler.errors import EngineError
+from agentopt_compiler.runtime.manifest import sealed
 from tests.helpers import cli_error_line, tree
 
 # wrong-typed replacements by the type of the valid value
@@ -76,13 +77,17 @@ def _replaced(valid, path, value):
     return variant
 
 
-def _engine_with(source: Path, folder: Path, manifest) -> Path:
-    """A copy of ``source`` (files hard-linked: the tests only read them) with another manifest.json."""
+def _engine_with(source: Path, folder: Path, manifest, seal: bool = True) -> Path:
+    """A copy of ``source`` (files hard-linked: the tests only read them) with another manifest.json; a dict is
+    sealed (its manifest_sha256 recomputed, as a writer that means it would) unless ``seal`` is False, so the checks
+    behind the seal are what the test meets."""
     folder.mkdir()
     for path in source.iterdir():
         if path.name != "manifest.json":
             os.link(path, folder / path.name)
-    (folder / "manifest.json").write_text(manifest if isinstance(manifest, str) else json.dumps(manifest))
+    if isinstance(manifest, dict):
+        manifest = json.dumps(sealed(manifest) if seal else manifest)
+    (folder / "manifest.json").write_text(manifest)
     return folder
 
 
@@ -134,9 +139,28 @@ def _with_sha256(manifest: dict, folder: Path, name: str) -> dict:
     return manifest
 
 
+def test_a_manifest_edited_after_it_was_written_is_refused(tiny_engine_dir, tmp_path, capsys):
+    """Edits no schema or graph check can see (the cache names of a layer's key and value swapped ran, and gave
+    other text): the manifest's own sha256 refuses them all at load, naming the fix."""
+    valid = json.loads((tiny_engine_dir / "manifest.json").read_text())
+    swapped = copy.deepcopy(valid)
+    first = swapped["engine"]["caches"]
+    first[0]["input"], first[1]["input"] = first[1]["input"], first[0]["input"]
+    edits = {"swapped cache names": swapped,
+             "a window": _replaced(valid, ("engine", "attention", "layers", 0, "window"), 16),
+             "eos": _replaced(valid, ("model", "config", "eos_token_ids"), [5])}
+    for index, (label, manifest) in enumerate(edits.items()):
+        folder = _engine_with(tiny_engine_dir, tmp_path / f"e{index}", manifest, seal=False)
+        line = cli_error_line(capsys, ["run", str(folder), "--prompt", "hi", "--max-new-tokens", "2"])
+        assert "was edited after the engine was written" in line and "recompile" in line, (label, line)
+    unsealed = {k: v for k, v in valid.items() if k != "manifest_sha256"}  # an engine from before the seal: loads
+    assert ao.load_engine(_engine_with(tiny_engine_dir, tmp_path / "old", unsealed, seal=False)).generate_ids(
+        [1, 2], max_new_tokens=2, ignore_eos=True)
+
+
 def test_a_manifest_that_does_not_describe_its_graph_is_refused_at_load(tiny_engine_dir, tmp_path, capsys):
-    """Well-typed values that the graph contradicts (manifest.json is not covered by a sha256): one EngineError
-    naming the mismatch at load, not an ONNX Runtime error (or an internal error) at the first call."""
+    """Well-typed values that the graph contradicts (written by a faulty writer, so sealed): one EngineError naming
+    the mismatch at load, not an ONNX Runtime error (or an internal error) at the first call."""
     valid = json.loads((tiny_engine_dir / "manifest.json").read_text())
     engine = valid["engine"]
     cases = {"logits": ("engine", "logits", "nologits"), "no caches": ("engine", "caches", []),
@@ -163,7 +187,7 @@ def test_a_chat_template_that_does_not_parse_fails_at_load(chat_engine, tmp_path
             os.link(path, folder / path.name)
     config = json.loads((chat_engine.folder / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{% for m in messages %}"}))
-    (folder / "manifest.json").write_text(json.dumps(_with_sha256(manifest, folder, "tokenizer_config.json")))
+    (folder / "manifest.json").write_text(json.dumps(sealed(_with_sha256(manifest, folder, "tokenizer_config.json"))))
     line = cli_error_line(capsys, ["run", str(folder), "--task", "hi"])
     assert "tokenizer_config.json" in line and "does not parse" in line
     with pytest.raises(EngineError, match="chat template"):

@@ -23,7 +23,7 @@ from . import builder
 from .lower import check_onnx_for_tensorrt, check_standard_engine, tensorrt_section
 from .plan import TensorRTBuildPlan
 
-_MANIFEST_KEYS = ("format", "format_version", "files")  # written by write_manifest itself
+_MANIFEST_KEYS = ("format", "format_version", "files", "manifest_sha256")  # written by write_manifest itself
 
 
 def rebuild_engine(folder: str | Path, options: dict | None = None,

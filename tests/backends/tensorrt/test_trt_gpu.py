@@ -76,11 +76,12 @@ def test_plan_from_another_target_is_refused(trt_engine, tmp_path):
 
     from agentopt_compiler.errors import EngineError
     from agentopt_compiler.runtime.engine import load_engine
+    from agentopt_compiler.runtime.manifest import sealed
 
     folder = tmp_path / "moved"
     shutil.copytree(trt_engine.folder, folder)
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["engine"]["tensorrt"]["target"]["compute_capability"] = "1.0"
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "manifest.json").write_text(json.dumps(sealed(manifest)))  # as if built on another GPU
     with pytest.raises(EngineError, match=f"agentopt rebuild {folder}"):
         load_engine(folder, verify_hashes=False)
