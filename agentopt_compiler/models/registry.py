@@ -150,7 +150,7 @@ def _load_hf_folder_as(folder: Path, capture: str) -> LoadedModel:
             import transformers  # noqa: F401
         except ImportError:
             raise UnsupportedModelError(f"{reason}; other architectures are captured from transformers, which is not "
-                                        "installed: pip install 'transformers>=5'") from None
+                                        "installed: pip install 'agentopt-compiler[transformers]'") from None
         try:
             return _load_with_transformers(folder, f"the reference module does not implement it: {reason}")
         except UnsupportedModelError as other:

@@ -201,13 +201,14 @@ _MOE = ("is a mixture-of-experts model; its expert layers are not supported yet 
 _REFUSALS = (
     ("use_bidirectional_attention", bool, "attends bidirectionally (an encoder), not causally; it is not a decoder "
                                           "an engine can generate with"),
-    *((name, _experts, _MOE) for name in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")),
     ("kv_lora_rank", _experts, "uses multi-head latent attention (DeepSeek's MLA: keys and values from a shared "
                                "low-rank projection, head dims other than head_dim), which is not supported yet"),
     ("clip_qkv", lambda v: v is not None, "clips q/k/v in place (OLMo's clip_qkv), which torch.export cannot "
                                           "capture; a checkpoint trained with it needs the clipping kept"),
     ("attention_chunk_size", _experts, "uses chunked attention (Llama 4's local layers), which is not supported "
                                        "yet"),
+    # last: a config may declare experts that no layer uses (all layers dense), and then the blocker is above
+    *((name, _experts, _MOE) for name in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")),
 )
 
 
@@ -244,7 +245,7 @@ def load_transformers_model(folder: Path):
         import transformers
     except ImportError:
         raise UnsupportedModelError("--capture transformers needs the transformers package: pip install "
-                                    "'transformers>=5'") from None
+                                    "'agentopt-compiler[transformers]'") from None
     try:
         with _quiet_transformers(transformers):
             config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
