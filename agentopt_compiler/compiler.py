@@ -359,7 +359,7 @@ def _measure_planned_engine(folder: Path, device: str, loaded, plan, manifest: d
     log(f"decode speed of the built engine: {measured['decode_tokens_per_s']:.1f} tokens/s (median of "
         f"{len(measured['decode_runs'])} runs, {min(measured['decode_runs']):.1f}-{max(measured['decode_runs']):.1f});"
         " the plan predicted " + (f"{predicted * 1e3:.2f} ms of matmuls per step" if predicted else "no decode time"))
-    manifest["precision_plan"]["measured"] = measured  # manifest.json is not among the hashed files
+    manifest["precision_plan"]["measured"] = measured  # (manifest.json is not among the hashed files: sealed again)
     (folder / MANIFEST).write_text(json.dumps(sealed(manifest), indent=2) + "\n")
     return measured
 

@@ -61,7 +61,7 @@ def missing_package_error(exc: ImportError, what: str) -> AgentOptError | None:
 def require_compile_packages(what: str) -> None:
     """Refuse ``what`` at once, naming the install, where the compile side's packages are missing (the deploy
     install has none of them)."""
-    for package in ("torch", "onnx", "onnxscript", "onnx_ir", "networkx", "safetensors"):
+    for package in (name for name, extra in EXTRA_OF_PACKAGE.items() if extra == "compile"):
         try:
             __import__(package)
         except ImportError as exc:

@@ -189,13 +189,13 @@ class TransformersDecoder(nn.Module):
         return out.logits
 
 
-# What the capture cannot serve exactly: (config attribute, test, reason)
 def _experts(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-# what no engine here implements yet, read from the config before transformers builds the model (otherwise it fails
-# much later, in an op without a lowering or deep inside torch.export, naming nothing the user can act on)
+# What the capture cannot serve exactly: (config attribute, test, reason). Read from the config before transformers
+# builds the model: otherwise it fails much later, in an op without a lowering or deep inside torch.export, naming
+# nothing the user can act on.
 _MOE = ("is a mixture-of-experts model; its expert layers are not supported yet (dense decoders are: Llama, Qwen2/3, "
         "Mistral, Gemma, Phi-3, ...)")
 _REFUSALS = (

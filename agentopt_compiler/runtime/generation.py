@@ -56,8 +56,8 @@ class GenerationConfig:
     stops_skip_calls: bool = True  # stop strings are not matched inside a tool call (False: text without tools,
     # where a call's tags are only text)
     ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks, parity tests)
-    prompt_lookup: int = 0  # > 0: check up to this many tokens drafted from the context per call (same tokens
-    # when greedy, the same distribution when sampling)
+    prompt_lookup: int = 0  # > 0: check up to this many tokens drafted from the context per call (the same tokens,
+    # greedy or sampled with a seed)
     grammar: Grammar | None = None  # constrained decoding: only what the grammar accepts (constraints.py)
     fast_forward: bool = True  # feed the tokens the grammar forces in one call (False: one per call, same tokens)
     whole_tool_names: bool = False  # greedy under a tool-call grammar: a call's tool name is the offered name of the
@@ -469,8 +469,9 @@ class TextStream:
 # A stop string does not cut a tool call: a call cut short cannot be parsed, and the text a call copies (a name, an
 # argument) is not the answer a stop string is meant to end. From a call's opening tag to the start of its closing tag
 # (to the end of the text in syntaxes without one), and within a tag, stop strings are not matched; a stop string at
-# a closing tag's first character is (an agent ends its step at ``</tool_call>``), at an opening tag's it is not. Where the text ends in the first
-# characters of a tag, a stop string begun there is undecided until the tag is whole or turns out not to be one.
+# a closing tag's first character is (an agent ends its step at ``</tool_call>``), at an opening tag's it is not.
+# Where the text ends in the first characters of a tag, a stop string begun there is undecided until the tag is whole
+# or turns out not to be one.
 _CALL_TAGS = tuple(dict.fromkeys((syntax.open, syntax.close) for syntax in CALL_SYNTAXES.values()))
 _TAGS = tuple(dict.fromkeys(tag for pair in _CALL_TAGS for tag in pair if tag))
 _OPEN_TAGS = frozenset(open_tag for open_tag, _ in _CALL_TAGS) - {close for _, close in _CALL_TAGS}

@@ -64,8 +64,9 @@ CALL_FEEDS = {"input_ids", "positions", "logits_index"}  # what each call feeds 
 
 
 def _check_manifest_matches_graph(engine: dict, session, graph_path: Path) -> None:
-    """The manifest's names and shapes are the graph's: a hand-edited or mismatched manifest.json (which no sha256
-    covers) is one EngineError here, not an ONNX Runtime error at the first call."""
+    """The manifest's names, shapes and cache dtypes are the graph's: a mismatched manifest.json (from a faulty
+    writer, or edited in an engine written before manifests carried their own sha256) is one EngineError here, not
+    an ONNX Runtime error at the first call."""
     inputs = {i.name: i.shape for i in session.get_inputs()}
     input_types = {i.name: i.type for i in session.get_inputs()}  # "tensor(float)", "tensor(int8)", ...
     outputs = {o.name for o in session.get_outputs()}
