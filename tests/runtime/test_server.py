@@ -232,10 +232,15 @@ def test_multi_turn_requests_reuse_the_cache(client):
 
 def test_concurrent_sessions_decode_together_with_the_tokens_they_get_alone(client, server):
     prompts = [f"Question number {i} about something else entirely" for i in range(6)]
-    alone = [_ask(client, p, max_tokens=20).choices[0].message.content for p in prompts]
+    # 64 tokens each, whatever the random model writes: long enough that sessions overlap even when their requests
+    # arrive a few steps apart on a loaded machine (at 20 tokens with early stops, CI once saw 1.5 rows per step)
+    def ask(prompt):
+        return _ask(client, prompt, max_tokens=64, extra_body={"ignore_eos": True}).choices[0].message.content
+
+    alone = [ask(p) for p in prompts]
     steps, rows = server.service.scheduler.stats["decode_steps"], server.service.scheduler.stats["decode_rows"]
     with ThreadPoolExecutor(6) as pool:  # six sessions on four slots
-        together = list(pool.map(lambda p: _ask(client, p, max_tokens=20).choices[0].message.content, prompts))
+        together = list(pool.map(ask, prompts))
     assert together == alone
     stats = server.service.scheduler.stats
     assert (stats["decode_rows"] - rows) / (stats["decode_steps"] - steps) > 1.5  # several sessions per step
