@@ -20,6 +20,9 @@ hangs never stops the loop, later calls or the process's exit.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import enum
 import functools
 import importlib
 import inspect
@@ -28,6 +31,7 @@ import math
 import os
 import re
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -40,22 +44,81 @@ TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what OpenAI's API (and the ser
 
 
 def _json_type(annotation) -> dict[str, Any]:
+    """The JSON schema of a parameter's type hint, as pydantic writes it for the same types; {} (any JSON value)
+    for a type JSON has no form for. ``_from_json`` turns a call's JSON value back into the hinted type."""
     origin = typing.get_origin(annotation)
     if annotation in _JSON_TYPES:
         return {"type": _JSON_TYPES[annotation]}
-    if origin in (list, tuple):
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return _json_type(typing.Literal[tuple(member.value for member in annotation)])
+    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+        hints = typing.get_type_hints(annotation)
+        fields = dataclasses.fields(annotation)
+        return {"type": "object", "properties": {f.name: _json_type(hints.get(f.name, Any)) for f in fields},
+                "required": [f.name for f in fields if f.default is dataclasses.MISSING
+                             and f.default_factory is dataclasses.MISSING]}
+    if isinstance(annotation, type) and hasattr(annotation, "model_json_schema"):  # a pydantic model
+        return annotation.model_json_schema()
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis or not args:
+            return {"type": "array", **({"items": _json_type(args[0])} if args else {})}
+        return {"type": "array", "prefixItems": [_json_type(a) for a in args], "minItems": len(args),
+                "maxItems": len(args)}
+    if origin is list:
         args = typing.get_args(annotation)
         return {"type": "array", **({"items": _json_type(args[0])} if args else {})}
     if origin is dict:
         return {"type": "object"}
     if origin is typing.Literal:  # with the values' JSON type when they share one, as pydantic writes it
         values = list(typing.get_args(annotation))
-        types = {_JSON_TYPES.get(type(v)) for v in values}
-        return {"type": types.pop(), "enum": values} if len(types) == 1 and None not in types else {"enum": values}
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", ())):
-        options = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _json_type(options[0]) if len(options) == 1 else {"anyOf": [_json_type(a) for a in options]}
+        kinds = {_JSON_TYPES.get(type(v)) for v in values}
+        return {"type": kinds.pop(), "enum": values} if len(kinds) == 1 and None not in kinds else {"enum": values}
+    if origin in (typing.Union, types.UnionType):  # Optional[X]: X or null
+        return {"anyOf": [_json_type(a) if a is not type(None) else {"type": "null"}
+                          for a in typing.get_args(annotation)]}
     return {}
+
+
+def _from_json(annotation, value):
+    """A call's JSON ``value`` as the hinted type: an Enum member, a dataclass or pydantic model, a tuple, an int
+    for a whole float; anything else as it came."""
+    if value is None:
+        return value
+    origin = typing.get_origin(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return annotation(value)
+    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type) and isinstance(value, dict):
+        hints = typing.get_type_hints(annotation)
+        return annotation(**{k: _from_json(hints.get(k, Any), v) for k, v in value.items()})
+    if isinstance(annotation, type) and hasattr(annotation, "model_validate"):
+        return annotation.model_validate(value)
+    if annotation is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if origin in (list, tuple) and isinstance(value, list):
+        args = typing.get_args(annotation)
+        items = [_from_json(args[0] if len(args) == 1 or args[1:] == (Ellipsis,) else
+                            args[i] if i < len(args) else Any, v) for i, v in enumerate(value)] if args else value
+        return tuple(items) if origin is tuple else items
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _from_json(options[0], value) if len(options) == 1 else value
+    return value
+
+
+async def _awaited(awaitable):
+    return await awaitable
+
+
+def _json_default(value):
+    """A parameter's default as JSON (an Enum member as its value), or None where JSON has no form for it (the
+    schema then leaves the default out: the parameter stays optional)."""
+    value = value.value if isinstance(value, enum.Enum) else value
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return None
+    return value
 
 
 def _docstring_parts(doc: str) -> tuple[str, dict[str, str]]:
@@ -84,6 +147,20 @@ class Tool:
     description: str
     parameters: dict[str, Any]  # JSON schema of the arguments object
     function: Callable[..., Any]
+    hints: dict[str, Any] = field(default_factory=dict)  # parameter -> type hint (a call's values are converted to it)
+    positional: tuple[str, ...] = ()  # positional-only parameters, passed by position
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not TOOL_NAME.fullmatch(self.name):
+            raise AgentOptError(f"tool name {self.name!r} is not one a model can call: use 1-64 ASCII letters, "
+                                "digits, '_' or '-' (give a def function, or Tool.from_function(f, name=...))")
+        if not callable(self.function):
+            raise AgentOptError(f"tool '{self.name}': function must be callable, got {type(self.function).__name__}")
+        if not isinstance(self.parameters, dict) or self.parameters.get("type", "object") != "object":
+            raise AgentOptError(f"tool '{self.name}': parameters must be the JSON schema of an object, got "
+                                f"{self.parameters!r}")
+        if not isinstance(self.description, str):
+            raise AgentOptError(f"tool '{self.name}': description must be text")
 
     @classmethod
     def from_function(cls, function: Callable[..., Any], name: str | None = None) -> "Tool":
@@ -108,25 +185,32 @@ class Tool:
                                 "import that type in the tool's module, or drop the hint") from None
         doc = getattr(target, "__doc__", None) or getattr(function, "__doc__", None)
         summary, described = _docstring_parts(doc if isinstance(doc, str) else "")
-        properties, required, open_ended = {}, [], False
+        properties, required, open_ended, positional = {}, [], False, []
         for pname, param in signature.parameters.items():
             if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
                 open_ended |= param.kind == param.VAR_KEYWORD  # **kwargs: arguments beyond the named ones are taken
                 continue
-            schema = _json_type(hints.get(pname, str))
+            if param.kind is param.POSITIONAL_ONLY:
+                positional.append(pname)
+            schema = _json_type(hints[pname]) if pname in hints else {}  # no hint: any JSON value
             if pname in described:
                 schema["description"] = described[pname]
             if param.default is inspect.Parameter.empty:
                 required.append(pname)
-            else:
-                schema["default"] = param.default
+            elif (default := _json_default(param.default)) is not None:
+                schema["default"] = default
             properties[pname] = schema
         parameters = {"type": "object", "properties": properties, "required": required,
                       **({"additionalProperties": True} if open_ended else {})}
-        if not TOOL_NAME.fullmatch(label):
-            raise AgentOptError(f"tool name {label!r} is not one a model can call: use 1-64 letters, digits, '_' or "
-                                "'-' (give a def function, or Tool.from_function(f, name=...))")
-        return cls(label, summary or label, parameters, function)
+        return cls(label, summary or label, parameters, function, {k: v for k, v in hints.items() if k != "return"},
+                   tuple(positional))
+
+    def call(self, values: dict[str, Any]) -> Any:
+        """Call the function with a call's arguments (converted to their hinted types by ``_from_json``),
+        positional-only ones by position; an async function is run to completion."""
+        values = dict(values)
+        value = self.function(*[values.pop(k) for k in self.positional if k in values], **values)
+        return asyncio.run(_awaited(value)) if inspect.isawaitable(value) else value
 
     def schema(self) -> dict[str, Any]:
         """OpenAI-style tool entry: {"type": "function", "function": {name, description, parameters}}."""
@@ -270,9 +354,13 @@ def _check_arguments(tool: Tool, arguments: dict[str, Any]) -> str | None:
         return (f"{tool.name} got unknown argument(s): {', '.join(unknown)}; it takes: "
                 f"{', '.join(schema.get('properties', {})) or 'none'}")
     for argument, value in arguments.items():  # the JSON type each parameter's hint asks for (calls not decoded
-        kind = schema.get("properties", {}).get(argument, {}).get("type")  # under the grammar may differ)
+        prop = schema.get("properties", {}).get(argument, {})  # under the grammar may differ)
+        kind = prop.get("type") if isinstance(prop, dict) else None
         if isinstance(kind, str) and kind in _JSON_VALUE_CHECKS and not _JSON_VALUE_CHECKS[kind](value):
             return f"{tool.name}: argument '{argument}' must be {_ARTICLE.get(kind, 'a')} {kind}, got {json.dumps(value)}"
+        if isinstance(prop, dict) and isinstance(prop.get("enum"), list) and value not in prop["enum"]:
+            return (f"{tool.name}: argument '{argument}' must be one of {json.dumps(prop['enum'])[:200]}, got "
+                    f"{json.dumps(value)}")
     return None
 
 
@@ -295,11 +383,29 @@ def run_tool_call(call: ToolCall, tools: dict[str, Tool], timeout_s: float = 30.
     if problem:
         return ToolResult(call, error=problem)
 
-    def call_and_render(**arguments) -> str:  # rendering runs isolated too: a value's __str__ may hang or raise
-        return _as_text(tool.function(**arguments))
+    try:
+        values = {k: _from_json(tool.hints.get(k, Any), v) for k, v in call.arguments.items()}
+    except Exception as exc:  # noqa: BLE001  an enum value or model field the type refuses
+        return ToolResult(call, error=f"{tool.name}: an argument does not fit its type ({type(exc).__name__}: "
+                                      f"{' '.join(str(exc).split())[:300]})")
 
-    outcome = call_isolated(call_and_render, call.arguments, timeout_s, call.name)
-    return ToolResult(call, error=outcome.error) if outcome.error else ToolResult(call, output=outcome.value)
+    def call_and_render(**arguments) -> str | _Untextual:  # rendering runs isolated too: __str__ may hang or raise
+        value = tool.call(arguments)
+        try:
+            return _as_text(value)
+        except Exception as exc:  # noqa: BLE001  the call succeeded; its value has no text
+            return _Untextual(f"{tool.name} returned a {type(value).__name__} that cannot be turned into text "
+                              f"({type(exc).__name__}: {exc}); return a str or JSON-like data")
+
+    outcome = call_isolated(call_and_render, values, timeout_s, call.name)
+    error = outcome.error or (outcome.value.reason if isinstance(outcome.value, _Untextual) else None)
+    return ToolResult(call, error=error) if error else ToolResult(call, output=outcome.value)
+
+
+@dataclass
+class _Untextual:
+    """A tool returned, but its value cannot be shown to the model as text: why."""
+    reason: str
 
 
 def _as_text(value: Any) -> str:
@@ -307,7 +413,7 @@ def _as_text(value: Any) -> str:
         return value
     try:  # valid JSON: a NaN or infinity becomes its name, as a string
         return json.dumps(_finite(value), default=str, allow_nan=False)
-    except ValueError:  # a circular structure
+    except (ValueError, TypeError, RecursionError):  # a circular structure, keys JSON cannot have, too deep
         return str(value)
 
 

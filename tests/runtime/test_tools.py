@@ -1,6 +1,13 @@
+import asyncio
+import dataclasses
+import enum
+import math
 import time
-from typing import Literal
+from typing import Literal, Optional
 
+import pytest
+
+from agentopt_compiler.errors import AgentOptError
 from agentopt_compiler.runtime.tools import Tool, ToolCall, parse_tool_calls, run_tool_call
 
 
@@ -102,8 +109,60 @@ def test_partials_callable_objects_and_kwargs_make_tools():
     # arguments of the wrong JSON type are an observation naming the argument (calls decoded without the grammar)
     wrong = run_tool_call(ToolCall("add", {"a": "(1 + 2)", "b": 2}), tools)
     assert wrong.error == "add: argument 'a' must be an integer, got \"(1 + 2)\""
-    assert run_tool_call(ToolCall("add", {"a": 3.0, "b": 2}), tools).text == "5.0"  # JSON 3.0 is an integer
+    assert run_tool_call(ToolCall("add", {"a": 3.0, "b": 2}), tools).text == "5"  # JSON 3.0 is an integer: 3
     assert run_tool_call(ToolCall("Multiply", {"a": 2, "b": 1.5}), tools).text == "3.0"
     # results are valid JSON: a NaN or infinity is written by name
     nan = Tool.from_function(lambda: {"v": float("nan"), "w": [float("inf")]}, name="nan")
     assert json.loads(run_tool_call(ToolCall("nan", {}), {"nan": nan}).text) == {"v": "NaN", "w": ["Infinity"]}
+
+
+class _Color(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+@dataclasses.dataclass
+class _Point:
+    x: int
+    y: int = 0
+
+
+def _paint(color: _Color = _Color.RED, at: Optional[_Point] = None, times: Optional[int] = None,
+           pair: tuple[int, str] = (1, "a"), when=frozenset()) -> str:
+    """Paint."""
+    return repr((color, at, times, pair, when))
+
+
+async def _search(query: str) -> str:
+    await asyncio.sleep(0)
+    return f"found {query}"
+
+
+def _subtract(a: int, /, b: int) -> int:
+    return a - b
+
+
+def test_tools_of_everyday_python_types_get_their_schema_and_their_values():
+    """Enums, dataclasses, Optional, tuples, defaults JSON has no form for, async functions, positional-only
+    parameters and parameters without hints: a schema the call can satisfy, and the function gets values of the
+    types it declares (a TypeError from the schema writer, a coroutine never awaited, or raw strings before)."""
+    paint = Tool.from_function(_paint)
+    properties = paint.parameters["properties"]
+    assert properties["color"] == {"type": "string", "enum": ["red", "blue"], "default": "red"}
+    assert properties["at"]["anyOf"][0]["required"] == ["x"] and properties["at"]["anyOf"][1] == {"type": "null"}
+    assert properties["times"] == {"anyOf": [{"type": "integer"}, {"type": "null"}]}
+    assert properties["pair"]["prefixItems"] == [{"type": "integer"}, {"type": "string"}]
+    assert properties["when"] == {}  # no hint: any JSON value; a default JSON cannot hold is left out
+    tools = {"_paint": paint, "_search": Tool.from_function(_search), "_subtract": Tool.from_function(_subtract)}
+    called = run_tool_call(ToolCall("_paint", {"color": "blue", "at": {"x": 1}, "times": None, "pair": [2, "b"]}),
+                           tools)
+    assert called.text == repr((_Color.BLUE, _Point(1, 0), None, (2, "b"), frozenset()))
+    assert run_tool_call(ToolCall("_paint", {"color": "green"}), tools).error == \
+        "_paint: argument 'color' must be one of [\"red\", \"blue\"], got \"green\""
+    assert run_tool_call(ToolCall("_search", {"query": "x"}), tools).text == "found x"
+    assert run_tool_call(ToolCall("_subtract", {"a": 5, "b": 2}), tools).text == "3"
+    assert Tool.from_function(math.sqrt).parameters["properties"] == {"x": {}}  # a builtin without hints: any value
+    for bad, says in ((dict(name="my tool"), "not one a model can call"), (dict(parameters=None), "JSON schema"),
+                      (dict(function=None), "must be callable")):
+        with pytest.raises(AgentOptError, match=says):
+            Tool(**{"name": "ok", "description": "d", "parameters": {"type": "object"}, "function": print, **bad})
