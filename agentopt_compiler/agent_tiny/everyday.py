@@ -739,7 +739,7 @@ def _new_tool_task(r: random.Random) -> Task:
 
         p0 = next(iter(args))
         bad_args = {("input" if p0 != "input" else "value"): args[p0], **{k: v for k, v in args.items() if k != p0}}
-        problem = _check_arguments(Tool(tool["name"], "", tool["parameters"], None), bad_args)
+        problem = _check_arguments(Tool(tool["name"], tool["name"], tool["parameters"], dict), bad_args)  # (not run)
         wrong = [{"role": "assistant", "content": format_tool_call(tool["name"], bad_args)},
                  {"role": "tool", "content": f"error: {problem}"}]
         task.no_loss = {len(messages)}

@@ -30,7 +30,12 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors as one ``error:`` line like every other (its default prints the whole usage and
-    exits from inside parse_args, which an in-process caller cannot tell from --help)."""
+    exits from inside parse_args, which an in-process caller cannot tell from --help), and no abbreviated options
+    (``--json`` was taken as ``--json-schema``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise UsageError(f"{message} (see: {self.prog} --help)")

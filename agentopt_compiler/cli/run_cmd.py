@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 from ..errors import AgentOptError, ContextOverflowError
@@ -19,8 +20,8 @@ def add_parser(sub) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--prompt", help="raw prompt text (no chat template)")
     mode.add_argument("--task", help="a task for the agent loop (chat template, tools, multi-step)")
-    p.add_argument("--tools", nargs="*", default=[], metavar="MODULE:FUNCTION",
-                   help="Python functions the agent may call, e.g. mytools:search")
+    p.add_argument("--tools", nargs="+", action="extend", default=[], metavar="MODULE:FUNCTION",
+                   help="Python functions the agent may call, e.g. mytools:search (repeat or list several)")
     p.add_argument("--system", default=None, help="system prompt for --task / interactive mode")
     p.add_argument("--memory", metavar="FILE.json", default=None,
                    help="facts for the memory_lookup tool (agentopt_compiler.tools:memory_lookup): a JSON object of "
@@ -59,6 +60,7 @@ def add_parser(sub) -> None:
 
 DEFAULT_MAX_STEPS = 6
 RESET_COMMAND = "/reset"  # interactive mode: forget the conversation kept by --continue
+QUIT_COMMANDS = ("/quit", "/exit")
 
 
 def run(args) -> int:
@@ -103,6 +105,12 @@ def run(args) -> int:
         if args.task is None and task.strip() == RESET_COMMAND:
             del agent.messages[fresh:]
             print("(the conversation starts afresh)", file=sys.stderr, flush=True)
+            continue
+        if args.task is None and task.strip() in QUIT_COMMANDS:
+            break
+        if args.task is None and re.fullmatch(r"/\w+", task.strip()):  # a command, not a task for the model
+            print(f"error: unknown command {task.strip()}; commands: {RESET_COMMAND} (start afresh), "
+                  f"{', '.join(QUIT_COMMANDS)} or Ctrl-D (quit)", file=sys.stderr, flush=True)
             continue
         if not args.keep_history:
             del agent.messages[fresh:]  # a new task starts afresh (the cached system prompt is reused)

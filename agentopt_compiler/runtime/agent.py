@@ -18,6 +18,7 @@ forces (tags, keys, separators, a tool name once a prefix fixes it) are fed in o
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -190,6 +191,10 @@ class Agent:
         if not isinstance(task, str) or not task.strip():
             got = repr(task) if not isinstance(task, str) else f"{len(task)} whitespace characters" if task else "''"
             raise AgentOptError(f"a task is non-empty text, got {got}")
+        of_agent = sorted(set(generation) & set(inspect.signature(Agent.__init__).parameters))
+        if of_agent:  # (run takes generation options only)
+            raise AgentOptError(f"{', '.join(of_agent)} is an option of Agent(...), not of run(); give it when "
+                                "making the agent")
         kept = len(self.messages)
         try:
             return self._run(task, on_event, **generation)

@@ -225,9 +225,11 @@ class Conversation:
         except FileNotFoundError as exc:
             raise AgentOptError(f"cannot read the conversation '{path}': {exc.strerror or exc}") from None
         except (OSError, ValueError, KeyError, AttributeError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-            # truncated, corrupted or not an archive Conversation.save wrote
-            raise AgentOptError(f"'{path}' is not a saved conversation, or is damaged ({type(exc).__name__}: "
-                                f"{exc}); {not_saved}") from None
+            # truncated, corrupted or not an archive Conversation.save wrote (numpy's word on pickles is advice
+            # to load them, which a saved conversation never needs)
+            reason = "it holds pickled Python objects" if "pickle" in str(exc) else f"{type(exc).__name__}: {exc}"
+            raise AgentOptError(f"'{path}' is not a saved conversation, or is damaged ({reason}); {not_saved}") \
+                from None
         if not isinstance(meta, dict) or not {"engine", "tokens", "cached"} <= set(meta):
             raise AgentOptError(f"'{path}' is not a saved conversation (its metadata lacks engine, tokens or "
                                 f"cached); {not_saved}")

@@ -128,6 +128,8 @@ class Engine:
     def complete(self, prompt: str | Sequence[int], config: GenerationConfig | None = None,
                  on_text=None, **overrides) -> Completion:
         """Generate and return everything about it. ``on_text(delta)`` receives text as it is produced."""
+        if on_text is not None and not callable(on_text):
+            raise AgentOptError(f"on_text must be a function taking a text delta, got {on_text!r}")
         config = _config(config, overrides)
         prompt_ids = self.encode(prompt)
         new_ids, pieces = [], []

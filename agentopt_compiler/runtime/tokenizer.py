@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import EngineError
+from ..errors import AgentOptError, EngineError
 
 
 class Tokenizer:
@@ -36,6 +36,7 @@ class Tokenizer:
             check_template(self.chat_template, template_path if template_path.is_file() else config_path)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        _check_unicode(text)
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -89,3 +90,15 @@ class Tokenizer:
             eos = eos.get("content")
         token = self.token_id(eos) if isinstance(eos, str) else None
         return [] if token is None else [token]
+
+
+def _check_unicode(text: str) -> None:
+    """Text with a lone surrogate (bytes that were not UTF-8, kept by Python as \udc80-\udcff, e.g. in a command
+    line argument) is not text a tokenizer takes: one AgentOptError saying where, not a TypeError from tokenizers."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise AgentOptError(f"the text is not valid Unicode: it holds the lone surrogate {text[exc.start]!r} "
+                            "(e.g. from bytes that are not UTF-8); give UTF-8 text") from None
+    except AttributeError:
+        raise AgentOptError(f"text must be a str, got {type(text).__name__}") from None

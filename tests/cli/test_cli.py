@@ -147,6 +147,34 @@ def test_run_task_with_tools_and_interactive_mode(chat_engine, capsys, monkeypat
     assert err.count("step(s)") == 2 and "reused from cache" in err
 
 
+def test_run_takes_tools_from_every_flag_and_commands_are_not_tasks(chat_engine, capsys, monkeypatch, tmp_path):
+    from tests.helpers import cli_error_line
+
+    from agentopt_compiler.runtime.agent import Agent
+
+    (tmp_path / "mytools.py").write_text("def shout(text: str) -> str:\n    return text.upper()\n"
+                                         "def whisper(text: str) -> str:\n    return text.lower()\n")
+    monkeypatch.chdir(tmp_path)
+    offered, tasks, run = [], [], Agent.run
+
+    def recording_run(self, task, *a, **kw):
+        offered.append(sorted(self.tools))
+        tasks.append(task)
+        return run(self, task, *a, **kw)
+
+    monkeypatch.setattr(Agent, "run", recording_run)
+    # a second --tools adds to the first (it replaced it); /help is a command, not a task; /quit ends the session
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("/help\nfirst task\n/quit\nnever run\n"))
+    assert main(["run", str(chat_engine.folder), "--tools", "mytools:shout", "--tools", "mytools:whisper",
+                 "--max-new-tokens", "2", "--max-steps", "1"]) == 0
+    assert tasks == ["first task"] and offered == [["shout", "whisper"]]
+    assert "error: unknown command /help; commands: /reset" in capsys.readouterr().err
+    # text that is not UTF-8 on the command line; an abbreviated option
+    assert "holds the lone surrogate '\\udcff'" in cli_error_line(capsys, ["run", str(chat_engine.folder), "--task",
+                                                                         "What \udcff is 2 + 2?"])
+    assert "unrecognized arguments: --json" in cli_error_line(capsys, ["run", str(chat_engine.folder), "--json", "x"])
+
+
 def test_interactive_tasks_start_afresh_unless_asked_to_continue(chat_engine, capsys, monkeypatch):
     from agentopt_compiler.runtime.agent import Agent
 

@@ -72,6 +72,11 @@ def test_errors_become_observations_and_the_loop_goes_on(chat_engine, scripted):
     assert result.answer == "I could not do it."
 
 
+def test_an_option_of_the_agent_given_to_run_says_where_it_belongs(chat_engine):
+    with pytest.raises(AgentOptError, match="max_steps is an option of Agent"):
+        Agent(chat_engine, tools=[]).run("hi", max_steps=1)
+
+
 def test_step_limit(chat_engine, scripted):
     agent = Agent(chat_engine, tools=[add], max_steps=2)
     scripted(agent, ['<tool_call>{"name": "add", "arguments": {"a": 1, "b": 1}}'] * 2)

@@ -116,6 +116,8 @@ def test_a_damaged_or_edited_save_is_refused_and_leaves_the_engine_usable(tiny_e
             "do not match the sha256",
         _edited(path, tmp_path / "foreign.npz", rows=lambda a: {**a, "foreign": np.zeros(2)}):
             "'foreign', which Conversation.save does not write",
+        _edited(path, tmp_path / "pickled.npz", rows=lambda a: {k: np.array([{}], dtype=object) for k in a}):
+            r"\(it holds pickled Python objects\); give a file",
     }
     for bad, says in cases.items():
         with pytest.raises(AgentOptError, match=says):

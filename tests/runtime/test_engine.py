@@ -80,6 +80,8 @@ def test_bad_generation_options_are_named(tiny_engine):
         tiny_engine.generate("x", max_tokens=3)
     with pytest.raises(AgentOptError, match="top_p"):
         tiny_engine.generate("x", top_p=0.0)
+    with pytest.raises(AgentOptError, match="on_text must be a function"):
+        tiny_engine.complete([1, 2], on_text=5, max_new_tokens=2)
 
 
 @pytest.mark.parametrize("impl", ["gqa", "standard"])
