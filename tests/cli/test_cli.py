@@ -152,9 +152,9 @@ def test_run_takes_tools_from_every_flag_and_commands_are_not_tasks(chat_engine,
 
     from agentopt_compiler.runtime.agent import Agent
 
-    (tmp_path / "mytools.py").write_text("def shout(text: str) -> str:\n    return text.upper()\n"
+    (tmp_path / "flagtools.py").write_text("def shout(text: str) -> str:\n    return text.upper()\n"
                                          "def whisper(text: str) -> str:\n    return text.lower()\n")
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # (a module name no other test imports: sys.modules keeps the first one)
     offered, tasks, run = [], [], Agent.run
 
     def recording_run(self, task, *a, **kw):
@@ -165,7 +165,7 @@ def test_run_takes_tools_from_every_flag_and_commands_are_not_tasks(chat_engine,
     monkeypatch.setattr(Agent, "run", recording_run)
     # a second --tools adds to the first (it replaced it); /help is a command, not a task; /quit ends the session
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("/help\nfirst task\n/quit\nnever run\n"))
-    assert main(["run", str(chat_engine.folder), "--tools", "mytools:shout", "--tools", "mytools:whisper",
+    assert main(["run", str(chat_engine.folder), "--tools", "flagtools:shout", "--tools", "flagtools:whisper",
                  "--max-new-tokens", "2", "--max-steps", "1"]) == 0
     assert tasks == ["first task"] and offered == [["shout", "whisper"]]
     assert "error: unknown command /help; commands: /reset" in capsys.readouterr().err
