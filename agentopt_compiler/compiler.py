@@ -405,17 +405,21 @@ def measure_decode_speed(engine, prompt: int = 16, steps: int = 32, repeats: int
     timed; the median of ``repeats`` runs (every run's rate is kept: one run on a shared machine says little)."""
     import numpy as np
 
+    from .analysis.precision import sequence_rows
+
     session = engine.session
     steps = max(1, min(steps, engine.context_length - prompt - 1))
     vocab = engine.manifest["model"]["config"]["vocab_size"]
     tokens = (np.arange(prompt + steps, dtype=np.int64) * 7 + 1) % vocab  # any ids the vocabulary has
+    fed = sequence_rows(session)
+    rows = np.repeat(tokens[None], len(fed), axis=0)
     rates = []
     for _ in range(repeats):
         session.reset()
-        session.run(tokens[None, :prompt], np.arange(prompt))
+        session.run(rows[:, :prompt], np.arange(prompt), None, fed)
         start = time.perf_counter()
         for position in range(prompt, prompt + steps):
-            session.run(tokens[None, position:position + 1], np.array([position]))
+            session.run(rows[:, position:position + 1], np.array([position]), None, fed)
         rates.append(round(steps / (time.perf_counter() - start), 2))
     session.reset()
     return {"decode_tokens_per_s": sorted(rates)[len(rates) // 2], "decode_runs": rates,

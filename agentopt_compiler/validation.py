@@ -16,6 +16,7 @@ we would have to re-word from either library's errors anyway. This module import
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 from pathlib import Path
@@ -236,9 +237,14 @@ def check(data: Any, spec: Spec, source: str, fix: str, error: type[AgentOptErro
         raise error(f"{source}: {problem}; {fix}") from None
 
 
-def read_text(path: Path, what: str, fix: str, error: type[AgentOptError] = AgentOptError) -> str:
-    """A text file's content; a missing, unreadable or non-UTF-8 file raises ``error`` naming the file."""
+def read_text(path: Path, what: str, fix: str, error: type[AgentOptError] = AgentOptError,
+              max_bytes: int | None = None) -> str:
+    """A text file's content (its first ``max_bytes``, cut at a whole character, when given: what a caller needs
+    of a large file); a missing, unreadable or non-UTF-8 file raises ``error`` naming the file."""
     try:
+        if max_bytes is not None:
+            with open(path, "rb") as handle:
+                return codecs.getincrementaldecoder("utf-8")().decode(handle.read(max_bytes), final=False)
         return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise error(f"{what} '{path}' does not exist; {fix}") from None

@@ -12,6 +12,8 @@ import torch
 from ..errors import AgentOptError
 from ..validation import read_text
 
+CALIBRATION_BYTES_PER_TOKEN = 64  # of text read per token needed: generous (BPE tokens average about 4 bytes)
+
 
 def calibration_batches(loaded, calib: str | Path | None = None, sequences: int = 4,
                         length: int = 128, seed: int = 0) -> list[torch.Tensor]:
@@ -21,13 +23,14 @@ def calibration_batches(loaded, calib: str | Path | None = None, sequences: int 
         return [torch.randint(0, loaded.config.vocab_size, (1, length), generator=generator)
                 for _ in range(sequences)]
     path = Path(calib)
-    if not path.is_file():
-        raise AgentOptError(f"calibration file '{path}' does not exist")
     if loaded.tokenizer_dir is None:
         raise AgentOptError("this model has no tokenizer, so a text calibration file cannot be used")
     from ..runtime.tokenizer import Tokenizer
 
-    ids = Tokenizer(Path(loaded.tokenizer_dir)).encode(read_text(path, "calibration file", "give a UTF-8 text file"))
+    # only the start of a large file: a token takes at most a few bytes of text, so this holds the tokens needed
+    text = read_text(path, "calibration file", "give a UTF-8 text file",
+                     max_bytes=max(1 << 20, sequences * length * CALIBRATION_BYTES_PER_TOKEN))
+    ids = Tokenizer(Path(loaded.tokenizer_dir)).encode(text)
     if len(ids) < length:
         raise AgentOptError(f"calibration file '{path}' has {len(ids)} tokens; at least {length} are needed")
     rows = [ids[i:i + length] for i in range(0, len(ids) - length + 1, length)][:sequences]

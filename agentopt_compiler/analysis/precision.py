@@ -655,17 +655,24 @@ def options_to_json(options: list[Option]) -> list[dict]:
     return [asdict(o) for o in options]
 
 
+def sequence_rows(session) -> range:
+    """The cache rows one sequence is fed to: one row, or every row of an engine whose graph runs its rows together
+    (static batch; each row fed the same tokens, row 0's logits read)."""
+    return range(0, 1) if session.row_subsets else range(session.batch_size)
+
+
 def measure_fidelity(engine, model, batches: list[torch.Tensor]) -> dict:
     """The compiled engine against the fp32 eager model on held-out tokens, teacher-forced one token per call:
     mean KL(fp32 || engine) per token and top-1 agreement (what the plan's prediction is checked against)."""
     reference = _log_probs(model, batches)
     ours = []
     session = engine.session
+    fed = sequence_rows(session)
     for batch in batches:
         session.reset()
         rows = []
         for position, token in enumerate(batch[0].tolist()):
-            logits = session.run(np.array([[token]]), np.array([position]))
+            logits = session.run(np.array([[token]] * len(fed)), np.array([position]), None, fed)
             rows.append(torch.log_softmax(torch.from_numpy(logits[0, -1]).double(), -1))
         ours.append(torch.stack(rows)[None])
     kl, top1 = _compare(reference, ours)

@@ -97,6 +97,10 @@ def test_compiled_engine_keeps_the_budget_its_plan_claims(tiny_plan, tmp_path):
     full = ao.compile("tiny-random", out=tmp_path / "fp32", context_length=96)
     loaded = load_model("tiny-random")
     assert measure_fidelity(full, loaded.model, calibration_batches(loaded, None, 1, 32, seed=5))["kl"] < 1e-9
+    # an engine of several cache rows, measured as one sequence, the same as the one-row engine (a planned compile
+    # at --batch-size 3 failed at its end: one row of tokens for three cache rows)
+    batched = ao.compile("tiny-random", out=tmp_path / "b3", context_length=96, precision_plan=plan, batch_size=3)
+    assert batched.compile_report.fidelity["kl"] == pytest.approx(measured["kl"], rel=1e-3, abs=1e-7)
 
 
 def test_cli_writes_plan_report_and_plot(tmp_path, capsys):
@@ -367,3 +371,18 @@ def test_the_report_table_has_a_column_for_every_precision_any_unit_measured():
     table = _markdown(rows).splitlines()
     assert "KL int4 | top-1 int4" in table[0]
     assert table[2].endswith("| n/a | n/a |") and table[3].endswith("| 1.00e-03 | 0.900 |")
+
+
+def test_a_large_calibration_file_is_read_only_as_far_as_the_tokens_needed(tmp_path, monkeypatch):
+    """A 264 MB file was read and tokenized whole (24 GB of memory, then the OOM killer): only a prefix of a few
+    bytes per token needed is, cut at a whole character."""
+    from agentopt_compiler.runtime.tokenizer import Tokenizer
+
+    path = tmp_path / "calib.txt"
+    path.write_text("é voilà " * 400_000)  # 4 MB, with 2-byte characters
+    seen, encode = [], Tokenizer.encode
+    monkeypatch.setattr(Tokenizer, "encode", lambda self, text, *a, **k: seen.append(len(text)) or encode(
+        self, text, *a, **k))
+    batches = calibration_batches(load_model("agent-tiny"), path, sequences=2, length=16)
+    assert [b.shape for b in batches] == [(1, 16), (1, 16)]
+    assert seen and max(seen) < (1 << 20)  # characters of the first MiB, not the file's 3.2 M
