@@ -190,6 +190,12 @@ def compile(model: str | Path = "agent-tiny", out: str | Path = "engine", backen
     if unknown:
         raise AgentOptError(f"unknown pass to skip: {', '.join(sorted(unknown))}; passes are: "
                             f"{', '.join(pipeline.names)}")
+    for option, value, needs in (("--precision-plan", precision_plan, "assign_layer_precision"),
+                                 ("--sparse-attention", sparse_attention, "insert_sparse_attention"),
+                                 ("--kv-cache-dtype", kv_cache_dtype not in (None, "fp32"), "set_kv_cache_dtype")):
+        if value and needs in skip_passes:  # the engine would not hold what its manifest and inspect say
+            raise AgentOptError(f"{option} is applied by the pass {needs}, which --skip-pass {needs} skips; drop "
+                                "one of the two")
     started = time.perf_counter()
     report = CompileReport(str(model), backend, device, out)
 
@@ -434,11 +440,19 @@ def _check_precision_fidelity(engine, loaded, plan, log) -> dict:
     loaded.model.drop_cache()  # the eager reference runs without the capture's caches
     held_out = calibration_batches(loaded, None, sequences=2, length=min(64, engine.context_length - 1), seed=1234)
     measured = measure_fidelity(engine, loaded.model, held_out)
-    log(f"precision fidelity on held-out tokens: KL {measured['kl']:.2e} (plan predicted "
+    # against the dense fp32 model: sparse attention or a reduced KV cache compiled beside the plan count too
+    manifest = engine.manifest
+    others = [what for what, present in (
+        ("sparse attention", bool(manifest.get("sparse_attention"))),
+        ("a reduced KV cache", any(c.get("dtype", "float32") != "float32" for c in manifest["engine"]["caches"])))
+        if present]
+    scope = f" (the whole engine: the plan with {' and '.join(others)})" if others else ""
+    log(f"precision fidelity on held-out tokens{scope}: KL {measured['kl']:.2e} (plan predicted "
         f"{plan.predicted.get('kl', 'n/a')}), top-1 {measured['top1']:.3f}")
     if "max_kl" in plan.budget and measured["kl"] > plan.budget["max_kl"]:
-        log(f"WARNING: the engine's measured KL {measured['kl']:.3g} exceeds the plan's budget "
-            f"{plan.budget['max_kl']}; choose a tighter plan")
+        log(f"WARNING: the engine's measured KL {measured['kl']:.3g}{scope} exceeds the plan's budget "
+            f"{plan.budget['max_kl']}; choose a tighter plan" + ("" if not others else ", or measure the plan alone "
+                                                                 "(compile without the other options)"))
     return measured
 
 

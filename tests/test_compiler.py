@@ -215,6 +215,17 @@ def test_a_tokenizer_larger_than_the_vocabulary_gets_a_warning(tmp_path):
     assert any("the tokenizer has" in w and "vocabulary 96" in w for w in report.warnings), report.warnings
 
 
+@pytest.mark.parametrize("option, skipped", [
+    (dict(sparse_attention="window=8,sinks=4"), "insert_sparse_attention"),
+    (dict(kv_cache_dtype="fp16"), "set_kv_cache_dtype"),
+])
+def test_an_option_whose_pass_is_skipped_is_refused(tmp_path, option, skipped):
+    """The engine would not hold what its manifest and inspect say (dense attention under a sparse plan's name)."""
+    with pytest.raises(AgentOptError, match=f"applied by the pass {skipped}, which --skip-pass {skipped} skips"):
+        ao.compile("tiny-random", out=tmp_path / "e", context_length=64, skip_passes=[skipped], **option)
+    assert not (tmp_path / "e").exists()
+
+
 def test_an_engine_that_loads_but_cannot_run_is_refused_and_removed(tmp_path, monkeypatch):
     """A lowering the backend accepts at load but fails when run (as a contrib op fused onto inputs of a rank its
     kernel refuses did for HunYuan): the compile runs the engine once and says so, leaving no engine behind."""

@@ -330,11 +330,12 @@ def _check_native_windows(config, layers: int, pattern: SparsePattern) -> set[in
 
 
 def check_length(length: int, pattern: SparsePattern) -> None:
-    """Sequences no longer than the window measure nothing (the pattern hides no key): refuse them."""
-    if length <= pattern.window:
-        raise AgentOptError(f"calibration sequences of {length} tokens fit inside the window of {pattern.window}, "
-                            f"so the pattern hides nothing there and the measurement means nothing; use --length "
-                            f"> {pattern.window} (several times the window is better)")
+    """Sequences no longer than the sinks and the window measure nothing (the pattern hides no key): refuse them."""
+    seen = pattern.window + pattern.sinks
+    if length <= seen:
+        raise AgentOptError(f"calibration sequences of {length} tokens fit inside the {pattern.sinks} sink(s) and the "
+                            f"window of {pattern.window}, so the pattern hides nothing there and the measurement "
+                            f"means nothing; use --length > {seen} (several times that is better)")
 
 
 def choose_sparse_layers(measurement: SparseMeasurement, max_kl: float) -> SparsePlanResult:
