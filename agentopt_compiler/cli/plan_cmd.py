@@ -255,6 +255,9 @@ def _held_out(loaded, args) -> list:
     return calibration_batches(loaded, args.calib, 2 * args.sequences, args.length)[args.sequences:]
 
 
+MIN_CHAT_POSITIONS = 32  # assistant-token positions a --calib-chat plan is measured on, at least
+
+
 def run_sparse(args) -> int:
     from ..analysis.calibration import calibration_batches, chat_calibration
     from ..analysis.sparse import check_length, measure_fidelity, plan_sparse
@@ -282,10 +285,12 @@ def run_sparse(args) -> int:
         if not batches:
             raise AgentOptError(f"'{args.calib_chat}' has no conversation longer than the window of {pattern.window} "
                                 f"tokens, so the pattern hides nothing there")
-        if not any(p.any() for p in positions):
-            raise AgentOptError(f"in '{args.calib_chat}', cut to --length {args.length} tokens, no conversation "
-                                "reaches an assistant message, and only positions that predict assistant tokens are "
-                                "measured; give a larger --length, or conversations with assistant turns")
+        measured = int(sum(p.sum() for p in positions))
+        if measured < MIN_CHAT_POSITIONS:  # a plan from a handful of positions is noise (1 chose a layer)
+            raise AgentOptError(f"in '{args.calib_chat}', cut to --length {args.length} tokens, the conversations "
+                                f"have {measured} position(s) that predict assistant tokens (at least "
+                                f"{MIN_CHAT_POSITIONS} are needed), and only those are measured; give a larger "
+                                "--length, more --sequences, or conversations with longer assistant turns")
         what = (f"{len(batches)} conversations ({sum(b.shape[1] for b in batches)} tokens, "
                 f"{int(sum(p.sum() for p in positions))} predicting assistant tokens)")
     else:

@@ -227,10 +227,14 @@ def test_cli_plans_over_assistant_positions_from_chat_calibration(tmp_path, caps
     assert main(["plan", "sparse", "--calib", str(path), "--calib-chat", str(path), "--window", "8", "--max-kl",
                  "0.1", "--out", str(tmp_path / "x.json")]) == 2  # --calib and --calib-chat are alternatives
     capsys.readouterr()
-    # conversations cut before their first assistant turn: said up front, naming --length
-    line = cli_error_line(capsys, ["plan", "sparse", "--model", "agent-tiny", "--calib-chat", str(path), "--window",
-                                   "8", "--max-kl", "0.05", "--length", "40", "--out", str(tmp_path / "short.json")])
-    assert "no conversation reaches an assistant message" in line and "--length" in line
+    # conversations cut before their first assistant turn, or just after it: said up front, naming --length (a
+    # plan was written from a single assistant position)
+    for length in (40, 160):  # 0 and 5 positions
+        line = cli_error_line(capsys, ["plan", "sparse", "--model", "agent-tiny", "--calib-chat", str(path),
+                                       "--window", "8", "--max-kl", "0.05", "--length", str(length), "--out",
+                                       str(tmp_path / "short.json")])
+        assert f"have {0 if length == 40 else 5} position(s) that predict assistant tokens (at least 32 are needed)" \
+            in line and "--length" in line
     # a --length past the model's positions (the RoPE tables end there), for either planner
     for planner in (["sparse", "--window", "8"], ["precision"]):
         line = cli_error_line(capsys, ["plan", *planner, "--model", "tiny-random", "--max-kl", "0.1", "--length",
