@@ -61,7 +61,7 @@ def _json_type(annotation) -> dict[str, Any]:
         return annotation.model_json_schema()
     if origin is tuple:
         args = typing.get_args(annotation)
-        if len(args) == 2 and args[1] is Ellipsis or not args:
+        if not args or (len(args) == 2 and args[1] is Ellipsis):  # tuple[X, ...]: any length
             return {"type": "array", **({"items": _json_type(args[0])} if args else {})}
         return {"type": "array", "prefixItems": [_json_type(a) for a in args], "minItems": len(args),
                 "maxItems": len(args)}
