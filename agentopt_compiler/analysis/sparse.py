@@ -333,9 +333,9 @@ def check_length(length: int, pattern: SparsePattern) -> None:
     """Sequences no longer than the sinks and the window measure nothing (the pattern hides no key): refuse them."""
     seen = pattern.window + pattern.sinks
     if length <= seen:
-        raise AgentOptError(f"calibration sequences of {length} tokens fit inside the {pattern.sinks} sink(s) and the "
-                            f"window of {pattern.window}, so the pattern hides nothing there and the measurement "
-                            f"means nothing; use --length > {seen} (several times that is better)")
+        raise AgentOptError(f"calibration sequences of {length} tokens fit inside the window of {pattern.window} "
+                            f"and the {pattern.sinks} sink(s), so the pattern hides nothing there and the "
+                            f"measurement means nothing; use --length > {seen} (several times that is better)")
 
 
 def choose_sparse_layers(measurement: SparseMeasurement, max_kl: float) -> SparsePlanResult:

@@ -37,7 +37,7 @@ def test_a_covering_window_costs_nothing(tiny):
     assert [m.sparse_option(i).top1 for i in range(2)] == [1.0, 1.0]
     assert m.head_mass_outside == [[0.0] * 4, [0.0] * 4] and m.queries_beyond_window == 0
     # a window of 40 keys hides nothing from 40 tokens, so the plan refuses to call that a measurement
-    with pytest.raises(AgentOptError, match="fit inside the 0 sink.s. and the window of 40"):
+    with pytest.raises(AgentOptError, match="fit inside the window of 40 and the 0 sink"):
         plan_sparse(loaded.model, batches, SparsePattern(40), max_kl=0.1)
     with pytest.raises(AgentOptError, match="use --length > 40"):  # nor do a window of 32 and 8 sinks (it measured
         plan_sparse(loaded.model, batches, SparsePattern(32, sinks=8), max_kl=0.1)  # KL 0, so every layer sparse)
