@@ -90,8 +90,8 @@ class GenerationConfig:
         if self.grammar is not None and self.ignore_eos:
             raise AgentOptError(f"ignore_eos cannot be combined with {self.grammar.what}: the grammar says where the "
                                 "output may end, and ignoring the end-of-sequence token would leave it nowhere to "
-                                "end; drop ignore_eos (--ignore-eos in the CLI), or for an agent task decode its calls freely "
-                                "(--no-constrain)")
+                                "end; drop ignore_eos (--ignore-eos in the CLI), or for an agent task decode its calls "
+                                "freely (--no-constrain)")
         if self.grammar is not None and self.grammar.whole_output and any(self.stop_strings):
             raise AgentOptError(f"stop strings cannot be combined with {self.grammar.what}: it shapes the whole "
                                 "output, which a stop string could only cut short of parsing; drop the stop strings "
